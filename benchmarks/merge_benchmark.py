@@ -1,0 +1,61 @@
+"""Merge 8 ResNet-101 sub-network updates into the global state, on CPU.
+
+Prints the merge time as a ratio to a plain NumPy copy of the same bytes (the
+updates' arrays), both measured in this run (best of several repeats).
+
+    python benchmarks/merge_benchmark.py [--subnetworks 8] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from resist_fl.aggregation import merge_partial
+from resist_fl.decomposition import BlockLayout, round_rng, sample_subnetworks
+from resist_fl.model import ModelSpec, build_model
+
+
+def best_of(repeats: int, fn) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--subnetworks", type=int, default=8)
+    parser.add_argument("--min-blocks", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    spec = ModelSpec.from_name("preact_resnet101", num_classes=10)
+    layout = BlockLayout.from_spec(spec)
+    global_state = {k: v.numpy() for k, v in build_model(spec).state_dict().items()
+                    if k in set(layout.payload_keys())}
+    groups = sample_subnetworks(layout.partitionable, args.subnetworks, args.min_blocks, round_rng(0, 1))
+    rng = np.random.default_rng(0)
+    updates = [{k: (global_state[k] + rng.standard_normal(global_state[k].shape).astype(np.float32))
+                for k in layout.payload_keys(g)} for g in groups]
+    weights = [float(n) for n in rng.integers(100, 1000, size=len(updates))]
+    flat = [a for u in updates for a in u.values()]
+    nbytes = sum(a.nbytes for a in flat)
+
+    t_copy = best_of(args.repeats, lambda: [np.copy(a) for a in flat])
+    t_merge = best_of(args.repeats, lambda: merge_partial(global_state, updates, weights))
+    print(f"model: preact_resnet101, {len(layout.partitionable)} partitionable blocks, "
+          f"{args.subnetworks} sub-networks (blocks each: {[len(g) for g in groups]})")
+    print(f"update bytes: {nbytes / 2**20:.1f} MiB; torch threads: {torch.get_num_threads()}")
+    print(f"numpy copy of the same bytes: {t_copy * 1e3:.1f} ms")
+    print(f"merge_partial:                {t_merge * 1e3:.1f} ms")
+    print(f"ratio merge / copy: {t_merge / t_copy:.2f} (target <= 2.0)")
+
+
+if __name__ == "__main__":
+    main()

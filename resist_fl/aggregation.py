@@ -1,0 +1,84 @@
+"""Merge of partial parameter sets into the global state.
+
+Each global key becomes the weighted mean of its values over the updates that
+contain it; keys no update contains are returned as the very same arrays
+(bit-identical, not copied). Works on name -> NumPy array mappings, which is
+what Flower carries; nothing here imports Flower.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+WEIGHTINGS = ("examples", "uniform")
+"""``examples``: weight each update by its number of training examples (FedAvg
+style); ``uniform``: a plain mean over holders (the official ResIST code)."""
+
+
+def update_weights(num_examples: Sequence[int], weighting: str) -> list[float]:
+    """Merge weights of updates under ``weighting`` (one of :data:`WEIGHTINGS`)."""
+    if weighting == "examples":
+        return [float(n) for n in num_examples]
+    if weighting == "uniform":
+        return [1.0] * len(num_examples)
+    raise ValueError(f"unknown weighting {weighting!r}; expected one of {', '.join(WEIGHTINGS)}")
+
+
+def merge_partial(global_state: Mapping[str, np.ndarray],
+                  updates: Sequence[Mapping[str, np.ndarray]],
+                  weights: Sequence[float]) -> dict[str, np.ndarray]:
+    """Merge partial updates into ``global_state``.
+
+    Parameters
+    ----------
+    global_state : mapping of str to ndarray
+        The current global parameters.
+    updates : sequence of mappings of str to ndarray
+        Each holds a subset of the global keys with arrays of the same shape.
+    weights : sequence of float
+        One positive finite weight per update.
+
+    Returns
+    -------
+    dict of str to ndarray
+        The new global state, in the order of ``global_state``: for every key,
+        the weighted mean over the updates holding it (cast back to the global
+        dtype; integer buffers are rounded), or the unchanged global array.
+    """
+    if len(updates) != len(weights):
+        raise ValueError(f"got {len(updates)} updates but {len(weights)} weights")
+    w = np.asarray(weights, dtype=np.float64)
+    if w.size and (not np.all(np.isfinite(w)) or np.any(w <= 0)):
+        raise ValueError(f"weights must be positive and finite, got {weights}")
+    for i, update in enumerate(updates):
+        if unknown := sorted(set(update) - set(global_state)):
+            raise ValueError(f"update {i} has keys not in the global state: {unknown[:5]}")
+    merged: dict[str, np.ndarray] = {}
+    for key, current in global_state.items():
+        holders = [(u[key], wi) for u, wi in zip(updates, w) if key in u]
+        merged[key] = current if not holders else _weighted_mean(key, current, holders)
+    return merged
+
+
+def _weighted_mean(key: str, current: np.ndarray, holders: list[tuple[np.ndarray, float]]) -> np.ndarray:
+    total = sum(wi for _, wi in holders)
+    # float32/float64 accumulate in their own precision; half and integer
+    # buffers in float64, then cast back (integers rounded).
+    acc_dtype = current.dtype if current.dtype in (np.float32, np.float64) else np.float64
+    acc = np.empty(current.shape, dtype=acc_dtype)
+    scratch = np.empty_like(acc) if len(holders) > 1 else None
+    for i, (value, wi) in enumerate(holders):
+        if value.shape != current.shape:
+            raise ValueError(f"{key}: update has shape {value.shape}, expected {current.shape}")
+        if i == 0:
+            np.multiply(value, wi / total, out=acc, casting="unsafe")
+        else:
+            np.multiply(value, wi / total, out=scratch, casting="unsafe")
+            acc += scratch
+    if acc_dtype != current.dtype:
+        if np.issubdtype(current.dtype, np.integer) or current.dtype == np.bool_:
+            np.rint(acc, out=acc)
+        return acc.astype(current.dtype)
+    return acc
