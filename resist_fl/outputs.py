@@ -1,0 +1,88 @@
+"""What a run writes: ``metrics.jsonl``, the run config, the final model.
+
+All files go to an absolute run directory (a ServerApp's working directory is
+wherever the SuperLink started, not the project). Writes are atomic: a temp
+file in the same directory, then ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "run_config.json"
+MODEL_FILE = "model.pt"
+SUMMARY_FILE = "summary.json"
+
+
+def run_directory(output_dir: str, run_name: str, strategy: str) -> Path:
+    """The run's absolute directory: ``output_dir/run_name`` (default: time + strategy)."""
+    base = Path(output_dir).expanduser()
+    if not base.is_absolute():
+        raise ValueError(f"output-dir = {output_dir!r}: expected an absolute path (or one starting "
+                         "with ~), because the ServerApp's working directory is not the project")
+    name = run_name or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{strategy}"
+    return base / name
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def append_metrics(run_dir: Path, row: Mapping[str, Any]) -> None:
+    """Append one round's row to ``metrics.jsonl`` (flushed and synced)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps(dict(row), sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """All rows of a run's ``metrics.jsonl``."""
+    path = Path(run_dir) / METRICS_FILE
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def save_model(path: Path, state_dict: Mapping[str, torch.Tensor], spec: Mapping[str, Any],
+               extra: Mapping[str, Any] | None = None) -> None:
+    """Save a plain PyTorch state_dict with the model spec (``torch.load`` + ``build_model``)."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"state_dict": dict(state_dict), "model_spec": dict(spec), **(extra or {})}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_model(path: Path):
+    """Rebuild the model saved by :func:`save_model` (scales included), in eval mode."""
+    from resist_fl.model import ModelSpec, build_model
+
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_model(ModelSpec.from_dict(saved["model_spec"]))
+    model.load_state_dict(saved["state_dict"])
+    return model.eval()

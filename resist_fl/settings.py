@@ -1,0 +1,187 @@
+"""Run settings: the app's ``[tool.flwr.app.config]`` keys, parsed and validated.
+
+Every key is kebab-case in the run config and snake_case here. Parsing checks
+names, types and ranges and raises :class:`SettingsError` naming the key, the
+bad value and what is allowed, so a ServerApp can stop before round 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from resist_fl.aggregation import WEIGHTINGS
+from resist_fl.data import DATASETS, PARTITIONERS
+from resist_fl.model import NORMS, PRESET_DEPTHS, ModelSpec
+
+STRATEGIES = ("resist", "fedavg")
+LR_SCHEDULES = ("step", "cosine", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class SettingsError(ValueError):
+    """A run-config value that is unknown, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """All run-config keys with their defaults (mirrors pyproject.toml)."""
+
+    strategy: str = "resist"
+    num_server_rounds: int = 5
+    model: str = "preact_resnet34"
+    stage_depths: str = ""
+    base_width: int = 16
+    norm: str = "batchnorm"
+    dataset: str = "cifar10"
+    data_path: str = ""
+    partitioner: str = "iid"
+    dirichlet_alpha: float = 0.5
+    local_steps: int = 50
+    local_epochs: int = 0
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "step"
+    min_blocks_per_site: int = 0
+    partitioned_stages: str = "3"
+    weighting: str = "examples"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 0.0
+    min_available_nodes: int = 2
+    min_train_nodes: int = 2
+    min_train_replies: int = 1
+    max_num_examples: int = 10_000_000
+    round_timeout: float = 3600.0
+    eval_every: int = 1
+    eval_batch_size: int = 500
+    seed: int = 0
+    output_dir: str = "~/resist-fl-runs"
+    run_name: str = ""
+    resume: bool = False
+    device: str = "auto"
+    amp: bool = False
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunSettings":
+        """Parse a Flower run config (kebab-case keys); unknown keys are errors."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        if unknown := sorted(set(run_config) - set(known)):
+            raise SettingsError(f"unknown run-config key(s) {unknown}; known keys: {', '.join(known)}")
+        values = {}
+        for key, value in run_config.items():
+            field = known[key]
+            values[field.name] = _coerce(key, value, type(getattr(cls, field.name)))
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Kebab-case dict (what pyproject.toml holds)."""
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    def validate(self) -> None:
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("model", self.model, tuple(PRESET_DEPTHS))
+        _choice("norm", self.norm, NORMS)
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("partitioner", self.partitioner, PARTITIONERS)
+        _choice("weighting", self.weighting, WEIGHTINGS)
+        _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        _choice("device", self.device, DEVICES)
+        for key in ("num-server-rounds", "base-width", "batch-size", "eval-every", "eval-batch-size",
+                    "min-available-nodes", "min-train-replies", "max-num-examples"):
+            _at_least(key, getattr(self, key.replace("-", "_")), 1)
+        for key in ("local-epochs", "min-blocks-per-site", "min-train-nodes", "seed"):
+            _at_least(key, getattr(self, key.replace("-", "_")), 0)
+        if self.local_epochs == 0:
+            _at_least("local-steps", self.local_steps, 1, "(or set local-epochs > 0)")
+        for key in ("lr", "dirichlet-alpha", "round-timeout"):
+            if not getattr(self, key.replace("-", "_")) > 0:
+                raise SettingsError(f"{key} = {getattr(self, key.replace('-', '_'))!r}: expected a positive number")
+        for key in ("momentum", "weight-decay"):
+            if not getattr(self, key.replace("-", "_")) >= 0:
+                raise SettingsError(f"{key} = {getattr(self, key.replace('-', '_'))!r}: expected a number >= 0")
+        if not 0 < self.fraction_train <= 1:
+            raise SettingsError(f"fraction-train = {self.fraction_train!r}: expected a value in (0, 1]")
+        if not 0 <= self.fraction_evaluate <= 1:
+            raise SettingsError(f"fraction-evaluate = {self.fraction_evaluate!r}: expected a value in [0, 1]")
+        if self.strategy == "resist" and self.fraction_evaluate > 0:
+            raise SettingsError(f"fraction-evaluate = {self.fraction_evaluate!r}: ResIST never sends the "
+                                "full model to clients, so it evaluates centrally only; expected 0.0")
+        if self.dataset == "npz" and not self.data_path:
+            raise SettingsError("data-path = '': dataset 'npz' needs the absolute path of a .npz file")
+        self.model_spec(num_classes=10, in_channels=3)
+        self.stages()
+
+    def model_spec(self, num_classes: int, in_channels: int) -> ModelSpec:
+        """The model to build; ``stage-depths`` overrides the preset's depths."""
+        depths = PRESET_DEPTHS[self.model]
+        if self.stage_depths:
+            try:
+                depths = tuple(int(d) for d in self.stage_depths.split(","))
+            except ValueError:
+                depths = ()
+            if len(depths) != 4 or min(depths) < 1:
+                raise SettingsError(f"stage-depths = {self.stage_depths!r}: expected four positive "
+                                    "integers separated by commas, e.g. '1,1,4,1'")
+        return ModelSpec(depths=depths, num_classes=num_classes, in_channels=in_channels,
+                         base_width=self.base_width, norm=self.norm)
+
+    def stages(self) -> tuple[int, ...]:
+        """The partitioned stages as integers."""
+        try:
+            stages = tuple(sorted({int(s) for s in self.partitioned_stages.split(",")}))
+        except ValueError:
+            stages = ()
+        if not stages or not set(stages) <= {1, 2, 3, 4}:
+            raise SettingsError(f"partitioned-stages = {self.partitioned_stages!r}: expected stage "
+                                "numbers 1-4 separated by commas, e.g. '3' or '2,3,4'")
+        return stages
+
+
+def _coerce(key: str, value: Any, expected: type) -> Any:
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(value, str):
+        return value
+    raise SettingsError(f"{key} = {value!r}: expected a value of type {expected.__name__}")
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise SettingsError(f"{key} = {value!r}: expected one of {', '.join(allowed)}")
+
+
+def _at_least(key: str, value: int, low: int, hint: str = "") -> None:
+    if value < low:
+        raise SettingsError(f"{key} = {value!r}: expected an integer >= {low} {hint}".rstrip())
+
+
+def resolve_model(settings: RunSettings) -> tuple[ModelSpec, "BlockLayout"]:
+    """Model spec (classes and channels from the dataset) and block layout of a run."""
+    from resist_fl.data import dataset_info
+    from resist_fl.decomposition import BlockLayout
+
+    info = dataset_info(settings.dataset, settings.data_path)
+    spec = settings.model_spec(num_classes=info.num_classes, in_channels=info.in_channels)
+    try:
+        layout = BlockLayout.from_spec(spec, settings.stages())
+    except ValueError as err:
+        raise SettingsError(f"partitioned-stages = {settings.partitioned_stages!r} with stage depths "
+                            f"{spec.depths}: {err}") from err
+    if settings.min_blocks_per_site > len(layout.partitionable):
+        raise SettingsError(f"min-blocks-per-site = {settings.min_blocks_per_site}: expected at most "
+                            f"{len(layout.partitionable)}, the number of partitionable blocks")
+    return spec, layout

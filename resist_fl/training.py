@@ -1,0 +1,112 @@
+"""Local training and evaluation loops used by the ClientApp and the ServerApp."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when a GPU is visible to this process, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device = 'cuda' but no CUDA GPU is visible to this process "
+                           "(in simulation, set client-resources-num-gpus > 0)")
+    return torch.device(device)
+
+
+def scheduled_lr(base_lr: float, schedule: str, server_round: int, num_rounds: int) -> float:
+    """Learning rate of ``server_round`` (1-based) under ``schedule``.
+
+    ``step`` divides by 10 after 50 % and again after 75 % of the rounds (the
+    official ResIST schedule); ``cosine`` anneals to 0; ``constant`` keeps it.
+    """
+    progress = (server_round - 1) / max(1, num_rounds)
+    if schedule == "step":
+        return base_lr * (0.1 ** ((progress >= 0.5) + (progress >= 0.75)))
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "constant":
+        return base_lr
+    raise ValueError(f"unknown lr schedule {schedule!r}; expected step, cosine or constant")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float
+    """Mean training loss over the local steps."""
+    steps: int
+    seconds: float
+
+
+def _batches(loader: DataLoader, steps: int) -> Iterator:
+    """``steps`` batches, cycling through the loader (reshuffled each pass)."""
+    done = 0
+    while done < steps:
+        for batch in loader:
+            yield batch
+            done += 1
+            if done == steps:
+                return
+
+
+def train(model: nn.Module, loader: DataLoader, *, steps: int, lr: float, momentum: float,
+          weight_decay: float, device: torch.device, amp: bool = False) -> TrainResult:
+    """Train ``model`` in place for ``steps`` SGD steps with a fresh optimiser.
+
+    A fresh SGD optimiser (no momentum carried between rounds) matches the
+    official code, which re-creates it at every repartition. With ``amp`` on
+    CUDA, the forward pass runs under bfloat16 autocast.
+    """
+    start = time.perf_counter()
+    model.to(device).train()
+    optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    use_amp = amp and device.type == "cuda"
+    total = torch.zeros((), device=device)
+    for images, labels in _batches(loader, steps):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss = nn.functional.cross_entropy(model(images), labels)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        total += loss.detach().float()
+    mean_loss = (total / steps).item()
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(f"training diverged: mean loss {mean_loss} (lower lr?)")
+    return TrainResult(loss=mean_loss, steps=steps, seconds=time.perf_counter() - start)
+
+
+def steps_for(num_examples: int, batch_size: int, local_steps: int, local_epochs: int) -> int:
+    """Local steps of one round: ``local_epochs`` passes when > 0, else ``local_steps``."""
+    if local_epochs > 0:
+        return local_epochs * max(1, math.ceil(num_examples / batch_size))
+    return local_steps
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
+             amp: bool = False) -> tuple[float, float]:
+    """Mean cross-entropy loss and accuracy of ``model`` on ``loader``."""
+    model.to(device).eval()
+    use_amp = amp and device.type == "cuda"
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    count = 0
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            logits = model(images)
+        loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+        correct += (logits.argmax(1) == labels).sum()
+        count += labels.numel()
+    if count == 0:
+        raise ValueError("the evaluation set is empty")
+    return loss_sum.item() / count, correct.item() / count
