@@ -60,7 +60,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     data_path = str(node.get("data-path", settings.data_path))
     partition = _partition(settings.dataset, data_path, settings.partitioner, settings.dirichlet_alpha,
                            settings.seed, int(node["partition-id"]), int(node["num-partitions"]))
-    server_round = int(config["server-round"])
+    server_round = int(config["server-round"]) + int(config["round-offset"])
     batch_size = int(config["batch-size"])
     loader = make_train_loader(partition, settings.dataset, batch_size,
                                seed=settings.seed * 100_003 + server_round)

@@ -61,6 +61,12 @@ def append_metrics(run_dir: Path, row: Mapping[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+def rewrite_metrics(run_dir: Path, rows: list[Mapping[str, Any]]) -> None:
+    """Replace ``metrics.jsonl`` with ``rows`` (atomically; used when resuming)."""
+    text = "".join(json.dumps(dict(r), sort_keys=True) + "\n" for r in rows)
+    atomic_write_bytes(Path(run_dir) / METRICS_FILE, text.encode())
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """All rows of a run's ``metrics.jsonl``."""
     path = Path(run_dir) / METRICS_FILE

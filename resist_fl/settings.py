@@ -46,6 +46,7 @@ class RunSettings:
     weight_decay: float = 5e-4
     lr_schedule: str = "step"
     min_blocks_per_site: int = 0
+    inference_scaling: bool = True
     partitioned_stages: str = "3"
     weighting: str = "examples"
     fraction_train: float = 1.0
@@ -69,7 +70,8 @@ class RunSettings:
         """Parse a Flower run config (kebab-case keys); unknown keys are errors."""
         known = {f.name.replace("_", "-"): f for f in fields(cls)}
         if unknown := sorted(set(run_config) - set(known)):
-            raise SettingsError(f"unknown run-config key(s) {unknown}; known keys: {', '.join(known)}")
+            bad = ", ".join(f"{k} = {run_config[k]!r}" for k in unknown)
+            raise SettingsError(f"unknown run-config key(s): {bad}; known keys: {', '.join(known)}")
         values = {}
         for key, value in run_config.items():
             field = known[key]

@@ -54,12 +54,15 @@ class ResIST(Strategy):
         Replies claiming more examples are rejected.
     seed : int
         Node sampling and decomposition are a function of (seed, round).
+    round_offset : int
+        Rounds already done before this ``start()`` (a resumed run): round r
+        of ``start()`` is round ``round_offset + r`` of the run.
     """
 
     def __init__(self, layout: BlockLayout, *, fraction_train: float = 1.0, min_train_nodes: int = 2,
                  min_available_nodes: int = 2, min_blocks_per_site: int = 0,
                  weighting: str = "examples", min_train_replies: int = 1,
-                 max_num_examples: int = 10_000_000, seed: int = 0) -> None:
+                 max_num_examples: int = 10_000_000, seed: int = 0, round_offset: int = 0) -> None:
         update_weights([], weighting)  # validates the name
         if min_blocks_per_site > len(layout.partitionable):
             raise ValueError(f"min_blocks_per_site = {min_blocks_per_site} exceeds the "
@@ -73,7 +76,9 @@ class ResIST(Strategy):
         self.min_train_replies = min_train_replies
         self.max_num_examples = max_num_examples
         self.seed = seed
+        self.round_offset = round_offset
         self.num_subnetworks = max(1, min_train_nodes)
+        self.last_round_counts: dict[str, int] = {}
         self._global: ArrayRecord | None = None
         self._assignments: dict[int, _Assignment] = {}
 
@@ -101,7 +106,7 @@ class ResIST(Strategy):
         if missing := sorted(set(self.layout.payload_keys()) - set(arrays)):
             raise ValueError(f"the global record lacks {len(missing)} model keys, e.g. {missing[:3]}")
         node_ids = self._wait_for_nodes(grid)
-        rng = round_rng(self.seed, server_round)
+        rng = round_rng(self.seed, self.round_offset + server_round)
         size = min(len(node_ids), max(int(len(node_ids) * self.fraction_train), self.min_train_nodes))
         sampled = sorted(int(n) for n in rng.choice(node_ids, size=size, replace=False))
         groups = sample_subnetworks(self.layout.partitionable, len(sampled), self.min_blocks_per_site, rng)
@@ -153,6 +158,7 @@ class ResIST(Strategy):
         metrics = {"replies-accepted": len(updates), "replies-rejected": rejected,
                    "replies-failed": failed, "replies-missing": missing,
                    "num-subnetworks": self.num_subnetworks}
+        self.last_round_counts = dict(metrics)
         if len(updates) < self.min_train_replies:
             log(WARNING, "round %d: %d valid replies < min-train-replies %d: global model unchanged",
                 server_round, len(updates), self.min_train_replies)

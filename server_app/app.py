@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import time
 from logging import INFO
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,19 +14,30 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from resist_fl.checkpoint import CHECKPOINT_FILE, Checkpoint, capture_rngs, check_same_run
 from resist_fl.communication import MeteredGrid
 from resist_fl.data import load_test_set, make_eval_loader
 from resist_fl.decomposition import BlockLayout, scale_key
 from resist_fl.model import ModelSpec, build_model
-from resist_fl.outputs import CONFIG_FILE, MODEL_FILE, SUMMARY_FILE, append_metrics, run_directory, save_model, write_json
-from resist_fl.settings import RunSettings, resolve_model
+from resist_fl.outputs import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    SUMMARY_FILE,
+    append_metrics,
+    rewrite_metrics,
+    run_directory,
+    save_model,
+    write_json,
+)
+from resist_fl.settings import RunSettings, SettingsError, resolve_model
 from resist_fl.strategy import ResIST
 from resist_fl.training import evaluate, resolve_device
 
 app = ServerApp()
 
 
-def build_strategy(settings: RunSettings, layout: BlockLayout) -> ResIST | FedAvg:
+def build_strategy(settings: RunSettings, layout: BlockLayout, round_offset: int = 0) -> ResIST | FedAvg:
     """ResIST, or Flower's own FedAvg with the same sampling settings."""
     if settings.strategy == "resist":
         return ResIST(layout, fraction_train=settings.fraction_train,
@@ -33,7 +45,8 @@ def build_strategy(settings: RunSettings, layout: BlockLayout) -> ResIST | FedAv
                       min_available_nodes=settings.min_available_nodes,
                       min_blocks_per_site=settings.min_blocks_per_site, weighting=settings.weighting,
                       min_train_replies=settings.min_train_replies,
-                      max_num_examples=settings.max_num_examples, seed=settings.seed)
+                      max_num_examples=settings.max_num_examples, seed=settings.seed,
+                      round_offset=round_offset)
     return FedAvg(fraction_train=settings.fraction_train, fraction_evaluate=settings.fraction_evaluate,
                   min_train_nodes=settings.min_train_nodes,
                   min_evaluate_nodes=settings.min_train_nodes if settings.fraction_evaluate else 0,
@@ -62,20 +75,30 @@ def full_state(arrays: ArrayRecord, layout: BlockLayout, scales: dict[str, float
 
 
 class RoundRecorder:
-    """Evaluates the global model after each round and appends a ``metrics.jsonl`` row."""
+    """``evaluate_fn`` of ``Strategy.start``: after each round it evaluates the global model,
+    appends a ``metrics.jsonl`` row and writes the checkpoint."""
 
     def __init__(self, settings: RunSettings, spec: ModelSpec, layout: BlockLayout,
-                 strategy: ResIST | FedAvg, grid: MeteredGrid, run_dir) -> None:
+                 strategy: ResIST | FedAvg, grid: MeteredGrid, run_dir: Path,
+                 resumed: Checkpoint | None = None) -> None:
         self.settings, self.spec, self.layout = settings, spec, layout
         self.strategy, self.grid, self.run_dir = strategy, grid, run_dir
         self.device = resolve_device(settings.device)
         test = load_test_set(settings.dataset, settings.data_path)
         self.test_loader = make_eval_loader(test, settings.dataset, settings.eval_batch_size)
-        self.cumulative_bytes = 0
+        self.rows: list[dict] = list(resumed.metrics) if resumed else []
+        self.round_offset = resumed.server_round if resumed else 0
         self.round_started = time.perf_counter()
 
+    @property
+    def cumulative_bytes(self) -> int:
+        return self.rows[-1]["cumulative-bytes"] if self.rows else 0
+
     def scales(self) -> dict[str, float]:
-        return self.strategy.inference_scales() if isinstance(self.strategy, ResIST) else {}
+        """Residual scales for evaluation: ResIST's inference scales (1.0 when disabled or FedAvg)."""
+        if isinstance(self.strategy, ResIST) and self.settings.inference_scaling:
+            return self.strategy.inference_scales()
+        return {}
 
     def evaluate(self, arrays: ArrayRecord) -> tuple[float, float]:
         model = build_model(self.spec)
@@ -83,37 +106,66 @@ class RoundRecorder:
         return evaluate(model, self.test_loader, self.device, self.settings.amp)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """``evaluate_fn`` of ``Strategy.start``: called for round 0 and after every round."""
         if server_round == 0:
             self.round_started = time.perf_counter()
             return None
-        round_seconds = time.perf_counter() - self.round_started
-        traffic = self.grid.take_round()
-        self.cumulative_bytes += traffic.total_down + traffic.total_up
-        losses, examples = traffic.client_metric("train-loss"), traffic.client_metric("num-examples")
-        row = {
-            "round": server_round, "strategy": self.settings.strategy,
-            "accuracy": None, "loss": None,
-            "train-loss": float(np.average(losses, weights=examples)) if losses and len(losses) == len(examples) else None,
-            "bytes-down": traffic.total_down, "bytes-up": traffic.total_up,
-            "cumulative-bytes": self.cumulative_bytes,
-            "round-seconds": round_seconds,
-            "client-seconds": sum(traffic.client_metric("train-seconds")),
-            "nodes": len(traffic.bytes_down),
-        }
-        if isinstance(self.strategy, ResIST):
-            row["inference-scale"] = next(iter(self.scales().values()))
-        if server_round % self.settings.eval_every == 0 or server_round == self.settings.num_server_rounds:
+        run_round = self.round_offset + server_round
+        row = self._round_row(run_round)
+        if run_round % self.settings.eval_every == 0 or run_round == self.settings.num_server_rounds:
             row["loss"], row["accuracy"] = self.evaluate(arrays)
+        self.rows.append(row)
+        rng_python, rng_torch = capture_rngs()
+        Checkpoint(run_round, {k: v.numpy() for k, v in arrays.items()}, self.settings.to_run_config(),
+                   self.rows, rng_python, rng_torch).save(self.run_dir)
         append_metrics(self.run_dir, row)
         acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
-        log(INFO, "[round %d] %s acc=%s train-loss=%s down=%.2f MB up=%.2f MB (%.1f s)", server_round,
-            self.settings.strategy, acc, row["train-loss"], traffic.total_down / 1e6, traffic.total_up / 1e6,
-            round_seconds)
+        log(INFO, "[round %d] %s acc=%s train-loss=%s down=%.2f MB up=%.2f MB (%.1f s)", run_round,
+            self.settings.strategy, acc, row["train-loss"], row["bytes-down"] / 1e6, row["bytes-up"] / 1e6,
+            row["round-seconds"])
         self.round_started = time.perf_counter()
         if row["accuracy"] is None:
             return None
         return MetricRecord({"accuracy": row["accuracy"], "loss": row["loss"]})
+
+    def _round_row(self, run_round: int) -> dict:
+        """Traffic and client figures of the round that just ended (no evaluation yet)."""
+        traffic = self.grid.take_round()
+        losses, examples = traffic.client_metric("train-loss"), traffic.client_metric("num-examples")
+        row = {
+            "round": run_round, "strategy": self.settings.strategy, "accuracy": None, "loss": None,
+            "train-loss": (float(np.average(losses, weights=examples))
+                           if losses and len(losses) == len(examples) else None),
+            "bytes-down": traffic.total_down, "bytes-up": traffic.total_up,
+            "cumulative-bytes": self.cumulative_bytes + traffic.total_down + traffic.total_up,
+            "round-seconds": time.perf_counter() - self.round_started,
+            "client-seconds": sum(traffic.client_metric("train-seconds")),
+            "nodes": len(traffic.bytes_down),
+        }
+        if isinstance(self.strategy, ResIST):
+            row["inference-scale"] = next(iter(self.scales().values()), 1.0)
+            row.update({k: int(v) for k, v in self.strategy.last_round_counts.items()})
+        return row
+
+
+def prepare_run_dir(settings: RunSettings) -> tuple[Path, Checkpoint | None]:
+    """The run directory, and the checkpoint to continue from when ``resume`` is set.
+
+    A new run refuses a directory that already holds results, so nothing is
+    overwritten; a resumed run rewrites ``metrics.jsonl`` from the checkpoint.
+    """
+    run_dir = run_directory(settings.output_dir, settings.run_name, settings.strategy)
+    if not settings.resume:
+        if (run_dir / METRICS_FILE).exists() or (run_dir / CHECKPOINT_FILE).exists():
+            raise FileExistsError(f"{run_dir} already holds a run; set resume=true to continue it, "
+                                  "or choose another run-name")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir, None
+    if not settings.run_name:
+        raise SettingsError("resume = true needs run-name: the name of the run directory to continue")
+    checkpoint = Checkpoint.load(run_dir)
+    check_same_run(checkpoint.run_config, settings.to_run_config())
+    rewrite_metrics(run_dir, checkpoint.metrics)
+    return run_dir, checkpoint
 
 
 @app.main()
@@ -121,29 +173,39 @@ def main(grid: Grid, context: Context) -> None:
     """Run ResIST or FedAvg as the run config says; write everything under the run directory."""
     settings = RunSettings.from_run_config(context.run_config)
     spec, layout = resolve_model(settings)
-    run_dir = run_directory(settings.output_dir, settings.run_name, settings.strategy)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir, resumed = prepare_run_dir(settings)
     log(INFO, "resist-fl: writing results to %s", run_dir)
     write_json(run_dir / CONFIG_FILE, {"run_config": settings.to_run_config(), "model_spec": spec.to_dict()})
 
     random.seed(settings.seed)  # FedAvg samples nodes with the global `random`
     torch.manual_seed(settings.seed)
-    model = build_model(spec)
     payload = set(layout.payload_keys())
-    initial = ArrayRecord({k: v for k, v in model.state_dict().items() if k in payload})
+    if resumed:
+        initial = ArrayRecord({k: torch.from_numpy(v) for k, v in resumed.arrays.items()})
+        resumed.restore_rngs()
+        log(INFO, "resist-fl: resuming after round %d", resumed.server_round)
+    else:
+        initial = ArrayRecord({k: v for k, v in build_model(spec).state_dict().items() if k in payload})
+    offset = resumed.server_round if resumed else 0
 
-    strategy = build_strategy(settings, layout)
+    strategy = build_strategy(settings, layout, round_offset=offset)
     metered = MeteredGrid(grid)
-    recorder = RoundRecorder(settings, spec, layout, strategy, metered, run_dir)
+    recorder = RoundRecorder(settings, spec, layout, strategy, metered, run_dir, resumed)
+    config = train_config(settings)
+    config["round-offset"] = offset
     started = time.perf_counter()
-    result = strategy.start(grid=metered, initial_arrays=initial, num_rounds=settings.num_server_rounds,
-                            timeout=settings.round_timeout, train_config=train_config(settings),
-                            evaluate_fn=recorder)
-    state = full_state(result.arrays, layout, recorder.scales())
+    arrays = initial
+    if settings.num_server_rounds > offset:
+        result = strategy.start(grid=metered, initial_arrays=initial,
+                                num_rounds=settings.num_server_rounds - offset,
+                                timeout=settings.round_timeout, train_config=config, evaluate_fn=recorder)
+        arrays = result.arrays
+    state = full_state(arrays, layout, recorder.scales())
     save_model(run_dir / MODEL_FILE, state, spec.to_dict())
     summary = {"strategy": settings.strategy, "rounds": settings.num_server_rounds,
                "total-bytes": recorder.cumulative_bytes, "seconds": time.perf_counter() - started,
-               "parameters": int(sum(v.numel() for k, v in state.items() if k in payload))}
+               "parameters": int(sum(v.numel() for k, v in state.items() if k in payload)),
+               "final-accuracy": recorder.rows[-1]["accuracy"] if recorder.rows else None}
     write_json(run_dir / SUMMARY_FILE, summary)
     log(INFO, "resist-fl: done; %.2f MB communicated in %d rounds; results in %s",
         recorder.cumulative_bytes / 1e6, settings.num_server_rounds, run_dir)

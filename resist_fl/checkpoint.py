@@ -1,0 +1,91 @@
+"""Per-round checkpoints for resuming a run.
+
+A checkpoint holds the global arrays, the last finished round, the run
+config, the metrics rows so far and the RNG states. It is written atomically
+after every round (temp file + rename), so a crash leaves the previous one
+intact. Loading refuses a corrupt, truncated or foreign file with a clear
+message and never modifies it.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from resist_fl.outputs import atomic_write_bytes
+
+CHECKPOINT_FILE = "checkpoint.pt"
+FORMAT = "resist-fl-checkpoint/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used to resume; the message says why and what to do."""
+
+
+@dataclass
+class Checkpoint:
+    server_round: int
+    arrays: dict[str, np.ndarray]
+    run_config: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    python_rng: tuple
+    torch_rng: torch.Tensor
+
+    def save(self, run_dir: Path) -> None:
+        buffer = io.BytesIO()
+        torch.save({
+            "format": FORMAT, "server_round": self.server_round,
+            "arrays": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.arrays.items()},
+            "run_config": self.run_config, "metrics": self.metrics,
+            "python_rng": self.python_rng, "torch_rng": self.torch_rng,
+        }, buffer)
+        atomic_write_bytes(Path(run_dir) / CHECKPOINT_FILE, buffer.getvalue())
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "Checkpoint":
+        path = Path(run_dir) / CHECKPOINT_FILE
+        if not path.is_file():
+            raise CheckpointError(f"resume = true but there is no checkpoint at {path}; start the run "
+                                  "without resume, or set run-name to the run you want to continue")
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: "
+                                  f"{err}); it was left untouched. Restore a good copy or start a new "
+                                  "run-name.") from err
+        if not isinstance(raw, Mapping) or raw.get("format") != FORMAT:
+            raise CheckpointError(f"{path} is not a resist-fl checkpoint (expected format {FORMAT}); "
+                                  "it was left untouched")
+        return cls(server_round=int(raw["server_round"]),
+                   arrays={k: v.numpy() for k, v in raw["arrays"].items()},
+                   run_config=dict(raw["run_config"]), metrics=list(raw["metrics"]),
+                   python_rng=_as_tuple(raw["python_rng"]), torch_rng=raw["torch_rng"])
+
+    def restore_rngs(self) -> None:
+        random.setstate(self.python_rng)
+        torch.set_rng_state(self.torch_rng)
+
+
+def capture_rngs() -> tuple[tuple, torch.Tensor]:
+    return random.getstate(), torch.get_rng_state()
+
+
+def _as_tuple(value: Any) -> Any:
+    """torch.load gives lists where random.getstate() had tuples."""
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def check_same_run(saved: Mapping[str, Any], current: Mapping[str, Any],
+                   may_differ: tuple[str, ...] = ("resume", "num-server-rounds")) -> None:
+    """Refuse to resume a checkpoint written under a different run config."""
+    keys = (set(saved) | set(current)) - set(may_differ)
+    if diff := sorted(k for k in keys if saved.get(k) != current.get(k)):
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff)
+        raise CheckpointError(f"cannot resume: the run config differs from the checkpoint's ({details})")

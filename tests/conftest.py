@@ -1,0 +1,27 @@
+"""Shared fixtures: a tiny, fast run config on synthetic data."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_OVERRIDES = {
+    "dataset": "synthetic", "stage-depths": "1,1,4,1", "base-width": 8, "local-steps": 8,
+    "batch-size": 32, "eval-batch-size": 250, "num-server-rounds": 2, "run-name": "test",
+}
+
+
+def default_run_config() -> dict:
+    """The app's defaults, as pyproject.toml declares them."""
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """Run config of a tiny model on synthetic data writing under ``tmp_path``."""
+    return {**default_run_config(), **TINY_OVERRIDES, "output-dir": str(tmp_path / "runs")}

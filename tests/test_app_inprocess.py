@@ -1,0 +1,118 @@
+"""The ServerApp and ClientApp end to end on an in-process Grid (real Strategy.start loop)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from resist_fl.data import load_test_set, make_eval_loader
+from resist_fl.decomposition import BlockLayout, is_scale_key
+from resist_fl.model import ModelSpec
+from resist_fl.outputs import load_model, read_metrics
+from resist_fl.settings import SettingsError
+from resist_fl.training import evaluate
+from tests.appdriver import run_inprocess
+
+
+def run_dir(config) -> Path:
+    return Path(config["output-dir"]) / config["run-name"]
+
+
+def train_messages(grid):
+    return [m for m in grid.sent if m.metadata.message_type == "train"]
+
+
+def test_resist_sends_each_node_only_its_own_subnetwork(tiny_config):
+    grid = run_inprocess(tiny_config, num_nodes=3)
+    spec = ModelSpec.from_dict(json.loads((run_dir(tiny_config) / "run_config.json").read_text())["model_spec"])
+    layout = BlockLayout.from_spec(spec)
+    sent = train_messages(grid)
+    assert len(sent) == 3 * 2
+    for round_msgs in (sent[:3], sent[3:]):
+        block_sets = [tuple(m.content["config"]["blocks"]) for m in round_msgs]
+        assert len(set(block_sets)) == 3, "one distinct sub-network per node"
+        assert sorted(b for bs in block_sets for b in bs) == list(layout.partitionable)
+        for msg, blocks in zip(round_msgs, block_sets):
+            assert list(msg.content["arrays"].keys()) == list(layout.payload_keys(blocks))
+            assert not any(is_scale_key(k) for k in msg.content["arrays"])
+        assert len({m.content["arrays"].count_bytes() for m in round_msgs}) >= 1
+    # every reply carries exactly the keys its node received
+    for msg, reply in zip(sent, grid.replies):
+        assert list(reply.content["arrays"].keys()) == list(msg.content["arrays"].keys())
+        assert set(reply.content["metrics"].keys()) >= {"num-examples", "train-loss", "train-seconds"}
+
+
+def test_resist_merge_writes_each_block_from_its_holders_only(tiny_config):
+    tiny_config["num-server-rounds"] = 1
+    grid = run_inprocess(tiny_config, num_nodes=3)
+    final = load_model(run_dir(tiny_config) / "model.pt").state_dict()
+    sent = train_messages(grid)
+    weights = {r.metadata.src_node_id: r.content["metrics"]["num-examples"] for r in grid.replies}
+    for key in final:
+        if is_scale_key(key):
+            continue
+        holders = [(r, weights[r.metadata.src_node_id]) for r in grid.replies if key in r.content["arrays"]]
+        assert holders, key
+        expected = sum(r.content["arrays"][key].numpy().astype(np.float64) * w for r, w in holders)
+        expected /= sum(w for _, w in holders)
+        np.testing.assert_allclose(final[key].numpy(), expected, rtol=1e-5, atol=1e-6, err_msg=key)
+    assert all(len(m.content["config"]["blocks"]) >= 1 for m in sent)
+
+
+def test_saved_model_reproduces_logged_accuracy_with_its_scales(tiny_config):
+    run_inprocess(tiny_config, num_nodes=2)
+    rows = read_metrics(run_dir(tiny_config))
+    assert [r["round"] for r in rows] == [1, 2]
+    model = load_model(run_dir(tiny_config) / "model.pt")
+    assert model.layer3[1].residual_scale.item() == pytest.approx(0.5)  # 1/S with S = 2
+    test = make_eval_loader(load_test_set("synthetic"), "synthetic", 250)
+    loss, accuracy = evaluate(model, test, torch.device("cpu"))
+    assert accuracy == pytest.approx(rows[-1]["accuracy"])
+    summary = json.loads((run_dir(tiny_config) / "summary.json").read_text())
+    assert summary["total-bytes"] == rows[-1]["cumulative-bytes"]
+
+
+def test_fedavg_runs_the_same_app_and_costs_more_bytes(tiny_config):
+    resist = dict(tiny_config, **{"run-name": "resist", "num-server-rounds": 1})
+    fedavg = dict(tiny_config, **{"run-name": "fedavg", "num-server-rounds": 1, "strategy": "fedavg"})
+    run_inprocess(resist, num_nodes=3)
+    grid = run_inprocess(fedavg, num_nodes=3)
+    assert all("blocks" not in m.content["config"] for m in train_messages(grid))
+    r, f = read_metrics(run_dir(resist))[0], read_metrics(run_dir(fedavg))[0]
+    assert r["bytes-down"] < f["bytes-down"] and r["bytes-up"] < f["bytes-up"]
+    assert f["bytes-down"] == sum(m.content["arrays"].count_bytes() for m in train_messages(grid))
+    assert 0 <= f["accuracy"] <= 1 and f["train-loss"] > 0
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("strategy", "fedprox", "resist, fedavg"),
+    ("model", "resnet9", "preact_resnet18"),
+    ("dataset", "mnist", "cifar10"),
+    ("partitioner", "shards", "iid, dirichlet"),
+    ("norm", "layernorm", "batchnorm"),
+    ("num-server-rounds", 0, ">= 1"),
+    ("local-steps", 0, ">= 1"),
+    ("min-blocks-per-site", 9, "at most 3"),
+    ("fraction-train", 0.0, "(0, 1]"),
+    ("fraction-train", 1.5, "(0, 1]"),
+    ("partitioned-stages", "3,7", "1-4"),
+    ("batch-size", "big", "type int"),
+    ("num-rounds", 3, "known keys"),
+])
+def test_bad_run_config_stops_before_round_one(tiny_config, key, value, allowed):
+    tiny_config[key] = value
+    with pytest.raises(SettingsError) as err:
+        run_inprocess(tiny_config, num_nodes=2)
+    message = str(err.value)
+    assert key in message and repr(value) in message and allowed in message
+
+
+def test_min_depth_duplicates_blocks_and_scales_by_held_fraction(tiny_config):
+    tiny_config.update({"min-blocks-per-site": 2, "num-server-rounds": 1})
+    grid = run_inprocess(tiny_config, num_nodes=3)
+    assert all(len(m.content["config"]["blocks"]) == 2 for m in train_messages(grid))
+    assert read_metrics(run_dir(tiny_config))[0]["inference-scale"] == pytest.approx(2 / 3)
