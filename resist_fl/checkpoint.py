@@ -42,7 +42,7 @@ class Checkpoint:
         buffer = io.BytesIO()
         torch.save({
             "format": FORMAT, "server_round": self.server_round,
-            "arrays": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.arrays.items()},
+            "arrays": {k: torch.from_numpy(np.require(v, requirements="C")) for k, v in self.arrays.items()},
             "run_config": self.run_config, "metrics": self.metrics,
             "python_rng": self.python_rng, "torch_rng": self.torch_rng,
         }, buffer)

@@ -198,7 +198,7 @@ class ResIST(Strategy):
         merged = merge_partial(current, updates, weights)
         record = ArrayRecord()
         for key, array in self._global.items():
-            record[key] = array if key not in merged else Array(np.ascontiguousarray(merged[key]))
+            record[key] = array if key not in merged else Array(np.require(merged[key], requirements="C"))
         return record
 
     def _wait_for_nodes(self, grid: Grid) -> list[int]:

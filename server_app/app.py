@@ -88,6 +88,7 @@ class RoundRecorder:
         self.test_loader = make_eval_loader(test, settings.dataset, settings.eval_batch_size)
         self.rows: list[dict] = list(resumed.metrics) if resumed else []
         self.round_offset = resumed.server_round if resumed else 0
+        self.arrays: ArrayRecord | None = None  # the global arrays after the last round seen
         self.round_started = time.perf_counter()
 
     @property
@@ -106,6 +107,7 @@ class RoundRecorder:
         return evaluate(model, self.test_loader, self.device, self.settings.amp)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        self.arrays = arrays
         if server_round == 0:
             self.round_started = time.perf_counter()
             return None
@@ -194,13 +196,12 @@ def main(grid: Grid, context: Context) -> None:
     config = train_config(settings)
     config["round-offset"] = offset
     started = time.perf_counter()
-    arrays = initial
     if settings.num_server_rounds > offset:
-        result = strategy.start(grid=metered, initial_arrays=initial,
-                                num_rounds=settings.num_server_rounds - offset,
-                                timeout=settings.round_timeout, train_config=config, evaluate_fn=recorder)
-        arrays = result.arrays
-    state = full_state(arrays, layout, recorder.scales())
+        # The global arrays are taken from the recorder: `Result.arrays` stays empty when no
+        # round produced an update (e.g. every round had too few valid replies).
+        strategy.start(grid=metered, initial_arrays=initial, num_rounds=settings.num_server_rounds - offset,
+                       timeout=settings.round_timeout, train_config=config, evaluate_fn=recorder)
+    state = full_state(recorder.arrays or initial, layout, recorder.scales())
     save_model(run_dir / MODEL_FILE, state, spec.to_dict())
     summary = {"strategy": settings.strategy, "rounds": settings.num_server_rounds,
                "total-bytes": recorder.cumulative_bytes, "seconds": time.perf_counter() - started,

@@ -15,3 +15,10 @@ def run_inprocess(run_config: dict, num_nodes: int = 3, **grid_kwargs) -> InProc
     server_main(grid, Context(run_id=grid.run.run_id, node_id=1, node_config={}, state=RecordDict(),
                               run_config=run_config))
     return grid
+
+
+if __name__ == "__main__":  # used by the kill-and-resume test: python -m tests.appdriver CONFIG.json N
+    import json
+    import sys
+
+    run_inprocess(json.loads(open(sys.argv[1]).read()), num_nodes=int(sys.argv[2]))
