@@ -108,7 +108,9 @@ class ResIST(Strategy):
         node_ids = self._wait_for_nodes(grid)
         rng = round_rng(self.seed, self.round_offset + server_round)
         size = min(len(node_ids), max(int(len(node_ids) * self.fraction_train), self.min_train_nodes))
-        sampled = sorted(int(n) for n in rng.choice(node_ids, size=size, replace=False))
+        # Sample positions, not ids: ids are 64-bit and numpy would turn a mix of ids
+        # above and below 2**63 into float64.
+        sampled = sorted(node_ids[int(i)] for i in rng.choice(len(node_ids), size=size, replace=False))
         groups = sample_subnetworks(self.layout.partitionable, len(sampled), self.min_blocks_per_site, rng)
         self.num_subnetworks = len(sampled)
         self._global = arrays

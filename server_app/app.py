@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from logging import INFO
@@ -142,11 +143,21 @@ class RoundRecorder:
             "round-seconds": time.perf_counter() - self.round_started,
             "client-seconds": sum(traffic.client_metric("train-seconds")),
             "nodes": len(traffic.bytes_down),
+            "server-rss-mb": resident_memory_mb(),
         }
         if isinstance(self.strategy, ResIST):
             row["inference-scale"] = next(iter(self.scales().values()), 1.0)
             row.update({k: int(v) for k, v in self.strategy.last_round_counts.items()})
         return row
+
+
+def resident_memory_mb() -> float | None:
+    """This process's resident memory (Linux ``/proc``; None elsewhere)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def prepare_run_dir(settings: RunSettings) -> tuple[Path, Checkpoint | None]:

@@ -254,3 +254,25 @@ def _torch_bytes(obj) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
+
+
+class _IdsOnlyGrid:
+    """Just enough Grid for configure_train: Flower's node ids are random 64-bit integers."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def get_node_ids(self):
+        return list(self.ids)
+
+
+def test_node_ids_above_2_63_survive_sampling():
+    from tests.inprocess_grid import set_server_task_identity
+
+    set_server_task_identity()
+    ids = [2**64 - 1, 17, 2**63 + 5, 2**63 - 1]
+    strategy = ResIST(LAYOUT, fraction_train=0.5, min_train_nodes=2, min_available_nodes=4)
+    for rnd in range(1, 6):
+        messages = list(strategy.configure_train(rnd, global_record(0), ConfigRecord({}), _IdsOnlyGrid(ids)))
+        dst = [m.metadata.dst_node_id for m in messages]
+        assert len(dst) == 2 and set(dst) <= set(ids) and all(type(d) is int for d in dst)

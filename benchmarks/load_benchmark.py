@@ -1,0 +1,52 @@
+"""Load: 100 simulated SuperNodes, 10 sampled per round, 30 rounds, a tiny model.
+
+Runs one ResIST simulation through the real ``flwr run`` (isolated, see
+``simulations.launcher``) and prints the ServerApp's resident memory after
+round 5 and after round 30 (from ``server-rss-mb`` in ``metrics.jsonl``) and
+their ratio (target: within 10 %).
+
+    python benchmarks/load_benchmark.py [--nodes 100] [--sampled 10] [--rounds 30] [--strategy resist]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from resist_fl.outputs import read_metrics
+from simulations.launcher import run_flwr
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", type=int, default=100)
+    parser.add_argument("--sampled", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--strategy", default="resist", choices=("resist", "fedavg"))
+    parser.add_argument("--timeout", type=float, default=1800)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="resist-load-"))
+    config = {
+        "strategy": args.strategy, "dataset": "synthetic", "stage-depths": "1,1,4,1", "base-width": 4,
+        "local-steps": 2, "batch-size": 16, "num-server-rounds": args.rounds, "eval-every": 5,
+        "eval-batch-size": 500, "fraction-train": args.sampled / args.nodes, "min-train-nodes": args.sampled,
+        "min-available-nodes": args.nodes, "output-dir": str(work / "runs"), "run-name": "load",
+    }
+    result = run_flwr(ROOT, config, num_supernodes=args.nodes, timeout_s=args.timeout, workdir=work)
+    if not result.success:
+        raise SystemExit(f"the run failed: {result.reason} (log: {result.log_path})")
+    rows = {r["round"]: r for r in read_metrics(result.run_dir)}
+    early, late = rows[5]["server-rss-mb"], rows[args.rounds]["server-rss-mb"]
+    print(f"{args.nodes} supernodes, {args.sampled} sampled per round, {args.rounds} rounds, {args.strategy}: "
+          f"finished in {result.wall_seconds:.0f} s")
+    print(f"nodes per round: {sorted({r['nodes'] for r in rows.values()})}")
+    print(f"server RSS after round 5: {early:.1f} MiB; after round {args.rounds}: {late:.1f} MiB; "
+          f"ratio {late / early:.3f} (target within 10 %)")
+
+
+if __name__ == "__main__":
+    main()
