@@ -1,7 +1,7 @@
 """Merge 8 ResNet-101 sub-network updates into the global state, on CPU.
 
 Prints the merge time as a ratio to a plain NumPy copy of the same bytes (the
-updates' arrays), both measured in this run (best of several repeats).
+updates' arrays), both measured in this run (best of several alternating repeats).
 
     python benchmarks/merge_benchmark.py [--subnetworks 8] [--repeats 5]
 """
@@ -19,20 +19,22 @@ from resist_fl.decomposition import BlockLayout, round_rng, sample_subnetworks
 from resist_fl.model import ModelSpec, build_model
 
 
-def best_of(repeats: int, fn) -> float:
-    times = []
+def best_interleaved(repeats: int, *fns) -> list[float]:
+    """Best time of each function, measured alternately so that load spikes hit both."""
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--subnetworks", type=int, default=8)
     parser.add_argument("--min-blocks", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
 
     spec = ModelSpec.from_name("preact_resnet101", num_classes=10)
@@ -47,8 +49,8 @@ def main() -> None:
     flat = [a for u in updates for a in u.values()]
     nbytes = sum(a.nbytes for a in flat)
 
-    t_copy = best_of(args.repeats, lambda: [np.copy(a) for a in flat])
-    t_merge = best_of(args.repeats, lambda: merge_partial(global_state, updates, weights))
+    t_copy, t_merge = best_interleaved(args.repeats, lambda: [np.copy(a) for a in flat],
+                                       lambda: merge_partial(global_state, updates, weights))
     print(f"model: preact_resnet101, {len(layout.partitionable)} partitionable blocks, "
           f"{args.subnetworks} sub-networks (blocks each: {[len(g) for g in groups]})")
     print(f"update bytes: {nbytes / 2**20:.1f} MiB; torch threads: {torch.get_num_threads()}")
