@@ -1,0 +1,351 @@
+"""ResIST vs FedAvg (and ablations) through the real ``flwr run``, then plots and a report.
+
+Usage::
+
+    python -m simulations.compare PRESET [KEY=VALUE ...] [--seeds 0 1] [--ablations NAME ...]
+                                  [--out DIR] [--jobs N] [--dry-run]
+    python -m simulations.compare --list
+
+``KEY=VALUE`` items are omegaconf dotlist overrides of the preset
+(``federation.num-supernodes=4``, ``run-config.lr=0.1``); a bare app key such as
+``num-server-rounds=3`` means ``run-config.num-server-rounds=3``. Put them
+before the options. Ablations are names from the preset's ``ablation-variants``
+(``no-scaling``, ``no-min-depth``, ``min-depth``, ``stage-3``, ``stages-2-3-4``,
+``local-steps-10``, ...) or ``KEY=VALUE`` run-config changes run for both
+strategies (``--ablations local-steps=25``).
+
+Every run goes through :func:`simulations.launcher.run_flwr` (isolated, cleaned
+up). Results: ``DIR/<variant>-<strategy>-seed<N>/`` per run, ``DIR/logs/``,
+``DIR/compare.json`` (what ran, how long, why a run failed), and the report
+(``DIR/report.md`` and PNGs, see :mod:`simulations.report`). A failed run is
+listed with its reason and makes the command exit 1. Run directories that
+already hold a finished run with the same configuration are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import shutil
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from resist_fl.outputs import CONFIG_FILE, SUMMARY_FILE, write_json
+from simulations import report
+from simulations.launcher import LaunchResult, run_flwr
+from simulations.machine import describe_machine
+from simulations.presets import (
+    PresetError,
+    app_config_keys,
+    coerce_run_config,
+    list_presets,
+    load_preset,
+    to_dict,
+    validate_preset,
+)
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+MANIFEST_FILE = report.MANIFEST_FILE
+MAIN_VARIANT = report.MAIN_VARIANT
+Launcher = Callable[..., LaunchResult]
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One ``flwr run`` of a comparison."""
+
+    name: str
+    variant: str
+    strategy: str
+    seed: int
+    run_config: dict[str, Any]
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def expand_overrides(items: Sequence[str], top_level: Sequence[str], app_keys: Sequence[str]) -> list[str]:
+    """Prefix bare app keys with ``run-config.`` (``lr=0.1`` -> ``run-config.lr=0.1``)."""
+    expanded = []
+    for item in items:
+        key = item.split("=", 1)[0]
+        head = key.split(".", 1)[0]
+        expanded.append(f"run-config.{item}" if head not in top_level and key in app_keys else item)
+    return expanded
+
+
+def parse_assignment(item: str, defaults: dict[str, Any]) -> tuple[str, Any]:
+    """``KEY=VALUE`` as a typed run-config pair (type of the app's default)."""
+    if "=" not in item:
+        raise PresetError(f"ablation {item!r}: expected a name from ablation-variants or KEY=VALUE")
+    key = item.split("=", 1)[0]
+    if key not in defaults:
+        raise PresetError(f"ablation {item!r}: unknown run-config key {key!r}")
+    value = OmegaConf.to_container(OmegaConf.from_dotlist([item]))[key]  # type: ignore[index]
+    return key, coerce_run_config({key: value}, defaults)[key]
+
+
+def variants(config: DictConfig, ablations: Sequence[str],
+             defaults: dict[str, Any]) -> list[tuple[str, list[str], dict[str, Any]]]:
+    """``(variant, strategies, run-config changes)``: the main comparison, then each ablation."""
+    known = to_dict(config.get("ablation-variants", {}))
+    result = [(MAIN_VARIANT, list(config.strategies), {})]
+    for item in ablations:
+        if item in known:
+            spec = known[item]
+            result.append((item, list(spec.get("strategies", ["resist"])), dict(spec.get("run-config", {}))))
+        elif "=" in item:
+            key, value = parse_assignment(item, defaults)
+            result.append((item, list(config.strategies), {key: value}))
+        else:
+            raise PresetError(f"unknown ablation {item!r}; the preset defines: {', '.join(known)} "
+                              "(or give KEY=VALUE)")
+    return result
+
+
+def run_name(variant: str, strategy: str, seed: int) -> str:
+    """Directory name of a run: ``<variant>-<strategy>-seed<N>`` with safe characters."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{variant}-{strategy}-seed{seed}")
+
+
+def plan_runs(config: DictConfig, seeds: Sequence[int], ablations: Sequence[str], out_dir: Path,
+              defaults: dict[str, Any]) -> list[PlannedRun]:
+    """Every run of the comparison, seeds outermost so early results cover all variants."""
+    base = coerce_run_config(to_dict(config["run-config"]), defaults)
+    plan = []
+    for seed in seeds:
+        for variant, strategies, changes in variants(config, ablations, defaults):
+            for strategy in strategies:
+                name = run_name(variant, strategy, seed)
+                run_config = {**base, **coerce_run_config(changes, defaults), "strategy": strategy,
+                              "seed": int(seed), "run-name": name, "output-dir": str(out_dir)}
+                plan.append(PlannedRun(name, variant, strategy, int(seed), run_config))
+    if len({run.name for run in plan}) != len(plan):
+        raise PresetError("two runs of the plan share a directory name; check --seeds and --ablations")
+    return plan
+
+
+# --------------------------------------------------------------------------- existing results
+
+
+def finished_config(run_dir: Path) -> dict[str, Any] | None:
+    """The run config of a finished run directory, ``None`` if it did not finish."""
+    if not (run_dir / SUMMARY_FILE).exists() or not (run_dir / CONFIG_FILE).exists():
+        return None
+    return report.read_json(run_dir / CONFIG_FILE).get("run_config", {})
+
+
+def reusable(run: PlannedRun, out_dir: Path) -> bool:
+    """Whether ``run`` already finished with this configuration (then it is not rerun).
+
+    An unfinished directory is removed (the ServerApp refuses to overwrite a
+    run); a finished one with another configuration is an error.
+    """
+    run_dir = out_dir / run.name
+    if not run_dir.exists():
+        return False
+    saved = finished_config(run_dir)
+    if saved is None:
+        print(f"removing unfinished run directory {run_dir}", flush=True)
+        shutil.rmtree(run_dir)
+        return False
+    differs = {k: (saved.get(k), v) for k, v in run.run_config.items() if k != "output-dir" and saved.get(k) != v}
+    if differs:
+        raise PresetError(f"{run_dir} holds a finished run with another configuration "
+                          f"(key: (saved, wanted) {differs}); use another --out or delete it")
+    return True
+
+
+# --------------------------------------------------------------------------- execution
+
+
+class Progress:
+    """Prints progress across runs with an ETA from the mean duration of finished launches."""
+
+    def __init__(self, total: int, jobs: int) -> None:
+        self.total, self.jobs = total, max(1, jobs)
+        self.started, self.done, self.durations = 0, 0, []
+        self.lock = threading.Lock()
+
+    def eta(self) -> str:
+        remaining = self.total - self.done
+        if not self.durations or remaining <= 0:
+            return "-" if remaining else "0 s"
+        return format_seconds(sum(self.durations) / len(self.durations) * remaining / self.jobs)
+
+    def start(self, run: PlannedRun) -> None:
+        with self.lock:
+            self.started += 1
+            print(f"[start {self.started}/{self.total}] {run.name} (ETA {self.eta()})", flush=True)
+
+    def finish(self, run: PlannedRun, outcome: dict[str, Any]) -> None:
+        with self.lock:
+            self.done += 1
+            if outcome["status"] != "reused":
+                self.durations.append(outcome["wall-seconds"])
+            detail = (f"reason: {outcome['reason']}" if outcome["status"] == "failed"
+                      else f"final accuracy {outcome.get('final-accuracy')}")
+            seconds = outcome.get("wall-seconds")
+            took = f" in {format_seconds(seconds)}" if seconds is not None else ""
+            print(f"[done {self.done}/{self.total}] {outcome['status']} {run.name}{took}; {detail}; "
+                  f"ETA {self.eta()}", flush=True)
+
+
+def format_seconds(seconds: float) -> str:
+    """``42 s``, ``3 min 5 s`` or ``2 h 4 min``."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+def outcome_of(run: PlannedRun, result: LaunchResult | None, previous: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest entry of one run (``result`` is ``None`` for a reused run)."""
+    entry: dict[str, Any] = {"name": run.name, "variant": run.variant, "strategy": run.strategy,
+                             "seed": run.seed, "run-config": run.run_config}
+    if result is None:
+        kept = {k: v for k, v in (previous or {}).items() if k not in entry}
+        entry.update({**kept, "status": "reused", "reason": ""})
+    else:
+        entry.update({"status": "ok" if result.success else "failed", "reason": result.reason,
+                      "wall-seconds": result.wall_seconds, "seconds-to-round1": result.seconds_to_round1,
+                      "run-id": result.run_id, "flwr-status": result.status, "log": str(result.log_path),
+                      "command": shlex.join(result.command)})
+    summary = Path(run.run_config["output-dir"]) / run.name / SUMMARY_FILE
+    entry["final-accuracy"] = report.read_json(summary).get("final-accuracy") if summary.exists() else None
+    return entry
+
+
+def execute(plan: Sequence[PlannedRun], config: DictConfig, project_dir: Path, out_dir: Path, jobs: int,
+            manifest: dict[str, Any], launch: Launcher = run_flwr) -> list[dict[str, Any]]:
+    """Run (or reuse) every planned run; the manifest is rewritten after each one."""
+    previous = {entry["name"]: entry for entry in manifest.get("runs", [])}
+    outcomes: dict[str, dict[str, Any]] = {}
+    progress = Progress(len(plan), jobs)
+    lock = threading.Lock()
+    federation = to_dict(config.federation)
+
+    reuse = {run.name: reusable(run, out_dir) for run in plan}  # errors surface before any launch
+
+    def one(run: PlannedRun) -> None:
+        if reuse[run.name]:
+            outcome = outcome_of(run, None, previous.get(run.name))
+        else:
+            progress.start(run)
+            result = launch(project_dir, run.run_config, num_supernodes=federation["num-supernodes"],
+                            num_cpus_per_client=federation["num-cpus-per-client"],
+                            num_gpus_per_client=federation["num-gpus-per-client"],
+                            timeout_s=float(config["timeout-s"]), workdir=out_dir / "logs")
+            outcome = outcome_of(run, result, None)
+        progress.finish(run, outcome)
+        with lock:
+            outcomes[run.name] = outcome
+            manifest["runs"] = [outcomes[r.name] for r in plan if r.name in outcomes]
+            write_json(out_dir / MANIFEST_FILE, manifest)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for future in [pool.submit(one, run) for run in plan]:
+            future.result()
+    return [outcomes[run.name] for run in plan]
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m simulations.compare", description=__doc__.split("\n")[0])
+    parser.add_argument("preset", nargs="?", help="preset name (see --list) or a YAML file")
+    parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. federation.num-supernodes=4 lr=0.1")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the preset's)")
+    parser.add_argument("--ablations", nargs="*", help="ablation names or KEY=VALUE (default: the preset's)")
+    parser.add_argument("--out", type=Path, help="results directory (default: outputs/compare/<preset>)")
+    parser.add_argument("--jobs", type=int, help="runs at a time (default: the preset's)")
+    parser.add_argument("--project", type=Path, default=PROJECT_DIR, help="the Flower app (default: this repo)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    parser.add_argument("--list", action="store_true", help="list the presets and exit")
+    args = parser.parse_args(list(argv))
+    if not args.list and not args.preset:
+        parser.error("a preset is required (see --list)")
+    return args
+
+
+def resolve(args: argparse.Namespace) -> tuple[DictConfig, list[PlannedRun], Path]:
+    """Preset + overrides -> validated config, plan and output directory."""
+    defaults = app_config_keys(args.project)
+    top_level = list(load_preset(args.preset).keys())
+    config = load_preset(args.preset, expand_overrides(args.overrides, top_level, list(defaults)))
+    validate_preset(config, args.project)
+    out_dir = (args.out or Path("outputs") / "compare" / config.name).expanduser().resolve()
+    seeds = args.seeds if args.seeds is not None else list(config.seeds)
+    ablations = args.ablations if args.ablations is not None else list(config.ablations)
+    return config, plan_runs(config, seeds, ablations, out_dir, defaults), out_dir
+
+
+def new_manifest(config: DictConfig, argv: Sequence[str], out_dir: Path) -> dict[str, Any]:
+    """What the report needs besides the run directories."""
+    old = out_dir / MANIFEST_FILE
+    previous_runs = report.read_json(old).get("runs", []) if old.exists() else []
+    return {"preset": config.name, "description": config.description, "data-label": config["data-label"],
+            "paper": to_dict(config.paper) if config.paper is not None else None,
+            "target": to_dict(config.target), "federation": to_dict(config.federation),
+            "command": "python -m simulations.compare " + shlex.join(argv),
+            "machine": describe_machine(), "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "runs": previous_runs}
+
+
+def print_failures(outcomes: Sequence[dict[str, Any]]) -> None:
+    failed = [o for o in outcomes if o["status"] == "failed"]
+    print(f"\n{len(failed)} of {len(outcomes)} runs FAILED:", file=sys.stderr)
+    for outcome in failed:
+        print(f"  {outcome['name']}: {outcome['reason']} (log: {outcome.get('log')})", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None, launch: Launcher = run_flwr) -> int:
+    """Run a comparison; 0 when every run finished, 1 when one failed, 2 on a bad preset."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.list:
+        print("\n".join(list_presets()))
+        return 0
+    try:
+        config, plan, out_dir = resolve(args)
+    except (PresetError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    jobs = args.jobs or int(config.jobs)
+    print(f"{config.name}: {len(plan)} runs ({', '.join(r.name for r in plan)}) -> {out_dir}", flush=True)
+    if args.dry_run:
+        for run in plan:
+            print(f"{run.name}: {run.run_config}")
+        return 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = new_manifest(config, argv, out_dir)
+    try:
+        outcomes = execute(plan, config, args.project.resolve(), out_dir, jobs, manifest, launch)
+    except PresetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    manifest["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    write_json(out_dir / MANIFEST_FILE, manifest)
+    report_path = report.build_report(out_dir)
+    print("\n" + report_path.read_text(encoding="utf-8"))
+    print(f"report: {report_path}")
+    if any(o["status"] == "failed" for o in outcomes):
+        print_failures(outcomes)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

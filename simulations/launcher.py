@@ -1,0 +1,435 @@
+"""Run one ``flwr run . --stream`` in isolation and report how it went.
+
+Each launch gets
+
+- its own ``FLWR_HOME`` (a temporary directory, deleted afterwards), so the
+  connection config, the installed FAB and the local SuperLink's database and
+  log never touch ``~/.flwr`` or another launch;
+- its own free ports through ``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT`` and
+  ``FLWR_LOCAL_CONTROL_API_PORT`` (flwr 1.42 serves the Control, Runtime
+  (ServerAppIo / SimulationIo) and Fleet APIs on the one HTTP port; the
+  control-API address is only bound when ``FLWR_INTERNAL_GRPC_CONTROL_API=1``,
+  and the Fleet API is not started in simulation mode, so no other port needs
+  setting; Ray picks its own free ports);
+- ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` in the environment of
+  ``flwr run``, which starts the SuperLink, so the app runs in this Python
+  environment instead of a fresh ``uv sync`` of torch;
+- a unique marker variable in that environment. ``flwr run`` starts the local
+  SuperLink detached (new session), the SuperLink starts ``flower-superexec``
+  in another session, and so on; every one of them inherits the marker, which
+  is how they are all found and stopped afterwards (``/proc/<pid>/environ``).
+
+``flwr run --stream`` exits 0 even when the ServerApp fails, so success means
+``summary.json`` (written last by the ServerApp) exists in the run directory
+and ``flwr ls --run-id ID --format json`` does not report ``finished:failed``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from resist_fl.outputs import METRICS_FILE, SUMMARY_FILE, run_directory
+
+MARKER_ENV = "RESIST_FL_LAUNCH_ID"
+POLL_SECONDS = 0.2
+STOP_GRACE_SECONDS = 5.0
+LS_TIMEOUT_SECONDS = 30.0
+RUN_ID_PATTERN = re.compile(r"Successfully started run (\d+)")
+LOCAL_SUPERLINK_STARTED = "Starting local SuperLink"
+ERROR_LINE = re.compile(r"^\s*(?:[\w.]*(?:Error|Exception|Exit)\b[^:]*): (.+)$")
+
+
+@dataclass(frozen=True)
+class LaunchResult:
+    """What one ``flwr run`` did.
+
+    Attributes
+    ----------
+    success : bool
+        The ServerApp finished: ``summary.json`` exists and Flower does not
+        report the run as failed.
+    reason : str
+        Why the launch failed ("" on success).
+    run_dir : Path
+        The run directory (``output-dir/run-name``).
+    log_path : Path
+        stdout and stderr of ``flwr run`` (the streamed ServerApp log).
+    wall_seconds : float
+        From starting ``flwr run`` until it exited (or was killed).
+    seconds_to_round1 : float or None
+        From starting ``flwr run`` until round 1's metrics row was written
+        (start-up of the SuperLink, FAB install, Ray, and one round).
+    run_id : str or None
+        Flower's run id, parsed from the output.
+    status : str or None
+        ``flwr ls`` status, e.g. ``finished:completed``.
+    command : list of str
+        The exact ``flwr run`` command line.
+    launch_id : str
+        The value of ``RESIST_FL_LAUNCH_ID`` in the environment of every process of this launch.
+    stopped_pids : list of int
+        Processes of this launch found alive after ``flwr run`` exited (the
+        detached SuperLink, SuperExec, ...) and stopped.
+    leftover_pids : list of int
+        Processes of this launch still alive after clean-up (should be empty).
+    """
+
+    success: bool
+    reason: str
+    run_dir: Path
+    log_path: Path
+    wall_seconds: float
+    seconds_to_round1: float | None
+    run_id: str | None = None
+    status: str | None = None
+    command: list[str] = field(default_factory=list)
+    launch_id: str = ""
+    stopped_pids: list[int] = field(default_factory=list)
+    leftover_pids: list[int] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- config rendering
+
+
+def toml_value(key: str, value: Any) -> str:
+    """One run-config value as TOML, the way ``flwr run --run-config`` parses it.
+
+    Parameters
+    ----------
+    key : str
+        The key (for error messages).
+    value : bool, int, float or str
+        The value.
+
+    Returns
+    -------
+    str
+        ``true``/``false``, a number, or a quoted string.
+
+    Raises
+    ------
+    ValueError
+        For types Flower's run config cannot hold, or strings that contain both
+        quote characters (``flwr`` splits the option with a regular expression).
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        if "'" not in value:
+            return f"'{value}'"  # TOML literal string: no escapes
+        if '"' not in value:
+            return json.dumps(value)
+        raise ValueError(f"{key} = {value!r}: a run-config string cannot hold both ' and \"")
+    raise ValueError(f"{key} = {value!r}: expected a bool, int, float or str, not {type(value).__name__}")
+
+
+def render_config(config: Mapping[str, Any]) -> str:
+    """``key=value`` pairs separated by spaces, values in TOML."""
+    return " ".join(f"{key}={toml_value(key, value)}" for key, value in config.items())
+
+
+def federation_config(num_supernodes: int, num_cpus_per_client: int, num_gpus_per_client: float) -> str:
+    """The ``--federation-config`` string of a simulation with these resources."""
+    if num_supernodes < 1 or num_cpus_per_client < 1 or num_gpus_per_client < 0:
+        raise ValueError(f"invalid resources: {num_supernodes} supernodes, {num_cpus_per_client} CPUs and "
+                         f"{num_gpus_per_client} GPUs per client")
+    return render_config({"num-supernodes": int(num_supernodes),
+                          "client-resources-num-cpus": int(num_cpus_per_client),
+                          "client-resources-num-gpus": float(num_gpus_per_client)})
+
+
+def run_dir_of(run_config: Mapping[str, Any]) -> Path:
+    """The run directory a run config names; ``output-dir`` and ``run-name`` must be given."""
+    if not run_config.get("output-dir") or not run_config.get("run-name"):
+        raise ValueError("run_config needs 'output-dir' (absolute) and 'run-name' so that the launcher "
+                         "knows where the ServerApp writes its results")
+    return run_directory(str(run_config["output-dir"]), str(run_config["run-name"]), "")
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def flwr_executable() -> str:
+    """``flwr`` of this Python environment (falls back to the one on PATH)."""
+    local = Path(sys.executable).parent / "flwr"
+    if local.exists():
+        return str(local)
+    found = shutil.which("flwr")
+    if found is None:
+        raise FileNotFoundError("the `flwr` command was not found (is flwr installed in this environment?)")
+    return found
+
+
+def launch_environment(flwr_home: Path, marker: str, *, runtime_dependency_installation: bool) -> dict[str, str]:
+    """The environment of ``flwr run`` (and so of the SuperLink it starts)."""
+    env = os.environ.copy()
+    bin_dir = str(Path(flwr_executable()).parent)  # flower-superlink / -superexec are found on PATH
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    env["FLWR_HOME"] = str(flwr_home)
+    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
+    env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env[MARKER_ENV] = marker
+    env.pop("RAY_ADDRESS", None)  # Ray must start its own cluster, not join another
+    env.pop("FLWR_INTERNAL_GRPC_CONTROL_API", None)
+    if runtime_dependency_installation:
+        env.pop("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", None)
+    else:
+        env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    return env
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def marked_pids(marker: str) -> list[int]:
+    """PIDs of live processes whose environment holds ``MARKER_ENV=marker`` (Linux ``/proc``)."""
+    needle = f"{MARKER_ENV}={marker}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0") and not _is_zombie(entry):
+                pids.append(int(entry.name))
+        except OSError:  # gone, or not ours
+            continue
+    return sorted(pids)
+
+
+def _is_zombie(proc: Path) -> bool:
+    try:
+        return (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def stop_marked(marker: str, grace_s: float = STOP_GRACE_SECONDS) -> tuple[list[int], list[int]]:
+    """SIGTERM every process of a launch, SIGKILL what is left after ``grace_s``.
+
+    Returns
+    -------
+    (list of int, list of int)
+        PIDs found and stopped, and PIDs still alive afterwards (empty when all are gone).
+    """
+    found = marked_pids(marker)
+    _signal_all(found, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while (alive := marked_pids(marker)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if alive:
+        _signal_all(alive, signal.SIGKILL)
+        time.sleep(0.5)
+    return found, marked_pids(marker)
+
+
+def _stop_process_group(proc: subprocess.Popen) -> None:
+    """Stop ``flwr run`` (started in its own session) and its direct children."""
+    if proc.poll() is not None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=STOP_GRACE_SECONDS)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+# --------------------------------------------------------------------------- outcome
+
+
+def _round1_seconds(run_dir: Path, started_epoch: float) -> float | None:
+    """Seconds from launch until round 1's row was written (``None`` before that)."""
+    path = run_dir / METRICS_FILE
+    try:
+        stat = path.stat()
+        if stat.st_size == 0:
+            return None
+        with open(path, encoding="utf-8") as f:
+            rows = sum(1 for line in f if line.strip())
+    except OSError:
+        return None
+    # one row: the file was last written by round 1; otherwise we noticed it late
+    return (stat.st_mtime if rows == 1 else time.time()) - started_epoch
+
+
+def wait_for_exit(proc: subprocess.Popen, run_dir: Path, started_epoch: float,
+                  timeout_s: float) -> tuple[bool, float | None]:
+    """Wait until ``flwr run`` exits or ``timeout_s`` passes, watching for round 1.
+
+    Returns
+    -------
+    (bool, float or None)
+        Whether it timed out, and the seconds to round 1 if seen.
+    """
+    deadline = time.monotonic() + timeout_s
+    round1 = None
+    while proc.poll() is None:
+        if round1 is None:
+            round1 = _round1_seconds(run_dir, started_epoch)
+        if time.monotonic() >= deadline:
+            return True, round1
+        time.sleep(POLL_SECONDS)
+    return False, round1 if round1 is not None else _round1_seconds(run_dir, started_epoch)
+
+
+def parse_run_id(log_text: str) -> str | None:
+    """The run id ``flwr run`` printed ("Successfully started run <id>")."""
+    match = RUN_ID_PATTERN.search(log_text)
+    return match.group(1) if match else None
+
+
+def error_lines(log_text: str, limit: int = 3) -> list[str]:
+    """The last distinct ``SomeError: message`` lines of a log (the ServerApp's failure)."""
+    found: list[str] = []
+    for line in log_text.splitlines():
+        line = re.sub(r"\x1b\[[0-9;]*m", "", line).strip()
+        if ERROR_LINE.match(line) and line not in found:
+            found.append(line)
+    return found[-limit:]
+
+
+def query_status(run_id: str, project_dir: Path, env: Mapping[str, str]) -> tuple[str | None, str]:
+    """``flwr ls --run-id ID --format json``: the run's status and status details (``None`` if unavailable)."""
+    try:
+        out = subprocess.run([flwr_executable(), "ls", "--run-id", run_id, "--format", "json"],
+                             cwd=project_dir, env=dict(env), capture_output=True, text=True,
+                             timeout=LS_TIMEOUT_SECONDS, check=False).stdout
+        runs = json.loads(out[out.index("{"):]).get("runs", [])
+    except (subprocess.TimeoutExpired, ValueError, OSError):
+        return None, ""
+    run = next((r for r in runs if str(r.get("run-id")) == run_id), {})
+    return run.get("status"), str(run.get("status-details") or "")
+
+
+def judge(run_dir: Path, log_text: str, status: str | None, details: str, timed_out: bool,
+          timeout_s: float) -> str:
+    """Why a launch failed, or "" if it succeeded."""
+    errors = "; ".join(([details] if details else []) + error_lines(log_text))
+    if timed_out:
+        return f"timed out after {timeout_s:.0f} s" + (f"; {errors}" if errors else "")
+    if LOCAL_SUPERLINK_STARTED not in log_text:
+        return "flwr run did not start its own local SuperLink (port taken?); " + (errors or log_text[-500:])
+    if status is not None and status.endswith(":failed"):
+        return f"run status {status}: " + (errors or "see the log")
+    if not (run_dir / SUMMARY_FILE).exists():
+        return f"no {SUMMARY_FILE} in {run_dir} (status {status}): " + (errors or "see the log")
+    return ""
+
+
+# --------------------------------------------------------------------------- the launcher
+
+
+def run_flwr(project_dir: str | os.PathLike, run_config: Mapping[str, Any], *, num_supernodes: int,
+             num_gpus_per_client: float = 0.0, num_cpus_per_client: int = 1, timeout_s: float,
+             workdir: str | os.PathLike, runtime_dependency_installation: bool = False) -> LaunchResult:
+    """Run one Flower simulation with ``flwr run --stream``, isolated, and clean up after it.
+
+    Parameters
+    ----------
+    project_dir : path
+        The Flower app (the directory holding ``pyproject.toml``).
+    run_config : mapping
+        Run-config overrides (kebab-case keys). Must hold ``output-dir`` (absolute)
+        and ``run-name``: the results land in ``output-dir/run-name``.
+    num_supernodes : int
+        Simulated SuperNodes.
+    num_gpus_per_client, num_cpus_per_client : float, int
+        Ray resources per ClientApp.
+    timeout_s : float
+        The run is stopped and reported failed after this many seconds.
+    workdir : path
+        Where the log (``<run-name>.log``) is written.
+    runtime_dependency_installation : bool
+        Let the SuperLink ``uv sync`` the app's dependencies (Flower's default);
+        off by default, so the run uses this environment.
+
+    Returns
+    -------
+    LaunchResult
+    """
+    project_dir = Path(project_dir).resolve()
+    run_dir = run_dir_of(run_config)
+    if (run_dir / METRICS_FILE).exists() and not run_config.get("resume"):
+        raise FileExistsError(f"{run_dir} already holds a run (the ServerApp would refuse it); "
+                              "choose another run-name or remove it")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / f"{run_config['run-name']}.log"
+    command = [flwr_executable(), "run", ".", "--stream", "--run-config", render_config(run_config),
+               "--federation-config", federation_config(num_supernodes, num_cpus_per_client, num_gpus_per_client)]
+    marker = uuid.uuid4().hex
+    flwr_home = Path(tempfile.mkdtemp(prefix="flwr-home-"))
+    env = launch_environment(flwr_home, marker, runtime_dependency_installation=runtime_dependency_installation)
+    started, started_epoch = time.monotonic(), time.time()
+    status, details, stopped, leftovers = None, "", [], []
+    try:
+        with open(log_path, "w", encoding="utf-8") as log:
+            isolation = {k: env[k] for k in ("FLWR_HOME", "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT",
+                                              "FLWR_LOCAL_CONTROL_API_PORT", MARKER_ENV)}
+            log.write(f"# launcher: {isolation}\n$ {shlex.join(command)}\n")
+            log.flush()
+            proc = subprocess.Popen(command, cwd=project_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            try:
+                timed_out, round1 = wait_for_exit(proc, run_dir, started_epoch, timeout_s)
+            finally:
+                _stop_process_group(proc)
+        wall = time.monotonic() - started
+        log_text = log_path.read_text(encoding="utf-8", errors="replace")
+        run_id = parse_run_id(log_text)
+        if run_id is not None and not timed_out:
+            status, details = query_status(run_id, project_dir, env)
+    finally:
+        stopped, leftovers = stop_marked(marker)
+        shutil.rmtree(flwr_home, ignore_errors=True)
+    reason = judge(run_dir, log_text, status, details, timed_out, timeout_s)
+    if leftovers and not reason:
+        reason = f"processes {leftovers} of this launch survived SIGKILL"
+    return LaunchResult(success=not reason, reason=reason, run_dir=run_dir, log_path=log_path,
+                        wall_seconds=wall, seconds_to_round1=round1, run_id=run_id, status=status,
+                        command=command, launch_id=marker, stopped_pids=stopped, leftover_pids=leftovers)
+

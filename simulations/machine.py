@@ -1,0 +1,71 @@
+"""A short description of the machine and software a comparison ran on."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 2**20
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _gpus() -> list[str]:
+    try:
+        import torch
+
+        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001 - a description must never fail
+        return []
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def describe_machine() -> dict[str, object]:
+    """CPU, cores, memory, GPUs, OS and the versions that matter for the numbers."""
+    memory = _memory_gib()
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "memory-gib": None if memory is None else round(memory, 1),
+        "gpus": _gpus(),
+        "os": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": _version("torch"),
+        "flwr": _version("flwr"),
+        "ray": _version("ray"),
+    }
+
+
+def machine_line(machine: dict[str, object]) -> str:
+    """One line for a report: ``8 x Intel ..., 31.2 GiB RAM, no GPU; Linux ...; torch ...``."""
+    gpus = ", ".join(machine.get("gpus") or []) or "no GPU"  # type: ignore[arg-type]
+    memory = machine.get("memory-gib")
+    ram = f"{memory} GiB RAM" if memory is not None else "RAM unknown"
+    return (f"{machine.get('cores')} x {machine.get('cpu')}, {ram}, {gpus}; {machine.get('os')}; "
+            f"Python {machine.get('python')}, torch {machine.get('torch')}, flwr {machine.get('flwr')}, "
+            f"ray {machine.get('ray')}")

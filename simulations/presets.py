@@ -1,0 +1,139 @@
+"""Experiment presets: omegaconf YAML files composed from a base plus overrides.
+
+A preset file names its parent with ``extends:`` (default ``_base``); the
+parent chain is merged root first, then the command line's dotlist overrides
+(``run-config.num-server-rounds=3 federation.num-supernodes=4``). Files whose
+name starts with ``_`` are building blocks, not runnable presets. A path to a
+YAML file outside ``presets/`` works as well.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PRESET_DIR = Path(__file__).parent / "presets"
+BASE_PRESET = "_base"
+RUNNER_KEYS = ("strategy", "seed", "run-name", "output-dir")
+"""Run-config keys the runner sets for every run; presets must leave them alone."""
+STRATEGIES = ("resist", "fedavg")
+
+
+class PresetError(ValueError):
+    """A preset that cannot be found, parsed or used."""
+
+
+def list_presets() -> list[str]:
+    """Names of the runnable presets shipped in ``simulations/presets``."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def preset_path(name: str) -> Path:
+    """The YAML file of a preset name (or a path to a YAML file)."""
+    candidate = Path(name)
+    if candidate.suffix in (".yaml", ".yml") and candidate.exists():
+        return candidate
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.exists():
+        raise PresetError(f"unknown preset {name!r}; available: {', '.join(list_presets())}")
+    return path
+
+
+def _load_chain(name: str, seen: tuple[str, ...] = ()) -> DictConfig:
+    """A preset merged over its ``extends`` chain (root first)."""
+    if name in seen:
+        raise PresetError(f"preset inheritance loop: {' -> '.join((*seen, name))}")
+    path = preset_path(name)
+    node = OmegaConf.load(path)
+    parent = node.pop("extends", None if name == BASE_PRESET else BASE_PRESET)
+    if parent is None:
+        return node
+    return OmegaConf.merge(_load_chain(str(parent), (*seen, name)), node)
+
+
+def app_config_keys(project_dir: Path) -> dict[str, Any]:
+    """The app's ``[tool.flwr.app.config]`` defaults from ``pyproject.toml``."""
+    with open(Path(project_dir) / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+
+
+def load_preset(name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """Load a preset, apply dotlist overrides, resolve interpolations.
+
+    Parameters
+    ----------
+    name : str
+        Preset name (``quick-cpu``) or path to a YAML file.
+    overrides : sequence of str
+        ``key.sub=value`` items, e.g. ``run-config.num-server-rounds=3``.
+
+    Returns
+    -------
+    DictConfig
+        The resolved preset, with ``name`` set.
+    """
+    config = _load_chain(name)
+    try:
+        config = OmegaConf.merge(config, OmegaConf.from_dotlist(list(overrides)))
+        OmegaConf.resolve(config)
+    except OmegaConfBaseException as err:
+        raise PresetError(f"preset {name!r}: {err}") from err
+    config.name = Path(name).stem if Path(name).suffix else name
+    return config
+
+
+def validate_preset(config: DictConfig, project_dir: Path) -> None:
+    """Check a preset against the app before anything runs.
+
+    Raises
+    ------
+    PresetError
+        Unknown preset or run-config keys (typos would otherwise be ignored or
+        only fail inside the ServerApp), keys the runner owns, unknown strategies.
+    """
+    allowed = set(_load_chain(BASE_PRESET)) | {"name"}
+    if unknown_top := sorted(set(config) - allowed):
+        raise PresetError(f"unknown preset key(s) {unknown_top}; expected some of {', '.join(sorted(allowed))} "
+                          "(app keys go under run-config.)")
+    known = app_config_keys(project_dir)
+    variants = {"main": config.get("run-config", {})}
+    variants.update({k: v.get("run-config", {}) for k, v in config.get("ablation-variants", {}).items()})
+    for variant, run_config in variants.items():
+        if unknown := sorted(set(run_config) - set(known)):
+            raise PresetError(f"{variant}: unknown run-config key(s) {unknown}; the app knows: "
+                              f"{', '.join(known)}")
+        if owned := sorted(set(run_config) & set(RUNNER_KEYS)):
+            raise PresetError(f"{variant}: run-config key(s) {owned} are set by the runner")
+    if bad := sorted(set(config.strategies) - set(STRATEGIES)):
+        raise PresetError(f"unknown strategies {bad}; expected some of {', '.join(STRATEGIES)}")
+    for variant in config.get("ablation-variants", {}).values():
+        if bad := sorted(set(variant.get("strategies", ["resist"])) - set(STRATEGIES)):
+            raise PresetError(f"unknown strategies {bad} in ablation-variants")
+
+
+def coerce_run_config(run_config: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """Give dotlist-parsed values the type of the app's default.
+
+    ``run-config.partitioned-stages=3`` parses as the integer 3, but the key is
+    a string; ``lr=1`` parses as an integer for a float key. Bools are never
+    converted (``true``/``false`` parse as bools already).
+    """
+    coerced = {}
+    for key, value in run_config.items():
+        default = defaults.get(key)
+        if isinstance(default, str) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        coerced[key] = value
+    return coerced
+
+
+def to_dict(config: DictConfig) -> dict[str, Any]:
+    """Plain, resolved Python containers."""
+    return OmegaConf.to_container(config, resolve=True)  # type: ignore[return-value]

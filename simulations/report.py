@@ -1,0 +1,424 @@
+"""Plots and a Markdown report from run directories (no re-running).
+
+Usage::
+
+    python -m simulations.report RUNS_DIR [--target-accuracy A | --target-fraction F]
+
+``RUNS_DIR`` is a ``simulations.compare`` output directory: run directories
+named ``<variant>-<strategy>-seed<N>`` plus ``compare.json``. Without
+``compare.json`` the finished run directories found there are used, grouped by
+their names.
+
+Definitions (also printed in the report):
+
+- final accuracy: test accuracy of the global model after the last round;
+  mean ± sample standard deviation (ddof 1) over seeds.
+- target accuracy: ``--target-accuracy`` / the preset's ``target.accuracy`` if
+  set; otherwise ``fraction`` (default 0.9) x the best mean final accuracy of a
+  FedAvg group (the highest over variants of the mean over seeds).
+- rounds / GB / seconds to target: at the first evaluated round whose accuracy
+  reaches the target: that round, the cumulative bytes sent and received by
+  the server (``cumulative-bytes``, 1 GB = 1e9 B) and the cumulative
+  ``round-seconds`` (the ServerApp's time per round: sampling, sending,
+  training, merging; without server-side evaluation; in simulation round 1
+  includes the ClientApps' start-up). Averaged over the seeds that reached it.
+- ratios: ResIST / FedAvg of those means, against FedAvg of the same variant
+  when it ran, otherwise against FedAvg of the main comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from resist_fl.outputs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics, write_json
+from simulations.machine import describe_machine, machine_line
+
+MANIFEST_FILE = "compare.json"
+REPORT_FILE = "report.md"
+REPORT_JSON = "report.json"
+MAIN_VARIANT = "main"
+DEFAULT_TARGET_FRACTION = 0.9
+PLOTS = {"round": ("accuracy_vs_round.png", "round"),
+         "gb": ("accuracy_vs_gb.png", "cumulative communication (GB)"),
+         "seconds": ("accuracy_vs_seconds.png", "wall-clock seconds (sum of round-seconds)")}
+NAME_PATTERN = re.compile(r"^(?P<variant>.+)-(?P<strategy>resist|fedavg)-seed(?P<seed>\d+)$")
+LABELS = {"resist": "ResIST", "fedavg": "FedAvg"}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def finite(obj: Any) -> Any:
+    """``obj`` with NaN replaced by ``None`` (strict JSON)."""
+    if isinstance(obj, float):
+        return None if math.isnan(obj) else obj
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------- runs and curves
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One run's evaluated rounds and where it stood at each (x values for the three plots)."""
+
+    round: np.ndarray
+    accuracy: np.ndarray
+    gb: np.ndarray
+    seconds: np.ndarray
+    bytes_per_round: float
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[dict[str, Any]]) -> "Curve":
+        """From ``metrics.jsonl`` rows (rows without an evaluation are skipped, but counted in time)."""
+        rows = sorted(rows, key=lambda r: r["round"])
+        seconds = np.cumsum([float(r.get("round-seconds") or 0.0) for r in rows])
+        keep = [i for i, r in enumerate(rows) if r.get("accuracy") is not None]
+        per_round = [r["bytes-down"] + r["bytes-up"] for r in rows]
+        return cls(round=np.array([rows[i]["round"] for i in keep], dtype=int),
+                   accuracy=np.array([rows[i]["accuracy"] for i in keep], dtype=float),
+                   gb=np.array([rows[i]["cumulative-bytes"] / 1e9 for i in keep], dtype=float),
+                   seconds=seconds[keep] if keep else np.array([]),
+                   bytes_per_round=float(np.mean(per_round)) if per_round else math.nan)
+
+    @property
+    def final_accuracy(self) -> float:
+        return float(self.accuracy[-1]) if len(self.accuracy) else math.nan
+
+    def to_target(self, target: float) -> dict[str, float] | None:
+        """Rounds, GB and seconds at the first evaluated round with accuracy >= ``target``."""
+        hits = np.nonzero(self.accuracy >= target)[0]
+        if not len(hits):
+            return None
+        i = int(hits[0])
+        return {"rounds": float(self.round[i]), "gb": float(self.gb[i]), "seconds": float(self.seconds[i])}
+
+
+@dataclass
+class Run:
+    """A finished run: where it belongs and its curve."""
+
+    name: str
+    variant: str
+    strategy: str
+    seed: int
+    curve: Curve
+    launch: dict[str, Any] = field(default_factory=dict)
+
+
+def discover_runs(runs_dir: Path, manifest: dict[str, Any] | None) -> list[Run]:
+    """Finished runs: those the manifest lists as ok/reused, or every finished run directory."""
+    if manifest is not None:
+        entries = [e for e in manifest.get("runs", []) if e.get("status") in ("ok", "reused")]
+    else:
+        entries = [_entry_from_directory(d) for d in sorted(runs_dir.iterdir())
+                   if (d / SUMMARY_FILE).exists() and (d / METRICS_FILE).exists()]
+    return [Run(e["name"], e["variant"], e["strategy"], int(e["seed"]),
+                Curve.from_rows(read_metrics(runs_dir / e["name"])), e) for e in entries]
+
+
+def _entry_from_directory(run_dir: Path) -> dict[str, Any]:
+    """Variant, strategy and seed of a run directory without a manifest."""
+    match = NAME_PATTERN.match(run_dir.name)
+    if match:
+        return {"name": run_dir.name, **match.groupdict()}
+    config = read_json(run_dir / CONFIG_FILE).get("run_config", {}) if (run_dir / CONFIG_FILE).exists() else {}
+    return {"name": run_dir.name, "variant": run_dir.name, "strategy": config.get("strategy", "resist"),
+            "seed": config.get("seed", 0)}
+
+
+def group_runs(runs: Sequence[Run]) -> dict[tuple[str, str], list[Run]]:
+    """Runs by (variant, strategy): main first, then in the order met; ResIST before FedAvg."""
+    variants = [MAIN_VARIANT] + [r.variant for r in runs if r.variant != MAIN_VARIANT]
+    order = {v: i for i, v in enumerate(dict.fromkeys(variants))}
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in sorted(runs, key=lambda r: (order[r.variant], r.strategy != "resist", r.seed)):
+        groups.setdefault((run.variant, run.strategy), []).append(run)
+    return groups
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value; NaN for none)."""
+    array = np.asarray(values, dtype=float)
+    if not len(array):
+        return math.nan, math.nan
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def target_accuracy(groups: dict[tuple[str, str], list[Run]], accuracy: float | None,
+                    fraction: float) -> tuple[float | None, str]:
+    """The target accuracy and how it was chosen."""
+    if accuracy is not None:
+        return float(accuracy), f"fixed target {accuracy:.4f}"
+    finals = {variant: mean_std([r.curve.final_accuracy for r in runs])[0]
+              for (variant, strategy), runs in groups.items() if strategy == "fedavg"}
+    if not finals:
+        return None, "no FedAvg run, so no target"
+    variant, best = max(finals.items(), key=lambda item: item[1])
+    return fraction * best, (f"{fraction:g} x the best mean final FedAvg accuracy "
+                             f"({best:.4f}, variant {variant})")
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """Seeds of one (variant, strategy) summarised."""
+
+    variant: str
+    strategy: str
+    seeds: int
+    final: tuple[float, float]
+    bytes_per_round: float
+    reached: int
+    rounds: tuple[float, float]
+    gb: tuple[float, float]
+    seconds: tuple[float, float]
+    startup: float
+    wall: float
+
+
+def group_stats(variant: str, strategy: str, runs: Sequence[Run], target: float | None) -> GroupStats:
+    """Final accuracy, traffic, time to target and launch times of a group."""
+    hits = [h for h in (r.curve.to_target(target) for r in runs) if h] if target is not None else []
+    launch = [r.launch for r in runs]
+    return GroupStats(
+        variant=variant, strategy=strategy, seeds=len(runs),
+        final=mean_std([r.curve.final_accuracy for r in runs]),
+        bytes_per_round=mean_std([r.curve.bytes_per_round for r in runs])[0],
+        reached=len(hits),
+        rounds=mean_std([h["rounds"] for h in hits]), gb=mean_std([h["gb"] for h in hits]),
+        seconds=mean_std([h["seconds"] for h in hits]),
+        startup=mean_std([x["seconds-to-round1"] for x in launch if x.get("seconds-to-round1") is not None])[0],
+        wall=mean_std([x["wall-seconds"] for x in launch if x.get("wall-seconds") is not None])[0])
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    """``numerator / denominator``, NaN when either is missing or the denominator is 0."""
+    if math.isnan(numerator) or math.isnan(denominator) or denominator == 0:
+        return math.nan
+    return numerator / denominator
+
+
+def ratios(stats: Sequence[GroupStats]) -> list[dict[str, Any]]:
+    """ResIST / FedAvg of every ResIST group, against FedAvg of its variant (else of main)."""
+    fedavg = {s.variant: s for s in stats if s.strategy == "fedavg"}
+    rows = []
+    for s in stats:
+        ref = fedavg.get(s.variant) or fedavg.get(MAIN_VARIANT)
+        if s.strategy != "resist" or ref is None:
+            continue
+        rows.append({"variant": s.variant, "against": ref.variant,
+                     "final-accuracy": ratio(s.final[0], ref.final[0]),
+                     "bytes-per-round": ratio(s.bytes_per_round, ref.bytes_per_round),
+                     "rounds": ratio(s.rounds[0], ref.rounds[0]), "gb": ratio(s.gb[0], ref.gb[0]),
+                     "seconds": ratio(s.seconds[0], ref.seconds[0])})
+    return rows
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def mean_curve(runs: Sequence[Run], x: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean x, mean and std of accuracy over seeds, on the evaluated rounds all seeds share."""
+    common = sorted(set.intersection(*(set(r.curve.round.tolist()) for r in runs)))
+    xs, ys = [], []
+    for run in runs:
+        index = np.searchsorted(run.curve.round, common)
+        xs.append(getattr(run.curve, x)[index])
+        ys.append(run.curve.accuracy[index])
+    xs_a, ys_a = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    std = ys_a.std(axis=0, ddof=1) if len(runs) > 1 else np.zeros(len(common))
+    return xs_a.mean(axis=0), ys_a.mean(axis=0), std
+
+
+def plot(groups: dict[tuple[str, str], list[Run]], x: str, path: Path, title: str,
+         target: float | None) -> Path:
+    """Accuracy against ``x`` (round, gb, seconds): mean line and ± std band per group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for (variant, strategy), runs in groups.items():
+        mx, my, sd = mean_curve(runs, x)
+        label = LABELS.get(strategy, strategy) + ("" if variant == MAIN_VARIANT else f" ({variant})")
+        style = "-" if strategy == "resist" else "--"
+        (line,) = ax.plot(mx, my, style, marker="o", markersize=3, label=f"{label}, n={len(runs)}")
+        ax.fill_between(mx, my - sd, my + sd, color=line.get_color(), alpha=0.2, linewidth=0)
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:.3f}")
+    ax.set_xlabel(PLOTS[x][1])
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- Markdown
+
+
+def pm(values: tuple[float, float], digits: int = 4, scale: float = 1.0) -> str:
+    """``mean ± std``, or ``-`` when missing."""
+    mean, std = values
+    if math.isnan(mean):
+        return "-"
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def num(value: float, digits: int = 3) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def setup_lines(manifest: dict[str, Any]) -> list[str]:
+    """The main run config and federation, from the first run of the manifest."""
+    runs = manifest.get("runs", [])
+    if not runs:
+        return []
+    config = {k: v for k, v in runs[0].get("run-config", {}).items()
+              if k not in ("strategy", "seed", "run-name", "output-dir")}
+    federation = manifest.get("federation", {})
+    pairs = [f"{k}={v}" for k, v in federation.items()] + [f"{k}={v}" for k, v in config.items()]
+    return ["## Setup", "", "`" + " ".join(pairs) + "`", ""] if pairs else []
+
+
+def results_lines(stats: Sequence[GroupStats], target: float | None) -> list[str]:
+    head = ["variant", "strategy", "seeds", "final accuracy", "MB / round", "reached target",
+            "rounds to target", "GB to target", "seconds to target", "s to round 1", "run wall s"]
+    rows = [[s.variant, LABELS.get(s.strategy, s.strategy), str(s.seeds), pm(s.final),
+             num(s.bytes_per_round / 1e6, 2), f"{s.reached}/{s.seeds}" if target is not None else "-",
+             pm(s.rounds, 1), pm(s.gb, 4), pm(s.seconds, 1), num(s.startup, 1), num(s.wall, 1)]
+            for s in stats]
+    return table(head, rows)
+
+
+def ratio_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    head = ["variant", "vs FedAvg of", "final accuracy", "bytes / round", "rounds to target",
+            "GB to target", "seconds to target"]
+    return table(head, [[r["variant"], r["against"], num(r["final-accuracy"]), num(r["bytes-per-round"]),
+                         num(r["rounds"]), num(r["gb"]), num(r["seconds"])] for r in rows])
+
+
+def paper_lines(paper: dict[str, float], stats: Sequence[GroupStats]) -> list[str]:
+    measured = {s.strategy: s for s in stats if s.variant == MAIN_VARIANT}
+    rows = []
+    for strategy, label in (("resist", "ResIST"), ("fedavg", "FedAvg (paper: local SGD)")):
+        if strategy not in paper:
+            continue
+        s = measured.get(strategy)
+        ours = pm(s.final, 2, 100.0) if s else "-"
+        diff = num(s.final[0] * 100 - paper[strategy], 2) if s else "-"
+        rows.append([label, f"{paper[strategy]:.2f}", ours, diff])
+    return ["## Paper vs measured (final test accuracy, %)", "",
+            *table(["strategy", "paper", "measured", "measured - paper"], rows), ""]
+
+
+def failed_lines(manifest: dict[str, Any]) -> list[str]:
+    failed = [e for e in manifest.get("runs", []) if e.get("status") == "failed"]
+    if not failed:
+        return []
+    return ["## Failed runs", "", *[f"- `{e['name']}`: {e.get('reason', '')}" for e in failed], ""]
+
+
+def render(manifest: dict[str, Any], stats: Sequence[GroupStats], ratio_rows: Sequence[dict[str, Any]],
+           target: float | None, target_text: str, plots: Sequence[Path]) -> str:
+    """The whole ``report.md``."""
+    machine = manifest.get("machine") or describe_machine()
+    lines = [f"# ResIST vs FedAvg: {manifest.get('preset', 'runs')}", ""]
+    if manifest.get("description"):
+        lines += [manifest["description"], ""]
+    lines += [f"- Data: {manifest.get('data-label') or 'see the run configs'}",
+              f"- Command: `{manifest.get('command', 'unknown (no compare.json)')}`",
+              f"- Machine: {machine_line(machine)}"]
+    if manifest.get("started"):
+        lines.append(f"- Ran: {manifest['started']} to {manifest.get('finished', '?')} (UTC)")
+    lines.append("")
+    lines += setup_lines(manifest)
+    target_line = (f"Target accuracy: **{target:.4f}** ({target_text})." if target is not None
+                   else f"Target accuracy: none ({target_text}).")
+    lines += ["## Results", "", target_line, "", *results_lines(stats, target), "",
+              "Mean ± sample std over seeds; time to target averages the seeds that reached it. "
+              "Seconds are the ServerApp's round times (no server-side evaluation); round 1 includes "
+              "starting the ClientApps (Ray actors, imports, data). s to round 1 is the launcher's time "
+              "from `flwr run` to round 1's metrics (SuperLink, FAB install, Ray, round 1); run wall s "
+              "the whole `flwr run`.", ""]
+    if ratio_rows:
+        lines += ["## ResIST / FedAvg", "", *ratio_lines(ratio_rows), "",
+                  "Below 1 means ResIST needs less (or, for accuracy, reaches less).", ""]
+    if manifest.get("paper"):
+        lines += paper_lines(manifest["paper"], stats)
+    lines += failed_lines(manifest)
+    lines += ["## Plots", "", *[f"![{p.stem}]({p.name})" for p in plots], ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def build_report(runs_dir: Path, target_accuracy_value: float | None = None,
+                 target_fraction: float | None = None) -> Path:
+    """Write ``report.md``, ``report.json`` and the PNGs into ``runs_dir``; return the report's path."""
+    runs_dir = Path(runs_dir)
+    manifest = read_json(runs_dir / MANIFEST_FILE) if (runs_dir / MANIFEST_FILE).exists() else None
+    groups = group_runs(discover_runs(runs_dir, manifest))
+    manifest = manifest or {"preset": runs_dir.name}
+    preset_target = manifest.get("target") or {}
+    accuracy = target_accuracy_value if target_accuracy_value is not None else preset_target.get("accuracy")
+    fraction = target_fraction or preset_target.get("fraction-of-fedavg") or DEFAULT_TARGET_FRACTION
+    target, target_text = target_accuracy(groups, accuracy, fraction)
+    stats = [group_stats(v, s, runs, target) for (v, s), runs in groups.items()]
+    ratio_rows = ratios(stats)
+    title = f"{manifest.get('preset', runs_dir.name)}: mean ± std over seeds"
+    plots = [plot(groups, x, runs_dir / name, title, target) for x, (name, _) in PLOTS.items()] if groups else []
+    write_json(runs_dir / REPORT_JSON, finite({"target": target, "target-rule": target_text,
+                                               "groups": [asdict(s) for s in stats], "ratios": ratio_rows}))
+    path = runs_dir / REPORT_FILE
+    path.write_text(render(manifest, stats, ratio_rows, target, target_text, plots), encoding="utf-8")
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simulations.report", description=__doc__.split("\n")[0])
+    parser.add_argument("runs_dir", type=Path)
+    parser.add_argument("--target-accuracy", type=float, help="absolute target accuracy (0-1)")
+    parser.add_argument("--target-fraction", type=float,
+                        help=f"target = this x best mean final FedAvg accuracy (default {DEFAULT_TARGET_FRACTION})")
+    args = parser.parse_args(argv)
+    if not args.runs_dir.is_dir():
+        print(f"error: {args.runs_dir} is not a directory", file=sys.stderr)
+        return 2
+    path = build_report(args.runs_dir, args.target_accuracy, args.target_fraction)
+    print(path.read_text(encoding="utf-8"))
+    print(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

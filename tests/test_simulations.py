@@ -1,0 +1,212 @@
+"""simulations/: presets, the compare runner (through the real `flwr run`) and the report builder."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from resist_fl.outputs import CONFIG_FILE, SUMMARY_FILE, append_metrics, read_metrics, write_json
+from simulations import compare, report
+from simulations.launcher import LaunchResult
+from simulations.presets import PresetError, list_presets, load_preset, validate_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+PLOT_FILES = ("accuracy_vs_round.png", "accuracy_vs_gb.png", "accuracy_vs_seconds.png")
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def test_presets_compose_base_and_overrides():
+    config = load_preset("quick-cpu", ["federation.num-supernodes=5", "run-config.lr=0.2"])
+    assert config["run-config"]["dataset"] == "synthetic"  # from _quick
+    assert config.strategies == ["resist", "fedavg"]  # from _base
+    assert config["run-config"]["lr"] == 0.2
+    assert config["run-config"]["min-train-nodes"] == 5  # interpolated from the federation
+    validate_preset(config, ROOT)
+
+
+@pytest.mark.parametrize("name", [n for n in list_presets() if n.startswith("paper-")])
+def test_paper_presets(name):
+    config = load_preset(name)
+    validate_preset(config, ROOT)
+    rc = config["run-config"]
+    assert (rc.model, rc["base-width"], rc["local-steps"], rc["batch-size"], rc.lr) == ("preact_resnet101", 64, 50,
+                                                                                      128, 0.1)
+    assert rc.partitioner == "iid" and rc["lr-schedule"] == "step" and rc.momentum == 0.9
+    assert rc["min-train-nodes"] == config.federation["num-supernodes"]
+    assert set(config.paper) == {"resist", "fedavg"}
+
+
+def test_every_preset_is_valid():
+    assert {"quick-cpu", "quick-dirichlet", "quick-partial", "cifar10-dirichlet", "cifar10-partial"} <= set(
+        list_presets())
+    for name in list_presets():
+        validate_preset(load_preset(name), ROOT)
+
+
+def test_bad_overrides_are_refused_before_running(capsys):
+    assert compare.main(["quick-cpu", "run-config.no-such-key=1", "--dry-run"]) == 2
+    assert "no-such-key" in capsys.readouterr().err
+    assert compare.main(["quick-cpu", "--ablations", "no-such-ablation", "--dry-run"]) == 2
+    with pytest.raises(PresetError):
+        load_preset("no-such-preset")
+
+
+def test_plan_has_variants_strategies_and_seeds(tmp_path):
+    args = compare.parse_args(["quick-cpu", "num-server-rounds=3", "--seeds", "0", "1", "--ablations",
+                               "no-scaling", "local-steps=7", "--out", str(tmp_path)])
+    _, plan, out_dir = compare.resolve(args)
+    assert out_dir == tmp_path.resolve()
+    assert [r.name for r in plan[:5]] == ["main-resist-seed0", "main-fedavg-seed0", "no-scaling-resist-seed0",
+                                          "local-steps_7-resist-seed0", "local-steps_7-fedavg-seed0"]
+    assert len(plan) == 10
+    by_name = {r.name: r.run_config for r in plan}
+    assert by_name["no-scaling-resist-seed1"]["inference-scaling"] is False
+    assert by_name["local-steps_7-fedavg-seed0"]["local-steps"] == 7
+    assert all(c["num-server-rounds"] == 3 and c["output-dir"] == str(tmp_path.resolve()) for c in by_name.values())
+
+
+# --------------------------------------------------------------------------- report on fixture metrics
+
+# accuracy per round (None: not evaluated), MB per round (down + up), round-seconds
+FIXTURE = {
+    ("resist", 0): ([0.3, None, 0.85, 0.88], 40, [20, 5, 5, 5]),
+    ("resist", 1): ([0.5, 0.82, 0.86, 0.9], 40, [20, 5, 5, 5]),
+    ("fedavg", 0): ([0.4, 0.6, 0.8, 0.9], 100, [10, 10, 10, 10]),
+    ("fedavg", 1): ([0.5, 0.7, 0.9, 0.9], 100, [10, 10, 10, 10]),
+}
+
+
+def write_fixture_run(runs_dir: Path, strategy: str, seed: int, accuracy, megabytes, seconds) -> str:
+    name = f"main-{strategy}-seed{seed}"
+    cumulative = 0
+    for i, (acc, sec) in enumerate(zip(accuracy, seconds), start=1):
+        cumulative += megabytes * 10**6
+        append_metrics(runs_dir / name, {"round": i, "strategy": strategy, "accuracy": acc, "loss": None,
+                                         "bytes-down": megabytes * 10**6 // 2, "bytes-up": megabytes * 10**6 // 2,
+                                         "cumulative-bytes": cumulative, "round-seconds": sec})
+    write_json(runs_dir / name / CONFIG_FILE, {"run_config": {"strategy": strategy, "seed": seed}})
+    write_json(runs_dir / name / SUMMARY_FILE, {"final-accuracy": accuracy[-1]})
+    return name
+
+
+@pytest.fixture
+def fixture_runs(tmp_path) -> Path:
+    runs = []
+    for (strategy, seed), (accuracy, megabytes, seconds) in FIXTURE.items():
+        name = write_fixture_run(tmp_path, strategy, seed, accuracy, megabytes, seconds)
+        runs.append({"name": name, "variant": "main", "strategy": strategy, "seed": seed, "status": "ok",
+                     "reason": "", "wall-seconds": 60.0, "seconds-to-round1": 30.0})
+    runs.append({"name": "no-scaling-resist-seed0", "variant": "no-scaling", "strategy": "resist", "seed": 0,
+                 "status": "failed", "reason": "timed out after 10 s"})
+    write_json(tmp_path / report.MANIFEST_FILE, {
+        "preset": "fixture", "data-label": "hand-made", "command": "python -m simulations.compare fixture",
+        "paper": {"resist": 91.95, "fedavg": 92.36}, "target": {"accuracy": None, "fraction-of-fedavg": 0.9},
+        "runs": runs})
+    return tmp_path
+
+
+def group(result: dict, strategy: str) -> dict:
+    return next(g for g in result["groups"] if g["strategy"] == strategy and g["variant"] == "main")
+
+
+def test_report_computes_time_to_target_and_ratios(fixture_runs):
+    path = report.build_report(fixture_runs)
+    result = json.loads((fixture_runs / report.REPORT_JSON).read_text())
+    # target: 0.9 x FedAvg's mean final accuracy (0.9 + 0.9) / 2
+    assert result["target"] == pytest.approx(0.81)
+    fedavg, resist = group(result, "fedavg"), group(result, "resist")
+    # FedAvg reaches 0.81 at round 4 (seed 0) and 3 (seed 1): 0.4 / 0.3 GB, 40 / 30 s
+    assert fedavg["reached"] == 2
+    assert fedavg["rounds"] == pytest.approx([3.5, math.sqrt(0.5)])
+    assert fedavg["gb"][0] == pytest.approx(0.35) and fedavg["seconds"][0] == pytest.approx(35.0)
+    # ResIST reaches it at round 3 (seed 0; round 2 not evaluated, its time still counts) and 2 (seed 1)
+    assert resist["rounds"][0] == pytest.approx(2.5)
+    assert resist["gb"][0] == pytest.approx(0.10) and resist["seconds"][0] == pytest.approx((30 + 25) / 2)
+    assert resist["final"][0] == pytest.approx(0.89) and fedavg["final"] == pytest.approx([0.9, 0.0])
+    assert resist["bytes_per_round"] == pytest.approx(40e6)
+    (ratios,) = result["ratios"]
+    assert ratios["final-accuracy"] == pytest.approx(0.89 / 0.9)
+    assert ratios["bytes-per-round"] == pytest.approx(0.4)
+    assert ratios["rounds"] == pytest.approx(2.5 / 3.5)
+    assert ratios["gb"] == pytest.approx(0.10 / 0.35)
+    assert ratios["seconds"] == pytest.approx(27.5 / 35)
+    text = path.read_text()
+    assert "0.8100" in text and "python -m simulations.compare fixture" in text
+    assert "| ResIST | 91.95 | 89.00 ± 1.41 | -2.95 |" in text  # paper beside measured, in %
+    assert "no-scaling-resist-seed0`: timed out after 10 s" in text
+    assert all((fixture_runs / name).stat().st_size > 0 for name in PLOT_FILES)
+
+
+def test_report_with_a_fixed_target_and_without_a_manifest(fixture_runs):
+    (fixture_runs / report.MANIFEST_FILE).unlink()
+    assert report.main([str(fixture_runs), "--target-accuracy", "0.5"]) == 0
+    result = json.loads((fixture_runs / report.REPORT_JSON).read_text())
+    assert result["target"] == 0.5
+    assert group(result, "fedavg")["rounds"][0] == pytest.approx((2 + 1) / 2)
+    assert group(result, "resist")["rounds"][0] == pytest.approx((3 + 1) / 2)
+
+
+def test_curve_never_reaching_the_target():
+    curve = report.Curve.from_rows([{"round": 1, "accuracy": 0.2, "bytes-down": 1, "bytes-up": 1,
+                                     "cumulative-bytes": 2, "round-seconds": 1.0}])
+    assert curve.to_target(0.5) is None and curve.to_target(0.2) == {"rounds": 1, "gb": 2e-9, "seconds": 1.0}
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+def test_runner_on_a_tiny_preset_produces_runs_plots_and_report(tmp_path, capsys, monkeypatch):
+    argv = ["quick-cpu", "num-server-rounds=1", "stage-depths=1,1,4,1", "--seeds", "0", "--jobs", "2",
+            "--out", str(tmp_path)]
+    assert compare.main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    manifest = json.loads((tmp_path / compare.MANIFEST_FILE).read_text())
+    assert [(r["name"], r["status"]) for r in manifest["runs"]] == [("main-resist-seed0", "ok"),
+                                                                     ("main-fedavg-seed0", "ok")]
+    for run in manifest["runs"]:
+        assert len(read_metrics(tmp_path / run["name"])) == 1
+        assert run["seconds-to-round1"] > 0 and Path(run["log"]).exists()
+    assert all((tmp_path / name).exists() for name in PLOT_FILES)
+    text = (tmp_path / report.REPORT_FILE).read_text()
+    assert "| main | ResIST | 1 |" in text and "| main | FedAvg | 1 |" in text
+    assert "python -m simulations.compare " + " ".join(argv) in text
+    assert "[done 2/2]" in printed and "ETA" in printed and text in printed
+
+    # a second call reuses the finished runs instead of launching again
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a finished run was launched again")
+
+    assert compare.main(argv, launch=no_launch) == 0
+    manifest = json.loads((tmp_path / compare.MANIFEST_FILE).read_text())
+    assert {r["status"] for r in manifest["runs"]} == {"reused"}
+    assert all(r["seconds-to-round1"] > 0 for r in manifest["runs"])  # kept from the first call
+
+
+def fake_launch(project_dir, run_config, **kwargs) -> LaunchResult:
+    """ResIST 'finishes' (fixture metrics); FedAvg fails like a ServerApp error would."""
+    run_dir = Path(run_config["output-dir"]) / run_config["run-name"]
+    log = Path(kwargs["workdir"]) / f"{run_config['run-name']}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("fake\n")
+    if run_config["strategy"] == "fedavg":
+        return LaunchResult(False, "run status finished:failed: SettingsError: lr = -1.0: boom", run_dir, log,
+                            5.0, None, status="finished:failed")
+    write_fixture_run(run_dir.parent, "resist", run_config["seed"], [0.5], 1, [1.0])
+    return LaunchResult(True, "", run_dir, log, 5.0, 2.0, status="finished:completed")
+
+
+def test_a_failed_run_makes_the_runner_exit_nonzero_with_the_reason(tmp_path, capsys):
+    argv = ["quick-cpu", "--seeds", "0", "--out", str(tmp_path)]
+    assert compare.main(argv, launch=fake_launch) == 1
+    err = capsys.readouterr().err
+    assert "1 of 2 runs FAILED" in err and "main-fedavg-seed0: run status finished:failed: SettingsError" in err
+    manifest = json.loads((tmp_path / compare.MANIFEST_FILE).read_text())
+    failed = [r for r in manifest["runs"] if r["status"] == "failed"]
+    assert [r["name"] for r in failed] == ["main-fedavg-seed0"] and "boom" in failed[0]["reason"]
+    text = (tmp_path / report.REPORT_FILE).read_text()
+    assert "## Failed runs" in text and "boom" in text
