@@ -1,0 +1,56 @@
+"""Start-up: seconds from ``flwr run .`` to the end of round 1, with and without Flower's
+runtime dependency installation (which ``uv sync``s the app's dependencies, torch included).
+
+Runs the same one-round simulation (synthetic data, the default model, 2 SuperNodes) three ways,
+each isolated by ``simulations.launcher``:
+
+1. ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` (the README's path: this environment);
+2. runtime installation on, with the machine's uv cache (warm after the first run);
+3. with ``--cold``: runtime installation on with an empty, temporary uv cache (a fresh machine:
+   downloads torch and its CUDA wheels, several GB).
+
+    python benchmarks/startup_benchmark.py [--cold]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from simulations.launcher import run_flwr
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def time_to_round1(work: Path, name: str, install: bool) -> str:
+    config = {"dataset": "synthetic", "num-server-rounds": 1, "output-dir": str(work / "runs"), "run-name": name}
+    result = run_flwr(ROOT, config, num_supernodes=2, timeout_s=1800, workdir=work,
+                      runtime_dependency_installation=install)
+    status = "ok" if result.success else f"FAILED: {result.reason}"
+    return (f"{name:<28} to round 1: {result.seconds_to_round1 or float('nan'):6.1f} s, "
+            f"whole run: {result.wall_seconds:6.1f} s ({status})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cold", action="store_true", help="also measure with an empty uv cache")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="resist-startup-"))
+    print(time_to_round1(work, "no-runtime-install", install=False))
+    print(time_to_round1(work, "runtime-install-warm-cache", install=True))
+    if args.cold:
+        cache = Path(tempfile.mkdtemp(prefix="uv-cache-"))
+        os.environ["UV_CACHE_DIR"] = str(cache)
+        try:
+            print(time_to_round1(work, "runtime-install-cold-cache", install=True))
+        finally:
+            del os.environ["UV_CACHE_DIR"]
+            shutil.rmtree(cache, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
