@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from deploy.make_certs import DeploymentFiles, make_certs, public_key_path, write_supernode_key
+from resist_fl.cli_config import free_port, render_config, toml_value
 from resist_fl.outputs import METRICS_FILE, SUMMARY_FILE
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -61,13 +62,6 @@ class ClusterError(RuntimeError):
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` that is free now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_port(host: str, port: int, timeout: float, alive=lambda: True) -> None:
@@ -123,29 +117,6 @@ def child_environment(flwr_home: Path, threads: int | None = None) -> dict[str, 
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env.setdefault(var, str(threads))
     return env
-
-
-def toml_value(value: Any) -> str:
-    """``value`` written as a TOML scalar, as ``--run-config``/``--node-config`` expect."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (str, os.PathLike)):
-        # Flower's key=value parser takes a quoted value up to the next quote of its kind,
-        # without escapes: a literal string '...' when possible, else a basic string "...".
-        text = os.fspath(value)
-        if "'" not in text and "\n" not in text:
-            return f"'{text}'"
-        if '"' not in text:
-            return json.dumps(text)
-        raise ValueError(f"a config string cannot hold both quote characters: {text!r}")
-    raise TypeError(f"not a TOML scalar: {value!r}")
-
-
-def config_string(config: Mapping[str, Any]) -> str:
-    """``{"a": 1, "b": "x"}`` -> ``'a=1 b="x"'`` (Flower's key=value config syntax)."""
-    return " ".join(f"{key}={toml_value(value)}" for key, value in config.items())
 
 
 def parse_config_string(text: str) -> dict[str, Any]:
@@ -482,7 +453,7 @@ class LocalCluster:
             "--auth-supernode-private-key", str(private_key),
             "--superlink", self.address,
             "--port", str(free_port(self.host)),  # each SuperNode's own Runtime API port
-            "--node-config", config_string(node_config),
+            "--node-config", render_config(node_config),
         ])
 
     def new_unregistered_key(self, name: str = "unregistered") -> Path:
@@ -535,7 +506,7 @@ class LocalCluster:
         run_dir = output_dir / str(config["run-name"])
         summary_path = run_dir / SUMMARY_FILE
         cmd = [find_executable(FLWR), "run", str(self.app_dir), CONNECTION, "--stream",
-               "--run-config", config_string(config)]
+               "--run-config", render_config(config)]
         log_path = self.supervisor.log_path(f"flwr-run-{run_dir.name}")
         started_at, started = time.time(), time.monotonic()
         with open(log_path, "w") as log:
@@ -578,9 +549,9 @@ def connection_toml(name: str, address: str, root_certificates: Path | None, def
     default : bool
         Also make it the default connection.
     """
-    lines = ["[superlink]", f"default = {toml_value(name)}", ""] if default else []
-    lines += [f"[superlink.{name}]", f"address = {toml_value(address)}"]
-    lines.append(f"root-certificates = {toml_value(str(root_certificates))}" if root_certificates
+    lines = ["[superlink]", f"default = {toml_value('default', name)}", ""] if default else []
+    lines += [f"[superlink.{name}]", f"address = {toml_value('address', address)}"]
+    lines.append(f"root-certificates = {toml_value('root-certificates', str(root_certificates))}" if root_certificates
                  else "insecure = true")
     return "\n".join(lines) + "\n"
 

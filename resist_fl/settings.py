@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from resist_fl.aggregation import WEIGHTINGS
 from resist_fl.data import DATASETS, PARTITIONERS
 from resist_fl.model import NORMS, PRESET_DEPTHS, ModelSpec
+
+if TYPE_CHECKING:
+    from resist_fl.decomposition import BlockLayout
 
 STRATEGIES = ("resist", "fedavg")
 LR_SCHEDULES = ("step", "cosine", "constant")

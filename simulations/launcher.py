@@ -27,13 +27,11 @@ and ``flwr ls --run-id ID --format json`` does not report ``finished:failed``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from resist_fl.cli_config import free_port, render_config
 from resist_fl.outputs import METRICS_FILE, SUMMARY_FILE, run_directory
 
 MARKER_ENV = "RESIST_FL_LAUNCH_ID"
@@ -107,51 +106,6 @@ class LaunchResult:
 # --------------------------------------------------------------------------- config rendering
 
 
-def toml_value(key: str, value: Any) -> str:
-    """One run-config value as TOML, the way ``flwr run --run-config`` parses it.
-
-    Parameters
-    ----------
-    key : str
-        The key (for error messages).
-    value : bool, int, float or str
-        The value.
-
-    Returns
-    -------
-    str
-        ``true``/``false``, a number, or a quoted string.
-
-    Raises
-    ------
-    ValueError
-        For types Flower's run config cannot hold, or strings that contain both
-        quote characters (``flwr`` splits the option with a regular expression).
-    """
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        if "'" not in value:
-            return f"'{value}'"  # TOML literal string: no escapes
-        if '"' not in value:
-            return json.dumps(value)
-        raise ValueError(f"{key} = {value!r}: a run-config string cannot hold both ' and \"")
-    raise ValueError(f"{key} = {value!r}: expected a bool, int, float or str, not {type(value).__name__}")
-
-
-def render_config(config: Mapping[str, Any]) -> str:
-    """``key=value`` pairs separated by spaces, values in TOML."""
-    return " ".join(f"{key}={toml_value(key, value)}" for key, value in config.items())
-
-
 def federation_config(num_supernodes: int, num_cpus_per_client: int, num_gpus_per_client: float) -> str:
     """The ``--federation-config`` string of a simulation with these resources."""
     if num_supernodes < 1 or num_cpus_per_client < 1 or num_gpus_per_client < 0:
@@ -171,13 +125,6 @@ def run_dir_of(run_config: Mapping[str, Any]) -> Path:
 
 
 # --------------------------------------------------------------------------- environment
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def flwr_executable() -> str:

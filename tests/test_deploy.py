@@ -21,9 +21,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from deploy.local_cluster import (SUPERLINK, SUPERNODE, ClusterError, LocalCluster, config_string,
+from deploy.local_cluster import (SUPERLINK, SUPERNODE, ClusterError, LocalCluster,
                                   connection_toml, find_executable, parse_config_string, process_table)
 from deploy.make_certs import make_certs, public_key_path
+from resist_fl.cli_config import render_config
 
 TINY_RESIST = {
     "dataset": "synthetic", "stage-depths": "1,1,4,1", "base-width": 8, "local-steps": 5, "batch-size": 32,
@@ -78,9 +79,9 @@ def test_running_again_keeps_the_ca_and_existing_keys(tmp_path):
 
 def test_config_strings_round_trip_through_flowers_parser(tmp_path):
     config = {"a": 1, "b": 0.5, "c": True, "d": "it's", "e": 'say "x" \\ y', "f": tmp_path, "g": "1,1,4,1"}
-    assert parse_config_string(config_string(config)) == {**config, "f": str(tmp_path)}
-    with pytest.raises(ValueError, match="both quote"):
-        config_string({"h": "it's \"x\""})
+    assert parse_config_string(render_config(config)) == {**config, "f": str(tmp_path)}
+    with pytest.raises(ValueError, match="cannot hold both"):
+        render_config({"h": "it's \"x\""})
     text = connection_toml("x", "127.0.0.1:1", tmp_path / "ca.crt", default=True)
     assert tomllib.loads(text) == {"superlink": {"default": "x", "x": {
         "address": "127.0.0.1:1", "root-certificates": str(tmp_path / "ca.crt")}}}

@@ -13,7 +13,8 @@ import pytest
 from flwr.common.config import parse_config_args
 
 from resist_fl.outputs import SUMMARY_FILE, read_metrics
-from simulations.launcher import LaunchResult, marked_pids, render_config, run_flwr, toml_value
+from resist_fl.cli_config import render_config, toml_value
+from simulations.launcher import LaunchResult, marked_pids, run_flwr
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 2
