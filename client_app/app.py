@@ -13,6 +13,7 @@ from resist_fl.decomposition import BlockLayout, is_scale_key
 from resist_fl.model import ModelSpec, build_model
 from resist_fl.settings import RunSettings, resolve_model
 from resist_fl.training import resolve_device, scheduled_lr, steps_for, train
+from resist_fl.validation import TRAIN_METRICS
 
 app = ClientApp()
 
@@ -75,8 +76,7 @@ def train_handler(msg: Message, context: Context) -> Message:
 
     state = model.state_dict()
     reply_arrays = ArrayRecord({k: state[k].detach().cpu() for k in arrays})
-    metrics = MetricRecord({"num-examples": num_examples, "train-loss": result.loss,
-                            "train-seconds": result.seconds, "local-steps": result.steps})
+    metrics = MetricRecord(dict(zip(TRAIN_METRICS, (num_examples, result.loss, result.seconds, result.steps))))
     return Message(RecordDict({"arrays": reply_arrays, "metrics": metrics}), reply_to=msg)
 
 

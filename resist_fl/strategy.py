@@ -10,8 +10,8 @@ the FULL global record, which it returns.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
@@ -23,6 +23,86 @@ from flwr.serverapp.strategy import Strategy
 from resist_fl.aggregation import merge_partial, update_weights
 from resist_fl.decomposition import BlockLayout, round_rng, sample_subnetworks
 from resist_fl.validation import ReplyError, check_num_examples, check_update
+
+
+@dataclass
+class ScreenedReplies:
+    """The outcome of :func:`screen_replies` for one round."""
+
+    replies: list[Message] = field(default_factory=list)
+    """The accepted replies, in arrival order."""
+    updates: list[dict[str, np.ndarray]] = field(default_factory=list)
+    examples: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    rejected: int = 0
+    failed: int = 0
+
+    def counts(self, num_sent: int) -> dict[str, int]:
+        """Accepted / rejected / failed / missing (no reply by the timeout) replies."""
+        accepted = len(self.updates)
+        return {"replies-accepted": accepted, "replies-rejected": self.rejected,
+                "replies-failed": self.failed,
+                "replies-missing": max(0, num_sent - accepted - self.rejected - self.failed)}
+
+    def mean_loss(self) -> float:
+        """Example-weighted mean of the accepted replies' training losses."""
+        return float(np.average(self.losses, weights=self.examples))
+
+
+def screen_replies(server_round: int, replies: Iterable[Message], sent: Mapping[int, Sequence[str]],
+                   global_record: ArrayRecord, max_num_examples: int) -> ScreenedReplies:
+    """Split training replies into accepted ones and dropped ones (with a WARNING each).
+
+    A reply is accepted only if its node was sent ``sent[node]`` this round, it
+    is the node's first reply, it holds one ArrayRecord with exactly those keys
+    (shapes and dtypes as in ``global_record``, finite values) and one
+    MetricRecord with an integer ``num-examples`` in [1, ``max_num_examples``]
+    and a finite ``train-loss``.
+    """
+    out = ScreenedReplies()
+    seen: set[int] = set()
+    for reply in replies:
+        node_id = reply.metadata.src_node_id
+        if reply.has_error():
+            out.failed += 1
+            log(WARNING, "round %d: node %s failed (code %s): %s", server_round, node_id,
+                reply.error.code, reply.error.reason)
+            continue
+        try:
+            if node_id not in sent:
+                raise ReplyError("this node was not sampled in this round")
+            if node_id in seen:
+                raise ReplyError("a second reply in the same round")
+            update, num_examples, loss = _check_reply(reply, sent[node_id], global_record, max_num_examples)
+        except ReplyError as err:
+            out.rejected += 1
+            log(WARNING, "round %d: reply of node %s dropped: %s", server_round, node_id, err)
+            continue
+        seen.add(node_id)
+        out.replies.append(reply)
+        out.updates.append(update)
+        out.examples.append(num_examples)
+        out.losses.append(loss)
+    return out
+
+
+def _check_reply(reply: Message, keys: Sequence[str], global_record: ArrayRecord,
+                 max_num_examples: int) -> tuple[dict[str, np.ndarray], int, float]:
+    content = reply.content
+    if len(content.array_records) != 1 or len(content.metric_records) != 1:
+        raise ReplyError("expected exactly one ArrayRecord and one MetricRecord")
+    record = next(iter(content.array_records.values()))
+    metrics = next(iter(content.metric_records.values()))
+    try:
+        update = {k: v.numpy() for k, v in record.items()}
+    except Exception as err:  # undecodable bytes from a client
+        raise ReplyError(f"arrays cannot be decoded: {err}") from err
+    check_update(update, {k: (global_record[k].shape, global_record[k].dtype) for k in keys})
+    num_examples = check_num_examples(metrics.get("num-examples"), max_num_examples)
+    loss = metrics.get("train-loss", float("nan"))
+    if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not np.isfinite(loss):
+        raise ReplyError(f"train-loss = {loss!r} is not a finite number")
+    return update, num_examples, float(loss)
 
 
 @dataclass(frozen=True)
@@ -134,65 +214,19 @@ class ResIST(Strategy):
         """Validate the replies and merge the valid ones into the full global record."""
         if self._global is None:
             raise RuntimeError("aggregate_train called before configure_train")
-        updates, examples, losses = [], [], []
-        failed = rejected = 0
-        accepted: set[int] = set()
-        for reply in replies:
-            node_id = reply.metadata.src_node_id
-            if reply.has_error():
-                failed += 1
-                log(WARNING, "round %d: node %s failed (code %s): %s", server_round, node_id,
-                    reply.error.code, reply.error.reason)
-                continue
-            try:
-                if node_id in accepted:
-                    raise ReplyError("a second reply in the same round")
-                update, num_examples, loss = self._accept(reply)
-            except ReplyError as err:
-                rejected += 1
-                log(WARNING, "round %d: reply of node %s dropped: %s", server_round, node_id, err)
-                continue
-            accepted.add(node_id)
-            updates.append(update)
-            examples.append(num_examples)
-            losses.append(loss)
-        missing = max(0, len(self._assignments) - len(updates) - rejected - failed)
-        metrics = {"replies-accepted": len(updates), "replies-rejected": rejected,
-                   "replies-failed": failed, "replies-missing": missing,
-                   "num-subnetworks": self.num_subnetworks}
+        sent = {node: assignment.keys for node, assignment in self._assignments.items()}
+        screened = screen_replies(server_round, replies, sent, self._global, self.max_num_examples)
+        metrics = {**screened.counts(len(sent)), "num-subnetworks": self.num_subnetworks}
         self.last_round_counts = dict(metrics)
-        if len(updates) < self.min_train_replies:
+        if len(screened.updates) < self.min_train_replies:
             log(WARNING, "round %d: %d valid replies < min-train-replies %d: global model unchanged",
-                server_round, len(updates), self.min_train_replies)
+                server_round, len(screened.updates), self.min_train_replies)
             return None, MetricRecord(metrics)
         start = time.perf_counter()
-        merged = self._merge(updates, update_weights(examples, self.weighting))
-        loss_weights = np.asarray(examples, dtype=np.float64)
-        metrics.update({"num-examples": int(sum(examples)),
-                        "train-loss": float(np.dot(losses, loss_weights) / loss_weights.sum()),
+        merged = self._merge(screened.updates, update_weights(screened.examples, self.weighting))
+        metrics.update({"num-examples": int(sum(screened.examples)), "train-loss": screened.mean_loss(),
                         "merge-seconds": time.perf_counter() - start})
         return merged, MetricRecord(metrics)
-
-    def _accept(self, reply: Message) -> tuple[dict[str, np.ndarray], int, float]:
-        node_id = reply.metadata.src_node_id
-        assignment = self._assignments.get(node_id)
-        if assignment is None:
-            raise ReplyError("this node was not sampled in this round")
-        content = reply.content
-        if len(content.array_records) != 1 or len(content.metric_records) != 1:
-            raise ReplyError("expected exactly one ArrayRecord and one MetricRecord")
-        record = next(iter(content.array_records.values()))
-        metrics = next(iter(content.metric_records.values()))
-        try:
-            update = {k: v.numpy() for k, v in record.items()}
-        except Exception as err:  # undecodable bytes from a client
-            raise ReplyError(f"arrays cannot be decoded: {err}") from err
-        check_update(update, {k: (self._global[k].shape, self._global[k].dtype) for k in assignment.keys})
-        num_examples = check_num_examples(metrics.get("num-examples"), self.max_num_examples)
-        loss = metrics.get("train-loss", float("nan"))
-        if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not np.isfinite(loss):
-            raise ReplyError(f"train-loss = {loss!r} is not a finite number")
-        return update, num_examples, float(loss)
 
     def _merge(self, updates: list[dict[str, np.ndarray]], weights: list[float]) -> ArrayRecord:
         touched = set().union(*updates)

@@ -13,6 +13,10 @@ from typing import Any
 import numpy as np
 
 
+TRAIN_METRICS = ("num-examples", "train-loss", "train-seconds", "local-steps")
+"""The MetricRecord keys of a training reply (what the ClientApp sends)."""
+
+
 class ReplyError(ValueError):
     """A training reply that must be dropped; the message says why."""
 

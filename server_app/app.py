@@ -13,11 +13,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 
 from resist_fl.checkpoint import CHECKPOINT_FILE, Checkpoint, capture_rngs, check_same_run
 from resist_fl.communication import MeteredGrid
 from resist_fl.data import load_test_set, make_eval_loader
+from resist_fl.fedavg import ScreenedFedAvg
 from resist_fl.decomposition import BlockLayout, scale_key
 from resist_fl.model import ModelSpec, build_model
 from resist_fl.outputs import (
@@ -38,8 +38,8 @@ from resist_fl.training import evaluate, resolve_device
 app = ServerApp()
 
 
-def build_strategy(settings: RunSettings, layout: BlockLayout, round_offset: int = 0) -> ResIST | FedAvg:
-    """ResIST, or Flower's own FedAvg with the same sampling settings."""
+def build_strategy(settings: RunSettings, layout: BlockLayout, round_offset: int = 0) -> ResIST | ScreenedFedAvg:
+    """ResIST, or Flower's own FedAvg (behind the same reply screening) with the same sampling."""
     if settings.strategy == "resist":
         return ResIST(layout, fraction_train=settings.fraction_train,
                       min_train_nodes=settings.min_train_nodes,
@@ -48,10 +48,12 @@ def build_strategy(settings: RunSettings, layout: BlockLayout, round_offset: int
                       min_train_replies=settings.min_train_replies,
                       max_num_examples=settings.max_num_examples, seed=settings.seed,
                       round_offset=round_offset)
-    return FedAvg(fraction_train=settings.fraction_train, fraction_evaluate=settings.fraction_evaluate,
-                  min_train_nodes=settings.min_train_nodes,
-                  min_evaluate_nodes=settings.min_train_nodes if settings.fraction_evaluate else 0,
-                  min_available_nodes=settings.min_available_nodes)
+    return ScreenedFedAvg(fraction_train=settings.fraction_train, fraction_evaluate=settings.fraction_evaluate,
+                          min_train_nodes=settings.min_train_nodes,
+                          min_evaluate_nodes=settings.min_train_nodes if settings.fraction_evaluate else 0,
+                          min_available_nodes=settings.min_available_nodes,
+                          min_train_replies=settings.min_train_replies,
+                          max_num_examples=settings.max_num_examples)
 
 
 def train_config(settings: RunSettings) -> ConfigRecord:
@@ -80,7 +82,7 @@ class RoundRecorder:
     appends a ``metrics.jsonl`` row and writes the checkpoint."""
 
     def __init__(self, settings: RunSettings, spec: ModelSpec, layout: BlockLayout,
-                 strategy: ResIST | FedAvg, grid: MeteredGrid, run_dir: Path,
+                 strategy: ResIST | ScreenedFedAvg, grid: MeteredGrid, run_dir: Path,
                  resumed: Checkpoint | None = None) -> None:
         self.settings, self.spec, self.layout = settings, spec, layout
         self.strategy, self.grid, self.run_dir = strategy, grid, run_dir
@@ -145,9 +147,9 @@ class RoundRecorder:
             "nodes": len(traffic.bytes_down),
             "server-rss-mb": resident_memory_mb(),
         }
+        row.update({k: int(v) for k, v in self.strategy.last_round_counts.items()})
         if isinstance(self.strategy, ResIST):
             row["inference-scale"] = next(iter(self.scales().values()), 1.0)
-            row.update({k: int(v) for k, v in self.strategy.last_round_counts.items()})
         return row
 
 

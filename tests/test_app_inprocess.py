@@ -116,3 +116,14 @@ def test_min_depth_duplicates_blocks_and_scales_by_held_fraction(tiny_config):
     grid = run_inprocess(tiny_config, num_nodes=3)
     assert all(len(m.content["config"]["blocks"]) == 2 for m in train_messages(grid))
     assert read_metrics(run_dir(tiny_config))[0]["inference-scale"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "resist"])
+def test_integer_buffers_stay_integer_across_rounds(tiny_config, strategy):
+    tiny_config.update({"strategy": strategy, "norm": "batchnorm-running", "local-steps": 2})
+    run_inprocess(tiny_config, num_nodes=2)
+    rows = read_metrics(run_dir(tiny_config))
+    assert [r["replies-accepted"] for r in rows] == [2, 2]
+    state = torch.load(run_dir(tiny_config) / "model.pt", weights_only=True)["state_dict"]
+    assert state["layer1.0.bn1.num_batches_tracked"].dtype == torch.int64
+    assert state["layer1.0.bn1.num_batches_tracked"].item() == 4  # 2 steps in each of 2 rounds

@@ -15,12 +15,14 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import FedAvg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from resist_fl.aggregation import merge_partial
 from resist_fl.checkpoint import CHECKPOINT_FILE, CheckpointError
 from resist_fl.decomposition import BlockLayout
+from resist_fl.fedavg import ScreenedFedAvg
 from resist_fl.model import ModelSpec, build_model
 from resist_fl.outputs import read_metrics
 from resist_fl.strategy import ResIST
@@ -65,10 +67,10 @@ def _adversarial_train(msg: Message, context: Context) -> Message:
     tamper, shift = PLAN[context.node_id]
     received = msg.content["arrays"]
     update = {k: v.numpy() + np.asarray(shift, dtype=v.numpy().dtype) for k, v in received.items()}
-    metrics = {"num-examples": 10 + context.node_id % 97, "train-loss": 1.0}
+    metrics = {"num-examples": 10 + context.node_id % 97, "train-loss": 1.0, "train-seconds": 0.1, "local-steps": 1}
     if tamper == "raises":
         raise RuntimeError("client crashed")
-    if tamper == "unassigned-block-key":
+    if tamper == "unassigned-block-key" and "blocks" in msg.content["config"]:
         other = next(b for b in LAYOUT.partitionable if b not in msg.content["config"]["blocks"])
         update = {**update, **{k: np.zeros(1, np.float32) for k in LAYOUT.payload_keys([other])
                                if k not in update}}
@@ -134,6 +136,26 @@ def test_malformed_replies_never_change_the_global_model():
 @pytest.mark.parametrize("tamper", sorted(TAMPERS))
 def test_every_kind_of_malformed_reply_is_dropped(tamper):
     fuzz_round(["valid", tamper, "valid"], [0.5, 1.0, -0.25], seed=0)
+
+
+@pytest.mark.parametrize("tamper", sorted(set(TAMPERS) - {"unassigned-block-key"}))
+def test_fedavg_drops_malformed_replies_too(tamper):
+    """Flower's FedAvg behind the same screening: the result is FedAvg of the valid replies."""
+    nodes = make_node_ids(3)
+    PLAN.clear()
+    PLAN.update(zip(nodes, [("valid", 0.5), (tamper, 1.0), ("valid", -0.25)]))
+    grid = InProcessGrid(adversarial_app, num_nodes=3, raise_client_errors=False)
+    strategy = ScreenedFedAvg(min_train_nodes=3, min_available_nodes=3, max_num_examples=CAP)
+    initial = global_record(0)
+    replies = list(grid.send_and_receive(strategy.configure_train(1, initial, ConfigRecord({}), grid)))
+    merged, metrics = strategy.aggregate_train(1, replies)
+    valid = [r for r in replies if PLAN[r.metadata.src_node_id][0] == "valid"]
+    assert metrics["replies-accepted"] == len(valid) == (3 if tamper == "valid" else 2)
+    expected, _ = FedAvg(min_train_nodes=3).aggregate_train(1, valid)
+    for key in initial:
+        want = expected[key].numpy().astype(initial[key].numpy().dtype)
+        np.testing.assert_array_equal(merged[key].numpy(), want, err_msg=key)
+        assert merged[key].dtype == initial[key].dtype, key
 
 
 # -- failures with the real ClientApp ---------------------------------------------------------------
