@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from resist_fl.data import ImageArrays, load_partition, make_train_loader
-from resist_fl.decomposition import BlockLayout, is_scale_key
+from resist_fl.data import ImageArrays, load_partition, load_test_set, make_eval_loader, make_train_loader
+from resist_fl.decomposition import BlockLayout
 from resist_fl.model import ModelSpec, build_model
-from resist_fl.settings import RunSettings, resolve_model
-from resist_fl.training import resolve_device, scheduled_lr, steps_for, train
-from resist_fl.validation import TRAIN_METRICS
+from resist_fl.node_sampling import IDENTITY_RECORD
+from resist_fl.settings import RunSettings
+from resist_fl.training import evaluate, resolve_device, scheduled_lr, steps_for, train
+from resist_fl.validation import EVALUATE_METRICS, TRAIN_METRICS
 
 app = ClientApp()
 
@@ -27,9 +29,21 @@ def _partition(dataset: str, data_path: str, partitioner: str, alpha: float, see
 
 
 @lru_cache(maxsize=8)
-def _model_layout(run_config: tuple) -> tuple[RunSettings, ModelSpec, BlockLayout]:
+def _run(run_config: tuple, num_classes: int, in_channels: int) -> tuple[RunSettings, ModelSpec, BlockLayout]:
+    """Settings, model spec and layout of a run; classes and channels come from the server."""
     settings = RunSettings.from_run_config(dict(run_config))
-    return (settings, *resolve_model(settings))
+    spec = settings.model_spec(num_classes=num_classes, in_channels=in_channels)
+    return settings, spec, BlockLayout.from_spec(spec, settings.stages())
+
+
+def _run_of(context: Context, config: ConfigRecord) -> tuple[RunSettings, ModelSpec, BlockLayout]:
+    return _run(tuple(sorted(context.run_config.items())), int(config["num-classes"]),
+                int(config["in-channels"]))
+
+
+def _data_path(context: Context, settings: RunSettings) -> str:
+    """A node's own ``data-path`` (node config) wins over the run config's."""
+    return str(context.node_config.get("data-path", settings.data_path))
 
 
 def build_local_model(spec: ModelSpec, layout: BlockLayout, arrays: ArrayRecord,
@@ -43,24 +57,23 @@ def build_local_model(spec: ModelSpec, layout: BlockLayout, arrays: ArrayRecord,
     if set(arrays) != expected:
         raise ValueError(f"received keys do not match blocks {blocks}: "
                          f"{len(set(arrays) - expected)} unexpected, {len(expected - set(arrays))} missing")
-    missing, unexpected = model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
-    assert not unexpected and all(is_scale_key(k) for k in missing), (missing, unexpected)
+    model.load_state_dict(arrays.to_torch_state_dict(), strict=False)  # only the scales are not sent
     return model
 
 
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
     """Train the received (sub-)network on this node's partition for one round."""
-    settings, spec, layout = _model_layout(tuple(sorted(context.run_config.items())))
     config = msg.content["config"]
+    settings, spec, layout = _run_of(context, config)
     arrays = msg.content["arrays"]
     blocks = list(config["blocks"]) if "blocks" in config else None
     model = build_local_model(spec, layout, arrays, blocks)
 
     node = context.node_config
-    data_path = str(node.get("data-path", settings.data_path))
-    partition = _partition(settings.dataset, data_path, settings.partitioner, settings.dirichlet_alpha,
-                           settings.seed, int(node["partition-id"]), int(node["num-partitions"]))
+    partition_id = int(node["partition-id"])
+    partition = _partition(settings.dataset, _data_path(context, settings), settings.partitioner,
+                           settings.dirichlet_alpha, settings.seed, partition_id, int(node["num-partitions"]))
     server_round = int(config["server-round"]) + int(config["round-offset"])
     batch_size = int(config["batch-size"])
     loader = make_train_loader(partition, settings.dataset, batch_size,
@@ -69,7 +82,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     steps = steps_for(num_examples, batch_size, int(config["local-steps"]), int(config["local-epochs"]))
     lr = scheduled_lr(float(config["lr"]), str(config["lr-schedule"]), server_round,
                       int(config["num-server-rounds"]))
-    torch.manual_seed(settings.seed * 100_003 + server_round * 1_009 + int(node["partition-id"]))
+    torch.manual_seed(settings.seed * 100_003 + server_round * 1_009 + partition_id)
     result = train(model, loader, steps=steps, lr=lr, momentum=float(config["momentum"]),
                    weight_decay=float(config["weight-decay"]), device=resolve_device(settings.device),
                    amp=settings.amp)
@@ -82,17 +95,28 @@ def train_handler(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
-    """Federated evaluation (FedAvg with fraction-evaluate > 0): the full model on the local partition."""
-    from resist_fl.data import make_eval_loader
-    from resist_fl.training import evaluate
+    """Federated evaluation (FedAvg with fraction-evaluate > 0) of the full model.
 
-    settings, spec, layout = _model_layout(tuple(sorted(context.run_config.items())))
+    On the node's own test split when its node config names a ``data-path``,
+    else on its share of the central test set (every ``num-partitions``-th
+    image from ``partition-id``).
+    """
+    settings, spec, layout = _run_of(context, msg.content["config"])
     model = build_local_model(spec, layout, msg.content["arrays"], None)
     node = context.node_config
-    partition = _partition(settings.dataset, str(node.get("data-path", settings.data_path)),
-                           settings.partitioner, settings.dirichlet_alpha, settings.seed,
-                           int(node["partition-id"]), int(node["num-partitions"]))
-    loader = make_eval_loader(partition, settings.dataset, settings.eval_batch_size)
+    test = load_test_set(settings.dataset, _data_path(context, settings))
+    if "data-path" not in node:
+        test = test.subset(np.arange(int(node["partition-id"]), len(test), int(node["num-partitions"])))
+    loader = make_eval_loader(test, settings.dataset, settings.eval_batch_size)
     loss, accuracy = evaluate(model, loader, resolve_device(settings.device), settings.amp)
-    metrics = MetricRecord({"num-examples": len(partition.labels), "eval-loss": loss, "eval-acc": accuracy})
+    metrics = MetricRecord(dict(zip(EVALUATE_METRICS, (len(test), loss, accuracy))))
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.query()
+def identity_handler(msg: Message, context: Context) -> Message:
+    """Tell the server this node's ``partition-id`` (for reproducible node sampling)."""
+    identity = ConfigRecord()
+    if isinstance(context.node_config.get("partition-id"), int):
+        identity["partition-id"] = int(context.node_config["partition-id"])
+    return Message(RecordDict({IDENTITY_RECORD: identity}), reply_to=msg)

@@ -82,10 +82,17 @@ def _as_tuple(value: Any) -> Any:
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def check_same_run(saved: Mapping[str, Any], current: Mapping[str, Any],
-                   may_differ: tuple[str, ...] = ("resume", "num-server-rounds")) -> None:
-    """Refuse to resume a checkpoint written under a different run config."""
-    keys = (set(saved) | set(current)) - set(may_differ)
+def check_same_run(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """Refuse to resume a checkpoint written under a different run config.
+
+    Only ``resume`` may differ, and ``num-server-rounds`` (to extend a run)
+    when the learning rate is constant: the step and cosine schedules depend
+    on the total number of rounds.
+    """
+    may_differ = {"resume"}
+    if saved.get("lr-schedule") == current.get("lr-schedule") == "constant":
+        may_differ.add("num-server-rounds")
+    keys = (set(saved) | set(current)) - may_differ
     if diff := sorted(k for k in keys if saved.get(k) != current.get(k)):
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff)
         raise CheckpointError(f"cannot resume: the run config differs from the checkpoint's ({details})")

@@ -29,7 +29,6 @@ class RoundTraffic:
 
     bytes_down: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     bytes_up: dict[int, int] = field(default_factory=lambda: defaultdict(int))
-    train_replies: list[Message] = field(default_factory=list)
 
     @property
     def total_down(self) -> int:
@@ -38,18 +37,6 @@ class RoundTraffic:
     @property
     def total_up(self) -> int:
         return sum(self.bytes_up.values())
-
-    def client_metric(self, name: str) -> list[float]:
-        """Scalar ``name`` of every successful train reply that reported it."""
-        values = []
-        for reply in self.train_replies:
-            if reply.has_error():
-                continue
-            for record in reply.content.metric_records.values():
-                value = record.get(name)
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    values.append(float(value))
-        return values
 
 
 class MeteredGrid(Grid):
@@ -71,8 +58,6 @@ class MeteredGrid(Grid):
     def _count_received(self, replies: list[Message]) -> None:
         for reply in replies:
             self._traffic.bytes_up[reply.metadata.src_node_id] += array_bytes(reply)
-            if reply.metadata.message_type.startswith("train"):
-                self._traffic.train_replies.append(reply)
 
     # -- Grid interface ----------------------------------------------------------------------
     def set_run(self, run):

@@ -1,32 +1,44 @@
-"""Flower's own FedAvg, with the same reply screening as ResIST in front of it.
+"""Flower's own FedAvg with ResIST's node sampling and reply screening in front of it.
 
-The algorithm is ``flwr.serverapp.strategy.FedAvg`` unchanged; only replies
-that pass :func:`resist_fl.strategy.screen_replies` reach its
-``aggregate_train``, so a malformed client reply is dropped with a WARNING
-instead of ending the run (Flower raises ``InconsistentMessageReplies``) or
-writing NaN into the global model.
+The averaging is Flower's (``aggregate_arrayrecords`` / ``aggregate_metricrecords``,
+what ``flwr.serverapp.strategy.FedAvg`` uses). What changes, so that the
+comparison with ResIST differs in the strategy and nothing else:
+
+- nodes are sampled by :class:`resist_fl.node_sampling.NodeSampler`, the same
+  reproducible sampler ResIST uses (Flower's draws from the global ``random``);
+- only replies that pass :func:`resist_fl.reply_screening.screen_replies` are
+  averaged, in a fixed node order: a malformed reply is dropped with a WARNING
+  instead of ending the run (Flower raises ``InconsistentMessageReplies``) or
+  writing NaN into the global model;
+- integer buffers stay integer (Flower's mean turns them into float64).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from logging import WARNING
+from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from resist_fl.strategy import screen_replies
-from resist_fl.validation import TRAIN_METRICS, ReplyError
+from resist_fl.node_sampling import NodeSampler
+from resist_fl.reply_screening import screen_replies
+from resist_fl.validation import EVALUATE_METRICS, ReplyError, check_finite_number, check_num_examples
 
 
 class ScreenedFedAvg(FedAvg):
-    """FedAvg whose training replies are validated first.
+    """FedAvg with reproducible sampling and validated replies.
 
     Parameters
     ----------
+    seed : int
+        Node sampling is a function of (seed, round).
+    round_offset : int
+        Rounds done before this ``start()`` (a resumed run).
     min_train_replies : int
         With fewer valid replies, the round leaves the global model unchanged.
     max_num_examples : int
@@ -35,42 +47,60 @@ class ScreenedFedAvg(FedAvg):
         Passed to :class:`flwr.serverapp.strategy.FedAvg`.
     """
 
-    def __init__(self, *, min_train_replies: int = 1, max_num_examples: int = 10_000_000, **kwargs) -> None:
+    def __init__(self, *, seed: int = 0, round_offset: int = 0, min_train_replies: int = 1,
+                 max_num_examples: int = 10_000_000, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.sampler = NodeSampler(fraction=self.fraction_train, min_nodes=self.min_train_nodes,
+                                   min_available_nodes=self.min_available_nodes, seed=seed)
+        self.round_offset = round_offset
         self.min_train_replies = min_train_replies
         self.max_num_examples = max_num_examples
-        self.last_round_counts: dict[str, int] = {}
+        self.last_round_metrics: dict[str, float | int] = {}
+        self.last_evaluate_metrics: dict[str, float | int] = {}
         self._global: ArrayRecord | None = None
-        self._sent: dict[int, tuple[str, ...]] = {}
+        self._messages: list[Message] = []
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        """Send the whole model to the sampled nodes (one shared RecordDict, as FedAvg does)."""
+        sampled, connected, _ = self.sampler.sample(grid, self.round_offset + server_round)
+        log(INFO, "configure_train: round %d, %d of %d nodes", server_round, len(sampled), connected)
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         self._global = arrays
-        self._sent = {m.metadata.dst_node_id: tuple(arrays.keys()) for m in messages}
-        return messages
+        self._messages = list(self._construct_messages(record, sampled, MessageType.TRAIN))
+        return self._messages
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        screened = screen_replies(server_round, replies, self._sent, self._global, self.max_num_examples)
-        valid = []
-        for reply in screened.replies:  # FedAvg needs the same metric keys in every reply
-            keys = set(next(iter(reply.content.metric_records.values())).keys())
-            if keys == set(TRAIN_METRICS):
-                valid.append(reply)
-                continue
-            log(WARNING, "round %d: reply of node %s dropped: %s", server_round, reply.metadata.src_node_id,
-                ReplyError(f"metrics {sorted(keys)}, expected {sorted(TRAIN_METRICS)}"))
-        counts = screened.counts(len(self._sent))
-        counts["replies-rejected"] += len(screened.replies) - len(valid)
-        counts["replies-accepted"] = len(valid)
-        self.last_round_counts = counts
-        if len(valid) < self.min_train_replies:
+        """Average the valid replies with Flower's FedAvg aggregation."""
+        keys = tuple(self._global.keys())
+        sent = {m.metadata.dst_node_id: keys for m in self._messages}
+        screened = screen_replies(server_round, replies, sent, self._global, self.max_num_examples,
+                                  message_nodes={m.metadata.message_id: m.metadata.dst_node_id
+                                                 for m in self._messages},
+                                  order=self.sampler.rank)
+        self.last_round_metrics = screened.round_metrics(len(sent))
+        if len(screened.accepted) < self.min_train_replies:
             log(WARNING, "round %d: %d valid replies < min-train-replies %d: global model unchanged",
-                server_round, len(valid), self.min_train_replies)
-            return None, MetricRecord(counts)
-        arrays, metrics = super().aggregate_train(server_round, valid)
-        return self._keep_dtypes(arrays), MetricRecord({**(metrics or {}), **counts})
+                server_round, len(screened.accepted), self.min_train_replies)
+            return None, MetricRecord(self.last_round_metrics)
+        contents = [a.content() for a in screened.accepted]
+        arrays = aggregate_arrayrecords(contents, self.weighted_by_key)
+        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        return self._keep_dtypes(arrays), MetricRecord({**metrics, **self.last_round_metrics})
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Federated evaluation: the example-weighted mean of the valid replies' metrics."""
+        valid = []
+        for reply in replies:
+            try:
+                valid.append(RecordDict({"metrics": _evaluate_metrics(reply, self.max_num_examples)}))
+            except ReplyError as err:
+                log(WARNING, "round %d: evaluate reply of node %s dropped: %s", server_round,
+                    reply.metadata.src_node_id, err)
+        self.last_evaluate_metrics = dict(self.evaluate_metrics_aggr_fn(valid, self.weighted_by_key)) if valid else {}
+        return MetricRecord(self.last_evaluate_metrics) if valid else None
 
     def _keep_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
         """Cast back to the global dtypes: Flower's mean turns int64 buffers into float64."""
@@ -85,3 +115,16 @@ class ScreenedFedAvg(FedAvg):
                 value = np.rint(value)
             record[key] = Array(np.require(value.astype(dtype), requirements="C"))
         return record
+
+
+def _evaluate_metrics(reply: Message, max_num_examples: int) -> MetricRecord:
+    """The evaluate reply's metrics (:data:`EVALUATE_METRICS`, finite scalars), else ReplyError."""
+    if reply.has_error():
+        raise ReplyError(f"error (code {reply.error.code}): {reply.error.reason}")
+    if len(reply.content.metric_records) != 1:
+        raise ReplyError("expected exactly one MetricRecord")
+    reported = next(iter(reply.content.metric_records.values()))
+    metrics = {"num-examples": check_num_examples(reported.get("num-examples"), max_num_examples)}
+    for name in EVALUATE_METRICS[1:]:
+        metrics[name] = check_finite_number(name, reported.get(name))
+    return MetricRecord(metrics)

@@ -56,14 +56,14 @@ def append_metrics(run_dir: Path, row: Mapping[str, Any]) -> None:
     """Append one round's row to ``metrics.jsonl`` (flushed and synced)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-        f.write(json.dumps(dict(row), sort_keys=True) + "\n")
+        f.write(json.dumps(dict(row), sort_keys=True, allow_nan=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
 def rewrite_metrics(run_dir: Path, rows: list[Mapping[str, Any]]) -> None:
     """Replace ``metrics.jsonl`` with ``rows`` (atomically; used when resuming)."""
-    text = "".join(json.dumps(dict(r), sort_keys=True) + "\n" for r in rows)
+    text = "".join(json.dumps(dict(r), sort_keys=True, allow_nan=False) + "\n" for r in rows)
     atomic_write_bytes(Path(run_dir) / METRICS_FILE, text.encode())
 
 

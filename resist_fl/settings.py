@@ -99,8 +99,15 @@ class RunSettings:
         for key in ("num-server-rounds", "base-width", "batch-size", "eval-every", "eval-batch-size",
                     "min-available-nodes", "min-train-replies", "max-num-examples"):
             _at_least(key, getattr(self, key.replace("-", "_")), 1)
-        for key in ("local-epochs", "min-blocks-per-site", "min-train-nodes", "seed"):
+        for key in ("local-epochs", "min-blocks-per-site", "seed"):
             _at_least(key, getattr(self, key.replace("-", "_")), 0)
+        _at_least("min-train-nodes", self.min_train_nodes, 1)
+        if self.min_train_nodes > self.min_available_nodes:
+            raise SettingsError(f"min-train-nodes = {self.min_train_nodes}: expected at most "
+                                f"min-available-nodes ({self.min_available_nodes})")
+        if self.min_train_replies > self.min_train_nodes:
+            raise SettingsError(f"min-train-replies = {self.min_train_replies}: expected at most "
+                                f"min-train-nodes ({self.min_train_nodes})")
         if self.local_epochs == 0:
             _at_least("local-steps", self.local_steps, 1, "(or set local-epochs > 0)")
         for key in ("lr", "dirichlet-alpha", "round-timeout"):

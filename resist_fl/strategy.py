@@ -10,8 +10,8 @@ the FULL global record, which it returns.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from logging import INFO, WARNING
 
 import numpy as np
@@ -21,88 +21,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from resist_fl.aggregation import merge_partial, update_weights
-from resist_fl.decomposition import BlockLayout, round_rng, sample_subnetworks
-from resist_fl.validation import ReplyError, check_num_examples, check_update
-
-
-@dataclass
-class ScreenedReplies:
-    """The outcome of :func:`screen_replies` for one round."""
-
-    replies: list[Message] = field(default_factory=list)
-    """The accepted replies, in arrival order."""
-    updates: list[dict[str, np.ndarray]] = field(default_factory=list)
-    examples: list[int] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
-    rejected: int = 0
-    failed: int = 0
-
-    def counts(self, num_sent: int) -> dict[str, int]:
-        """Accepted / rejected / failed / missing (no reply by the timeout) replies."""
-        accepted = len(self.updates)
-        return {"replies-accepted": accepted, "replies-rejected": self.rejected,
-                "replies-failed": self.failed,
-                "replies-missing": max(0, num_sent - accepted - self.rejected - self.failed)}
-
-    def mean_loss(self) -> float:
-        """Example-weighted mean of the accepted replies' training losses."""
-        return float(np.average(self.losses, weights=self.examples))
-
-
-def screen_replies(server_round: int, replies: Iterable[Message], sent: Mapping[int, Sequence[str]],
-                   global_record: ArrayRecord, max_num_examples: int) -> ScreenedReplies:
-    """Split training replies into accepted ones and dropped ones (with a WARNING each).
-
-    A reply is accepted only if its node was sent ``sent[node]`` this round, it
-    is the node's first reply, it holds one ArrayRecord with exactly those keys
-    (shapes and dtypes as in ``global_record``, finite values) and one
-    MetricRecord with an integer ``num-examples`` in [1, ``max_num_examples``]
-    and a finite ``train-loss``.
-    """
-    out = ScreenedReplies()
-    seen: set[int] = set()
-    for reply in replies:
-        node_id = reply.metadata.src_node_id
-        if reply.has_error():
-            out.failed += 1
-            log(WARNING, "round %d: node %s failed (code %s): %s", server_round, node_id,
-                reply.error.code, reply.error.reason)
-            continue
-        try:
-            if node_id not in sent:
-                raise ReplyError("this node was not sampled in this round")
-            if node_id in seen:
-                raise ReplyError("a second reply in the same round")
-            update, num_examples, loss = _check_reply(reply, sent[node_id], global_record, max_num_examples)
-        except ReplyError as err:
-            out.rejected += 1
-            log(WARNING, "round %d: reply of node %s dropped: %s", server_round, node_id, err)
-            continue
-        seen.add(node_id)
-        out.replies.append(reply)
-        out.updates.append(update)
-        out.examples.append(num_examples)
-        out.losses.append(loss)
-    return out
-
-
-def _check_reply(reply: Message, keys: Sequence[str], global_record: ArrayRecord,
-                 max_num_examples: int) -> tuple[dict[str, np.ndarray], int, float]:
-    content = reply.content
-    if len(content.array_records) != 1 or len(content.metric_records) != 1:
-        raise ReplyError("expected exactly one ArrayRecord and one MetricRecord")
-    record = next(iter(content.array_records.values()))
-    metrics = next(iter(content.metric_records.values()))
-    try:
-        update = {k: v.numpy() for k, v in record.items()}
-    except Exception as err:  # undecodable bytes from a client
-        raise ReplyError(f"arrays cannot be decoded: {err}") from err
-    check_update(update, {k: (global_record[k].shape, global_record[k].dtype) for k in keys})
-    num_examples = check_num_examples(metrics.get("num-examples"), max_num_examples)
-    loss = metrics.get("train-loss", float("nan"))
-    if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not np.isfinite(loss):
-        raise ReplyError(f"train-loss = {loss!r} is not a finite number")
-    return update, num_examples, float(loss)
+from resist_fl.decomposition import BlockLayout, sample_subnetworks
+from resist_fl.node_sampling import NodeSampler
+from resist_fl.reply_screening import screen_replies
 
 
 @dataclass(frozen=True)
@@ -148,19 +69,18 @@ class ResIST(Strategy):
             raise ValueError(f"min_blocks_per_site = {min_blocks_per_site} exceeds the "
                              f"{len(layout.partitionable)} partitionable blocks")
         self.layout = layout
-        self.fraction_train = fraction_train
-        self.min_train_nodes = min_train_nodes
-        self.min_available_nodes = min_available_nodes
+        self.sampler = NodeSampler(fraction=fraction_train, min_nodes=min_train_nodes,
+                                   min_available_nodes=min_available_nodes, seed=seed)
         self.min_blocks_per_site = min_blocks_per_site
         self.weighting = weighting
         self.min_train_replies = min_train_replies
         self.max_num_examples = max_num_examples
-        self.seed = seed
         self.round_offset = round_offset
         self.num_subnetworks = max(1, min_train_nodes)
-        self.last_round_counts: dict[str, int] = {}
+        self.last_round_metrics: dict[str, float | int] = {}
         self._global: ArrayRecord | None = None
         self._assignments: dict[int, _Assignment] = {}
+        self._messages: list[Message] = []
 
     # -- what the ServerApp needs ------------------------------------------------------------
     def inference_scales(self) -> dict[str, float]:
@@ -177,7 +97,7 @@ class ResIST(Strategy):
         log(INFO, "\t│\t└── inference scale with S=%d sub-networks: %.4f", self.num_subnetworks,
             next(iter(self.inference_scales().values())))
         log(INFO, "\t└──> Sampling: fraction %.2f, min train nodes %d, min available %d, seed %d",
-            self.fraction_train, self.min_train_nodes, self.min_available_nodes, self.seed)
+            self.sampler.fraction, self.sampler.min_nodes, self.sampler.min_available_nodes, self.sampler.seed)
 
     # -- training ----------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -185,12 +105,7 @@ class ResIST(Strategy):
         """Sample nodes and send each its own sub-network's arrays and block ids."""
         if missing := sorted(set(self.layout.payload_keys()) - set(arrays)):
             raise ValueError(f"the global record lacks {len(missing)} model keys, e.g. {missing[:3]}")
-        node_ids = self._wait_for_nodes(grid)
-        rng = round_rng(self.seed, self.round_offset + server_round)
-        size = min(len(node_ids), max(int(len(node_ids) * self.fraction_train), self.min_train_nodes))
-        # Sample positions, not ids: ids are 64-bit and numpy would turn a mix of ids
-        # above and below 2**63 into float64.
-        sampled = sorted(node_ids[int(i)] for i in rng.choice(len(node_ids), size=size, replace=False))
+        sampled, connected, rng = self.sampler.sample(grid, self.round_offset + server_round)
         groups = sample_subnetworks(self.layout.partitionable, len(sampled), self.min_blocks_per_site, rng)
         self.num_subnetworks = len(sampled)
         self._global = arrays
@@ -206,7 +121,8 @@ class ResIST(Strategy):
             content = RecordDict({"arrays": payload, "config": node_config})
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
         log(INFO, "configure_train: round %d, %d of %d nodes, sub-network depths %s", server_round,
-            len(sampled), len(node_ids), [len(g) for g in groups])
+            len(sampled), connected, [len(g) for g in groups])
+        self._messages = messages  # the Grid gives them their message ids when it pushes them
         return messages
 
     def aggregate_train(self, server_round: int,
@@ -215,17 +131,21 @@ class ResIST(Strategy):
         if self._global is None:
             raise RuntimeError("aggregate_train called before configure_train")
         sent = {node: assignment.keys for node, assignment in self._assignments.items()}
-        screened = screen_replies(server_round, replies, sent, self._global, self.max_num_examples)
-        metrics = {**screened.counts(len(sent)), "num-subnetworks": self.num_subnetworks}
-        self.last_round_counts = dict(metrics)
-        if len(screened.updates) < self.min_train_replies:
+        screened = screen_replies(server_round, replies, sent, self._global, self.max_num_examples,
+                                  message_nodes={m.metadata.message_id: m.metadata.dst_node_id
+                                                 for m in self._messages},
+                                  order=self.sampler.rank)
+        metrics = {**screened.round_metrics(len(sent)), "num-subnetworks": self.num_subnetworks}
+        self.last_round_metrics = metrics
+        accepted = screened.accepted
+        if len(accepted) < self.min_train_replies:
             log(WARNING, "round %d: %d valid replies < min-train-replies %d: global model unchanged",
-                server_round, len(screened.updates), self.min_train_replies)
+                server_round, len(accepted), self.min_train_replies)
             return None, MetricRecord(metrics)
         start = time.perf_counter()
-        merged = self._merge(screened.updates, update_weights(screened.examples, self.weighting))
-        metrics.update({"num-examples": int(sum(screened.examples)), "train-loss": screened.mean_loss(),
-                        "merge-seconds": time.perf_counter() - start})
+        merged = self._merge([a.update for a in accepted],
+                             update_weights([a.num_examples for a in accepted], self.weighting))
+        metrics["merge-seconds"] = time.perf_counter() - start
         return merged, MetricRecord(metrics)
 
     def _merge(self, updates: list[dict[str, np.ndarray]], weights: list[float]) -> ArrayRecord:
@@ -236,15 +156,6 @@ class ResIST(Strategy):
         for key, array in self._global.items():
             record[key] = array if key not in merged else Array(np.require(merged[key], requirements="C"))
         return record
-
-    def _wait_for_nodes(self, grid: Grid) -> list[int]:
-        logged = False
-        while len(node_ids := sorted(grid.get_node_ids())) < self.min_available_nodes:
-            if not logged:
-                log(INFO, "waiting for %d nodes (%d connected)", self.min_available_nodes, len(node_ids))
-                logged = True
-            time.sleep(1.0)
-        return node_ids
 
     # -- evaluation: central only (the full model never goes to a client) --------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -15,6 +15,8 @@ import numpy as np
 
 TRAIN_METRICS = ("num-examples", "train-loss", "train-seconds", "local-steps")
 """The MetricRecord keys of a training reply (what the ClientApp sends)."""
+EVALUATE_METRICS = ("num-examples", "eval-loss", "eval-acc")
+"""The MetricRecord keys of a federated-evaluation reply."""
 
 
 class ReplyError(ValueError):
@@ -48,6 +50,13 @@ def check_num_examples(value: Any, cap: int) -> int:
     if not 1 <= value <= cap:
         raise ReplyError(f"num-examples = {value} is outside [1, {cap}]")
     return int(value)
+
+
+def check_finite_number(name: str, value: Any) -> float | int:
+    """``value`` if it is a finite int or float (not a bool), else :class:`ReplyError`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        raise ReplyError(f"{name} = {value!r} is not a finite number")
+    return value
 
 
 def _kind(dtype: np.dtype) -> str:

@@ -8,7 +8,6 @@ import time
 from logging import INFO
 from pathlib import Path
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
@@ -53,12 +52,15 @@ def build_strategy(settings: RunSettings, layout: BlockLayout, round_offset: int
                           min_evaluate_nodes=settings.min_train_nodes if settings.fraction_evaluate else 0,
                           min_available_nodes=settings.min_available_nodes,
                           min_train_replies=settings.min_train_replies,
-                          max_num_examples=settings.max_num_examples)
+                          max_num_examples=settings.max_num_examples, seed=settings.seed,
+                          round_offset=round_offset)
 
 
-def train_config(settings: RunSettings) -> ConfigRecord:
-    """Hyper-parameters every train message carries (both strategies)."""
+def train_config(settings: RunSettings, spec: ModelSpec, round_offset: int) -> ConfigRecord:
+    """What every train message carries (both strategies): the model's data shape (so a node
+    with its own data set needs no server file), the hyper-parameters and the round offset."""
     return ConfigRecord({
+        "num-classes": spec.num_classes, "in-channels": spec.in_channels, "round-offset": round_offset,
         "lr": settings.lr, "lr-schedule": settings.lr_schedule,
         "num-server-rounds": settings.num_server_rounds, "momentum": settings.momentum,
         "weight-decay": settings.weight_decay, "local-steps": settings.local_steps,
@@ -72,8 +74,9 @@ def full_state(arrays: ArrayRecord, layout: BlockLayout, scales: dict[str, float
     for key in layout.keys:
         if key not in state:  # scale buffers: 1.0 unless partitioned (then the inference scale)
             block = key.rsplit(".", 1)[0]
+            if scale_key(block) != key:
+                raise KeyError(f"the global arrays lack {key!r}")
             state[key] = torch.tensor(float(scales.get(block, 1.0)))
-            assert scale_key(block) == key, key
     return {k: state[k] for k in layout.keys}
 
 
@@ -135,19 +138,21 @@ class RoundRecorder:
     def _round_row(self, run_round: int) -> dict:
         """Traffic and client figures of the round that just ended (no evaluation yet)."""
         traffic = self.grid.take_round()
-        losses, examples = traffic.client_metric("train-loss"), traffic.client_metric("num-examples")
+        trained = self.strategy.last_round_metrics  # accepted replies only
         row = {
             "round": run_round, "strategy": self.settings.strategy, "accuracy": None, "loss": None,
-            "train-loss": (float(np.average(losses, weights=examples))
-                           if losses and len(losses) == len(examples) else None),
+            "train-loss": trained.get("train-loss"), "client-seconds": trained.get("client-seconds", 0.0),
             "bytes-down": traffic.total_down, "bytes-up": traffic.total_up,
             "cumulative-bytes": self.cumulative_bytes + traffic.total_down + traffic.total_up,
             "round-seconds": time.perf_counter() - self.round_started,
-            "client-seconds": sum(traffic.client_metric("train-seconds")),
             "nodes": len(traffic.bytes_down),
             "server-rss-mb": resident_memory_mb(),
         }
-        row.update({k: int(v) for k, v in self.strategy.last_round_counts.items()})
+        row.update({k: v for k, v in trained.items() if k.startswith("replies-") or k == "num-subnetworks"})
+        if isinstance(self.strategy, ScreenedFedAvg) and self.strategy.last_evaluate_metrics:
+            row["client-eval-loss"] = self.strategy.last_evaluate_metrics["eval-loss"]
+            row["client-eval-acc"] = self.strategy.last_evaluate_metrics["eval-acc"]
+            self.strategy.last_evaluate_metrics = {}
         if isinstance(self.strategy, ResIST):
             row["inference-scale"] = next(iter(self.scales().values()), 1.0)
         return row
@@ -192,7 +197,7 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "resist-fl: writing results to %s", run_dir)
     write_json(run_dir / CONFIG_FILE, {"run_config": settings.to_run_config(), "model_spec": spec.to_dict()})
 
-    random.seed(settings.seed)  # FedAvg samples nodes with the global `random`
+    random.seed(settings.seed)  # Flower's FedAvg samples evaluation nodes with the global `random`
     torch.manual_seed(settings.seed)
     payload = set(layout.payload_keys())
     if resumed:
@@ -204,16 +209,19 @@ def main(grid: Grid, context: Context) -> None:
     offset = resumed.server_round if resumed else 0
 
     strategy = build_strategy(settings, layout, round_offset=offset)
+    if resumed and isinstance(strategy, ResIST) and resumed.metrics:
+        strategy.num_subnetworks = int(resumed.metrics[-1]["num-subnetworks"])  # for the inference scale
     metered = MeteredGrid(grid)
     recorder = RoundRecorder(settings, spec, layout, strategy, metered, run_dir, resumed)
-    config = train_config(settings)
-    config["round-offset"] = offset
+    config = train_config(settings, spec, offset)
     started = time.perf_counter()
     if settings.num_server_rounds > offset:
         # The global arrays are taken from the recorder: `Result.arrays` stays empty when no
         # round produced an update (e.g. every round had too few valid replies).
         strategy.start(grid=metered, initial_arrays=initial, num_rounds=settings.num_server_rounds - offset,
-                       timeout=settings.round_timeout, train_config=config, evaluate_fn=recorder)
+                       timeout=settings.round_timeout, train_config=config,
+                       evaluate_config=ConfigRecord({k: config[k] for k in ("num-classes", "in-channels")}),
+                       evaluate_fn=recorder)
     state = full_state(recorder.arrays or initial, layout, recorder.scales())
     save_model(run_dir / MODEL_FILE, state, spec.to_dict())
     summary = {"strategy": settings.strategy, "rounds": settings.num_server_rounds,

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SPEC = ModelSpec(depths=(1, 1, 4, 1), base_width=4, norm="batchnorm-running")
 LAYOUT = BlockLayout.from_spec(SPEC)
 CAP = 1000
+INT_KEY = "layer1.0.bn1.num_batches_tracked"
 
 # -- an adversarial ClientApp: each node replies as PLAN says ------------------------------------
 
@@ -43,7 +44,10 @@ TAMPERS = {
     "unassigned-block-key": None,  # needs the node's blocks: handled in the app
     "wrong-shape": lambda u, m: ({**u, "linear.weight": np.zeros((2, 2), np.float32)}, m),
     "wrong-dtype": lambda u, m: ({**u, "linear.weight": u["linear.weight"].astype(np.int32)}, m),
-    "int-buffer-as-float": lambda u, m: ({**u, "conv1.weight": u["conv1.weight"].astype(bool)}, m),
+    "float-as-bool": lambda u, m: ({**u, "conv1.weight": u["conv1.weight"].astype(bool)}, m),
+    "int-buffer-as-float": lambda u, m: ({**u, INT_KEY: u[INT_KEY].astype(np.float32)}, m),
+    "train-seconds-list": "train-seconds-list",
+    "renamed-records": "renamed-records",
     "nan": lambda u, m: ({**u, "linear.bias": np.full_like(u["linear.bias"], np.nan)}, m),
     "inf": lambda u, m: ({**u, "conv1.weight": np.full_like(u["conv1.weight"], np.inf)}, m),
     "zero-examples": lambda u, m: (u, {**m, "num-examples": 0}),
@@ -82,7 +86,23 @@ def _adversarial_train(msg: Message, context: Context) -> Message:
         content = RecordDict({"arrays": arrays})
     if tamper == "two-array-records":
         content["more"] = ArrayRecord({"x": torch.zeros(1)})
+    if tamper == "train-seconds-list":
+        content["metrics"]["train-seconds"] = [0.1, 0.2]
+    if tamper == "renamed-records":
+        content = RecordDict({"params": arrays, "stats": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
+
+
+VALID = ("valid", "renamed-records")
+"""Tampers that leave a reply valid (record names are free)."""
+
+
+def _arrays(reply):
+    return next(iter(reply.content.array_records.values()))
+
+
+def _metrics(reply):
+    return next(iter(reply.content.metric_records.values()))
 
 
 def global_record(seed: int) -> ArrayRecord:
@@ -103,7 +123,7 @@ def fuzz_round(tampers: list[str], shifts: list[float], seed: int) -> None:
     replies = list(grid.send_and_receive(messages))
     merged, metrics = strategy.aggregate_train(1, replies)
 
-    valid = [r for r in replies if PLAN[r.metadata.src_node_id][0] == "valid"]
+    valid = [r for r in replies if PLAN[r.metadata.src_node_id][0] in VALID]
     TRIED["valid"] += len(valid)
     TRIED["malformed"] += len(replies) - len(valid)
     assert metrics["replies-accepted"] == len(valid)
@@ -112,8 +132,8 @@ def fuzz_round(tampers: list[str], shifts: list[float], seed: int) -> None:
         assert merged is None  # global model unchanged
         return
     glob = {k: v.numpy() for k, v in initial.items()}
-    expected = merge_partial(glob, [{k: v.numpy() for k, v in r.content["arrays"].items()} for r in valid],
-                             [r.content["metrics"]["num-examples"] for r in valid])
+    expected = merge_partial(glob, [{k: v.numpy() for k, v in _arrays(r).items()} for r in valid],
+                             [_metrics(r)["num-examples"] for r in valid])
     assert list(merged.keys()) == list(initial.keys())
     for key, value in expected.items():
         assert merged[key].numpy().tobytes() == value.tobytes(), key
@@ -149,9 +169,12 @@ def test_fedavg_drops_malformed_replies_too(tamper):
     initial = global_record(0)
     replies = list(grid.send_and_receive(strategy.configure_train(1, initial, ConfigRecord({}), grid)))
     merged, metrics = strategy.aggregate_train(1, replies)
-    valid = [r for r in replies if PLAN[r.metadata.src_node_id][0] == "valid"]
-    assert metrics["replies-accepted"] == len(valid) == (3 if tamper == "valid" else 2)
-    expected, _ = FedAvg(min_train_nodes=3).aggregate_train(1, valid)
+    valid = [r for r in replies if PLAN[r.metadata.src_node_id][0] in VALID]
+    assert metrics["replies-accepted"] == len(valid) == (3 if tamper in VALID else 2)
+    canonical = [Message(RecordDict({"arrays": _arrays(r), "metrics": _metrics(r)}), reply_to=m)
+                 for r, m in zip(valid, [m for m in grid.sent if m.metadata.dst_node_id in
+                                         {r.metadata.src_node_id for r in valid}])]
+    expected, _ = FedAvg(min_train_nodes=3).aggregate_train(1, canonical)
     for key in initial:
         want = expected[key].numpy().astype(initial[key].numpy().dtype)
         np.testing.assert_array_equal(merged[key].numpy(), want, err_msg=key)
@@ -179,7 +202,8 @@ def test_failed_and_missing_nodes_keep_their_blocks_and_are_counted(tiny_config)
     assert (row["replies-accepted"], row["replies-failed"], row["replies-missing"]) == (1, 1, 1)
     before, after = initial_state(tiny_config), final_state(tiny_config)
     layout = BlockLayout.from_spec(ModelSpec(depths=(1, 1, 4, 1), base_width=8))
-    sent = {m.metadata.dst_node_id: list(m.content["config"]["blocks"]) for m in grid.sent}
+    sent = {m.metadata.dst_node_id: list(m.content["config"]["blocks"]) for m in grid.sent
+            if m.metadata.message_type == "train"}
     lost = {b for node in nodes[:2] for b in sent[node]} - set(sent[nodes[2]])
     assert lost
     for block in lost:
@@ -286,6 +310,9 @@ class _IdsOnlyGrid:
 
     def get_node_ids(self):
         return list(self.ids)
+
+    def send_and_receive(self, messages, *, timeout=None):  # partition-id queries: no answer
+        return []
 
 
 def test_node_ids_above_2_63_survive_sampling():

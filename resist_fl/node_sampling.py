@@ -1,0 +1,94 @@
+"""Reproducible node sampling for both strategies.
+
+Flower's node ids are random 64-bit numbers, new for every simulation run and
+for every SuperNode restart, and Flower's own ``sample_nodes`` draws from the
+global ``random`` module. Here nodes are put in a stable order (by the
+``partition-id`` each node reports once, through a query message; by node id
+for nodes without one) and sampled with a generator seeded by (seed, round).
+The same seed therefore trains the same partitions with the same
+sub-networks in every run, which also makes a resumed run identical to an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+
+import numpy as np
+from flwr.app import Message, MessageType, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from resist_fl.decomposition import round_rng
+
+IDENTITY_RECORD = "node"
+"""ConfigRecord of a query reply holding the node's ``partition-id`` (if it has one)."""
+
+
+class NodeSampler:
+    """Sample ``max(int(n * fraction), min_nodes)`` of the n connected nodes per round.
+
+    Parameters
+    ----------
+    fraction : float
+        Fraction of the connected nodes to sample, in (0, 1].
+    min_nodes : int
+        Sample at least this many nodes (capped at the connected nodes).
+    min_available_nodes : int
+        Wait until this many nodes are connected.
+    seed : int
+        Sampling is a function of (seed, round) and the nodes' stable order.
+    query_timeout : float
+        Seconds to wait for nodes to report their partition id.
+    """
+
+    def __init__(self, *, fraction: float, min_nodes: int, min_available_nodes: int, seed: int,
+                 query_timeout: float = 120.0) -> None:
+        self.fraction = fraction
+        self.min_nodes = min_nodes
+        self.min_available_nodes = min_available_nodes
+        self.seed = seed
+        self.query_timeout = query_timeout
+        self._rank_key: dict[int, tuple[int, int]] = {}
+
+    def sample(self, grid: Grid, run_round: int) -> tuple[list[int], int, np.random.Generator]:
+        """The sampled node ids (in stable order), the number connected, and the round's generator.
+
+        The generator has made the sampling draw; callers continue with it
+        (ResIST deals its blocks with it).
+        """
+        ordered = self.stable_order(grid, self._wait_for_nodes(grid))
+        rng = round_rng(self.seed, run_round)
+        size = min(len(ordered), max(int(len(ordered) * self.fraction), self.min_nodes))
+        picked = rng.choice(len(ordered), size=size, replace=False)
+        return [ordered[int(i)] for i in sorted(picked)], len(ordered), rng
+
+    def rank(self, node_id: int) -> tuple[int, int]:
+        """Sort key of a node: (0, partition-id) when it reported one, else (1, node id)."""
+        return self._rank_key.get(node_id, (1, node_id))
+
+    def stable_order(self, grid: Grid, node_ids: list[int]) -> list[int]:
+        """``node_ids`` sorted by :meth:`rank`; asks nodes not seen before for their partition id."""
+        unknown = [n for n in node_ids if n not in self._rank_key]
+        if unknown:
+            queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
+            for reply in grid.send_and_receive(queries, timeout=self.query_timeout):
+                node = reply.metadata.src_node_id
+                if reply.has_error() or IDENTITY_RECORD not in reply.content.config_records:
+                    continue
+                pid = reply.content.config_records[IDENTITY_RECORD].get("partition-id")
+                if isinstance(pid, int) and not isinstance(pid, bool):
+                    self._rank_key[node] = (0, pid)
+            for node in unknown:
+                self._rank_key.setdefault(node, (1, node))
+        return sorted(node_ids, key=self.rank)
+
+    def _wait_for_nodes(self, grid: Grid) -> list[int]:
+        logged = False
+        while len(node_ids := list(grid.get_node_ids())) < self.min_available_nodes:
+            if not logged:
+                log(INFO, "waiting for %d nodes (%d connected)", self.min_available_nodes, len(node_ids))
+                logged = True
+            time.sleep(1.0)
+        return node_ids
