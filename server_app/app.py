@@ -92,6 +92,7 @@ class RoundRecorder:
         self.device = resolve_device(settings.device)
         test = load_test_set(settings.dataset, settings.data_path)
         self.test_loader = make_eval_loader(test, settings.dataset, settings.eval_batch_size)
+        self.model = build_model(spec)  # built once, loaded with the global state at each evaluation
         self.rows: list[dict] = list(resumed.metrics) if resumed else []
         self.round_offset = resumed.server_round if resumed else 0
         self.arrays: ArrayRecord | None = None  # the global arrays after the last round seen
@@ -108,9 +109,8 @@ class RoundRecorder:
         return {}
 
     def evaluate(self, arrays: ArrayRecord) -> tuple[float, float]:
-        model = build_model(self.spec)
-        model.load_state_dict(full_state(arrays, self.layout, self.scales()))
-        return evaluate(model, self.test_loader, self.device, self.settings.amp)
+        self.model.load_state_dict(full_state(arrays, self.layout, self.scales()))
+        return evaluate(self.model, self.test_loader, self.device, self.settings.amp)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         self.arrays = arrays
