@@ -29,6 +29,8 @@ class RoundTraffic:
 
     bytes_down: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     bytes_up: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    train_nodes: set[int] = field(default_factory=set)
+    """Nodes sent a training message (other messages, e.g. queries, carry no arrays)."""
 
     @property
     def total_down(self) -> int:
@@ -54,6 +56,8 @@ class MeteredGrid(Grid):
     def _count_sent(self, messages: list[Message]) -> None:
         for message in messages:
             self._traffic.bytes_down[message.metadata.dst_node_id] += array_bytes(message)
+            if message.metadata.message_type.startswith("train"):
+                self._traffic.train_nodes.add(message.metadata.dst_node_id)
 
     def _count_received(self, replies: list[Message]) -> None:
         for reply in replies:

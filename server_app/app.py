@@ -121,6 +121,7 @@ class RoundRecorder:
         row = self._round_row(run_round)
         if run_round % self.settings.eval_every == 0 or run_round == self.settings.num_server_rounds:
             row["loss"], row["accuracy"] = self.evaluate(arrays)
+        row["server-rss-mb"] = resident_memory_mb()  # after the round's evaluation
         self.rows.append(row)
         rng_python, rng_torch = capture_rngs()
         Checkpoint(run_round, {k: v.numpy() for k, v in arrays.items()}, self.settings.to_run_config(),
@@ -145,8 +146,7 @@ class RoundRecorder:
             "bytes-down": traffic.total_down, "bytes-up": traffic.total_up,
             "cumulative-bytes": self.cumulative_bytes + traffic.total_down + traffic.total_up,
             "round-seconds": time.perf_counter() - self.round_started,
-            "nodes": len(traffic.bytes_down),
-            "server-rss-mb": resident_memory_mb(),
+            "nodes": len(traffic.train_nodes),
         }
         row.update({k: v for k, v in trained.items() if k.startswith("replies-") or k == "num-subnetworks"})
         if isinstance(self.strategy, ScreenedFedAvg) and self.strategy.last_evaluate_metrics:

@@ -139,7 +139,7 @@ def fuzz_round(tampers: list[str], shifts: list[float], seed: int) -> None:
         assert merged[key].numpy().tobytes() == value.tobytes(), key
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=240, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(tampers=st.lists(st.sampled_from(sorted(TAMPERS) + ["valid"] * 6), min_size=2, max_size=6),
        shift=st.floats(-2, 2, allow_nan=False), seed=st.integers(0, 3))
 def _fuzz(tampers, shift, seed):
