@@ -87,6 +87,7 @@ def test_fedavg_runs_the_same_app_and_costs_more_bytes(tiny_config):
     assert all("blocks" not in m.content["config"] for m in train_messages(grid))
     r, f = read_metrics(run_dir(resist))[0], read_metrics(run_dir(fedavg))[0]
     assert r["bytes-down"] < f["bytes-down"] and r["bytes-up"] < f["bytes-up"]
+    assert r["nodes"] == f["nodes"] == 3
     assert f["bytes-down"] == sum(m.content["arrays"].count_bytes() for m in train_messages(grid))
     assert 0 <= f["accuracy"] <= 1 and f["train-loss"] > 0
 
