@@ -77,9 +77,7 @@ class ScreenedFedAvg(FedAvg):
         keys = tuple(self._global.keys())
         sent = {m.metadata.dst_node_id: keys for m in self._messages}
         screened = screen_replies(server_round, replies, sent, self._global, self.max_num_examples,
-                                  message_nodes={m.metadata.message_id: m.metadata.dst_node_id
-                                                 for m in self._messages},
-                                  order=self.sampler.rank)
+                                  messages=self._messages, order=self.sampler.rank)
         self.last_round_metrics = screened.round_metrics(len(sent))
         if len(screened.accepted) < self.min_train_replies:
             log(WARNING, "round %d: %d valid replies < min-train-replies %d: global model unchanged",

@@ -68,7 +68,7 @@ class ScreenedReplies:
 
 def screen_replies(server_round: int, replies: Iterable[Message], sent: Mapping[int, Sequence[str]],
                    global_record: ArrayRecord, max_num_examples: int, *,
-                   message_nodes: Mapping[str, int] | None = None,
+                   messages: Iterable[Message] = (),
                    order: Callable[[int], object] | None = None) -> ScreenedReplies:
     """Accept the valid training replies of a round; count and log the others.
 
@@ -78,20 +78,21 @@ def screen_replies(server_round: int, replies: Iterable[Message], sent: Mapping[
         What each sampled node was sent.
     global_record : ArrayRecord
         The global arrays the round started from (shapes and dtypes to match).
-    message_nodes : mapping of message id to node id, optional
-        The round's train messages: names the node of an error reply made by
-        the SuperLink (those come from node 1).
+    messages : iterable of Message, optional
+        The round's train messages (as pushed, with their ids): they name the
+        node of an error reply made by the SuperLink (those come from node 1).
     order : callable, optional
         Sort key of a node id: the accepted replies are returned in this
         order, so a merge does not depend on arrival order.
     """
     out = ScreenedReplies()
+    message_nodes = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     seen: set[int] = set()
     for reply in replies:
         node_id = reply.metadata.src_node_id
         if reply.has_error():
             out.failed += 1
-            node_id = (message_nodes or {}).get(reply.metadata.reply_to_message_id, node_id)
+            node_id = message_nodes.get(reply.metadata.reply_to_message_id, node_id)
             log(WARNING, "round %d: node %s failed (code %s): %s", server_round, node_id,
                 reply.error.code, reply.error.reason)
             continue

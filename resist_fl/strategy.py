@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from logging import INFO, WARNING
 
 import numpy as np
@@ -24,13 +23,6 @@ from resist_fl.aggregation import merge_partial, update_weights
 from resist_fl.decomposition import BlockLayout, sample_subnetworks
 from resist_fl.node_sampling import NodeSampler
 from resist_fl.reply_screening import screen_replies
-
-
-@dataclass(frozen=True)
-class _Assignment:
-    node_id: int
-    blocks: tuple[str, ...]
-    keys: tuple[str, ...]
 
 
 class ResIST(Strategy):
@@ -79,7 +71,7 @@ class ResIST(Strategy):
         self.num_subnetworks = max(1, min_train_nodes)
         self.last_round_metrics: dict[str, float | int] = {}
         self._global: ArrayRecord | None = None
-        self._assignments: dict[int, _Assignment] = {}
+        self._sent: dict[int, tuple[str, ...]] = {}  # node -> the keys it was sent this round
         self._messages: list[Message] = []
 
     # -- what the ServerApp needs ------------------------------------------------------------
@@ -109,11 +101,11 @@ class ResIST(Strategy):
         groups = sample_subnetworks(self.layout.partitionable, len(sampled), self.min_blocks_per_site, rng)
         self.num_subnetworks = len(sampled)
         self._global = arrays
-        self._assignments = {}
+        self._sent = {}
         messages = []
         for node_id, blocks in zip(sampled, groups):
             keys = self.layout.payload_keys(blocks)
-            self._assignments[node_id] = _Assignment(node_id, blocks, keys)
+            self._sent[node_id] = keys
             payload = ArrayRecord()
             for key in keys:
                 payload[key] = arrays[key]
@@ -130,12 +122,9 @@ class ResIST(Strategy):
         """Validate the replies and merge the valid ones into the full global record."""
         if self._global is None:
             raise RuntimeError("aggregate_train called before configure_train")
-        sent = {node: assignment.keys for node, assignment in self._assignments.items()}
-        screened = screen_replies(server_round, replies, sent, self._global, self.max_num_examples,
-                                  message_nodes={m.metadata.message_id: m.metadata.dst_node_id
-                                                 for m in self._messages},
-                                  order=self.sampler.rank)
-        metrics = {**screened.round_metrics(len(sent)), "num-subnetworks": self.num_subnetworks}
+        screened = screen_replies(server_round, replies, self._sent, self._global, self.max_num_examples,
+                                  messages=self._messages, order=self.sampler.rank)
+        metrics = {**screened.round_metrics(len(self._sent)), "num-subnetworks": self.num_subnetworks}
         self.last_round_metrics = metrics
         accepted = screened.accepted
         if len(accepted) < self.min_train_replies:

@@ -325,3 +325,23 @@ def test_node_ids_above_2_63_survive_sampling():
         messages = list(strategy.configure_train(rnd, global_record(0), ConfigRecord({}), _IdsOnlyGrid(ids)))
         dst = [m.metadata.dst_node_id for m in messages]
         assert len(dst) == 2 and set(dst) <= set(ids) and all(type(d) is int for d in dst)
+
+
+def test_superlink_errors_are_attributed_to_their_node(caplog):
+    """Errors made by the SuperLink (node offline, message expired) come from node 1."""
+    from flwr.app import Error
+
+    from resist_fl.reply_screening import screen_replies
+
+    nodes = make_node_ids(2)
+    PLAN.clear()
+    PLAN.update({n: ("valid", 0.0) for n in nodes})
+    grid = InProcessGrid(adversarial_app, num_nodes=2, raise_client_errors=False)
+    strategy = ResIST(LAYOUT, min_train_nodes=2, min_available_nodes=2)
+    messages = list(strategy.configure_train(1, global_record(0), ConfigRecord({}), grid))
+    grid.push_messages(messages)
+    offline = Message(Error(code=5, reason="node offline"), reply_to=messages[0])
+    offline.metadata.__dict__["_src_node_id"] = 1  # as the SuperLink sends it (no public setter)
+    screened = screen_replies(1, [offline], {}, global_record(0), CAP, messages=messages)
+    assert screened.failed == 1
+    assert f"node {messages[0].metadata.dst_node_id} failed" in caplog.text
