@@ -16,8 +16,8 @@ from flwr.serverapp import Grid, ServerApp
 from resist_fl.checkpoint import CHECKPOINT_FILE, Checkpoint, capture_rngs, check_same_run
 from resist_fl.communication import MeteredGrid
 from resist_fl.data import load_test_set, make_eval_loader
-from resist_fl.fedavg import ScreenedFedAvg
 from resist_fl.decomposition import BlockLayout, scale_key
+from resist_fl.fedavg import ScreenedFedAvg
 from resist_fl.model import ModelSpec, build_model
 from resist_fl.outputs import (
     CONFIG_FILE,
