@@ -1,0 +1,18 @@
+"""The run config: pyproject defaults, the settings class and the README agree."""
+
+import re
+
+from resist_fl.settings import RunSettings
+from tests.conftest import ROOT, default_run_config
+
+
+def test_pyproject_defaults_are_the_settings_defaults():
+    assert RunSettings.from_run_config(default_run_config()) == RunSettings()
+    assert RunSettings().to_run_config() == default_run_config()
+
+
+def test_readme_documents_every_run_config_key():
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Run config", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"`([a-z][a-z0-9-]+)`", table))
+    assert set(default_run_config()) <= documented, set(default_run_config()) - documented
