@@ -127,9 +127,9 @@ class RoundRecorder:
         Checkpoint(run_round, {k: v.numpy() for k, v in arrays.items()}, self.settings.to_run_config(),
                    self.rows, rng_python, rng_torch).save(self.run_dir)
         append_metrics(self.run_dir, row)
-        acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
+        acc, loss = (("-" if row[k] is None else f"{row[k]:.4f}") for k in ("accuracy", "train-loss"))
         log(INFO, "[round %d] %s acc=%s train-loss=%s down=%.2f MB up=%.2f MB (%.1f s)", run_round,
-            self.settings.strategy, acc, row["train-loss"], row["bytes-down"] / 1e6, row["bytes-up"] / 1e6,
+            self.settings.strategy, acc, loss, row["bytes-down"] / 1e6, row["bytes-up"] / 1e6,
             row["round-seconds"])
         self.round_started = time.perf_counter()
         if row["accuracy"] is None:
