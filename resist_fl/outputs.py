@@ -7,6 +7,7 @@ file in the same directory, then ``os.replace``.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -77,8 +78,6 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 def save_model(path: Path, state_dict: Mapping[str, torch.Tensor], spec: Mapping[str, Any],
                extra: Mapping[str, Any] | None = None) -> None:
     """Save a plain PyTorch state_dict with the model spec (``torch.load`` + ``build_model``)."""
-    import io
-
     buffer = io.BytesIO()
     torch.save({"state_dict": dict(state_dict), "model_spec": dict(spec), **(extra or {})}, buffer)
     atomic_write_bytes(path, buffer.getvalue())

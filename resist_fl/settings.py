@@ -87,6 +87,10 @@ class RunSettings:
         """Kebab-case dict (what pyproject.toml holds)."""
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
 
+    def value(self, key: str) -> Any:
+        """The value of a kebab-case run-config key."""
+        return getattr(self, key.replace("-", "_"))
+
     def validate(self) -> None:
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("model", self.model, tuple(PRESET_DEPTHS))
@@ -97,11 +101,10 @@ class RunSettings:
         _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("device", self.device, DEVICES)
         for key in ("num-server-rounds", "base-width", "batch-size", "eval-every", "eval-batch-size",
-                    "min-available-nodes", "min-train-replies", "max-num-examples"):
-            _at_least(key, getattr(self, key.replace("-", "_")), 1)
+                    "min-available-nodes", "min-train-nodes", "min-train-replies", "max-num-examples"):
+            _at_least(key, self.value(key), 1)
         for key in ("local-epochs", "min-blocks-per-site", "seed"):
-            _at_least(key, getattr(self, key.replace("-", "_")), 0)
-        _at_least("min-train-nodes", self.min_train_nodes, 1)
+            _at_least(key, self.value(key), 0)
         if self.min_train_nodes > self.min_available_nodes:
             raise SettingsError(f"min-train-nodes = {self.min_train_nodes}: expected at most "
                                 f"min-available-nodes ({self.min_available_nodes})")
@@ -111,11 +114,11 @@ class RunSettings:
         if self.local_epochs == 0:
             _at_least("local-steps", self.local_steps, 1, "(or set local-epochs > 0)")
         for key in ("lr", "dirichlet-alpha", "round-timeout"):
-            if not getattr(self, key.replace("-", "_")) > 0:
-                raise SettingsError(f"{key} = {getattr(self, key.replace('-', '_'))!r}: expected a positive number")
+            if not self.value(key) > 0:
+                raise SettingsError(f"{key} = {self.value(key)!r}: expected a positive number")
         for key in ("momentum", "weight-decay"):
-            if not getattr(self, key.replace("-", "_")) >= 0:
-                raise SettingsError(f"{key} = {getattr(self, key.replace('-', '_'))!r}: expected a number >= 0")
+            if not self.value(key) >= 0:
+                raise SettingsError(f"{key} = {self.value(key)!r}: expected a number >= 0")
         if not 0 < self.fraction_train <= 1:
             raise SettingsError(f"fraction-train = {self.fraction_train!r}: expected a value in (0, 1]")
         if not 0 <= self.fraction_evaluate <= 1:
