@@ -14,7 +14,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from resist_fl.outputs import read_metrics
+from resist_fl.run.outputs import read_metrics
 from simulations.launcher import run_flwr
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,9 +14,9 @@ import time
 import numpy as np
 import torch
 
-from resist_fl.aggregation import merge_partial
-from resist_fl.decomposition import BlockLayout, round_rng, sample_subnetworks
-from resist_fl.model import ModelSpec, build_model
+from resist_fl.core.aggregation import merge_partial
+from resist_fl.core.decomposition import BlockLayout, round_rng, sample_subnetworks
+from resist_fl.core.model import ModelSpec, build_model
 
 
 def best_interleaved(repeats: int, *fns) -> list[float]:

@@ -9,13 +9,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from resist_fl.core.decomposition import BlockLayout
+from resist_fl.core.model import ModelSpec, build_model
+from resist_fl.core.validation import EVALUATE_METRICS, TRAIN_METRICS
 from resist_fl.data import ImageArrays, load_partition, load_test_set, make_eval_loader, make_train_loader
-from resist_fl.decomposition import BlockLayout
-from resist_fl.model import ModelSpec, build_model
-from resist_fl.node_sampling import IDENTITY_RECORD
-from resist_fl.settings import RunSettings
+from resist_fl.flower.node_sampling import IDENTITY_RECORD
+from resist_fl.run.settings import RunSettings
 from resist_fl.training import evaluate, resolve_device, scheduled_lr, steps_for, train
-from resist_fl.validation import EVALUATE_METRICS, TRAIN_METRICS
 
 app = ClientApp()
 

@@ -44,8 +44,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from deploy.make_certs import DeploymentFiles, make_certs, public_key_path, write_supernode_key
-from resist_fl.cli_config import free_port, render_config, toml_value
-from resist_fl.outputs import METRICS_FILE, SUMMARY_FILE
+from resist_fl.run.cli_config import free_port, render_config, toml_value
+from resist_fl.run.outputs import METRICS_FILE, SUMMARY_FILE
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent  # not resolved: a venv's python is a symlink

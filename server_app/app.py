@@ -13,13 +13,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from resist_fl.checkpoint import CHECKPOINT_FILE, Checkpoint, capture_rngs, check_same_run
-from resist_fl.communication import MeteredGrid
+from resist_fl.core.decomposition import BlockLayout, scale_key
+from resist_fl.core.model import ModelSpec, build_model
 from resist_fl.data import load_test_set, make_eval_loader
-from resist_fl.decomposition import BlockLayout, scale_key
-from resist_fl.fedavg import ScreenedFedAvg
-from resist_fl.model import ModelSpec, build_model
-from resist_fl.outputs import (
+from resist_fl.flower.fedavg import ScreenedFedAvg
+from resist_fl.flower.metering import MeteredGrid
+from resist_fl.flower.resist import ResIST
+from resist_fl.run.checkpoint import CHECKPOINT_FILE, Checkpoint, capture_rngs, check_same_run
+from resist_fl.run.outputs import (
     CONFIG_FILE,
     METRICS_FILE,
     MODEL_FILE,
@@ -30,8 +31,7 @@ from resist_fl.outputs import (
     save_model,
     write_json,
 )
-from resist_fl.settings import RunSettings, SettingsError, resolve_model
-from resist_fl.strategy import ResIST
+from resist_fl.run.settings import RunSettings, SettingsError, resolve_model
 from resist_fl.training import evaluate, resolve_device
 
 app = ServerApp()
@@ -148,7 +148,7 @@ class RoundRecorder:
             "round-seconds": time.perf_counter() - self.round_started,
             "nodes": len(traffic.train_nodes),
         }
-        row.update({k: v for k, v in trained.items() if k.startswith("replies-") or k == "num-subnetworks"})
+        row.update({k: v for k, v in trained.items() if k.startswith("replies-") or k in ("num-subnetworks", "merge-refused")})
         if isinstance(self.strategy, ScreenedFedAvg) and self.strategy.last_evaluate_metrics:
             row["client-eval-loss"] = self.strategy.last_evaluate_metrics["eval-loss"]
             row["client-eval-acc"] = self.strategy.last_evaluate_metrics["eval-acc"]

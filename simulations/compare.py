@@ -39,7 +39,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from resist_fl.outputs import CONFIG_FILE, SUMMARY_FILE, write_json
+from resist_fl.run.outputs import CONFIG_FILE, SUMMARY_FILE, write_json
 from simulations import report
 from simulations.launcher import LaunchResult, run_flwr
 from simulations.machine import describe_machine

@@ -29,8 +29,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from resist_fl.cli_config import free_port, render_config
-from resist_fl.outputs import METRICS_FILE, SUMMARY_FILE, run_directory
+from resist_fl.run.cli_config import free_port, render_config
+from resist_fl.run.outputs import METRICS_FILE, SUMMARY_FILE, run_directory
 
 MARKER_ENV = "RESIST_FL_LAUNCH_ID"
 POLL_SECONDS = 0.2

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from resist_fl.outputs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics, write_json
+from resist_fl.run.outputs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics, write_json
 from simulations.machine import describe_machine, machine_line
 
 MANIFEST_FILE = "compare.json"

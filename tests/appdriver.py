@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from flwr.app import Context, RecordDict
+from flwr.clientapp import ClientApp
 
 from client_app.app import app as client_app
 from server_app.app import main as server_main
 from tests.inprocess_grid import InProcessGrid
 
 
-def run_inprocess(run_config: dict, num_nodes: int = 3, **grid_kwargs) -> InProcessGrid:
-    """Run one whole ServerApp main on an :class:`InProcessGrid`; return the grid."""
-    grid = InProcessGrid(client_app, num_nodes=num_nodes, run_config=run_config, **grid_kwargs)
+def run_inprocess(run_config: dict, num_nodes: int = 3, client: ClientApp = client_app,
+                  **grid_kwargs) -> InProcessGrid:
+    """Run one whole ServerApp main on an :class:`InProcessGrid` (the real ClientApp unless
+    ``client`` is given); return the grid."""
+    grid = InProcessGrid(client, num_nodes=num_nodes, run_config=run_config, **grid_kwargs)
     server_main(grid, Context(run_id=grid.run.run_id, node_id=1, node_config={}, state=RecordDict(),
                               run_config=run_config))
     return grid

@@ -6,9 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resist_fl.aggregation import merge_partial, update_weights
-from resist_fl.decomposition import BlockLayout, round_rng, sample_subnetworks
-from resist_fl.model import ModelSpec, build_model
+from resist_fl.core.aggregation import merge_partial, update_weights
+from resist_fl.core.decomposition import BlockLayout, round_rng, sample_subnetworks
+from resist_fl.core.model import ModelSpec, build_model
 
 
 def test_hand_computed_merge():

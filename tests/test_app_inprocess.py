@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from resist_fl.core.decomposition import BlockLayout, is_scale_key
+from resist_fl.core.model import ModelSpec
 from resist_fl.data import load_test_set, make_eval_loader
-from resist_fl.decomposition import BlockLayout, is_scale_key
-from resist_fl.model import ModelSpec
-from resist_fl.outputs import load_model, read_metrics
-from resist_fl.settings import SettingsError
+from resist_fl.run.outputs import load_model, read_metrics
+from resist_fl.run.settings import SettingsError
 from resist_fl.training import evaluate
 from tests.appdriver import run_inprocess
 

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from resist_fl.decomposition import (
+from resist_fl.core.decomposition import (
     SHARED,
     BlockLayout,
     inference_scale,
@@ -13,7 +13,7 @@ from resist_fl.decomposition import (
     round_rng,
     sample_subnetworks,
 )
-from resist_fl.model import ModelSpec
+from resist_fl.core.model import ModelSpec
 
 R101 = ModelSpec.from_name("preact_resnet101")
 BLOCKS22 = BlockLayout.from_spec(R101).partitionable

@@ -21,10 +21,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from deploy.local_cluster import (SUPERLINK, SUPERNODE, ClusterError, LocalCluster,
-                                  connection_toml, find_executable, parse_config_string, process_table)
+from deploy.local_cluster import (
+    SUPERLINK,
+    SUPERNODE,
+    ClusterError,
+    LocalCluster,
+    connection_toml,
+    find_executable,
+    parse_config_string,
+    process_table,
+)
 from deploy.make_certs import make_certs, public_key_path
-from resist_fl.cli_config import render_config
+from resist_fl.run.cli_config import render_config
 
 TINY_RESIST = {
     "dataset": "synthetic", "stage-depths": "1,1,4,1", "base-width": 8, "local-steps": 5, "batch-size": 32,

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from flwr.common.config import parse_config_args
 
-from resist_fl.outputs import SUMMARY_FILE, read_metrics
-from resist_fl.cli_config import render_config, toml_value
+from resist_fl.run.cli_config import render_config, toml_value
+from resist_fl.run.outputs import SUMMARY_FILE, read_metrics
 from simulations.launcher import LaunchResult, marked_pids, run_flwr
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from resist_fl.decomposition import BlockLayout
-from resist_fl.model import (
+from resist_fl.core.decomposition import BlockLayout
+from resist_fl.core.model import (
     NORMS,
     ModelSpec,
     PreActBlock,

@@ -2,7 +2,7 @@
 
 import re
 
-from resist_fl.settings import RunSettings
+from resist_fl.run.settings import RunSettings
 from tests.conftest import ROOT, default_run_config
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from resist_fl.outputs import CONFIG_FILE, SUMMARY_FILE, append_metrics, read_metrics, write_json
+from resist_fl.run.outputs import CONFIG_FILE, SUMMARY_FILE, append_metrics, read_metrics, write_json
 from simulations import compare, report
 from simulations.launcher import LaunchResult
 from simulations.presets import PresetError, list_presets, load_preset, validate_preset

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from resist_fl.model import RESIDUAL_SCALE, ModelSpec, PreActResNet, build_model
+from resist_fl.core.model import RESIDUAL_SCALE, ModelSpec, PreActResNet, build_model
 
 SHARED = "shared"
 """Block id of every key that belongs to all sub-networks."""

@@ -1,7 +1,7 @@
 """ResIST as a Flower strategy (Message API).
 
-A thin adapter over the pure logic in :mod:`resist_fl.decomposition`,
-:mod:`resist_fl.aggregation` and :mod:`resist_fl.validation`: each round it
+A thin adapter over the pure logic in :mod:`resist_fl.core.decomposition`,
+:mod:`resist_fl.core.aggregation` and :mod:`resist_fl.core.validation`: each round it
 samples nodes reproducibly, deals one sub-network per sampled node, sends each
 node only its sub-network's arrays, validates the replies and merges them into
 the FULL global record, which it returns.
@@ -19,10 +19,10 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from resist_fl.aggregation import merge_partial, update_weights
-from resist_fl.decomposition import BlockLayout, sample_subnetworks
-from resist_fl.node_sampling import NodeSampler
-from resist_fl.reply_screening import screen_replies
+from resist_fl.core.aggregation import merge_partial, update_weights
+from resist_fl.core.decomposition import BlockLayout, sample_subnetworks
+from resist_fl.flower.node_sampling import NodeSampler
+from resist_fl.flower.reply_screening import refuse_non_finite, screen_replies
 
 
 class ResIST(Strategy):
@@ -124,7 +124,7 @@ class ResIST(Strategy):
             raise RuntimeError("aggregate_train called before configure_train")
         screened = screen_replies(server_round, replies, self._sent, self._global, self.max_num_examples,
                                   messages=self._messages, order=self.sampler.rank)
-        metrics = {**screened.round_metrics(len(self._sent)), "num-subnetworks": self.num_subnetworks}
+        metrics = {**screened.round_metrics(), "num-subnetworks": self.num_subnetworks, "merge-refused": 0}
         self.last_round_metrics = metrics
         accepted = screened.accepted
         if len(accepted) < self.min_train_replies:
@@ -132,19 +132,17 @@ class ResIST(Strategy):
                 server_round, len(accepted), self.min_train_replies)
             return None, MetricRecord(metrics)
         start = time.perf_counter()
-        merged = self._merge([a.update for a in accepted],
-                             update_weights([a.num_examples for a in accepted], self.weighting))
-        metrics["merge-seconds"] = time.perf_counter() - start
-        return merged, MetricRecord(metrics)
-
-    def _merge(self, updates: list[dict[str, np.ndarray]], weights: list[float]) -> ArrayRecord:
-        touched = set().union(*updates)
+        touched = set().union(*(a.update for a in accepted))
         current = {k: self._global[k].numpy() for k in self._global if k in touched}
-        merged = merge_partial(current, updates, weights)
+        merged = merge_partial(current, [a.update for a in accepted],
+                               update_weights([a.num_examples for a in accepted], self.weighting))
+        metrics["merge-seconds"] = time.perf_counter() - start
+        if refuse_non_finite(server_round, merged, metrics):
+            return None, MetricRecord(metrics)
         record = ArrayRecord()
         for key, array in self._global.items():
             record[key] = array if key not in merged else Array(np.require(merged[key], requirements="C"))
-        return record
+        return record, MetricRecord(metrics)
 
     # -- evaluation: central only (the full model never goes to a client) --------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

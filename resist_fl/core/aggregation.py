@@ -8,9 +8,8 @@ what Flower carries; nothing here imports Flower.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 import warnings
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -91,8 +90,24 @@ def _weighted_mean(key: str, current: np.ndarray, holders: list[tuple[np.ndarray
         else:
             acc.add_(t, alpha=wi / total)
     out = acc.numpy()
-    if acc_dtype == current.dtype:
-        return out
-    if np.issubdtype(current.dtype, np.integer) or current.dtype == np.bool_:
-        np.rint(out, out=out)
-    return out.astype(current.dtype)
+    return out if acc_dtype == current.dtype else cast_mean(out, current.dtype)
+
+
+def cast_mean(mean: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A float mean cast back to a parameter's ``dtype`` without overflow.
+
+    Integer and bool means are rounded and saturate at the dtype's range: a
+    mean of in-range integers is in range, but float64 rounding can carry it
+    past the bound (``2**63 - 1`` becomes ``2.0**63``), where a plain cast wraps
+    to ``-2**63``.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "iub":
+        with np.errstate(over="ignore"):
+            return mean.astype(dtype, copy=False)
+    low, high = (0, 1) if dtype.kind == "b" else (np.iinfo(dtype).min, np.iinfo(dtype).max)
+    rounded = np.rint(mean)
+    inside = (rounded > float(low)) & (rounded < float(high))
+    out = np.where(rounded >= float(high), np.array(high, dtype), np.array(low, dtype))
+    out[inside] = rounded[inside].astype(dtype)
+    return out.astype(dtype, copy=False)

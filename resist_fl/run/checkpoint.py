@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from resist_fl.outputs import atomic_write_bytes
+from resist_fl.run.outputs import atomic_write_bytes
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT = "resist-fl-checkpoint/1"

@@ -11,12 +11,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
-from resist_fl.aggregation import WEIGHTINGS
+from resist_fl.core.aggregation import WEIGHTINGS
+from resist_fl.core.model import NORMS, PRESET_DEPTHS, ModelSpec
 from resist_fl.data import DATASETS, PARTITIONERS
-from resist_fl.model import NORMS, PRESET_DEPTHS, ModelSpec
 
 if TYPE_CHECKING:
-    from resist_fl.decomposition import BlockLayout
+    from resist_fl.core.decomposition import BlockLayout
 
 STRATEGIES = ("resist", "fedavg")
 LR_SCHEDULES = ("step", "cosine", "constant")
@@ -186,8 +186,8 @@ def _at_least(key: str, value: int, low: int, hint: str = "") -> None:
 
 def resolve_model(settings: RunSettings) -> tuple[ModelSpec, "BlockLayout"]:
     """Model spec (classes and channels from the dataset) and block layout of a run."""
+    from resist_fl.core.decomposition import BlockLayout
     from resist_fl.data import dataset_info
-    from resist_fl.decomposition import BlockLayout
 
     info = dataset_info(settings.dataset, settings.data_path)
     spec = settings.model_spec(num_classes=info.num_classes, in_channels=info.in_channels)

@@ -4,13 +4,14 @@ The averaging is Flower's (``aggregate_arrayrecords`` / ``aggregate_metricrecord
 what ``flwr.serverapp.strategy.FedAvg`` uses). What changes, so that the
 comparison with ResIST differs in the strategy and nothing else:
 
-- nodes are sampled by :class:`resist_fl.node_sampling.NodeSampler`, the same
+- nodes are sampled by :class:`resist_fl.flower.node_sampling.NodeSampler`, the same
   reproducible sampler ResIST uses (Flower's draws from the global ``random``);
-- only replies that pass :func:`resist_fl.reply_screening.screen_replies` are
+- only replies that pass :func:`resist_fl.flower.reply_screening.screen_replies` are
   averaged, in a fixed node order: a malformed reply is dropped with a WARNING
   instead of ending the run (Flower raises ``InconsistentMessageReplies``) or
   writing NaN into the global model;
-- integer buffers stay integer (Flower's mean turns them into float64).
+- integer buffers stay integer (Flower's mean turns them into float64), and a
+  merge that is not finite is refused (the global model is kept).
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from resist_fl.node_sampling import NodeSampler
-from resist_fl.reply_screening import screen_replies
-from resist_fl.validation import EVALUATE_METRICS, ReplyError, check_finite_number, check_num_examples
+from resist_fl.core.aggregation import cast_mean
+from resist_fl.core.validation import EVALUATE_METRICS, MAX_METRIC, ReplyError, check_metric, check_num_examples
+from resist_fl.flower.node_sampling import NodeSampler
+from resist_fl.flower.reply_screening import refuse_non_finite, screen_replies
 
 
 class ScreenedFedAvg(FedAvg):
@@ -78,15 +80,19 @@ class ScreenedFedAvg(FedAvg):
         sent = {m.metadata.dst_node_id: keys for m in self._messages}
         screened = screen_replies(server_round, replies, sent, self._global, self.max_num_examples,
                                   messages=self._messages, order=self.sampler.rank)
-        self.last_round_metrics = screened.round_metrics(len(sent))
+        self.last_round_metrics = {**screened.round_metrics(), "merge-refused": 0}
         if len(screened.accepted) < self.min_train_replies:
             log(WARNING, "round %d: %d valid replies < min-train-replies %d: global model unchanged",
                 server_round, len(screened.accepted), self.min_train_replies)
             return None, MetricRecord(self.last_round_metrics)
         contents = [a.content() for a in screened.accepted]
-        arrays = aggregate_arrayrecords(contents, self.weighted_by_key)
+        averaged = aggregate_arrayrecords(contents, self.weighted_by_key)
+        merged = {k: cast_mean(averaged[k].numpy(), self._global[k].dtype) for k in self._global.keys()}
+        if refuse_non_finite(server_round, merged, self.last_round_metrics):
+            return None, MetricRecord(self.last_round_metrics)
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
-        return self._keep_dtypes(arrays), MetricRecord({**metrics, **self.last_round_metrics})
+        record = ArrayRecord({k: Array(np.require(v, requirements="C")) for k, v in merged.items()})
+        return record, MetricRecord({**metrics, **self.last_round_metrics})
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Federated evaluation: the example-weighted mean of the valid replies' metrics."""
@@ -94,25 +100,11 @@ class ScreenedFedAvg(FedAvg):
         for reply in replies:
             try:
                 valid.append(RecordDict({"metrics": _evaluate_metrics(reply, self.max_num_examples)}))
-            except ReplyError as err:
+            except Exception as err:  # noqa: BLE001 - ReplyError, or anything a reply can raise
                 log(WARNING, "round %d: evaluate reply of node %s dropped: %s", server_round,
-                    reply.metadata.src_node_id, err)
+                    getattr(reply.metadata, "src_node_id", "?"), err)
         self.last_evaluate_metrics = dict(self.evaluate_metrics_aggr_fn(valid, self.weighted_by_key)) if valid else {}
         return MetricRecord(self.last_evaluate_metrics) if valid else None
-
-    def _keep_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
-        """Cast back to the global dtypes: Flower's mean turns int64 buffers into float64."""
-        record = ArrayRecord()
-        for key, array in arrays.items():
-            dtype = np.dtype(self._global[key].dtype)
-            if np.dtype(array.dtype) == dtype:
-                record[key] = array
-                continue
-            value = array.numpy()
-            if dtype.kind in "iub":
-                value = np.rint(value)
-            record[key] = Array(np.require(value.astype(dtype), requirements="C"))
-        return record
 
 
 def _evaluate_metrics(reply: Message, max_num_examples: int) -> MetricRecord:
@@ -124,5 +116,5 @@ def _evaluate_metrics(reply: Message, max_num_examples: int) -> MetricRecord:
     reported = next(iter(reply.content.metric_records.values()))
     metrics = {"num-examples": check_num_examples(reported.get("num-examples"), max_num_examples)}
     for name in EVALUATE_METRICS[1:]:
-        metrics[name] = check_finite_number(name, reported.get(name))
+        metrics[name] = check_metric(name, reported.get(name), high=1.0 if name == "eval-acc" else MAX_METRIC)
     return MetricRecord(metrics)

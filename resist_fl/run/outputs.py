@@ -85,7 +85,7 @@ def save_model(path: Path, state_dict: Mapping[str, torch.Tensor], spec: Mapping
 
 def load_model(path: Path):
     """Rebuild the model saved by :func:`save_model` (scales included), in eval mode."""
-    from resist_fl.model import ModelSpec, build_model
+    from resist_fl.core.model import ModelSpec, build_model
 
     saved = torch.load(path, map_location="cpu", weights_only=True)
     model = build_model(ModelSpec.from_dict(saved["model_spec"]))

@@ -20,7 +20,7 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from resist_fl.decomposition import round_rng
+from resist_fl.core.decomposition import round_rng
 
 IDENTITY_RECORD = "node"
 """ConfigRecord of a query reply holding the node's ``partition-id`` (if it has one)."""

@@ -1,0 +1,1 @@
+"""Flower adapters: the ResIST and FedAvg strategies, node sampling, reply screening, metering."""

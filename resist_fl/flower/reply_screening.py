@@ -1,0 +1,175 @@
+"""Screening of training replies, shared by ResIST and the FedAvg baseline.
+
+The rule: **one reply per instruction, and the first one counts, whatever its
+fate.** A reply is looked at only if it answers a train message pushed this
+round (its ``reply_to_message_id``), comes from that message's node (or, for
+an error, from the SuperLink) and is the first such reply; a later reply to the
+same instruction, one from another node, or one that answers no instruction of
+this round is rejected. The first reply is *failed* if it is an error, *accepted* if it
+carries exactly one ArrayRecord with exactly the keys the node was sent
+(real numeric arrays of the sent shapes, values that survive conversion to the
+global dtypes — see :func:`resist_fl.core.validation.check_update`) and one
+MetricRecord with the training metrics of :data:`TRAIN_METRICS` (numbers in
+range, ``num-examples`` an integer in [1, cap]), and *rejected* otherwise.
+Screening is total: whatever a reply holds, the outcome is one of these three,
+with a WARNING naming the node and the reason, never an exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from logging import WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.common.constant import SUPERLINK_NODE_ID
+
+from resist_fl.core.validation import (
+    TRAIN_METRICS,
+    ReplyError,
+    check_metric,
+    check_num_examples,
+    check_update,
+    non_finite_keys,
+)
+
+
+@dataclass
+class Accepted:
+    """One accepted reply, decoded; ``update`` and ``arrays`` hold the global dtypes."""
+
+    node_id: int
+    arrays: ArrayRecord
+    update: dict[str, np.ndarray]
+    metrics: dict[str, float | int]
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.metrics["num-examples"])
+
+    def content(self) -> RecordDict:
+        """The reply in canonical form (record names ``arrays`` / ``metrics``, known metrics only)."""
+        return RecordDict({"arrays": self.arrays, "metrics": MetricRecord(dict(self.metrics))})
+
+
+@dataclass
+class ScreenedReplies:
+    """The outcome of :func:`screen_replies` for one round."""
+
+    accepted: list[Accepted] = field(default_factory=list)
+    rejected: int = 0
+    failed: int = 0
+    missing: int = 0
+
+    def counts(self) -> dict[str, int]:
+        """Accepted / rejected / failed replies, and instructions with no reply by the timeout."""
+        return {"replies-accepted": len(self.accepted), "replies-rejected": self.rejected,
+                "replies-failed": self.failed, "replies-missing": self.missing}
+
+    def round_metrics(self) -> dict[str, float | int]:
+        """Counts plus the accepted replies' example-weighted loss and summed training time."""
+        metrics: dict[str, float | int] = dict(self.counts())
+        if self.accepted:
+            examples = [a.num_examples for a in self.accepted]
+            metrics["num-examples"] = int(sum(examples))
+            metrics["train-loss"] = float(np.average([a.metrics["train-loss"] for a in self.accepted],
+                                                     weights=examples))
+            metrics["client-seconds"] = float(sum(a.metrics["train-seconds"] for a in self.accepted))
+        return metrics
+
+
+def screen_replies(server_round: int, replies: Iterable[Message], sent: Mapping[int, Sequence[str]],
+                   global_record: ArrayRecord, max_num_examples: int, *,
+                   messages: Iterable[Message],
+                   order: Callable[[int], object] | None = None) -> ScreenedReplies:
+    """Accept the valid training replies of a round; count and log the others.
+
+    Parameters
+    ----------
+    sent : mapping of node id to keys
+        What each sampled node was sent.
+    global_record : ArrayRecord
+        The global arrays the round started from (shapes and dtypes to match).
+    messages : iterable of Message
+        The round's train messages, as pushed (with their message ids): a
+        reply must answer one of them, and names its node through it (error
+        replies made by the SuperLink come from node 1).
+    order : callable, optional
+        Sort key of a node id: the accepted replies are returned in this
+        order, so a merge does not depend on arrival order.
+    """
+    out = ScreenedReplies()
+    instructions = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
+                    if m.metadata.message_id}
+    answered: set[str] = set()
+    for reply in replies:
+        node_id = "?"
+        try:
+            node_id = reply.metadata.src_node_id
+            instruction = reply.metadata.reply_to_message_id
+            if instruction not in instructions:
+                raise ReplyError("it answers no train message of this round (stale or forged)")
+            addressee = instructions[instruction]
+            is_error = reply.has_error()
+            # Error replies may come from the SuperLink (node offline, message expired).
+            if node_id != addressee and not (is_error and node_id == SUPERLINK_NODE_ID):
+                raise ReplyError(f"it answers the train message sent to node {addressee}")
+            if instruction in answered:
+                raise ReplyError("a second reply to the same train message (the first one counts)")
+            answered.add(instruction)
+            if is_error:
+                out.failed += 1
+                log(WARNING, "round %d: node %s failed (code %s): %s", server_round, addressee,
+                    reply.error.code, reply.error.reason)
+                continue
+            if node_id not in sent:
+                raise ReplyError("this node was not sent a sub-network this round")
+            out.accepted.append(_check_reply(node_id, reply, sent[node_id], global_record, max_num_examples))
+        except ReplyError as err:
+            out.rejected += 1
+            log(WARNING, "round %d: reply of node %s dropped: %s", server_round, node_id, err)
+        except Exception as err:  # noqa: BLE001 - an unforeseen reply costs that reply, never the round
+            out.rejected += 1
+            log(WARNING, "round %d: reply of node %s dropped: screening raised %s: %s", server_round,
+                node_id, type(err).__name__, err, exc_info=True)
+    out.missing = len(instructions) - len(answered)
+    if order is not None:
+        out.accepted.sort(key=lambda a: order(a.node_id))
+    return out
+
+
+def _check_reply(node_id: int, reply: Message, keys: Sequence[str], global_record: ArrayRecord,
+                 max_num_examples: int) -> Accepted:
+    content = reply.content
+    if len(content.array_records) != 1 or len(content.metric_records) != 1:
+        raise ReplyError("expected exactly one ArrayRecord and one MetricRecord")
+    record = next(iter(content.array_records.values()))
+    reported = next(iter(content.metric_records.values()))
+    try:
+        decoded = {k: v.numpy() for k, v in record.items()}
+    except Exception as err:  # undecodable bytes from a client
+        raise ReplyError(f"arrays cannot be decoded: {err}") from err
+    update = check_update(decoded, {k: (global_record[k].shape, global_record[k].dtype) for k in keys})
+    metrics = {"num-examples": check_num_examples(reported.get("num-examples"), max_num_examples)}
+    for name in TRAIN_METRICS[1:]:
+        metrics[name] = check_metric(name, reported.get(name))
+    if any(update[k] is not decoded[k] for k in update):  # some arrays came in another width
+        record = ArrayRecord({k: v if update[k] is decoded[k] else Array(np.require(update[k], requirements="C"))
+                              for k, v in record.items()})
+    return Accepted(node_id, record, update, metrics)
+
+
+def refuse_non_finite(server_round: int, merged: Mapping[str, np.ndarray], metrics: dict) -> bool:
+    """True (and ``metrics["merge-refused"] = 1``, a WARNING) if ``merged`` holds NaN or Inf.
+
+    The last line of defence: a merge of screened replies is finite, but if it
+    ever is not, the round keeps the global model rather than corrupt it.
+    """
+    bad = non_finite_keys(merged)
+    if bad:
+        metrics["merge-refused"] = 1
+        log(WARNING, "round %d: the merge gave non-finite values in %d array(s), e.g. %s: merge refused, "
+            "global model unchanged", server_round, len(bad), bad[:3])
+    return bool(bad)

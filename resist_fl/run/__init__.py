@@ -1,0 +1,1 @@
+"""A run's settings, checkpoints and outputs (run directory, metrics, model file)."""
