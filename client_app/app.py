@@ -12,7 +12,15 @@ from flwr.clientapp import ClientApp
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.model import ModelSpec, build_model
 from resist_fl.core.validation import EVALUATE_METRICS, TRAIN_METRICS
-from resist_fl.data import ImageArrays, load_partition, load_test_set, make_eval_loader, make_train_loader
+from resist_fl.data import (
+    DataError,
+    ImageArrays,
+    load_partition,
+    load_test_set,
+    make_eval_loader,
+    make_train_loader,
+    normalization,
+)
 from resist_fl.flower.node_sampling import IDENTITY_RECORD
 from resist_fl.run.settings import RunSettings
 from resist_fl.training import evaluate, resolve_device, scheduled_lr, steps_for, train
@@ -72,12 +80,16 @@ def train_handler(msg: Message, context: Context) -> Message:
 
     node = context.node_config
     partition_id = int(node["partition-id"])
-    partition = _partition(settings.dataset, _data_path(context, settings), settings.partitioner,
+    data_path = _data_path(context, settings)
+    partition = _partition(settings.dataset, data_path, settings.partitioner,
                            settings.dirichlet_alpha, settings.seed, partition_id, int(node["num-partitions"]))
+    if (top := int(partition.labels.max())) >= spec.num_classes:
+        raise DataError(f"data-path {data_path!r}: partition {partition_id} has label {top}, but the run's "
+                        f"model has {spec.num_classes} classes; expected labels in [0, {spec.num_classes})")
     server_round = int(config["server-round"]) + int(config["round-offset"])
     batch_size = int(config["batch-size"])
-    loader = make_train_loader(partition, settings.dataset, batch_size,
-                               seed=settings.seed * 100_003 + server_round)
+    loader = make_train_loader(partition, batch_size, normalization=normalization(settings.dataset, data_path),
+                               augment=settings.augmentation(), seed=settings.seed * 100_003 + server_round)
     num_examples = len(partition.labels)
     steps = steps_for(num_examples, batch_size, int(config["local-steps"]), int(config["local-epochs"]))
     lr = scheduled_lr(float(config["lr"]), str(config["lr-schedule"]), server_round,
@@ -104,10 +116,11 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     settings, spec, layout = _run_of(context, msg.content["config"])
     model = build_local_model(spec, layout, msg.content["arrays"], None)
     node = context.node_config
-    test = load_test_set(settings.dataset, _data_path(context, settings))
+    data_path = _data_path(context, settings)
+    test = load_test_set(settings.dataset, data_path)
     if "data-path" not in node:
         test = test.subset(np.arange(int(node["partition-id"]), len(test), int(node["num-partitions"])))
-    loader = make_eval_loader(test, settings.dataset, settings.eval_batch_size)
+    loader = make_eval_loader(test, settings.eval_batch_size, normalization=normalization(settings.dataset, data_path))
     loss, accuracy = evaluate(model, loader, resolve_device(settings.device), settings.amp)
     metrics = MetricRecord(dict(zip(EVALUATE_METRICS, (len(test), loss, accuracy))))
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

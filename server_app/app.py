@@ -5,17 +5,18 @@ from __future__ import annotations
 import os
 import random
 import time
-from logging import INFO
+from logging import ERROR, INFO
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
+from torch.utils.data import DataLoader
 
 from resist_fl.core.decomposition import BlockLayout, scale_key
 from resist_fl.core.model import ModelSpec, build_model
-from resist_fl.data import load_test_set, make_eval_loader
+from resist_fl.data import DataError, load_test_set, make_eval_loader, normalization
 from resist_fl.flower.fedavg import ScreenedFedAvg
 from resist_fl.flower.metering import MeteredGrid
 from resist_fl.flower.resist import ResIST
@@ -86,12 +87,11 @@ class RoundRecorder:
 
     def __init__(self, settings: RunSettings, spec: ModelSpec, layout: BlockLayout,
                  strategy: ResIST | ScreenedFedAvg, grid: MeteredGrid, run_dir: Path,
-                 resumed: Checkpoint | None = None) -> None:
+                 test_loader: DataLoader, resumed: Checkpoint | None = None) -> None:
         self.settings, self.spec, self.layout = settings, spec, layout
         self.strategy, self.grid, self.run_dir = strategy, grid, run_dir
         self.device = resolve_device(settings.device)
-        test = load_test_set(settings.dataset, settings.data_path)
-        self.test_loader = make_eval_loader(test, settings.dataset, settings.eval_batch_size)
+        self.test_loader = test_loader
         self.model = build_model(spec)  # built once, loaded with the global state at each evaluation
         self.rows: list[dict] = list(resumed.metrics) if resumed else []
         self.round_offset = resumed.server_round if resumed else 0
@@ -167,6 +167,29 @@ def resident_memory_mb() -> float | None:
         return None
 
 
+def prepare_data(settings: RunSettings) -> tuple[ModelSpec, BlockLayout, DataLoader, dict]:
+    """Model spec and layout (classes and channels from the data), the central test loader, and
+    what the data pipeline chose (logged, and recorded in ``run_config.json``).
+
+    A data set that cannot be loaded stops the run here, before round 1 and before a run
+    directory exists, with the reason and what to do as the last lines the app logs.
+    """
+    try:
+        spec, layout = resolve_model(settings)
+        test = load_test_set(settings.dataset, settings.data_path)
+        stats = normalization(settings.dataset, settings.data_path)
+    except DataError as err:
+        log(ERROR, "resist-fl: the data set cannot be used:\n    %s", err)
+        raise DataError(str(err)) from None
+    data = {"dataset": settings.dataset, "augment": settings.augmentation(),
+            "image-shape": list(test.images.shape[1:]), "test-size": len(test),
+            "normalization": {"mean": list(stats.mean), "std": list(stats.std)}}
+    log(INFO, "resist-fl: data %s, images %s, augment=%s (%s), normalisation mean %s std %s",
+        settings.dataset, "x".join(map(str, data["image-shape"])), data["augment"], settings.augment,
+        [round(m, 4) for m in stats.mean], [round(s, 4) for s in stats.std])
+    return spec, layout, make_eval_loader(test, settings.eval_batch_size, normalization=stats), data
+
+
 def prepare_run_dir(settings: RunSettings) -> tuple[Path, Checkpoint | None]:
     """The run directory, and the checkpoint to continue from when ``resume`` is set.
 
@@ -192,10 +215,11 @@ def prepare_run_dir(settings: RunSettings) -> tuple[Path, Checkpoint | None]:
 def main(grid: Grid, context: Context) -> None:
     """Run ResIST or FedAvg as the run config says; write everything under the run directory."""
     settings = RunSettings.from_run_config(context.run_config)
-    spec, layout = resolve_model(settings)
+    spec, layout, test_loader, data = prepare_data(settings)
     run_dir, resumed = prepare_run_dir(settings)
     log(INFO, "resist-fl: writing results to %s", run_dir)
-    write_json(run_dir / CONFIG_FILE, {"run_config": settings.to_run_config(), "model_spec": spec.to_dict()})
+    write_json(run_dir / CONFIG_FILE, {"run_config": settings.to_run_config(), "model_spec": spec.to_dict(),
+                                       "data": data})
 
     random.seed(settings.seed)  # Flower's FedAvg samples evaluation nodes with the global `random`
     torch.manual_seed(settings.seed)
@@ -212,7 +236,7 @@ def main(grid: Grid, context: Context) -> None:
     if resumed and isinstance(strategy, ResIST) and resumed.metrics:
         strategy.num_subnetworks = int(resumed.metrics[-1]["num-subnetworks"])  # for the inference scale
     metered = MeteredGrid(grid)
-    recorder = RoundRecorder(settings, spec, layout, strategy, metered, run_dir, resumed)
+    recorder = RoundRecorder(settings, spec, layout, strategy, metered, run_dir, test_loader, resumed)
     config = train_config(settings, spec, offset)
     started = time.perf_counter()
     if settings.num_server_rounds > offset:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from resist_fl.core.aggregation import WEIGHTINGS
 from resist_fl.core.model import NORMS, PRESET_DEPTHS, ModelSpec
-from resist_fl.data import DATASETS, PARTITIONERS
+from resist_fl.data import AUGMENTATIONS, DATASETS, PARTITIONERS, resolve_augment
 
 if TYPE_CHECKING:
     from resist_fl.core.decomposition import BlockLayout
@@ -41,6 +41,7 @@ class RunSettings:
     data_path: str = ""
     partitioner: str = "iid"
     dirichlet_alpha: float = 0.5
+    augment: str = "auto"
     local_steps: int = 50
     local_epochs: int = 0
     batch_size: int = 64
@@ -97,6 +98,7 @@ class RunSettings:
         _choice("norm", self.norm, NORMS)
         _choice("dataset", self.dataset, DATASETS)
         _choice("partitioner", self.partitioner, PARTITIONERS)
+        _choice("augment", self.augment, AUGMENTATIONS)
         _choice("weighting", self.weighting, WEIGHTINGS)
         _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("device", self.device, DEVICES)
@@ -144,6 +146,10 @@ class RunSettings:
                                     "integers separated by commas, e.g. '1,1,4,1'")
         return ModelSpec(depths=depths, num_classes=num_classes, in_channels=in_channels,
                          base_width=self.base_width, norm=self.norm)
+
+    def augmentation(self) -> str:
+        """The training augmentation, ``auto`` resolved for the data set."""
+        return resolve_augment(self.augment, self.dataset)
 
     def stages(self) -> tuple[int, ...]:
         """The partitioned stages as integers."""

@@ -1,0 +1,89 @@
+"""Which data sets exist, what their samples look like, and their test and training sets.
+
+``cifar10`` / ``cifar100``
+    CIFAR from the Hugging Face hub through flwr-datasets (:mod:`.hub`).
+``npz``
+    A user's own images in a local ``.npz`` file (:mod:`.npz`).
+``synthetic``
+    A small learnable image set generated in code (:mod:`.synthetic`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from resist_fl.data.arrays import DatasetInfo, ImageArrays
+from resist_fl.data.hub import CIFAR_CHANNELS, CIFAR_IMAGE_SIZE, HUB_DATASETS, hub_test_set
+from resist_fl.data.npz import npz_source_key, npz_splits
+from resist_fl.data.synthetic import (
+    SYNTHETIC_CHANNELS,
+    SYNTHETIC_IMAGE_SIZE,
+    SYNTHETIC_NUM_CLASSES,
+    synthetic_splits,
+)
+from resist_fl.data.transforms import CIFAR_NORMALIZATION, Normalization, image_statistics
+
+DATASETS = ("cifar10", "cifar100", "synthetic", "npz")
+
+
+def check_choice(kind: str, value: str, allowed: Sequence[str]) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"unknown {kind} {value!r}; expected one of {', '.join(allowed)}")
+
+
+def dataset_info(dataset: str, data_path: str = "") -> DatasetInfo:
+    """Describe the samples of ``dataset`` (only ``npz`` reads data).
+
+    Parameters
+    ----------
+    dataset : str
+        One of :data:`DATASETS`.
+    data_path : str
+        Absolute path of the ``.npz`` file; only used when ``dataset='npz'``.
+    """
+    check_choice("dataset", dataset, DATASETS)
+    if dataset in HUB_DATASETS:
+        return DatasetInfo(HUB_DATASETS[dataset].num_classes, CIFAR_CHANNELS, (CIFAR_IMAGE_SIZE,) * 2)
+    if dataset == "synthetic":
+        return DatasetInfo(SYNTHETIC_NUM_CLASSES, SYNTHETIC_CHANNELS, (SYNTHETIC_IMAGE_SIZE,) * 2)
+    train, test = npz_splits(data_path)
+    _, channels, height, width = train.images.shape
+    return DatasetInfo(int(max(train.labels.max(), test.labels.max())) + 1, channels, (height, width))
+
+
+def load_test_set(dataset: str, data_path: str = "") -> ImageArrays:
+    """A fresh copy of the centralised test set of ``dataset`` (the hub's ``'test'`` split for CIFAR)."""
+    check_choice("dataset", dataset, DATASETS)
+    if dataset in HUB_DATASETS:
+        test = hub_test_set(dataset)
+    elif dataset == "synthetic":
+        test = synthetic_splits()[1]
+    else:
+        test = npz_splits(data_path)[1]
+    return test.subset(np.arange(len(test)))
+
+
+def local_train_set(dataset: str, data_path: str) -> tuple[ImageArrays, object]:
+    """The training set of ``synthetic`` or ``npz`` and a key naming its contents."""
+    if dataset == "synthetic":
+        return synthetic_splits()[0], "synthetic"
+    return npz_splits(data_path)[0], npz_source_key(data_path)
+
+
+def normalization(dataset: str, data_path: str = "") -> Normalization:
+    """The normalisation of ``dataset``: CIFAR's constants for CIFAR, otherwise the per-channel
+    mean and standard deviation of the whole training set (the npz file's ``x_train``: the
+    same on every node that reads the same file)."""
+    check_choice("dataset", dataset, DATASETS)
+    if dataset in CIFAR_NORMALIZATION:
+        return CIFAR_NORMALIZATION[dataset]
+    key = "synthetic" if dataset == "synthetic" else npz_source_key(data_path)
+    if key not in _STATISTICS:
+        _STATISTICS[key] = image_statistics(local_train_set(dataset, data_path)[0].images)
+    return _STATISTICS[key]
+
+
+_STATISTICS: dict[object, Normalization] = {}
