@@ -27,7 +27,9 @@ def run_digits(config: dict, digits_npz: str, strategy: str, augment: str) -> li
                    "local-steps": 20, "batch-size": 32, "num-server-rounds": 6, "eval-batch-size": 360,
                    "strategy": strategy, "augment": augment, "run-name": name})
     run_inprocess(config, num_nodes=2)
-    return read_metrics(Path(config["output-dir"]) / name)
+    rows = read_metrics(Path(config["output-dir"]) / name)
+    print(f"\ndigits {strategy} augment={augment}: accuracy by round {[round(r['accuracy'], 3) for r in rows]}")
+    return rows
 
 
 @pytest.mark.parametrize("strategy", ["resist", "fedavg"])
@@ -39,7 +41,39 @@ def test_default_augment_trains_real_digits_well(tiny_config, digits_npz, strate
     assert recorded["data"]["image-shape"] == [1, 8, 8]
 
 
-def test_cifar_augmentation_hurts_small_digits(tiny_config, digits_npz):
+@pytest.mark.parametrize("strategy", ["resist", "fedavg"])
+def test_cifar_augmentation_hurts_small_digits(tiny_config, digits_npz, strategy):
     """What ``auto`` avoids: the same run with crop-flip ends well below it."""
-    rows = run_digits(tiny_config, digits_npz, "resist", "crop-flip")
+    rows = run_digits(tiny_config, digits_npz, strategy, "crop-flip")
     assert rows[-1]["accuracy"] < GOOD, [r["accuracy"] for r in rows]
+
+
+@pytest.mark.parametrize("problem", ["pickle", "offline-cifar10"])
+def test_an_unusable_data_set_stops_before_round_1_with_the_reason_last(tiny_config, tmp_path, caplog,
+                                                                         monkeypatch, problem):
+    import datasets
+    import huggingface_hub.constants
+    import numpy as np
+
+    from resist_fl.data import DataError
+
+    if problem == "pickle":
+        path = tmp_path / "mine.npz"
+        np.savez(path, x_train=np.zeros((4, 8, 8), np.uint8), y_train=np.array([{"a": 1}] * 4, dtype=object),
+                 x_test=np.zeros((2, 8, 8), np.uint8), y_test=np.arange(2))
+        tiny_config.update({"dataset": "npz", "data-path": str(path)})
+        expected = f"npz file '{path}': y_train holds Python objects (a pickle)"
+    else:
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+        tiny_config["dataset"] = "cifar10"
+        expected = "could not load dataset 'cifar10'"
+    with pytest.raises(DataError, match="npz|synthetic") as error:
+        run_inprocess(tiny_config, num_nodes=2)
+    assert expected in str(error.value)
+    assert error.value.__cause__ is None and error.value.__suppress_context__  # no library traceback above it
+    last = caplog.records[-1]
+    assert last.levelname == "ERROR" and expected in last.getMessage()
+    assert not (Path(tiny_config["output-dir"]) / "test").exists()  # nothing written before the data works

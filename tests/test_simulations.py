@@ -34,11 +34,29 @@ def test_paper_presets(name):
     config = load_preset(name)
     validate_preset(config, ROOT)
     rc = config["run-config"]
-    assert (rc.model, rc["base-width"], rc["local-steps"], rc["batch-size"], rc.lr) == ("preact_resnet101", 64, 50,
-                                                                                      128, 0.1)
+    assert (rc.model, rc["base-width"], rc["local-steps"], rc["batch-size"]) == ("preact_resnet101", 64, 50, 128)
+    assert rc.lr == 0.03  # the official run script's --lr 3e-2 (0.1 is only its argparse default)
+    assert rc["eval-batch-size"] == 100  # the official test loader's batch (BatchNorm uses batch statistics)
     assert rc.partitioner == "iid" and rc["lr-schedule"] == "step" and rc.momentum == 0.9
+    assert rc.augment == "crop-flip" and rc.weighting == "uniform"
     assert rc["min-train-nodes"] == config.federation["num-supernodes"]
     assert set(config.paper) == {"resist", "fedavg"}
+    # 160 passes over each client's IID shard of the 50,000 training images
+    clients = config.federation["num-supernodes"]
+    assert rc["num-server-rounds"] == math.ceil(160 * math.ceil(50_000 / clients / 128) / 50)
+
+
+def test_readme_paper_command_agrees_with_the_paper_preset():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    command = readme.split("The paper's CIFAR-10 setting with 4 clients", 1)[1].split("```", 2)[1]
+    given = dict(re.findall(r"([a-z-]+)=('[^']*'|[^\s\"]+)", command))
+    rc = load_preset("paper-cifar10-4")["run-config"]
+    for key in ("model", "base-width", "batch-size", "lr", "local-steps", "num-server-rounds", "weighting",
+                "eval-batch-size", "min-train-nodes"):
+        assert given[key].strip("'") == str(rc[key]), key
+    assert given["num-supernodes"] == "4"
 
 
 def test_every_preset_is_valid():
