@@ -148,7 +148,8 @@ class RoundRecorder:
             "round-seconds": time.perf_counter() - self.round_started,
             "nodes": len(traffic.train_nodes),
         }
-        row.update({k: v for k, v in trained.items() if k.startswith("replies-") or k in ("num-subnetworks", "merge-refused")})
+        row.update({k: v for k, v in trained.items()
+                    if k.startswith("replies-") or k in ("num-subnetworks", "merge-refused")})
         if isinstance(self.strategy, ScreenedFedAvg) and self.strategy.last_evaluate_metrics:
             row["client-eval-loss"] = self.strategy.last_evaluate_metrics["eval-loss"]
             row["client-eval-acc"] = self.strategy.last_evaluate_metrics["eval-acc"]

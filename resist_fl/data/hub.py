@@ -12,6 +12,7 @@ from flwr_datasets import FederatedDataset
 from flwr_datasets.partitioner import IidPartitioner, Partitioner
 
 from resist_fl.data.arrays import DataError, ImageArrays, arrays_from_hf
+from resist_fl.data.npz import NPZ_KEYS
 
 CIFAR_IMAGE_SIZE = 32
 CIFAR_CHANNELS = 3
@@ -69,8 +70,6 @@ def _federated_dataset(dataset: str, partitioner: Partitioner, key: tuple, seed:
 
 def offline_message(dataset: str, error: BaseException) -> str:
     """Explain a failed hub download and the offline alternatives."""
-    from resist_fl.data.npz import NPZ_KEYS
-
     spec = HUB_DATASETS[dataset]
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return (
