@@ -75,13 +75,13 @@ def image_statistics(images: np.ndarray) -> Normalization:
 def build_transform(augment: str, normalization: Normalization, height: int, width: int) -> v2.Transform:
     """The per-sample transform of uint8 CHW images: ``augment`` (resolved, not ``auto``),
     scaling to [0, 1] and normalisation."""
+    if augment not in ("none", "crop", "flip", "crop-flip"):
+        raise ValueError(f"augment {augment!r} is not resolved; expected none, crop, flip or crop-flip")
     steps: list[v2.Transform] = []
     if augment in ("crop", "crop-flip"):
         pad_h, pad_w = crop_padding(height, width)
         steps.append(v2.RandomCrop((height, width), padding=[pad_w, pad_h]))
     if augment in ("flip", "crop-flip"):
         steps.append(v2.RandomHorizontalFlip())
-    if augment not in ("none", "crop", "flip", "crop-flip"):
-        raise ValueError(f"augment {augment!r} is not resolved; expected none, crop, flip or crop-flip")
     return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True),
                        v2.Normalize(list(normalization.mean), list(normalization.std))])
