@@ -27,6 +27,8 @@ from resist_fl.data.transforms import CIFAR_NORMALIZATION, Normalization, image_
 
 DATASETS = ("cifar10", "cifar100", "synthetic", "npz")
 
+_STATISTICS: dict[object, Normalization] = {}  # per data source, computed once per process
+
 
 def check_choice(kind: str, value: str, allowed: Sequence[str]) -> None:
     """Raise ``ValueError`` unless ``value`` is one of ``allowed``."""
@@ -85,5 +87,3 @@ def normalization(dataset: str, data_path: str = "") -> Normalization:
         _STATISTICS[key] = image_statistics(local_train_set(dataset, data_path)[0].images)
     return _STATISTICS[key]
 
-
-_STATISTICS: dict[object, Normalization] = {}
