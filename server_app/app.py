@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from resist_fl.flower.fedavg import ScreenedFedAvg
 from resist_fl.flower.metering import MeteredGrid
 from resist_fl.flower.resist import ResIST
 from resist_fl.run.checkpoint import CHECKPOINT_FILE, Checkpoint, capture_rngs, check_same_run
+from resist_fl.run.divergence import DIVERGENCE_HINT, divergence_reason
 from resist_fl.run.outputs import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -121,6 +122,10 @@ class RoundRecorder:
         row = self._round_row(run_round)
         if run_round % self.settings.eval_every == 0 or run_round == self.settings.num_server_rounds:
             row["loss"], row["accuracy"] = self.evaluate(arrays)
+        reason = divergence_reason((r.get("train-loss") for r in self.rows), row["train-loss"])
+        row["diverging"] = int(reason is not None)
+        if reason:
+            log(WARNING, "[round %d] the run may be diverging: %s. %s", run_round, reason, DIVERGENCE_HINT)
         row["server-rss-mb"] = resident_memory_mb()  # after the round's evaluation
         self.rows.append(row)
         rng_python, rng_torch = capture_rngs()

@@ -24,6 +24,8 @@ Definitions (also printed in the report):
   includes the ClientApps' start-up). Averaged over the seeds that reached it.
 - ratios: ResIST / FedAvg of those means, against FedAvg of the same variant
   when it ran, otherwise against FedAvg of the main comparison.
+- runs diverging: seeds with at least one round flagged ``diverging`` (mean
+  train loss non-finite or above 5x the best earlier round's).
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ class Curve:
     gb: np.ndarray
     seconds: np.ndarray
     bytes_per_round: float
+    diverging_rounds: int = 0
 
     @classmethod
     def from_rows(cls, rows: Sequence[dict[str, Any]]) -> "Curve":
@@ -95,7 +98,8 @@ class Curve:
                    accuracy=np.array([rows[i]["accuracy"] for i in keep], dtype=float),
                    gb=np.array([rows[i]["cumulative-bytes"] / 1e9 for i in keep], dtype=float),
                    seconds=seconds[keep] if keep else np.array([]),
-                   bytes_per_round=float(np.mean(per_round)) if per_round else math.nan)
+                   bytes_per_round=float(np.mean(per_round)) if per_round else math.nan,
+                   diverging_rounds=sum(int(r.get("diverging") or 0) for r in rows))
 
     @property
     def final_accuracy(self) -> float:
@@ -193,6 +197,7 @@ class GroupStats:
     seconds: tuple[float, float]
     startup: float
     wall: float
+    diverged: int = 0
 
 
 def group_stats(variant: str, strategy: str, runs: Sequence[Run], target: float | None) -> GroupStats:
@@ -207,7 +212,8 @@ def group_stats(variant: str, strategy: str, runs: Sequence[Run], target: float 
         rounds=mean_std([h["rounds"] for h in hits]), gb=mean_std([h["gb"] for h in hits]),
         seconds=mean_std([h["seconds"] for h in hits]),
         startup=mean_std([x["seconds-to-round1"] for x in launch if x.get("seconds-to-round1") is not None])[0],
-        wall=mean_std([x["wall-seconds"] for x in launch if x.get("wall-seconds") is not None])[0])
+        wall=mean_std([x["wall-seconds"] for x in launch if x.get("wall-seconds") is not None])[0],
+        diverged=sum(r.curve.diverging_rounds > 0 for r in runs))
 
 
 def ratio(numerator: float, denominator: float) -> float:
@@ -311,10 +317,12 @@ def setup_lines(manifest: dict[str, Any]) -> list[str]:
 
 def results_lines(stats: Sequence[GroupStats], target: float | None) -> list[str]:
     head = ["variant", "strategy", "seeds", "final accuracy", "MB / round", "reached target",
-            "rounds to target", "GB to target", "seconds to target", "s to round 1", "run wall s"]
+            "rounds to target", "GB to target", "seconds to target", "s to round 1", "run wall s",
+            "runs diverging"]
     rows = [[s.variant, LABELS.get(s.strategy, s.strategy), str(s.seeds), pm(s.final),
              num(s.bytes_per_round / 1e6, 2), f"{s.reached}/{s.seeds}" if target is not None else "-",
-             pm(s.rounds, 1), pm(s.gb, 4), pm(s.seconds, 1), num(s.startup, 1), num(s.wall, 1)]
+             pm(s.rounds, 1), pm(s.gb, 4), pm(s.seconds, 1), num(s.startup, 1), num(s.wall, 1),
+             f"{s.diverged}/{s.seeds}"]
             for s in stats]
     return table(head, rows)
 
@@ -368,7 +376,8 @@ def render(manifest: dict[str, Any], stats: Sequence[GroupStats], ratio_rows: Se
               "Seconds are the ServerApp's round times (no server-side evaluation); round 1 includes "
               "starting the ClientApps (Ray actors, imports, data). s to round 1 is the launcher's time "
               "from `flwr run` to round 1's metrics (SuperLink, FAB install, Ray, round 1); run wall s "
-              "the whole `flwr run`.", ""]
+              "the whole `flwr run`. Runs diverging: seeds with a round whose mean train loss was "
+              "non-finite or above 5x the best earlier round's (the ServerApp warns in that round).", ""]
     if ratio_rows:
         lines += ["## ResIST / FedAvg", "", *ratio_lines(ratio_rows), "",
                   "Below 1 means ResIST needs less (or, for accuracy, reaches less).", ""]

@@ -106,7 +106,8 @@ def write_fixture_run(runs_dir: Path, strategy: str, seed: int, accuracy, megaby
         cumulative += megabytes * 10**6
         append_metrics(runs_dir / name, {"round": i, "strategy": strategy, "accuracy": acc, "loss": None,
                                          "bytes-down": megabytes * 10**6 // 2, "bytes-up": megabytes * 10**6 // 2,
-                                         "cumulative-bytes": cumulative, "round-seconds": sec})
+                                         "cumulative-bytes": cumulative, "round-seconds": sec,
+                                         "diverging": int(acc is None)})  # ResIST seed 0 flags round 2
     write_json(runs_dir / name / CONFIG_FILE, {"run_config": {"strategy": strategy, "seed": seed}})
     write_json(runs_dir / name / SUMMARY_FILE, {"final-accuracy": accuracy[-1]})
     return name
@@ -147,6 +148,7 @@ def test_report_computes_time_to_target_and_ratios(fixture_runs):
     assert resist["gb"][0] == pytest.approx(0.10) and resist["seconds"][0] == pytest.approx((30 + 25) / 2)
     assert resist["final"][0] == pytest.approx(0.89) and fedavg["final"] == pytest.approx([0.9, 0.0])
     assert resist["bytes_per_round"] == pytest.approx(40e6)
+    assert (resist["diverged"], fedavg["diverged"]) == (1, 0)
     (ratios,) = result["ratios"]
     assert ratios["final-accuracy"] == pytest.approx(0.89 / 0.9)
     assert ratios["bytes-per-round"] == pytest.approx(0.4)
@@ -157,6 +159,7 @@ def test_report_computes_time_to_target_and_ratios(fixture_runs):
     assert "0.8100" in text and "python -m simulations.compare fixture" in text
     assert "| ResIST | 91.95 | 89.00 ± 1.41 | -2.95 |" in text  # paper beside measured, in %
     assert "no-scaling-resist-seed0`: timed out after 10 s" in text
+    assert "runs diverging" in text and "| 1/2 |" in text
     assert all((fixture_runs / name).stat().st_size > 0 for name in PLOT_FILES)
 
 

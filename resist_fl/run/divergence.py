@@ -1,0 +1,38 @@
+"""Is a run diverging? A round's mean training loss against the rounds before it.
+
+Pure Python: the ServerApp asks after every round and, when the answer is yes,
+logs a WARNING and flags the round (``diverging`` in ``metrics.jsonl``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+DIVERGENCE_FACTOR = 5.0
+"""A round's mean train loss this many times the best earlier round's counts as a divergence."""
+
+DIVERGENCE_HINT = (
+    "Likely causes: BatchNorm with batch statistics under label skew (with ResIST each partitioned "
+    "block comes back from the few nodes that held it, so nothing averages their skew out), or a "
+    "learning rate too high for the data. Try norm='groupnorm', a lower lr, fewer local-steps, or "
+    "min-blocks-per-site > 0."
+)
+
+
+def divergence_reason(earlier: Iterable[float | None], loss: float | None,
+                      factor: float = DIVERGENCE_FACTOR) -> str | None:
+    """Why the round with mean train loss ``loss`` looks diverging, or None if it does not.
+
+    ``earlier`` holds the mean train losses of the rounds before (None for a round
+    without accepted replies). A non-finite loss diverges; so does a loss above
+    ``factor`` times the best earlier loss. A round without a loss (None) says nothing.
+    """
+    if loss is None:
+        return None
+    if not math.isfinite(loss):
+        return f"the mean train loss is {loss}"
+    best = min((x for x in earlier if x is not None and math.isfinite(x)), default=None)
+    if best is not None and best > 0 and loss > factor * best:
+        return f"the mean train loss {loss:.4g} is {loss / best:.1f}x the best earlier round's ({best:.4g})"
+    return None
