@@ -303,6 +303,10 @@ def test_train_loader_shuffles_by_seed_and_keeps_the_last_batch() -> None:
     assert labels(0) == labels(0) != labels(1)
     sizes = [len(batch) for _, batch in data.make_train_loader(arrays, 32, normalization=stats)]
     assert sizes == [32, 32, 32, 4]
+    # never a last batch of one image: BatchNorm cannot train on it (a Dirichlet partition of 33)
+    sizes = [len(batch) for _, batch in data.make_train_loader(arrays.subset(np.arange(33)), 32,
+                                                               normalization=stats)]
+    assert sizes == [32]
 
 
 def test_train_loader_augments() -> None:

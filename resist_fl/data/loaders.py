@@ -26,7 +26,7 @@ def make_train_loader(
     arrays : ImageArrays
         The split to iterate over.
     batch_size : int
-        Samples per batch; the last batch may be smaller.
+        Samples per batch; the last batch may be smaller, but never a single sample.
     normalization : Normalization
         Per-channel statistics (see :func:`resist_fl.data.normalization`).
     augment : str
@@ -48,7 +48,9 @@ def make_train_loader(
         batch_size=batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(seed),
-        drop_last=False,
+        # A last batch of one image cannot train BatchNorm (one value per channel at the last
+        # stage's 1x1 maps); it is dropped, a different image each pass.
+        drop_last=len(arrays) % batch_size == 1 and len(arrays) > batch_size,
         num_workers=0,
     )
 
