@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import numpy as np
@@ -99,9 +100,11 @@ def train_handler(msg: Message, context: Context) -> Message:
                    weight_decay=float(config["weight-decay"]), device=resolve_device(settings.device),
                    amp=settings.amp)
 
+    metrics = MetricRecord(dict(zip(TRAIN_METRICS, (num_examples, result.loss, result.seconds, result.steps))))
+    if not math.isfinite(result.loss):  # diverged: say so, and send no arrays worth nothing
+        return Message(RecordDict({"arrays": ArrayRecord(), "metrics": metrics}), reply_to=msg)
     state = model.state_dict()
     reply_arrays = ArrayRecord({k: state[k].detach().cpu() for k in arrays})
-    metrics = MetricRecord(dict(zip(TRAIN_METRICS, (num_examples, result.loss, result.seconds, result.steps))))
     return Message(RecordDict({"arrays": reply_arrays, "metrics": metrics}), reply_to=msg)
 
 

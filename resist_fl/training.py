@@ -41,7 +41,7 @@ def scheduled_lr(base_lr: float, schedule: str, server_round: int, num_rounds: i
 @dataclass(frozen=True)
 class TrainResult:
     loss: float
-    """Mean training loss over the local steps."""
+    """Mean training loss over the local steps (NaN or Inf if training diverged)."""
     steps: int
     seconds: float
 
@@ -78,9 +78,7 @@ def train(model: nn.Module, loader: DataLoader, *, steps: int, lr: float, moment
         loss.backward()
         optimiser.step()
         total += loss.detach().float()
-    mean_loss = (total / steps).item()
-    if not math.isfinite(mean_loss):
-        raise FloatingPointError(f"training diverged: mean loss {mean_loss} (lower lr?)")
+    mean_loss = (total / steps).item()  # non-finite when training diverged: the caller decides
     return TrainResult(loss=mean_loss, steps=steps, seconds=time.perf_counter() - start)
 
 

@@ -122,7 +122,8 @@ class RoundRecorder:
         row = self._round_row(run_round)
         if run_round % self.settings.eval_every == 0 or run_round == self.settings.num_server_rounds:
             row["loss"], row["accuracy"] = self.evaluate(arrays)
-        reason = divergence_reason((r.get("train-loss") for r in self.rows), row["train-loss"])
+        reason = divergence_reason((r.get("train-loss") for r in self.rows), row["train-loss"],
+                                   row.get("replies-non-finite", 0))
         row["diverging"] = int(reason is not None)
         if reason:
             log(WARNING, "[round %d] the run may be diverging: %s. %s", run_round, reason, DIVERGENCE_HINT)

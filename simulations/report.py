@@ -24,8 +24,9 @@ Definitions (also printed in the report):
   includes the ClientApps' start-up). Averaged over the seeds that reached it.
 - ratios: ResIST / FedAvg of those means, against FedAvg of the same variant
   when it ran, otherwise against FedAvg of the main comparison.
-- runs diverging: seeds with at least one round flagged ``diverging`` (mean
-  train loss non-finite or above 5x the best earlier round's).
+- runs diverging: seeds with at least one round flagged ``diverging`` (a node's
+  training went non-finite, or the mean train loss was above 5x the best
+  earlier round's).
 """
 
 from __future__ import annotations
@@ -376,8 +377,9 @@ def render(manifest: dict[str, Any], stats: Sequence[GroupStats], ratio_rows: Se
               "Seconds are the ServerApp's round times (no server-side evaluation); round 1 includes "
               "starting the ClientApps (Ray actors, imports, data). s to round 1 is the launcher's time "
               "from `flwr run` to round 1's metrics (SuperLink, FAB install, Ray, round 1); run wall s "
-              "the whole `flwr run`. Runs diverging: seeds with a round whose mean train loss was "
-              "non-finite or above 5x the best earlier round's (the ServerApp warns in that round).", ""]
+              "the whole `flwr run`. Runs diverging: seeds with a round where a node's training went "
+              "non-finite or the mean train loss rose above 5x the best earlier round's (the ServerApp "
+              "warns in that round).", ""]
     if ratio_rows:
         lines += ["## ResIST / FedAvg", "", *ratio_lines(ratio_rows), "",
                   "Below 1 means ResIST needs less (or, for accuracy, reaches less).", ""]

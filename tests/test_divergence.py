@@ -64,3 +64,18 @@ def test_the_servers_warning_and_flag(tiny_config, caplog, client):
         assert len(warned) == 1 and warned[0].levelname == "WARNING"
         message = warned[0].getMessage()
         assert f"[round {JUMP_ROUND}]" in message and "norm='groupnorm'" in message
+
+
+def test_non_finite_replies_are_a_divergence():
+    assert "2 node(s) sent a non-finite" in divergence_reason([1.0], None, non_finite_replies=2)
+    assert divergence_reason([1.0], 0.9, non_finite_replies=0) is None
+
+
+def test_a_node_whose_training_goes_nan_is_reported_not_crashed(tiny_config, caplog):
+    """lr = 1e6 makes every node's loss NaN: the nodes say so (no arrays), the server warns each round."""
+    tiny_config.update({"num-server-rounds": 2, "lr": 1e6, "lr-schedule": "constant"})
+    grid = run_inprocess(tiny_config, num_nodes=2)
+    rows = read_metrics(Path(tiny_config["output-dir"]) / "test")
+    assert [(r["replies-non-finite"], r["replies-accepted"], r["diverging"]) for r in rows] == [(2, 0, 1)] * 2
+    assert sum("the run may be diverging" in r.getMessage() for r in caplog.records) == 2
+    assert not any(r.has_error() for r in grid.replies)  # the ClientApp did not raise

@@ -32,6 +32,10 @@ class ReplyError(ValueError):
     """A training reply that must be dropped; the message says why."""
 
 
+class NonFiniteError(ReplyError):
+    """A reply dropped for NaN or Inf values (arrays or metrics): a sign of divergence."""
+
+
 def check_update(update: Mapping[str, Any],
                  sent: Mapping[str, tuple[tuple[int, ...], np.dtype | str]]) -> dict[str, np.ndarray]:
     """The update in the sent dtypes, or :class:`ReplyError` unless it matches what was ``sent``.
@@ -72,7 +76,7 @@ def _as_dtype(key: str, value: np.ndarray, dtype: np.dtype) -> np.ndarray:
     with np.errstate(over="ignore"):
         out = value if value.dtype == dtype else value.astype(dtype)
     if dtype.kind == "f" and not np.isfinite(out).all():
-        raise ReplyError(f"{key} has values that are not finite as {dtype} (NaN, Inf, or beyond "
+        raise NonFiniteError(f"{key} has values that are not finite as {dtype} (NaN, Inf, or beyond "
                          f"{dtype}'s range, sent as {value.dtype})")
     return out
 
@@ -97,7 +101,7 @@ def check_metric(name: str, value: Any, high: float = MAX_METRIC) -> float | int
         raise ReplyError(f"{name} = {_short(value)} ({type(value).__name__}) is not a number")
     number = int(value) if isinstance(value, (int, np.integer)) else float(value)
     if isinstance(number, float) and not math.isfinite(number):
-        raise ReplyError(f"{name} = {number!r} is not finite")
+        raise NonFiniteError(f"{name} = {number!r} is not finite")
     if not 0 <= number <= high:
         raise ReplyError(f"{name} = {_short(number)} is outside [0, {high:g}]")
     return number

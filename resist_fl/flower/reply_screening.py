@@ -28,6 +28,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 
 from resist_fl.core.validation import (
     TRAIN_METRICS,
+    NonFiniteError,
     ReplyError,
     check_metric,
     check_num_examples,
@@ -62,11 +63,15 @@ class ScreenedReplies:
     rejected: int = 0
     failed: int = 0
     missing: int = 0
+    non_finite: int = 0
+    """Rejected replies that held NaN or Inf (arrays or metrics)."""
 
     def counts(self) -> dict[str, int]:
-        """Accepted / rejected / failed replies, and instructions with no reply by the timeout."""
+        """Accepted / rejected / failed replies, instructions with no reply by the timeout, and
+        the rejected replies that held NaN or Inf."""
         return {"replies-accepted": len(self.accepted), "replies-rejected": self.rejected,
-                "replies-failed": self.failed, "replies-missing": self.missing}
+                "replies-failed": self.failed, "replies-missing": self.missing,
+                "replies-non-finite": self.non_finite}
 
     def round_metrics(self) -> dict[str, float | int]:
         """Counts plus the accepted replies' example-weighted loss and summed training time."""
@@ -129,6 +134,7 @@ def screen_replies(server_round: int, replies: Iterable[Message], sent: Mapping[
             out.accepted.append(_check_reply(node_id, reply, sent[node_id], global_record, max_num_examples))
         except ReplyError as err:
             out.rejected += 1
+            out.non_finite += isinstance(err, NonFiniteError)
             log(WARNING, "round %d: reply of node %s dropped: %s", server_round, node_id, err)
         except Exception as err:  # noqa: BLE001 - an unforeseen reply costs that reply, never the round
             out.rejected += 1
@@ -147,14 +153,14 @@ def _check_reply(node_id: int, reply: Message, keys: Sequence[str], global_recor
         raise ReplyError("expected exactly one ArrayRecord and one MetricRecord")
     record = next(iter(content.array_records.values()))
     reported = next(iter(content.metric_records.values()))
+    metrics = {"num-examples": check_num_examples(reported.get("num-examples"), max_num_examples)}
+    for name in TRAIN_METRICS[1:]:  # before the arrays: a diverged node reports a non-finite loss
+        metrics[name] = check_metric(name, reported.get(name))
     try:
         decoded = {k: v.numpy() for k, v in record.items()}
     except Exception as err:  # undecodable bytes from a client
         raise ReplyError(f"arrays cannot be decoded: {err}") from err
     update = check_update(decoded, {k: (global_record[k].shape, global_record[k].dtype) for k in keys})
-    metrics = {"num-examples": check_num_examples(reported.get("num-examples"), max_num_examples)}
-    for name in TRAIN_METRICS[1:]:
-        metrics[name] = check_metric(name, reported.get(name))
     if any(update[k] is not decoded[k] for k in update):  # some arrays came in another width
         record = ArrayRecord({k: v if update[k] is decoded[k] else Array(np.require(update[k], requirements="C"))
                               for k, v in record.items()})

@@ -20,14 +20,18 @@ DIVERGENCE_HINT = (
 )
 
 
-def divergence_reason(earlier: Iterable[float | None], loss: float | None,
+def divergence_reason(earlier: Iterable[float | None], loss: float | None, non_finite_replies: int = 0,
                       factor: float = DIVERGENCE_FACTOR) -> str | None:
     """Why the round with mean train loss ``loss`` looks diverging, or None if it does not.
 
     ``earlier`` holds the mean train losses of the rounds before (None for a round
-    without accepted replies). A non-finite loss diverges; so does a loss above
-    ``factor`` times the best earlier loss. A round without a loss (None) says nothing.
+    without accepted replies). A round diverges when any node's reply held NaN or
+    Inf (``non_finite_replies``: such replies are rejected, so their loss is not in
+    ``loss``), when ``loss`` is non-finite, or when it is above ``factor`` times the
+    best earlier loss. A round without a loss (None) otherwise says nothing.
     """
+    if non_finite_replies:
+        return f"{non_finite_replies} node(s) sent a non-finite training loss or parameters"
     if loss is None:
         return None
     if not math.isfinite(loss):
