@@ -15,7 +15,7 @@ from resist_fl.data import load_test_set, make_eval_loader, normalization
 from resist_fl.run.outputs import load_model, read_metrics
 from resist_fl.run.settings import SettingsError
 from resist_fl.training import evaluate
-from tests.appdriver import run_inprocess
+from simulations.inprocess import run_inprocess
 
 
 def run_dir(config) -> Path:

@@ -12,7 +12,7 @@ from flwr.clientapp import ClientApp
 from client_app.app import identity_handler, train_handler
 from resist_fl.run.divergence import DIVERGENCE_FACTOR, divergence_reason
 from resist_fl.run.outputs import read_metrics
-from tests.appdriver import run_inprocess
+from simulations.inprocess import run_inprocess
 
 
 @pytest.mark.parametrize(("earlier", "loss", "fires"), [

@@ -1,4 +1,4 @@
-"""Tests for ``tests/inprocess_grid.py`` driving the real ``FedAvg.start()`` loop."""
+"""Tests for ``simulations/inprocess_grid.py`` driving the real ``FedAvg.start()`` loop."""
 
 from __future__ import annotations
 
@@ -18,10 +18,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp.strategy import FedAvg
 
-try:  # `tests` as a package (rootdir on sys.path) or as a plain directory
-    from tests.inprocess_grid import InProcessGrid, make_node_ids
-except ImportError:  # pragma: no cover
-    from inprocess_grid import InProcessGrid, make_node_ids  # type: ignore
+from simulations.inprocess_grid import InProcessGrid, make_node_ids
 
 
 def make_app() -> ClientApp:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from resist_fl.run.outputs import read_metrics
-from tests.appdriver import run_inprocess
+from simulations.inprocess import run_inprocess
 
 SEEDS = (0, 1, 2)
 

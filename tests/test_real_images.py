@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from resist_fl.run.outputs import read_metrics
-from tests.appdriver import run_inprocess
+from simulations.inprocess import run_inprocess
 
 # A short run of a small PreActResNet (stage depths 1-1-4-1, width 8; 3 partitionable blocks),
 # 2 nodes, 6 rounds of 20 local steps. Measured final accuracy on the 360 test digits:

@@ -20,8 +20,8 @@ from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.model import ModelSpec, build_model
 from resist_fl.run.checkpoint import CHECKPOINT_FILE, CheckpointError
 from resist_fl.run.outputs import read_metrics
-from tests.appdriver import run_inprocess
-from tests.inprocess_grid import make_node_ids
+from simulations.inprocess import run_inprocess
+from simulations.inprocess_grid import make_node_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def test_too_few_replies_leave_the_model_unchanged(tiny_config):
 
 def _start_driver(config: dict, path: Path) -> subprocess.Popen:
     path.write_text(json.dumps(config))
-    return subprocess.Popen([sys.executable, "-m", "tests.appdriver", str(path), "2"], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "simulations.inprocess", str(path), "2"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 

@@ -1,4 +1,8 @@
-"""Run the real ServerApp main with the real ClientApp in-process (no SuperLink)."""
+"""Run the real ServerApp main with the real ClientApp in-process: no SuperLink, no Ray.
+
+What the tests and :mod:`simulations.probe` use to run whole federations fast on one
+machine; ``flwr run .`` (and :mod:`simulations.compare`) remains the real thing.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from flwr.clientapp import ClientApp
 
 from client_app.app import app as client_app
 from server_app.app import main as server_main
-from tests.inprocess_grid import InProcessGrid
+from simulations.inprocess_grid import InProcessGrid
 
 
 def run_inprocess(run_config: dict, num_nodes: int = 3, client: ClientApp = client_app,
@@ -20,7 +24,7 @@ def run_inprocess(run_config: dict, num_nodes: int = 3, client: ClientApp = clie
     return grid
 
 
-if __name__ == "__main__":  # used by the kill-and-resume test: python -m tests.appdriver CONFIG.json N
+if __name__ == "__main__":  # used by the kill-and-resume test: python -m simulations.inprocess CONFIG.json N
     import json
     import sys
 
