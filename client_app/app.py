@@ -98,7 +98,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     torch.manual_seed(settings.seed * 100_003 + server_round * 1_009 + partition_id)
     result = train(model, loader, steps=steps, lr=lr, momentum=float(config["momentum"]),
                    weight_decay=float(config["weight-decay"]), device=resolve_device(settings.device),
-                   amp=settings.amp)
+                   amp=settings.amp, clip_grad_norm=float(config.get("clip-grad-norm", 0.0)))
 
     metrics = MetricRecord(dict(zip(TRAIN_METRICS, (num_examples, result.loss, result.seconds, result.steps))))
     if not math.isfinite(result.loss):  # diverged: say so, and send no arrays worth nothing

@@ -58,12 +58,14 @@ def _batches(loader: DataLoader, steps: int) -> Iterator:
 
 
 def train(model: nn.Module, loader: DataLoader, *, steps: int, lr: float, momentum: float,
-          weight_decay: float, device: torch.device, amp: bool = False) -> TrainResult:
+          weight_decay: float, device: torch.device, amp: bool = False,
+          clip_grad_norm: float = 0.0) -> TrainResult:
     """Train ``model`` in place for ``steps`` SGD steps with a fresh optimiser.
 
     A fresh SGD optimiser (no momentum carried between rounds) matches the
     official code, which re-creates it at every repartition. With ``amp`` on
-    CUDA, the forward pass runs under bfloat16 autocast.
+    CUDA, the forward pass runs under bfloat16 autocast. ``clip_grad_norm > 0``
+    rescales each step's gradient to at most that L2 norm (over all parameters).
     """
     start = time.perf_counter()
     model.to(device).train()
@@ -76,6 +78,8 @@ def train(model: nn.Module, loader: DataLoader, *, steps: int, lr: float, moment
             loss = nn.functional.cross_entropy(model(images), labels)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
+        if clip_grad_norm > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm, foreach=True)
         optimiser.step()
         total += loss.detach().float()
     mean_loss = (total / steps).item()  # non-finite when training diverged: the caller decides

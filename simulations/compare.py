@@ -286,6 +286,9 @@ def resolve(args: argparse.Namespace) -> tuple[DictConfig, list[PlannedRun], Pat
     top_level = list(load_preset(args.preset).keys())
     config = load_preset(args.preset, expand_overrides(args.overrides, top_level, list(defaults)))
     validate_preset(config, args.project)
+    if config.get("grid"):
+        raise PresetError(f"preset {config.name!r} is a label-skew grid: run it with "
+                          f"python -m simulations.noniid {args.preset}")
     out_dir = (args.out or Path("outputs") / "compare" / config.name).expanduser().resolve()
     seeds = args.seeds if args.seeds is not None else list(config.seeds)
     ablations = args.ablations if args.ablations is not None else list(config.ablations)

@@ -72,6 +72,7 @@ def run_cell(base: dict, strategy: str, norm: str, alpha: str, seed: int, nodes:
             "final-accuracy": rows[-1]["accuracy"], "diverging-rounds": [r["round"] for r in rows if r["diverging"]],
             "accuracy": [r["accuracy"] for r in rows], "train-loss": [r["train-loss"] for r in rows],
             "mb-per-round": sum(r["bytes-down"] + r["bytes-up"] for r in rows) / len(rows) / 1e6,
+            "mb-cumulative": [r["cumulative-bytes"] / 1e6 for r in rows],
             "seconds": round(time.perf_counter() - started, 1)}
 
 

@@ -111,3 +111,27 @@ def cast_mean(mean: np.ndarray, dtype: np.dtype) -> np.ndarray:
     out = np.where(rounded >= float(high), np.array(high, dtype), np.array(low, dtype))
     out[inside] = rounded[inside].astype(dtype)
     return out.astype(dtype, copy=False)
+
+
+def server_step(current: Mapping[str, np.ndarray], merged: Mapping[str, np.ndarray],
+                server_lr: float) -> dict[str, np.ndarray]:
+    """Move the global model only ``server_lr`` of the way to the merged one.
+
+    ``new = current + server_lr * (merged - current)`` for every floating-point key
+    (``server_lr = 1`` returns ``merged`` itself: the plain merge). Integer buffers
+    (BatchNorm's ``num_batches_tracked``) take the merged value. A server step below
+    1 damps a round in which one node's update went far off.
+    """
+    if not server_lr > 0:
+        raise ValueError(f"server_lr = {server_lr!r}: expected a positive number")
+    if server_lr == 1.0:
+        return dict(merged)
+    out = {}
+    for key, new in merged.items():
+        old = current[key]
+        if new.dtype.kind != "f" or new is old:
+            out[key] = new
+            continue
+        step = old.astype(np.float64) + server_lr * (new.astype(np.float64) - old.astype(np.float64))
+        out[key] = step.astype(new.dtype)
+    return out

@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from resist_fl.core.aggregation import cast_mean
+from resist_fl.core.aggregation import cast_mean, server_step
 from resist_fl.core.validation import EVALUATE_METRICS, MAX_METRIC, ReplyError, check_metric, check_num_examples
 from resist_fl.flower.node_sampling import NodeSampler
 from resist_fl.flower.reply_screening import refuse_non_finite, screen_replies
@@ -39,6 +39,9 @@ class ScreenedFedAvg(FedAvg):
     ----------
     seed : int
         Node sampling is a function of (seed, round).
+    server_lr : float
+        Server step: the global model moves this fraction of the way to the average
+        (1.0, the default, is FedAvg).
     round_offset : int
         Rounds done before this ``start()`` (a resumed run).
     min_train_replies : int
@@ -50,8 +53,10 @@ class ScreenedFedAvg(FedAvg):
     """
 
     def __init__(self, *, seed: int = 0, round_offset: int = 0, min_train_replies: int = 1,
-                 max_num_examples: int = 10_000_000, **kwargs) -> None:
+                 max_num_examples: int = 10_000_000, server_lr: float = 1.0, **kwargs) -> None:
         super().__init__(**kwargs)
+        server_step({}, {}, server_lr)  # validates the step
+        self.server_lr = server_lr
         self.sampler = NodeSampler(fraction=self.fraction_train, min_nodes=self.min_train_nodes,
                                    min_available_nodes=self.min_available_nodes, seed=seed)
         self.round_offset = round_offset
@@ -88,6 +93,8 @@ class ScreenedFedAvg(FedAvg):
         contents = [a.content() for a in screened.accepted]
         averaged = aggregate_arrayrecords(contents, self.weighted_by_key)
         merged = {k: cast_mean(averaged[k].numpy(), self._global[k].dtype) for k in self._global.keys()}
+        if self.server_lr != 1.0:
+            merged = server_step({k: self._global[k].numpy() for k in merged}, merged, self.server_lr)
         if refuse_non_finite(server_round, merged, self.last_round_metrics):
             return None, MetricRecord(self.last_round_metrics)
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)

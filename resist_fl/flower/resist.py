@@ -19,7 +19,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from resist_fl.core.aggregation import merge_partial, update_weights
+from resist_fl.core.aggregation import merge_partial, server_step, update_weights
 from resist_fl.core.decomposition import BlockLayout, sample_subnetworks
 from resist_fl.flower.node_sampling import NodeSampler
 from resist_fl.flower.reply_screening import refuse_non_finite, screen_replies
@@ -50,13 +50,18 @@ class ResIST(Strategy):
     round_offset : int
         Rounds already done before this ``start()`` (a resumed run): round r
         of ``start()`` is round ``round_offset + r`` of the run.
+    server_lr : float
+        Server step: every merged parameter moves this fraction of the way from
+        the global value to the merge (1.0, the default, is the paper's merge).
     """
 
     def __init__(self, layout: BlockLayout, *, fraction_train: float = 1.0, min_train_nodes: int = 2,
                  min_available_nodes: int = 2, min_blocks_per_site: int = 0,
                  weighting: str = "examples", min_train_replies: int = 1,
-                 max_num_examples: int = 10_000_000, seed: int = 0, round_offset: int = 0) -> None:
+                 max_num_examples: int = 10_000_000, seed: int = 0, round_offset: int = 0,
+                 server_lr: float = 1.0) -> None:
         update_weights([], weighting)  # validates the name
+        server_step({}, {}, server_lr)  # validates the step
         if min_blocks_per_site > len(layout.partitionable):
             raise ValueError(f"min_blocks_per_site = {min_blocks_per_site} exceeds the "
                              f"{len(layout.partitionable)} partitionable blocks")
@@ -68,6 +73,7 @@ class ResIST(Strategy):
         self.min_train_replies = min_train_replies
         self.max_num_examples = max_num_examples
         self.round_offset = round_offset
+        self.server_lr = server_lr
         self.num_subnetworks = max(1, min_train_nodes)
         self.last_round_metrics: dict[str, float | int] = {}
         self._global: ArrayRecord | None = None
@@ -136,6 +142,7 @@ class ResIST(Strategy):
         current = {k: self._global[k].numpy() for k in self._global if k in touched}
         merged = merge_partial(current, [a.update for a in accepted],
                                update_weights([a.num_examples for a in accepted], self.weighting))
+        merged = server_step(current, merged, self.server_lr)
         metrics["merge-seconds"] = time.perf_counter() - start
         if refuse_non_finite(server_round, merged, metrics):
             return None, MetricRecord(metrics)

@@ -49,6 +49,8 @@ class RunSettings:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lr_schedule: str = "step"
+    clip_grad_norm: float = 0.0
+    server_lr: float = 1.0
     min_blocks_per_site: int = 0
     inference_scaling: bool = True
     partitioned_stages: str = "3"
@@ -118,7 +120,9 @@ class RunSettings:
         for key in ("lr", "dirichlet-alpha", "round-timeout"):
             if not self.value(key) > 0:
                 raise SettingsError(f"{key} = {self.value(key)!r}: expected a positive number")
-        for key in ("momentum", "weight-decay"):
+        if not self.server_lr > 0:
+            raise SettingsError(f"server-lr = {self.server_lr!r}: expected a positive number (1.0: the plain merge)")
+        for key in ("momentum", "weight-decay", "clip-grad-norm"):
             if not self.value(key) >= 0:
                 raise SettingsError(f"{key} = {self.value(key)!r}: expected a number >= 0")
         if not 0 < self.fraction_train <= 1:

@@ -1,0 +1,293 @@
+"""ResIST vs FedAvg over label skew: one command for the whole grid, its table and its plot.
+
+Usage::
+
+    python -m simulations.noniid PRESET [KEY=VALUE ...] [--seeds 0 1 2] [--out DIR] [--dry-run]
+    python -m simulations.noniid PRESET --report-only --out DIR
+
+``PRESET`` is a preset with a ``grid`` section (``noniid-digits``, ``noniid-synthetic``; see
+``presets/_noniid.yaml``). Every cell of strategies x ``grid.norms`` x ``grid.alphas`` x seeds
+is one whole run of the real ServerApp and ClientApp on the in-process grid
+(:mod:`simulations.inprocess`): the same code ``flwr run`` drives, without a SuperLink per
+run, so the 48 cells of a preset fit in one sitting on a CPU. ``KEY=VALUE`` items override
+the preset as in :mod:`simulations.compare` (``local-steps=50`` is ``run-config.local-steps=50``).
+
+Writes to ``DIR`` (default ``outputs/noniid/<preset>``): ``results.jsonl`` (one line per cell:
+final accuracy, the accuracy / train-loss / cumulative-MB curves, diverging rounds, seconds),
+``report.md`` (the table) and ``noniid.png`` (final accuracy and MB-to-target against alpha).
+Cells already in ``results.jsonl`` with the same configuration are not run again, so an
+interrupted grid resumes where it stopped.
+
+Definitions: final accuracy is the global model's test accuracy after the last round, mean ±
+sample std over seeds. The target is ``target.accuracy`` when the preset sets it, otherwise
+``target.fraction-of-fedavg`` x FedAvg's mean final accuracy under IID with the grid's first
+norm. MB to target: the server's cumulative bytes sent and received (1 MB = 1e6 B) at the first
+round whose accuracy reaches the target, averaged over the seeds that reached it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from simulations.compare import PROJECT_DIR, expand_overrides
+from simulations.presets import (
+    PresetError,
+    app_config_keys,
+    coerce_run_config,
+    load_preset,
+    to_dict,
+    validate_preset,
+)
+from simulations.probe import data_config, run_cell
+
+RESULTS_FILE = "results.jsonl"
+REPORT_FILE = "report.md"
+PLOT_FILE = "noniid.png"
+GRID_KEYS = ("norm", "partitioner", "dirichlet-alpha")
+"""Run-config keys each cell sets; a preset's run-config must leave them alone."""
+LABELS = {"resist": "ResIST", "fedavg": "FedAvg"}
+
+
+def load_grid_preset(name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """A preset with a valid ``grid`` section, overrides applied.
+
+    Raises
+    ------
+    PresetError
+        The preset has no grid, sets a key the grid owns, or names an unknown norm or a
+        non-positive alpha.
+    """
+    top = list(load_preset(name).keys())
+    config = load_preset(name, expand_overrides(overrides, top, list(app_config_keys(PROJECT_DIR))))
+    validate_preset(config, PROJECT_DIR)
+    grid = config.get("grid")
+    if not grid:
+        raise PresetError(f"preset {config.name!r} has no grid section; label-skew presets: noniid-digits, "
+                          "noniid-synthetic (python -m simulations.compare runs the others)")
+    if owned := sorted(set(config.get("run-config", {})) & set(GRID_KEYS)):
+        raise PresetError(f"preset {config.name!r}: run-config sets {owned}, which the grid sets per cell "
+                          "(use grid.norms / grid.alphas)")
+    from resist_fl.core.model import NORMS
+
+    if bad := sorted(set(grid.norms) - set(NORMS)):
+        raise PresetError(f"grid.norms: unknown {bad}; expected some of {', '.join(NORMS)}")
+    for alpha in grid.alphas:
+        if str(alpha) != "iid" and not _positive(alpha):
+            raise PresetError(f"grid.alphas: {alpha!r} is neither 'iid' nor a positive number")
+    return config
+
+
+def _positive(value: Any) -> bool:
+    try:
+        return float(value) > 0 and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def run_settings(config: DictConfig) -> dict[str, Any]:
+    """The preset's run-config, values typed as the app's defaults."""
+    return coerce_run_config(to_dict(config)["run-config"], app_config_keys(PROJECT_DIR))
+
+
+def plan(config: DictConfig, seeds: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """The cells to run, seed-major (a partial grid already covers every setting once)."""
+    return [{"strategy": strategy, "norm": norm, "alpha": str(alpha), "seed": int(seed)}
+            for seed in (seeds if seeds is not None else config.seeds)
+            for alpha in config.grid.alphas for norm in config.grid.norms for strategy in config.strategies]
+
+
+def cell_key(cell: dict[str, Any]) -> tuple:
+    return cell["strategy"], cell["norm"], str(cell["alpha"]), int(cell["seed"])
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_grid(config: DictConfig, out: Path, seeds: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """Run the cells not yet in ``out/results.jsonl`` (same configuration); return all results."""
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / RESULTS_FILE
+    settings = run_settings(config)
+    done = {cell_key(r): r for r in read_results(results_path) if r.get("config") == settings}
+    cells = plan(config, seeds)
+    nodes = int(config.federation["num-supernodes"])
+    with tempfile.TemporaryDirectory(prefix="resist-noniid-") as work:
+        base = {**app_config_keys(PROJECT_DIR), **settings, **data_config(str(config.grid.data), Path(work))}
+        base.update({"min-available-nodes": nodes, "min-train-nodes": nodes})
+        for i, cell in enumerate(cells, 1):
+            if cell_key(cell) in done:
+                continue
+            runs = Path(work) / "runs"
+            result = run_cell(base, cell["strategy"], cell["norm"], cell["alpha"], cell["seed"], nodes, runs)
+            shutil.rmtree(runs, ignore_errors=True)
+            result["config"] = settings
+            done[cell_key(cell)] = result
+            with open(results_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(result) + "\n")
+            print(f"[{i}/{len(cells)}] {cell['strategy']} {cell['norm']} alpha={cell['alpha']} seed {cell['seed']}: "
+                  f"final accuracy {result['final-accuracy']:.3f} ({result['seconds']:.0f} s)", flush=True)
+    return [done[k] for k in map(cell_key, cells) if k in done]
+
+
+# --------------------------------------------------------------------------- the answer
+
+
+def target_accuracy(config: DictConfig, results: Sequence[dict[str, Any]]) -> float | None:
+    """The preset's absolute target, else the fraction of FedAvg's IID accuracy (first norm)."""
+    if config.target.get("accuracy") is not None:
+        return float(config.target.accuracy)
+    iid = [r["final-accuracy"] for r in results
+           if r["strategy"] == "fedavg" and r["alpha"] == "iid" and r["norm"] == config.grid.norms[0]]
+    return float(config.target["fraction-of-fedavg"]) * statistics.mean(iid) if iid else None
+
+
+def mb_to_target(result: dict[str, Any], target: float) -> float | None:
+    """Cumulative MB at the first round whose accuracy reaches ``target`` (None: never)."""
+    for accuracy, mb in zip(result["accuracy"], result["mb-cumulative"]):
+        if accuracy is not None and accuracy >= target:
+            return mb
+    return None
+
+
+def summarize(results: Sequence[dict[str, Any]], target: float | None,
+              order: Sequence[tuple[str, str, str]]) -> list[dict[str, Any]]:
+    """One row per (strategy, norm, alpha) in ``order``: accuracy mean/std/min, divergence, MB."""
+    rows = []
+    for strategy, norm, alpha in order:
+        group = [r for r in results if (r["strategy"], r["norm"], r["alpha"]) == (strategy, norm, alpha)]
+        if not group:
+            continue
+        acc = [r["final-accuracy"] for r in group]
+        reached = [mb for r in group if target is not None and (mb := mb_to_target(r, target)) is not None]
+        rows.append({"strategy": strategy, "norm": norm, "alpha": alpha, "seeds": len(group),
+                     "mean": statistics.mean(acc), "std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                     "min": min(acc), "diverging": sum(bool(r["diverging-rounds"]) for r in group),
+                     "mb-per-round": statistics.mean(r["mb-per-round"] for r in group),
+                     "mb-to-target": statistics.mean(reached) if reached else math.nan, "reached": len(reached),
+                     "seconds": statistics.mean(r["seconds"] for r in group)})
+    return rows
+
+
+def render(config: DictConfig, rows: Sequence[dict[str, Any]], target: float | None, command: str) -> str:
+    lines = [f"# Label skew: ResIST vs FedAvg ({config.name})", "",
+             f"{config.description}", "", f"- data: {config['data-label']}",
+             f"- nodes: {config.federation['num-supernodes']}, every node trains every round",
+             "- run-config: " + ", ".join(f"`{k}={v}`" for k, v in to_dict(config)["run-config"].items()),
+             f"- target accuracy: {target:.3f}" if target is not None else "- target accuracy: - (no FedAvg IID run)",
+             f"- command: `{command}`", "",
+             "| strategy | norm | alpha | seeds | final accuracy | min | runs diverging | MB / round "
+             "| MB to target (reached) | s / run |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        to_target = "-" if math.isnan(r["mb-to-target"]) else f"{r['mb-to-target']:.0f}"
+        lines.append(f"| {LABELS.get(r['strategy'], r['strategy'])} | {r['norm']} | {r['alpha']} | {r['seeds']} "
+                     f"| {r['mean']:.3f} ± {r['std']:.3f} | {r['min']:.3f} | {r['diverging']}/{r['seeds']} "
+                     f"| {r['mb-per-round']:.1f} | {to_target} ({r['reached']}/{r['seeds']}) | {r['seconds']:.0f} |")
+    lines += ["", f"![final accuracy and MB to target against alpha]({PLOT_FILE})", "",
+              "alpha is flwr-datasets' Dirichlet concentration over labels per node (smaller: more skew); "
+              "iid: an even random split. Final accuracy: mean ± sample std over seeds. MB to target: the "
+              "server's cumulative bytes sent and received at the first round reaching the target, mean "
+              "over the seeds that reached it. Runs diverging: seeds with a round flagged `diverging`."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(config: DictConfig, rows: Sequence[dict[str, Any]], target: float | None, path: Path) -> Path:
+    """Final accuracy (± std) and MB to target against alpha, one line per strategy and norm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    alphas = [str(a) for a in config.grid.alphas]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    for strategy in config.strategies:
+        for norm in config.grid.norms:
+            mine = {r["alpha"]: r for r in rows if (r["strategy"], r["norm"]) == (strategy, norm)}
+            xs = [i for i, a in enumerate(alphas) if a in mine]
+            if not xs:
+                continue
+            label = f"{LABELS.get(strategy, strategy)}, {norm}"
+            style = "-" if strategy == "resist" else "--"
+            mean = [mine[alphas[i]]["mean"] for i in xs]
+            std = [mine[alphas[i]]["std"] for i in xs]
+            (line,) = left.plot(xs, mean, style, marker="o", label=label)
+            left.errorbar(xs, mean, yerr=std, fmt="none", ecolor=line.get_color(), capsize=3)
+            right.plot(xs, [mine[alphas[i]]["mb-to-target"] for i in xs], style, marker="o",
+                       color=line.get_color(), label=label)
+    for ax in (left, right):
+        ax.set_xticks(range(len(alphas)), [a if a == "iid" else f"α={a}" for a in alphas])
+        ax.set_xlabel("label skew (Dirichlet alpha per node; iid: none)")
+        ax.grid(alpha=0.3)
+    left.set_ylabel("final test accuracy")
+    left.set_title("final accuracy (mean ± std over seeds)", fontsize=10)
+    right.set_ylabel("MB to target")
+    right.set_title(f"communication to reach {target:.3f}" if target is not None else "MB to target", fontsize=10)
+    left.legend(fontsize=8)
+    fig.suptitle(f"{config.name}: {config['data-label']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(config: DictConfig, results: Sequence[dict[str, Any]], out: Path, command: str) -> Path:
+    target = target_accuracy(config, results)
+    order = [(s, n, str(a)) for a in config.grid.alphas for n in config.grid.norms for s in config.strategies]
+    rows = summarize(results, target, order)
+    plot(config, rows, target, out / PLOT_FILE)
+    (out / REPORT_FILE).write_text(render(config, rows, target, command), encoding="utf-8")
+    return out / REPORT_FILE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m simulations.noniid", description=__doc__.split("\n")[0])
+    parser.add_argument("preset", help="a preset with a grid section: noniid-digits, noniid-synthetic")
+    parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. local-steps=50 grid.alphas=[0.3]")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the preset's)")
+    parser.add_argument("--out", type=Path, help="results directory (default: outputs/noniid/<preset>)")
+    parser.add_argument("--dry-run", action="store_true", help="print the cells and exit")
+    parser.add_argument("--report-only", action="store_true", help="rebuild report.md and the plot from results.jsonl")
+    args = parser.parse_args(argv)
+    try:
+        config = load_grid_preset(args.preset, args.overrides)
+    except PresetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = (args.out or PROJECT_DIR / "outputs" / "noniid" / config.name).resolve()
+    cells = plan(config, args.seeds)
+    if args.dry_run:
+        for cell in cells:
+            print(f"{cell['strategy']} {cell['norm']} alpha={cell['alpha']} seed {cell['seed']}")
+        print(f"{len(cells)} cells -> {out}")
+        return 0
+    command = "python -m simulations.noniid " + " ".join(argv)
+    if args.report_only:
+        settings = run_settings(config)
+        wanted = set(map(cell_key, cells))
+        results = [r for r in read_results(out / RESULTS_FILE) if r.get("config") == settings and cell_key(r) in wanted]
+        if not results:
+            print(f"error: {out / RESULTS_FILE} holds no results of this configuration", file=sys.stderr)
+            return 1
+    else:
+        results = run_grid(config, out, args.seeds)
+    print(f"report: {write_report(config, results, out, command)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
