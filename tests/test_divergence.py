@@ -25,6 +25,8 @@ from simulations.inprocess import run_inprocess
     ([], math.inf, True),
     ([2.3, 0.5], None, False),                        # no accepted reply: nothing to judge
     ([0.0], 1.0, False),                              # a zero best loss cannot be multiplied
+    ([0.64, 0.1, 0.004], 0.02, False),                # 5x a near-zero loss: noise, below the margin
+    ([0.64, 0.14], 1.55, True),                       # 11x and 1.4 nats up: the 50-step run's round 5
 ])
 def test_divergence_reason(earlier, loss, fires):
     assert (divergence_reason(earlier, loss) is not None) == fires

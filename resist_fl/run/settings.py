@@ -49,7 +49,7 @@ class RunSettings:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lr_schedule: str = "step"
-    clip_grad_norm: float = 0.0
+    clip_grad_norm: float = 1.0
     server_lr: float = 1.0
     min_blocks_per_site: int = 0
     inference_scaling: bool = True

@@ -6,7 +6,11 @@ the classes in the node's partition, how many partitioned blocks it held, its me
 loss, the relative size of its update to the shared layers and to its own blocks, and the
 largest BatchNorm weight it returned::
 
-    python docs/results/noniid/trace_divergence.py [SEED] [LOCAL_STEPS] [NORM]
+    python docs/results/noniid/trace_divergence.py [SEED] [LOCAL_STEPS] [NORM] [CLIP_GRAD_NORM]
+
+``trace-resist-batchnorm-seed1-l50.txt`` is ``1 50 batchnorm 0`` (no clipping, the app's default
+before the study), ``trace-resist-batchnorm-seed1-l50-clip1.txt`` is ``1 50 batchnorm 1.0`` (today's
+default).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from simulations.probe import BASE, app_defaults
 seed = int(sys.argv[1]) if len(sys.argv) > 1 else 1
 steps = int(sys.argv[2]) if len(sys.argv) > 2 else 50
 norm = sys.argv[3] if len(sys.argv) > 3 else "batchnorm"
+clip = float(sys.argv[4]) if len(sys.argv) > 4 else float(app_defaults()["clip-grad-norm"])
 
 traced = ClientApp()
 traced.query()(identity_handler)
@@ -61,7 +66,7 @@ def _traced(msg: Message, context: Context) -> Message:
 
 out = Path(tempfile.mkdtemp(prefix="trace-"))
 config = {**app_defaults(), **BASE, "dataset": "npz", "data-path": write_digits_npz(out / "digits.npz"),
-          "partitioner": "dirichlet", "dirichlet-alpha": 0.3, "local-steps": steps, "norm": norm, "seed": seed,
+          "partitioner": "dirichlet", "dirichlet-alpha": 0.3, "local-steps": steps, "norm": norm, "seed": seed, "clip-grad-norm": clip,
           "min-available-nodes": 4, "min-train-nodes": 4, "eval-batch-size": 500, "output-dir": str(out),
           "run-name": "trace"}
 run_inprocess(config, num_nodes=4, client=traced)
