@@ -57,6 +57,9 @@ PLOT_FILE = "noniid.png"
 GRID_KEYS = ("norm", "partitioner", "dirichlet-alpha")
 """Run-config keys each cell sets; a preset's run-config must leave them alone."""
 LABELS = {"resist": "ResIST", "fedavg": "FedAvg"}
+SHOWN_DEFAULTS = ("clip-grad-norm", "server-lr", "momentum", "weight-decay", "lr-schedule", "weighting",
+                  "min-blocks-per-site", "partitioned-stages", "augment", "inference-scaling")
+"""The app defaults a report names (the study's remedies and the optimiser)."""
 
 
 def load_grid_preset(name: str, overrides: Sequence[str] = ()) -> DictConfig:
@@ -136,6 +139,8 @@ def run_grid(config: DictConfig, out: Path, seeds: Sequence[int] | None = None) 
             result = run_cell(base, cell["strategy"], cell["norm"], cell["alpha"], cell["seed"], nodes, runs)
             shutil.rmtree(runs, ignore_errors=True)
             result["config"] = settings
+            result["app-defaults"] = {k: v for k, v in base.items() if k not in settings and k not in GRID_KEYS
+                                      and k not in ("data-path", "output-dir", "run-name")}
             done[cell_key(cell)] = result
             with open(results_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(result) + "\n")
@@ -183,11 +188,14 @@ def summarize(results: Sequence[dict[str, Any]], target: float | None,
     return rows
 
 
-def render(config: DictConfig, rows: Sequence[dict[str, Any]], target: float | None, command: str) -> str:
+def render(config: DictConfig, rows: Sequence[dict[str, Any]], target: float | None, command: str,
+           rows_defaults: dict[str, Any]) -> str:
     lines = [f"# Label skew: ResIST vs FedAvg ({config.name})", "",
              f"{config.description}", "", f"- data: {config['data-label']}",
              f"- nodes: {config.federation['num-supernodes']}, every node trains every round",
              "- run-config: " + ", ".join(f"`{k}={v}`" for k, v in to_dict(config)["run-config"].items()),
+             "- the app's defaults for the other keys: " + ", ".join(
+                 f"`{k}={v}`" for k, v in rows_defaults.items() if k in SHOWN_DEFAULTS),
              f"- target accuracy: {target:.3f}" if target is not None else "- target accuracy: - (no FedAvg IID run)",
              f"- command: `{command}`", "",
              "| strategy | norm | alpha | seeds | final accuracy | min | runs diverging | MB / round "
@@ -249,7 +257,8 @@ def write_report(config: DictConfig, results: Sequence[dict[str, Any]], out: Pat
     order = [(s, n, str(a)) for a in config.grid.alphas for n in config.grid.norms for s in config.strategies]
     rows = summarize(results, target, order)
     plot(config, rows, target, out / PLOT_FILE)
-    (out / REPORT_FILE).write_text(render(config, rows, target, command), encoding="utf-8")
+    defaults = next((r["app-defaults"] for r in results if "app-defaults" in r), {})
+    (out / REPORT_FILE).write_text(render(config, rows, target, command, defaults), encoding="utf-8")
     return out / REPORT_FILE
 
 
@@ -262,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="results directory (default: outputs/noniid/<preset>)")
     parser.add_argument("--dry-run", action="store_true", help="print the cells and exit")
     parser.add_argument("--report-only", action="store_true", help="rebuild report.md and the plot from results.jsonl")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         config = load_grid_preset(args.preset, args.overrides)
     except PresetError as err:

@@ -66,6 +66,7 @@ def test_a_tiny_grid_runs_resumes_and_reports(tmp_path, capsys):
     assert resist["mb-per-round"] < fedavg["mb-per-round"]  # sub-networks travel, not the whole model
     report = (out / noniid.REPORT_FILE).read_text()
     assert report.count("| ResIST | batchnorm |") == 2 and report.count("| FedAvg | batchnorm |") == 2
+    assert "`clip-grad-norm=1.0`" in report  # the app defaults the cells ran with are named
     assert (out / noniid.PLOT_FILE).stat().st_size > 10_000
     capsys.readouterr()
     assert noniid.main(argv) == 0  # every cell is done: nothing runs again
