@@ -7,11 +7,12 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.model import ModelSpec, build_model
+from resist_fl.core.transport import decode_state, encode_array
 from resist_fl.core.validation import EVALUATE_METRICS, TRAIN_METRICS
 from resist_fl.data import (
     DataError,
@@ -56,17 +57,25 @@ def _data_path(context: Context, settings: RunSettings) -> str:
 
 
 def build_local_model(spec: ModelSpec, layout: BlockLayout, arrays: ArrayRecord,
-                      blocks: list[str] | None) -> torch.nn.Module:
+                      blocks: list[str] | None, transport: str = "float32") -> torch.nn.Module:
     """The sub-network named by ``blocks`` (the full model when None), loaded from ``arrays``.
 
-    The received keys must be exactly that sub-network's payload keys.
+    The received keys must be exactly that sub-network's payload keys; float arrays
+    arrive encoded under ``transport`` and are decoded to the model's dtypes.
     """
     model = build_model(spec) if blocks is None else layout.build_subnetwork(spec, blocks)
     expected = set(layout.payload_keys(blocks))
     if set(arrays) != expected:
         raise ValueError(f"received keys do not match blocks {blocks}: "
                          f"{len(set(arrays) - expected)} unexpected, {len(expected - set(arrays))} missing")
-    model.load_state_dict(arrays.to_torch_state_dict(), strict=False)  # only the scales are not sent
+    if transport == "float32":
+        state = arrays.to_torch_state_dict()
+    else:
+        own = model.state_dict()
+        expected = {k: (tuple(own[k].shape), torch.empty((), dtype=own[k].dtype).numpy().dtype) for k in arrays}
+        state = {k: torch.from_numpy(np.array(v)) for k, v in
+                 decode_state({k: a.numpy() for k, a in arrays.items()}, expected, transport).items()}
+    model.load_state_dict(state, strict=False)  # only the scales are not sent
     return model
 
 
@@ -77,7 +86,8 @@ def train_handler(msg: Message, context: Context) -> Message:
     settings, spec, layout = _run_of(context, config)
     arrays = msg.content["arrays"]
     blocks = list(config["blocks"]) if "blocks" in config else None
-    model = build_local_model(spec, layout, arrays, blocks)
+    transport = str(config.get("transport-dtype", "float32"))
+    model = build_local_model(spec, layout, arrays, blocks, transport)
 
     node = context.node_config
     partition_id = int(node["partition-id"])
@@ -104,7 +114,8 @@ def train_handler(msg: Message, context: Context) -> Message:
     if not math.isfinite(result.loss):  # diverged: say so, and send no arrays worth nothing
         return Message(RecordDict({"arrays": ArrayRecord(), "metrics": metrics}), reply_to=msg)
     state = model.state_dict()
-    reply_arrays = ArrayRecord({k: state[k].detach().cpu() for k in arrays})
+    reply_arrays = ArrayRecord({k: Array(np.require(encode_array(state[k].detach().cpu().numpy(), transport),
+                                                    requirements="C")) for k in arrays})
     return Message(RecordDict({"arrays": reply_arrays, "metrics": metrics}), reply_to=msg)
 
 

@@ -48,14 +48,16 @@ def build_strategy(settings: RunSettings, layout: BlockLayout, round_offset: int
                       min_blocks_per_site=settings.min_blocks_per_site, weighting=settings.weighting,
                       min_train_replies=settings.min_train_replies,
                       max_num_examples=settings.max_num_examples, seed=settings.seed,
-                      round_offset=round_offset, server_lr=settings.server_lr)
+                      round_offset=round_offset, server_lr=settings.server_lr,
+                      transport=settings.transport_dtype)
     return ScreenedFedAvg(fraction_train=settings.fraction_train, fraction_evaluate=settings.fraction_evaluate,
                           min_train_nodes=settings.min_train_nodes,
                           min_evaluate_nodes=settings.min_train_nodes if settings.fraction_evaluate else 0,
                           min_available_nodes=settings.min_available_nodes,
                           min_train_replies=settings.min_train_replies,
                           max_num_examples=settings.max_num_examples, seed=settings.seed,
-                          round_offset=round_offset, server_lr=settings.server_lr)
+                          round_offset=round_offset, server_lr=settings.server_lr,
+                          transport=settings.transport_dtype)
 
 
 def train_config(settings: RunSettings, spec: ModelSpec, round_offset: int) -> ConfigRecord:
@@ -67,7 +69,7 @@ def train_config(settings: RunSettings, spec: ModelSpec, round_offset: int) -> C
         "num-server-rounds": settings.num_server_rounds, "momentum": settings.momentum,
         "weight-decay": settings.weight_decay, "local-steps": settings.local_steps,
         "local-epochs": settings.local_epochs, "batch-size": settings.batch_size,
-        "clip-grad-norm": settings.clip_grad_norm,
+        "clip-grad-norm": settings.clip_grad_norm, "transport-dtype": settings.transport_dtype,
     })
 
 

@@ -27,9 +27,10 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from resist_fl.core.aggregation import cast_mean, server_step
+from resist_fl.core.transport import encode_array
 from resist_fl.core.validation import EVALUATE_METRICS, MAX_METRIC, ReplyError, check_metric, check_num_examples
 from resist_fl.flower.node_sampling import NodeSampler
-from resist_fl.flower.reply_screening import refuse_non_finite, screen_replies
+from resist_fl.flower.reply_screening import encoded_record, refuse_non_finite, screen_replies
 
 
 class ScreenedFedAvg(FedAvg):
@@ -42,6 +43,10 @@ class ScreenedFedAvg(FedAvg):
     server_lr : float
         Server step: the global model moves this fraction of the way to the average
         (1.0, the default, is FedAvg).
+    transport : str
+        How float arrays of training messages and replies travel
+        (:data:`~resist_fl.core.transport.TRANSPORT_DTYPES`); the average and the
+        global model stay float32.
     round_offset : int
         Rounds done before this ``start()`` (a resumed run).
     min_train_replies : int
@@ -53,8 +58,11 @@ class ScreenedFedAvg(FedAvg):
     """
 
     def __init__(self, *, seed: int = 0, round_offset: int = 0, min_train_replies: int = 1,
-                 max_num_examples: int = 10_000_000, server_lr: float = 1.0, **kwargs) -> None:
+                 max_num_examples: int = 10_000_000, server_lr: float = 1.0, transport: str = "float32",
+                 **kwargs) -> None:
         super().__init__(**kwargs)
+        encode_array(np.zeros(0, np.float32), transport)  # validates the transport dtype
+        self.transport = transport
         server_step({}, {}, server_lr)  # validates the step
         self.server_lr = server_lr
         self.sampler = NodeSampler(fraction=self.fraction_train, min_nodes=self.min_train_nodes,
@@ -73,7 +81,8 @@ class ScreenedFedAvg(FedAvg):
         sampled, connected, _ = self.sampler.sample(grid, self.round_offset + server_round)
         log(INFO, "configure_train: round %d, %d of %d nodes", server_round, len(sampled), connected)
         config["server-round"] = server_round
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        record = RecordDict({self.arrayrecord_key: encoded_record(arrays, self.transport),
+                             self.configrecord_key: config})
         self._global = arrays
         self._messages = list(self._construct_messages(record, sampled, MessageType.TRAIN))
         return self._messages
@@ -84,7 +93,7 @@ class ScreenedFedAvg(FedAvg):
         keys = tuple(self._global.keys())
         sent = {m.metadata.dst_node_id: keys for m in self._messages}
         screened = screen_replies(server_round, replies, sent, self._global, self.max_num_examples,
-                                  messages=self._messages, order=self.sampler.rank)
+                                  messages=self._messages, order=self.sampler.rank, transport=self.transport)
         self.last_round_metrics = {**screened.round_metrics(), "merge-refused": 0}
         if len(screened.accepted) < self.min_train_replies:
             log(WARNING, "round %d: %d valid replies < min-train-replies %d: global model unchanged",

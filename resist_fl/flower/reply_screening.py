@@ -26,6 +26,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.common.constant import SUPERLINK_NODE_ID
 
+from resist_fl.core.transport import TransportError, decode_state, encode_array
 from resist_fl.core.validation import (
     TRAIN_METRICS,
     NonFiniteError,
@@ -88,7 +89,7 @@ class ScreenedReplies:
 def screen_replies(server_round: int, replies: Iterable[Message], sent: Mapping[int, Sequence[str]],
                    global_record: ArrayRecord, max_num_examples: int, *,
                    messages: Iterable[Message],
-                   order: Callable[[int], object] | None = None) -> ScreenedReplies:
+                   order: Callable[[int], object] | None = None, transport: str = "float32") -> ScreenedReplies:
     """Accept the valid training replies of a round; count and log the others.
 
     Parameters
@@ -104,6 +105,10 @@ def screen_replies(server_round: int, replies: Iterable[Message], sent: Mapping[
     order : callable, optional
         Sort key of a node id: the accepted replies are returned in this
         order, so a merge does not depend on arrival order.
+    transport : str
+        How the nodes encode float arrays (``transport-dtype``): replies are
+        decoded to the global dtypes before any check, and an array that is not
+        a valid encoding rejects its reply.
     """
     out = ScreenedReplies()
     instructions = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
@@ -131,7 +136,8 @@ def screen_replies(server_round: int, replies: Iterable[Message], sent: Mapping[
                 continue
             if node_id not in sent:
                 raise ReplyError("this node was not sent a sub-network this round")
-            out.accepted.append(_check_reply(node_id, reply, sent[node_id], global_record, max_num_examples))
+            out.accepted.append(_check_reply(node_id, reply, sent[node_id], global_record, max_num_examples,
+                                             transport))
         except ReplyError as err:
             out.rejected += 1
             out.non_finite += isinstance(err, NonFiniteError)
@@ -147,7 +153,7 @@ def screen_replies(server_round: int, replies: Iterable[Message], sent: Mapping[
 
 
 def _check_reply(node_id: int, reply: Message, keys: Sequence[str], global_record: ArrayRecord,
-                 max_num_examples: int) -> Accepted:
+                 max_num_examples: int, transport: str = "float32") -> Accepted:
     content = reply.content
     if len(content.array_records) != 1 or len(content.metric_records) != 1:
         raise ReplyError("expected exactly one ArrayRecord and one MetricRecord")
@@ -160,11 +166,26 @@ def _check_reply(node_id: int, reply: Message, keys: Sequence[str], global_recor
         decoded = {k: v.numpy() for k, v in record.items()}
     except Exception as err:  # undecodable bytes from a client
         raise ReplyError(f"arrays cannot be decoded: {err}") from err
-    update = check_update(decoded, {k: (global_record[k].shape, global_record[k].dtype) for k in keys})
+    expected = {k: (tuple(global_record[k].shape), np.dtype(global_record[k].dtype)) for k in keys}
+    if transport != "float32":
+        try:
+            decoded = decode_state(decoded, expected, transport)
+        except TransportError as err:
+            raise ReplyError(str(err)) from None
+        record = ArrayRecord({k: Array(np.require(v, requirements="C")) for k, v in decoded.items()})
+    update = check_update(decoded, expected)
     if any(update[k] is not decoded[k] for k in update):  # some arrays came in another width
         record = ArrayRecord({k: v if update[k] is decoded[k] else Array(np.require(update[k], requirements="C"))
                               for k, v in record.items()})
     return Accepted(node_id, record, update, metrics)
+
+
+def encoded_record(arrays: ArrayRecord, transport: str) -> ArrayRecord:
+    """``arrays`` as they travel under ``transport`` (the same record for ``float32``)."""
+    if transport == "float32":
+        return arrays
+    return ArrayRecord({k: Array(np.require(encode_array(v.numpy(), transport), requirements="C"))
+                        for k, v in arrays.items()})
 
 
 def refuse_non_finite(server_round: int, merged: Mapping[str, np.ndarray], metrics: dict) -> bool:

@@ -21,8 +21,9 @@ from flwr.serverapp.strategy import Strategy
 
 from resist_fl.core.aggregation import merge_partial, server_step, update_weights
 from resist_fl.core.decomposition import BlockLayout, sample_subnetworks
+from resist_fl.core.transport import encode_array
 from resist_fl.flower.node_sampling import NodeSampler
-from resist_fl.flower.reply_screening import refuse_non_finite, screen_replies
+from resist_fl.flower.reply_screening import encoded_record, refuse_non_finite, screen_replies
 
 
 class ResIST(Strategy):
@@ -53,14 +54,18 @@ class ResIST(Strategy):
     server_lr : float
         Server step: every merged parameter moves this fraction of the way from
         the global value to the merge (1.0, the default, is the paper's merge).
+    transport : str
+        How float arrays travel in both directions (:data:`~resist_fl.core.transport.TRANSPORT_DTYPES`);
+        the global model and the merge stay float32.
     """
 
     def __init__(self, layout: BlockLayout, *, fraction_train: float = 1.0, min_train_nodes: int = 2,
                  min_available_nodes: int = 2, min_blocks_per_site: int = 0,
                  weighting: str = "examples", min_train_replies: int = 1,
                  max_num_examples: int = 10_000_000, seed: int = 0, round_offset: int = 0,
-                 server_lr: float = 1.0) -> None:
+                 server_lr: float = 1.0, transport: str = "float32") -> None:
         update_weights([], weighting)  # validates the name
+        encode_array(np.zeros(0, np.float32), transport)  # validates the transport dtype
         server_step({}, {}, server_lr)  # validates the step
         if min_blocks_per_site > len(layout.partitionable):
             raise ValueError(f"min_blocks_per_site = {min_blocks_per_site} exceeds the "
@@ -74,6 +79,7 @@ class ResIST(Strategy):
         self.max_num_examples = max_num_examples
         self.round_offset = round_offset
         self.server_lr = server_lr
+        self.transport = transport
         self.num_subnetworks = max(1, min_train_nodes)
         self.last_round_metrics: dict[str, float | int] = {}
         self._global: ArrayRecord | None = None
@@ -109,12 +115,13 @@ class ResIST(Strategy):
         self._global = arrays
         self._sent = {}
         messages = []
+        wire = encoded_record(arrays, self.transport)  # each array encoded once, whatever its holders
         for node_id, blocks in zip(sampled, groups):
             keys = self.layout.payload_keys(blocks)
             self._sent[node_id] = keys
             payload = ArrayRecord()
             for key in keys:
-                payload[key] = arrays[key]
+                payload[key] = wire[key]
             node_config = ConfigRecord({**config, "server-round": server_round, "blocks": list(blocks)})
             content = RecordDict({"arrays": payload, "config": node_config})
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
@@ -129,7 +136,7 @@ class ResIST(Strategy):
         if self._global is None:
             raise RuntimeError("aggregate_train called before configure_train")
         screened = screen_replies(server_round, replies, self._sent, self._global, self.max_num_examples,
-                                  messages=self._messages, order=self.sampler.rank)
+                                  messages=self._messages, order=self.sampler.rank, transport=self.transport)
         metrics = {**screened.round_metrics(), "num-subnetworks": self.num_subnetworks, "merge-refused": 0}
         self.last_round_metrics = metrics
         accepted = screened.accepted

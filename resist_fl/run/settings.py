@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from resist_fl.core.aggregation import WEIGHTINGS
 from resist_fl.core.model import NORMS, PRESET_DEPTHS, ModelSpec
+from resist_fl.core.transport import TRANSPORT_DTYPES
 from resist_fl.data import AUGMENTATIONS, DATASETS, PARTITIONERS, resolve_augment
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ class RunSettings:
     lr_schedule: str = "step"
     clip_grad_norm: float = 1.0
     server_lr: float = 1.0
+    transport_dtype: str = "float32"
     min_blocks_per_site: int = 0
     inference_scaling: bool = True
     partitioned_stages: str = "3"
@@ -104,6 +106,7 @@ class RunSettings:
         _choice("weighting", self.weighting, WEIGHTINGS)
         _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("device", self.device, DEVICES)
+        _choice("transport-dtype", self.transport_dtype, TRANSPORT_DTYPES)
         for key in ("num-server-rounds", "base-width", "batch-size", "eval-every", "eval-batch-size",
                     "min-available-nodes", "min-train-nodes", "min-train-replies", "max-num-examples"):
             _at_least(key, self.value(key), 1)
