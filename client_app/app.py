@@ -72,7 +72,7 @@ def build_local_model(spec: ModelSpec, layout: BlockLayout, arrays: ArrayRecord,
         state = arrays.to_torch_state_dict()
     else:
         own = model.state_dict()
-        expected = {k: (tuple(own[k].shape), torch.empty((), dtype=own[k].dtype).numpy().dtype) for k in arrays}
+        expected = {k: (tuple(own[k].shape), own[k].numpy().dtype) for k in arrays}
         state = {k: torch.from_numpy(np.array(v)) for k, v in
                  decode_state({k: a.numpy() for k, a in arrays.items()}, expected, transport).items()}
     model.load_state_dict(state, strict=False)  # only the scales are not sent

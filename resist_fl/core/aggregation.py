@@ -113,6 +113,12 @@ def cast_mean(mean: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return out.astype(dtype, copy=False)
 
 
+def check_server_lr(server_lr: float) -> None:
+    """Raise ValueError unless ``server_lr`` is a positive number."""
+    if not server_lr > 0:
+        raise ValueError(f"server_lr = {server_lr!r}: expected a positive number")
+
+
 def server_step(current: Mapping[str, np.ndarray], merged: Mapping[str, np.ndarray],
                 server_lr: float) -> dict[str, np.ndarray]:
     """Move the global model only ``server_lr`` of the way to the merged one.
@@ -122,8 +128,7 @@ def server_step(current: Mapping[str, np.ndarray], merged: Mapping[str, np.ndarr
     (BatchNorm's ``num_batches_tracked``) take the merged value. A server step below
     1 damps a round in which one node's update went far off.
     """
-    if not server_lr > 0:
-        raise ValueError(f"server_lr = {server_lr!r}: expected a positive number")
+    check_server_lr(server_lr)
     if server_lr == 1.0:
         return dict(merged)
     out = {}

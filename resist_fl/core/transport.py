@@ -36,14 +36,15 @@ class TransportError(ValueError):
     """An array that does not decode to what was expected."""
 
 
-def _check(transport: str) -> None:
+def check_transport(transport: str) -> None:
+    """Raise ValueError unless ``transport`` is one of :data:`TRANSPORT_DTYPES`."""
     if transport not in TRANSPORT_DTYPES:
         raise ValueError(f"unknown transport dtype {transport!r}; expected one of {', '.join(TRANSPORT_DTYPES)}")
 
 
 def encode_array(value: np.ndarray, transport: str) -> np.ndarray:
     """``value`` as it travels under ``transport`` (non-float arrays unchanged)."""
-    _check(transport)
+    check_transport(transport)
     value = np.asarray(value)
     if transport == "float32" or value.dtype.kind != "f":
         return value
@@ -67,7 +68,7 @@ def decode_array(value: np.ndarray, shape: tuple[int, ...], dtype: np.dtype | st
     TransportError
         ``value`` has the wrong dtype or size for an encoding of such an array.
     """
-    _check(transport)
+    check_transport(transport)
     dtype, shape = np.dtype(dtype), tuple(shape)
     if not isinstance(value, np.ndarray):
         raise TransportError(f"decodes to a {type(value).__name__}, expected a numpy array")

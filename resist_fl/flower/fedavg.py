@@ -26,8 +26,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from resist_fl.core.aggregation import cast_mean, server_step
-from resist_fl.core.transport import encode_array
+from resist_fl.core.aggregation import cast_mean, check_server_lr, server_step
+from resist_fl.core.transport import check_transport
 from resist_fl.core.validation import EVALUATE_METRICS, MAX_METRIC, ReplyError, check_metric, check_num_examples
 from resist_fl.flower.node_sampling import NodeSampler
 from resist_fl.flower.reply_screening import encoded_record, refuse_non_finite, screen_replies
@@ -61,9 +61,9 @@ class ScreenedFedAvg(FedAvg):
                  max_num_examples: int = 10_000_000, server_lr: float = 1.0, transport: str = "float32",
                  **kwargs) -> None:
         super().__init__(**kwargs)
-        encode_array(np.zeros(0, np.float32), transport)  # validates the transport dtype
+        check_transport(transport)
         self.transport = transport
-        server_step({}, {}, server_lr)  # validates the step
+        check_server_lr(server_lr)
         self.server_lr = server_lr
         self.sampler = NodeSampler(fraction=self.fraction_train, min_nodes=self.min_train_nodes,
                                    min_available_nodes=self.min_available_nodes, seed=seed)

@@ -19,9 +19,9 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from resist_fl.core.aggregation import merge_partial, server_step, update_weights
+from resist_fl.core.aggregation import check_server_lr, merge_partial, server_step, update_weights
 from resist_fl.core.decomposition import BlockLayout, sample_subnetworks
-from resist_fl.core.transport import encode_array
+from resist_fl.core.transport import check_transport
 from resist_fl.flower.node_sampling import NodeSampler
 from resist_fl.flower.reply_screening import encoded_record, refuse_non_finite, screen_replies
 
@@ -65,8 +65,8 @@ class ResIST(Strategy):
                  max_num_examples: int = 10_000_000, seed: int = 0, round_offset: int = 0,
                  server_lr: float = 1.0, transport: str = "float32") -> None:
         update_weights([], weighting)  # validates the name
-        encode_array(np.zeros(0, np.float32), transport)  # validates the transport dtype
-        server_step({}, {}, server_lr)  # validates the step
+        check_transport(transport)
+        check_server_lr(server_lr)
         if min_blocks_per_site > len(layout.partitionable):
             raise ValueError(f"min_blocks_per_site = {min_blocks_per_site} exceeds the "
                              f"{len(layout.partitionable)} partitionable blocks")
