@@ -14,15 +14,9 @@ from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.model import ModelSpec, build_model
 from resist_fl.core.transport import decode_state, encode_array
 from resist_fl.core.validation import EVALUATE_METRICS, TRAIN_METRICS
-from resist_fl.data import (
-    DataError,
-    ImageArrays,
-    load_partition,
-    load_test_set,
-    make_eval_loader,
-    make_train_loader,
-    normalization,
-)
+from resist_fl.data import DataError, load_partition, load_test_set, make_eval_loader, make_train_loader, normalization
+from resist_fl.data.batches import DeviceImages
+from resist_fl.data.partition_cache import cached_partition, partition_key
 from resist_fl.flower.node_sampling import IDENTITY_RECORD
 from resist_fl.run.settings import RunSettings
 from resist_fl.training import evaluate, resolve_device, scheduled_lr, steps_for, train
@@ -32,10 +26,14 @@ app = ClientApp()
 
 @lru_cache(maxsize=8)
 def _partition(dataset: str, data_path: str, partitioner: str, alpha: float, seed: int,
-               partition_id: int, num_partitions: int) -> ImageArrays:
-    """A node's training partition, cached per partition for as long as the process lives."""
-    return load_partition(dataset, partition_id, num_partitions, partitioner=partitioner,
-                          alpha=alpha, seed=seed, data_path=data_path)
+               partition_id: int, num_partitions: int, cache_dir: str, device: torch.device) -> DeviceImages:
+    """A node's training partition as uint8 tensors on the training device, kept for as long
+    as the process lives; decoded once per node (``partition-cache``), not once per process."""
+    key = partition_key(dataset, data_path, partitioner=partitioner, alpha=float(alpha), seed=seed,
+                        partition_id=partition_id, num_partitions=num_partitions)
+    arrays = cached_partition(cache_dir, key, lambda: load_partition(
+        dataset, partition_id, num_partitions, partitioner=partitioner, alpha=alpha, seed=seed, data_path=data_path))
+    return DeviceImages.from_arrays(arrays, device)
 
 
 @lru_cache(maxsize=8)
@@ -54,6 +52,11 @@ def _run_of(context: Context, config: ConfigRecord) -> tuple[RunSettings, ModelS
 def _data_path(context: Context, settings: RunSettings) -> str:
     """A node's own ``data-path`` (node config) wins over the run config's."""
     return str(context.node_config.get("data-path", settings.data_path))
+
+
+def _partition_cache(context: Context, settings: RunSettings) -> str:
+    """A node's own ``partition-cache`` directory (node config) wins over the run config's."""
+    return str(context.node_config.get("partition-cache", settings.partition_cache))
 
 
 def build_local_model(spec: ModelSpec, layout: BlockLayout, arrays: ArrayRecord,
@@ -92,22 +95,25 @@ def train_handler(msg: Message, context: Context) -> Message:
     node = context.node_config
     partition_id = int(node["partition-id"])
     data_path = _data_path(context, settings)
-    partition = _partition(settings.dataset, data_path, settings.partitioner,
-                           settings.dirichlet_alpha, settings.seed, partition_id, int(node["num-partitions"]))
+    device = resolve_device(settings.device)
+    partition = _partition(settings.dataset, data_path, settings.partitioner, settings.dirichlet_alpha,
+                           settings.seed, partition_id, int(node["num-partitions"]),
+                           _partition_cache(context, settings), device)
     if (top := int(partition.labels.max())) >= spec.num_classes:
         raise DataError(f"data-path {data_path!r}: partition {partition_id} has label {top}, but the run's "
                         f"model has {spec.num_classes} classes; expected labels in [0, {spec.num_classes})")
     server_round = int(config["server-round"]) + int(config["round-offset"])
     batch_size = int(config["batch-size"])
+    round_seed = settings.seed * 100_003 + server_round * 1_009 + partition_id  # order, crops, flips, dropout
     loader = make_train_loader(partition, batch_size, normalization=normalization(settings.dataset, data_path),
-                               augment=settings.augmentation(), seed=settings.seed * 100_003 + server_round)
-    num_examples = len(partition.labels)
+                               augment=settings.augmentation(), seed=round_seed)
+    num_examples = len(partition)
     steps = steps_for(num_examples, batch_size, int(config["local-steps"]), int(config["local-epochs"]))
     lr = scheduled_lr(float(config["lr"]), str(config["lr-schedule"]), server_round,
                       int(config["num-server-rounds"]))
-    torch.manual_seed(settings.seed * 100_003 + server_round * 1_009 + partition_id)
+    torch.manual_seed(round_seed)
     result = train(model, loader, steps=steps, lr=lr, momentum=float(config["momentum"]),
-                   weight_decay=float(config["weight-decay"]), device=resolve_device(settings.device),
+                   weight_decay=float(config["weight-decay"]), device=device,
                    amp=settings.amp, clip_grad_norm=float(config.get("clip-grad-norm", 0.0)))
 
     metrics = MetricRecord(dict(zip(TRAIN_METRICS, (num_examples, result.loss, result.seconds, result.steps))))
@@ -134,8 +140,10 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     test = load_test_set(settings.dataset, data_path)
     if "data-path" not in node:
         test = test.subset(np.arange(int(node["partition-id"]), len(test), int(node["num-partitions"])))
-    loader = make_eval_loader(test, settings.eval_batch_size, normalization=normalization(settings.dataset, data_path))
-    loss, accuracy = evaluate(model, loader, resolve_device(settings.device), settings.amp)
+    device = resolve_device(settings.device)
+    loader = make_eval_loader(test, settings.eval_batch_size, normalization=normalization(settings.dataset, data_path),
+                              device=device)
+    loss, accuracy = evaluate(model, loader, device, settings.amp)
     metrics = MetricRecord(dict(zip(EVALUATE_METRICS, (len(test), loss, accuracy))))
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 

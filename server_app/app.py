@@ -12,11 +12,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
-from torch.utils.data import DataLoader
 
 from resist_fl.core.decomposition import BlockLayout, scale_key
 from resist_fl.core.model import ModelSpec, build_model
 from resist_fl.data import DataError, load_test_set, make_eval_loader, normalization
+from resist_fl.data.batches import EvalBatches
 from resist_fl.flower.fedavg import ScreenedFedAvg
 from resist_fl.flower.metering import MeteredGrid
 from resist_fl.flower.resist import ResIST
@@ -91,7 +91,7 @@ class RoundRecorder:
 
     def __init__(self, settings: RunSettings, spec: ModelSpec, layout: BlockLayout,
                  strategy: ResIST | ScreenedFedAvg, grid: MeteredGrid, run_dir: Path,
-                 test_loader: DataLoader, resumed: Checkpoint | None = None) -> None:
+                 test_loader: EvalBatches, resumed: Checkpoint | None = None) -> None:
         self.settings, self.spec, self.layout = settings, spec, layout
         self.strategy, self.grid, self.run_dir = strategy, grid, run_dir
         self.device = resolve_device(settings.device)
@@ -177,7 +177,7 @@ def resident_memory_mb() -> float | None:
         return None
 
 
-def prepare_data(settings: RunSettings) -> tuple[ModelSpec, BlockLayout, DataLoader, dict]:
+def prepare_data(settings: RunSettings) -> tuple[ModelSpec, BlockLayout, EvalBatches, dict]:
     """Model spec and layout (classes and channels from the data), the central test loader, and
     what the data pipeline chose (logged, and recorded in ``run_config.json``).
 
@@ -197,7 +197,8 @@ def prepare_data(settings: RunSettings) -> tuple[ModelSpec, BlockLayout, DataLoa
     log(INFO, "resist-fl: data %s, images %s, augment=%s (%s), normalisation mean %s std %s",
         settings.dataset, "x".join(map(str, data["image-shape"])), data["augment"], settings.augment,
         [round(m, 4) for m in stats.mean], [round(s, 4) for s in stats.std])
-    return spec, layout, make_eval_loader(test, settings.eval_batch_size, normalization=stats), data
+    loader = make_eval_loader(test, settings.eval_batch_size, normalization=stats, device=resolve_device(settings.device))
+    return spec, layout, loader, data
 
 
 def prepare_run_dir(settings: RunSettings) -> tuple[Path, Checkpoint | None]:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
+
+if TYPE_CHECKING:
+    import datasets
 
 
 class DataError(ValueError):

@@ -7,12 +7,14 @@ either, a :class:`~resist_fl.data.arrays.DataError` says what to use instead.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from flwr_datasets import FederatedDataset
-from flwr_datasets.partitioner import IidPartitioner, Partitioner
+from typing import TYPE_CHECKING
 
 from resist_fl.data.arrays import DataError, ImageArrays, arrays_from_hf
 from resist_fl.data.npz import NPZ_KEYS
+
+if TYPE_CHECKING:  # flwr-datasets (and the Hugging Face stack) is imported only when a hub set is used
+    from flwr_datasets import FederatedDataset
+    from flwr_datasets.partitioner import Partitioner
 
 CIFAR_IMAGE_SIZE = 32
 CIFAR_CHANNELS = 3
@@ -48,6 +50,8 @@ def hub_partition(dataset: str, partition_id: int, partitioner: Partitioner, key
 def hub_test_set(dataset: str) -> ImageArrays:
     """The cached ``'test'`` split of a hub dataset."""
     if dataset not in _TEST_SETS:
+        from flwr_datasets.partitioner import IidPartitioner
+
         spec = HUB_DATASETS[dataset]
         fds = _federated_dataset(dataset, IidPartitioner(1), ("iid", 1), 0)  # test is not split
         _TEST_SETS[dataset] = arrays_from_hf(fds.load_split("test"), spec.image_column, spec.label_column)
@@ -58,6 +62,8 @@ def _federated_dataset(dataset: str, partitioner: Partitioner, key: tuple, seed:
     """A cached, loaded :class:`FederatedDataset` for a hub dataset."""
     cache_key = (dataset, key, seed)
     if cache_key not in _FEDERATED_DATASETS:
+        from flwr_datasets import FederatedDataset
+
         spec = HUB_DATASETS[dataset]
         fds = FederatedDataset(dataset=spec.hub_id, partitioners={"train": partitioner}, seed=seed)
         try:

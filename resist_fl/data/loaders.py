@@ -1,30 +1,22 @@
-"""PyTorch data loaders over in-memory image splits."""
+"""Training and evaluation batches over image splits (see :mod:`resist_fl.data.batches`)."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
 
 from resist_fl.data.arrays import ImageArrays
-from resist_fl.data.transforms import Normalization, build_transform
+from resist_fl.data.batches import DeviceImages, EvalBatches, TrainBatches
+from resist_fl.data.transforms import Normalization
 
 
-def make_train_loader(
-    arrays: ImageArrays,
-    batch_size: int,
-    *,
-    normalization: Normalization,
-    augment: str = "none",
-    seed: int = 0,
-) -> DataLoader:
-    """Wrap a training split into a shuffling, augmenting data loader.
+def make_train_loader(data: ImageArrays | DeviceImages, batch_size: int, *, normalization: Normalization,
+                      augment: str = "none", seed: int = 0, device: torch.device | str | None = None) -> TrainBatches:
+    """Shuffled, augmented, normalised training batches of ``data``, resident on ``device``.
 
     Parameters
     ----------
-    arrays : ImageArrays
-        The split to iterate over.
+    data : ImageArrays or DeviceImages
+        The split; a :class:`DeviceImages` already on ``device`` is used without a copy.
     batch_size : int
         Samples per batch; the last batch may be smaller, but never a single sample.
     normalization : Normalization
@@ -33,48 +25,22 @@ def make_train_loader(
         ``none``, ``crop``, ``flip`` or ``crop-flip`` (``auto`` resolved by
         :func:`resist_fl.data.resolve_augment`).
     seed : int
-        Seed of the shuffling order. The augmentations draw from torch's global
-        random generator.
+        Seed of the shuffling order and of the random crops and flips.
+    device : torch.device or str, optional
+        The training device (default: where ``data`` is, the CPU for :class:`ImageArrays`).
 
     Returns
     -------
-    torch.utils.data.DataLoader
-        Yields ``(images, labels)`` with float32 NCHW images and int64 labels.
+    TrainBatches
+        Each pass yields ``(images, labels)``: float32 NCHW images and int64 labels on ``device``.
     """
-    _, _, height, width = arrays.images.shape
-    transform = build_transform(augment, normalization, height, width)
-    return DataLoader(
-        _TransformedImages(arrays, transform),
-        batch_size=batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-        # A last batch of one image cannot train BatchNorm (one value per channel at the last
-        # stage's 1x1 maps); it is dropped, a different image each pass.
-        drop_last=len(arrays) % batch_size == 1 and len(arrays) > batch_size,
-        num_workers=0,
-    )
+    return TrainBatches(data, batch_size, normalization=normalization, augment=augment, seed=seed, device=device)
 
 
-def make_eval_loader(arrays: ImageArrays, batch_size: int, *, normalization: Normalization) -> DataLoader:
-    """Wrap an evaluation split into a sequential data loader (no augmentation).
+def make_eval_loader(data: ImageArrays | DeviceImages, batch_size: int, *, normalization: Normalization,
+                     device: torch.device | str | None = None) -> EvalBatches:
+    """Sequential normalised batches of ``data`` on ``device`` (no augmentation).
 
     Yields ``(images, labels)`` with float32 NCHW images and int64 labels.
     """
-    _, _, height, width = arrays.images.shape
-    transform = build_transform("none", normalization, height, width)
-    return DataLoader(_TransformedImages(arrays, transform), batch_size=batch_size, num_workers=0)
-
-
-class _TransformedImages(Dataset):
-    """A torch dataset over :class:`ImageArrays` with a per-sample transform."""
-
-    def __init__(self, arrays: ImageArrays, transform: v2.Transform) -> None:
-        self._images = torch.from_numpy(np.ascontiguousarray(arrays.images))
-        self._labels = torch.from_numpy(np.ascontiguousarray(arrays.labels))
-        self._transform = transform
-
-    def __len__(self) -> int:
-        return len(self._labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._transform(self._images[index]), self._labels[index]
+    return EvalBatches(data, batch_size, normalization=normalization, device=device)

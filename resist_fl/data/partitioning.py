@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import datasets
+from typing import TYPE_CHECKING
+
 import numpy as np
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
 
 from resist_fl.data.arrays import ImageArrays
 from resist_fl.data.hub import HUB_DATASETS, hub_partition
 from resist_fl.data.sources import DATASETS, check_choice, local_train_set
+
+if TYPE_CHECKING:  # flwr-datasets and the Hugging Face stack are imported when a partition is split
+    from flwr_datasets.partitioner import Partitioner
 
 PARTITIONERS = ("iid", "dirichlet")
 
@@ -76,6 +79,8 @@ def make_partitioner(
     partitioner: str, num_partitions: int, label_column: str, alpha: float, seed: int
 ) -> Partitioner:
     """Build an (unassigned) flwr-datasets partitioner."""
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
     if partitioner == "iid":
         return IidPartitioner(num_partitions)
     return DirichletPartitioner(
@@ -113,6 +118,8 @@ def _index_partitioner(
     """
     key = (source, num_partitions, partitioner, float(alpha), seed)
     if key not in _INDEX_PARTITIONERS:
+        import datasets
+
         index = datasets.Dataset.from_dict(
             {"idx": np.arange(len(labels)), "label": labels}
         )

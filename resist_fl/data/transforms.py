@@ -1,4 +1,4 @@
-"""Per-sample transforms: augmentation chosen to fit the data, normalisation from the data.
+"""Augmentation chosen to fit the data, normalisation from the data.
 
 CIFAR's recipe (a random crop after padding by 1/8 of the side, and a
 horizontal flip) suits natural photographs; it destroys small images, digits,
@@ -13,8 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from torchvision.transforms import v2
 
 AUGMENTATIONS = ("auto", "none", "crop", "flip", "crop-flip")
 """``auto``: ``crop-flip`` for cifar10, cifar100 and synthetic, ``none`` for a user's own npz
@@ -70,18 +68,3 @@ def image_statistics(images: np.ndarray) -> Normalization:
     mean = total / count
     std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
     return Normalization(tuple(float(m) for m in mean), tuple(float(s) if s > 1e-6 else 1.0 for s in std))
-
-
-def build_transform(augment: str, normalization: Normalization, height: int, width: int) -> v2.Transform:
-    """The per-sample transform of uint8 CHW images: ``augment`` (resolved, not ``auto``),
-    scaling to [0, 1] and normalisation."""
-    if augment not in ("none", "crop", "flip", "crop-flip"):
-        raise ValueError(f"augment {augment!r} is not resolved; expected none, crop, flip or crop-flip")
-    steps: list[v2.Transform] = []
-    if augment in ("crop", "crop-flip"):
-        pad_h, pad_w = crop_padding(height, width)
-        steps.append(v2.RandomCrop((height, width), padding=[pad_w, pad_h]))
-    if augment in ("flip", "crop-flip"):
-        steps.append(v2.RandomHorizontalFlip())
-    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(list(normalization.mean), list(normalization.std))])

@@ -40,6 +40,7 @@ class RunSettings:
     norm: str = "batchnorm"
     dataset: str = "cifar10"
     data_path: str = ""
+    partition_cache: str = "~/.cache/resist-fl/partitions"
     partitioner: str = "iid"
     dirichlet_alpha: float = 0.5
     augment: str = "auto"
