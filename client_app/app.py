@@ -7,7 +7,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from resist_fl.core.decomposition import BlockLayout
@@ -17,6 +17,7 @@ from resist_fl.core.validation import EVALUATE_METRICS, TRAIN_METRICS
 from resist_fl.data import DataError, load_partition, load_test_set, make_eval_loader, make_train_loader, normalization
 from resist_fl.data.batches import DeviceImages
 from resist_fl.data.partition_cache import cached_partition, partition_key
+from resist_fl.flower.array_codec import array_of
 from resist_fl.flower.node_sampling import IDENTITY_RECORD
 from resist_fl.run.settings import RunSettings
 from resist_fl.training import evaluate, resolve_device, scheduled_lr, steps_for, train
@@ -120,8 +121,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     if not math.isfinite(result.loss):  # diverged: say so, and send no arrays worth nothing
         return Message(RecordDict({"arrays": ArrayRecord(), "metrics": metrics}), reply_to=msg)
     state = model.state_dict()
-    reply_arrays = ArrayRecord({k: Array(np.require(encode_array(state[k].detach().cpu().numpy(), transport),
-                                                    requirements="C")) for k in arrays})
+    reply_arrays = ArrayRecord({k: array_of(encode_array(state[k].detach().cpu().numpy(), transport)) for k in arrays})
     return Message(RecordDict({"arrays": reply_arrays, "metrics": metrics}), reply_to=msg)
 
 

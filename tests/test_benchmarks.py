@@ -28,3 +28,34 @@ def test_bytes_benchmark_matches_the_analytic_fraction(capsys):
             assert ratio < 0.8  # four sub-networks of a five-block stage: far below four full models
         assert {"float32": 1.0, "float16": 0.5, "uint8": 0.25}[row[2].strip()] <= compressed < 1.01 * {
             "float32": 1.0, "float16": 0.53, "uint8": 0.29}[row[2].strip()]
+
+
+def _table(out: str) -> list[list[str]]:
+    return [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.splitlines()
+            if line.startswith("| ") and not line.startswith("| model") and not line.startswith("| strategy")]
+
+
+def test_loader_benchmark_compares_both_paths(capsys):
+    assert load("loader_benchmark").main(["--images", "300", "--batch-size", "32", "--batches", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "per-sample (old)" in out and "batched (new)" in out and "ratio new / old" in out
+
+
+def test_step_benchmark_times_the_full_model_and_each_subnetwork(capsys):
+    assert load("step_benchmark").main(["--model", "preact_resnet34", "--width", "4", "--batch-size", "4",
+                                        "--sites", "2", "4", "--steps", "1", "--repeats", "1"]) == 0
+    rows = _table(capsys.readouterr().out)
+    assert [row[0] for row in rows] == ["full", "S=2", "S=4"]
+    assert [row[1] for row in rows] == ["5/5", "3/5", "2/5"]  # the largest sub-network of each round
+    flop_shares = [float(row[2]) for row in rows]
+    assert flop_shares[0] == 1.0 and flop_shares[0] > flop_shares[1] > flop_shares[2] > 0
+
+
+def test_server_benchmark_times_both_strategies(capsys):
+    assert load("server_benchmark").main(["--model", "preact_resnet34", "--width", "4", "--nodes", "3",
+                                          "--local-steps", "2", "--batch-size", "4", "--timed-steps", "1",
+                                          "--repeats", "1"]) == 0
+    rows = _table(capsys.readouterr().out)
+    assert [row[0] for row in rows] == ["resist", "fedavg"]
+    for row in rows:
+        assert 0 < float(row[5].rstrip(" %")) < 100

@@ -19,8 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -29,6 +28,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from resist_fl.core.aggregation import cast_mean, check_server_lr, server_step
 from resist_fl.core.transport import check_transport
 from resist_fl.core.validation import EVALUATE_METRICS, MAX_METRIC, ReplyError, check_metric, check_num_examples
+from resist_fl.flower.array_codec import array_of, array_view
 from resist_fl.flower.node_sampling import NodeSampler
 from resist_fl.flower.reply_screening import encoded_record, refuse_non_finite, screen_replies
 
@@ -101,13 +101,13 @@ class ScreenedFedAvg(FedAvg):
             return None, MetricRecord(self.last_round_metrics)
         contents = [a.content() for a in screened.accepted]
         averaged = aggregate_arrayrecords(contents, self.weighted_by_key)
-        merged = {k: cast_mean(averaged[k].numpy(), self._global[k].dtype) for k in self._global.keys()}
+        merged = {k: cast_mean(array_view(averaged[k]), self._global[k].dtype) for k in self._global.keys()}
         if self.server_lr != 1.0:
-            merged = server_step({k: self._global[k].numpy() for k in merged}, merged, self.server_lr)
+            merged = server_step({k: array_view(self._global[k]) for k in merged}, merged, self.server_lr)
         if refuse_non_finite(server_round, merged, self.last_round_metrics):
             return None, MetricRecord(self.last_round_metrics)
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
-        record = ArrayRecord({k: Array(np.require(v, requirements="C")) for k, v in merged.items()})
+        record = ArrayRecord({k: array_of(v) for k, v in merged.items()})
         return record, MetricRecord({**metrics, **self.last_round_metrics})
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

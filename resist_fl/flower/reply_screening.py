@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from logging import WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.common.constant import SUPERLINK_NODE_ID
 
@@ -36,6 +36,7 @@ from resist_fl.core.validation import (
     check_update,
     non_finite_keys,
 )
+from resist_fl.flower.array_codec import array_of, array_view
 
 
 @dataclass
@@ -163,7 +164,7 @@ def _check_reply(node_id: int, reply: Message, keys: Sequence[str], global_recor
     for name in TRAIN_METRICS[1:]:  # before the arrays: a diverged node reports a non-finite loss
         metrics[name] = check_metric(name, reported.get(name))
     try:
-        decoded = {k: v.numpy() for k, v in record.items()}
+        decoded = {k: array_view(v) for k, v in record.items()}
     except Exception as err:  # undecodable bytes from a client
         raise ReplyError(f"arrays cannot be decoded: {err}") from err
     expected = {k: (tuple(global_record[k].shape), np.dtype(global_record[k].dtype)) for k in keys}
@@ -172,10 +173,10 @@ def _check_reply(node_id: int, reply: Message, keys: Sequence[str], global_recor
             decoded = decode_state(decoded, expected, transport)
         except TransportError as err:
             raise ReplyError(str(err)) from None
-        record = ArrayRecord({k: Array(np.require(v, requirements="C")) for k, v in decoded.items()})
+        record = ArrayRecord({k: array_of(v) for k, v in decoded.items()})
     update = check_update(decoded, expected)
     if any(update[k] is not decoded[k] for k in update):  # some arrays came in another width
-        record = ArrayRecord({k: v if update[k] is decoded[k] else Array(np.require(update[k], requirements="C"))
+        record = ArrayRecord({k: v if update[k] is decoded[k] else array_of(update[k])
                               for k, v in record.items()})
     return Accepted(node_id, record, update, metrics)
 
@@ -184,7 +185,7 @@ def encoded_record(arrays: ArrayRecord, transport: str) -> ArrayRecord:
     """``arrays`` as they travel under ``transport`` (the same record for ``float32``)."""
     if transport == "float32":
         return arrays
-    return ArrayRecord({k: Array(np.require(encode_array(v.numpy(), transport), requirements="C"))
+    return ArrayRecord({k: array_of(encode_array(array_view(v), transport))
                         for k, v in arrays.items()})
 
 

@@ -13,8 +13,7 @@ import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -22,6 +21,7 @@ from flwr.serverapp.strategy import Strategy
 from resist_fl.core.aggregation import check_server_lr, merge_partial, server_step, update_weights
 from resist_fl.core.decomposition import BlockLayout, sample_subnetworks
 from resist_fl.core.transport import check_transport
+from resist_fl.flower.array_codec import array_of, array_view
 from resist_fl.flower.node_sampling import NodeSampler
 from resist_fl.flower.reply_screening import encoded_record, refuse_non_finite, screen_replies
 
@@ -146,7 +146,7 @@ class ResIST(Strategy):
             return None, MetricRecord(metrics)
         start = time.perf_counter()
         touched = set().union(*(a.update for a in accepted))
-        current = {k: self._global[k].numpy() for k in self._global if k in touched}
+        current = {k: array_view(self._global[k]) for k in self._global if k in touched}
         merged = merge_partial(current, [a.update for a in accepted],
                                update_weights([a.num_examples for a in accepted], self.weighting))
         merged = server_step(current, merged, self.server_lr)
@@ -155,7 +155,7 @@ class ResIST(Strategy):
             return None, MetricRecord(metrics)
         record = ArrayRecord()
         for key, array in self._global.items():
-            record[key] = array if key not in merged else Array(np.require(merged[key], requirements="C"))
+            record[key] = array if key not in merged else array_of(merged[key])
         return record, MetricRecord(metrics)
 
     # -- evaluation: central only (the full model never goes to a client) --------------------
