@@ -99,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("|---|---:|---:|---:|---:|")
     for name, (_, kept) in models.items():
         median = statistics.median(times[name])
-        print(f"| {name} | {kept}/{blocks} | {flops[name] / flops['full']:.3f} | {1e3 * median:.1f} | {median / full:.3f} |")
+        share = flops[name] / flops["full"]
+        print(f"| {name} | {kept}/{blocks} | {share:.3f} | {1e3 * median:.1f} | {median / full:.3f} |")
     return 0
 
 

@@ -197,7 +197,8 @@ def prepare_data(settings: RunSettings) -> tuple[ModelSpec, BlockLayout, EvalBat
     log(INFO, "resist-fl: data %s, images %s, augment=%s (%s), normalisation mean %s std %s",
         settings.dataset, "x".join(map(str, data["image-shape"])), data["augment"], settings.augment,
         [round(m, 4) for m in stats.mean], [round(s, 4) for s in stats.std])
-    loader = make_eval_loader(test, settings.eval_batch_size, normalization=stats, device=resolve_device(settings.device))
+    loader = make_eval_loader(test, settings.eval_batch_size, normalization=stats,
+                              device=resolve_device(settings.device))
     return spec, layout, loader, data
 
 

@@ -59,3 +59,15 @@ def test_server_benchmark_times_both_strategies(capsys):
     assert [row[0] for row in rows] == ["resist", "fedavg"]
     for row in rows:
         assert 0 < float(row[5].rstrip(" %")) < 100
+
+
+def test_round_time_benchmark_runs_both_strategies_through_flwr_run(capsys):
+    assert load("round_time_benchmark").main(["--model", "preact_resnet18", "--width", "4", "--supernodes", "2",
+                                              "--rounds", "2", "--local-steps", "1", "--batch-size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "resist" in out and "fedavg" in out and "round time ResIST / FedAvg:" in out
+
+
+def test_deploy_overhead_benchmark_runs_on_a_local_cluster(capsys):
+    assert load("deploy_overhead_benchmark").main(["--only-after", "--rounds", "2"]) == 0
+    assert "after (working tree)" in capsys.readouterr().out

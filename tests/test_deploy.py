@@ -126,8 +126,12 @@ def test_a_failed_run_is_reported_although_flwr_run_exits_0(cluster):
 
 @needs_flower_binaries
 def test_two_resist_rounds_over_tls_with_authenticated_supernodes(cluster, tmp_path):
-    result = cluster.run({**TINY_RESIST, "output-dir": str(tmp_path)}, timeout=240)
+    cache = tmp_path / "partition-cache"
+    result = cluster.run({**TINY_RESIST, "output-dir": str(tmp_path), "partition-cache": str(cache)}, timeout=240)
     assert result.run_dir == tmp_path / "deploy"
+    # each node decoded its partition once, into the node-local cache (a new ClientApp process per round)
+    entries = sorted(p.parent for p in cache.glob("*/images.npy"))
+    assert len(entries) == 2 and all((e / "labels.npy").exists() for e in entries)
     assert [row["round"] for row in result.metrics] == [1, 2]
     trained = [(row["nodes"], row["replies-accepted"], row["bytes-up"] > 0) for row in result.metrics]
     assert trained == [(2, 2, True)] * 2, f"not every node trained every round; see {result.log}"

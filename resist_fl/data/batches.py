@@ -99,7 +99,8 @@ class TrainBatches:
     def __init__(self, data: ImageArrays | DeviceImages, batch_size: int, *, normalization: Normalization,
                  augment: str = "none", seed: int = 0, device: torch.device | str | None = None) -> None:
         if augment not in RESOLVED_AUGMENTATIONS:
-            raise ValueError(f"augment {augment!r} is not resolved; expected one of {', '.join(RESOLVED_AUGMENTATIONS)}")
+            raise ValueError(f"augment {augment!r} is not resolved; "
+                             f"expected one of {', '.join(RESOLVED_AUGMENTATIONS)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.data = _as_device_images(data, device)
