@@ -71,3 +71,10 @@ def test_round_time_benchmark_runs_both_strategies_through_flwr_run(capsys):
 def test_deploy_overhead_benchmark_runs_on_a_local_cluster(capsys):
     assert load("deploy_overhead_benchmark").main(["--only-after", "--rounds", "2"]) == 0
     assert "after (working tree)" in capsys.readouterr().out
+
+
+def test_gpu_benchmark_runs_on_the_cpu(capsys):
+    assert load("gpu_benchmark").main(["--device", "cpu", "--model", "preact_resnet18", "--width", "4",
+                                       "--batch-size", "8", "--steps", "1", "--images", "64"]) == 0
+    out = capsys.readouterr().out
+    assert len(_table(out)) == 2 and "data share" in out
