@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from resist_fl.run.outputs import read_metrics
@@ -20,14 +21,16 @@ from simulations.launcher import run_flwr
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, default=100)
     parser.add_argument("--sampled", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--strategy", default="resist", choices=("resist", "fedavg"))
     parser.add_argument("--timeout", type=float, default=1800)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.rounds < 5:
+        parser.error("--rounds must be >= 5 (round 5 is the reference)")
 
     work = Path(tempfile.mkdtemp(prefix="resist-load-"))
     config = {
@@ -46,7 +49,8 @@ def main() -> None:
     print(f"nodes per round: {sorted({r['nodes'] for r in rows.values()})}")
     print(f"server RSS after round 5: {early:.1f} MiB; after round {args.rounds}: {late:.1f} MiB; "
           f"ratio {late / early:.3f} (target within 10 %)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -50,21 +50,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--augment", default="crop-flip", choices=("none", "crop", "flip", "crop-flip"))
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    rng = np.random.default_rng(0)
-    arrays = ImageArrays(rng.integers(0, 256, (args.images, 3, 32, 32), dtype=np.uint8),
-                         rng.integers(0, 10, args.images))
-    old = make_per_sample_loader(arrays, args.batch_size, normalization=STATS, augment=args.augment, seed=0)
-    new = TrainBatches(arrays, args.batch_size, normalization=STATS, augment=args.augment, seed=0, device=device)
-    images_per_second(new, 5, device)  # warm-up (CUDA context, kernels)
-    rates = {"per-sample (old)": images_per_second(old, args.batches, device),
-             "batched (new)": images_per_second(new, args.batches, device)}
-    print(f"loader, {args.images} images 3x32x32, batch {args.batch_size}, augment={args.augment}, "
-          f"{args.batches} batches, device {device}, {args.threads} thread(s)")
-    for name, rate in rates.items():
-        print(f"  {name:<18} {rate:12,.0f} images/s  ({1e3 * args.batch_size / rate:7.3f} ms per batch)")
-    print(f"  ratio new / old: {rates['batched (new)'] / rates['per-sample (old)']:.1f}x")
+    try:
+        device = torch.device(args.device)
+        rng = np.random.default_rng(0)
+        arrays = ImageArrays(rng.integers(0, 256, (args.images, 3, 32, 32), dtype=np.uint8),
+                             rng.integers(0, 10, args.images))
+        old = make_per_sample_loader(arrays, args.batch_size, normalization=STATS, augment=args.augment, seed=0)
+        new = TrainBatches(arrays, args.batch_size, normalization=STATS, augment=args.augment, seed=0, device=device)
+        images_per_second(new, 5, device)  # warm-up (CUDA context, kernels)
+        rates = {"per-sample (old)": images_per_second(old, args.batches, device),
+                 "batched (new)": images_per_second(new, args.batches, device)}
+        print(f"loader, {args.images} images 3x32x32, batch {args.batch_size}, augment={args.augment}, "
+              f"{args.batches} batches, device {device}, {args.threads} thread(s)")
+        for name, rate in rates.items():
+            print(f"  {name:<18} {rate:12,.0f} images/s  ({1e3 * args.batch_size / rate:7.3f} ms per batch)")
+        print(f"  ratio new / old: {rates['batched (new)'] / rates['per-sample (old)']:.1f}x")
+    finally:
+        torch.set_num_threads(threads)  # the caller's setting (a test process) is left as it was
     return 0
 
 

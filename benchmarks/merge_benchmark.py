@@ -3,20 +3,21 @@
 Prints the merge time as a ratio to a plain NumPy copy of the same bytes (the
 updates' arrays), both measured in this run (best of several alternating repeats).
 
-    python benchmarks/merge_benchmark.py [--subnetworks 8] [--repeats 5]
+    python benchmarks/merge_benchmark.py [--subnetworks 8] [--repeats 7] [--model preact_resnet101] [--width 64]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from resist_fl.core.aggregation import merge_partial
 from resist_fl.core.decomposition import BlockLayout, round_rng, sample_subnetworks
-from resist_fl.core.model import ModelSpec, build_model
+from resist_fl.core.model import PRESET_DEPTHS, ModelSpec, build_model
 
 
 def best_interleaved(repeats: int, *fns) -> list[float]:
@@ -30,14 +31,16 @@ def best_interleaved(repeats: int, *fns) -> list[float]:
     return best
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--subnetworks", type=int, default=8)
     parser.add_argument("--min-blocks", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
+    parser.add_argument("--model", default="preact_resnet101", choices=sorted(PRESET_DEPTHS))
+    parser.add_argument("--width", type=int, default=64)
+    args = parser.parse_args(argv)
 
-    spec = ModelSpec.from_name("preact_resnet101", num_classes=10)
+    spec = ModelSpec(depths=PRESET_DEPTHS[args.model], base_width=args.width, num_classes=10)
     layout = BlockLayout.from_spec(spec)
     global_state = {k: v.numpy() for k, v in build_model(spec).state_dict().items()
                     if k in set(layout.payload_keys())}
@@ -51,13 +54,14 @@ def main() -> None:
 
     t_copy, t_merge = best_interleaved(args.repeats, lambda: [np.copy(a) for a in flat],
                                        lambda: merge_partial(global_state, updates, weights))
-    print(f"model: preact_resnet101, {len(layout.partitionable)} partitionable blocks, "
+    print(f"model: {args.model} width {args.width}, {len(layout.partitionable)} partitionable blocks, "
           f"{args.subnetworks} sub-networks (blocks each: {[len(g) for g in groups]})")
     print(f"update bytes: {nbytes / 2**20:.1f} MiB; torch threads: {torch.get_num_threads()}")
     print(f"numpy copy of the same bytes: {t_copy * 1e3:.1f} ms")
     print(f"merge_partial:                {t_merge * 1e3:.1f} ms")
     print(f"ratio merge / copy: {t_merge / t_copy:.2f} (target <= 2.0)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -9,7 +9,7 @@ each isolated by ``simulations.launcher``:
 3. with ``--cold``: runtime installation on with an empty, temporary uv cache (a fresh machine:
    downloads torch and its CUDA wheels, several GB).
 
-    python benchmarks/startup_benchmark.py [--cold]
+    python benchmarks/startup_benchmark.py [--cold] [--no-install-only]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import argparse
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from simulations.launcher import run_flwr
@@ -34,14 +35,17 @@ def time_to_round1(work: Path, name: str, install: bool) -> str:
             f"whole run: {result.wall_seconds:6.1f} s ({status})")
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cold", action="store_true", help="also measure with an empty uv cache")
-    args = parser.parse_args()
+    parser.add_argument("--no-install-only", action="store_true",
+                        help="measure only the run without runtime installation (offline; the smoke test)")
+    args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="resist-startup-"))
     print(time_to_round1(work, "no-runtime-install", install=False))
-    print(time_to_round1(work, "runtime-install-warm-cache", install=True))
-    if args.cold:
+    if not args.no_install_only:
+        print(time_to_round1(work, "runtime-install-warm-cache", install=True))
+    if args.cold and not args.no_install_only:
         cache = Path(tempfile.mkdtemp(prefix="uv-cache-"))
         os.environ["UV_CACHE_DIR"] = str(cache)
         try:
@@ -50,7 +54,8 @@ def main() -> None:
             del os.environ["UV_CACHE_DIR"]
             shutil.rmtree(cache, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -36,7 +36,11 @@ def _table(out: str) -> list[list[str]]:
 
 
 def test_loader_benchmark_compares_both_paths(capsys):
+    import torch
+
+    threads = torch.get_num_threads()
     assert load("loader_benchmark").main(["--images", "300", "--batch-size", "32", "--batches", "12"]) == 0
+    assert torch.get_num_threads() == threads  # a changed thread count would change later tests' numerics
     out = capsys.readouterr().out
     assert "per-sample (old)" in out and "batched (new)" in out and "ratio new / old" in out
 
@@ -78,3 +82,27 @@ def test_gpu_benchmark_runs_on_the_cpu(capsys):
                                        "--batch-size", "8", "--steps", "1", "--images", "64"]) == 0
     out = capsys.readouterr().out
     assert len(_table(out)) == 2 and "data share" in out
+
+
+def test_merge_benchmark_compares_the_merge_with_a_copy(capsys):
+    assert load("merge_benchmark").main(["--model", "preact_resnet34", "--width", "4", "--subnetworks", "3",
+                                         "--repeats", "1"]) == 0
+    assert "ratio merge / copy:" in capsys.readouterr().out
+
+
+def test_load_benchmark_reads_the_servers_memory_from_the_metrics(capsys):
+    assert load("load_benchmark").main(["--nodes", "3", "--sampled", "2", "--rounds", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "server RSS after round 5" in out and "nodes per round: [2]" in out
+
+
+def test_startup_benchmark_times_a_run_to_round_1(capsys):
+    assert load("startup_benchmark").main(["--no-install-only"]) == 0
+    assert "no-runtime-install" in (out := capsys.readouterr().out) and "(ok)" in out
+
+
+def test_every_benchmark_script_has_a_smoke_test():
+    scripts = sorted(path.stem for path in BENCHMARKS.glob("*_benchmark.py"))
+    source = Path(__file__).read_text()
+    assert len(scripts) >= 10
+    assert [s for s in scripts if f'load("{s}")' not in source] == []
