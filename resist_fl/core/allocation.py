@@ -1,0 +1,135 @@
+"""Capacity-aware decomposition: how many blocks each node gets, and which.
+
+A node may train only part of the partitionable blocks in a round: its *capacity* c in (0, 1]
+allows at most ``max(1, floor(c * P))`` of the P blocks (:func:`max_depth`). Given every sampled
+node's maximum, :func:`allocate_depths` chooses each node's depth under an allocation policy
+(:data:`ALLOCATIONS`) and :func:`deal_blocks` deals the blocks into groups of those depths:
+
+- no group exceeds its node's maximum, and no group holds a block twice;
+- every block is held by some group whenever the maxima allow it (their sum is at least P);
+  otherwise as many blocks as the maxima allow are held and the rest are reported untrained;
+- the minimum depth m is kept where it fits (``min(m, maximum)``);
+- with equal capacities of 1 and ``uniform`` allocation the depths and the dealing are exactly
+  those of :func:`resist_fl.core.decomposition.sample_subnetworks` (same draws, same groups).
+
+Everything here is pure NumPy on block names; nothing imports Flower.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+ALLOCATIONS = ("uniform", "capacity", "speed")
+"""``uniform``: equal depths (today's ResIST), capped by each node's maximum, the rest spread over
+the others; ``capacity``: depth in proportion to each node's capacity; ``speed``: depth in
+proportion to each node's measured blocks per second (from earlier rounds)."""
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """One round's sub-networks: a group of blocks per node, and the blocks nobody holds."""
+
+    groups: list[tuple[str, ...]]
+    untrained: tuple[str, ...]
+    num_blocks: int
+
+    @property
+    def held_fraction(self) -> float:
+        """Mean fraction of the partitionable blocks a sub-network holds (the inference scale)."""
+        return sum(len(g) for g in self.groups) / (len(self.groups) * self.num_blocks)
+
+
+def check_capacity(capacity: float, what: str = "capacity") -> float:
+    """``capacity`` as a float in (0, 1], else ValueError naming it."""
+    if isinstance(capacity, bool) or not isinstance(capacity, (int, float)) or not 0 < capacity <= 1:
+        raise ValueError(f"{what} = {capacity!r}: expected a number in (0, 1] (the fraction of the "
+                         "partitionable blocks a node can train in a round)")
+    return float(capacity)
+
+
+def max_depth(capacity: float, num_blocks: int) -> int:
+    """Most blocks a node of ``capacity`` trains: ``floor(capacity * P)``, at least 1."""
+    return max(1, math.floor(check_capacity(capacity) * num_blocks + 1e-9))
+
+
+def allocate_depths(num_blocks: int, maxima: Sequence[int], weights: Sequence[float] | None = None,
+                    min_blocks: int = 0) -> list[int]:
+    """Depth of each node: in proportion to ``weights`` (equal when None), within the maxima.
+
+    The depths sum to ``num_blocks`` when the maxima allow it (a node whose proportional share
+    exceeds its maximum gets its maximum and the rest is shared by the others, in proportion
+    again), else every node gets its maximum. Shares are rounded by largest remainder (ties to
+    the earlier node); every node gets at least one block, and at least ``min(min_blocks,
+    maximum)``.
+    """
+    count = len(maxima)
+    if count == 0:
+        return []
+    if num_blocks < 1:
+        raise ValueError("there are no partitionable blocks")
+    if any(m < 1 for m in maxima):
+        raise ValueError(f"maximum depths must be >= 1, got {list(maxima)}")
+    weights = [1.0] * count if weights is None else [float(w) for w in weights]
+    if len(weights) != count or any(not (w > 0 and math.isfinite(w)) for w in weights):
+        raise ValueError(f"expected {count} positive finite weights, got {weights}")
+    maxima = [min(int(m), num_blocks) for m in maxima]
+    if sum(maxima) <= num_blocks:
+        depths = list(maxima)
+    else:
+        depths = _proportional(num_blocks, maxima, weights)
+    return [max(d, 1, min(min_blocks, m)) for d, m in zip(depths, maxima)]
+
+
+def _proportional(total: int, maxima: list[int], weights: list[float]) -> list[int]:
+    """Integers summing to ``total`` in proportion to ``weights``, none above its maximum."""
+    count = len(maxima)
+    shares = [0.0] * count
+    free = list(range(count))
+    remaining = float(total)
+    while free:  # water-filling: fix the nodes whose share exceeds their maximum, share the rest
+        weight = sum(weights[i] for i in free)
+        over = [i for i in free if remaining * weights[i] / weight > maxima[i]]
+        if not over:
+            for i in free:
+                shares[i] = remaining * weights[i] / weight
+            break
+        for i in over:
+            shares[i] = float(maxima[i])
+            remaining -= maxima[i]
+        free = [i for i in free if i not in over]
+    depths = [min(math.floor(s + 1e-9), maxima[i]) for i, s in enumerate(shares)]
+    short = total - sum(depths)
+    by_remainder = sorted(range(count), key=lambda i: (-(shares[i] - depths[i]), i))
+    for i in by_remainder:
+        if short == 0:
+            break
+        if depths[i] < maxima[i]:
+            depths[i] += 1
+            short -= 1
+    return depths
+
+
+def deal_blocks(blocks: Sequence[str], depths: Sequence[int], rng: np.random.Generator) -> Decomposition:
+    """Deal ``blocks`` into groups of ``depths`` blocks: consecutive windows of one random cyclic
+    order of the blocks, each group returned in forward order.
+
+    A window is never longer than the cycle, so no group holds a block twice; when the depths sum
+    to at least the number of blocks the windows cover the cycle, so every block is held; else the
+    blocks past the last window are untrained.
+    """
+    num_blocks = len(blocks)
+    if len(set(blocks)) != num_blocks:
+        raise ValueError("block names must be distinct")
+    if any(not 1 <= d <= num_blocks for d in depths):
+        raise ValueError(f"depths must be in [1, {num_blocks}], got {list(depths)}")
+    order = rng.permutation(num_blocks)
+    starts = np.cumsum([0, *depths[:-1]])
+    groups = [tuple(blocks[i] for i in sorted(order[(start + np.arange(d)) % num_blocks]))
+              for start, d in zip(starts, depths)]
+    covered = min(num_blocks, int(sum(depths)))
+    untrained = tuple(sorted((blocks[i] for i in order[covered:]), key=list(blocks).index))
+    return Decomposition(groups, untrained, num_blocks)
