@@ -9,7 +9,7 @@ each isolated by ``simulations.launcher``:
 3. with ``--cold``: runtime installation on with an empty, temporary uv cache (a fresh machine:
    downloads torch and its CUDA wheels, several GB).
 
-    python benchmarks/startup_benchmark.py [--cold] [--no-install-only]
+    python benchmarks/startup_benchmark.py [--cold] [--no-install-only] [--quick]
 """
 
 from __future__ import annotations
@@ -26,8 +26,13 @@ from simulations.launcher import run_flwr
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def time_to_round1(work: Path, name: str, install: bool) -> str:
-    config = {"dataset": "synthetic", "num-server-rounds": 1, "output-dir": str(work / "runs"), "run-name": name}
+QUICK = {"stage-depths": "1,1,1,1", "base-width": 4, "local-steps": 1, "eval-batch-size": 1000}
+"""A tiny model and one local step: the start-up alone (the smoke test)."""
+
+
+def time_to_round1(work: Path, name: str, install: bool, quick: bool = False) -> str:
+    config = {"dataset": "synthetic", "num-server-rounds": 1, "output-dir": str(work / "runs"), "run-name": name,
+              **(QUICK if quick else {})}
     result = run_flwr(ROOT, config, num_supernodes=2, timeout_s=1800, workdir=work,
                       runtime_dependency_installation=install)
     status = "ok" if result.success else f"FAILED: {result.reason}"
@@ -40,9 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cold", action="store_true", help="also measure with an empty uv cache")
     parser.add_argument("--no-install-only", action="store_true",
                         help="measure only the run without runtime installation (offline; the smoke test)")
+    parser.add_argument("--quick", action="store_true", help="a tiny model and one local step")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="resist-startup-"))
-    print(time_to_round1(work, "no-runtime-install", install=False))
+    print(time_to_round1(work, "no-runtime-install", install=False, quick=args.quick))
     if not args.no_install_only:
         print(time_to_round1(work, "runtime-install-warm-cache", install=True))
     if args.cold and not args.no_install_only:

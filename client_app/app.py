@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from functools import lru_cache
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from resist_fl.core.allocation import check_capacity
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.model import ModelSpec, build_model
 from resist_fl.core.transport import decode_state, encode_array
@@ -19,7 +21,8 @@ from resist_fl.data.batches import DeviceImages
 from resist_fl.data.partition_cache import cached_partition, partition_key
 from resist_fl.flower.array_codec import array_of
 from resist_fl.flower.node_sampling import IDENTITY_RECORD
-from resist_fl.run.settings import RunSettings
+from resist_fl.peak_memory import PeakMemory
+from resist_fl.run.settings import RunSettings, parse_profile, profile_value
 from resist_fl.training import evaluate, resolve_device, scheduled_lr, steps_for, train
 
 app = ClientApp()
@@ -113,11 +116,19 @@ def train_handler(msg: Message, context: Context) -> Message:
     lr = scheduled_lr(float(config["lr"]), str(config["lr-schedule"]), server_round,
                       int(config["num-server-rounds"]))
     torch.manual_seed(round_seed)
-    result = train(model, loader, steps=steps, lr=lr, momentum=float(config["momentum"]),
-                   weight_decay=float(config["weight-decay"]), device=device,
-                   amp=settings.amp, clip_grad_norm=float(config.get("clip-grad-norm", 0.0)))
+    with PeakMemory(device) as peak:
+        result = train(model, loader, steps=steps, lr=lr, momentum=float(config["momentum"]),
+                       weight_decay=float(config["weight-decay"]), device=device,
+                       amp=settings.amp, clip_grad_norm=float(config.get("clip-grad-norm", 0.0)))
+    slowdown = profile_value(parse_profile("slowdown-profile", settings.slowdown_profile, low=1.0), partition_id)
+    simulated = (slowdown - 1.0) * result.seconds  # a simulated straggler: sleeps, labelled as such
+    time.sleep(simulated)
 
-    metrics = MetricRecord(dict(zip(TRAIN_METRICS, (num_examples, result.loss, result.seconds, result.steps))))
+    metrics = MetricRecord({
+        **dict(zip(TRAIN_METRICS, (num_examples, result.loss, result.seconds + simulated, result.steps))),
+        "blocks": len(blocks) if blocks is not None else len(layout.partitionable),
+        "peak-memory-mb": peak.megabytes, "memory-measure": peak.measure, "simulated-seconds": simulated,
+    })
     if not math.isfinite(result.loss):  # diverged: say so, and send no arrays worth nothing
         return Message(RecordDict({"arrays": ArrayRecord(), "metrics": metrics}), reply_to=msg)
     state = model.state_dict()
@@ -150,8 +161,18 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
 
 @app.query()
 def identity_handler(msg: Message, context: Context) -> Message:
-    """Tell the server this node's ``partition-id`` (for reproducible node sampling)."""
+    """Tell the server this node's ``partition-id`` (for reproducible node sampling) and its
+    ``capacity``: the node config's, else the run config's ``capacity-profile`` entry for the
+    partition id, else 1.0."""
     identity = ConfigRecord()
-    if isinstance(context.node_config.get("partition-id"), int):
-        identity["partition-id"] = int(context.node_config["partition-id"])
+    node = context.node_config
+    partition_id = node.get("partition-id")
+    if isinstance(partition_id, int) and not isinstance(partition_id, bool):
+        identity["partition-id"] = int(partition_id)
+    if "capacity" in node:
+        identity["capacity"] = check_capacity(node["capacity"], "node config capacity")
+    elif "partition-id" in identity:
+        profile = parse_profile("capacity-profile", str(context.run_config.get("capacity-profile", "")),
+                                low=0.0, high=1.0)
+        identity["capacity"] = profile_value(profile, identity["partition-id"])
     return Message(RecordDict({IDENTITY_RECORD: identity}), reply_to=msg)

@@ -13,21 +13,25 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from resist_fl.core.allocation import max_depth
 from resist_fl.core.decomposition import BlockLayout, scale_key
 from resist_fl.core.model import ModelSpec, build_model
 from resist_fl.data import DataError, load_test_set, make_eval_loader, normalization
 from resist_fl.data.batches import EvalBatches
 from resist_fl.flower.fedavg import ScreenedFedAvg
-from resist_fl.flower.metering import MeteredGrid
+from resist_fl.flower.metering import MeteredGrid, RoundTraffic
 from resist_fl.flower.resist import ResIST
+from resist_fl.peak_memory import MEASURES
 from resist_fl.run.checkpoint import CHECKPOINT_FILE, Checkpoint, capture_rngs, check_same_run
 from resist_fl.run.divergence import DIVERGENCE_HINT, divergence_reason
 from resist_fl.run.outputs import (
     CONFIG_FILE,
     METRICS_FILE,
     MODEL_FILE,
+    NODES_FILE,
     SUMMARY_FILE,
     append_metrics,
+    read_metrics,
     rewrite_metrics,
     run_directory,
     save_model,
@@ -49,7 +53,7 @@ def build_strategy(settings: RunSettings, layout: BlockLayout, round_offset: int
                       min_train_replies=settings.min_train_replies,
                       max_num_examples=settings.max_num_examples, seed=settings.seed,
                       round_offset=round_offset, server_lr=settings.server_lr,
-                      transport=settings.transport_dtype)
+                      transport=settings.transport_dtype, allocation=settings.allocation)
     return ScreenedFedAvg(fraction_train=settings.fraction_train, fraction_evaluate=settings.fraction_evaluate,
                           min_train_nodes=settings.min_train_nodes,
                           min_evaluate_nodes=settings.min_train_nodes if settings.fraction_evaluate else 0,
@@ -101,6 +105,7 @@ class RoundRecorder:
         self.round_offset = resumed.server_round if resumed else 0
         self.arrays: ArrayRecord | None = None  # the global arrays after the last round seen
         self.round_started = time.perf_counter()
+        self.truncated: dict[int, torch.nn.Module] = {}  # any-depth evaluation models, by percent
 
     @property
     def cumulative_bytes(self) -> int:
@@ -116,15 +121,57 @@ class RoundRecorder:
         self.model.load_state_dict(full_state(arrays, self.layout, self.scales()))
         return evaluate(self.model, self.test_loader, self.device, self.settings.amp)
 
+    def evaluate_truncated(self, arrays: ArrayRecord, percent: int) -> float:
+        """Accuracy of the global model keeping only the first ``percent`` % of the partitionable
+        blocks (at least one): what a device that keeps part of the model gets. Its blocks are
+        scaled as a sub-network of the trained depth would be: ``min(1, s * P / k)`` for k kept of
+        P blocks and full-model scale s (so 100 % is the full model exactly)."""
+        blocks = self.layout.partitionable
+        kept = blocks[:max(1, round(len(blocks) * percent / 100))]
+        if percent not in self.truncated:
+            self.truncated[percent] = self.layout.build_subnetwork(self.spec, kept)
+        model = self.truncated[percent]
+        full_scale = next(iter(self.scales().values()), 1.0)
+        scale = min(1.0, full_scale * len(blocks) / len(kept))
+        state = full_state(arrays, self.layout, {b: scale for b in kept})
+        model.load_state_dict({k: v for k, v in state.items() if k in set(model.state_dict())})
+        return evaluate(model, self.test_loader, self.device, self.settings.amp)[1]
+
+    def node_rows(self, run_round: int, traffic: RoundTraffic) -> list[dict]:
+        """One ``nodes.jsonl`` row per node sent a training message this round."""
+        sampler, partitionable = self.strategy.sampler, len(self.layout.partitionable)
+        sent_blocks = self.strategy.last_blocks if isinstance(self.strategy, ResIST) else {}
+        rows = []
+        for node in sorted(traffic.train_nodes, key=sampler.rank):
+            reply = self.strategy.last_replies.get(node, {})
+            capacity = sampler.capacity(node)
+            blocks = len(sent_blocks[node]) if node in sent_blocks else partitionable
+            rows.append({
+                "round": run_round, "strategy": self.settings.strategy, "node": node,
+                "partition": sampler.partition(node), "capacity": capacity,
+                "max-blocks": max_depth(capacity, partitionable), "blocks": blocks,
+                "over-capacity": int(blocks > max_depth(capacity, partitionable)),
+                "bytes-down": traffic.bytes_down.get(node, 0), "bytes-up": traffic.bytes_up.get(node, 0),
+                "status": "accepted" if reply else "no-valid-reply",
+                "train-seconds": reply.get("train-seconds"), "simulated-seconds": reply.get("simulated-seconds"),
+                "peak-memory-mb": reply.get("peak-memory-mb"),
+                "memory-measure": MEASURES.get(int(reply.get("memory-measure", 0))),
+            })
+        return rows
+
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         self.arrays = arrays
         if server_round == 0:
             self.round_started = time.perf_counter()
             return None
         run_round = self.round_offset + server_round
-        row = self._round_row(run_round)
+        traffic = self.grid.take_round()
+        row = self._round_row(run_round, traffic)
+        nodes = self.node_rows(run_round, traffic)
         if run_round % self.settings.eval_every == 0 or run_round == self.settings.num_server_rounds:
             row["loss"], row["accuracy"] = self.evaluate(arrays)
+            for percent in self.settings.depth_percents():
+                row[f"accuracy-depth-{percent}"] = self.evaluate_truncated(arrays, percent)
         reason = divergence_reason((r.get("train-loss") for r in self.rows), row["train-loss"],
                                    row.get("replies-non-finite", 0))
         row["diverging"] = int(reason is not None)
@@ -136,6 +183,7 @@ class RoundRecorder:
         Checkpoint(run_round, {k: v.numpy() for k, v in arrays.items()}, self.settings.to_run_config(),
                    self.rows, rng_python, rng_torch).save(self.run_dir)
         append_metrics(self.run_dir, row)
+        append_metrics(self.run_dir, *nodes, name=NODES_FILE)
         acc, loss = (("-" if row[k] is None else f"{row[k]:.4f}") for k in ("accuracy", "train-loss"))
         log(INFO, "[round %d] %s acc=%s train-loss=%s down=%.2f MB up=%.2f MB (%.1f s)", run_round,
             self.settings.strategy, acc, loss, row["bytes-down"] / 1e6, row["bytes-up"] / 1e6,
@@ -145,9 +193,8 @@ class RoundRecorder:
             return None
         return MetricRecord({"accuracy": row["accuracy"], "loss": row["loss"]})
 
-    def _round_row(self, run_round: int) -> dict:
+    def _round_row(self, run_round: int, traffic: RoundTraffic) -> dict:
         """Traffic and client figures of the round that just ended (no evaluation yet)."""
-        traffic = self.grid.take_round()
         trained = self.strategy.last_round_metrics  # accepted replies only
         row = {
             "round": run_round, "strategy": self.settings.strategy, "accuracy": None, "loss": None,
@@ -165,6 +212,7 @@ class RoundRecorder:
             self.strategy.last_evaluate_metrics = {}
         if isinstance(self.strategy, ResIST):
             row["inference-scale"] = next(iter(self.scales().values()), 1.0)
+            row["held-fraction"] = self.strategy.held_fraction
         return row
 
 
@@ -220,6 +268,8 @@ def prepare_run_dir(settings: RunSettings) -> tuple[Path, Checkpoint | None]:
     checkpoint = Checkpoint.load(run_dir)
     check_same_run(checkpoint.run_config, settings.to_run_config())
     rewrite_metrics(run_dir, checkpoint.metrics)
+    done = checkpoint.server_round
+    rewrite_metrics(run_dir, [r for r in read_metrics(run_dir, NODES_FILE) if r["round"] <= done], NODES_FILE)
     return run_dir, checkpoint
 
 
@@ -247,6 +297,7 @@ def main(grid: Grid, context: Context) -> None:
     strategy = build_strategy(settings, layout, round_offset=offset)
     if resumed and isinstance(strategy, ResIST) and resumed.metrics:
         strategy.num_subnetworks = int(resumed.metrics[-1]["num-subnetworks"])  # for the inference scale
+        strategy.held_fraction = resumed.metrics[-1].get("held-fraction")
     metered = MeteredGrid(grid)
     recorder = RoundRecorder(settings, spec, layout, strategy, metered, run_dir, test_loader, resumed)
     config = train_config(settings, spec, offset)

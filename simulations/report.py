@@ -45,6 +45,14 @@ import numpy as np
 
 from resist_fl.run.outputs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics, write_json
 from simulations.machine import describe_machine, machine_line
+from simulations.node_costs import (
+    DEFAULT_BANDWIDTHS,
+    link_time_lines,
+    node_cost_lines,
+    node_summary,
+    plot_link_times,
+    run_projection,
+)
 
 MANIFEST_FILE = "compare.json"
 REPORT_FILE = "report.md"
@@ -267,7 +275,7 @@ def plot(groups: dict[tuple[str, str], list[Run]], x: str, path: Path, title: st
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for (variant, strategy), runs in groups.items():
         mx, my, sd = mean_curve(runs, x)
-        label = LABELS.get(strategy, strategy) + ("" if variant == MAIN_VARIANT else f" ({variant})")
+        label = group_label(variant, strategy)
         style = "-" if strategy == "resist" else "--"
         (line,) = ax.plot(mx, my, style, marker="o", markersize=3, label=f"{label}, n={len(runs)}")
         ax.fill_between(mx, my - sd, my + sd, color=line.get_color(), alpha=0.2, linewidth=0)
@@ -356,8 +364,41 @@ def failed_lines(manifest: dict[str, Any]) -> list[str]:
     return ["## Failed runs", "", *[f"- `{e['name']}`: {e.get('reason', '')}" for e in failed], ""]
 
 
+def group_label(variant: str, strategy: str) -> str:
+    return LABELS.get(strategy, strategy) + ("" if variant == MAIN_VARIANT else f" ({variant})")
+
+
+def node_lines(runs_dir: Path, groups: dict[tuple[str, str], list[Run]], bandwidths: Sequence[float],
+               target: float | None) -> tuple[list[str], list[Path], dict[str, Any]]:
+    """The per-node cost and projected link-time sections (empty when no run wrote ``nodes.jsonl``)."""
+    costs = {group_label(v, s): node_summary([runs_dir / r.name for r in runs]) for (v, s), runs in groups.items()}
+    costs = {k: v for k, v in costs.items() if v is not None}
+    projections = {group_label(v, s): [p for p in (run_projection(runs_dir / r.name, bandwidths, target)
+                                                   for r in runs) if p is not None]
+                   for (v, s), runs in groups.items()}
+    projections = {k: v for k, v in projections.items() if v}
+    if not costs:
+        return [], [], {}
+    lines = ["## Client costs (nodes.jsonl)", "", *node_cost_lines(costs), "",
+             "Per node and round: training seconds as the node reported them (a simulated slowdown included, "
+             "and shown apart), the step loop's peak memory (the measure is named: `cuda-max-allocated` on a "
+             "GPU; `rss-peak-over-start` on a CPU, the resident memory the step loop added), the array bytes it "
+             "received and sent, the mean number of partitionable blocks it trained by capacity, and how often a "
+             "node trained more blocks than its capacity allows (FedAvg sends every node the full model).", "",
+             f"## Projected time at link speeds ({', '.join(f'{b:g}' for b in bandwidths)} Mbit/s)", "",
+             *link_time_lines(projections, bandwidths, target), "",
+             "Round time = the slowest node's (bytes down + bytes up) x 8 / link speed + its training seconds, "
+             "from the measured bytes and seconds; every node has its own link of that speed; server compute "
+             "and latency are not included. Time to target: the sum of those round times up to the first "
+             "evaluated round at the target accuracy (mean over the seeds that reached it / seeds).", ""]
+    plots = [plot_link_times(projections, bandwidths, runs_dir / "accuracy_vs_projected_seconds.png", target)]
+    return lines, plots, {"node-costs": costs, "link-times": {
+        name: [{str(b): {k: p[b][k] for k in ("round-seconds", "to-target")} for b in bandwidths} for p in runs]
+        for name, runs in projections.items()}}
+
+
 def render(manifest: dict[str, Any], stats: Sequence[GroupStats], ratio_rows: Sequence[dict[str, Any]],
-           target: float | None, target_text: str, plots: Sequence[Path]) -> str:
+           target: float | None, target_text: str, plots: Sequence[Path], extra: Sequence[str] = ()) -> str:
     """The whole ``report.md``."""
     machine = manifest.get("machine") or describe_machine()
     lines = [f"# ResIST vs FedAvg: {manifest.get('preset', 'runs')}", ""]
@@ -385,6 +426,7 @@ def render(manifest: dict[str, Any], stats: Sequence[GroupStats], ratio_rows: Se
                   "Below 1 means ResIST needs less (or, for accuracy, reaches less).", ""]
     if manifest.get("paper"):
         lines += paper_lines(manifest["paper"], stats)
+    lines += list(extra)
     lines += failed_lines(manifest)
     lines += ["## Plots", "", *[f"![{p.stem}]({p.name})" for p in plots], ""]
     return "\n".join(lines)
@@ -394,7 +436,7 @@ def render(manifest: dict[str, Any], stats: Sequence[GroupStats], ratio_rows: Se
 
 
 def build_report(runs_dir: Path, target_accuracy_value: float | None = None,
-                 target_fraction: float | None = None) -> Path:
+                 target_fraction: float | None = None, bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS) -> Path:
     """Write ``report.md``, ``report.json`` and the PNGs into ``runs_dir``; return the report's path."""
     runs_dir = Path(runs_dir)
     manifest = read_json(runs_dir / MANIFEST_FILE) if (runs_dir / MANIFEST_FILE).exists() else None
@@ -408,10 +450,13 @@ def build_report(runs_dir: Path, target_accuracy_value: float | None = None,
     ratio_rows = ratios(stats)
     title = f"{manifest.get('preset', runs_dir.name)}: mean ± std over seeds"
     plots = [plot(groups, x, runs_dir / name, title, target) for x, (name, _) in PLOTS.items()] if groups else []
+    extra, extra_plots, extra_json = node_lines(runs_dir, groups, bandwidths, target)
     write_json(runs_dir / REPORT_JSON, finite({"target": target, "target-rule": target_text,
-                                               "groups": [asdict(s) for s in stats], "ratios": ratio_rows}))
+                                               "groups": [asdict(s) for s in stats], "ratios": ratio_rows,
+                                               **extra_json}))
     path = runs_dir / REPORT_FILE
-    path.write_text(render(manifest, stats, ratio_rows, target, target_text, plots), encoding="utf-8")
+    path.write_text(render(manifest, stats, ratio_rows, target, target_text, plots + extra_plots, extra),
+                    encoding="utf-8")
     return path
 
 
@@ -421,11 +466,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--target-accuracy", type=float, help="absolute target accuracy (0-1)")
     parser.add_argument("--target-fraction", type=float,
                         help=f"target = this x best mean final FedAvg accuracy (default {DEFAULT_TARGET_FRACTION})")
+    parser.add_argument("--bandwidth-mbps", type=float, nargs="+", default=list(DEFAULT_BANDWIDTHS),
+                        help="link speeds to project round times at (default: 10 100 1000)")
     args = parser.parse_args(argv)
     if not args.runs_dir.is_dir():
         print(f"error: {args.runs_dir} is not a directory", file=sys.stderr)
         return 2
-    path = build_report(args.runs_dir, args.target_accuracy, args.target_fraction)
+    if any(not b > 0 for b in args.bandwidth_mbps):
+        parser.error(f"--bandwidth-mbps must be > 0, got {args.bandwidth_mbps}")
+    path = build_report(args.runs_dir, args.target_accuracy, args.target_fraction, args.bandwidth_mbps)
     print(path.read_text(encoding="utf-8"))
     print(f"report: {path}")
     return 0

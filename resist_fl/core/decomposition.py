@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from resist_fl.core.allocation import allocate_depths, deal_blocks
 from resist_fl.core.model import RESIDUAL_SCALE, ModelSpec, PreActResNet, build_model
 
 SHARED = "shared"
@@ -85,10 +86,16 @@ class BlockLayout:
         """The sub-network holding ``blocks``; its keys are :meth:`subnetwork_keys`."""
         return build_model(spec, self.dropped_blocks(blocks))
 
-    def inference_scales(self, num_subnetworks: int, min_blocks: int = 0) -> dict[str, float]:
-        """Residual scale of every partitionable block for full-model inference."""
-        scale = inference_scale(num_subnetworks, min_blocks, len(self.partitionable))
-        return {b: scale for b in self.partitionable}
+    def inference_scales(self, num_subnetworks: int, min_blocks: int = 0,
+                         held_fraction: float | None = None) -> dict[str, float]:
+        """Residual scale of every partitionable block for full-model inference: the mean
+        fraction of the blocks a sub-network held (``held_fraction``, from the round's actual
+        sub-networks), else the uniform rule :func:`inference_scale` of S and m."""
+        if held_fraction is None:
+            held_fraction = inference_scale(num_subnetworks, min_blocks, len(self.partitionable))
+        elif not 0 < held_fraction:
+            raise ValueError(f"held_fraction must be > 0, got {held_fraction}")
+        return {b: min(1.0, float(held_fraction)) for b in self.partitionable}
 
     def _check_blocks(self, blocks: Iterable[str]) -> None:
         if unknown := sorted(set(blocks) - set(self.partitionable)):
@@ -147,14 +154,8 @@ def sample_subnetworks(blocks: Sequence[str], num_subnetworks: int, min_blocks: 
     """
     num_blocks = len(blocks)
     _check_settings(num_subnetworks, min_blocks, num_blocks)
-    if len(set(blocks)) != num_blocks:
-        raise ValueError("block names must be distinct")
-    base, rest = divmod(num_blocks, num_subnetworks)
-    sizes = [max(base + (i < rest), min_blocks, 1) for i in range(num_subnetworks)]
-    order = rng.permutation(num_blocks)
-    starts = np.cumsum([0, *sizes[:-1]])
-    return [tuple(blocks[i] for i in sorted(order[(start + np.arange(size)) % num_blocks]))
-            for start, size in zip(starts, sizes)]
+    depths = allocate_depths(num_blocks, [num_blocks] * num_subnetworks, None, min_blocks)
+    return deal_blocks(blocks, depths, rng).groups
 
 
 def round_rng(seed: int, server_round: int) -> np.random.Generator:

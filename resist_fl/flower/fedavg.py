@@ -72,6 +72,7 @@ class ScreenedFedAvg(FedAvg):
         self.max_num_examples = max_num_examples
         self.last_round_metrics: dict[str, float | int] = {}
         self.last_evaluate_metrics: dict[str, float | int] = {}
+        self.last_replies: dict[int, dict[str, float | int]] = {}  # node -> accepted reply's metrics
         self._global: ArrayRecord | None = None
         self._messages: list[Message] = []
 
@@ -95,6 +96,7 @@ class ScreenedFedAvg(FedAvg):
         screened = screen_replies(server_round, replies, sent, self._global, self.max_num_examples,
                                   messages=self._messages, order=self.sampler.rank, transport=self.transport)
         self.last_round_metrics = {**screened.round_metrics(), "merge-refused": 0}
+        self.last_replies = {a.node_id: dict(a.metrics) for a in screened.accepted}
         if len(screened.accepted) < self.min_train_replies:
             log(WARNING, "round %d: %d valid replies < min-train-replies %d: global model unchanged",
                 server_round, len(screened.accepted), self.min_train_replies)

@@ -13,17 +13,18 @@ uninterrupted one.
 from __future__ import annotations
 
 import time
-from logging import INFO
+from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
+from resist_fl.core.allocation import check_capacity
 from resist_fl.core.decomposition import round_rng
 
 IDENTITY_RECORD = "node"
-"""ConfigRecord of a query reply holding the node's ``partition-id`` (if it has one)."""
+"""ConfigRecord of a query reply holding the node's ``partition-id`` and ``capacity`` (if any)."""
 
 
 class NodeSampler:
@@ -51,6 +52,7 @@ class NodeSampler:
         self.seed = seed
         self.query_timeout = query_timeout
         self._rank_key: dict[int, tuple[int, int]] = {}
+        self._capacity: dict[int, float] = {}
 
     def sample(self, grid: Grid, run_round: int) -> tuple[list[int], int, np.random.Generator]:
         """The sampled node ids (in stable order), the number connected, and the round's generator.
@@ -63,6 +65,15 @@ class NodeSampler:
         size = min(len(ordered), max(int(len(ordered) * self.fraction), self.min_nodes))
         picked = rng.choice(len(ordered), size=size, replace=False)
         return [ordered[int(i)] for i in sorted(picked)], len(ordered), rng
+
+    def capacity(self, node_id: int) -> float:
+        """The capacity a node reported (the fraction of the blocks it can train), else 1.0."""
+        return self._capacity.get(node_id, 1.0)
+
+    def partition(self, node_id: int) -> int | None:
+        """The partition id a node reported, else None."""
+        kind, value = self.rank(node_id)
+        return value if kind == 0 else None
 
     def rank(self, node_id: int) -> tuple[int, int]:
         """Sort key of a node: (0, partition-id) when it reported one, else (1, node id)."""
@@ -77,11 +88,18 @@ class NodeSampler:
                 node = reply.metadata.src_node_id
                 if reply.has_error() or IDENTITY_RECORD not in reply.content.config_records:
                     continue
-                pid = reply.content.config_records[IDENTITY_RECORD].get("partition-id")
+                identity = reply.content.config_records[IDENTITY_RECORD]
+                pid = identity.get("partition-id")
                 if isinstance(pid, int) and not isinstance(pid, bool):
                     self._rank_key[node] = (0, pid)
+                capacity = identity.get("capacity", 1.0)
+                try:
+                    self._capacity[node] = check_capacity(capacity)
+                except ValueError as err:
+                    log(WARNING, "node %s reported an invalid capacity (%s): treated as 1.0", node, err)
             for node in unknown:
                 self._rank_key.setdefault(node, (1, node))
+                log(INFO, "node %s: partition %s, capacity %.3g", node, self.partition(node), self.capacity(node))
         return sorted(node_ids, key=self.rank)
 
     def _wait_for_nodes(self, grid: Grid) -> list[int]:

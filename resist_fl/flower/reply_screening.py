@@ -28,6 +28,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 
 from resist_fl.core.transport import TransportError, decode_state, encode_array
 from resist_fl.core.validation import (
+    CLIENT_COST_METRICS,
     TRAIN_METRICS,
     NonFiniteError,
     ReplyError,
@@ -163,6 +164,9 @@ def _check_reply(node_id: int, reply: Message, keys: Sequence[str], global_recor
     metrics = {"num-examples": check_num_examples(reported.get("num-examples"), max_num_examples)}
     for name in TRAIN_METRICS[1:]:  # before the arrays: a diverged node reports a non-finite loss
         metrics[name] = check_metric(name, reported.get(name))
+    for name in CLIENT_COST_METRICS:
+        if name in reported:
+            metrics[name] = check_metric(name, reported.get(name))
     try:
         decoded = {k: array_view(v) for k, v in record.items()}
     except Exception as err:  # undecodable bytes from a client

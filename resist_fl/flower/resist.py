@@ -19,7 +19,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from resist_fl.core.aggregation import check_server_lr, merge_partial, server_step, update_weights
-from resist_fl.core.decomposition import BlockLayout, sample_subnetworks
+from resist_fl.core.allocation import ALLOCATIONS, allocate_depths, deal_blocks, max_depth
+from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.transport import check_transport
 from resist_fl.flower.array_codec import array_of, array_view
 from resist_fl.flower.node_sampling import NodeSampler
@@ -57,14 +58,21 @@ class ResIST(Strategy):
     transport : str
         How float arrays travel in both directions (:data:`~resist_fl.core.transport.TRANSPORT_DTYPES`);
         the global model and the merge stay float32.
+    allocation : str
+        How many blocks each sampled node gets (:data:`~resist_fl.core.allocation.ALLOCATIONS`):
+        ``uniform`` (the paper's equal depths), ``capacity`` (in proportion to the capacity each
+        node reported) or ``speed`` (in proportion to its measured blocks per second in earlier
+        rounds). Always within each node's maximum depth, ``max(1, floor(capacity * P))``.
     """
 
     def __init__(self, layout: BlockLayout, *, fraction_train: float = 1.0, min_train_nodes: int = 2,
                  min_available_nodes: int = 2, min_blocks_per_site: int = 0,
                  weighting: str = "examples", min_train_replies: int = 1,
                  max_num_examples: int = 10_000_000, seed: int = 0, round_offset: int = 0,
-                 server_lr: float = 1.0, transport: str = "float32") -> None:
+                 server_lr: float = 1.0, transport: str = "float32", allocation: str = "uniform") -> None:
         update_weights([], weighting)  # validates the name
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation = {allocation!r}: expected one of {', '.join(ALLOCATIONS)}")
         check_transport(transport)
         check_server_lr(server_lr)
         if min_blocks_per_site > len(layout.partitionable):
@@ -80,16 +88,35 @@ class ResIST(Strategy):
         self.round_offset = round_offset
         self.server_lr = server_lr
         self.transport = transport
+        self.allocation = allocation
         self.num_subnetworks = max(1, min_train_nodes)
+        self.held_fraction: float | None = None  # of the last round's sub-networks
+        self.speeds: dict[int, float] = {}  # node -> blocks per second, from its last accepted reply
+        self.last_blocks: dict[int, tuple[str, ...]] = {}  # node -> the blocks it was sent this round
+        self.last_untrained: tuple[str, ...] = ()
         self.last_round_metrics: dict[str, float | int] = {}
+        self.last_replies: dict[int, dict[str, float | int]] = {}  # node -> accepted reply's metrics
         self._global: ArrayRecord | None = None
         self._sent: dict[int, tuple[str, ...]] = {}  # node -> the keys it was sent this round
         self._messages: list[Message] = []
 
     # -- what the ServerApp needs ------------------------------------------------------------
     def inference_scales(self) -> dict[str, float]:
-        """Residual scale of each partitionable block for the full model, given the last S."""
-        return self.layout.inference_scales(self.num_subnetworks, self.min_blocks_per_site)
+        """Residual scale of each partitionable block for the full model: the mean fraction of the
+        blocks the last round's sub-networks held (before any round: the uniform rule)."""
+        return self.layout.inference_scales(self.num_subnetworks, self.min_blocks_per_site, self.held_fraction)
+
+    def depth_weights(self, nodes: list[int]) -> list[float] | None:
+        """Allocation weights of ``nodes``: None (equal), capacities, or measured speeds (a node
+        not measured yet counts at the mean of the measured ones; none measured: capacities)."""
+        if self.allocation == "uniform":
+            return None
+        capacities = [self.sampler.capacity(n) for n in nodes]
+        known = [self.speeds[n] for n in nodes if n in self.speeds]
+        if self.allocation == "capacity" or not known:
+            return capacities
+        mean = sum(known) / len(known)
+        return [self.speeds.get(n, mean) for n in nodes]
 
     def summary(self) -> None:
         p = len(self.layout.partitionable)
@@ -110,8 +137,19 @@ class ResIST(Strategy):
         if missing := sorted(set(self.layout.payload_keys()) - set(arrays)):
             raise ValueError(f"the global record lacks {len(missing)} model keys, e.g. {missing[:3]}")
         sampled, connected, rng = self.sampler.sample(grid, self.round_offset + server_round)
-        groups = sample_subnetworks(self.layout.partitionable, len(sampled), self.min_blocks_per_site, rng)
+        blocks = self.layout.partitionable
+        maxima = [max_depth(self.sampler.capacity(n), len(blocks)) for n in sampled]
+        depths = allocate_depths(len(blocks), maxima, self.depth_weights(sampled), self.min_blocks_per_site)
+        decomposition = deal_blocks(blocks, depths, rng)
+        groups = decomposition.groups
         self.num_subnetworks = len(sampled)
+        self.held_fraction = decomposition.held_fraction
+        self.last_blocks = dict(zip(sampled, groups))
+        self.last_untrained = decomposition.untrained
+        if decomposition.untrained:
+            log(WARNING, "round %d: the sampled nodes' capacities cover %d of %d blocks; untrained this round: %s",
+                server_round, len(blocks) - len(decomposition.untrained), len(blocks),
+                ", ".join(decomposition.untrained))
         self._global = arrays
         self._sent = {}
         messages = []
@@ -137,9 +175,15 @@ class ResIST(Strategy):
             raise RuntimeError("aggregate_train called before configure_train")
         screened = screen_replies(server_round, replies, self._sent, self._global, self.max_num_examples,
                                   messages=self._messages, order=self.sampler.rank, transport=self.transport)
-        metrics = {**screened.round_metrics(), "num-subnetworks": self.num_subnetworks, "merge-refused": 0}
+        metrics = {**screened.round_metrics(), "num-subnetworks": self.num_subnetworks, "merge-refused": 0,
+                   "untrained-blocks": len(self.last_untrained)}
         self.last_round_metrics = metrics
+        self.last_replies = {a.node_id: dict(a.metrics) for a in screened.accepted}
         accepted = screened.accepted
+        for reply in accepted:  # measured speed: blocks trained per second of (possibly slowed) training
+            seconds = float(reply.metrics["train-seconds"])
+            if seconds > 0:
+                self.speeds[reply.node_id] = len(self.last_blocks.get(reply.node_id, ())) / seconds
         if len(accepted) < self.min_train_replies:
             log(WARNING, "round %d: %d valid replies < min-train-replies %d: global model unchanged",
                 server_round, len(accepted), self.min_train_replies)

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 METRICS_FILE = "metrics.jsonl"
+NODES_FILE = "nodes.jsonl"
+"""One row per node and round: what each node was sent, returned, and what its training cost."""
 CONFIG_FILE = "run_config.json"
 MODEL_FILE = "model.pt"
 SUMMARY_FILE = "summary.json"
@@ -53,24 +55,27 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def append_metrics(run_dir: Path, row: Mapping[str, Any]) -> None:
-    """Append one round's row to ``metrics.jsonl`` (flushed and synced)."""
+def append_metrics(run_dir: Path, *rows: Mapping[str, Any], name: str = METRICS_FILE) -> None:
+    """Append rows to ``metrics.jsonl`` (or ``name``), flushed and synced."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-        f.write(json.dumps(dict(row), sort_keys=True, allow_nan=False) + "\n")
+    with open(run_dir / name, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(dict(row), sort_keys=True, allow_nan=False) + "\n" for row in rows))
         f.flush()
         os.fsync(f.fileno())
 
 
-def rewrite_metrics(run_dir: Path, rows: list[Mapping[str, Any]]) -> None:
-    """Replace ``metrics.jsonl`` with ``rows`` (atomically; used when resuming)."""
+def rewrite_metrics(run_dir: Path, rows: list[Mapping[str, Any]], name: str = METRICS_FILE) -> None:
+    """Replace ``metrics.jsonl`` (or ``name``) with ``rows`` (atomically; used when resuming)."""
     text = "".join(json.dumps(dict(r), sort_keys=True, allow_nan=False) + "\n" for r in rows)
-    atomic_write_bytes(Path(run_dir) / METRICS_FILE, text.encode())
+    atomic_write_bytes(Path(run_dir) / name, text.encode())
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """All rows of a run's ``metrics.jsonl``."""
-    path = Path(run_dir) / METRICS_FILE
+def read_metrics(run_dir: Path, name: str = METRICS_FILE) -> list[dict[str, Any]]:
+    """All rows of a run's ``metrics.jsonl`` (or ``name``; ``[]`` when ``name`` is absent
+    and is not the metrics file)."""
+    path = Path(run_dir) / name
+    if name != METRICS_FILE and not path.exists():
+        return []
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 

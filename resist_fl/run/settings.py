@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from resist_fl.core.aggregation import WEIGHTINGS
+from resist_fl.core.allocation import ALLOCATIONS
 from resist_fl.core.model import NORMS, PRESET_DEPTHS, ModelSpec
 from resist_fl.core.transport import TRANSPORT_DTYPES
 from resist_fl.data import AUGMENTATIONS, DATASETS, PARTITIONERS, resolve_augment
@@ -55,6 +56,10 @@ class RunSettings:
     server_lr: float = 1.0
     transport_dtype: str = "float32"
     min_blocks_per_site: int = 0
+    allocation: str = "uniform"
+    capacity_profile: str = ""
+    slowdown_profile: str = ""
+    eval_depths: str = "25,50,100"
     inference_scaling: bool = True
     partitioned_stages: str = "3"
     weighting: str = "examples"
@@ -108,6 +113,10 @@ class RunSettings:
         _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("device", self.device, DEVICES)
         _choice("transport-dtype", self.transport_dtype, TRANSPORT_DTYPES)
+        _choice("allocation", self.allocation, ALLOCATIONS)
+        parse_profile("capacity-profile", self.capacity_profile, low=0.0, high=1.0)
+        parse_profile("slowdown-profile", self.slowdown_profile, low=1.0)
+        self.depth_percents()
         for key in ("num-server-rounds", "base-width", "batch-size", "eval-every", "eval-batch-size",
                     "min-available-nodes", "min-train-nodes", "min-train-replies", "max-num-examples"):
             _at_least(key, self.value(key), 1)
@@ -155,6 +164,17 @@ class RunSettings:
         return ModelSpec(depths=depths, num_classes=num_classes, in_channels=in_channels,
                          base_width=self.base_width, norm=self.norm)
 
+    def depth_percents(self) -> tuple[int, ...]:
+        """``eval-depths`` as sorted integer percentages of the partitionable blocks."""
+        try:
+            percents = tuple(sorted({int(p) for p in self.eval_depths.split(",")})) if self.eval_depths else ()
+        except ValueError:
+            percents = (0,)
+        if any(not 0 < p <= 100 for p in percents):
+            raise SettingsError(f"eval-depths = {self.eval_depths!r}: expected percentages in (0, 100] separated "
+                                "by commas, e.g. '25,50,100', or '' for none")
+        return percents
+
     def augmentation(self) -> str:
         """The training augmentation, ``auto`` resolved for the data set."""
         return resolve_augment(self.augment, self.dataset)
@@ -169,6 +189,28 @@ class RunSettings:
             raise SettingsError(f"partitioned-stages = {self.partitioned_stages!r}: expected stage "
                                 "numbers 1-4 separated by commas, e.g. '3' or '2,3,4'")
         return stages
+
+
+def parse_profile(key: str, text: str, *, low: float, high: float | None = None) -> tuple[float, ...]:
+    """A per-partition profile such as ``"1.0,0.5,0.25"``; values in ``(low, high]`` for a
+    capacity (``high`` given), ``>= low`` otherwise; ``""`` is the empty profile."""
+    if not text:
+        return ()
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    ok = values and all((low < v <= high) if high is not None else (v >= low) for v in values)
+    if not ok:
+        wanted = f"numbers in ({low:g}, {high:g}]" if high is not None else f"numbers >= {low:g}"
+        raise SettingsError(f"{key} = {text!r}: expected {wanted} separated by commas, one per partition id "
+                            "(cycled over the nodes), e.g. '1.0,0.5,0.25,0.25'")
+    return values
+
+
+def profile_value(profile: tuple[float, ...], partition_id: int, default: float = 1.0) -> float:
+    """A profile's value for ``partition_id`` (cycled), ``default`` for an empty profile."""
+    return profile[partition_id % len(profile)] if profile else default
 
 
 def _coerce(key: str, value: Any, expected: type) -> Any:
