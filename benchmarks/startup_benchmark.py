@@ -26,7 +26,7 @@ from simulations.launcher import run_flwr
 ROOT = Path(__file__).resolve().parents[1]
 
 
-QUICK = {"stage-depths": "1,1,1,1", "base-width": 4, "local-steps": 1, "eval-batch-size": 1000}
+QUICK = {"stage-depths": "1,1,2,1", "base-width": 4, "local-steps": 1, "eval-batch-size": 1000}
 """A tiny model and one local step: the start-up alone (the smoke test)."""
 
 

@@ -397,6 +397,29 @@ def node_lines(runs_dir: Path, groups: dict[tuple[str, str], list[Run]], bandwid
         for name, runs in projections.items()}}
 
 
+def depth_lines(runs_dir: Path, groups: dict[tuple[str, str], list[Run]]) -> list[str]:
+    """Final-round accuracy of the global model truncated to a share of the partitioned blocks
+    (``accuracy-depth-<pct>``), mean over seeds; empty when no run evaluated truncations."""
+    finals: dict[str, dict[int, list[float]]] = {}
+    for (variant, strategy), runs in groups.items():
+        for run in runs:
+            evaluated = [r for r in read_metrics(runs_dir / run.name) if r.get("accuracy") is not None]
+            for key, value in (evaluated[-1].items() if evaluated else ()):
+                if key.startswith("accuracy-depth-") and value is not None:
+                    percent = int(key.rsplit("-", 1)[1])
+                    finals.setdefault(group_label(variant, strategy), {}).setdefault(percent, []).append(value)
+    percents = sorted({p for by_percent in finals.values() for p in by_percent})
+    if not percents:
+        return []
+    rows = [[name, *(num(float(np.mean(by_percent[p])), 4) if p in by_percent else "-" for p in percents)]
+            for name, by_percent in finals.items()]
+    return ["## Any-depth accuracy (final round)", "",
+            *table(["group", *(f"{p} % of the blocks" for p in percents)], rows), "",
+            "The global model keeping only the first share of the partitionable blocks (at least one), the "
+            "kept blocks scaled as a sub-network of the trained depth would be: what a device that keeps part "
+            "of the model gets. 100 % is the full model (equal to `accuracy`).", ""]
+
+
 def render(manifest: dict[str, Any], stats: Sequence[GroupStats], ratio_rows: Sequence[dict[str, Any]],
            target: float | None, target_text: str, plots: Sequence[Path], extra: Sequence[str] = ()) -> str:
     """The whole ``report.md``."""
@@ -451,6 +474,7 @@ def build_report(runs_dir: Path, target_accuracy_value: float | None = None,
     title = f"{manifest.get('preset', runs_dir.name)}: mean ± std over seeds"
     plots = [plot(groups, x, runs_dir / name, title, target) for x, (name, _) in PLOTS.items()] if groups else []
     extra, extra_plots, extra_json = node_lines(runs_dir, groups, bandwidths, target)
+    extra = depth_lines(runs_dir, groups) + extra
     write_json(runs_dir / REPORT_JSON, finite({"target": target, "target-rule": target_text,
                                                "groups": [asdict(s) for s in stats], "ratios": ratio_rows,
                                                **extra_json}))

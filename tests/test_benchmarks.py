@@ -1,9 +1,25 @@
-"""Smoke tests: the benchmark scripts keep working (on tiny settings; speed is not asserted)."""
+"""Smoke tests: the benchmark scripts keep working (on tiny settings; speed is not asserted).
+
+The scripts that launch ``flwr run`` or a deployed cluster run here on the in-process grid
+instead (the same run configs, validated and trained by the real ServerApp and ClientApp):
+``simulations.launcher.run_flwr`` and ``deploy.local_cluster.LocalCluster`` themselves are
+tested end to end by ``test_flwr_run.py`` and ``test_deploy.py``, and each real launch costs
+~25-50 s of start-up that would only repeat those tests.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import time
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from deploy.local_cluster import RunResult
+from resist_fl.run.outputs import read_metrics
+from simulations.inprocess import run_inprocess
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -13,6 +29,49 @@ def load(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def inprocess_flwr_run(project_dir, run_config, *, num_supernodes, workdir, **_):
+    """Stands in for ``run_flwr``: the run on the in-process grid, with ``num_supernodes`` nodes."""
+    start = time.perf_counter()
+    run_inprocess(dict(run_config), num_nodes=num_supernodes)
+    seconds = time.perf_counter() - start
+    return SimpleNamespace(success=True, reason="", run_dir=Path(run_config["output-dir"]) / run_config["run-name"],
+                           log_path=Path(workdir) / "no.log", wall_seconds=seconds, seconds_to_round1=seconds)
+
+
+class InProcessCluster:
+    """Stands in for ``LocalCluster``: ``run`` trains on the in-process grid."""
+
+    def __init__(self, workdir, num_supernodes, app_dir=None):
+        self.workdir, self.num_supernodes = Path(workdir), num_supernodes
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return None
+
+    def run(self, config, timeout):
+        config = {"output-dir": str(self.workdir / "runs"), "run-name": "run", **config}
+        start = time.perf_counter()
+        run_inprocess(config, num_nodes=self.num_supernodes)
+        run_dir = Path(config["output-dir"]) / config["run-name"]
+        return RunResult(run_dir, json.loads((run_dir / "summary.json").read_text()), read_metrics(run_dir),
+                         time.perf_counter() - start, self.workdir / "no.log")
+
+
+@pytest.fixture(name="launch")
+def fixture_launch():
+    """``launch(name)`` loads a benchmark script with flwr run and the cluster in-process."""
+    def launch(name: str):
+        module = load(name)
+        if hasattr(module, "run_flwr"):
+            module.run_flwr = inprocess_flwr_run
+        if hasattr(module, "LocalCluster"):
+            module.LocalCluster = InProcessCluster
+        return module
+    return launch
 
 
 def test_bytes_benchmark_matches_the_analytic_fraction(capsys):
@@ -65,15 +124,15 @@ def test_server_benchmark_times_both_strategies(capsys):
         assert 0 < float(row[5].rstrip(" %")) < 100
 
 
-def test_round_time_benchmark_runs_both_strategies_through_flwr_run(capsys):
-    assert load("round_time_benchmark").main(["--model", "preact_resnet18", "--width", "4", "--supernodes", "2",
+def test_round_time_benchmark_runs_both_strategies(capsys, launch):
+    assert launch("round_time_benchmark").main(["--model", "preact_resnet18", "--width", "4", "--supernodes", "2",
                                               "--rounds", "2", "--local-steps", "1", "--batch-size", "8"]) == 0
     out = capsys.readouterr().out
     assert "resist" in out and "fedavg" in out and "round time ResIST / FedAvg:" in out
 
 
-def test_deploy_overhead_benchmark_runs_on_a_local_cluster(capsys):
-    assert load("deploy_overhead_benchmark").main(["--only-after", "--rounds", "2"]) == 0
+def test_deploy_overhead_benchmark_measures_a_cluster(capsys, launch):
+    assert launch("deploy_overhead_benchmark").main(["--only-after", "--rounds", "2"]) == 0
     assert "after (working tree)" in capsys.readouterr().out
 
 
@@ -90,14 +149,14 @@ def test_merge_benchmark_compares_the_merge_with_a_copy(capsys):
     assert "ratio merge / copy:" in capsys.readouterr().out
 
 
-def test_load_benchmark_reads_the_servers_memory_from_the_metrics(capsys):
-    assert load("load_benchmark").main(["--nodes", "3", "--sampled", "2", "--rounds", "5"]) == 0
+def test_load_benchmark_reads_the_servers_memory_from_the_metrics(capsys, launch):
+    assert launch("load_benchmark").main(["--nodes", "3", "--sampled", "2", "--rounds", "5"]) == 0
     out = capsys.readouterr().out
     assert "server RSS after round 5" in out and "nodes per round: [2]" in out
 
 
-def test_startup_benchmark_times_a_run_to_round_1(capsys):
-    assert load("startup_benchmark").main(["--no-install-only", "--quick"]) == 0
+def test_startup_benchmark_times_a_run_to_round_1(capsys, launch):
+    assert launch("startup_benchmark").main(["--no-install-only", "--quick"]) == 0
     assert "no-runtime-install" in (out := capsys.readouterr().out) and "(ok)" in out
 
 
@@ -105,4 +164,4 @@ def test_every_benchmark_script_has_a_smoke_test():
     scripts = sorted(path.stem for path in BENCHMARKS.glob("*_benchmark.py"))
     source = Path(__file__).read_text()
     assert len(scripts) >= 10
-    assert [s for s in scripts if f'load("{s}")' not in source] == []
+    assert [s for s in scripts if f'load("{s}")' not in source and f'launch("{s}")' not in source] == []

@@ -23,10 +23,14 @@ def _run(config: dict, **grid) -> tuple[list[dict], list[dict]]:
     return read_metrics(run_dir), read_metrics(run_dir, NODES_FILE)
 
 
-def test_capacity_comes_from_the_profile_and_sets_the_depths(tiny_config):
+def test_capacity_sets_the_depths_and_every_row_is_written(tiny_config):
     tiny_config.update(SIX_BLOCKS, **{"num-server-rounds": 2, "capacity-profile": "1.0,0.5",
-                                      "allocation": "capacity"})
+                                      "allocation": "capacity", "eval-depths": "25,50,100"})
     metrics, nodes = _run(tiny_config, num_nodes=2)
+    for row in metrics:  # any-depth evaluation: the full depth is the full model
+        assert {"accuracy-depth-25", "accuracy-depth-50", "accuracy-depth-100"} <= set(row)
+        assert row["accuracy-depth-100"] == row["accuracy"]
+        assert 0 <= row["accuracy-depth-25"] <= 1
     assert len(nodes) == 4 and [(r["round"], r["partition"]) for r in nodes] == [(1, 0), (1, 1), (2, 0), (2, 1)]
     assert [(r["capacity"], r["max-blocks"], r["blocks"]) for r in nodes[:2]] == [(1.0, 6, 4), (0.5, 3, 2)]
     assert all(r["status"] == "accepted" and r["over-capacity"] == 0 for r in nodes)
@@ -61,15 +65,6 @@ def test_fedavg_nodes_over_capacity_are_marked(tiny_config):
     tiny_config.update(SIX_BLOCKS, **{"num-server-rounds": 1, "capacity-profile": "1.0,0.5", "strategy": "fedavg"})
     _, nodes = _run(tiny_config, num_nodes=2)
     assert [(r["blocks"], r["over-capacity"]) for r in nodes] == [(6, 0), (6, 1)]
-
-
-def test_any_depth_rows_and_the_full_depth_equals_accuracy(tiny_config):
-    tiny_config.update(SIX_BLOCKS, **{"num-server-rounds": 2, "eval-depths": "25,50,100"})
-    metrics, _ = _run(tiny_config, num_nodes=2)
-    for row in metrics:
-        assert {"accuracy-depth-25", "accuracy-depth-50", "accuracy-depth-100"} <= set(row)
-        assert row["accuracy-depth-100"] == row["accuracy"]
-        assert 0 <= row["accuracy-depth-25"] <= 1
 
 
 def test_profiles_and_depths_are_validated():

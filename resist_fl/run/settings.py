@@ -59,7 +59,7 @@ class RunSettings:
     allocation: str = "uniform"
     capacity_profile: str = ""
     slowdown_profile: str = ""
-    eval_depths: str = "25,50,100"
+    eval_depths: str = ""
     inference_scaling: bool = True
     partitioned_stages: str = "3"
     weighting: str = "examples"
