@@ -3,9 +3,11 @@
 - CUDA: ``torch.cuda.max_memory_allocated`` over the block, after resetting the peak: the
   tensors' bytes (not the allocator's cache), code :data:`CUDA_MAX_ALLOCATED`.
 - CPU (Linux): the process's resident set size sampled every few milliseconds by a thread during
-  the block; the peak minus the size at the start, code :data:`RSS_PEAK_OVER_START`. It counts
-  what the block added on top of what the process already held (the model, the data), and
-  can miss a spike shorter than the sampling interval.
+  the block; the peak minus the size at the start, code :data:`RSS_PEAK_OVER_START`. Before the
+  start, glibc's ``malloc_trim`` hands the memory freed by earlier rounds back to the system, so a
+  long-lived process (a simulation's Ray actor) shows the block's working set every round rather
+  than only the first time. It counts what the block added on top of what the process already
+  held (the model, the data), and can miss a spike shorter than the sampling interval.
 - Elsewhere: ``ru_maxrss`` growth over the block, code :data:`MAXRSS_GROWTH` (0 when the process
   had been larger before).
 
@@ -15,6 +17,8 @@ names it.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import resource
 import sys
@@ -30,6 +34,14 @@ MEASURES = {CUDA_MAX_ALLOCATED: "cuda-max-allocated", RSS_PEAK_OVER_START: "rss-
             MAXRSS_GROWTH: "maxrss-growth"}
 _STATM = "/proc/self/statm"
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _release_free_heap() -> None:
+    """``malloc_trim(0)`` where the C library has it (glibc); otherwise nothing."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _rss_bytes() -> int:
@@ -66,6 +78,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = 0
         elif self.measure == RSS_PEAK_OVER_START:
+            _release_free_heap()
             self._start = self._peak = _rss_bytes()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()

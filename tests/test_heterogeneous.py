@@ -114,3 +114,13 @@ def test_report_tables_match_the_hand_computation(tmp_path):
     assert "| ResIST | 3.60 | 18.00 | 7.2 (1/1) | 36.0 (1/1) |" in report
     assert "| FedAvg | 3.60 | 18.00 | 7.2 (1/1) | 36.0 (1/1) |" in report
     assert (tmp_path / "accuracy_vs_projected_seconds.png").exists()
+
+
+def test_an_invalid_node_capacity_is_named_and_the_node_still_trains(tiny_config, caplog):
+    tiny_config.update(SIX_BLOCKS, **{"num-server-rounds": 1})
+    node_configs = [{"partition-id": 0, "num-partitions": 2, "capacity": 1.5},
+                    {"partition-id": 1, "num-partitions": 2}]
+    with caplog.at_level("WARNING"):
+        _, nodes = _run(tiny_config, num_nodes=2, node_configs=node_configs, raise_client_errors=False)
+    assert "did not answer the identity query" in caplog.text and "capacity = 1.5" in caplog.text
+    assert {(r["partition"], r["capacity"]) for r in nodes} == {(None, 1.0), (1, 1.0)}

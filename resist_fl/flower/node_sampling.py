@@ -86,7 +86,12 @@ class NodeSampler:
             queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
             for reply in grid.send_and_receive(queries, timeout=self.query_timeout):
                 node = reply.metadata.src_node_id
-                if reply.has_error() or IDENTITY_RECORD not in reply.content.config_records:
+                if reply.has_error():
+                    reason = (reply.error.reason or "").strip().splitlines()
+                    log(WARNING, "node %s did not answer the identity query (%s): ordered by node id, capacity 1.0",
+                        node, reason[-1] if reason else f"error code {reply.error.code}")
+                    continue
+                if IDENTITY_RECORD not in reply.content.config_records:
                     continue
                 identity = reply.content.config_records[IDENTITY_RECORD]
                 pid = identity.get("partition-id")
