@@ -53,6 +53,26 @@ class BlockLayout:
         key_block = {k: _block_of(k, partitionable) for k in keys}
         return cls(keys=keys, key_block=key_block, partitionable=partitionable)
 
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, example: torch.Tensor,
+                   stages: Sequence[str] | None = None) -> "BlockLayout":
+        """Layout of any residual network (see :mod:`resist_fl.core.residual_nets`): the blocks
+        after the first of each stage in ``stages`` (module paths such as ``"layer3"``) are
+        partitionable. By default the stage is found in the module tree: the third of four
+        stages (the paper's stage 3), else the longest. Gives every block of those stages a
+        residual scale (in place); ``example`` is an input batch that checks the shapes."""
+        from resist_fl.core.residual_nets import attach_residual_scales, find_stages, partitionable_blocks
+
+        if stages is None:
+            found = find_stages(model)
+            lengths = [len(model.get_submodule(s)) for s in found]
+            stages = [found[2]] if len(found) == 4 else [found[lengths.index(max(lengths))]]
+        stages = list(stages)
+        attach_residual_scales(model, stages)
+        partitionable = partitionable_blocks(model, stages, example)
+        keys = tuple(model.state_dict().keys())
+        return cls(keys=keys, key_block={k: _block_of(k, partitionable) for k in keys}, partitionable=partitionable)
+
     @property
     def shared_keys(self) -> tuple[str, ...]:
         return tuple(k for k in self.keys if self.key_block[k] == SHARED)
@@ -104,9 +124,12 @@ class BlockLayout:
 
 
 def _block_of(key: str, partitionable: Sequence[str]) -> str:
+    """The partitionable block whose module path prefixes ``key``, else :data:`SHARED`."""
     parts = key.split(".")
-    block = ".".join(parts[:2])
-    return block if block in partitionable else SHARED
+    for end in range(len(parts) - 1, 0, -1):
+        if (prefix := ".".join(parts[:end])) in partitionable:
+            return prefix
+    return SHARED
 
 
 def is_scale_key(key: str) -> bool:

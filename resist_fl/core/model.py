@@ -220,11 +220,17 @@ preact_resnet152 = _preset("preact_resnet152")
 preact_resnet200 = _preset("preact_resnet200")
 
 
-def set_residual_scales(model: PreActResNet, scales: Mapping[str, float]) -> None:
-    """Set the residual scale of the named blocks (e.g. the inference scales)."""
-    blocks = model.blocks()
-    if missing := sorted(set(scales) - set(blocks)):
+def set_residual_scales(model: nn.Module, scales: Mapping[str, float]) -> None:
+    """Set the residual scale of the named blocks (e.g. the inference scales) of a
+    :class:`PreActResNet` or any model whose blocks own a ``residual_scale`` buffer."""
+    blocks = {}
+    for name in scales:
+        try:
+            blocks[name] = model.get_submodule(name)
+        except AttributeError:
+            continue
+    if missing := sorted(n for n in scales if not hasattr(blocks.get(n), RESIDUAL_SCALE)):
         raise ValueError(f"blocks {missing} are not present in this model")
     with torch.no_grad():
         for name, scale in scales.items():
-            blocks[name].residual_scale.fill_(float(scale))
+            getattr(blocks[name], RESIDUAL_SCALE).fill_(float(scale))

@@ -1,0 +1,80 @@
+"""Any residual network: torchvision ResNets decomposed by name, scaled without editing their
+block class, sub-networks that skip blocks and keep the global names."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from resist_fl.core.aggregation import merge_partial
+from resist_fl.core.decomposition import BlockLayout
+from resist_fl.core.model import set_residual_scales
+from resist_fl.core.residual_nets import find_stages, skip_blocks, subnetwork_of
+
+pytest.importorskip("torchvision")
+from resist_fl.core.torchvision_resnets import torchvision_resnet  # noqa: E402
+
+
+@pytest.fixture(scope="module", name="resnet50")
+def fixture_resnet50():
+    torch.manual_seed(0)
+    return torchvision_resnet("resnet50", num_classes=10)
+
+
+def test_layout_of_a_torchvision_resnet50(resnet50):
+    model, layout = resnet50
+    assert layout.partitionable == tuple(f"layer3.{i}" for i in range(1, 6))  # 6 bottlenecks, the first strided
+    assert "layer3.0.conv1.weight" in layout.shared_keys and "layer3.1.residual_scale" in layout.keys
+    assert "layer3.1.residual_scale" not in layout.payload_keys()  # the server owns the scales
+    assert find_stages(model) == ["layer1", "layer2", "layer3", "layer4"]
+
+
+def test_subnetwork_keys_and_output_equal_the_full_model_with_blocks_skipped(resnet50):
+    model, layout = resnet50
+    kept = ["layer3.2", "layer3.5"]
+    dropped = layout.dropped_blocks(kept)
+    sub = subnetwork_of(model, dropped).eval()
+    assert tuple(sub.state_dict()) == layout.subnetwork_keys(kept)  # the global names minus the dropped
+    x = torch.randn(2, 3, 32, 32)
+    full = model.eval()
+    set_residual_scales(full, {b: 0.0 for b in dropped})  # a post-activation block at scale 0 is an identity
+    try:
+        torch.testing.assert_close(sub(x), full(x))
+        set_residual_scales(sub, {"layer3.2": 0.5})  # the scale reaches the copy's own hook ...
+        assert not torch.allclose(sub(x), full(x))
+        assert float(model.layer3[2].residual_scale) == 1.0  # ... and not the original's
+    finally:
+        set_residual_scales(full, {b: 1.0 for b in layout.partitionable})
+
+
+def test_split_train_merge_round_trip(resnet50):
+    model, layout = resnet50
+    kept = ["layer3.1", "layer3.4"]
+    sub = subnetwork_of(model, layout.dropped_blocks(kept)).train()
+    before = {k: v.detach().numpy().copy() for k, v in model.state_dict().items() if k in layout.payload_keys()}
+    optimiser = torch.optim.SGD(sub.parameters(), lr=0.1)
+    loss = nn.functional.cross_entropy(sub(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    optimiser.step()
+    update = {k: v.detach().numpy() for k, v in sub.state_dict().items() if k in layout.payload_keys(kept)}
+    merged = merge_partial(before, [update], [1.0])
+    for key in layout.payload_keys():
+        expected = update[key] if key in update else before[key]
+        np.testing.assert_array_equal(merged[key], expected)
+    changed = [k for k in update if not np.array_equal(update[k], before[k])]
+    assert any(k.startswith("layer3.4.") for k in changed) and not any(k.startswith("layer3.2.") for k in merged
+                                                                       if not np.array_equal(merged[k], before[k]))
+
+
+def test_named_stages_and_bad_blocks_are_checked():
+    torch.manual_seed(0)
+    model, layout = torchvision_resnet("resnet18", stages=("layer2", "layer4"))
+    assert layout.partitionable == ("layer2.1", "layer4.1")
+    with pytest.raises(ValueError, match="stage 'layer9': ResNet has no such module"):
+        BlockLayout.from_model(model, torch.zeros(1, 3, 32, 32), ["layer9"])
+    with pytest.raises(ValueError, match="the first block of a stage changes the shape"):
+        skip_blocks(model, ["layer2.0"])
+    with pytest.raises(ValueError, match="unknown torchvision ResNet 'resnet20'"):
+        torchvision_resnet("resnet20")
