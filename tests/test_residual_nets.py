@@ -78,3 +78,30 @@ def test_named_stages_and_bad_blocks_are_checked():
         skip_blocks(model, ["layer2.0"])
     with pytest.raises(ValueError, match="unknown torchvision ResNet 'resnet20'"):
         torchvision_resnet("resnet20")
+
+
+def test_run_config_selects_a_torchvision_resnet_end_to_end(tiny_config):
+    from pathlib import Path
+
+    from resist_fl.run.outputs import load_model, read_metrics
+    from simulations.inprocess import run_inprocess
+
+    tiny_config.update({"model": "torchvision_resnet18", "stage-depths": "", "num-server-rounds": 1,
+                        "local-steps": 2, "batch-size": 16})
+    run_inprocess(tiny_config, num_nodes=2)
+    run_dir = Path(tiny_config["output-dir"]) / tiny_config["run-name"]
+    row = read_metrics(run_dir)[0]
+    assert row["replies-accepted"] == 2 and 0 <= row["accuracy"] <= 1 and row["inference-scale"] == 1.0
+    model = load_model(run_dir / "model.pt")  # nothing but the saved spec rebuilds it
+    assert type(model).__name__ == "ResNet" and model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_torchvision_settings_are_checked():
+    from resist_fl.run.settings import RunSettings, SettingsError
+
+    with pytest.raises(SettingsError, match="stage-depths = '1,1,4,1': torchvision_resnet50 has torchvision's"):
+        RunSettings.from_run_config({"model": "torchvision_resnet50", "stage-depths": "1,1,4,1"})
+    with pytest.raises(SettingsError, match="stem = 'imagenet': the pre-activation models have the CIFAR stem"):
+        RunSettings.from_run_config({"model": "preact_resnet18", "stem": "imagenet"})
+    spec = RunSettings.from_run_config({"model": "torchvision_resnet50", "stem": "imagenet"}).model_spec(10, 3)
+    assert (spec.arch, spec.stem, spec.base_width) == ("torchvision_resnet50", "imagenet", 64)

@@ -37,6 +37,19 @@ PRESET_DEPTHS: dict[str, tuple[int, int, int, int]] = {
 }
 """Stage depths of the named presets (basic blocks, as in the paper)."""
 
+TORCHVISION_DEPTHS: dict[str, tuple[int, int, int, int]] = {
+    "torchvision_resnet18": (2, 2, 2, 2),
+    "torchvision_resnet34": (3, 4, 6, 3),
+    "torchvision_resnet50": (3, 4, 6, 3),
+    "torchvision_resnet101": (3, 4, 23, 3),
+    "torchvision_resnet152": (3, 8, 36, 3),
+}
+"""torchvision's post-activation ResNets (bottleneck blocks from 50 up), width fixed at 64."""
+ARCHS = ("preact", *TORCHVISION_DEPTHS)
+STEMS = ("cifar", "imagenet")
+"""``cifar``: a 3x3 stride-1 convolution (32x32 inputs); ``imagenet``: torchvision's 7x7 stride-2
+convolution and 3x3 max-pool (torchvision ResNets only, for now)."""
+
 STAGE_CHANNELS = (64, 128, 256, 512)
 STAGE_STRIDES = (1, 2, 2, 2)
 RESIDUAL_SCALE = "residual_scale"
@@ -103,6 +116,11 @@ class ModelSpec:
         stages use 1x, 2x, 4x, 8x this width.
     norm : str
         One of :data:`NORMS`.
+    arch : str
+        ``preact`` (this module's family) or a torchvision ResNet (:data:`TORCHVISION_DEPTHS`),
+        whose depths and width (64) are torchvision's.
+    stem : str
+        One of :data:`STEMS`.
     """
 
     depths: tuple[int, ...] = PRESET_DEPTHS["preact_resnet18"]
@@ -110,6 +128,8 @@ class ModelSpec:
     in_channels: int = 3
     base_width: int = 64
     norm: str = "batchnorm"
+    arch: str = "preact"
+    stem: str = "cifar"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
@@ -120,6 +140,15 @@ class ModelSpec:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.norm not in NORMS:
             raise ValueError(f"unknown norm {self.norm!r}; expected one of {', '.join(NORMS)}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; expected one of {', '.join(ARCHS)}")
+        if self.stem not in STEMS:
+            raise ValueError(f"unknown stem {self.stem!r}; expected one of {', '.join(STEMS)}")
+        if self.arch in TORCHVISION_DEPTHS and (self.depths, self.base_width) != (TORCHVISION_DEPTHS[self.arch], 64):
+            raise ValueError(f"{self.arch} has depths {TORCHVISION_DEPTHS[self.arch]} and width 64, "
+                             f"got {self.depths} and {self.base_width}")
+        if self.arch == "preact" and self.stem != "cifar":
+            raise ValueError(f"stem {self.stem!r}: the pre-activation family has the CIFAR stem only")
 
     @classmethod
     def from_name(cls, name: str, **kwargs: Any) -> "ModelSpec":
@@ -197,8 +226,13 @@ class PreActResNet(nn.Module):
         return {name: m for name, m in self.named_modules() if isinstance(m, PreActBlock)}
 
 
-def build_model(spec: ModelSpec, dropped_blocks: Iterable[str] = ()) -> PreActResNet:
-    """Build the full model, or a sub-network without ``dropped_blocks``."""
+def build_model(spec: ModelSpec, dropped_blocks: Iterable[str] = ()) -> nn.Module:
+    """Build the full model, or a sub-network without ``dropped_blocks`` (a
+    :class:`PreActResNet`, or a torchvision ResNet with residual scales)."""
+    if spec.arch in TORCHVISION_DEPTHS:
+        from resist_fl.core.torchvision_resnets import build_torchvision_resnet
+
+        return build_torchvision_resnet(spec, dropped_blocks)
     return PreActResNet(spec, dropped_blocks)
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from resist_fl.core.aggregation import WEIGHTINGS
 from resist_fl.core.allocation import ALLOCATIONS
-from resist_fl.core.model import NORMS, PRESET_DEPTHS, ModelSpec
+from resist_fl.core.model import NORMS, PRESET_DEPTHS, STEMS, TORCHVISION_DEPTHS, ModelSpec
 from resist_fl.core.transport import TRANSPORT_DTYPES
 from resist_fl.data import AUGMENTATIONS, DATASETS, PARTITIONERS, resolve_augment
 
@@ -39,6 +39,7 @@ class RunSettings:
     stage_depths: str = ""
     base_width: int = 16
     norm: str = "batchnorm"
+    stem: str = "cifar"
     dataset: str = "cifar10"
     data_path: str = ""
     partition_cache: str = "~/.cache/resist-fl/partitions"
@@ -104,7 +105,8 @@ class RunSettings:
 
     def validate(self) -> None:
         _choice("strategy", self.strategy, STRATEGIES)
-        _choice("model", self.model, tuple(PRESET_DEPTHS))
+        _choice("model", self.model, (*PRESET_DEPTHS, *TORCHVISION_DEPTHS))
+        _choice("stem", self.stem, STEMS)
         _choice("norm", self.norm, NORMS)
         _choice("dataset", self.dataset, DATASETS)
         _choice("partitioner", self.partitioner, PARTITIONERS)
@@ -151,7 +153,17 @@ class RunSettings:
         self.stages()
 
     def model_spec(self, num_classes: int, in_channels: int) -> ModelSpec:
-        """The model to build; ``stage-depths`` overrides the preset's depths."""
+        """The model to build; ``stage-depths`` overrides the preset's depths. A torchvision
+        ResNet has torchvision's depths and width (``base-width`` does not apply to it)."""
+        if self.model in TORCHVISION_DEPTHS:
+            if self.stage_depths:
+                raise SettingsError(f"stage-depths = {self.stage_depths!r}: {self.model} has torchvision's "
+                                    f"depths {TORCHVISION_DEPTHS[self.model]}; expected ''")
+            return ModelSpec(depths=TORCHVISION_DEPTHS[self.model], num_classes=num_classes, in_channels=in_channels,
+                             base_width=64, norm=self.norm, arch=self.model, stem=self.stem)
+        if self.stem != "cifar":
+            raise SettingsError(f"stem = {self.stem!r}: the pre-activation models have the CIFAR stem only; "
+                                "the ImageNet stem is available for the torchvision_* models")
         depths = PRESET_DEPTHS[self.model]
         if self.stage_depths:
             try:
