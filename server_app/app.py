@@ -15,7 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from resist_fl.core.allocation import max_depth
 from resist_fl.core.decomposition import BlockLayout, scale_key
-from resist_fl.core.model import ModelSpec, build_model
+from resist_fl.core.model import ModelSpec, build_model, set_residual_scales
 from resist_fl.data import DataError, load_test_set, make_eval_loader, normalization
 from resist_fl.data.batches import EvalBatches
 from resist_fl.flower.fedavg import ScreenedFedAvg
@@ -117,11 +117,12 @@ class RoundRecorder:
             return self.strategy.inference_scales()
         return {}
 
-    def evaluate(self, arrays: ArrayRecord) -> tuple[float, float]:
-        self.model.load_state_dict(full_state(arrays, self.layout, self.scales()))
+    def evaluate(self, state: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """Loss and accuracy of the full model with ``state`` (:func:`full_state`)."""
+        self.model.load_state_dict(state)
         return evaluate(self.model, self.test_loader, self.device, self.settings.amp)
 
-    def evaluate_truncated(self, arrays: ArrayRecord, percent: int) -> float:
+    def evaluate_truncated(self, state: dict[str, torch.Tensor], percent: int) -> float:
         """Accuracy of the global model keeping only the first ``percent`` % of the partitionable
         blocks (at least one): what a device that keeps part of the model gets. Its blocks are
         scaled as a sub-network of the trained depth would be: ``min(1, s * P / k)`` for k kept of
@@ -132,9 +133,8 @@ class RoundRecorder:
             self.truncated[percent] = self.layout.build_subnetwork(self.spec, kept)
         model = self.truncated[percent]
         full_scale = next(iter(self.scales().values()), 1.0)
-        scale = min(1.0, full_scale * len(blocks) / len(kept))
-        state = full_state(arrays, self.layout, {b: scale for b in kept})
-        model.load_state_dict({k: v for k, v in state.items() if k in set(model.state_dict())})
+        model.load_state_dict({k: state[k] for k in self.layout.subnetwork_keys(kept)})
+        set_residual_scales(model, {b: min(1.0, full_scale * len(blocks) / len(kept)) for b in kept})
         return evaluate(model, self.test_loader, self.device, self.settings.amp)[1]
 
     def node_rows(self, run_round: int, traffic: RoundTraffic) -> list[dict]:
@@ -169,9 +169,10 @@ class RoundRecorder:
         row = self._round_row(run_round, traffic)
         nodes = self.node_rows(run_round, traffic)
         if run_round % self.settings.eval_every == 0 or run_round == self.settings.num_server_rounds:
-            row["loss"], row["accuracy"] = self.evaluate(arrays)
+            state = full_state(arrays, self.layout, self.scales())  # once per evaluated round
+            row["loss"], row["accuracy"] = self.evaluate(state)
             for percent in self.settings.depth_percents():
-                row[f"accuracy-depth-{percent}"] = self.evaluate_truncated(arrays, percent)
+                row[f"accuracy-depth-{percent}"] = self.evaluate_truncated(state, percent)
         reason = divergence_reason((r.get("train-loss") for r in self.rows), row["train-loss"],
                                    row.get("replies-non-finite", 0))
         row["diverging"] = int(reason is not None)

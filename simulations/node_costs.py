@@ -59,16 +59,14 @@ def run_projection(run_dir: Path, bandwidths: Sequence[float], target: float | N
     nodes = read_metrics(run_dir, NODES_FILE)
     if not nodes:
         return None
-    metrics = read_metrics(run_dir)
+    metrics = sorted(read_metrics(run_dir), key=lambda r: r["round"])
     out: dict[str, Any] = {}
     for mbps in bandwidths:
         seconds = projected_round_seconds(nodes, mbps)
         out[mbps] = {"round-seconds": float(np.mean(list(seconds.values()))) if seconds else math.nan,
                      "to-target": time_to_target(metrics, seconds, target) if target is not None else None,
-                     "cumulative": np.cumsum([seconds.get(int(r["round"]), 0.0) for r in
-                                              sorted(metrics, key=lambda r: r["round"])]).tolist(),
-                     "rounds": [int(r["round"]) for r in sorted(metrics, key=lambda r: r["round"])],
-                     "accuracy": [r.get("accuracy") for r in sorted(metrics, key=lambda r: r["round"])]}
+                     "cumulative": np.cumsum([seconds.get(int(r["round"]), 0.0) for r in metrics]).tolist(),
+                     "accuracy": [r.get("accuracy") for r in metrics]}
     return out
 
 

@@ -130,6 +130,6 @@ def deal_blocks(blocks: Sequence[str], depths: Sequence[int], rng: np.random.Gen
     starts = np.cumsum([0, *depths[:-1]])
     groups = [tuple(blocks[i] for i in sorted(order[(start + np.arange(d)) % num_blocks]))
               for start, d in zip(starts, depths)]
-    covered = min(num_blocks, int(sum(depths)))
-    untrained = tuple(sorted((blocks[i] for i in order[covered:]), key=list(blocks).index))
+    uncovered = set(order[min(num_blocks, int(sum(depths))):].tolist())
+    untrained = tuple(b for i, b in enumerate(blocks) if i in uncovered)
     return Decomposition(groups, untrained, num_blocks)

@@ -26,7 +26,9 @@ from flwr.server.strategy import Strategy
 
 from resist_fl.core.aggregation import check_server_lr, merge_partial, server_step, update_weights
 from resist_fl.core.decomposition import BlockLayout, round_rng, sample_subnetworks
-from resist_fl.core.validation import ReplyError, check_num_examples, check_update, non_finite_keys
+from resist_fl.core.validation import ReplyError, check_num_examples, check_update
+from resist_fl.flower.node_sampling import sample_positions
+from resist_fl.flower.reply_screening import refuse_non_finite
 
 KEYS = "keys"
 """Fit-config entry: the comma-separated names of the arrays, in order."""
@@ -87,8 +89,7 @@ class LegacyResIST(Strategy):
         client_manager.wait_for(self.min_available_clients)
         clients = sorted(client_manager.all().values(), key=lambda c: int(c.cid))
         rng = round_rng(self.seed, server_round)
-        size = min(len(clients), max(int(len(clients) * self.fraction_fit), self.min_fit_clients))
-        sampled = [clients[int(i)] for i in sorted(rng.choice(len(clients), size=size, replace=False))]
+        sampled = [clients[i] for i in sample_positions(len(clients), self.fraction_fit, self.min_fit_clients, rng)]
         groups = sample_subnetworks(self.layout.partitionable, len(sampled), self.min_blocks_per_site, rng)
         self._sent = {}
         instructions = []
@@ -125,8 +126,7 @@ class LegacyResIST(Strategy):
         current = {k: self.global_state[k] for k in self.keys if any(k in u for u in updates)}
         merged = server_step(current, merge_partial(current, updates, update_weights(examples, self.weighting)),
                              self.server_lr)
-        if non_finite_keys(merged):
-            log(WARNING, "round %d: the merge gave non-finite values: global model unchanged", server_round)
+        if refuse_non_finite(server_round, merged, metrics):
             return None, metrics
         self.global_state.update(merged)
         return ndarrays_to_parameters([self.global_state[k] for k in self.keys]), metrics

@@ -27,6 +27,14 @@ IDENTITY_RECORD = "node"
 """ConfigRecord of a query reply holding the node's ``partition-id`` and ``capacity`` (if any)."""
 
 
+def sample_positions(count: int, fraction: float, min_nodes: int, rng: np.random.Generator) -> list[int]:
+    """Positions (sorted) of ``max(int(count * fraction), min_nodes)`` of ``count`` ordered nodes
+    (all of them at most), drawn from ``rng``: the one sampling draw of both strategies and of
+    the legacy adapter."""
+    size = min(count, max(int(count * fraction), min_nodes))
+    return sorted(int(i) for i in rng.choice(count, size=size, replace=False))
+
+
 class NodeSampler:
     """Sample ``max(int(n * fraction), min_nodes)`` of the n connected nodes per round.
 
@@ -62,9 +70,8 @@ class NodeSampler:
         """
         ordered = self.stable_order(grid, self._wait_for_nodes(grid))
         rng = round_rng(self.seed, run_round)
-        size = min(len(ordered), max(int(len(ordered) * self.fraction), self.min_nodes))
-        picked = rng.choice(len(ordered), size=size, replace=False)
-        return [ordered[int(i)] for i in sorted(picked)], len(ordered), rng
+        picked = sample_positions(len(ordered), self.fraction, self.min_nodes, rng)
+        return [ordered[i] for i in picked], len(ordered), rng
 
     def capacity(self, node_id: int) -> float:
         """The capacity a node reported (the fraction of the blocks it can train), else 1.0."""
