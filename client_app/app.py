@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from functools import lru_cache
 
@@ -14,13 +13,11 @@ from flwr.clientapp import ClientApp
 from resist_fl.core.allocation import check_capacity
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.model import ModelSpec, build_model
-from resist_fl.core.transport import decode_state, encode_array
-from resist_fl.core.validation import EVALUATE_METRICS, TRAIN_METRICS
+from resist_fl.core.validation import EVALUATE_METRICS
 from resist_fl.data import DataError, load_partition, load_test_set, make_eval_loader, make_train_loader, normalization
 from resist_fl.data.batches import DeviceImages
 from resist_fl.data.partition_cache import cached_partition, partition_key
-from resist_fl.flower.array_codec import array_of
-from resist_fl.flower.node_sampling import IDENTITY_RECORD
+from resist_fl.flower.client_side import identity_reply, load_received, message_blocks, message_transport, train_reply
 from resist_fl.peak_memory import PeakMemory
 from resist_fl.run.settings import RunSettings, parse_profile, profile_value
 from resist_fl.training import evaluate, resolve_device, scheduled_lr, steps_for, train
@@ -65,25 +62,10 @@ def _partition_cache(context: Context, settings: RunSettings) -> str:
 
 def build_local_model(spec: ModelSpec, layout: BlockLayout, arrays: ArrayRecord,
                       blocks: list[str] | None, transport: str = "float32") -> torch.nn.Module:
-    """The sub-network named by ``blocks`` (the full model when None), loaded from ``arrays``.
-
-    The received keys must be exactly that sub-network's payload keys; float arrays
-    arrive encoded under ``transport`` and are decoded to the model's dtypes.
-    """
+    """The sub-network named by ``blocks`` (the full model when None), loaded from ``arrays``
+    (:func:`~resist_fl.flower.client_side.load_received`: keys checked, arrays decoded)."""
     model = build_model(spec) if blocks is None else layout.build_subnetwork(spec, blocks)
-    expected = set(layout.payload_keys(blocks))
-    if set(arrays) != expected:
-        raise ValueError(f"received keys do not match blocks {blocks}: "
-                         f"{len(set(arrays) - expected)} unexpected, {len(expected - set(arrays))} missing")
-    if transport == "float32":
-        state = arrays.to_torch_state_dict()
-    else:
-        own = model.state_dict()
-        expected = {k: (tuple(own[k].shape), own[k].numpy().dtype) for k in arrays}
-        state = {k: torch.from_numpy(np.array(v)) for k, v in
-                 decode_state({k: a.numpy() for k, a in arrays.items()}, expected, transport).items()}
-    model.load_state_dict(state, strict=False)  # only the scales are not sent
-    return model
+    return load_received(model, layout, arrays, blocks, transport)
 
 
 @app.train()
@@ -91,10 +73,8 @@ def train_handler(msg: Message, context: Context) -> Message:
     """Train the received (sub-)network on this node's partition for one round."""
     config = msg.content["config"]
     settings, spec, layout = _run_of(context, config)
-    arrays = msg.content["arrays"]
-    blocks = list(config["blocks"]) if "blocks" in config else None
-    transport = str(config.get("transport-dtype", "float32"))
-    model = build_local_model(spec, layout, arrays, blocks, transport)
+    blocks = message_blocks(msg)
+    model = build_local_model(spec, layout, msg.content["arrays"], blocks, message_transport(msg))
 
     node = context.node_config
     partition_id = int(node["partition-id"])
@@ -124,16 +104,11 @@ def train_handler(msg: Message, context: Context) -> Message:
     simulated = (slowdown - 1.0) * result.seconds  # a simulated straggler: sleeps, labelled as such
     time.sleep(simulated)
 
-    metrics = MetricRecord({
-        **dict(zip(TRAIN_METRICS, (num_examples, result.loss, result.seconds + simulated, result.steps))),
-        "blocks": len(blocks) if blocks is not None else len(layout.partitionable),
-        "peak-memory-mb": peak.megabytes, "memory-measure": peak.measure, "simulated-seconds": simulated,
-    })
-    if not math.isfinite(result.loss):  # diverged: say so, and send no arrays worth nothing
-        return Message(RecordDict({"arrays": ArrayRecord(), "metrics": metrics}), reply_to=msg)
-    state = model.state_dict()
-    reply_arrays = ArrayRecord({k: array_of(encode_array(state[k].detach().cpu().numpy(), transport)) for k in arrays})
-    return Message(RecordDict({"arrays": reply_arrays, "metrics": metrics}), reply_to=msg)
+    return train_reply(msg, model, num_examples=num_examples, train_loss=result.loss,
+                       train_seconds=result.seconds + simulated, local_steps=result.steps, metrics={
+                           "blocks": len(blocks) if blocks is not None else len(layout.partitionable),
+                           "peak-memory-mb": peak.megabytes, "memory-measure": peak.measure,
+                           "simulated-seconds": simulated})
 
 
 @app.evaluate()
@@ -164,15 +139,15 @@ def identity_handler(msg: Message, context: Context) -> Message:
     """Tell the server this node's ``partition-id`` (for reproducible node sampling) and its
     ``capacity``: the node config's, else the run config's ``capacity-profile`` entry for the
     partition id, else 1.0."""
-    identity = ConfigRecord()
     node = context.node_config
     partition_id = node.get("partition-id")
-    if isinstance(partition_id, int) and not isinstance(partition_id, bool):
-        identity["partition-id"] = int(partition_id)
+    if not isinstance(partition_id, int) or isinstance(partition_id, bool):
+        partition_id = None
+    capacity = None
     if "capacity" in node:
-        identity["capacity"] = check_capacity(node["capacity"], "node config capacity")
-    elif "partition-id" in identity:
+        capacity = check_capacity(node["capacity"], "node config capacity")
+    elif partition_id is not None:
         profile = parse_profile("capacity-profile", str(context.run_config.get("capacity-profile", "")),
                                 low=0.0, high=1.0)
-        identity["capacity"] = profile_value(profile, identity["partition-id"])
-    return Message(RecordDict({IDENTITY_RECORD: identity}), reply_to=msg)
+        capacity = profile_value(profile, partition_id)
+    return identity_reply(msg, partition_id, capacity)

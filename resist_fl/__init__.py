@@ -27,6 +27,7 @@ _PUBLIC = {
     "ResIST": "resist_fl.flower.resist",
     "ScreenedFedAvg": "resist_fl.flower.fedavg",
     "MeteredGrid": "resist_fl.flower.metering",
+    "RoundRecorder": "resist_fl.flower.round_recorder",
     "screen_replies": "resist_fl.flower.reply_screening",
     "RunSettings": "resist_fl.run.settings",
     "load_model": "resist_fl.run.outputs",

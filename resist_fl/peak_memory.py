@@ -102,3 +102,11 @@ class PeakMemory:
         else:
             peak = _maxrss_bytes()
         self.megabytes = max(0, peak - self._start) / 2**20
+
+
+def resident_memory_mb() -> float | None:
+    """This process's resident memory now, in MB (Linux ``/proc``; None elsewhere)."""
+    try:
+        return _rss_bytes() / 2**20
+    except (OSError, ValueError, IndexError):
+        return None

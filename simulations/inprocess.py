@@ -6,6 +6,8 @@ machine; ``flwr run .`` (and :mod:`simulations.compare`) remains the real thing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from flwr.app import Context, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -15,11 +17,11 @@ from simulations.inprocess_grid import InProcessGrid
 
 
 def run_inprocess(run_config: dict, num_nodes: int = 3, client: ClientApp = client_app,
-                  **grid_kwargs) -> InProcessGrid:
-    """Run one whole ServerApp main on an :class:`InProcessGrid` (the real ClientApp unless
-    ``client`` is given); return the grid."""
+                  server: Callable[[InProcessGrid, Context], None] = server_main, **grid_kwargs) -> InProcessGrid:
+    """Run one whole ServerApp main on an :class:`InProcessGrid` (the project's ServerApp and
+    ClientApp unless ``server`` / ``client`` are given, e.g. another app's); return the grid."""
     grid = InProcessGrid(client, num_nodes=num_nodes, run_config=run_config, **grid_kwargs)
-    server_main(grid, Context(run_id=grid.run.run_id, node_id=1, node_config={}, state=RecordDict(),
+    server(grid, Context(run_id=grid.run.run_id, node_id=1, node_config={}, state=RecordDict(),
                               run_config=run_config))
     return grid
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from resist_fl.run.outputs import atomic_write_bytes
+from resist_fl.run.outputs import METRICS_FILE, NODES_FILE, atomic_write_bytes, read_metrics, rewrite_metrics
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT = "resist-fl-checkpoint/1"
@@ -96,3 +96,26 @@ def check_same_run(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None
     if diff := sorted(k for k in keys if saved.get(k) != current.get(k)):
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff)
         raise CheckpointError(f"cannot resume: the run config differs from the checkpoint's ({details})")
+
+
+def open_run_directory(run_dir: Path, run_config: Mapping[str, Any], resume: bool) -> Checkpoint | None:
+    """Make ``run_dir`` ready for a run; return the checkpoint to continue from when ``resume``.
+
+    A new run refuses a directory that already holds results, so nothing is overwritten. A
+    resumed run needs the directory's checkpoint written under the same ``run_config``
+    (:func:`check_same_run`); ``metrics.jsonl`` and ``nodes.jsonl`` are cut back to the
+    checkpoint's last round, so rounds after it are not listed twice.
+    """
+    run_dir = Path(run_dir)
+    if not resume:
+        if (run_dir / METRICS_FILE).exists() or (run_dir / CHECKPOINT_FILE).exists():
+            raise FileExistsError(f"{run_dir} already holds a run; set resume=true to continue it, "
+                                  "or choose another run-name")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return None
+    checkpoint = Checkpoint.load(run_dir)
+    check_same_run(checkpoint.run_config, run_config)
+    rewrite_metrics(run_dir, checkpoint.metrics)
+    done = checkpoint.server_round
+    rewrite_metrics(run_dir, [r for r in read_metrics(run_dir, NODES_FILE) if r["round"] <= done], NODES_FILE)
+    return checkpoint

@@ -80,11 +80,13 @@ def read_metrics(run_dir: Path, name: str = METRICS_FILE) -> list[dict[str, Any]
         return [json.loads(line) for line in f if line.strip()]
 
 
-def save_model(path: Path, state_dict: Mapping[str, torch.Tensor], spec: Mapping[str, Any],
+def save_model(path: Path, state_dict: Mapping[str, torch.Tensor], spec: Mapping[str, Any] | None,
                extra: Mapping[str, Any] | None = None) -> None:
-    """Save a plain PyTorch state_dict with the model spec (``torch.load`` + ``build_model``)."""
+    """Save a plain PyTorch state_dict with the model spec (``torch.load`` + ``build_model``);
+    a user's own model has no spec (``None``): load the ``state_dict`` into that model."""
     buffer = io.BytesIO()
-    torch.save({"state_dict": dict(state_dict), "model_spec": dict(spec), **(extra or {})}, buffer)
+    spec_entry = {} if spec is None else {"model_spec": dict(spec)}
+    torch.save({"state_dict": dict(state_dict), **spec_entry, **(extra or {})}, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -93,6 +95,9 @@ def load_model(path: Path):
     from resist_fl.core.model import ModelSpec, build_model
 
     saved = torch.load(path, map_location="cpu", weights_only=True)
+    if "model_spec" not in saved:
+        raise ValueError(f"{path} holds a model saved without a model spec (a user's own model): build "
+                         "that model and load torch.load(path)['state_dict'] into it")
     model = build_model(ModelSpec.from_dict(saved["model_spec"]))
     model.load_state_dict(saved["state_dict"])
     return model.eval()

@@ -1,0 +1,115 @@
+"""What a ClientApp needs to take part in a ResIST (or screened FedAvg) run, for any model.
+
+A training message carries the arrays of one sub-network (``arrays``) and, in its ``config``,
+the names of the partitionable blocks that sub-network holds (``blocks``; absent for FedAvg,
+which sends the full model) and how float arrays travel (``transport-dtype``). A reply carries
+the same keys back, trained, and the metrics :data:`~resist_fl.core.validation.TRAIN_METRICS`.
+The project's ClientApp and ``examples/own-app`` both build on these helpers:
+
+- :func:`received_subnetwork`: the user's model cut to the message's sub-network and loaded;
+- :func:`load_received`: load a message's arrays into a model already cut (checked, decoded);
+- :func:`train_reply`: the reply to a training message;
+- :func:`identity_reply`: the answer to the node-identity query (partition id, capacity).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from resist_fl.core.allocation import check_capacity
+from resist_fl.core.decomposition import BlockLayout
+from resist_fl.core.residual_nets import subnetwork_of
+from resist_fl.core.transport import decode_state, encode_array
+from resist_fl.core.validation import TRAIN_METRICS
+from resist_fl.flower.array_codec import array_of
+from resist_fl.flower.node_sampling import IDENTITY_RECORD
+
+
+def message_blocks(message: Message) -> list[str] | None:
+    """The partitionable blocks a training message's sub-network holds (None: the full model)."""
+    config = message.content["config"]
+    return list(config["blocks"]) if "blocks" in config else None
+
+
+def message_transport(message: Message) -> str:
+    """How the message's float arrays travel (``transport-dtype``; float32 by default)."""
+    return str(message.content["config"].get("transport-dtype", "float32"))
+
+
+def load_received(model: torch.nn.Module, layout: BlockLayout, arrays: ArrayRecord,
+                  blocks: list[str] | None, transport: str = "float32") -> torch.nn.Module:
+    """Load ``arrays`` into ``model``, the sub-network named by ``blocks`` (the full model when
+    None); return it.
+
+    The received keys must be exactly that sub-network's payload keys (the residual scales are
+    not sent: the model keeps its own); float arrays arrive encoded under ``transport`` and are
+    decoded to the model's dtypes.
+
+    Raises
+    ------
+    ValueError
+        The keys differ; the message counts the unexpected and the missing ones.
+    """
+    expected = set(layout.payload_keys(blocks))
+    if set(arrays) != expected:
+        extra, missing = sorted(set(arrays) - expected), sorted(expected - set(arrays))
+        raise ValueError(f"received keys do not match blocks {blocks}: {len(extra)} unexpected {extra[:3]}, "
+                         f"{len(missing)} missing {missing[:3]}")
+    if transport == "float32":
+        state = arrays.to_torch_state_dict()
+    else:
+        own = model.state_dict()
+        shapes = {k: (tuple(own[k].shape), own[k].numpy().dtype) for k in arrays}
+        decoded = decode_state({k: a.numpy() for k, a in arrays.items()}, shapes, transport)
+        state = {k: torch.from_numpy(np.array(v)) for k, v in decoded.items()}
+    model.load_state_dict(state, strict=False)  # only the scales are not sent
+    return model
+
+
+def received_subnetwork(model: torch.nn.Module, layout: BlockLayout, message: Message) -> torch.nn.Module:
+    """A copy of the global-shaped ``model`` cut to the training message's sub-network (its
+    dropped blocks skipped as identities, the global ``state_dict`` names kept) and loaded with
+    the message's arrays. ``model`` itself is not changed."""
+    blocks = message_blocks(message)
+    cut = copy.deepcopy(model) if blocks is None else subnetwork_of(model, layout.dropped_blocks(blocks))
+    return load_received(cut, layout, message.content["arrays"], blocks, message_transport(message))
+
+
+def train_reply(message: Message, model: torch.nn.Module, *, num_examples: int, train_loss: float,
+                train_seconds: float, local_steps: int,
+                metrics: Mapping[str, int | float] | None = None) -> Message:
+    """The reply to a training message: ``model``'s arrays under the keys the message carried
+    (encoded as they arrived), and the training metrics (plus ``metrics``, numbers only).
+
+    A non-finite ``train_loss`` (training diverged) sends no arrays: the server counts the
+    reply as non-finite and keeps its global model.
+    """
+    record = MetricRecord({**dict(zip(TRAIN_METRICS, (int(num_examples), float(train_loss), float(train_seconds),
+                                                      int(local_steps)))), **dict(metrics or {})})
+    if not math.isfinite(train_loss):
+        return Message(RecordDict({"arrays": ArrayRecord(), "metrics": record}), reply_to=message)
+    transport = message_transport(message)
+    state = model.state_dict()
+    if missing := [k for k in message.content["arrays"] if k not in state]:
+        raise KeyError(f"the trained model lacks {len(missing)} of the received keys, e.g. {missing[:3]}")
+    arrays = ArrayRecord({k: array_of(encode_array(state[k].detach().cpu().numpy(), transport))
+                          for k in message.content["arrays"]})
+    return Message(RecordDict({"arrays": arrays, "metrics": record}), reply_to=message)
+
+
+def identity_reply(message: Message, partition_id: int | None = None, capacity: float | None = None) -> Message:
+    """The answer to the strategies' node-identity query: the node's ``partition_id`` (nodes are
+    sampled in partition order, so a seed trains the same partitions in every run) and its
+    ``capacity`` in (0, 1] (the fraction of the partitionable blocks it can train)."""
+    identity = ConfigRecord()
+    if partition_id is not None:
+        identity["partition-id"] = int(partition_id)
+    if capacity is not None:
+        identity["capacity"] = check_capacity(capacity, "capacity")
+    return Message(RecordDict({IDENTITY_RECORD: identity}), reply_to=message)

@@ -1,0 +1,265 @@
+"""What a ResIST (or screened FedAvg) run records each round, for any ServerApp.
+
+:class:`RoundRecorder` is the ``evaluate_fn`` a ServerApp hands to ``Strategy.start``. After
+every round it evaluates the global model with the caller's own evaluation, appends a row to
+``metrics.jsonl`` (bytes metered on the Grid, the accepted replies' figures, the evaluation's
+metrics, divergence flags) and one row per trained node to ``nodes.jsonl``, and writes the
+checkpoint a resumed run continues from. It works with any model whose :class:`BlockLayout` the
+strategy was built on: the project's PreActResNets, torchvision's ResNets or a user's own
+(:meth:`BlockLayout.from_model`). The project's ServerApp is one caller; ``examples/own-app``
+is another.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from collections.abc import Callable, Mapping
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from resist_fl.core.allocation import max_depth
+from resist_fl.core.decomposition import BlockLayout, scale_key
+from resist_fl.flower.fedavg import ScreenedFedAvg
+from resist_fl.flower.metering import MeteredGrid, RoundTraffic
+from resist_fl.flower.resist import ResIST
+from resist_fl.peak_memory import MEASURES, resident_memory_mb
+from resist_fl.run.checkpoint import Checkpoint, capture_rngs, open_run_directory
+from resist_fl.run.divergence import DIVERGENCE_HINT, divergence_reason
+from resist_fl.run.outputs import MODEL_FILE, NODES_FILE, SUMMARY_FILE, append_metrics, save_model, write_json
+
+Evaluation = Callable[[int, dict[str, torch.Tensor]], Mapping[str, float]]
+"""``evaluation(run_round, state)``: metrics of the global model whose ``state_dict`` is ``state``
+(residual scales included), e.g. ``{"loss": 0.41, "accuracy": 0.88}``; numbers only."""
+
+
+def full_state(arrays: ArrayRecord, layout: BlockLayout, scales: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    """The global model's state_dict: trained arrays plus every block's residual scale
+    (``scales[block]`` for a partitioned block, 1.0 for the others)."""
+    state = arrays.to_torch_state_dict()
+    for key in layout.keys:
+        if key not in state:  # scale buffers: 1.0 unless partitioned (then the inference scale)
+            block = key.rsplit(".", 1)[0]
+            if scale_key(block) != key:
+                raise KeyError(f"the global arrays lack {key!r}")
+            state[key] = torch.tensor(float(scales.get(block, 1.0)))
+    return {k: state[k] for k in layout.keys}
+
+
+class RoundRecorder:
+    """Per-round metrics, node costs, checkpoint/resume and byte metering for a ServerApp.
+
+    Parameters
+    ----------
+    strategy : ResIST | ScreenedFedAvg
+        The strategy the run uses; on resume its round offset (and ResIST's inference-scale
+        state) is restored from the checkpoint.
+    layout : BlockLayout
+        The global model's layout (the one ``strategy`` was built on).
+    run_dir : Path
+        Absolute directory of the run's files (a ServerApp's working directory is not the project).
+    run_config : Mapping
+        Saved in every checkpoint; a resumed run must have the same (:func:`check_same_run`).
+    num_rounds : int
+        Rounds of the whole run (a resumed run does only those left); the last is always evaluated.
+    evaluation : callable, optional
+        ``evaluation(run_round, state) -> {name: number}``, called on every ``eval_every``-th
+        round and the last; its metrics go into the round's row (``accuracy`` and ``loss`` are
+        ``null`` in rows without them).
+    eval_every : int
+        Evaluate every this many rounds.
+    inference_scaling : bool
+        Evaluate ResIST's global model with its inference scales (the paper); False: scale 1.0.
+    resume : bool
+        Continue the run in ``run_dir`` from its checkpoint; otherwise ``run_dir`` must hold no run.
+    label : str, optional
+        The ``strategy`` column (default ``resist`` or ``fedavg``).
+    """
+
+    def __init__(self, strategy: ResIST | ScreenedFedAvg, layout: BlockLayout, run_dir: Path, *,
+                 run_config: Mapping[str, Any], num_rounds: int, evaluation: Evaluation | None = None,
+                 eval_every: int = 1, inference_scaling: bool = True, resume: bool = False,
+                 label: str | None = None) -> None:
+        if not isinstance(strategy, (ResIST, ScreenedFedAvg)):
+            raise TypeError(f"strategy: expected ResIST or ScreenedFedAvg, got {type(strategy).__name__}")
+        if eval_every < 1:
+            raise ValueError(f"eval_every = {eval_every}: expected a positive integer")
+        self.strategy, self.layout, self.run_dir = strategy, layout, Path(run_dir)
+        self.run_config, self.num_rounds = dict(run_config), num_rounds
+        self.evaluation, self.eval_every, self.inference_scaling = evaluation, eval_every, inference_scaling
+        self.label = label or ("resist" if isinstance(strategy, ResIST) else "fedavg")
+        self.resumed: Checkpoint | None = open_run_directory(self.run_dir, self.run_config, resume)
+        self.completed_rounds = self.resumed.server_round if self.resumed else 0
+        self.rows: list[dict] = list(self.resumed.metrics) if self.resumed else []
+        strategy.round_offset = self.completed_rounds
+        if self.resumed and isinstance(strategy, ResIST) and self.rows:  # for the inference scale
+            strategy.num_subnetworks = int(self.rows[-1]["num-subnetworks"])
+            strategy.held_fraction = self.rows[-1].get("held-fraction")
+        self.grid: MeteredGrid | None = None
+        self.arrays: ArrayRecord | None = None  # the global arrays after the last round seen
+        self.seconds = 0.0
+        self.round_started = time.perf_counter()
+
+    # -- running -----------------------------------------------------------------------------
+    def start(self, grid: Grid, initial_state: Mapping[str, torch.Tensor] | None = None,
+              **start_kwargs: Any) -> dict[str, torch.Tensor]:
+        """Run the rounds left with ``strategy.start`` on a metered ``grid``, this recorder as its
+        ``evaluate_fn``; return the final global state (:meth:`final_state`).
+
+        ``initial_state`` is the model's ``state_dict`` (only its payload keys are sent; not
+        needed when resuming: the checkpoint's arrays are used). ``start_kwargs`` go to
+        ``Strategy.start`` (``train_config``, ``timeout``, ...).
+        """
+        if self.resumed:
+            initial = ArrayRecord({k: torch.from_numpy(v) for k, v in self.resumed.arrays.items()})
+            self.resumed.restore_rngs()
+            log(INFO, "resist-fl: resuming after round %d", self.completed_rounds)
+        elif initial_state is None:
+            raise ValueError("initial_state: a new run needs the initial model's state_dict")
+        else:
+            payload = set(self.layout.payload_keys())
+            if missing := sorted(payload - set(initial_state)):
+                raise KeyError(f"initial_state lacks {len(missing)} of the layout's keys, e.g. {missing[:3]}")
+            initial = ArrayRecord({k: v for k, v in initial_state.items() if k in payload})
+        self.arrays = initial
+        self.grid = MeteredGrid(grid)
+        started = time.perf_counter()
+        if self.num_rounds > self.completed_rounds:
+            self.strategy.start(grid=self.grid, initial_arrays=initial, evaluate_fn=self,
+                                num_rounds=self.num_rounds - self.completed_rounds, **start_kwargs)
+        self.seconds = time.perf_counter() - started
+        return self.final_state()
+
+    def final_state(self) -> dict[str, torch.Tensor]:
+        """The global model's state_dict after the last round (inference scales included).
+        ``Result.arrays`` of ``Strategy.start`` stays empty when no round produced an update
+        (e.g. every round had too few valid replies); this is the model either way."""
+        if self.arrays is None:
+            raise RuntimeError("final_state: the run has not started")
+        return full_state(self.arrays, self.layout, self.scales())
+
+    def finish(self, model_spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Write ``model.pt`` (the final state_dict, with ``model_spec`` when given) and
+        ``summary.json``; return the summary."""
+        state = self.final_state()
+        save_model(self.run_dir / MODEL_FILE, state, model_spec)
+        payload = set(self.layout.payload_keys())
+        summary = {"strategy": self.label, "rounds": self.num_rounds, "total-bytes": self.cumulative_bytes,
+                   "seconds": self.seconds,
+                   "parameters": int(sum(v.numel() for k, v in state.items() if k in payload)),
+                   "final-accuracy": self.rows[-1].get("accuracy") if self.rows else None}
+        write_json(self.run_dir / SUMMARY_FILE, summary)
+        log(INFO, "resist-fl: done; %.2f MB communicated in %d rounds; results in %s",
+            self.cumulative_bytes / 1e6, self.num_rounds, self.run_dir)
+        return summary
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def cumulative_bytes(self) -> int:
+        return self.rows[-1]["cumulative-bytes"] if self.rows else 0
+
+    def scales(self) -> dict[str, float]:
+        """Residual scales for evaluation: ResIST's inference scales (none when disabled or FedAvg)."""
+        if isinstance(self.strategy, ResIST) and self.inference_scaling:
+            return self.strategy.inference_scales()
+        return {}
+
+    # -- evaluate_fn -------------------------------------------------------------------------
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        self.arrays = arrays
+        if server_round == 0:
+            self.round_started = time.perf_counter()
+            return None
+        if self.grid is None:
+            raise RuntimeError("RoundRecorder is the evaluate_fn of RoundRecorder.start, not of another start()")
+        run_round = self.completed_rounds + server_round
+        traffic = self.grid.take_round()
+        row = self._round_row(run_round, traffic)
+        nodes = self.node_rows(run_round, traffic)
+        evaluated: dict[str, float | int | None] = {}
+        if self.evaluation is not None and (run_round % self.eval_every == 0 or run_round == self.num_rounds):
+            evaluated = _numbers(self.evaluation(run_round, self.final_state()))
+            row.update(evaluated)
+        reason = divergence_reason((r.get("train-loss") for r in self.rows), row["train-loss"],
+                                   row.get("replies-non-finite", 0))
+        row["diverging"] = int(reason is not None)
+        if reason:
+            log(WARNING, "[round %d] the run may be diverging: %s. %s", run_round, reason, DIVERGENCE_HINT)
+        row["server-rss-mb"] = resident_memory_mb()  # after the round's evaluation
+        self.rows.append(row)
+        rng_python, rng_torch = capture_rngs()
+        Checkpoint(run_round, {k: v.numpy() for k, v in arrays.items()}, self.run_config,
+                   self.rows, rng_python, rng_torch).save(self.run_dir)
+        append_metrics(self.run_dir, row)
+        append_metrics(self.run_dir, *nodes, name=NODES_FILE)
+        acc, loss = (("-" if row.get(k) is None else f"{row[k]:.4f}") for k in ("accuracy", "train-loss"))
+        log(INFO, "[round %d] %s acc=%s train-loss=%s down=%.2f MB up=%.2f MB (%.1f s)", run_round,
+            self.label, acc, loss, row["bytes-down"] / 1e6, row["bytes-up"] / 1e6, row["round-seconds"])
+        self.round_started = time.perf_counter()
+        finite = {k: v for k, v in evaluated.items() if v is not None}
+        return MetricRecord(finite) if finite else None
+
+    def _round_row(self, run_round: int, traffic: RoundTraffic) -> dict:
+        """Traffic and client figures of the round that just ended (no evaluation yet)."""
+        trained = self.strategy.last_round_metrics  # accepted replies only
+        row = {
+            "round": run_round, "strategy": self.label, "accuracy": None, "loss": None,
+            "train-loss": trained.get("train-loss"), "client-seconds": trained.get("client-seconds", 0.0),
+            "bytes-down": traffic.total_down, "bytes-up": traffic.total_up,
+            "cumulative-bytes": self.cumulative_bytes + traffic.total_down + traffic.total_up,
+            "round-seconds": time.perf_counter() - self.round_started,
+            "nodes": len(traffic.train_nodes),
+        }
+        row.update({k: v for k, v in trained.items()
+                    if k.startswith("replies-") or k in ("num-subnetworks", "merge-refused")})
+        if isinstance(self.strategy, ScreenedFedAvg) and self.strategy.last_evaluate_metrics:
+            row["client-eval-loss"] = self.strategy.last_evaluate_metrics["eval-loss"]
+            row["client-eval-acc"] = self.strategy.last_evaluate_metrics["eval-acc"]
+            self.strategy.last_evaluate_metrics = {}
+        if isinstance(self.strategy, ResIST):
+            row["inference-scale"] = next(iter(self.scales().values()), 1.0)
+            row["held-fraction"] = self.strategy.held_fraction
+        return row
+
+    def node_rows(self, run_round: int, traffic: RoundTraffic) -> list[dict]:
+        """One ``nodes.jsonl`` row per node sent a training message this round."""
+        sampler, partitionable = self.strategy.sampler, len(self.layout.partitionable)
+        sent_blocks = self.strategy.last_blocks if isinstance(self.strategy, ResIST) else {}
+        rows = []
+        for node in sorted(traffic.train_nodes, key=sampler.rank):
+            reply = self.strategy.last_replies.get(node, {})
+            capacity = sampler.capacity(node)
+            blocks = len(sent_blocks[node]) if node in sent_blocks else partitionable
+            rows.append({
+                "round": run_round, "strategy": self.label, "node": node,
+                "partition": sampler.partition(node), "capacity": capacity,
+                "max-blocks": max_depth(capacity, partitionable), "blocks": blocks,
+                "over-capacity": int(blocks > max_depth(capacity, partitionable)),
+                "bytes-down": traffic.bytes_down.get(node, 0), "bytes-up": traffic.bytes_up.get(node, 0),
+                "status": "accepted" if reply else "no-valid-reply",
+                "train-seconds": reply.get("train-seconds"), "simulated-seconds": reply.get("simulated-seconds"),
+                "peak-memory-mb": reply.get("peak-memory-mb"),
+                "memory-measure": MEASURES.get(int(reply.get("memory-measure", 0))),
+            })
+        return rows
+
+
+def _numbers(metrics: Mapping[str, Any]) -> dict[str, float | int | None]:
+    """An evaluation's metrics, checked: string names, real-number values (a metrics row holds
+    scalars only); a non-finite value is recorded as ``null`` (JSON has no NaN)."""
+    out: dict[str, float | int | None] = {}
+    for name, value in dict(metrics or {}).items():
+        if not isinstance(name, str) or isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"evaluation returned {name!r}: {value!r}; expected a mapping of names to numbers")
+        if isinstance(value, numbers.Integral):
+            out[name] = int(value)
+        else:
+            out[name] = float(value) if math.isfinite(value) else None
+    return out
