@@ -27,13 +27,16 @@ app = ClientApp()
 
 @lru_cache(maxsize=8)
 def _partition(dataset: str, data_path: str, partitioner: str, alpha: float, seed: int,
-               partition_id: int, num_partitions: int, cache_dir: str, device: torch.device) -> DeviceImages:
+               partition_id: int, num_partitions: int, cache_dir: str, device: torch.device,
+               image_size: int = 224) -> DeviceImages:
     """A node's training partition as uint8 tensors on the training device, kept for as long
     as the process lives; decoded once per node (``partition-cache``), not once per process."""
     key = partition_key(dataset, data_path, partitioner=partitioner, alpha=float(alpha), seed=seed,
-                        partition_id=partition_id, num_partitions=num_partitions)
+                        partition_id=partition_id, num_partitions=num_partitions,
+                        **({"image-size": image_size} if dataset == "imagefolder" else {}))
     arrays = cached_partition(cache_dir, key, lambda: load_partition(
-        dataset, partition_id, num_partitions, partitioner=partitioner, alpha=alpha, seed=seed, data_path=data_path))
+        dataset, partition_id, num_partitions, partitioner=partitioner, alpha=alpha, seed=seed, data_path=data_path,
+        image_size=image_size))
     return DeviceImages.from_arrays(arrays, device)
 
 
@@ -82,15 +85,16 @@ def train_handler(msg: Message, context: Context) -> Message:
     device = resolve_device(settings.device)
     partition = _partition(settings.dataset, data_path, settings.partitioner, settings.dirichlet_alpha,
                            settings.seed, partition_id, int(node["num-partitions"]),
-                           _partition_cache(context, settings), device)
+                           _partition_cache(context, settings), device, settings.image_size)
     if (top := int(partition.labels.max())) >= spec.num_classes:
         raise DataError(f"data-path {data_path!r}: partition {partition_id} has label {top}, but the run's "
                         f"model has {spec.num_classes} classes; expected labels in [0, {spec.num_classes})")
     server_round = int(config["server-round"]) + int(config["round-offset"])
     batch_size = int(config["batch-size"])
     round_seed = settings.seed * 100_003 + server_round * 1_009 + partition_id  # order, crops, flips, dropout
-    loader = make_train_loader(partition, batch_size, normalization=normalization(settings.dataset, data_path),
-                               augment=settings.augmentation(), seed=round_seed)
+    loader = make_train_loader(partition, batch_size,
+                               normalization=normalization(settings.dataset, data_path, settings.image_size),
+                               augment=settings.augmentation(), seed=round_seed, crop_size=settings.crop_size())
     num_examples = len(partition)
     steps = steps_for(num_examples, batch_size, int(config["local-steps"]), int(config["local-epochs"]))
     lr = scheduled_lr(float(config["lr"]), str(config["lr-schedule"]), server_round,
@@ -123,12 +127,12 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     model = build_local_model(spec, layout, msg.content["arrays"], None)
     node = context.node_config
     data_path = _data_path(context, settings)
-    test = load_test_set(settings.dataset, data_path)
+    test = load_test_set(settings.dataset, data_path, settings.image_size)
     if "data-path" not in node:
         test = test.subset(np.arange(int(node["partition-id"]), len(test), int(node["num-partitions"])))
     device = resolve_device(settings.device)
-    loader = make_eval_loader(test, settings.eval_batch_size, normalization=normalization(settings.dataset, data_path),
-                              device=device)
+    stats = normalization(settings.dataset, data_path, settings.image_size)
+    loader = make_eval_loader(test, settings.eval_batch_size, normalization=stats, device=device)
     loss, accuracy = evaluate(model, loader, device, settings.amp)
     metrics = MetricRecord(dict(zip(EVALUATE_METRICS, (len(test), loss, accuracy))))
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

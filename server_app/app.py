@@ -35,7 +35,8 @@ def build_strategy(settings: RunSettings, layout: BlockLayout, round_offset: int
                       min_train_replies=settings.min_train_replies,
                       max_num_examples=settings.max_num_examples, seed=settings.seed,
                       round_offset=round_offset, server_lr=settings.server_lr,
-                      transport=settings.transport_dtype, allocation=settings.allocation)
+                      transport=settings.transport_dtype, allocation=settings.allocation,
+                      warmup_rounds=settings.warmup_rounds)
     return ScreenedFedAvg(fraction_train=settings.fraction_train, fraction_evaluate=settings.fraction_evaluate,
                           min_train_nodes=settings.min_train_nodes,
                           min_evaluate_nodes=settings.min_train_nodes if settings.fraction_evaluate else 0,
@@ -103,8 +104,8 @@ def prepare_data(settings: RunSettings) -> tuple[ModelSpec, BlockLayout, EvalBat
     """
     try:
         spec, layout = resolve_model(settings)
-        test = load_test_set(settings.dataset, settings.data_path)
-        stats = normalization(settings.dataset, settings.data_path)
+        test = load_test_set(settings.dataset, settings.data_path, settings.image_size)
+        stats = normalization(settings.dataset, settings.data_path, settings.image_size)
     except DataError as err:
         log(ERROR, "resist-fl: the data set cannot be used:\n    %s", err)
         raise DataError(str(err)) from None

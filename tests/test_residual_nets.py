@@ -101,7 +101,7 @@ def test_torchvision_settings_are_checked():
 
     with pytest.raises(SettingsError, match="stage-depths = '1,1,4,1': torchvision_resnet50 has torchvision's"):
         RunSettings.from_run_config({"model": "torchvision_resnet50", "stage-depths": "1,1,4,1"})
-    with pytest.raises(SettingsError, match="stem = 'imagenet': the pre-activation models have the CIFAR stem"):
-        RunSettings.from_run_config({"model": "preact_resnet18", "stem": "imagenet"})
+    assert RunSettings.from_run_config({"model": "preact_resnet18", "stem": "imagenet"}).model_spec(10, 3).stem == \
+        "imagenet"
     spec = RunSettings.from_run_config({"model": "torchvision_resnet50", "stem": "imagenet"}).model_spec(10, 3)
     assert (spec.arch, spec.stem, spec.base_width) == ("torchvision_resnet50", "imagenet", 64)

@@ -47,8 +47,9 @@ TORCHVISION_DEPTHS: dict[str, tuple[int, int, int, int]] = {
 """torchvision's post-activation ResNets (bottleneck blocks from 50 up), width fixed at 64."""
 ARCHS = ("preact", *TORCHVISION_DEPTHS)
 STEMS = ("cifar", "imagenet")
-"""``cifar``: a 3x3 stride-1 convolution (32x32 inputs); ``imagenet``: torchvision's 7x7 stride-2
-convolution and 3x3 max-pool (torchvision ResNets only, for now)."""
+"""``cifar``: a 3x3 stride-1 convolution (32x32 inputs); ``imagenet``: a 7x7 stride-2 convolution,
+normalisation + ReLU, and a 3x3 stride-2 max-pool (224x224 inputs; torchvision's stem, also
+for the pre-activation family, as in He et al.'s pre-activation ResNets for ImageNet)."""
 
 STAGE_CHANNELS = (64, 128, 256, 512)
 STAGE_STRIDES = (1, 2, 2, 2)
@@ -147,8 +148,6 @@ class ModelSpec:
         if self.arch in TORCHVISION_DEPTHS and (self.depths, self.base_width) != (TORCHVISION_DEPTHS[self.arch], 64):
             raise ValueError(f"{self.arch} has depths {TORCHVISION_DEPTHS[self.arch]} and width 64, "
                              f"got {self.depths} and {self.base_width}")
-        if self.arch == "preact" and self.stem != "cifar":
-            raise ValueError(f"stem {self.stem!r}: the pre-activation family has the CIFAR stem only")
 
     @classmethod
     def from_name(cls, name: str, **kwargs: Any) -> "ModelSpec":
@@ -206,7 +205,13 @@ class PreActResNet(nn.Module):
             raise ValueError(f"unknown blocks {unknown}; the model has {len(known)} blocks "
                              "named like 'layer3.1'")
         width = [spec.base_width * c // 64 for c in STAGE_CHANNELS]
-        self.conv1 = nn.Conv2d(spec.in_channels, width[0], 3, stride=1, padding=1, bias=False)
+        if spec.stem == "imagenet":  # 224x224 -> 56x56 before the first stage
+            self.conv1 = nn.Conv2d(spec.in_channels, width[0], 7, stride=2, padding=3, bias=False)
+            self.stem = nn.Sequential(make_norm(spec.norm, width[0]), nn.ReLU(inplace=True),
+                                      nn.MaxPool2d(3, stride=2, padding=1))
+        else:
+            self.conv1 = nn.Conv2d(spec.in_channels, width[0], 3, stride=1, padding=1, bias=False)
+            self.stem = nn.Identity()
         in_planes = width[0]
         for s in range(4):
             stage = _make_stage(in_planes, width[s], spec.depths[s], STAGE_STRIDES[s],
@@ -216,7 +221,7 @@ class PreActResNet(nn.Module):
         self.linear = nn.Linear(width[3], spec.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv1(x)
+        out = self.stem(self.conv1(x))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.linear(out)

@@ -22,7 +22,61 @@ from torch.nn import functional as F
 from resist_fl.data.arrays import ImageArrays
 from resist_fl.data.transforms import Normalization, crop_padding
 
-RESOLVED_AUGMENTATIONS = ("none", "crop", "flip", "crop-flip")
+RESOLVED_AUGMENTATIONS = ("none", "crop", "flip", "crop-flip", "resized-crop", "resized-crop-flip")
+RESIZED_CROP_SCALE = (0.08, 1.0)
+RESIZED_CROP_RATIO = (3 / 4, 4 / 3)
+"""torchvision's ``RandomResizedCrop`` defaults: area fraction and aspect ratio of the box."""
+_RESIZED_CROP_ATTEMPTS = 10
+
+
+def random_resized_boxes(count: int, height: int, width: int, generator: torch.Generator,
+                         device: torch.device) -> torch.Tensor:
+    """``count`` crop boxes ``(top, left, box_height, box_width)`` drawn as torchvision's
+    ``RandomResizedCrop.get_params`` draws one: up to ten tries of an area fraction uniform in
+    :data:`RESIZED_CROP_SCALE` and a log-uniform aspect ratio in :data:`RESIZED_CROP_RATIO`, the
+    first box that fits kept, else the central box of the closest allowed ratio; the position
+    uniform over the places the box fits. All images at once."""
+    shape = (count, _RESIZED_CROP_ATTEMPTS)
+    area = height * width * torch.empty(shape, device=device).uniform_(*RESIZED_CROP_SCALE, generator=generator)
+    log_ratio = torch.empty(shape, device=device).uniform_(*np.log(RESIZED_CROP_RATIO), generator=generator)
+    box_w = torch.sqrt(area * torch.exp(log_ratio)).round()
+    box_h = torch.sqrt(area / torch.exp(log_ratio)).round()
+    fits = (box_w > 0) & (box_h > 0) & (box_w <= width) & (box_h <= height)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # the first try that fits
+    box_w, box_h = box_w.gather(1, first).squeeze(1), box_h.gather(1, first).squeeze(1)
+    ratio = width / height  # fallback: the whole image, cut to the nearest allowed ratio
+    if ratio < RESIZED_CROP_RATIO[0]:
+        fallback = (round(width / RESIZED_CROP_RATIO[0]), width)
+    elif ratio > RESIZED_CROP_RATIO[1]:
+        fallback = (height, round(height * RESIZED_CROP_RATIO[1]))
+    else:
+        fallback = (height, width)
+    found = fits.any(dim=1)
+    box_h = torch.where(found, box_h, float(fallback[0]))
+    box_w = torch.where(found, box_w, float(fallback[1]))
+    top = torch.floor(torch.rand(count, device=device, generator=generator) * (height - box_h + 1))
+    left = torch.floor(torch.rand(count, device=device, generator=generator) * (width - box_w + 1))
+    top = torch.where(found, top, torch.div(height - box_h, 2, rounding_mode="floor"))
+    left = torch.where(found, left, torch.div(width - box_w, 2, rounding_mode="floor"))
+    return torch.stack([top, left, box_h, box_w], dim=1)
+
+
+def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int,
+                  flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Each image's box (:func:`random_resized_boxes`) resized to ``size`` x ``size`` by bilinear
+    interpolation, as torchvision's ``resized_crop`` (without antialiasing) samples it: pixel
+    centres mapped into the box and clamped to it. One ``grid_sample`` for the batch; mirrored
+    where ``flip``; float32 in the images' value range."""
+    count, _, height, width = images.shape
+    top, left, box_h, box_w = (v.unsqueeze(1) for v in boxes.unbind(1))
+    steps = torch.arange(size, device=images.device, dtype=torch.float32) + 0.5
+    xs = torch.minimum(torch.maximum(left + steps * box_w / size - 0.5, left), left + box_w - 1)
+    ys = torch.minimum(torch.maximum(top + steps * box_h / size - 0.5, top), top + box_h - 1)
+    if flip is not None:
+        xs = torch.where(flip.unsqueeze(1), xs.flip(1), xs)
+    grid = torch.stack([((2 * xs + 1) / width - 1).unsqueeze(1).expand(count, size, size),
+                        ((2 * ys + 1) / height - 1).unsqueeze(2).expand(count, size, size)], dim=-1)
+    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 @dataclass(frozen=True)
@@ -88,16 +142,21 @@ class TrainBatches:
     normalization : Normalization
         Per-channel statistics of pixel values in [0, 1].
     augment : str
-        ``none``, ``crop``, ``flip`` or ``crop-flip`` (``auto`` resolved by
-        :func:`resist_fl.data.resolve_augment`).
+        ``none``, ``crop``, ``flip``, ``crop-flip``, ``resized-crop`` or ``resized-crop-flip``
+        (``auto`` resolved by :func:`resist_fl.data.resolve_augment`).
     seed : int
         Seed of the shuffling order and of the crops and flips.
     device : torch.device or str, optional
         Where the batches live; defaults to where ``data`` is.
+    crop_size : int, optional
+        Side of the square images the batches hold when the stored images are larger (an
+        ``imagefolder`` split): the random-resized crop's output size, else a centre crop
+        taken before the other augmentations. None: the stored size.
     """
 
     def __init__(self, data: ImageArrays | DeviceImages, batch_size: int, *, normalization: Normalization,
-                 augment: str = "none", seed: int = 0, device: torch.device | str | None = None) -> None:
+                 augment: str = "none", seed: int = 0, device: torch.device | str | None = None,
+                 crop_size: int | None = None) -> None:
         if augment not in RESOLVED_AUGMENTATIONS:
             raise ValueError(f"augment {augment!r} is not resolved; "
                              f"expected one of {', '.join(RESOLVED_AUGMENTATIONS)}")
@@ -107,6 +166,14 @@ class TrainBatches:
         self.batch_size = batch_size
         self.augment = augment
         count, channels, height, width = self.data.images.shape
+        if crop_size is not None and not 0 < crop_size <= min(height, width):
+            raise ValueError(f"crop_size = {crop_size}: expected 1 to {min(height, width)} (the stored images "
+                             f"are {height}x{width})")
+        self.crop_size = crop_size or None
+        self._center = None  # (top, left, side) of a centre crop taken first
+        if self.crop_size and not augment.startswith("resized-crop") and (height, width) != (crop_size,) * 2:
+            self._center = ((height - crop_size) // 2, (width - crop_size) // 2, crop_size)
+            height = width = crop_size
         # drop a last batch of exactly one image (a different image each pass)
         self._count = count - 1 if count % batch_size == 1 and count > batch_size else count
         self._normalize = _Normalizer(normalization, channels, self.data.device)
@@ -122,6 +189,7 @@ class TrainBatches:
         self._pixels = (planes + rows + cols).reshape(1, -1).to(self.data.device)
         self._mirrored = (planes + rows + cols.flip(-1)).reshape(1, -1).to(self.data.device)
         self._padded_w = padded_w
+        self._pixels_shape = (height, width)
 
     def __len__(self) -> int:
         return -(-self._count // self.batch_size)
@@ -134,11 +202,20 @@ class TrainBatches:
     def _augmented(self, batch: torch.Tensor) -> torch.Tensor:
         """The uint8 images at ``batch``, cropped and flipped by one gather of flat offsets."""
         images = self.data.images[batch]
+        if self._center:
+            top, left, side = self._center
+            images = images[..., top:top + side, left:left + side].contiguous()
         if self.augment == "none":
             return images
         size = len(batch)
         pad_h, pad_w = self._pad
         device = self.data.device
+        if self.augment.startswith("resized-crop"):
+            _, _, height, width = images.shape
+            boxes = random_resized_boxes(size, height, width, self._draws, device)
+            flip = (torch.rand(size, generator=self._draws, device=device) < 0.5
+                    if self.augment == "resized-crop-flip" else None)
+            return resized_crops(images, boxes, self.crop_size or height, flip)
         index = self._pixels
         if self.augment in ("flip", "crop-flip"):
             flip = torch.rand((size, 1), generator=self._draws, device=device) < 0.5
@@ -149,7 +226,7 @@ class TrainBatches:
             images = F.pad(images, (pad_w, pad_w, pad_h, pad_h))
             index = index + (top * self._padded_w + left)
         flat = torch.gather(images.reshape(size, -1), 1, index.expand(size, -1))
-        return flat.reshape(size, *self.data.images.shape[1:])
+        return flat.reshape(size, -1, self._pixels_shape[0], self._pixels_shape[1])
 
 
 class EvalBatches:

@@ -10,7 +10,8 @@ from resist_fl.data.transforms import Normalization
 
 
 def make_train_loader(data: ImageArrays | DeviceImages, batch_size: int, *, normalization: Normalization,
-                      augment: str = "none", seed: int = 0, device: torch.device | str | None = None) -> TrainBatches:
+                      augment: str = "none", seed: int = 0, device: torch.device | str | None = None,
+                      crop_size: int | None = None) -> TrainBatches:
     """Shuffled, augmented, normalised training batches of ``data``, resident on ``device``.
 
     Parameters
@@ -22,19 +23,22 @@ def make_train_loader(data: ImageArrays | DeviceImages, batch_size: int, *, norm
     normalization : Normalization
         Per-channel statistics (see :func:`resist_fl.data.normalization`).
     augment : str
-        ``none``, ``crop``, ``flip`` or ``crop-flip`` (``auto`` resolved by
-        :func:`resist_fl.data.resolve_augment`).
+        ``none``, ``crop``, ``flip``, ``crop-flip``, ``resized-crop`` or ``resized-crop-flip``
+        (``auto`` resolved by :func:`resist_fl.data.resolve_augment`).
     seed : int
         Seed of the shuffling order and of the random crops and flips.
     device : torch.device or str, optional
         The training device (default: where ``data`` is, the CPU for :class:`ImageArrays`).
+    crop_size : int, optional
+        Side of the batches' images when the stored ones are larger (``imagefolder``).
 
     Returns
     -------
     TrainBatches
         Each pass yields ``(images, labels)``: float32 NCHW images and int64 labels on ``device``.
     """
-    return TrainBatches(data, batch_size, normalization=normalization, augment=augment, seed=seed, device=device)
+    return TrainBatches(data, batch_size, normalization=normalization, augment=augment, seed=seed, device=device,
+                        crop_size=crop_size)
 
 
 def make_eval_loader(data: ImageArrays | DeviceImages, batch_size: int, *, normalization: Normalization,

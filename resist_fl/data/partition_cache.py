@@ -27,7 +27,7 @@ import numpy as np
 from resist_fl.data.arrays import ImageArrays
 
 _FORMAT = 1
-_SOURCES = ("arrays.py", "hub.py", "npz.py", "partitioning.py", "sources.py", "synthetic.py")
+_SOURCES = ("arrays.py", "hub.py", "imagefolder.py", "npz.py", "partitioning.py", "sources.py", "synthetic.py")
 
 
 @lru_cache(maxsize=1)
@@ -42,7 +42,11 @@ def _code_fingerprint() -> str:
 def partition_key(dataset: str, data_path: str, **settings: object) -> str:
     """The entry name of a partition: a hash of the data set, its source and ``settings``."""
     source: dict[str, object] = {"dataset": dataset, "data-path": data_path}
-    if data_path and os.path.exists(data_path):
+    if data_path and os.path.isdir(data_path):  # an image directory: its class folders' times
+        from resist_fl.data.imagefolder import imagefolder_source_key
+
+        source.update(folders=imagefolder_source_key(data_path, 0)[2])
+    elif data_path and os.path.exists(data_path):
         stat = os.stat(data_path)
         source.update(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
     blob = json.dumps({"format": _FORMAT, "code": _code_fingerprint(), "source": source, **settings},

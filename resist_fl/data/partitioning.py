@@ -30,6 +30,7 @@ def load_partition(
     alpha: float = 0.5,
     seed: int = 0,
     data_path: str = "",
+    image_size: int = 224,
 ) -> ImageArrays:
     """Load one federated partition of a training set.
 
@@ -48,7 +49,9 @@ def load_partition(
     seed : int
         Seed of the shuffling and of the Dirichlet sampling.
     data_path : str
-        Absolute path of the ``.npz`` file; only used when ``dataset='npz'``.
+        Absolute path of the ``.npz`` file or the image directory (``npz``, ``imagefolder``).
+    image_size : int
+        The crop size of ``imagefolder`` images.
 
     Returns
     -------
@@ -69,7 +72,7 @@ def load_partition(
         spec = HUB_DATASETS[dataset]
         split = make_partitioner(partitioner, num_partitions, spec.label_column, alpha, seed)
         return hub_partition(dataset, partition_id, split, (partitioner, num_partitions, float(alpha)), seed)
-    train, source = local_train_set(dataset, data_path)
+    train, source = local_train_set(dataset, data_path, image_size)
     split = _index_partitioner(source, train.labels, num_partitions, partitioner, alpha, seed)
     indices = split.load_partition(partition_id).with_format("numpy")[:]["idx"]
     return train.subset(indices)

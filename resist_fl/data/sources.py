@@ -6,6 +6,9 @@
     A user's own images in a local ``.npz`` file (:mod:`.npz`).
 ``synthetic``
     A small learnable image set generated in code (:mod:`.synthetic`).
+``imagefolder``
+    A local ImageFolder-style directory, ImageNet's layout (:mod:`.imagefolder`); images of
+    ``image_size`` (224 by default).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 
 from resist_fl.data.arrays import DatasetInfo, ImageArrays
 from resist_fl.data.hub import CIFAR_CHANNELS, CIFAR_IMAGE_SIZE, HUB_DATASETS, hub_test_set
+from resist_fl.data.imagefolder import imagefolder_source_key, imagefolder_splits
 from resist_fl.data.npz import npz_source_key, npz_splits
 from resist_fl.data.synthetic import (
     SYNTHETIC_CHANNELS,
@@ -25,7 +29,7 @@ from resist_fl.data.synthetic import (
 )
 from resist_fl.data.transforms import CIFAR_NORMALIZATION, Normalization, image_statistics
 
-DATASETS = ("cifar10", "cifar100", "synthetic", "npz")
+DATASETS = ("cifar10", "cifar100", "synthetic", "npz", "imagefolder")
 
 _STATISTICS: dict[object, Normalization] = {}  # per data source, computed once per process
 
@@ -36,7 +40,7 @@ def check_choice(kind: str, value: str, allowed: Sequence[str]) -> None:
         raise ValueError(f"unknown {kind} {value!r}; expected one of {', '.join(allowed)}")
 
 
-def dataset_info(dataset: str, data_path: str = "") -> DatasetInfo:
+def dataset_info(dataset: str, data_path: str = "", image_size: int = 224) -> DatasetInfo:
     """Describe the samples of ``dataset`` (only ``npz`` reads data).
 
     Parameters
@@ -44,19 +48,28 @@ def dataset_info(dataset: str, data_path: str = "") -> DatasetInfo:
     dataset : str
         One of :data:`DATASETS`.
     data_path : str
-        Absolute path of the ``.npz`` file; only used when ``dataset='npz'``.
+        Absolute path of the ``.npz`` file or the image directory (``npz``, ``imagefolder``).
+    image_size : int
+        The crop ``imagefolder`` images are evaluated at (and trained at).
     """
     check_choice("dataset", dataset, DATASETS)
     if dataset in HUB_DATASETS:
         return DatasetInfo(HUB_DATASETS[dataset].num_classes, CIFAR_CHANNELS, (CIFAR_IMAGE_SIZE,) * 2)
     if dataset == "synthetic":
         return DatasetInfo(SYNTHETIC_NUM_CLASSES, SYNTHETIC_CHANNELS, (SYNTHETIC_IMAGE_SIZE,) * 2)
-    train, test = npz_splits(data_path)
-    _, channels, height, width = train.images.shape
+    train, test = local_splits(dataset, data_path, image_size)
+    _, channels, height, width = test.images.shape
     return DatasetInfo(int(max(train.labels.max(), test.labels.max())) + 1, channels, (height, width))
 
 
-def load_test_set(dataset: str, data_path: str = "") -> ImageArrays:
+def local_splits(dataset: str, data_path: str, image_size: int = 224) -> tuple[ImageArrays, ImageArrays]:
+    """Training and test splits of the data sets read from local files (``npz``, ``imagefolder``)."""
+    if dataset == "imagefolder":
+        return imagefolder_splits(data_path, image_size)
+    return npz_splits(data_path)
+
+
+def load_test_set(dataset: str, data_path: str = "", image_size: int = 224) -> ImageArrays:
     """A fresh copy of the centralised test set of ``dataset`` (the hub's ``'test'`` split for CIFAR)."""
     check_choice("dataset", dataset, DATASETS)
     if dataset in HUB_DATASETS:
@@ -64,26 +77,28 @@ def load_test_set(dataset: str, data_path: str = "") -> ImageArrays:
     elif dataset == "synthetic":
         test = synthetic_splits()[1]
     else:
-        test = npz_splits(data_path)[1]
+        test = local_splits(dataset, data_path, image_size)[1]
     return test.subset(np.arange(len(test)))
 
 
-def local_train_set(dataset: str, data_path: str) -> tuple[ImageArrays, object]:
-    """The training set of ``synthetic`` or ``npz`` and a key naming its contents."""
+def local_train_set(dataset: str, data_path: str, image_size: int = 224) -> tuple[ImageArrays, object]:
+    """The training set of ``synthetic``, ``npz`` or ``imagefolder`` and a key naming its contents."""
     if dataset == "synthetic":
         return synthetic_splits()[0], "synthetic"
+    if dataset == "imagefolder":
+        return imagefolder_splits(data_path, image_size)[0], imagefolder_source_key(data_path, image_size)
     return npz_splits(data_path)[0], npz_source_key(data_path)
 
 
-def normalization(dataset: str, data_path: str = "") -> Normalization:
+def normalization(dataset: str, data_path: str = "", image_size: int = 224) -> Normalization:
     """The normalisation of ``dataset``: CIFAR's constants for CIFAR, otherwise the per-channel
     mean and standard deviation of the whole training set (the npz file's ``x_train``: the
     same on every node that reads the same file)."""
     check_choice("dataset", dataset, DATASETS)
     if dataset in CIFAR_NORMALIZATION:
         return CIFAR_NORMALIZATION[dataset]
-    key = "synthetic" if dataset == "synthetic" else npz_source_key(data_path)
+    train, key = local_train_set(dataset, data_path, image_size)
     if key not in _STATISTICS:
-        _STATISTICS[key] = image_statistics(local_train_set(dataset, data_path)[0].images)
+        _STATISTICS[key] = image_statistics(train.images)
     return _STATISTICS[key]
 

@@ -14,12 +14,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-AUGMENTATIONS = ("auto", "none", "crop", "flip", "crop-flip")
-"""``auto``: ``crop-flip`` for cifar10, cifar100 and synthetic, ``none`` for a user's own npz
-images; ``crop``: a random crop after padding each side by 1/8 of it (4 px at 32 px);
-``flip``: a random horizontal flip."""
+AUGMENTATIONS = ("auto", "none", "crop", "flip", "crop-flip", "resized-crop", "resized-crop-flip")
+"""``auto``: ``crop-flip`` for cifar10, cifar100 and synthetic, ``resized-crop-flip`` for an
+imagefolder directory, ``none`` for a user's own npz images; ``crop``: a random crop after
+padding each side by 1/8 of it (4 px at 32 px); ``flip``: a random horizontal flip;
+``resized-crop``: torchvision's ``RandomResizedCrop`` (area 8-100 %, aspect 3/4-4/3, resized to
+the image size)."""
 
-AUTO_AUGMENT = {"cifar10": "crop-flip", "cifar100": "crop-flip", "synthetic": "crop-flip", "npz": "none"}
+AUTO_AUGMENT = {"cifar10": "crop-flip", "cifar100": "crop-flip", "synthetic": "crop-flip", "npz": "none",
+                "imagefolder": "resized-crop-flip"}
 CROP_PADDING_FRACTION = 1 / 8
 """Padding of the random crop, as a fraction of the image side (CIFAR: 4 px of 32)."""
 _CHUNK = 4096  # images per step when computing statistics

@@ -26,6 +26,10 @@ from resist_fl.flower.array_codec import array_of, array_view
 from resist_fl.flower.node_sampling import NodeSampler
 from resist_fl.flower.reply_screening import encoded_record, refuse_non_finite, screen_replies
 
+PHASE_WARMUP = "warmup"
+PHASE_RESIST = "resist"
+"""Values of the ``phase`` column: a warm-up (FedAvg) round, a decomposed round."""
+
 
 class ResIST(Strategy):
     """Layer-wise decomposition of a ResNet into per-node sub-networks.
@@ -63,18 +67,26 @@ class ResIST(Strategy):
         ``uniform`` (the paper's equal depths), ``capacity`` (in proportion to the capacity each
         node reported) or ``speed`` (in proportion to its measured blocks per second in earlier
         rounds). Always within each node's maximum depth, ``max(1, floor(capacity * P))``.
+    warmup_rounds : int
+        The paper's large-scale recipe: run rounds ``1 .. warmup_rounds`` of the run as FedAvg
+        (every sampled node gets and returns the full model; the merge, a weighted mean over
+        the holders, is then FedAvg's weighted mean) and decompose from the next round on.
+        :attr:`last_phase` names the phase of the last configured round.
     """
 
     def __init__(self, layout: BlockLayout, *, fraction_train: float = 1.0, min_train_nodes: int = 2,
                  min_available_nodes: int = 2, min_blocks_per_site: int = 0,
                  weighting: str = "examples", min_train_replies: int = 1,
                  max_num_examples: int = 10_000_000, seed: int = 0, round_offset: int = 0,
-                 server_lr: float = 1.0, transport: str = "float32", allocation: str = "uniform") -> None:
+                 server_lr: float = 1.0, transport: str = "float32", allocation: str = "uniform",
+                 warmup_rounds: int = 0) -> None:
         update_weights([], weighting)  # validates the name
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation = {allocation!r}: expected one of {', '.join(ALLOCATIONS)}")
         check_transport(transport)
         check_server_lr(server_lr)
+        if isinstance(warmup_rounds, bool) or not isinstance(warmup_rounds, int) or warmup_rounds < 0:
+            raise ValueError(f"warmup_rounds = {warmup_rounds!r}: expected a whole number of rounds >= 0")
         if min_blocks_per_site > len(layout.partitionable):
             raise ValueError(f"min_blocks_per_site = {min_blocks_per_site} exceeds the "
                              f"{len(layout.partitionable)} partitionable blocks")
@@ -89,6 +101,8 @@ class ResIST(Strategy):
         self.server_lr = server_lr
         self.transport = transport
         self.allocation = allocation
+        self.warmup_rounds = warmup_rounds
+        self.last_phase = PHASE_WARMUP if warmup_rounds else PHASE_RESIST
         self.num_subnetworks = max(1, min_train_nodes)
         self.held_fraction: float | None = None  # of the last round's sub-networks
         self.speeds: dict[int, float] = {}  # node -> blocks per second, from its last accepted reply
@@ -101,6 +115,10 @@ class ResIST(Strategy):
         self._messages: list[Message] = []
 
     # -- what the ServerApp needs ------------------------------------------------------------
+    def phase(self, run_round: int) -> str:
+        """``warmup`` (full model, FedAvg) for rounds up to ``warmup_rounds``, then ``resist``."""
+        return PHASE_WARMUP if run_round <= self.warmup_rounds else PHASE_RESIST
+
     def inference_scales(self) -> dict[str, float]:
         """Residual scale of each partitionable block for the full model: the mean fraction of the
         blocks the last round's sub-networks held (before any round: the uniform rule)."""
@@ -136,35 +154,45 @@ class ResIST(Strategy):
         """Sample nodes and send each its own sub-network's arrays and block ids."""
         if missing := sorted(set(self.layout.payload_keys()) - set(arrays)):
             raise ValueError(f"the global record lacks {len(missing)} model keys, e.g. {missing[:3]}")
-        sampled, connected, rng = self.sampler.sample(grid, self.round_offset + server_round)
+        run_round = self.round_offset + server_round
+        sampled, connected, rng = self.sampler.sample(grid, run_round)
         blocks = self.layout.partitionable
-        maxima = [max_depth(self.sampler.capacity(n), len(blocks)) for n in sampled]
-        depths = allocate_depths(len(blocks), maxima, self.depth_weights(sampled), self.min_blocks_per_site)
-        decomposition = deal_blocks(blocks, depths, rng)
-        groups = decomposition.groups
+        self.last_phase = self.phase(run_round)
+        if self.last_phase == PHASE_WARMUP:  # the full model to every sampled node
+            groups = [None] * len(sampled)
+            self.held_fraction = 1.0
+            self.last_blocks = {n: blocks for n in sampled}
+            self.last_untrained = ()
+        else:
+            maxima = [max_depth(self.sampler.capacity(n), len(blocks)) for n in sampled]
+            depths = allocate_depths(len(blocks), maxima, self.depth_weights(sampled), self.min_blocks_per_site)
+            decomposition = deal_blocks(blocks, depths, rng)
+            groups = decomposition.groups
+            self.held_fraction = decomposition.held_fraction
+            self.last_blocks = dict(zip(sampled, groups))
+            self.last_untrained = decomposition.untrained
+            if decomposition.untrained:
+                log(WARNING, "round %d: the sampled nodes' capacities cover %d of %d blocks; untrained this round: %s",
+                    server_round, len(blocks) - len(decomposition.untrained), len(blocks),
+                    ", ".join(decomposition.untrained))
         self.num_subnetworks = len(sampled)
-        self.held_fraction = decomposition.held_fraction
-        self.last_blocks = dict(zip(sampled, groups))
-        self.last_untrained = decomposition.untrained
-        if decomposition.untrained:
-            log(WARNING, "round %d: the sampled nodes' capacities cover %d of %d blocks; untrained this round: %s",
-                server_round, len(blocks) - len(decomposition.untrained), len(blocks),
-                ", ".join(decomposition.untrained))
         self._global = arrays
         self._sent = {}
         messages = []
         wire = encoded_record(arrays, self.transport)  # each array encoded once, whatever its holders
-        for node_id, blocks in zip(sampled, groups):
-            keys = self.layout.payload_keys(blocks)
+        for node_id, held in zip(sampled, groups):
+            keys = self.layout.payload_keys(held)
             self._sent[node_id] = keys
             payload = ArrayRecord()
             for key in keys:
                 payload[key] = wire[key]
-            node_config = ConfigRecord({**config, "server-round": server_round, "blocks": list(blocks)})
+            node_config = ConfigRecord({**config, "server-round": server_round})
+            if held is not None:  # no `blocks` (warm-up): the full model, as FedAvg sends it
+                node_config["blocks"] = list(held)
             content = RecordDict({"arrays": payload, "config": node_config})
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
-        log(INFO, "configure_train: round %d, %d of %d nodes, sub-network depths %s", server_round,
-            len(sampled), connected, [len(g) for g in groups])
+        log(INFO, "configure_train: round %d (%s), %d of %d nodes, sub-network depths %s", server_round,
+            self.last_phase, len(sampled), connected, [len(g if g is not None else blocks) for g in groups])
         self._messages = messages  # the Grid gives them their message ids when it pushes them
         return messages
 

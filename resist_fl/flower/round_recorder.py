@@ -224,6 +224,7 @@ class RoundRecorder:
             row["client-eval-acc"] = self.strategy.last_evaluate_metrics["eval-acc"]
             self.strategy.last_evaluate_metrics = {}
         if isinstance(self.strategy, ResIST):
+            row["phase"] = self.strategy.last_phase
             row["inference-scale"] = next(iter(self.scales().values()), 1.0)
             row["held-fraction"] = self.strategy.held_fraction
         return row

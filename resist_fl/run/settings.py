@@ -16,6 +16,7 @@ from resist_fl.core.allocation import ALLOCATIONS
 from resist_fl.core.model import NORMS, PRESET_DEPTHS, STEMS, TORCHVISION_DEPTHS, ModelSpec
 from resist_fl.core.transport import TRANSPORT_DTYPES
 from resist_fl.data import AUGMENTATIONS, DATASETS, PARTITIONERS, resolve_augment
+from resist_fl.data.imagefolder import IMAGE_SIZES
 
 if TYPE_CHECKING:
     from resist_fl.core.decomposition import BlockLayout
@@ -42,6 +43,7 @@ class RunSettings:
     stem: str = "cifar"
     dataset: str = "cifar10"
     data_path: str = ""
+    image_size: int = 224
     partition_cache: str = "~/.cache/resist-fl/partitions"
     partitioner: str = "iid"
     dirichlet_alpha: float = 0.5
@@ -57,6 +59,7 @@ class RunSettings:
     server_lr: float = 1.0
     transport_dtype: str = "float32"
     min_blocks_per_site: int = 0
+    warmup_rounds: int = 0
     allocation: str = "uniform"
     capacity_profile: str = ""
     slowdown_profile: str = ""
@@ -122,7 +125,7 @@ class RunSettings:
         for key in ("num-server-rounds", "base-width", "batch-size", "eval-every", "eval-batch-size",
                     "min-available-nodes", "min-train-nodes", "min-train-replies", "max-num-examples"):
             _at_least(key, self.value(key), 1)
-        for key in ("local-epochs", "min-blocks-per-site", "seed"):
+        for key in ("local-epochs", "min-blocks-per-site", "warmup-rounds", "seed"):
             _at_least(key, self.value(key), 0)
         if self.min_train_nodes > self.min_available_nodes:
             raise SettingsError(f"min-train-nodes = {self.min_train_nodes}: expected at most "
@@ -145,10 +148,16 @@ class RunSettings:
         if not 0 <= self.fraction_evaluate <= 1:
             raise SettingsError(f"fraction-evaluate = {self.fraction_evaluate!r}: expected a value in [0, 1]")
         if self.strategy == "resist" and self.fraction_evaluate > 0:
-            raise SettingsError(f"fraction-evaluate = {self.fraction_evaluate!r}: ResIST never sends the "
-                                "full model to clients, so it evaluates centrally only; expected 0.0")
+            raise SettingsError(f"fraction-evaluate = {self.fraction_evaluate!r}: ResIST evaluates "
+                                "centrally only (its clients hold sub-networks); expected 0.0")
         if self.dataset == "npz" and not self.data_path:
             raise SettingsError("data-path = '': dataset 'npz' needs the absolute path of a .npz file")
+        if self.dataset == "imagefolder" and not self.data_path:
+            raise SettingsError("data-path = '': dataset 'imagefolder' needs the absolute path of a directory "
+                                "holding train/<class>/... and val/<class>/...")
+        if not IMAGE_SIZES[0] <= self.image_size <= IMAGE_SIZES[1]:
+            raise SettingsError(f"image-size = {self.image_size}: expected {IMAGE_SIZES[0]} to {IMAGE_SIZES[1]} "
+                                "pixels (the crop imagefolder images are trained and evaluated at)")
         self.model_spec(num_classes=10, in_channels=3)
         self.stages()
 
@@ -161,9 +170,6 @@ class RunSettings:
                                     f"depths {TORCHVISION_DEPTHS[self.model]}; expected ''")
             return ModelSpec(depths=TORCHVISION_DEPTHS[self.model], num_classes=num_classes, in_channels=in_channels,
                              base_width=64, norm=self.norm, arch=self.model, stem=self.stem)
-        if self.stem != "cifar":
-            raise SettingsError(f"stem = {self.stem!r}: the pre-activation models have the CIFAR stem only; "
-                                "the ImageNet stem is available for the torchvision_* models")
         depths = PRESET_DEPTHS[self.model]
         if self.stage_depths:
             try:
@@ -174,7 +180,7 @@ class RunSettings:
                 raise SettingsError(f"stage-depths = {self.stage_depths!r}: expected four positive "
                                     "integers separated by commas, e.g. '1,1,4,1'")
         return ModelSpec(depths=depths, num_classes=num_classes, in_channels=in_channels,
-                         base_width=self.base_width, norm=self.norm)
+                         base_width=self.base_width, norm=self.norm, stem=self.stem)
 
     def depth_percents(self) -> tuple[int, ...]:
         """``eval-depths`` as sorted integer percentages of the partitionable blocks."""
@@ -186,6 +192,11 @@ class RunSettings:
             raise SettingsError(f"eval-depths = {self.eval_depths!r}: expected percentages in (0, 100] separated "
                                 "by commas, e.g. '25,50,100', or '' for none")
         return percents
+
+    def crop_size(self) -> int | None:
+        """The side of the training batches' images: ``image-size`` for ``imagefolder`` (stored
+        larger, see :mod:`resist_fl.data.imagefolder`), else the stored size (None)."""
+        return self.image_size if self.dataset == "imagefolder" else None
 
     def augmentation(self) -> str:
         """The training augmentation, ``auto`` resolved for the data set."""
@@ -257,7 +268,7 @@ def resolve_model(settings: RunSettings) -> tuple[ModelSpec, "BlockLayout"]:
     from resist_fl.core.decomposition import BlockLayout
     from resist_fl.data import dataset_info
 
-    info = dataset_info(settings.dataset, settings.data_path)
+    info = dataset_info(settings.dataset, settings.data_path, settings.image_size)
     spec = settings.model_spec(num_classes=info.num_classes, in_channels=info.in_channels)
     try:
         layout = BlockLayout.from_spec(spec, settings.stages())

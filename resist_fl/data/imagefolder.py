@@ -1,0 +1,105 @@
+"""A local ImageFolder-style directory (ImageNet's layout): ``data-path/train/<class>/<image>`` and
+``data-path/val/<class>/<image>`` (or ``test/``), any format PIL reads.
+
+Files are listed and decoded by torchvision's :class:`~torchvision.datasets.ImageFolder` (classes:
+the sorted sub-directory names of ``train``, the same in the evaluation split). Every image is
+decoded once into uint8 arrays, the torchvision-standard way for a crop of ``image_size``
+(224 for ImageNet), with ``resize = round(image_size * 256 / 224)``:
+
+- training images: shorter side resized to ``resize``, centre square of ``resize`` kept; the
+  training augmentation then takes a random-resized crop of it (:mod:`resist_fl.data.batches`);
+- evaluation images: shorter side resized to ``resize``, centre crop of ``image_size`` (exactly
+  torchvision's ``Resize(resize) + CenterCrop(image_size)``).
+
+Keeping a square of the training image instead of the whole image is what makes a split one
+tensor (and the device-resident batches possible); the random-resized crop therefore draws its
+boxes from that square. The whole split is held in memory (and on the training device): this
+suits ImageNet-style subsets (e.g. Imagenette, 100 classes) per node, not all of ImageNet on one.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+
+from resist_fl.data.arrays import DataError, ImageArrays
+
+TRAIN_SPLIT = "train"
+EVAL_SPLITS = ("val", "test")
+IMAGE_SIZES = (16, 1024)
+"""Accepted ``image-size`` range (the crop the model sees)."""
+
+
+def resize_size(image_size: int) -> int:
+    """The shorter side images are resized to before cropping ``image_size`` (256 for 224)."""
+    return int(round(image_size * 256 / 224))
+
+
+def imagefolder_root(data_path: str) -> Path:
+    """The checked root directory: absolute, with a ``train`` and a ``val`` (or ``test``) folder."""
+    root = Path(data_path).expanduser()
+    if not data_path or not root.is_absolute():
+        raise DataError(f"data-path = {data_path!r}: dataset 'imagefolder' needs the absolute path of a "
+                        "directory holding train/<class>/... and val/<class>/...")
+    if not (root / TRAIN_SPLIT).is_dir():
+        raise DataError(f"data-path = {data_path!r}: no {TRAIN_SPLIT}/ directory in it; expected "
+                        f"{TRAIN_SPLIT}/<class>/<image> and val/<class>/<image>")
+    if not any((root / s).is_dir() for s in EVAL_SPLITS):
+        raise DataError(f"data-path = {data_path!r}: no val/ (or test/) directory in it; expected "
+                        f"{TRAIN_SPLIT}/<class>/<image> and val/<class>/<image>")
+    return root
+
+
+def imagefolder_source_key(data_path: str, image_size: int) -> tuple:
+    """What the decoded splits depend on: the directory, its splits' modification times (a file
+    added or removed changes its class folder's time, and so the folder listing), the size."""
+    root = imagefolder_root(data_path)
+    stamps = tuple(sorted((str(p.relative_to(root)), p.stat().st_mtime_ns)
+                          for split in (TRAIN_SPLIT, *EVAL_SPLITS) if (root / split).is_dir()
+                          for p in [root / split, *(root / split).iterdir()] if p.is_dir()))
+    return "imagefolder", str(root), stamps, int(image_size)
+
+
+def imagefolder_splits(data_path: str, image_size: int = 224) -> tuple[ImageArrays, ImageArrays]:
+    """The decoded training and evaluation splits (cached per process and source key)."""
+    if not IMAGE_SIZES[0] <= image_size <= IMAGE_SIZES[1]:
+        raise DataError(f"image-size = {image_size}: expected {IMAGE_SIZES[0]} to {IMAGE_SIZES[1]} pixels")
+    return _decoded(imagefolder_source_key(data_path, image_size))
+
+
+@functools.lru_cache(maxsize=2)
+def _decoded(key: tuple) -> tuple[ImageArrays, ImageArrays]:
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
+
+    _, root, _, image_size = key
+    root = Path(root)
+    resize = resize_size(image_size)
+    eval_split = next(s for s in EVAL_SPLITS if (root / s).is_dir())
+    train_pipeline = v2.Compose([v2.PILToTensor(), v2.Resize(resize, antialias=True), v2.CenterCrop(resize)])
+    eval_pipeline = v2.Compose([v2.PILToTensor(), v2.Resize(resize, antialias=True), v2.CenterCrop(image_size)])
+    try:
+        train = ImageFolder(str(root / TRAIN_SPLIT))
+        evaluation = ImageFolder(str(root / eval_split))
+    except (FileNotFoundError, OSError) as err:
+        raise DataError(f"data-path = {str(root)!r}: {err}") from err
+    if evaluation.classes != train.classes:
+        raise DataError(f"data-path = {str(root)!r}: {eval_split}/ has classes {evaluation.classes[:5]}... but "
+                        f"{TRAIN_SPLIT}/ has {train.classes[:5]}...; expected the same class folders in both")
+    return _arrays(train, train_pipeline), _arrays(evaluation, eval_pipeline)
+
+
+def _arrays(folder, pipeline) -> ImageArrays:
+    """Every image of ``folder`` through ``pipeline``, as RGB uint8 NCHW arrays and int64 labels."""
+    images, labels = [], []
+    for path, label in folder.samples:
+        try:
+            image = folder.loader(path)  # PIL, converted to RGB
+        except OSError as err:
+            raise DataError(f"{path}: cannot be read as an image ({err}); remove it or replace it") from err
+        images.append(pipeline(image).numpy())
+        labels.append(label)
+    return ImageArrays(np.stack(images).astype(np.uint8), np.asarray(labels, dtype=np.int64))
+
