@@ -19,6 +19,7 @@ from resist_fl.flower.resist import ResIST
 from resist_fl.flower.round_recorder import RoundRecorder
 from resist_fl.run.outputs import CONFIG_FILE, run_directory, write_json
 from resist_fl.run.settings import RunSettings, SettingsError, resolve_model
+from resist_fl.run.tracking import TrackerUnavailable, open_tracker, require_tracker
 from resist_fl.training import evaluate, resolve_device
 
 app = ServerApp()
@@ -129,11 +130,16 @@ def main(grid: Grid, context: Context) -> None:
         raise SettingsError("resume = true needs run-name: the name of the run directory to continue")
     run_dir = run_directory(settings.output_dir, settings.run_name, settings.strategy)
     strategy = build_strategy(settings, layout)
+    try:
+        require_tracker(settings.tracker)  # a missing extra stops the run before its directory is made
+    except TrackerUnavailable as err:
+        raise SettingsError(str(err)) from None
     recorder = RoundRecorder(strategy, layout, run_dir, run_config=settings.to_run_config(),
                              num_rounds=settings.num_server_rounds,
                              evaluation=CentralEvaluation(settings, spec, layout, test_loader),
                              eval_every=settings.eval_every, inference_scaling=settings.inference_scaling,
                              resume=settings.resume, label=settings.strategy)
+    recorder.tracker = open_tracker(settings.tracker, run_dir, settings.to_run_config(), settings.tracking_uri)
     log(INFO, "resist-fl: writing results to %s", run_dir)
     write_json(run_dir / CONFIG_FILE, {"run_config": settings.to_run_config(), "model_spec": spec.to_dict(),
                                        "data": data})

@@ -34,6 +34,7 @@ from resist_fl.peak_memory import MEASURES, resident_memory_mb
 from resist_fl.run.checkpoint import Checkpoint, capture_rngs, open_run_directory
 from resist_fl.run.divergence import DIVERGENCE_HINT, divergence_reason
 from resist_fl.run.outputs import MODEL_FILE, NODES_FILE, SUMMARY_FILE, append_metrics, save_model, write_json
+from resist_fl.run.tracking import SafeTracker
 
 Evaluation = Callable[[int, dict[str, torch.Tensor]], Mapping[str, float]]
 """``evaluation(run_round, state)``: metrics of the global model whose ``state_dict`` is ``state``
@@ -81,12 +82,15 @@ class RoundRecorder:
         Continue the run in ``run_dir`` from its checkpoint; otherwise ``run_dir`` must hold no run.
     label : str, optional
         The ``strategy`` column (default ``resist`` or ``fedavg``).
+    tracker : optional
+        Also sends every row there (:func:`resist_fl.run.tracking.open_tracker`; its failures
+        are warnings, never the run's); closed by :meth:`finish`.
     """
 
     def __init__(self, strategy: ResIST | ScreenedFedAvg, layout: BlockLayout, run_dir: Path, *,
                  run_config: Mapping[str, Any], num_rounds: int, evaluation: Evaluation | None = None,
                  eval_every: int = 1, inference_scaling: bool = True, resume: bool = False,
-                 label: str | None = None) -> None:
+                 label: str | None = None, tracker: SafeTracker | None = None) -> None:
         if not isinstance(strategy, (ResIST, ScreenedFedAvg)):
             raise TypeError(f"strategy: expected ResIST or ScreenedFedAvg, got {type(strategy).__name__}")
         if eval_every < 1:
@@ -95,6 +99,7 @@ class RoundRecorder:
         self.run_config, self.num_rounds = dict(run_config), num_rounds
         self.evaluation, self.eval_every, self.inference_scaling = evaluation, eval_every, inference_scaling
         self.label = label or ("resist" if isinstance(strategy, ResIST) else "fedavg")
+        self.tracker = tracker
         self.resumed: Checkpoint | None = open_run_directory(self.run_dir, self.run_config, resume)
         self.completed_rounds = self.resumed.server_round if self.resumed else 0
         self.rows: list[dict] = list(self.resumed.metrics) if self.resumed else []
@@ -106,6 +111,7 @@ class RoundRecorder:
         self.arrays: ArrayRecord | None = None  # the global arrays after the last round seen
         self.seconds = 0.0
         self.round_started = time.perf_counter()
+        self.round_seconds: list[float] = []  # wall time of each round of this start(), evaluation included
 
     # -- running -----------------------------------------------------------------------------
     def start(self, grid: Grid, initial_state: Mapping[str, torch.Tensor] | None = None,
@@ -156,6 +162,8 @@ class RoundRecorder:
                    "parameters": int(sum(v.numel() for k, v in state.items() if k in payload)),
                    "final-accuracy": self.rows[-1].get("accuracy") if self.rows else None}
         write_json(self.run_dir / SUMMARY_FILE, summary)
+        if self.tracker is not None:
+            self.tracker.close()
         log(INFO, "resist-fl: done; %.2f MB communicated in %d rounds; results in %s",
             self.cumulative_bytes / 1e6, self.num_rounds, self.run_dir)
         return summary
@@ -199,9 +207,13 @@ class RoundRecorder:
                    self.rows, rng_python, rng_torch).save(self.run_dir)
         append_metrics(self.run_dir, row)
         append_metrics(self.run_dir, *nodes, name=NODES_FILE)
+        if self.tracker is not None:
+            self.tracker.log_row(row, run_round)
         acc, loss = (("-" if row.get(k) is None else f"{row[k]:.4f}") for k in ("accuracy", "train-loss"))
-        log(INFO, "[round %d] %s acc=%s train-loss=%s down=%.2f MB up=%.2f MB (%.1f s)", run_round,
-            self.label, acc, loss, row["bytes-down"] / 1e6, row["bytes-up"] / 1e6, row["round-seconds"])
+        self.round_seconds.append(time.perf_counter() - self.round_started)  # evaluation included
+        log(INFO, "[round %d/%d] %s acc=%s train-loss=%s down=%.2f MB up=%.2f MB (%.1f s, ETA %s)", run_round,
+            self.num_rounds, self.label, acc, loss, row["bytes-down"] / 1e6, row["bytes-up"] / 1e6,
+            row["round-seconds"], eta(self.round_seconds, self.num_rounds - run_round))
         self.round_started = time.perf_counter()
         finite = {k: v for k, v in evaluated.items() if v is not None}
         return MetricRecord(finite) if finite else None
@@ -250,6 +262,18 @@ class RoundRecorder:
                 "memory-measure": MEASURES.get(int(reply.get("memory-measure", 0))),
             })
         return rows
+
+
+def eta(round_seconds: list[float], rounds_left: int) -> str:
+    """Time left at the mean round time so far, e.g. ``2 min 05 s`` (``0 s`` when done)."""
+    if rounds_left <= 0 or not round_seconds:
+        return "0 s"
+    seconds = round(sum(round_seconds) / len(round_seconds) * rounds_left)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
 
 
 def _numbers(metrics: Mapping[str, Any]) -> dict[str, float | int | None]:

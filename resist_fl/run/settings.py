@@ -17,6 +17,7 @@ from resist_fl.core.model import NORMS, PRESET_DEPTHS, STEMS, TORCHVISION_DEPTHS
 from resist_fl.core.transport import TRANSPORT_DTYPES
 from resist_fl.data import AUGMENTATIONS, DATASETS, PARTITIONERS, resolve_augment
 from resist_fl.data.imagefolder import IMAGE_SIZES
+from resist_fl.run.tracking import TRACKERS
 
 if TYPE_CHECKING:
     from resist_fl.core.decomposition import BlockLayout
@@ -80,6 +81,8 @@ class RunSettings:
     output_dir: str = "~/resist-fl-runs"
     run_name: str = ""
     resume: bool = False
+    tracker: str = "none"
+    tracking_uri: str = ""
     device: str = "auto"
     amp: bool = False
 
@@ -119,6 +122,7 @@ class RunSettings:
         _choice("device", self.device, DEVICES)
         _choice("transport-dtype", self.transport_dtype, TRANSPORT_DTYPES)
         _choice("allocation", self.allocation, ALLOCATIONS)
+        _choice("tracker", self.tracker, TRACKERS)
         parse_profile("capacity-profile", self.capacity_profile, low=0.0, high=1.0)
         parse_profile("slowdown-profile", self.slowdown_profile, low=1.0)
         self.depth_percents()
