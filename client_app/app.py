@@ -28,15 +28,16 @@ app = ClientApp()
 @lru_cache(maxsize=8)
 def _partition(dataset: str, data_path: str, partitioner: str, alpha: float, seed: int,
                partition_id: int, num_partitions: int, cache_dir: str, device: torch.device,
-               image_size: int = 224) -> DeviceImages:
+               image_size: int = 224, shards_per_partition: int = 2) -> DeviceImages:
     """A node's training partition as uint8 tensors on the training device, kept for as long
     as the process lives; decoded once per node (``partition-cache``), not once per process."""
     key = partition_key(dataset, data_path, partitioner=partitioner, alpha=float(alpha), seed=seed,
                         partition_id=partition_id, num_partitions=num_partitions,
-                        **({"image-size": image_size} if dataset == "imagefolder" else {}))
+                        **({"image-size": image_size} if dataset == "imagefolder" else {}),
+                        **({"shards-per-partition": shards_per_partition} if partitioner == "shard" else {}))
     arrays = cached_partition(cache_dir, key, lambda: load_partition(
         dataset, partition_id, num_partitions, partitioner=partitioner, alpha=alpha, seed=seed, data_path=data_path,
-        image_size=image_size))
+        image_size=image_size, shards_per_partition=shards_per_partition))
     return DeviceImages.from_arrays(arrays, device)
 
 
@@ -85,7 +86,8 @@ def train_handler(msg: Message, context: Context) -> Message:
     device = resolve_device(settings.device)
     partition = _partition(settings.dataset, data_path, settings.partitioner, settings.dirichlet_alpha,
                            settings.seed, partition_id, int(node["num-partitions"]),
-                           _partition_cache(context, settings), device, settings.image_size)
+                           _partition_cache(context, settings), device, settings.image_size,
+                           settings.shards_per_partition)
     if (top := int(partition.labels.max())) >= spec.num_classes:
         raise DataError(f"data-path {data_path!r}: partition {partition_id} has label {top}, but the run's "
                         f"model has {spec.num_classes} classes; expected labels in [0, {spec.num_classes})")

@@ -41,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from resist_fl.run.outputs import CONFIG_FILE, SUMMARY_FILE, write_json
 from simulations import report
+from simulations.label_plot import LABEL_PLOT, write_label_distribution
 from simulations.launcher import LaunchResult, run_flwr
 from simulations.machine import describe_machine
 from simulations.presets import (
@@ -243,6 +244,7 @@ def execute(plan: Sequence[PlannedRun], config: DictConfig, project_dir: Path, o
             outcome = outcome_of(run, None, previous.get(run.name))
         else:
             progress.start(run)
+            write_label_distribution(run.run_config, federation["num-supernodes"], out_dir / run.name / LABEL_PLOT)
             result = launch(project_dir, run.run_config, num_supernodes=federation["num-supernodes"],
                             num_cpus_per_client=federation["num-cpus-per-client"],
                             num_gpus_per_client=federation["num-gpus-per-client"],

@@ -420,8 +420,23 @@ def depth_lines(runs_dir: Path, groups: dict[tuple[str, str], list[Run]]) -> lis
             "of the model gets. 100 % is the full model (equal to `accuracy`).", ""]
 
 
+def distinct_label_plots(runs_dir: Path) -> list[Path]:
+    """One ``label_distribution.png`` per distinct partitioning among the run directories."""
+    seen, plots = set(), []
+    for path in sorted(Path(runs_dir).glob("*/label_distribution.png")):
+        config = path.parent / CONFIG_FILE
+        run_config = read_json(config).get("run_config", {}) if config.exists() else {}
+        key = tuple(run_config.get(k) for k in ("dataset", "data-path", "partitioner", "dirichlet-alpha",
+                                                "shards-per-partition", "seed"))
+        if key not in seen or not run_config:
+            seen.add(key)
+            plots.append(path)
+    return plots
+
+
 def render(manifest: dict[str, Any], stats: Sequence[GroupStats], ratio_rows: Sequence[dict[str, Any]],
-           target: float | None, target_text: str, plots: Sequence[Path], extra: Sequence[str] = ()) -> str:
+           target: float | None, target_text: str, plots: Sequence[Path], extra: Sequence[str] = (),
+           label_plots: Sequence[Path] = ()) -> str:
     """The whole ``report.md``."""
     machine = manifest.get("machine") or describe_machine()
     lines = [f"# ResIST vs FedAvg: {manifest.get('preset', 'runs')}", ""]
@@ -452,6 +467,10 @@ def render(manifest: dict[str, Any], stats: Sequence[GroupStats], ratio_rows: Se
     lines += list(extra)
     lines += failed_lines(manifest)
     lines += ["## Plots", "", *[f"![{p.stem}]({p.name})" for p in plots], ""]
+    if label_plots:
+        lines += ["## Label distribution", "", "Examples of each label per partition (one partition per node), as "
+                  "flwr-datasets' `plot_label_distributions` draws the run's partitioner:", "",
+                  *[f"![{p.parent.name}]({p.parent.name}/{p.name})" for p in label_plots], ""]
     return "\n".join(lines)
 
 
@@ -479,7 +498,8 @@ def build_report(runs_dir: Path, target_accuracy_value: float | None = None,
                                                "groups": [asdict(s) for s in stats], "ratios": ratio_rows,
                                                **extra_json}))
     path = runs_dir / REPORT_FILE
-    path.write_text(render(manifest, stats, ratio_rows, target, target_text, plots + extra_plots, extra),
+    label_plots = distinct_label_plots(runs_dir)
+    path.write_text(render(manifest, stats, ratio_rows, target, target_text, plots + extra_plots, extra, label_plots),
                     encoding="utf-8")
     return path
 

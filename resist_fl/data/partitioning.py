@@ -13,7 +13,12 @@ from resist_fl.data.sources import DATASETS, check_choice, local_train_set
 if TYPE_CHECKING:  # flwr-datasets and the Hugging Face stack are imported when a partition is split
     from flwr_datasets.partitioner import Partitioner
 
-PARTITIONERS = ("iid", "dirichlet")
+PARTITIONERS = ("iid", "dirichlet", "shard", "linear", "square", "exponential")
+"""flwr-datasets partitioners: ``iid`` (equal random shards), ``dirichlet`` (label skew by a
+Dirichlet draw per label), ``shard`` (pathological non-IID, as in FedAvg's and the sub-model
+papers: the set sorted by label, cut into ``num_partitions * shards_per_partition`` equal shards,
+each partition a few shards, so a few labels), ``linear`` / ``square`` / ``exponential`` (IID
+labels, partition i's size in proportion to i + 1, (i + 1)^2, e^(i + 1))."""
 
 DIRICHLET_MIN_PARTITION_SIZE = 1
 """Smallest Dirichlet partition; resampled until every client has data."""
@@ -31,6 +36,7 @@ def load_partition(
     seed: int = 0,
     data_path: str = "",
     image_size: int = 224,
+    shards_per_partition: int = 2,
 ) -> ImageArrays:
     """Load one federated partition of a training set.
 
@@ -43,15 +49,17 @@ def load_partition(
     num_partitions : int
         Number of partitions the training set is split into (at least 1).
     partitioner : str
-        ``'iid'`` (equal random shards) or ``'dirichlet'`` (label skew).
+        One of :data:`PARTITIONERS`.
     alpha : float
-        Dirichlet concentration; smaller is more skewed. Ignored for ``'iid'``.
+        Dirichlet concentration; smaller is more skewed. Only for ``'dirichlet'``.
     seed : int
         Seed of the shuffling and of the Dirichlet sampling.
     data_path : str
         Absolute path of the ``.npz`` file or the image directory (``npz``, ``imagefolder``).
     image_size : int
         The crop size of ``imagefolder`` images.
+    shards_per_partition : int
+        Shards (of one label each, mostly) per partition. Only for ``'shard'``.
 
     Returns
     -------
@@ -70,23 +78,30 @@ def load_partition(
     _check_partition_id(partition_id, num_partitions)
     if dataset in HUB_DATASETS:
         spec = HUB_DATASETS[dataset]
-        split = make_partitioner(partitioner, num_partitions, spec.label_column, alpha, seed)
-        return hub_partition(dataset, partition_id, split, (partitioner, num_partitions, float(alpha)), seed)
+        split = make_partitioner(partitioner, num_partitions, spec.label_column, alpha, seed, shards_per_partition)
+        key = (partitioner, num_partitions, float(alpha), shards_per_partition)
+        return hub_partition(dataset, partition_id, split, key, seed)
     train, source = local_train_set(dataset, data_path, image_size)
-    split = _index_partitioner(source, train.labels, num_partitions, partitioner, alpha, seed)
+    split = index_partitioner(source, train.labels, num_partitions, partitioner, alpha, seed, shards_per_partition)
     indices = split.load_partition(partition_id).with_format("numpy")[:]["idx"]
     return train.subset(indices)
 
 
 def make_partitioner(
-    partitioner: str, num_partitions: int, label_column: str, alpha: float, seed: int
+    partitioner: str, num_partitions: int, label_column: str, alpha: float, seed: int, shards_per_partition: int = 2
 ) -> Partitioner:
     """Build an (unassigned) flwr-datasets partitioner."""
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+    from flwr_datasets import partitioner as fp
 
     if partitioner == "iid":
-        return IidPartitioner(num_partitions)
-    return DirichletPartitioner(
+        return fp.IidPartitioner(num_partitions)
+    if partitioner == "shard":
+        return fp.ShardPartitioner(num_partitions, partition_by=label_column,
+                                   num_shards_per_partition=shards_per_partition, shuffle=True, seed=seed)
+    sized = {"linear": fp.LinearPartitioner, "square": fp.SquarePartitioner, "exponential": fp.ExponentialPartitioner}
+    if partitioner in sized:
+        return sized[partitioner](num_partitions)
+    return fp.DirichletPartitioner(
         num_partitions,
         partition_by=label_column,
         alpha=alpha,
@@ -105,13 +120,14 @@ def _check_partition_id(partition_id: int, num_partitions: int) -> None:
         )
 
 
-def _index_partitioner(
+def index_partitioner(
     source: object,
     labels: np.ndarray,
     num_partitions: int,
     partitioner: str,
     alpha: float,
     seed: int,
+    shards_per_partition: int = 2,
 ) -> Partitioner:
     """Return a cached partitioner over the sample indices of an in-memory set.
 
@@ -119,14 +135,14 @@ def _index_partitioner(
     ``seed`` first because :class:`IidPartitioner` cuts contiguous shards.
     ``source`` identifies the data the labels belong to.
     """
-    key = (source, num_partitions, partitioner, float(alpha), seed)
+    key = (source, num_partitions, partitioner, float(alpha), seed, shards_per_partition)
     if key not in _INDEX_PARTITIONERS:
         import datasets
 
         index = datasets.Dataset.from_dict(
             {"idx": np.arange(len(labels)), "label": labels}
         )
-        split = make_partitioner(partitioner, num_partitions, "label", alpha, seed)
+        split = make_partitioner(partitioner, num_partitions, "label", alpha, seed, shards_per_partition)
         split.dataset = index.shuffle(seed=seed)
         _INDEX_PARTITIONERS[key] = split
     return _INDEX_PARTITIONERS[key]

@@ -48,6 +48,7 @@ class RunSettings:
     partition_cache: str = "~/.cache/resist-fl/partitions"
     partitioner: str = "iid"
     dirichlet_alpha: float = 0.5
+    shards_per_partition: int = 2
     augment: str = "auto"
     local_steps: int = 50
     local_epochs: int = 0
@@ -126,8 +127,9 @@ class RunSettings:
         parse_profile("capacity-profile", self.capacity_profile, low=0.0, high=1.0)
         parse_profile("slowdown-profile", self.slowdown_profile, low=1.0)
         self.depth_percents()
-        for key in ("num-server-rounds", "base-width", "batch-size", "eval-every", "eval-batch-size",
-                    "min-available-nodes", "min-train-nodes", "min-train-replies", "max-num-examples"):
+        for key in ("num-server-rounds", "base-width", "shards-per-partition", "batch-size", "eval-every",
+                    "eval-batch-size", "min-available-nodes", "min-train-nodes", "min-train-replies",
+                    "max-num-examples"):
             _at_least(key, self.value(key), 1)
         for key in ("local-epochs", "min-blocks-per-site", "warmup-rounds", "seed"):
             _at_least(key, self.value(key), 0)

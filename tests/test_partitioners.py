@@ -1,0 +1,66 @@
+"""flwr-datasets' shard and size partitioners as `partitioner` values, and the label plot."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from resist_fl.data import load_partition
+from resist_fl.data.synthetic import SYNTHETIC_TRAIN_SIZE
+from resist_fl.run.settings import RunSettings, SettingsError
+from simulations.label_plot import write_label_distribution
+
+
+def partitions(name: str, count: int = 4, **kwargs) -> list:
+    return [load_partition("synthetic", i, count, partitioner=name, seed=3, **kwargs) for i in range(count)]
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_shard_partitions_hold_a_few_labels_each(shards):
+    parts = partitions("shard", shards_per_partition=shards)
+    shard_size = SYNTHETIC_TRAIN_SIZE // (4 * shards)
+    assert [len(p) for p in parts] == [shards * shard_size] * 4
+    smallest_label = min(np.bincount(np.concatenate([p.labels for p in partitions("iid")])))
+    most = shards * (-(-shard_size // smallest_label) + 1)  # a shard: a run of the label-sorted set
+    for part in parts:
+        assert len(set(part.labels.tolist())) <= most
+    iid = partitions("iid")
+    assert min(len(set(p.labels.tolist())) for p in iid) == 10 > max(len(set(p.labels.tolist())) for p in parts)
+    assert partitions("shard", shards_per_partition=shards)[0].labels.tolist() == parts[0].labels.tolist()
+
+
+@pytest.mark.parametrize("name, weights", [
+    ("linear", [1, 2, 3, 4]), ("square", [1, 4, 9, 16]), ("exponential", list(np.exp([1, 2, 3, 4])))])
+def test_size_partitioners_give_sizes_in_proportion(name, weights):
+    sizes = [len(p) for p in partitions(name)]
+    expected = np.array(weights) / sum(weights) * SYNTHETIC_TRAIN_SIZE
+    assert sum(sizes) <= SYNTHETIC_TRAIN_SIZE and np.all(np.abs(np.array(sizes) - expected) <= 4)
+    assert sizes == sorted(sizes)
+
+
+def test_partitioner_settings_are_checked():
+    assert RunSettings.from_run_config({"partitioner": "shard", "shards-per-partition": 3}).shards_per_partition == 3
+    with pytest.raises(SettingsError, match="shards-per-partition = 0"):
+        RunSettings.from_run_config({"partitioner": "shard", "shards-per-partition": 0})
+    with pytest.raises(SettingsError, match="partitioner"):
+        RunSettings.from_run_config({"partitioner": "pathological"})
+
+
+def test_label_distribution_plot_is_drawn_from_the_runs_partitioner(tmp_path):
+    path = write_label_distribution({"dataset": "synthetic", "partitioner": "shard", "shards-per-partition": 2,
+                                     "seed": 3}, 4, tmp_path / "run" / "label_distribution.png")
+    assert path is not None and path.stat().st_size > 5000
+    assert write_label_distribution({"dataset": "npz", "data-path": str(tmp_path / "missing.npz")}, 2,
+                                    tmp_path / "other" / "label_distribution.png") is None
+
+
+def test_nodes_train_on_shard_partitions(tiny_config):
+    from pathlib import Path
+
+    from resist_fl.run.outputs import read_metrics
+    from simulations.inprocess import run_inprocess
+
+    config = {**tiny_config, "partitioner": "shard", "shards-per-partition": 1, "num-server-rounds": 1}
+    run_inprocess(config, num_nodes=2)
+    nodes = read_metrics(Path(config["output-dir"]) / "test", "nodes.jsonl")
+    assert [n["status"] for n in nodes] == ["accepted", "accepted"]
