@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from deploy.make_certs import DeploymentFiles, make_certs, public_key_path, write_supernode_key
-from resist_fl.run.cli_config import free_port, render_config, toml_value
+from resist_fl.run.cli_config import free_port, render_config, toml_value, write_run_config
 from resist_fl.run.outputs import METRICS_FILE, SUMMARY_FILE
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -505,9 +505,10 @@ class LocalCluster:
             raise ValueError(f"output-dir must be absolute, got {config['output-dir']!r}")
         run_dir = output_dir / str(config["run-name"])
         summary_path = run_dir / SUMMARY_FILE
-        cmd = [find_executable(FLWR), "run", str(self.app_dir), CONNECTION, "--stream",
-               "--run-config", render_config(config)]
         log_path = self.supervisor.log_path(f"flwr-run-{run_dir.name}")
+        config_path = write_run_config(config, log_path.with_suffix(".run-config.toml"))
+        cmd = [find_executable(FLWR), "run", str(self.app_dir), CONNECTION, "--stream",
+               "--run-config", str(config_path)]
         started_at, started = time.time(), time.monotonic()
         with open(log_path, "w") as log:
             log.write(f"$ {subprocess.list2cmdline(cmd)}\n")

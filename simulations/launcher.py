@@ -37,12 +37,12 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from resist_fl.run.cli_config import free_port, render_config
+from resist_fl.run.cli_config import free_port, render_config, write_run_config
 from resist_fl.run.outputs import METRICS_FILE, SUMMARY_FILE, run_directory
 
 MARKER_ENV = "RESIST_FL_LAUNCH_ID"
@@ -190,23 +190,28 @@ def _signal_all(pids: list[int], sig: int) -> None:
             pass
 
 
-def stop_marked(marker: str, grace_s: float = STOP_GRACE_SECONDS) -> tuple[list[int], list[int]]:
-    """SIGTERM every process of a launch, SIGKILL what is left after ``grace_s``.
+def stop_processes(find: Callable[[], list[int]], grace_s: float = STOP_GRACE_SECONDS) -> tuple[list[int], list[int]]:
+    """SIGTERM the processes ``find()`` lists, SIGKILL what is left after ``grace_s``.
 
     Returns
     -------
     (list of int, list of int)
         PIDs found and stopped, and PIDs still alive afterwards (empty when all are gone).
     """
-    found = marked_pids(marker)
+    found = find()
     _signal_all(found, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while (alive := marked_pids(marker)) and time.monotonic() < deadline:
+    while (alive := find()) and time.monotonic() < deadline:
         time.sleep(0.1)
     if alive:
         _signal_all(alive, signal.SIGKILL)
         time.sleep(0.5)
-    return found, marked_pids(marker)
+    return found, find()
+
+
+def stop_marked(marker: str, grace_s: float = STOP_GRACE_SECONDS) -> tuple[list[int], list[int]]:
+    """Stop every process of a launch (:func:`stop_processes` of its marked PIDs)."""
+    return stop_processes(lambda: marked_pids(marker), grace_s)
 
 
 def _stop_process_group(proc: subprocess.Popen) -> None:
@@ -329,7 +334,8 @@ def run_flwr(project_dir: str | os.PathLike, run_config: Mapping[str, Any], *, n
     timeout_s : float
         The run is stopped and reported failed after this many seconds.
     workdir : path
-        Where the log (``<run-name>.log``) is written.
+        Where the log (``<run-name>.log``) and the run config (``<run-name>.run-config.toml``,
+        a TOML file, so any string survives) are written.
     runtime_dependency_installation : bool
         Let the SuperLink ``uv sync`` the app's dependencies (Flower's default);
         off by default, so the run uses this environment.
@@ -346,7 +352,9 @@ def run_flwr(project_dir: str | os.PathLike, run_config: Mapping[str, Any], *, n
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"{run_config['run-name']}.log"
-    command = [flwr_executable(), "run", ".", "--stream", "--run-config", render_config(run_config),
+    config_path = write_run_config(run_config, workdir / f"{run_config['run-name']}.run-config.toml",
+                                   header=f"run config of {run_config['run-name']}, written by the launcher")
+    command = [flwr_executable(), "run", ".", "--stream", "--run-config", str(config_path),
                "--federation-config", federation_config(num_supernodes, num_cpus_per_client, num_gpus_per_client)]
     marker = uuid.uuid4().hex
     flwr_home = Path(tempfile.mkdtemp(prefix="flwr-home-"))

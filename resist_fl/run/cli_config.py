@@ -1,6 +1,7 @@
-"""Flower's ``key=value`` config syntax (``--run-config``, ``--node-config``,
-``--federation-config``) and free local ports: shared by the experiment
-launcher and the deployment scripts."""
+"""Flower's config syntaxes and free local ports, shared by the experiment launcher and the
+deployment scripts: a run config as a TOML file (``flwr run --run-config FILE.toml``: any string
+survives, written by a TOML library), and ``key=value`` strings where Flower takes nothing else
+(``--node-config``, ``--federation-config``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import math
 import os
 import socket
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 
@@ -52,6 +54,22 @@ def toml_value(key: str, value: Any) -> str:
             return json.dumps(text)
         raise ValueError(f"{key} = {text!r}: a config string cannot hold both ' and \"")
     raise ValueError(f"{key} = {value!r}: expected a bool, int, float or str, not {type(value).__name__}")
+
+
+def write_run_config(config: Mapping[str, Any], path: str | os.PathLike, header: str = "") -> Path:
+    """Write ``config`` (flat kebab-case keys) as a TOML file Flower's ``--run-config`` reads;
+    ``header`` becomes ``#`` comment lines on top. Returns the absolute path."""
+    import tomli_w
+
+    for key, value in config.items():
+        if not isinstance(value, (bool, int, float, str, os.PathLike)):
+            raise ValueError(f"{key} = {value!r}: expected a bool, int, float or str, not {type(value).__name__}")
+    body = tomli_w.dumps({k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in config.items()})
+    comments = "".join(f"# {line}".rstrip() + "\n" for line in header.splitlines())
+    path = Path(path).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(comments + body, encoding="utf-8")
+    return path
 
 
 def render_config(config: Mapping[str, Any]) -> str:

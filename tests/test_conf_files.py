@@ -1,0 +1,62 @@
+"""conf/*.toml (derived from the presets), run configs as TOML files, stopping the local SuperLink."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+from flwr.common.config import parse_config_args
+
+from resist_fl.run.cli_config import write_run_config
+from simulations import conf_files, local_superlink
+from simulations.presets import list_presets
+
+
+def test_every_preset_has_its_conf_file_and_they_are_equal():
+    assert sorted(p.stem for p in conf_files.CONF_DIR.glob("*.toml")) == sorted(list_presets())
+    assert conf_files.stale_files() == []
+    for name in list_presets():
+        path = conf_files.CONF_DIR / f"{name}.toml"
+        expected, _ = conf_files.preset_run_config(name)
+        assert parse_config_args([str(path)]) == expected == tomllib.loads(path.read_text())
+        assert f"--run-config conf/{name}.toml" in path.read_text()  # the command is in the header
+
+
+def test_a_changed_preset_makes_its_conf_file_stale(tmp_path):
+    conf_files.write_all(tmp_path)
+    assert conf_files.main(["--check", "--dir", str(tmp_path)]) == 0
+    (tmp_path / "quick-cpu.toml").write_text('lr = 0.5\n')
+    (tmp_path / "quick-hetero.toml").unlink()
+    assert conf_files.stale_files(tmp_path) == ["quick-cpu", "quick-hetero"]
+    assert conf_files.main(["--check", "--dir", str(tmp_path)]) == 1
+
+
+def test_awkward_strings_survive_the_toml_run_config(tmp_path):
+    config = {"run-name": "it's \"both\" quotes", "data-path": "/data/a b\\c", "stage-depths": "1,1,4,1",
+              "description": "line one\nline two\ttab", "unicode": "Zürich – 東京", "resume": False,
+              "lr": 0.05, "num-server-rounds": 3, "empty": ""}
+    path = write_run_config(config, tmp_path / "run.toml", header="a header\nof two lines")
+    assert path.read_text().startswith("# a header\n# of two lines\n")
+    assert parse_config_args([str(path)]) == config  # what flwr run --run-config FILE.toml reads
+
+
+def test_local_superlink_is_stopped_by_pid(tmp_path):
+    fake = tmp_path / "bin" / "flower-superlink"
+    fake.parent.mkdir()
+    fake.write_text("import time\ntime.sleep(120)\n")
+    home = tmp_path / "flwr-home"
+    proc = subprocess.Popen([sys.executable, str(fake)], env={**os.environ, "FLWR_HOME": str(home)})
+    try:
+        deadline = time.monotonic() + 10
+        while not local_superlink.superlink_pids(home) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert local_superlink.superlink_pids(home) == [proc.pid]
+        assert local_superlink.superlink_pids(tmp_path / "another-home") == []
+        assert local_superlink.main(["stop", "--flwr-home", str(home)]) == 0
+        assert proc.wait(timeout=10) != 0 and local_superlink.superlink_pids(home) == []
+    finally:
+        proc.kill()
