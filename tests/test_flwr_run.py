@@ -24,10 +24,11 @@ TINY = {"dataset": "synthetic", "stage-depths": "1,1,4,1", "base-width": 8, "loc
         "lr-schedule": "constant", "batch-size": 32, "num-server-rounds": ROUNDS, "eval-batch-size": 250,
         "min-train-nodes": 3, "min-available-nodes": 3}
 CASES = {"resist": {"strategy": "resist"}, "fedavg": {"strategy": "fedavg"}, "bad": {"strategy": "fedprox"}}
+RUN_NAMES = {"fedavg": "fedavg it's \"quoted\""}  # both quote kinds: the launcher's TOML file carries them
 
 
 def launch(case: str, out: Path) -> LaunchResult:
-    config = {**TINY, **CASES[case], "output-dir": str(out / "runs"), "run-name": case}
+    config = {**TINY, **CASES[case], "output-dir": str(out / "runs dir"), "run-name": RUN_NAMES.get(case, case)}
     return run_flwr(ROOT, config, num_supernodes=3, timeout_s=300, workdir=out / "logs")
 
 
@@ -45,6 +46,7 @@ def test_run_finishes_with_every_round(launches, strategy):
     assert result.success, f"{result.reason}\n{result.log_path.read_text()[-3000:]}"
     assert result.status == "finished:completed"
     assert (result.run_dir / SUMMARY_FILE).exists()
+    assert result.run_dir.name == RUN_NAMES.get(strategy, strategy) and result.run_dir.parent.name == "runs dir"
     rows = read_metrics(result.run_dir)
     assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
     assert all(r["strategy"] == strategy and r["nodes"] == 3 for r in rows)
