@@ -155,3 +155,17 @@ def test_an_imagefolder_directory_trains_with_warmup_on_cpu(image_folder, tiny_c
     assert all(0.0 <= r["accuracy"] <= 1.0 and math.isfinite(r["train-loss"]) for r in rows)
     model = load_model(run_dir / "model.pt")
     assert model.spec.stem == "imagenet" and model.linear.out_features == 3
+
+
+def test_the_same_images_from_the_hub_path_decode_identically(image_folder):
+    """data-path='hf:<id>' goes through Hugging Face datasets (here a local directory, which
+    `datasets` reads as an image folder: the hub path without the network)."""
+    local = imagefolder_splits(str(image_folder), 32)
+    hub = imagefolder_splits(f"hf:{image_folder}", 32)
+    for ours, theirs in zip(local, hub):
+        order_ours, order_theirs = np.lexsort((ours.images.reshape(len(ours), -1).sum(1), ours.labels)), \
+            np.lexsort((theirs.images.reshape(len(theirs), -1).sum(1), theirs.labels))
+        np.testing.assert_array_equal(ours.labels[order_ours], theirs.labels[order_theirs])
+        np.testing.assert_array_equal(ours.images[order_ours], theirs.images[order_theirs])
+    with pytest.raises(DataError, match="hub could not provide it"):
+        imagefolder_splits(f"hf:{image_folder}/does-not-exist", 32)

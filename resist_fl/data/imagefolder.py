@@ -11,6 +11,11 @@ decoded once into uint8 arrays, the torchvision-standard way for a crop of ``ima
 - evaluation images: shorter side resized to ``resize``, centre crop of ``image_size`` (exactly
   torchvision's ``Resize(resize) + CenterCrop(image_size)``).
 
+The same images can come from the Hugging Face hub instead: ``data-path='hf:<dataset id>'`` (or
+``hf:<dataset id>@<config>``, e.g. ``hf:frgfm/imagenette@320px``), loaded with ``datasets`` (the
+library under flwr-datasets): its ``train`` split, its ``validation`` (or ``val``/``test``) split, the
+first Image column and the first ClassLabel column, decoded the same way.
+
 Keeping a square of the training image instead of the whole image is what makes a split one
 tensor (and the device-resident batches possible); the random-resized crop therefore draws its
 boxes from that square. The whole split is held in memory (and on the training device): this
@@ -28,6 +33,8 @@ from resist_fl.data.arrays import DataError, ImageArrays
 
 TRAIN_SPLIT = "train"
 EVAL_SPLITS = ("val", "test")
+HUB_PREFIX = "hf:"
+HUB_EVAL_SPLITS = ("validation", "val", "test")
 IMAGE_SIZES = (16, 1024)
 """Accepted ``image-size`` range (the crop the model sees)."""
 
@@ -54,7 +61,10 @@ def imagefolder_root(data_path: str) -> Path:
 
 def imagefolder_source_key(data_path: str, image_size: int) -> tuple:
     """What the decoded splits depend on: the directory, its splits' modification times (a file
-    added or removed changes its class folder's time, and so the folder listing), the size."""
+    added or removed changes its class folder's time, and so the folder listing), the size; for
+    the hub, the dataset id and the size."""
+    if data_path.startswith(HUB_PREFIX):
+        return "imagefolder-hub", data_path[len(HUB_PREFIX):], (), int(image_size)
     root = imagefolder_root(data_path)
     stamps = tuple(sorted((str(p.relative_to(root)), p.stat().st_mtime_ns)
                           for split in (TRAIN_SPLIT, *EVAL_SPLITS) if (root / split).is_dir()
@@ -74,12 +84,14 @@ def _decoded(key: tuple) -> tuple[ImageArrays, ImageArrays]:
     from torchvision.datasets import ImageFolder
     from torchvision.transforms import v2
 
-    _, root, _, image_size = key
-    root = Path(root)
+    kind, root, _, image_size = key
     resize = resize_size(image_size)
-    eval_split = next(s for s in EVAL_SPLITS if (root / s).is_dir())
     train_pipeline = v2.Compose([v2.PILToTensor(), v2.Resize(resize, antialias=True), v2.CenterCrop(resize)])
     eval_pipeline = v2.Compose([v2.PILToTensor(), v2.Resize(resize, antialias=True), v2.CenterCrop(image_size)])
+    if kind == "imagefolder-hub":
+        return _hub_decoded(root, train_pipeline, eval_pipeline)
+    root = Path(root)
+    eval_split = next(s for s in EVAL_SPLITS if (root / s).is_dir())
     try:
         train = ImageFolder(str(root / TRAIN_SPLIT))
         evaluation = ImageFolder(str(root / eval_split))
@@ -89,6 +101,36 @@ def _decoded(key: tuple) -> tuple[ImageArrays, ImageArrays]:
         raise DataError(f"data-path = {str(root)!r}: {eval_split}/ has classes {evaluation.classes[:5]}... but "
                         f"{TRAIN_SPLIT}/ has {train.classes[:5]}...; expected the same class folders in both")
     return _arrays(train, train_pipeline), _arrays(evaluation, eval_pipeline)
+
+
+def _hub_decoded(name: str, train_pipeline, eval_pipeline) -> tuple[ImageArrays, ImageArrays]:
+    """A hub dataset's train and evaluation splits through the pipelines."""
+    import datasets
+
+    hub_id, _, config = name.partition("@")
+    try:
+        loaded = datasets.load_dataset(hub_id, config or None)
+    except Exception as err:  # any hub, network or cache failure
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"data-path = {HUB_PREFIX + name!r}: the Hugging Face hub could not provide it ({reason}). "
+                        "Offline, load it once with network access (it is then cached), or use a local "
+                        "directory: data-path='/abs/dir' with train/<class>/... and val/<class>/...") from err
+    if TRAIN_SPLIT not in loaded or not (evals := [s for s in HUB_EVAL_SPLITS if s in loaded]):
+        raise DataError(f"data-path = {HUB_PREFIX + name!r} has splits {sorted(loaded)}; expected 'train' and "
+                        f"one of {', '.join(HUB_EVAL_SPLITS)}")
+    features = loaded[TRAIN_SPLIT].features
+    images = [k for k, f in features.items() if isinstance(f, datasets.Image)]
+    labels = [k for k, f in features.items() if isinstance(f, datasets.ClassLabel)]
+    if not images or not labels:
+        raise DataError(f"data-path = {HUB_PREFIX + name!r} has columns {dict(features)}; expected an Image and a "
+                        "ClassLabel column")
+
+    def decode(split, pipeline) -> ImageArrays:
+        rows = loaded[split]
+        arrays = [pipeline(image.convert("RGB")).numpy() for image in rows[images[0]]]
+        return ImageArrays(np.stack(arrays).astype(np.uint8), np.asarray(rows[labels[0]], dtype=np.int64))
+
+    return decode(TRAIN_SPLIT, train_pipeline), decode(evals[0], eval_pipeline)
 
 
 def _arrays(folder, pipeline) -> ImageArrays:
