@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 import tomllib
-from pathlib import Path
 
 from flwr.common.config import parse_config_args
 
