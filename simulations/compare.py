@@ -40,6 +40,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from resist_fl.run.outputs import CONFIG_FILE, SUMMARY_FILE, write_json
+from resist_fl.run.timing import format_seconds
 from simulations import report
 from simulations.label_plot import LABEL_PLOT, write_label_distribution
 from simulations.launcher import LaunchResult, run_flwr
@@ -199,16 +200,6 @@ class Progress:
             took = f" in {format_seconds(seconds)}" if seconds is not None else ""
             print(f"[done {self.done}/{self.total}] {outcome['status']} {run.name}{took}; {detail}; "
                   f"ETA {self.eta()}", flush=True)
-
-
-def format_seconds(seconds: float) -> str:
-    """``42 s``, ``3 min 5 s`` or ``2 h 4 min``."""
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
 def outcome_of(run: PlannedRun, result: LaunchResult | None, previous: dict[str, Any] | None) -> dict[str, Any]:

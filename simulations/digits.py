@@ -29,5 +29,21 @@ def write_digits_npz(path: Path | str) -> str:
     return str(path)
 
 
+def write_digits_imagefolder(root: Path | str) -> str:
+    """Write the same train/test split as PNG files in an ImageFolder layout
+    (``root/train/<digit>/<i>.png``, ``root/val/<digit>/<i>.png``); return the root."""
+    from PIL import Image
+
+    root = Path(root)
+    with np.load(write_digits_npz(root.with_suffix(".npz"))) as digits:
+        for split, images, labels in (("train", digits["x_train"], digits["y_train"]),
+                                      ("val", digits["x_test"], digits["y_test"])):
+            for index, (image, label) in enumerate(zip(images, labels)):
+                folder = root / split / str(label)
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image).save(folder / f"{index}.png")
+    return str(root)
+
+
 if __name__ == "__main__":
     print(write_digits_npz(Path(sys.argv[1]).resolve()))

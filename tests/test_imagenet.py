@@ -97,13 +97,12 @@ def test_random_resized_boxes_follow_torchvisions_distribution(height, width):
     reference = torch.tensor([v2.RandomResizedCrop.get_params(image, list(RESIZED_CROP_SCALE),
                                                               list(RESIZED_CROP_RATIO)) for _ in range(count)],
                              dtype=torch.float32)
-    for ours, theirs in ((boxes, reference),):
-        area = ours[:, 2] * ours[:, 3] / (height * width), theirs[:, 2] * theirs[:, 3] / (height * width)
-        log_ratio = torch.log(ours[:, 3] / ours[:, 2]), torch.log(theirs[:, 3] / theirs[:, 2])
-        centre = (ours[:, 0] + ours[:, 2] / 2) / height, (theirs[:, 0] + theirs[:, 2] / 2) / height
-        for a, b in (area, log_ratio, centre):  # means and spreads agree within sampling error
-            assert abs(float(a.mean() - b.mean())) < 4 * math.sqrt(2 / count) * float(b.std()) + 1e-3
-            assert abs(float(a.std() - b.std())) < 0.1 * float(b.std()) + 1e-3
+    area = boxes[:, 2] * boxes[:, 3] / (height * width), reference[:, 2] * reference[:, 3] / (height * width)
+    log_ratio = torch.log(boxes[:, 3] / boxes[:, 2]), torch.log(reference[:, 3] / reference[:, 2])
+    centre = (boxes[:, 0] + boxes[:, 2] / 2) / height, (reference[:, 0] + reference[:, 2] / 2) / height
+    for a, b in (area, log_ratio, centre):  # means and spreads agree within sampling error
+        assert abs(float(a.mean() - b.mean())) < 4 * math.sqrt(2 / count) * float(b.std()) + 1e-3
+        assert abs(float(a.std() - b.std())) < 0.1 * float(b.std()) + 1e-3
 
 
 def test_resized_crop_equals_torchvisions_resize_of_the_box():

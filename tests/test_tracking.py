@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from resist_fl.flower.round_recorder import eta
 from resist_fl.run.outputs import read_metrics
 from resist_fl.run.settings import SettingsError
+from resist_fl.run.timing import eta
 from resist_fl.run.tracking import MLFLOW_RUN_ID_FILE, TensorBoardTracker, scalars
 from simulations.inprocess import run_inprocess
 

@@ -34,6 +34,7 @@ from resist_fl.peak_memory import MEASURES, resident_memory_mb
 from resist_fl.run.checkpoint import Checkpoint, capture_rngs, open_run_directory
 from resist_fl.run.divergence import DIVERGENCE_HINT, divergence_reason
 from resist_fl.run.outputs import MODEL_FILE, NODES_FILE, SUMMARY_FILE, append_metrics, save_model, write_json
+from resist_fl.run.timing import eta
 from resist_fl.run.tracking import SafeTracker
 
 Evaluation = Callable[[int, dict[str, torch.Tensor]], Mapping[str, float]]
@@ -262,18 +263,6 @@ class RoundRecorder:
                 "memory-measure": MEASURES.get(int(reply.get("memory-measure", 0))),
             })
         return rows
-
-
-def eta(round_seconds: list[float], rounds_left: int) -> str:
-    """Time left at the mean round time so far, e.g. ``2 min 05 s`` (``0 s`` when done)."""
-    if rounds_left <= 0 or not round_seconds:
-        return "0 s"
-    seconds = round(sum(round_seconds) / len(round_seconds) * rounds_left)
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    if hours:
-        return f"{hours} h {minutes:02d} min"
-    return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
 
 
 def _numbers(metrics: Mapping[str, Any]) -> dict[str, float | int | None]:

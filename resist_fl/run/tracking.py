@@ -44,11 +44,9 @@ class TensorBoardTracker:
     """Scalars and hyper-parameters in TensorBoard event files under ``log_dir``."""
 
     def __init__(self, log_dir: Path, run_config: Mapping[str, Any]) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            from torch.utils.tensorboard.summary import hparams
-        except ImportError as err:
-            raise TrackerUnavailable(_missing("tensorboard")) from err
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams
+
         self.writer = SummaryWriter(log_dir=str(log_dir))
         params = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in run_config.items()}
         for summary in hparams(params, {}):  # the run config in TensorBoard's HPARAMS tab
@@ -68,10 +66,8 @@ class MLflowTracker:
 
     def __init__(self, tracking_uri: str, run_name: str, run_config: Mapping[str, Any],
                  run_id: str | None = None) -> None:
-        try:
-            import mlflow
-        except ImportError as err:
-            raise TrackerUnavailable(_missing("mlflow")) from err
+        import mlflow
+
         self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)
         if run_id is None:
             experiment = self.client.get_experiment_by_name("resist-fl")
@@ -143,6 +139,7 @@ def open_tracker(name: str, run_dir: Path, run_config: Mapping[str, Any], tracki
         raise ValueError(f"tracker = {name!r}: expected one of {', '.join(TRACKERS)}")
     if name == "none":
         return None
+    require_tracker(name)
     try:
         if name == "tensorboard":
             return SafeTracker(name, TensorBoardTracker(Path(run_dir) / TENSORBOARD_DIR, run_config))
@@ -152,8 +149,6 @@ def open_tracker(name: str, run_dir: Path, run_config: Mapping[str, Any], tracki
         tracker = MLflowTracker(uri, run_name or Path(run_dir).name, run_config, run_id)
         id_file.write_text(tracker.run_id + "\n")
         return SafeTracker(name, tracker)
-    except TrackerUnavailable:
-        raise
     except Exception as err:  # e.g. an unreachable tracking server: the run goes on without it
         logger.warning("tracker %s could not start (%s: %s); the run goes on without it", name,
                        type(err).__name__, err)
