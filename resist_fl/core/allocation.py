@@ -26,7 +26,14 @@ import numpy as np
 ALLOCATIONS = ("uniform", "capacity", "speed")
 """``uniform``: equal depths (today's ResIST), capped by each node's maximum, the rest spread over
 the others; ``capacity``: depth in proportion to each node's capacity; ``speed``: depth in
-proportion to each node's measured blocks per second (from earlier rounds)."""
+proportion to each node's measured blocks per second (from earlier rounds), bounded relative to
+the median (:data:`SPEED_WEIGHT_BOUND`)."""
+
+
+SPEED_WEIGHT_BOUND = 4.0
+"""``speed`` allocation: a node's speed weight is clipped to within this factor of the round's
+median speed (:func:`bounded_weights`), so a node that claims (or is measured at) an extreme speed
+gets at most 4x the median node's share of the blocks, and no node less than 1/4 of it."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,8 @@ def allocate_depths(num_blocks: int, maxima: Sequence[int], weights: Sequence[fl
                     min_blocks: int = 0) -> list[int]:
     """Depth of each node: in proportion to ``weights`` (equal when None), within the maxima.
 
+    Total in its weights: any values are made usable first (:func:`sane_weights`).
+
     The depths sum to ``num_blocks`` when the maxima allow it (a node whose proportional share
     exceeds its maximum gets its maximum and the rest is shared by the others, in proportion
     again), else every node gets its maximum. Shares are rounded by largest remainder (ties to
@@ -73,15 +82,62 @@ def allocate_depths(num_blocks: int, maxima: Sequence[int], weights: Sequence[fl
         raise ValueError("there are no partitionable blocks")
     if any(m < 1 for m in maxima):
         raise ValueError(f"maximum depths must be >= 1, got {list(maxima)}")
-    weights = [1.0] * count if weights is None else [float(w) for w in weights]
-    if len(weights) != count or any(not (w > 0 and math.isfinite(w)) for w in weights):
-        raise ValueError(f"expected {count} positive finite weights, got {weights}")
+    weights = sane_weights(weights, count)
     maxima = [min(int(m), num_blocks) for m in maxima]
     if sum(maxima) <= num_blocks:
         depths = list(maxima)
     else:
         depths = _proportional(num_blocks, maxima, weights)
     return [max(d, 1, min(min_blocks, m)) for d, m in zip(depths, maxima)]
+
+
+def sane_weights(weights: Sequence[object] | None, count: int) -> list[float]:
+    """``count`` positive finite weights of at most 1, for any input (never raises).
+
+    A weight that is not a real number, not finite or not positive (or missing, when fewer than
+    ``count`` are given) is replaced by the median of the valid ones (1.0 if none is valid);
+    then all are divided by the largest, so sums cannot overflow, and a weight that underflows
+    to 0 is raised to the smallest positive float. ``None``: equal weights.
+    """
+    if weights is None:
+        return [1.0] * count
+    try:
+        raw = [] if isinstance(weights, (str, bytes)) else list(weights)[:count]
+    except TypeError:  # not iterable
+        raw = []
+    valid = [float(w) if _is_weight(w) else math.nan for w in raw]
+    valid += [math.nan] * (count - len(valid))
+    good = [w for w in valid if not math.isnan(w)]
+    fill = float(np.median(good)) if good else 1.0
+    filled = [fill if math.isnan(w) else w for w in valid]
+    top = max(filled)
+    return [max(w / top, np.finfo(float).tiny) for w in filled]
+
+
+def _is_weight(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return False
+    try:
+        number = float(value)
+    except OverflowError:  # a Python int beyond float: treat as not a weight
+        return False
+    return math.isfinite(number) and number > 0
+
+
+def bounded_weights(weights: Sequence[object], bound: float = SPEED_WEIGHT_BOUND) -> list[float]:
+    """:func:`sane_weights`, then each clipped to ``[median / bound, median * bound]``.
+
+    So no single weight, however extreme its claim, is more than ``bound`` times the round's
+    median weight, nor less than ``1 / bound`` of it: a node's proportional share of the blocks is
+    at most ``bound`` times (and at least ``1 / bound`` of) the median node's.
+    """
+    if not bound >= 1:
+        raise ValueError(f"bound = {bound!r}: expected a number >= 1")
+    sane = sane_weights(weights, len(list(weights)))
+    if not sane:
+        return []
+    median = float(np.median(sane))
+    return [min(max(w, median / bound), median * bound) for w in sane]
 
 
 def _proportional(total: int, maxima: list[int], weights: list[float]) -> list[int]:

@@ -16,6 +16,10 @@ The same images can come from the Hugging Face hub instead: ``data-path='hf:<dat
 library under flwr-datasets): its ``train`` split, its ``validation`` (or ``val``/``test``) split, the
 first Image column and the first ClassLabel column, decoded the same way.
 
+Before an image is decoded its size is read from its header and refused (a ``DataError`` naming
+the file) past :data:`MAX_ASPECT_RATIO` or :data:`MAX_IMAGE_PIXELS`, and decompression bombs are
+refused the same way; decoding therefore never allocates more than such an image needs.
+
 Keeping a square of the training image instead of the whole image is what makes a split one
 tensor (and the device-resident batches possible); the random-resized crop therefore draws its
 boxes from that square. The whole split is held in memory (and on the training device): this
@@ -25,6 +29,7 @@ suits ImageNet-style subsets (e.g. Imagenette, 100 classes) per node, not all of
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +42,11 @@ HUB_PREFIX = "hf:"
 HUB_EVAL_SPLITS = ("validation", "val", "test")
 IMAGE_SIZES = (16, 1024)
 """Accepted ``image-size`` range (the crop the model sees)."""
+MAX_ASPECT_RATIO = 10.0
+"""Longest side / shortest side of an accepted image (a 1x40000 strip is refused, not resized to
+18x720000)."""
+MAX_IMAGE_PIXELS = 50_000_000
+"""Most pixels of an accepted image (below PIL's own decompression-bomb limit of ~179 million)."""
 
 
 def resize_size(image_size: int) -> int:
@@ -127,21 +137,56 @@ def _hub_decoded(name: str, train_pipeline, eval_pipeline) -> tuple[ImageArrays,
 
     def decode(split, pipeline) -> ImageArrays:
         rows = loaded[split]
-        arrays = [pipeline(image.convert("RGB")).numpy() for image in rows[images[0]]]
+        arrays = []
+        for index, image in enumerate(rows[images[0]]):
+            checked_size(*image.size, f"data-path = {HUB_PREFIX + name!r}: {split} image {index}")
+            arrays.append(pipeline(image.convert("RGB")).numpy())
         return ImageArrays(np.stack(arrays).astype(np.uint8), np.asarray(rows[labels[0]], dtype=np.int64))
 
     return decode(TRAIN_SPLIT, train_pipeline), decode(evals[0], eval_pipeline)
+
+
+def checked_size(width: int, height: int, where: str) -> None:
+    """DataError naming ``where`` unless a ``width`` x ``height`` image may be decoded: at least
+    1x1, at most :data:`MAX_ASPECT_RATIO` : 1 and :data:`MAX_IMAGE_PIXELS` pixels (checked from the
+    header, before decoding; resizing the shorter side to ``image-size`` would otherwise blow an
+    elongated image up to gigabytes)."""
+    if width < 1 or height < 1:
+        raise DataError(f"{where}: the image is {width}x{height} pixels; expected at least 1x1")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise DataError(f"{where}: the image is {width}x{height} pixels, an aspect ratio of "
+                        f"{max(width, height) / min(width, height):.0f}:1; expected at most {MAX_ASPECT_RATIO:g}:1 "
+                        "(crop it, or remove it)")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DataError(f"{where}: the image is {width}x{height} = {width * height} pixels; expected at most "
+                        f"{MAX_IMAGE_PIXELS} (downscale it, or remove it)")
+
+
+def open_rgb(path: str):
+    """The image at ``path`` as an RGB PIL image, its size checked before decoding
+    (:func:`checked_size`); any unreadable image or decompression bomb is a DataError naming it."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:  # reads the header only
+                checked_size(*image.size, path)
+                return image.convert("RGB")
+    except DataError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise DataError(f"{path}: refused as a decompression bomb ({err}); expected at most "
+                        f"{MAX_IMAGE_PIXELS} pixels") from None
+    except (OSError, ValueError, SyntaxError) as err:
+        raise DataError(f"{path}: cannot be read as an image ({err}); remove it or replace it") from None
 
 
 def _arrays(folder, pipeline) -> ImageArrays:
     """Every image of ``folder`` through ``pipeline``, as RGB uint8 NCHW arrays and int64 labels."""
     images, labels = [], []
     for path, label in folder.samples:
-        try:
-            image = folder.loader(path)  # PIL, converted to RGB
-        except OSError as err:
-            raise DataError(f"{path}: cannot be read as an image ({err}); remove it or replace it") from err
-        images.append(pipeline(image).numpy())
+        images.append(pipeline(open_rgb(path)).numpy())
         labels.append(label)
     return ImageArrays(np.stack(images).astype(np.uint8), np.asarray(labels, dtype=np.int64))
 

@@ -12,32 +12,25 @@ Flower's own methods do, and fall back to them for anything unusual.
 from __future__ import annotations
 
 import io
-import math
 
 import numpy as np
 from flwr.app import Array
 
+from resist_fl.core.npy_bytes import is_npy, read_npy
+
 _NUMPY_STYPE = "numpy.ndarray"
-_HEADER_PREFIX = 4096  # a .npy header is a few hundred bytes unless the shape is absurd
 
 
 def array_view(array: Array) -> np.ndarray:
-    """The values of ``array`` as a read-only NumPy view of its bytes (no copy)."""
-    if array.stype != _NUMPY_STYPE:
+    """The values of ``array`` as a read-only NumPy view of its bytes (no copy).
+
+    ``.npy`` bytes are read strictly (:func:`resist_fl.core.npy_bytes.read_npy`: a header that
+    disagrees with the length raises :class:`~resist_fl.core.npy_bytes.NpyError` before anything
+    is allocated); anything else is left to Flower's own reader.
+    """
+    if array.stype != _NUMPY_STYPE or not is_npy(array.data):
         return array.numpy()
-    data = array.data
-    head = io.BytesIO(data[:_HEADER_PREFIX])
-    try:
-        version = np.lib.format.read_magic(head)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran_order, dtype = read_header(head)
-    except (ValueError, EOFError):  # a long header, or not .npy: Flower's reader decides
-        return array.numpy()
-    count = math.prod(shape)
-    offset = head.tell()
-    if fortran_order or dtype.hasobject or len(data) != offset + count * dtype.itemsize:
-        return array.numpy()  # Flower's reader raises for truncated or padded data
-    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+    return read_npy(array.data)
 
 
 def array_of(values: np.ndarray) -> Array:

@@ -3,8 +3,8 @@
 Most published Flower baselines use ``ServerApp(server_fn=...)`` with a
 ``flwr.server.strategy.Strategy`` and ``NumPyClient``s. :class:`LegacyResIST` is a thin adapter
 over the same core as :class:`resist_fl.flower.resist.ResIST`: the same node sampling draw and
-sub-network sampler for a (seed, round), the same reply checks
-(:func:`~resist_fl.core.validation.check_update`) and the same merge
+sub-network sampler for a (seed, round), the same reply screening (:func:`screen_fit_results`:
+the rules, counts and log lines of :mod:`resist_fl.flower.reply_screening`) and the same merge
 (:func:`~resist_fl.core.aggregation.merge_partial`, then the server step).
 
 Parameters travel as lists in the legacy API, so the key names travel with them: every
@@ -16,19 +16,26 @@ on the client). The global parameters are ordered by ``layout.payload_keys()``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from logging import INFO, WARNING
+from logging import INFO
 
 import numpy as np
-from flwr.common import FitIns, FitRes, Parameters, Scalar, log, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import Code, FitIns, FitRes, Parameters, Scalar, log, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from resist_fl.core.aggregation import check_server_lr, merge_partial, server_step, update_weights
 from resist_fl.core.decomposition import BlockLayout, round_rng, sample_subnetworks
-from resist_fl.core.validation import ReplyError, check_num_examples, check_update
+from resist_fl.core.npy_bytes import NpyError, read_npy
+from resist_fl.core.validation import ReplyError
 from resist_fl.flower.node_sampling import sample_positions
-from resist_fl.flower.reply_screening import refuse_non_finite
+from resist_fl.flower.reply_screening import (
+    Accepted,
+    ScreenedReplies,
+    check_reply_arrays,
+    check_reply_metrics,
+    refuse_non_finite,
+)
 
 KEYS = "keys"
 """Fit-config entry: the comma-separated names of the arrays, in order."""
@@ -40,6 +47,89 @@ def named_arrays(config: Mapping[str, Scalar], arrays: Sequence[np.ndarray]) -> 
     if len(keys) != len(arrays):
         raise ValueError(f"{len(arrays)} arrays for {len(keys)} names in the fit config's {KEYS!r}")
     return dict(zip(keys, arrays))
+
+
+def cid_rank(cid: object) -> tuple[int, int | str]:
+    """Sort key of a legacy client id: numeric ids by value (Flower's are node ids), then any
+    other id by its text; total, whatever a client proxy's ``cid`` holds."""
+    text = str(cid)
+    return (0, int(text)) if text.isdecimal() else (1, text)
+
+
+def decode_tensors(parameters: object, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """The arrays of a legacy reply's ``Parameters`` by name (``keys``, the order they were sent),
+    each read strictly from its ``.npy`` bytes (:func:`~resist_fl.core.npy_bytes.read_npy`: nothing
+    is allocated beyond the bytes received); else :class:`ReplyError`."""
+    if not isinstance(parameters, Parameters):
+        raise ReplyError(f"parameters = {type(parameters).__name__}, expected flwr.common.Parameters")
+    if parameters.tensor_type != "numpy.ndarray":
+        raise ReplyError(f"tensor_type = {str(parameters.tensor_type)[:40]!r}, expected 'numpy.ndarray'")
+    tensors = parameters.tensors
+    if not isinstance(tensors, (list, tuple)):
+        raise ReplyError(f"tensors = {type(tensors).__name__}, expected a list of .npy bytes")
+    if len(tensors) != len(keys):
+        raise ReplyError(f"{len(tensors)} arrays for the {len(keys)} it was sent")
+    named = {}
+    for key, tensor in zip(keys, tensors):
+        try:
+            named[key] = read_npy(tensor)
+        except NpyError as err:
+            raise ReplyError(f"{key} cannot be decoded: {err}") from None
+    return named
+
+
+def screen_fit_results(server_round: int, results: Sequence[object], failures: Sequence[object],
+                       sent: Mapping[str, Sequence[str]],
+                       specs: Mapping[str, tuple[tuple[int, ...], np.dtype]], max_num_examples: int) -> ScreenedReplies:
+    """Screen the legacy replies of a round with the Message API's rules, counts and log lines.
+
+    One reply per client and the first one counts (a second ``(proxy, FitRes)`` of the same
+    ``cid`` is rejected); a reply must come from a client sent a sub-network this round, be a
+    ``FitRes`` with status OK, carry exactly the arrays it was sent (decoded strictly) and pass
+    :func:`check_reply_metrics` / :func:`check_reply_arrays` with ``num_examples`` as
+    ``num-examples``. ``failures`` are counted as failed. Total: whatever ``results`` and
+    ``failures`` hold, each entry is accepted, rejected or failed, never raised. The accepted
+    replies are in client order (:func:`cid_rank`).
+    """
+    out = ScreenedReplies()
+    answered: set[str] = set()
+    for entry in results if isinstance(results, (list, tuple)) else ():
+        cid = "?"
+        try:
+            proxy, res = entry
+            cid = str(proxy.cid)
+            if cid not in sent:
+                raise ReplyError("this client was not sent a sub-network this round")
+            if cid in answered:
+                raise ReplyError("a second reply from the same client (the first one counts)")
+            answered.add(cid)
+            if not isinstance(res, FitRes):
+                raise ReplyError(f"the reply is a {type(res).__name__}, expected a FitRes")
+            status = getattr(res, "status", None)
+            if status is not None and status.code != Code.OK:
+                out.fail(server_round, cid, status.code, status.message)
+                continue
+            reported = res.metrics if isinstance(res.metrics, Mapping) else {}
+            metrics = check_reply_metrics({**reported, "num-examples": res.num_examples}, max_num_examples,
+                                          required=())
+            update = check_reply_arrays(decode_tensors(res.parameters, sent[cid]),
+                                        {k: specs[k] for k in sent[cid]})
+            out.accepted.append(Accepted(cid, None, update, metrics))
+        except Exception as err:  # noqa: BLE001 - screening is total
+            out.reject(server_round, cid, err)
+    for failure in failures if isinstance(failures, (list, tuple)) else ():
+        if isinstance(failure, tuple) and len(failure) == 2:
+            proxy, res = failure
+            cid = str(getattr(proxy, "cid", "?"))
+            status = getattr(res, "status", None)
+            if cid in sent and cid not in answered:
+                answered.add(cid)
+            out.fail(server_round, cid, getattr(status, "code", "?"), getattr(status, "message", res))
+        else:
+            out.fail(server_round, "?", type(failure).__name__, failure)
+    out.missing = len(set(sent) - answered)
+    out.accepted.sort(key=lambda a: cid_rank(a.node_id))
+    return out
 
 
 class LegacyResIST(Strategy):
@@ -87,7 +177,7 @@ class LegacyResIST(Strategy):
         """Sample clients as ResIST samples nodes and send each its sub-network's named arrays."""
         self.global_state = named_arrays({KEYS: ",".join(self.keys)}, parameters_to_ndarrays(parameters))
         client_manager.wait_for(self.min_available_clients)
-        clients = sorted(client_manager.all().values(), key=lambda c: int(c.cid))
+        clients = sorted(client_manager.all().values(), key=lambda c: cid_rank(c.cid))
         rng = round_rng(self.seed, server_round)
         sampled = [clients[i] for i in sample_positions(len(clients), self.fraction_fit, self.min_fit_clients, rng)]
         groups = sample_subnetworks(self.layout.partitionable, len(sampled), self.min_blocks_per_site, rng)
@@ -104,28 +194,17 @@ class LegacyResIST(Strategy):
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Check each reply against what its client was sent, and merge the valid ones."""
-        updates, examples = [], []
-        for proxy, res in sorted(results, key=lambda r: int(r[0].cid)):
-            try:
-                keys = self._sent.get(proxy.cid)
-                if keys is None:
-                    raise ReplyError("this client was not sent a sub-network this round")
-                arrays = parameters_to_ndarrays(res.parameters)
-                if len(arrays) != len(keys):
-                    raise ReplyError(f"{len(arrays)} arrays for the {len(keys)} it was sent")
-                expected = {k: (self.global_state[k].shape, self.global_state[k].dtype) for k in keys}
-                updates.append(check_update(dict(zip(keys, arrays)), expected))
-                examples.append(check_num_examples(res.num_examples, self.max_num_examples))
-            except ReplyError as err:
-                log(WARNING, "round %d: reply of client %s dropped: %s", server_round, proxy.cid, err)
-        metrics: dict[str, Scalar] = {"replies-accepted": len(updates),
-                                      "replies-rejected": len(results) - len(updates), "replies-failed": len(failures)}
+        """Screen each reply against what its client was sent (:func:`screen_fit_results`, the
+        Message API's rules), and merge the valid ones."""
+        specs = {k: (v.shape, v.dtype) for k, v in self.global_state.items()}
+        screened = screen_fit_results(server_round, results, failures, self._sent, specs, self.max_num_examples)
+        metrics: dict[str, Scalar] = {**screened.round_metrics(), "merge-refused": 0}
+        updates = [a.update for a in screened.accepted]
         if not updates:
             return None, metrics
         current = {k: self.global_state[k] for k in self.keys if any(k in u for u in updates)}
-        merged = server_step(current, merge_partial(current, updates, update_weights(examples, self.weighting)),
-                             self.server_lr)
+        weights = update_weights([a.num_examples for a in screened.accepted], self.weighting)
+        merged = server_step(current, merge_partial(current, updates, weights), self.server_lr)
         if refuse_non_finite(server_round, merged, metrics):
             return None, metrics
         self.global_state.update(merged)

@@ -1,19 +1,35 @@
-"""Communication accounting: the bytes of the arrays actually carried, per node and round.
+"""Communication accounting: the bytes of the arrays actually carried, per node and round, and
+the time the server itself observes each node take.
 
 :class:`MeteredGrid` wraps the Grid a ServerApp receives and counts, for every
 message pushed and every reply pulled, ``ArrayRecord.count_bytes()`` of its
 array records. It measures any strategy the same way, since every message
-passes through the Grid.
+passes through the Grid. Its ``send_and_receive`` pushes the messages one by one
+and polls for replies every :data:`POLL_SECONDS`, so it also records, per
+message, the seconds from pushing it to pulling its reply
+(:meth:`MeteredGrid.observed_seconds`): a node's speed measured by the server,
+not claimed by the node.
 """
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from flwr.app import Message
 from flwr.serverapp import Grid
+
+
+POLL_SECONDS = 0.2
+"""How often ``MeteredGrid.send_and_receive`` pulls for replies (Flower's own grid: every 3 s)."""
+
+
+REPLIES_READY_ON_PUSH = "replies_ready_on_push"
+"""A Grid attribute: True on a Grid that runs each node while its message is pushed (an
+in-process test grid), so a reply not there after the push never comes (it 'missed the timeout');
+``send_and_receive`` then does not wait for it."""
 
 
 def array_bytes(message: Message) -> int:
@@ -47,6 +63,12 @@ class MeteredGrid(Grid):
     def __init__(self, grid: Grid) -> None:
         self._grid = grid
         self._traffic = RoundTraffic()
+        self._observed: dict[str, float] = {}  # message id -> seconds from push to reply pulled
+
+    def observed_seconds(self, message_id: str) -> float | None:
+        """Seconds from pushing message ``message_id`` to pulling its reply, as the server saw
+        them (None if its reply did not pass through :meth:`send_and_receive`)."""
+        return self._observed.get(message_id)
 
     def take_round(self) -> RoundTraffic:
         """Return the traffic counted so far and start counting afresh."""
@@ -91,8 +113,30 @@ class MeteredGrid(Grid):
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        messages = list(messages)
-        self._count_sent(messages)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        self._count_received(replies)
+        """Push each message, then pull replies every :data:`POLL_SECONDS` until every message
+        has one or ``timeout`` seconds have passed (Flower's own loop, with a finer poll), and
+        record each reply's observed seconds."""
+        end = None if timeout is None else time.monotonic() + timeout
+        pushed: dict[str, float] = {}
+        replies: list[Message] = []
+        self._observed = {}
+        for message in messages:  # one by one: an in-process grid runs each node as it is pushed
+            for message_id in self.push_messages([message]):
+                pushed[message_id] = time.monotonic()
+            self._pull_into(replies, pushed)
+        if getattr(self._grid, REPLIES_READY_ON_PUSH, False):
+            return replies  # every reply there is has been pulled: the rest will never come
+        while pushed and (end is None or time.monotonic() < end):
+            time.sleep(POLL_SECONDS if end is None else max(0.0, min(POLL_SECONDS, end - time.monotonic())))
+            self._pull_into(replies, pushed)
         return replies
+
+    def _pull_into(self, replies: list[Message], pushed: dict[str, float]) -> None:
+        """Pull the replies to the ``pushed`` messages still waiting; time and forget them."""
+        if not pushed:
+            return
+        for reply in self.pull_messages(list(pushed)):
+            replies.append(reply)
+            started = pushed.pop(reply.metadata.reply_to_message_id, None)
+            if started is not None:
+                self._observed[reply.metadata.reply_to_message_id] = time.monotonic() - started

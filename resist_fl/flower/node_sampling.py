@@ -59,7 +59,7 @@ class NodeSampler:
         self.min_available_nodes = min_available_nodes
         self.seed = seed
         self.query_timeout = query_timeout
-        self._rank_key: dict[int, tuple[int, int]] = {}
+        self._rank_key: dict[int, tuple[int, int, int]] = {}
         self._capacity: dict[int, float] = {}
 
     def sample(self, grid: Grid, run_round: int) -> tuple[list[int], int, np.random.Generator]:
@@ -79,12 +79,14 @@ class NodeSampler:
 
     def partition(self, node_id: int) -> int | None:
         """The partition id a node reported, else None."""
-        kind, value = self.rank(node_id)
+        kind, value, _ = self.rank(node_id)
         return value if kind == 0 else None
 
-    def rank(self, node_id: int) -> tuple[int, int]:
-        """Sort key of a node: (0, partition-id) when it reported one, else (1, node id)."""
-        return self._rank_key.get(node_id, (1, node_id))
+    def rank(self, node_id: int) -> tuple[int, int, int]:
+        """Sort key of a node: (0, partition-id, node id) when it reported one, else (1, node id,
+        node id). The node id breaks ties, so two nodes reporting the same partition id are
+        ordered the same way whatever order the Grid lists them in."""
+        return self._rank_key.get(node_id, (1, node_id, node_id))
 
     def stable_order(self, grid: Grid, node_ids: list[int]) -> list[int]:
         """``node_ids`` sorted by :meth:`rank`; asks nodes not seen before for their partition id."""
@@ -103,16 +105,26 @@ class NodeSampler:
                 identity = reply.content.config_records[IDENTITY_RECORD]
                 pid = identity.get("partition-id")
                 if isinstance(pid, int) and not isinstance(pid, bool):
-                    self._rank_key[node] = (0, pid)
+                    self._rank_key[node] = (0, pid, node)
                 capacity = identity.get("capacity", 1.0)
                 try:
                     self._capacity[node] = check_capacity(capacity)
                 except ValueError as err:
                     log(WARNING, "node %s reported an invalid capacity (%s): treated as 1.0", node, err)
             for node in unknown:
-                self._rank_key.setdefault(node, (1, node))
+                self._rank_key.setdefault(node, (1, node, node))
                 log(INFO, "node %s: partition %s, capacity %.3g", node, self.partition(node), self.capacity(node))
+            self._warn_shared_partitions(unknown)
         return sorted(node_ids, key=self.rank)
+
+    def _warn_shared_partitions(self, new_nodes: list[int]) -> None:
+        """A WARNING for every partition id that a newly identified node shares with another."""
+        for pid in sorted({self.partition(n) for n in new_nodes} - {None}):
+            holders = sorted(n for n, key in self._rank_key.items() if key[0] == 0 and key[1] == pid)
+            if len(holders) > 1:
+                log(WARNING, "nodes %s all report partition-id %d: they train the same partition; ordered "
+                    "by node id among themselves. Give each node its own partition-id (node config)",
+                    ", ".join(map(str, holders)), pid)
 
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
         logged = False

@@ -44,8 +44,10 @@ from resist_fl.flower.array_codec import array_of, array_view
 class Accepted:
     """One accepted reply, decoded; ``update`` and ``arrays`` hold the global dtypes."""
 
-    node_id: int
-    arrays: ArrayRecord
+    node_id: int | str
+    """The node id (a legacy client's ``cid`` on the legacy path)."""
+    arrays: ArrayRecord | None
+    """The reply's arrays as a record (None on the legacy path, whose arrays travel as a list)."""
     update: dict[str, np.ndarray]
     metrics: dict[str, float | int]
 
@@ -69,6 +71,21 @@ class ScreenedReplies:
     non_finite: int = 0
     """Rejected replies that held NaN or Inf (arrays or metrics)."""
 
+    def reject(self, server_round: int, node: object, err: Exception) -> None:
+        """Count a rejected reply and log why (one line for every reply path)."""
+        self.rejected += 1
+        if isinstance(err, ReplyError):
+            self.non_finite += isinstance(err, NonFiniteError)
+            log(WARNING, "round %d: reply of node %s dropped: %s", server_round, node, err)
+        else:  # an unforeseen reply costs that reply, never the round
+            log(WARNING, "round %d: reply of node %s dropped: screening raised %s: %s", server_round,
+                node, type(err).__name__, err, exc_info=err)
+
+    def fail(self, server_round: int, node: object, code: object, reason: object) -> None:
+        """Count a failed reply (an error instead of a result) and log it."""
+        self.failed += 1
+        log(WARNING, "round %d: node %s failed (code %s): %s", server_round, node, code, reason)
+
     def counts(self) -> dict[str, int]:
         """Accepted / rejected / failed replies, instructions with no reply by the timeout, and
         the rejected replies that held NaN or Inf."""
@@ -82,9 +99,10 @@ class ScreenedReplies:
         if self.accepted:
             examples = [a.num_examples for a in self.accepted]
             metrics["num-examples"] = int(sum(examples))
-            metrics["train-loss"] = float(np.average([a.metrics["train-loss"] for a in self.accepted],
-                                                     weights=examples))
-            metrics["client-seconds"] = float(sum(a.metrics["train-seconds"] for a in self.accepted))
+            if all("train-loss" in a.metrics for a in self.accepted):  # optional on the legacy path
+                metrics["train-loss"] = float(np.average([a.metrics["train-loss"] for a in self.accepted],
+                                                         weights=examples))
+            metrics["client-seconds"] = float(sum(a.metrics.get("train-seconds", 0.0) for a in self.accepted))
         return metrics
 
 
@@ -132,22 +150,14 @@ def screen_replies(server_round: int, replies: Iterable[Message], sent: Mapping[
                 raise ReplyError("a second reply to the same train message (the first one counts)")
             answered.add(instruction)
             if is_error:
-                out.failed += 1
-                log(WARNING, "round %d: node %s failed (code %s): %s", server_round, addressee,
-                    reply.error.code, reply.error.reason)
+                out.fail(server_round, addressee, reply.error.code, reply.error.reason)
                 continue
             if node_id not in sent:
                 raise ReplyError("this node was not sent a sub-network this round")
             out.accepted.append(_check_reply(node_id, reply, sent[node_id], global_record, max_num_examples,
                                              transport))
-        except ReplyError as err:
-            out.rejected += 1
-            out.non_finite += isinstance(err, NonFiniteError)
-            log(WARNING, "round %d: reply of node %s dropped: %s", server_round, node_id, err)
-        except Exception as err:  # noqa: BLE001 - an unforeseen reply costs that reply, never the round
-            out.rejected += 1
-            log(WARNING, "round %d: reply of node %s dropped: screening raised %s: %s", server_round,
-                node_id, type(err).__name__, err, exc_info=True)
+        except Exception as err:  # noqa: BLE001 - screening is total: a reply costs that reply, never the round
+            out.reject(server_round, node_id, err)
     out.missing = len(instructions) - len(answered)
     if order is not None:
         out.accepted.sort(key=lambda a: order(a.node_id))
@@ -161,28 +171,50 @@ def _check_reply(node_id: int, reply: Message, keys: Sequence[str], global_recor
         raise ReplyError("expected exactly one ArrayRecord and one MetricRecord")
     record = next(iter(content.array_records.values()))
     reported = next(iter(content.metric_records.values()))
-    metrics = {"num-examples": check_num_examples(reported.get("num-examples"), max_num_examples)}
-    for name in TRAIN_METRICS[1:]:  # before the arrays: a diverged node reports a non-finite loss
-        metrics[name] = check_metric(name, reported.get(name))
-    for name in CLIENT_COST_METRICS:
-        if name in reported:
-            metrics[name] = check_metric(name, reported.get(name))
-    try:
+    metrics = check_reply_metrics(reported, max_num_examples)  # before the arrays: a diverged node
+    try:                                                       # reports a non-finite loss
         decoded = {k: array_view(v) for k, v in record.items()}
     except Exception as err:  # undecodable bytes from a client
         raise ReplyError(f"arrays cannot be decoded: {err}") from err
-    expected = {k: (tuple(global_record[k].shape), np.dtype(global_record[k].dtype)) for k in keys}
+    expected = global_specs(global_record, keys)
+    update = check_reply_arrays(decoded, expected, transport)
+    record = ArrayRecord({k: v if update[k] is decoded[k] else array_of(update[k]) for k, v in record.items()})
+    return Accepted(node_id, record, update, metrics)
+
+
+def global_specs(global_record: ArrayRecord, keys: Sequence[str]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """``(shape, dtype)`` of each of ``keys`` in the global record: what a reply must match."""
+    return {k: (tuple(global_record[k].shape), np.dtype(global_record[k].dtype)) for k in keys}
+
+
+def check_reply_metrics(reported: Mapping[str, object], max_num_examples: int, *,
+                        required: Sequence[str] = TRAIN_METRICS[1:]) -> dict[str, float | int]:
+    """The reply's known metrics, checked (the rule of every reply path), else :class:`ReplyError`.
+
+    ``num-examples`` is always required (an integer in [1, cap]); the other training metrics are
+    required when named in ``required`` (the project's ClientApp sends them all; a legacy
+    ``NumPyClient`` may send none) and checked whenever present, as are the optional client
+    costs (:data:`~resist_fl.core.validation.CLIENT_COST_METRICS`). Unknown keys are ignored.
+    """
+    metrics: dict[str, float | int] = {
+        "num-examples": check_num_examples(reported.get("num-examples"), max_num_examples)}
+    for name in (*TRAIN_METRICS[1:], *CLIENT_COST_METRICS):
+        if name in required or name in reported:
+            metrics[name] = check_metric(name, reported.get(name))
+    return metrics
+
+
+def check_reply_arrays(decoded: Mapping[str, object], expected: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+                       transport: str = "float32") -> dict[str, np.ndarray]:
+    """The decoded arrays of a reply in the global dtypes (the rule of every reply path): decoded
+    from ``transport`` first, then :func:`~resist_fl.core.validation.check_update`; else
+    :class:`ReplyError`."""
     if transport != "float32":
         try:
             decoded = decode_state(decoded, expected, transport)
         except TransportError as err:
             raise ReplyError(str(err)) from None
-        record = ArrayRecord({k: array_of(v) for k, v in decoded.items()})
-    update = check_update(decoded, expected)
-    if any(update[k] is not decoded[k] for k in update):  # some arrays came in another width
-        record = ArrayRecord({k: v if update[k] is decoded[k] else array_of(update[k])
-                              for k, v in record.items()})
-    return Accepted(node_id, record, update, metrics)
+    return check_update(decoded, expected)
 
 
 def encoded_record(arrays: ArrayRecord, transport: str) -> ArrayRecord:

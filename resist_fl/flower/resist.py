@@ -13,19 +13,30 @@ import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from resist_fl.core.aggregation import check_server_lr, merge_partial, server_step, update_weights
-from resist_fl.core.allocation import ALLOCATIONS, allocate_depths, deal_blocks, max_depth
+from resist_fl.core.allocation import (
+    ALLOCATIONS,
+    SPEED_WEIGHT_BOUND,
+    allocate_depths,
+    bounded_weights,
+    deal_blocks,
+    max_depth,
+)
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.transport import check_transport
 from resist_fl.flower.array_codec import array_of, array_view
+from resist_fl.flower.metering import MeteredGrid
 from resist_fl.flower.node_sampling import NodeSampler
-from resist_fl.flower.reply_screening import encoded_record, refuse_non_finite, screen_replies
+from resist_fl.flower.reply_screening import Accepted, encoded_record, refuse_non_finite, screen_replies
 
+MIN_TRAIN_SECONDS = 1e-3
+"""Shortest training time a speed is computed from (a subnormal claim cannot make it infinite)."""
 PHASE_WARMUP = "warmup"
 PHASE_RESIST = "resist"
 """Values of the ``phase`` column: a warm-up (FedAvg) round, a decomposed round."""
@@ -111,6 +122,7 @@ class ResIST(Strategy):
         self.last_round_metrics: dict[str, float | int] = {}
         self.last_replies: dict[int, dict[str, float | int]] = {}  # node -> accepted reply's metrics
         self._global: ArrayRecord | None = None
+        self._grid: Grid | None = None  # the round's Grid (a MeteredGrid under start())
         self._sent: dict[int, tuple[str, ...]] = {}  # node -> the keys it was sent this round
         self._messages: list[Message] = []
 
@@ -126,15 +138,32 @@ class ResIST(Strategy):
 
     def depth_weights(self, nodes: list[int]) -> list[float] | None:
         """Allocation weights of ``nodes``: None (equal), capacities, or measured speeds (a node
-        not measured yet counts at the mean of the measured ones; none measured: capacities)."""
+        not measured yet counts at the median of the measured ones; none measured: capacities),
+        each speed bounded to within :data:`~resist_fl.core.allocation.SPEED_WEIGHT_BOUND` times
+        the round's median (:func:`~resist_fl.core.allocation.bounded_weights`)."""
         if self.allocation == "uniform":
             return None
         capacities = [self.sampler.capacity(n) for n in nodes]
         known = [self.speeds[n] for n in nodes if n in self.speeds]
         if self.allocation == "capacity" or not known:
             return capacities
-        mean = sum(known) / len(known)
-        return [self.speeds.get(n, mean) for n in nodes]
+        median = float(np.median(known))
+        return bounded_weights([self.speeds.get(n, median) for n in nodes], SPEED_WEIGHT_BOUND)
+
+    def measured_seconds(self, reply: Accepted, message_id: str) -> float:
+        """The seconds a node's training took, as far as the server can tell: the time the server
+        observed from pushing its message to pulling its reply (when the Grid is a
+        :class:`~resist_fl.flower.metering.MeteredGrid`), or the node's own ``train-seconds`` if
+        that is longer (a node may only claim to be slower than observed), at least
+        :data:`MIN_TRAIN_SECONDS`."""
+        observed = self._grid.observed_seconds(message_id) if isinstance(self._grid, MeteredGrid) else None
+        claimed = float(reply.metrics.get("train-seconds", 0.0))
+        return max(observed or 0.0, claimed, MIN_TRAIN_SECONDS)
+
+    def start(self, grid: Grid, *args, **kwargs):
+        """``Strategy.start`` on a :class:`~resist_fl.flower.metering.MeteredGrid` (``grid`` itself
+        if it is one), so node speeds are observed by the server."""
+        return super().start(grid if isinstance(grid, MeteredGrid) else MeteredGrid(grid), *args, **kwargs)
 
     def summary(self) -> None:
         p = len(self.layout.partitionable)
@@ -177,6 +206,7 @@ class ResIST(Strategy):
                     ", ".join(decomposition.untrained))
         self.num_subnetworks = len(sampled)
         self._global = arrays
+        self._grid = grid
         self._sent = {}
         messages = []
         wire = encoded_record(arrays, self.transport)  # each array encoded once, whatever its holders
@@ -208,10 +238,10 @@ class ResIST(Strategy):
         self.last_round_metrics = metrics
         self.last_replies = {a.node_id: dict(a.metrics) for a in screened.accepted}
         accepted = screened.accepted
-        for reply in accepted:  # measured speed: blocks trained per second of (possibly slowed) training
-            seconds = float(reply.metrics["train-seconds"])
-            if seconds > 0:
-                self.speeds[reply.node_id] = len(self.last_blocks.get(reply.node_id, ())) / seconds
+        sent_ids = {m.metadata.dst_node_id: m.metadata.message_id for m in self._messages}
+        for reply in accepted:  # measured speed: blocks per second of (possibly slowed) training
+            seconds = self.measured_seconds(reply, sent_ids.get(reply.node_id, ""))
+            self.speeds[reply.node_id] = len(self.last_blocks.get(reply.node_id, ())) / seconds
         if len(accepted) < self.min_train_replies:
             log(WARNING, "round %d: %d valid replies < min-train-replies %d: global model unchanged",
                 server_round, len(accepted), self.min_train_replies)

@@ -10,6 +10,7 @@ message and never modifies it.
 from __future__ import annotations
 
 import io
+import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,10 +20,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from resist_fl.run.outputs import METRICS_FILE, NODES_FILE, atomic_write_bytes, read_metrics, rewrite_metrics
+from resist_fl.run.outputs import (
+    METRICS_FILE,
+    NODES_FILE,
+    atomic_write_bytes,
+    check_result_files,
+    read_metrics,
+    rewrite_metrics,
+)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT = "resist-fl-checkpoint/1"
+_FIELDS = ("server_round", "arrays", "run_config", "metrics", "python_rng", "torch_rng")
 
 
 class CheckpointError(RuntimeError):
@@ -63,10 +72,59 @@ class Checkpoint:
         if not isinstance(raw, Mapping) or raw.get("format") != FORMAT:
             raise CheckpointError(f"{path} is not a resist-fl checkpoint (expected format {FORMAT}); "
                                   "it was left untouched")
-        return cls(server_round=int(raw["server_round"]),
-                   arrays={k: v.numpy() for k, v in raw["arrays"].items()},
-                   run_config=dict(raw["run_config"]), metrics=list(raw["metrics"]),
-                   python_rng=_as_tuple(raw["python_rng"]), torch_rng=raw["torch_rng"])
+        return cls.from_mapping(raw, path)
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any], path: Path | str = "checkpoint") -> "Checkpoint":
+        """The checkpoint in ``raw`` (what ``torch.load`` gave), every field checked: a missing
+        field, a wrong type, a non-integer round, a metrics row that is not a mapping, a NaN or
+        Inf anywhere in the arrays or the metrics, or RNG states that do not restore are each a
+        :class:`CheckpointError` naming the field (the file is never modified)."""
+        def bad(field: str, expected: str, got: Any) -> CheckpointError:
+            shown = repr(got) if not isinstance(got, (Mapping, list, tuple, torch.Tensor)) else type(got).__name__
+            return CheckpointError(f"checkpoint {path}: {field} is {shown[:80]}, expected {expected}; the file "
+                                   "was left untouched. Restore a good copy or start a new run-name.")
+
+        if missing := [k for k in _FIELDS if k not in raw]:
+            raise CheckpointError(f"checkpoint {path} lacks the field(s) {', '.join(missing)}; the file was left "
+                                  "untouched. Restore a good copy or start a new run-name.")
+        server_round = raw["server_round"]
+        if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 0:
+            raise bad("server_round", "a whole number of rounds >= 0", server_round)
+        if not isinstance(raw["arrays"], Mapping):
+            raise bad("arrays", "a mapping of state_dict names to tensors", raw["arrays"])
+        arrays = {}
+        for key, value in raw["arrays"].items():
+            if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+                raise bad(f"arrays[{key!r}]", "a tensor under a state_dict name", value)
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise bad(f"arrays[{key!r}]", "finite values", "an array holding NaN or Inf")
+            arrays[key] = value.numpy()
+        if not isinstance(raw["run_config"], Mapping):
+            raise bad("run_config", "a mapping of run-config keys to values", raw["run_config"])
+        if not isinstance(raw["metrics"], (list, tuple)):
+            raise bad("metrics", "a list of metrics rows", raw["metrics"])
+        for index, row in enumerate(raw["metrics"]):
+            if not isinstance(row, Mapping):
+                raise bad(f"metrics[{index}]", "a mapping (one metrics row)", row)
+            number = row.get("round")
+            if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= server_round:
+                raise bad(f"metrics[{index}]['round']", f"a round in [1, {server_round}]", number)
+            for name, value in row.items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise bad(f"metrics[{index}][{name!r}]", "a finite number (or null)", value)
+        python_rng = _as_tuple(raw["python_rng"])
+        try:
+            random.Random().setstate(python_rng)
+        except (TypeError, ValueError) as err:
+            raise bad("python_rng", f"a state of random.getstate() ({err})", raw["python_rng"]) from None
+        torch_rng = raw["torch_rng"]
+        try:
+            torch.Generator().set_state(torch_rng)
+        except (TypeError, RuntimeError, ValueError) as err:
+            raise bad("torch_rng", f"a state of torch.get_rng_state() ({err})", torch_rng) from None
+        return cls(server_round=server_round, arrays=arrays, run_config=dict(raw["run_config"]),
+                   metrics=[dict(r) for r in raw["metrics"]], python_rng=python_rng, torch_rng=torch_rng)
 
     def restore_rngs(self) -> None:
         random.setstate(self.python_rng)
@@ -107,6 +165,7 @@ def open_run_directory(run_dir: Path, run_config: Mapping[str, Any], resume: boo
     checkpoint's last round, so rounds after it are not listed twice.
     """
     run_dir = Path(run_dir)
+    check_result_files(run_dir)
     if not resume:
         if (run_dir / METRICS_FILE).exists() or (run_dir / CHECKPOINT_FILE).exists():
             raise FileExistsError(f"{run_dir} already holds a run; set resume=true to continue it, "

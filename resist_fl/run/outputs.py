@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from resist_fl.run.settings_error import SettingsError
+
 METRICS_FILE = "metrics.jsonl"
 NODES_FILE = "nodes.jsonl"
 """One row per node and round: what each node was sent, returned, and what its training cost."""
@@ -26,14 +28,41 @@ MODEL_FILE = "model.pt"
 SUMMARY_FILE = "summary.json"
 
 
+RESULT_FILES = (METRICS_FILE, NODES_FILE, CONFIG_FILE, MODEL_FILE, SUMMARY_FILE, "checkpoint.pt")
+"""The files a run writes in its directory (none may be a symbolic link)."""
+
+
 def run_directory(output_dir: str, run_name: str, strategy: str) -> Path:
-    """The run's absolute directory: ``output_dir/run_name`` (default: time + strategy)."""
+    """The run's absolute directory: ``output_dir/run_name`` (default: time + strategy), confined
+    under ``output_dir``.
+
+    ``run-name`` is a relative name (sub-folders allowed) without ``..``: an absolute name, a
+    ``..`` part, or a name whose directory resolves outside ``output-dir`` through a symbolic
+    link is a :class:`~resist_fl.run.settings_error.SettingsError`, as is a result file in it
+    that is a symbolic link (a dangling one included: appends would go to its target).
+    """
     base = Path(output_dir).expanduser()
     if not base.is_absolute():
-        raise ValueError(f"output-dir = {output_dir!r}: expected an absolute path (or one starting "
-                         "with ~), because the ServerApp's working directory is not the project")
+        raise SettingsError(f"output-dir = {output_dir!r}: expected an absolute path (or one starting "
+                            "with ~), because the ServerApp's working directory is not the project")
     name = run_name or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{strategy}"
-    return base / name
+    relative = Path(name)
+    if relative.is_absolute() or name.startswith("~") or ".." in relative.parts or not relative.parts:
+        raise SettingsError(f"run-name = {run_name!r}: expected a relative name inside output-dir (letters, "
+                            "digits, '-', '_', '.', sub-folders with '/'), without '..' or a leading '/' or '~'")
+    run_dir = base / relative
+    if not run_dir.resolve().is_relative_to(base.resolve()):
+        raise SettingsError(f"run-name = {run_name!r}: {run_dir} resolves to {run_dir.resolve()}, outside "
+                            f"output-dir {base} (a symbolic link on the way); expected a directory inside it")
+    check_result_files(run_dir)
+    return run_dir
+
+
+def check_result_files(run_dir: Path) -> None:
+    """SettingsError if any result file of ``run_dir`` is a symbolic link (dangling or not)."""
+    if linked := [f for f in RESULT_FILES if (Path(run_dir) / f).is_symlink()]:
+        raise SettingsError(f"{run_dir}: {', '.join(linked)} is a symbolic link; a run writes its results "
+                            "only to plain files inside its directory. Remove the link or choose another run-name")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -17,6 +17,7 @@ from resist_fl.core.model import NORMS, PRESET_DEPTHS, STEMS, TORCHVISION_DEPTHS
 from resist_fl.core.transport import TRANSPORT_DTYPES
 from resist_fl.data import AUGMENTATIONS, DATASETS, PARTITIONERS, resolve_augment
 from resist_fl.data.imagefolder import IMAGE_SIZES
+from resist_fl.run.settings_error import SettingsError
 from resist_fl.run.tracking import TRACKERS
 
 if TYPE_CHECKING:
@@ -25,10 +26,6 @@ if TYPE_CHECKING:
 STRATEGIES = ("resist", "fedavg")
 LR_SCHEDULES = ("step", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
-
-
-class SettingsError(ValueError):
-    """A run-config value that is unknown, of the wrong type or out of range."""
 
 
 @dataclass(frozen=True)
