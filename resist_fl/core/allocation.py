@@ -107,11 +107,14 @@ def sane_weights(weights: Sequence[object] | None, count: int) -> list[float]:
         raw = []
     valid = [float(w) if _is_weight(w) else math.nan for w in raw]
     valid += [math.nan] * (count - len(valid))
-    good = [w for w in valid if not math.isnan(w)]
+    top = max((w for w in valid if not math.isnan(w)), default=1.0)
+    scaled = [w if math.isnan(w) else max(w / top, _TINY) for w in valid]  # in (0, 1]: sums stay finite
+    good = [w for w in scaled if not math.isnan(w)]
     fill = float(np.median(good)) if good else 1.0
-    filled = [fill if math.isnan(w) else w for w in valid]
-    top = max(filled)
-    return [max(w / top, np.finfo(float).tiny) for w in filled]
+    return [fill if math.isnan(w) else w for w in scaled]
+
+
+_TINY = float(np.finfo(float).tiny)
 
 
 def _is_weight(value: object) -> bool:

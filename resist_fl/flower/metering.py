@@ -121,8 +121,9 @@ class MeteredGrid(Grid):
         replies: list[Message] = []
         self._observed = {}
         for message in messages:  # one by one: an in-process grid runs each node as it is pushed
+            started = time.monotonic()  # before the push: an in-process grid runs the node inside it
             for message_id in self.push_messages([message]):
-                pushed[message_id] = time.monotonic()
+                pushed[message_id] = started
             self._pull_into(replies, pushed)
         if getattr(self._grid, REPLIES_READY_ON_PUSH, False):
             return replies  # every reply there is has been pulled: the rest will never come

@@ -106,7 +106,7 @@ class RoundRecorder:
         self.rows: list[dict] = list(self.resumed.metrics) if self.resumed else []
         strategy.round_offset = self.completed_rounds
         if self.resumed and isinstance(strategy, ResIST) and self.rows:  # for the inference scale
-            strategy.num_subnetworks = int(self.rows[-1]["num-subnetworks"])
+            strategy.num_subnetworks = int(self.rows[-1].get("num-subnetworks", strategy.num_subnetworks))
             strategy.held_fraction = self.rows[-1].get("held-fraction")
         self.grid: MeteredGrid | None = None
         self.arrays: ArrayRecord | None = None  # the global arrays after the last round seen
