@@ -1,4 +1,10 @@
-"""The ClientApp: message -> (sub-)network -> local SGD -> reply with the same keys."""
+"""The ClientApp: message -> (sub-)network -> local SGD -> reply with the same keys.
+
+Its hyper-parameters come from one place, the run config every node receives
+(``context.run_config`` -> :class:`RunSettings`); the message carries only what the strategy
+knows (blocks, transport, run round) and the data shape the server's data set gives
+(``num-classes``, ``in-channels``).
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,14 @@ from resist_fl.core.validation import EVALUATE_METRICS
 from resist_fl.data import DataError, load_partition, load_test_set, make_eval_loader, make_train_loader, normalization
 from resist_fl.data.batches import DeviceImages
 from resist_fl.data.partition_cache import cached_partition, partition_key
-from resist_fl.flower.client_side import identity_reply, load_received, message_blocks, message_transport, train_reply
+from resist_fl.flower.client_side import (
+    identity_reply,
+    load_received,
+    message_blocks,
+    message_run_round,
+    message_transport,
+    train_reply,
+)
 from resist_fl.peak_memory import PeakMemory
 from resist_fl.run.settings import RunSettings, parse_profile, profile_value
 from resist_fl.training import evaluate, resolve_device, scheduled_lr, steps_for, train
@@ -91,21 +104,19 @@ def train_handler(msg: Message, context: Context) -> Message:
     if (top := int(partition.labels.max())) >= spec.num_classes:
         raise DataError(f"data-path {data_path!r}: partition {partition_id} has label {top}, but the run's "
                         f"model has {spec.num_classes} classes; expected labels in [0, {spec.num_classes})")
-    server_round = int(config["server-round"]) + int(config["round-offset"])
-    batch_size = int(config["batch-size"])
-    round_seed = settings.seed * 100_003 + server_round * 1_009 + partition_id  # order, crops, flips, dropout
-    loader = make_train_loader(partition, batch_size,
+    run_round = message_run_round(msg)
+    round_seed = settings.seed * 100_003 + run_round * 1_009 + partition_id  # order, crops, flips, dropout
+    loader = make_train_loader(partition, settings.batch_size,
                                normalization=normalization(settings.dataset, data_path, settings.image_size),
                                augment=settings.augmentation(), seed=round_seed, crop_size=settings.crop_size())
     num_examples = len(partition)
-    steps = steps_for(num_examples, batch_size, int(config["local-steps"]), int(config["local-epochs"]))
-    lr = scheduled_lr(float(config["lr"]), str(config["lr-schedule"]), server_round,
-                      int(config["num-server-rounds"]))
+    steps = steps_for(num_examples, settings.batch_size, settings.local_steps, settings.local_epochs)
+    lr = scheduled_lr(settings.lr, settings.lr_schedule, run_round, settings.num_server_rounds)
     torch.manual_seed(round_seed)
     with PeakMemory(device) as peak:
-        result = train(model, loader, steps=steps, lr=lr, momentum=float(config["momentum"]),
-                       weight_decay=float(config["weight-decay"]), device=device,
-                       amp=settings.amp, clip_grad_norm=float(config.get("clip-grad-norm", 0.0)))
+        result = train(model, loader, steps=steps, lr=lr, momentum=settings.momentum,
+                       weight_decay=settings.weight_decay, device=device,
+                       amp=settings.amp, clip_grad_norm=settings.clip_grad_norm)
     slowdown = profile_value(parse_profile("slowdown-profile", settings.slowdown_profile, low=1.0), partition_id)
     simulated = (slowdown - 1.0) * result.seconds  # a simulated straggler: sleeps, labelled as such
     time.sleep(simulated)

@@ -25,9 +25,10 @@ from resist_fl.training import evaluate, resolve_device
 app = ServerApp()
 
 
-def build_strategy(settings: RunSettings, layout: BlockLayout, round_offset: int = 0) -> ResIST | ScreenedFedAvg:
+def build_strategy(settings: RunSettings, layout: BlockLayout) -> ResIST | ScreenedFedAvg:
     """ResIST, or Flower's own FedAvg (behind the same reply screening) with the same sampling
-    (a resumed run's round offset is set by :class:`RoundRecorder`)."""
+    (a resumed run continues through :meth:`~resist_fl.flower.round_report.RecordedStrategy.resume_after`,
+    called by :class:`RoundRecorder`)."""
     if settings.strategy == "resist":
         return ResIST(layout, fraction_train=settings.fraction_train,
                       min_train_nodes=settings.min_train_nodes,
@@ -35,7 +36,7 @@ def build_strategy(settings: RunSettings, layout: BlockLayout, round_offset: int
                       min_blocks_per_site=settings.min_blocks_per_site, weighting=settings.weighting,
                       min_train_replies=settings.min_train_replies,
                       max_num_examples=settings.max_num_examples, seed=settings.seed,
-                      round_offset=round_offset, server_lr=settings.server_lr,
+                      server_lr=settings.server_lr,
                       transport=settings.transport_dtype, allocation=settings.allocation,
                       warmup_rounds=settings.warmup_rounds)
     return ScreenedFedAvg(fraction_train=settings.fraction_train, fraction_evaluate=settings.fraction_evaluate,
@@ -44,21 +45,14 @@ def build_strategy(settings: RunSettings, layout: BlockLayout, round_offset: int
                           min_available_nodes=settings.min_available_nodes,
                           min_train_replies=settings.min_train_replies,
                           max_num_examples=settings.max_num_examples, seed=settings.seed,
-                          round_offset=round_offset, server_lr=settings.server_lr,
-                          transport=settings.transport_dtype)
+                          server_lr=settings.server_lr, transport=settings.transport_dtype)
 
 
-def train_config(settings: RunSettings, spec: ModelSpec, round_offset: int) -> ConfigRecord:
-    """What every train message carries (both strategies): the model's data shape (so a node
-    with its own data set needs no server file), the hyper-parameters and the round offset."""
-    return ConfigRecord({
-        "num-classes": spec.num_classes, "in-channels": spec.in_channels, "round-offset": round_offset,
-        "lr": settings.lr, "lr-schedule": settings.lr_schedule,
-        "num-server-rounds": settings.num_server_rounds, "momentum": settings.momentum,
-        "weight-decay": settings.weight_decay, "local-steps": settings.local_steps,
-        "local-epochs": settings.local_epochs, "batch-size": settings.batch_size,
-        "clip-grad-norm": settings.clip_grad_norm, "transport-dtype": settings.transport_dtype,
-    })
+def model_config(spec: ModelSpec) -> ConfigRecord:
+    """What every train and evaluate message carries besides what the strategy stamps: the data's
+    shape, which only the server's data set knows (so a node with its own data set needs no server
+    file). Hyper-parameters are not repeated here: every node reads them from its run config."""
+    return ConfigRecord({"num-classes": spec.num_classes, "in-channels": spec.in_channels})
 
 
 class CentralEvaluation:
@@ -146,8 +140,7 @@ def main(grid: Grid, context: Context) -> None:
 
     random.seed(settings.seed)  # Flower's FedAvg samples evaluation nodes with the global `random`
     torch.manual_seed(settings.seed)
-    config = train_config(settings, spec, recorder.completed_rounds)
     recorder.start(grid, None if recorder.resumed else build_model(spec).state_dict(),
-                   timeout=settings.round_timeout, train_config=config,
-                   evaluate_config=ConfigRecord({k: config[k] for k in ("num-classes", "in-channels")}))
+                   timeout=settings.round_timeout, train_config=model_config(spec),
+                   evaluate_config=model_config(spec))
     recorder.finish(spec.to_dict())

@@ -173,3 +173,38 @@ def test_resume_restores_the_strategys_round_offset(tiny_layout, tmp_path):
     with pytest.raises(CheckpointError, match="seed: 0 -> 1"):
         RoundRecorder(ResIST(tiny_layout), tiny_layout, tmp_path, run_config={"seed": 1, "resume": True},
                       num_rounds=3, resume=True)
+
+
+@pytest.mark.parametrize("transport", ["float32", "float16", "uint8"])
+def test_a_users_strategy_sets_the_transport_for_either_client_app(own_app, transport):
+    """Issue 22: ``ResIST(layout, transport=...)`` built by a user's ServerApp, with a train config
+    of the app's own hyper-parameters only, is understood by the example's ClientApp and by the
+    project's: the strategy stamps the encoding (and the run round) into every message."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from client_app.app import app as project_client_app
+    from resist_fl import BlockLayout, ResIST
+    from resist_fl.core.model import ModelSpec, build_model
+    from server_app.app import model_config
+    from simulations.inprocess_grid import InProcessGrid
+
+    _, client_app, task = own_app
+    model = task.OwnResNet()
+    layout = BlockLayout.from_model(model, task.example_batch(), stages=task.STAGES)
+    spec = ModelSpec(depths=(1, 1, 4, 1), base_width=4)
+    project_config = {**tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+                      ["tool"]["flwr"]["app"]["config"], "dataset": "synthetic", "stage-depths": "1,1,4,1",
+                      "base-width": 4, "local-steps": 2, "batch-size": 16}
+    cases = [(client_app.app, layout, model.state_dict(), {}, ConfigRecord(
+                 {"local-steps": 2, "batch-size": 16, "lr": 0.05, "seed": 0})),
+             (project_client_app, BlockLayout.from_spec(spec), build_model(spec).state_dict(), project_config,
+              model_config(spec))]
+    for app, app_layout, state, run_config, train_config in cases:
+        strategy = ResIST(app_layout, min_train_nodes=2, min_available_nodes=2, transport=transport)
+        initial = ArrayRecord({k: v for k, v in state.items() if k in set(app_layout.payload_keys())})
+        result = strategy.start(InProcessGrid(app, num_nodes=2, run_config=run_config), initial_arrays=initial,
+                                num_rounds=2, train_config=train_config)
+        for run_round in (1, 2):
+            assert result.train_metrics_clientapp[run_round]["replies-accepted"] == 2, (app, transport)
+        moved = [k for k in initial if not np.array_equal(result.arrays[k].numpy(), initial[k].numpy())]
+        assert moved

@@ -19,7 +19,8 @@ from resist_fl.core.model import ModelSpec
 from resist_fl.run.outputs import read_metrics
 from resist_fl.run.settings import RunSettings, SettingsError
 from resist_fl.training import train
-from server_app.app import build_strategy, train_config
+from client_app.app import _run as client_run
+from server_app.app import build_strategy, model_config
 from simulations.inprocess import run_inprocess
 
 
@@ -57,7 +58,9 @@ def test_the_keys_are_validated_and_reach_both_strategies_and_the_clients():
     for strategy in ("resist", "fedavg"):
         settings = RunSettings.from_run_config({"strategy": strategy, "server-lr": 0.5, "clip-grad-norm": 2.0})
         assert build_strategy(settings, layout).server_lr == 0.5
-        assert train_config(settings, ModelSpec(), 0)["clip-grad-norm"] == 2.0
+        # the clients read it from the run config they receive (one path; not repeated in messages)
+        assert client_run(tuple(sorted(settings.to_run_config().items())), 10, 3)[0].clip_grad_norm == 2.0
+        assert "clip-grad-norm" not in model_config(ModelSpec())
 
 
 @pytest.mark.parametrize("strategy", ["resist", "fedavg"])

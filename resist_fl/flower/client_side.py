@@ -2,7 +2,8 @@
 
 A training message carries the arrays of one sub-network (``arrays``) and, in its ``config``,
 the names of the partitionable blocks that sub-network holds (``blocks``; absent for FedAvg,
-which sends the full model) and how float arrays travel (``transport-dtype``). A reply carries
+which sends the full model), how float arrays travel (``transport-dtype``) and the run round
+(``run-round``), all stamped by the strategy (:mod:`resist_fl.flower.message_keys`). A reply carries
 the same keys back, trained, and the metrics :data:`~resist_fl.core.validation.TRAIN_METRICS`.
 The project's ClientApp and ``examples/own-app`` both build on these helpers:
 
@@ -28,18 +29,28 @@ from resist_fl.core.residual_nets import subnetwork_of
 from resist_fl.core.transport import decode_state, encode_array
 from resist_fl.core.validation import TRAIN_METRICS
 from resist_fl.flower.array_codec import array_of
+from resist_fl.flower.message_keys import BLOCKS, RUN_ROUND, SERVER_ROUND, TRANSPORT
 from resist_fl.flower.node_sampling import IDENTITY_RECORD
 
 
 def message_blocks(message: Message) -> list[str] | None:
     """The partitionable blocks a training message's sub-network holds (None: the full model)."""
     config = message.content["config"]
-    return list(config["blocks"]) if "blocks" in config else None
+    return list(config[BLOCKS]) if BLOCKS in config else None
 
 
 def message_transport(message: Message) -> str:
-    """How the message's float arrays travel (``transport-dtype``; float32 by default)."""
-    return str(message.content["config"].get("transport-dtype", "float32"))
+    """How the message's float arrays travel, as the strategy that sent it stamped it
+    (:data:`~resist_fl.flower.message_keys.TRANSPORT`; float32 from a strategy that does not)."""
+    return str(message.content["config"].get(TRANSPORT, "float32"))
+
+
+def message_run_round(message: Message) -> int:
+    """The round of the run the message belongs to, as the strategy stamped it
+    (:data:`~resist_fl.flower.message_keys.RUN_ROUND`; Flower's ``server-round`` from a strategy
+    that does not)."""
+    config = message.content["config"]
+    return int(config[RUN_ROUND] if RUN_ROUND in config else config[SERVER_ROUND])
 
 
 def load_received(model: torch.nn.Module, layout: BlockLayout, arrays: ArrayRecord,

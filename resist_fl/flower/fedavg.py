@@ -16,7 +16,8 @@ comparison with ResIST differs in the strategy and nothing else:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -29,8 +30,10 @@ from resist_fl.core.aggregation import cast_mean, check_server_lr, server_step
 from resist_fl.core.transport import check_transport
 from resist_fl.core.validation import EVALUATE_METRICS, MAX_METRIC, ReplyError, check_metric, check_num_examples
 from resist_fl.flower.array_codec import array_of, array_view
+from resist_fl.flower.message_keys import RUN_ROUND, SERVER_ROUND, TRANSPORT
 from resist_fl.flower.node_sampling import NodeSampler
 from resist_fl.flower.reply_screening import encoded_record, refuse_non_finite, screen_replies
+from resist_fl.flower.round_report import NodeReport, RoundReport
 
 
 class ScreenedFedAvg(FedAvg):
@@ -47,8 +50,6 @@ class ScreenedFedAvg(FedAvg):
         How float arrays of training messages and replies travel
         (:data:`~resist_fl.core.transport.TRANSPORT_DTYPES`); the average and the
         global model stay float32.
-    round_offset : int
-        Rounds done before this ``start()`` (a resumed run).
     min_train_replies : int
         With fewer valid replies, the round leaves the global model unchanged.
     max_num_examples : int
@@ -57,7 +58,10 @@ class ScreenedFedAvg(FedAvg):
         Passed to :class:`flwr.serverapp.strategy.FedAvg`.
     """
 
-    def __init__(self, *, seed: int = 0, round_offset: int = 0, min_train_replies: int = 1,
+    label = "fedavg"
+    """The ``strategy`` column of what a recorder writes."""
+
+    def __init__(self, *, seed: int = 0, min_train_replies: int = 1,
                  max_num_examples: int = 10_000_000, server_lr: float = 1.0, transport: str = "float32",
                  **kwargs) -> None:
         super().__init__(**kwargs)
@@ -67,7 +71,7 @@ class ScreenedFedAvg(FedAvg):
         self.server_lr = server_lr
         self.sampler = NodeSampler(fraction=self.fraction_train, min_nodes=self.min_train_nodes,
                                    min_available_nodes=self.min_available_nodes, seed=seed)
-        self.round_offset = round_offset
+        self.round_offset = 0  # rounds done before this start() (resume_after)
         self.min_train_replies = min_train_replies
         self.max_num_examples = max_num_examples
         self.last_round_metrics: dict[str, float | int] = {}
@@ -79,9 +83,11 @@ class ScreenedFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Send the whole model to the sampled nodes (one shared RecordDict, as FedAvg does)."""
-        sampled, connected, _ = self.sampler.sample(grid, self.round_offset + server_round)
+        run_round = self.round_offset + server_round
+        sampled, connected, _ = self.sampler.sample(grid, run_round)
         log(INFO, "configure_train: round %d, %d of %d nodes", server_round, len(sampled), connected)
-        config["server-round"] = server_round
+        config = ConfigRecord({**config, SERVER_ROUND: server_round, RUN_ROUND: run_round, TRANSPORT: self.transport})
+        self.last_evaluate_metrics = {}  # this round's federated evaluation comes after its training
         record = RecordDict({self.arrayrecord_key: encoded_record(arrays, self.transport),
                              self.configrecord_key: config})
         self._global = arrays
@@ -111,6 +117,21 @@ class ScreenedFedAvg(FedAvg):
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         record = ArrayRecord({k: array_of(v) for k, v in merged.items()})
         return record, MetricRecord({**metrics, **self.last_round_metrics})
+
+    def round_report(self) -> RoundReport:
+        """The last round: reply counts and figures, and per node its accepted reply's metrics
+        (every node trains the full model), and the round's federated evaluation if any."""
+        nodes = {m.metadata.dst_node_id: NodeReport(None, self.last_replies.get(m.metadata.dst_node_id, {}))
+                 for m in self._messages}
+        return RoundReport(dict(self.last_round_metrics), nodes, client_evaluation=dict(self.last_evaluate_metrics))
+
+    def inference_scales(self) -> dict[str, float]:
+        """FedAvg trains the full model: no block is scaled."""
+        return {}
+
+    def resume_after(self, completed_rounds: int, last_row: Mapping[str, Any] | None) -> None:
+        """Continue after ``completed_rounds`` rounds (sampling continues the seeded sequence)."""
+        self.round_offset = int(completed_rounds)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Federated evaluation: the example-weighted mean of the valid replies' metrics."""

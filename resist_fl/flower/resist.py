@@ -10,7 +10,8 @@ the FULL global record, which it returns.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 from logging import INFO, WARNING
 
 import numpy as np
@@ -31,9 +32,11 @@ from resist_fl.core.allocation import (
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.transport import check_transport
 from resist_fl.flower.array_codec import array_of, array_view
+from resist_fl.flower.message_keys import BLOCKS, RUN_ROUND, SERVER_ROUND, TRANSPORT
 from resist_fl.flower.metering import MeteredGrid
 from resist_fl.flower.node_sampling import NodeSampler
 from resist_fl.flower.reply_screening import Accepted, encoded_record, refuse_non_finite, screen_replies
+from resist_fl.flower.round_report import NodeReport, RoundReport
 
 MIN_TRAIN_SECONDS = 1e-3
 """Shortest training time a speed is computed from (a subnormal claim cannot make it infinite)."""
@@ -44,6 +47,9 @@ PHASE_RESIST = "resist"
 
 class ResIST(Strategy):
     """Layer-wise decomposition of a ResNet into per-node sub-networks.
+
+    A :class:`~resist_fl.flower.round_report.RecordedStrategy`: :meth:`round_report`,
+    :meth:`inference_scales` and :meth:`resume_after` are what a recorder reads and sets.
 
     Parameters
     ----------
@@ -63,10 +69,8 @@ class ResIST(Strategy):
     max_num_examples : int
         Replies claiming more examples are rejected.
     seed : int
-        Node sampling and decomposition are a function of (seed, round).
-    round_offset : int
-        Rounds already done before this ``start()`` (a resumed run): round r
-        of ``start()`` is round ``round_offset + r`` of the run.
+        Node sampling and decomposition are a function of (seed, run round); a resumed run's
+        rounds continue from :meth:`resume_after`.
     server_lr : float
         Server step: every merged parameter moves this fraction of the way from
         the global value to the merge (1.0, the default, is the paper's merge).
@@ -85,10 +89,13 @@ class ResIST(Strategy):
         :attr:`last_phase` names the phase of the last configured round.
     """
 
+    label = "resist"
+    """The ``strategy`` column of what a recorder writes."""
+
     def __init__(self, layout: BlockLayout, *, fraction_train: float = 1.0, min_train_nodes: int = 2,
                  min_available_nodes: int = 2, min_blocks_per_site: int = 0,
                  weighting: str = "examples", min_train_replies: int = 1,
-                 max_num_examples: int = 10_000_000, seed: int = 0, round_offset: int = 0,
+                 max_num_examples: int = 10_000_000, seed: int = 0,
                  server_lr: float = 1.0, transport: str = "float32", allocation: str = "uniform",
                  warmup_rounds: int = 0) -> None:
         update_weights([], weighting)  # validates the name
@@ -108,7 +115,7 @@ class ResIST(Strategy):
         self.weighting = weighting
         self.min_train_replies = min_train_replies
         self.max_num_examples = max_num_examples
-        self.round_offset = round_offset
+        self.round_offset = 0  # rounds done before this start() (resume_after)
         self.server_lr = server_lr
         self.transport = transport
         self.allocation = allocation
@@ -126,7 +133,23 @@ class ResIST(Strategy):
         self._sent: dict[int, tuple[str, ...]] = {}  # node -> the keys it was sent this round
         self._messages: list[Message] = []
 
-    # -- what the ServerApp needs ------------------------------------------------------------
+    # -- what the ServerApp needs (RecordedStrategy) ------------------------------------------
+    def round_report(self) -> RoundReport:
+        """The last round: reply counts and figures, phase, held fraction, and per node the blocks
+        it was sent, its accepted reply's metrics and its measured speed."""
+        nodes = {n: NodeReport(len(self.last_blocks.get(n, self.layout.partitionable)), self.last_replies.get(n, {}),
+                               self.speeds.get(n)) for n in self._sent}
+        return RoundReport(dict(self.last_round_metrics), nodes, self.last_phase, self.held_fraction)
+
+    def resume_after(self, completed_rounds: int, last_row: Mapping[str, Any] | None) -> None:
+        """Continue after ``completed_rounds`` rounds: the next round is ``completed_rounds + 1``
+        of the run (sampling and decomposition continue the seeded sequence), and the inference
+        scale is the last recorded round's until a round is configured."""
+        self.round_offset = int(completed_rounds)
+        if last_row:
+            self.num_subnetworks = int(last_row.get("num-subnetworks", self.num_subnetworks))
+            self.held_fraction = last_row.get("held-fraction", self.held_fraction)
+
     def phase(self, run_round: int) -> str:
         """``warmup`` (full model, FedAvg) for rounds up to ``warmup_rounds``, then ``resist``."""
         return PHASE_WARMUP if run_round <= self.warmup_rounds else PHASE_RESIST
@@ -216,9 +239,10 @@ class ResIST(Strategy):
             payload = ArrayRecord()
             for key in keys:
                 payload[key] = wire[key]
-            node_config = ConfigRecord({**config, "server-round": server_round})
+            node_config = ConfigRecord({**config, SERVER_ROUND: server_round, RUN_ROUND: run_round,
+                                        TRANSPORT: self.transport})
             if held is not None:  # no `blocks` (warm-up): the full model, as FedAvg sends it
-                node_config["blocks"] = list(held)
+                node_config[BLOCKS] = list(held)
             content = RecordDict({"arrays": payload, "config": node_config})
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
         log(INFO, "configure_train: round %d (%s), %d of %d nodes, sub-network depths %s", server_round,

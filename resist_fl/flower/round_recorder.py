@@ -27,9 +27,8 @@ from flwr.serverapp import Grid
 
 from resist_fl.core.allocation import max_depth
 from resist_fl.core.decomposition import BlockLayout, scale_key
-from resist_fl.flower.fedavg import ScreenedFedAvg
 from resist_fl.flower.metering import MeteredGrid, RoundTraffic
-from resist_fl.flower.resist import ResIST
+from resist_fl.flower.round_report import NodeReport, RecordedStrategy, RoundReport
 from resist_fl.peak_memory import MEASURES, resident_memory_mb
 from resist_fl.run.checkpoint import Checkpoint, capture_rngs, open_run_directory
 from resist_fl.run.divergence import DIVERGENCE_HINT, divergence_reason
@@ -60,9 +59,11 @@ class RoundRecorder:
 
     Parameters
     ----------
-    strategy : ResIST | ScreenedFedAvg
-        The strategy the run uses; on resume its round offset (and ResIST's inference-scale
-        state) is restored from the checkpoint.
+    strategy : RecordedStrategy
+        The strategy the run uses (ResIST, ScreenedFedAvg, or any strategy with the declared
+        :class:`~resist_fl.flower.round_report.RecordedStrategy` methods); what it reports is
+        read through :meth:`~RecordedStrategy.round_report` only, and on resume
+        :meth:`~RecordedStrategy.resume_after` continues it from the checkpoint.
     layout : BlockLayout
         The global model's layout (the one ``strategy`` was built on).
     run_dir : Path
@@ -82,32 +83,30 @@ class RoundRecorder:
     resume : bool
         Continue the run in ``run_dir`` from its checkpoint; otherwise ``run_dir`` must hold no run.
     label : str, optional
-        The ``strategy`` column (default ``resist`` or ``fedavg``).
+        The ``strategy`` column (default: ``strategy.label``).
     tracker : optional
         Also sends every row there (:func:`resist_fl.run.tracking.open_tracker`; its failures
         are warnings, never the run's); closed by :meth:`finish`.
     """
 
-    def __init__(self, strategy: ResIST | ScreenedFedAvg, layout: BlockLayout, run_dir: Path, *,
+    def __init__(self, strategy: RecordedStrategy, layout: BlockLayout, run_dir: Path, *,
                  run_config: Mapping[str, Any], num_rounds: int, evaluation: Evaluation | None = None,
                  eval_every: int = 1, inference_scaling: bool = True, resume: bool = False,
                  label: str | None = None, tracker: SafeTracker | None = None) -> None:
-        if not isinstance(strategy, (ResIST, ScreenedFedAvg)):
-            raise TypeError(f"strategy: expected ResIST or ScreenedFedAvg, got {type(strategy).__name__}")
+        if not isinstance(strategy, RecordedStrategy):
+            raise TypeError(f"strategy: expected ResIST or ScreenedFedAvg (or another RecordedStrategy: round_report, "
+                            f"inference_scales, resume_after, sampler, label), got {type(strategy).__name__}")
         if eval_every < 1:
             raise ValueError(f"eval_every = {eval_every}: expected a positive integer")
         self.strategy, self.layout, self.run_dir = strategy, layout, Path(run_dir)
         self.run_config, self.num_rounds = dict(run_config), num_rounds
         self.evaluation, self.eval_every, self.inference_scaling = evaluation, eval_every, inference_scaling
-        self.label = label or ("resist" if isinstance(strategy, ResIST) else "fedavg")
+        self.label = label or strategy.label
         self.tracker = tracker
         self.resumed: Checkpoint | None = open_run_directory(self.run_dir, self.run_config, resume)
         self.completed_rounds = self.resumed.server_round if self.resumed else 0
         self.rows: list[dict] = list(self.resumed.metrics) if self.resumed else []
-        strategy.round_offset = self.completed_rounds
-        if self.resumed and isinstance(strategy, ResIST) and self.rows:  # for the inference scale
-            strategy.num_subnetworks = int(self.rows[-1].get("num-subnetworks", strategy.num_subnetworks))
-            strategy.held_fraction = self.rows[-1].get("held-fraction")
+        strategy.resume_after(self.completed_rounds, self.rows[-1] if self.rows else None)
         self.grid: MeteredGrid | None = None
         self.arrays: ArrayRecord | None = None  # the global arrays after the last round seen
         self.seconds = 0.0
@@ -176,9 +175,7 @@ class RoundRecorder:
 
     def scales(self) -> dict[str, float]:
         """Residual scales for evaluation: ResIST's inference scales (none when disabled or FedAvg)."""
-        if isinstance(self.strategy, ResIST) and self.inference_scaling:
-            return self.strategy.inference_scales()
-        return {}
+        return self.strategy.inference_scales() if self.inference_scaling else {}
 
     # -- evaluate_fn -------------------------------------------------------------------------
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -190,8 +187,9 @@ class RoundRecorder:
             raise RuntimeError("RoundRecorder is the evaluate_fn of RoundRecorder.start, not of another start()")
         run_round = self.completed_rounds + server_round
         traffic = self.grid.take_round()
-        row = self._round_row(run_round, traffic)
-        nodes = self.node_rows(run_round, traffic)
+        report = self.strategy.round_report()
+        row = self._round_row(run_round, traffic, report)
+        nodes = self.node_rows(run_round, traffic, report)
         evaluated: dict[str, float | int | None] = {}
         if self.evaluation is not None and (run_round % self.eval_every == 0 or run_round == self.num_rounds):
             evaluated = _numbers(self.evaluation(run_round, self.final_state()))
@@ -219,9 +217,9 @@ class RoundRecorder:
         finite = {k: v for k, v in evaluated.items() if v is not None}
         return MetricRecord(finite) if finite else None
 
-    def _round_row(self, run_round: int, traffic: RoundTraffic) -> dict:
+    def _round_row(self, run_round: int, traffic: RoundTraffic, report: RoundReport) -> dict:
         """Traffic and client figures of the round that just ended (no evaluation yet)."""
-        trained = self.strategy.last_round_metrics  # accepted replies only
+        trained = report.metrics  # accepted replies only
         row = {
             "round": run_round, "strategy": self.label, "accuracy": None, "loss": None,
             "train-loss": trained.get("train-loss"), "client-seconds": trained.get("client-seconds", 0.0),
@@ -232,25 +230,25 @@ class RoundRecorder:
         }
         row.update({k: v for k, v in trained.items()
                     if k.startswith("replies-") or k in ("num-subnetworks", "merge-refused")})
-        if isinstance(self.strategy, ScreenedFedAvg) and self.strategy.last_evaluate_metrics:
-            row["client-eval-loss"] = self.strategy.last_evaluate_metrics["eval-loss"]
-            row["client-eval-acc"] = self.strategy.last_evaluate_metrics["eval-acc"]
-            self.strategy.last_evaluate_metrics = {}
-        if isinstance(self.strategy, ResIST):
-            row["phase"] = self.strategy.last_phase
+        if report.client_evaluation:
+            row["client-eval-loss"] = report.client_evaluation["eval-loss"]
+            row["client-eval-acc"] = report.client_evaluation["eval-acc"]
+        if report.phase is not None:
+            row["phase"] = report.phase
+        if report.held_fraction is not None:
             row["inference-scale"] = next(iter(self.scales().values()), 1.0)
-            row["held-fraction"] = self.strategy.held_fraction
+            row["held-fraction"] = report.held_fraction
         return row
 
-    def node_rows(self, run_round: int, traffic: RoundTraffic) -> list[dict]:
+    def node_rows(self, run_round: int, traffic: RoundTraffic, report: RoundReport) -> list[dict]:
         """One ``nodes.jsonl`` row per node sent a training message this round."""
         sampler, partitionable = self.strategy.sampler, len(self.layout.partitionable)
-        sent_blocks = self.strategy.last_blocks if isinstance(self.strategy, ResIST) else {}
         rows = []
         for node in sorted(traffic.train_nodes, key=sampler.rank):
-            reply = self.strategy.last_replies.get(node, {})
+            sent = report.nodes.get(node, NodeReport(None))
+            reply = sent.reply
             capacity = sampler.capacity(node)
-            blocks = len(sent_blocks[node]) if node in sent_blocks else partitionable
+            blocks = partitionable if sent.blocks is None else sent.blocks
             rows.append({
                 "round": run_round, "strategy": self.label, "node": node,
                 "partition": sampler.partition(node), "capacity": capacity,
@@ -261,6 +259,7 @@ class RoundRecorder:
                 "train-seconds": reply.get("train-seconds"), "simulated-seconds": reply.get("simulated-seconds"),
                 "peak-memory-mb": reply.get("peak-memory-mb"),
                 "memory-measure": MEASURES.get(int(reply.get("memory-measure", 0))),
+                "blocks-per-second": sent.blocks_per_second,
             })
         return rows
 

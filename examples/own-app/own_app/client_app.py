@@ -10,7 +10,7 @@ from flwr.clientapp import ClientApp
 
 from own_app.task import STAGES, OwnResNet, example_batch, load_data, train
 from resist_fl import BlockLayout
-from resist_fl.flower.client_side import identity_reply, received_subnetwork, train_reply
+from resist_fl.flower.client_side import identity_reply, message_run_round, received_subnetwork, train_reply
 
 app = ClientApp()
 
@@ -27,7 +27,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     partition_id, num_partitions = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
     model = received_subnetwork(*global_model(), msg)  # this round's sub-network, loaded
-    run_round = int(config["server-round"]) + int(config["round-offset"])
+    run_round = message_run_round(msg)  # stamped by the strategy (a resumed run continues its rounds)
     seed = int(config["seed"]) * 100_003 + run_round * 1_009 + partition_id
     torch.manual_seed(seed)
     data = load_data(partition_id, num_partitions)

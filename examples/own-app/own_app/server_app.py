@@ -45,8 +45,8 @@ def main(grid: Grid, context: Context) -> None:
     recorder = RoundRecorder(strategy, layout, run_dir, run_config=dict(config),
                              num_rounds=int(config["num-server-rounds"]), evaluation=evaluation,
                              resume=bool(config["resume"]), label=str(config["strategy"]))
+    # only the app's own hyper-parameters: the strategy stamps blocks, transport and run round itself
     train_config = ConfigRecord({"local-steps": int(config["local-steps"]), "batch-size": int(config["batch-size"]),
-                                 "lr": float(config["lr"]), "seed": seed,
-                                 "round-offset": recorder.completed_rounds})
+                                 "lr": float(config["lr"]), "seed": seed})
     recorder.start(grid, model.state_dict(), train_config=train_config)
     recorder.finish()

@@ -1,0 +1,65 @@
+"""What a strategy's round produced, declared: the one thing :class:`RoundRecorder` reads.
+
+Every strategy the recorder can record (:class:`RecordedStrategy`: ResIST, the screened FedAvg,
+or a user's own) reports its last round as a :class:`RoundReport` and takes its place in a run
+through :meth:`RecordedStrategy.resume_after` (the one place a resumed run's round offset is set).
+Nothing else of a strategy is read: no attribute probing, no dispatch on its type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from resist_fl.flower.node_sampling import NodeSampler
+
+
+@dataclass(frozen=True)
+class NodeReport:
+    """One node sent a training message this round."""
+
+    blocks: int | None
+    """Partitionable blocks of the sub-network it was sent (None: the full model)."""
+    reply: Mapping[str, float | int] = field(default_factory=dict)
+    """Its accepted reply's metrics (:data:`~resist_fl.core.validation.TRAIN_METRICS` and the
+    client costs); empty when it sent no valid reply."""
+    blocks_per_second: float | None = None
+    """Its speed as the server measured it (ResIST's ``speed`` allocation), if measured."""
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """The last round of a strategy, as the recorder writes it."""
+
+    metrics: Mapping[str, float | int] = field(default_factory=dict)
+    """Counts and figures of the accepted replies (``replies-*``, ``merge-refused``,
+    ``train-loss``, ``client-seconds``, ``num-subnetworks``, ...)."""
+    nodes: Mapping[int, NodeReport] = field(default_factory=dict)
+    """Every node sent a training message this round."""
+    phase: str | None = None
+    """ResIST's phase (``warmup`` or ``resist``); None for a strategy without phases."""
+    held_fraction: float | None = None
+    """Mean fraction of the partitionable blocks a sub-network held (None: not a sub-model method)."""
+    client_evaluation: Mapping[str, float | int] = field(default_factory=dict)
+    """Federated evaluation of this round (FedAvg with ``fraction-evaluate`` > 0), if any."""
+
+
+@runtime_checkable
+class RecordedStrategy(Protocol):
+    """What :class:`~resist_fl.flower.round_recorder.RoundRecorder` needs of a strategy."""
+
+    sampler: NodeSampler
+    """The node sampler (node order, partitions and capacities for ``nodes.jsonl``)."""
+    label: str
+    """The default ``strategy`` column (e.g. ``resist``, ``fedavg``)."""
+
+    def round_report(self) -> RoundReport:
+        """The last round's report."""
+
+    def inference_scales(self) -> dict[str, float]:
+        """Residual scale of each partitioned block for evaluating the global model ({}: none)."""
+
+    def resume_after(self, completed_rounds: int, last_row: Mapping[str, Any] | None) -> None:
+        """Continue a run whose rounds ``1 .. completed_rounds`` are done (0: a new run);
+        ``last_row`` is the last recorded ``metrics.jsonl`` row (None for a new run)."""
