@@ -18,7 +18,7 @@ import importlib
 
 _PUBLIC = {
     "ModelSpec": "resist_fl.core.model",
-    "PreActResNet": "resist_fl.core.model",
+    "PreActResNet": "resist_fl.core.preact_resnet",
     "build_model": "resist_fl.core.model",
     "BlockLayout": "resist_fl.core.decomposition",
     "sample_subnetworks": "resist_fl.core.decomposition",

@@ -11,15 +11,16 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from resist_fl.core.decomposition import BlockLayout, scale_key
-from resist_fl.core.model import ModelSpec, build_model, set_residual_scales
+from resist_fl.core.model import ModelSpec, build_model
+from resist_fl.core.residual_nets import set_residual_scales
 from resist_fl.data import DataError, load_test_set, make_eval_loader, normalization
 from resist_fl.data.batches import EvalBatches
 from resist_fl.flower.fedavg import ScreenedFedAvg
 from resist_fl.flower.resist import ResIST
 from resist_fl.flower.round_recorder import RoundRecorder
 from resist_fl.run.outputs import CONFIG_FILE, run_directory, write_json
-from resist_fl.run.settings import RunSettings, SettingsError, resolve_model
-from resist_fl.run.tracking import TrackerUnavailable, open_tracker, require_tracker
+from resist_fl.run.settings import RunSettings, resolve_model
+from resist_fl.run.tracking import open_tracker
 from resist_fl.training import evaluate, resolve_device
 
 app = ServerApp()
@@ -119,15 +120,10 @@ def prepare_data(settings: RunSettings) -> tuple[ModelSpec, BlockLayout, EvalBat
 def main(grid: Grid, context: Context) -> None:
     """Run ResIST or FedAvg as the run config says; write everything under the run directory."""
     settings = RunSettings.from_run_config(context.run_config)
+    settings.check_tracker_installed()  # a missing extra stops the run before its directory is made
     spec, layout, test_loader, data = prepare_data(settings)
-    if settings.resume and not settings.run_name:
-        raise SettingsError("resume = true needs run-name: the name of the run directory to continue")
     run_dir = run_directory(settings.output_dir, settings.run_name, settings.strategy)
     strategy = build_strategy(settings, layout)
-    try:
-        require_tracker(settings.tracker)  # a missing extra stops the run before its directory is made
-    except TrackerUnavailable as err:
-        raise SettingsError(str(err)) from None
     recorder = RoundRecorder(strategy, layout, run_dir, run_config=settings.to_run_config(),
                              num_rounds=settings.num_server_rounds,
                              evaluation=CentralEvaluation(settings, spec, layout, test_loader),

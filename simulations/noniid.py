@@ -81,7 +81,7 @@ def load_grid_preset(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     if owned := sorted(set(config.get("run-config", {})) & set(GRID_KEYS)):
         raise PresetError(f"preset {config.name!r}: run-config sets {owned}, which the grid sets per cell "
                           "(use grid.norms / grid.alphas)")
-    from resist_fl.core.model import NORMS
+    from resist_fl.core.norms import NORMS
 
     if bad := sorted(set(grid.norms) - set(NORMS)):
         raise PresetError(f"grid.norms: unknown {bad}; expected some of {', '.join(NORMS)}")

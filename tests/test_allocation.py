@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from resist_fl.core.allocation import allocate_depths, check_capacity, deal_blocks, max_depth
 from resist_fl.core.decomposition import BlockLayout, round_rng, sample_subnetworks
-from resist_fl.core.model import ModelSpec, build_model, set_residual_scales
+from resist_fl.core.model import ModelSpec, build_model
+from resist_fl.core.residual_nets import set_residual_scales
 
 capacities = st.lists(st.sampled_from([1.0, 0.75, 0.5, 0.3, 0.25, 0.1, 0.05]), min_size=1, max_size=9)
 

@@ -13,7 +13,8 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from resist_fl.core.decomposition import BlockLayout
-from resist_fl.core.model import ModelSpec, build_model, set_residual_scales
+from resist_fl.core.model import ModelSpec, build_model
+from resist_fl.core.residual_nets import set_residual_scales
 from resist_fl.data import DataError, load_test_set
 from resist_fl.data.batches import (
     RESIZED_CROP_RATIO,

@@ -4,15 +4,10 @@ import pytest
 import torch
 
 from resist_fl.core.decomposition import BlockLayout
-from resist_fl.core.model import (
-    NORMS,
-    ModelSpec,
-    PreActBlock,
-    build_model,
-    preact_resnet18,
-    preact_resnet101,
-    set_residual_scales,
-)
+from resist_fl.core.model import ModelSpec, build_model
+from resist_fl.core.norms import NORMS
+from resist_fl.core.preact_resnet import PreActBlock
+from resist_fl.core.residual_nets import set_residual_scales, skip_blocks
 
 TINY = ModelSpec(depths=(1, 1, 4, 1), base_width=8, num_classes=10)
 
@@ -24,12 +19,12 @@ def n_params(model):
 @pytest.mark.parametrize("num_classes, expected", [(10, 41_350_730), (100, 41_396_900)])
 def test_resnet101_parameter_count_matches_official_code(num_classes, expected):
     with torch.device("meta"):
-        assert n_params(preact_resnet101(num_classes=num_classes)) == expected
+        assert n_params(build_model(ModelSpec.from_name("preact_resnet101", num_classes=num_classes))) == expected
 
 
 def test_presets_have_paper_stage_depths():
     with torch.device("meta"):
-        model = preact_resnet101()
+        model = build_model(ModelSpec.from_name("preact_resnet101"))
     assert [len(getattr(model, f"layer{s}")) for s in range(1, 5)] == [3, 4, 23, 3]
     assert isinstance(model.layer3[0], PreActBlock) and model.layer3[0].changes_shape
 
@@ -93,9 +88,11 @@ def test_subnetwork_memory_follows_its_depth():
 
 def test_strided_blocks_cannot_be_dropped_and_unknown_blocks_are_named():
     with pytest.raises(ValueError, match="layer3.0"):
-        build_model(TINY, ["layer3.0"])
+        skip_blocks(build_model(TINY), ["layer3.0"])
     with pytest.raises(ValueError, match="layer3.9"):
-        build_model(TINY, ["layer3.9"])
+        skip_blocks(build_model(TINY), ["layer3.9"])
+    with pytest.raises(ValueError, match="layer3.9"):
+        BlockLayout.from_spec(TINY).build_subnetwork(TINY, ["layer3.9"])
 
 
 def test_spec_validation_and_round_trip():
@@ -109,8 +106,8 @@ def test_spec_validation_and_round_trip():
         ModelSpec(depths=(1, 0, 1, 1))
 
 
-def test_width_multiplier_and_preset_factories():
+def test_width_multiplier_and_presets():
     with torch.device("meta"):
-        narrow = preact_resnet18(base_width=16)
-        wide = preact_resnet18()
+        narrow = build_model(ModelSpec.from_name("preact_resnet18", base_width=16))
+        wide = build_model(ModelSpec.from_name("preact_resnet18"))
     assert narrow.linear.in_features == 128 and wide.linear.in_features == 512

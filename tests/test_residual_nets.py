@@ -10,11 +10,24 @@ from torch import nn
 
 from resist_fl.core.aggregation import merge_partial
 from resist_fl.core.decomposition import BlockLayout
-from resist_fl.core.model import set_residual_scales
-from resist_fl.core.residual_nets import find_stages, skip_blocks, subnetwork_of
+from resist_fl.core.residual_nets import find_stages, set_residual_scales, skip_blocks, subnetwork_of
 
 pytest.importorskip("torchvision")
-from resist_fl.core.torchvision_resnets import torchvision_resnet  # noqa: E402
+from resist_fl.core.model import ModelSpec, build_model  # noqa: E402
+from resist_fl.core.torchvision_resnets import TORCHVISION_DEPTHS  # noqa: E402
+
+
+def torchvision_resnet(name: str, num_classes: int = 10, in_channels: int = 3, stem: str = "cifar",
+                       image_size: int = 32, stages: tuple[str, ...] = ("layer3",)) -> tuple[nn.Module, BlockLayout]:
+    """The torchvision ResNet ``name`` (``"resnet50"``) and its layout with ``stages`` partitioned."""
+    arch = f"torchvision_{name}"
+    if arch not in TORCHVISION_DEPTHS:
+        raise ValueError(f"unknown torchvision ResNet {name!r}; expected one of "
+                         f"{', '.join(a.removeprefix('torchvision_') for a in TORCHVISION_DEPTHS)}")
+    spec = ModelSpec(depths=TORCHVISION_DEPTHS[arch], num_classes=num_classes, in_channels=in_channels,
+                     base_width=64, norm="batchnorm-running", arch=arch, stem=stem)
+    model = build_model(spec)
+    return model, BlockLayout.from_model(model, torch.zeros(2, in_channels, image_size, image_size), stages)
 
 
 @pytest.fixture(scope="module", name="resnet50")

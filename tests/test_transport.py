@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from resist_fl.core.transport import TransportError, decode_array, decode_state, encode_array, encode_state
+from resist_fl.core.transport import TransportError, decode_array, decode_state, encode_array
 from resist_fl.run.outputs import read_metrics
 from simulations.inprocess import run_inprocess
 
@@ -64,7 +64,7 @@ def test_bad_encodings_are_named(transport, value, match):
 
 def test_bytes_shrink_by_the_dtype_ratio():
     state = {f"w{i}": RNG.standard_normal((64, 64, 3, 3)).astype(np.float32) for i in range(3)}
-    size = {t: sum(v.nbytes for v in encode_state(state, t).values()) for t in ("float32", "float16", "uint8")}
+    size = {t: sum(encode_array(v, t).nbytes for v in state.values()) for t in ("float32", "float16", "uint8")}
     assert size["float16"] * 2 == size["float32"]
     assert size["uint8"] == size["float32"] / 4 + 8 * len(state)
     with pytest.raises(ValueError, match="bfloat8"):

@@ -16,7 +16,14 @@ import numpy as np
 import torch
 
 from resist_fl.core.allocation import allocate_depths, deal_blocks
-from resist_fl.core.model import RESIDUAL_SCALE, ModelSpec, PreActResNet, build_model
+from resist_fl.core.model import ModelSpec, build_model
+from resist_fl.core.residual_nets import (
+    RESIDUAL_SCALE,
+    attach_residual_scales,
+    find_stages,
+    partitionable_blocks,
+    skip_blocks,
+)
 
 SHARED = "shared"
 """Block id of every key that belongs to all sub-networks."""
@@ -61,8 +68,6 @@ class BlockLayout:
         partitionable. By default the stage is found in the module tree: the third of four
         stages (the paper's stage 3), else the longest. Gives every block of those stages a
         residual scale (in place); ``example`` is an input batch that checks the shapes."""
-        from resist_fl.core.residual_nets import attach_residual_scales, find_stages, partitionable_blocks
-
         if stages is None:
             found = find_stages(model)
             lengths = [len(model.get_submodule(s)) for s in found]
@@ -102,9 +107,22 @@ class BlockLayout:
         self._check_blocks(held)
         return tuple(b for b in self.partitionable if b not in held)
 
-    def build_subnetwork(self, spec: ModelSpec, blocks: Iterable[str]) -> PreActResNet:
-        """The sub-network holding ``blocks``; its keys are :meth:`subnetwork_keys`."""
-        return build_model(spec, self.dropped_blocks(blocks))
+    def build_subnetwork(self, spec: ModelSpec, blocks: Iterable[str]) -> torch.nn.Module:
+        """The sub-network holding ``blocks`` (any family): the model of ``spec`` with the other
+        partitionable blocks skipped (:func:`~resist_fl.core.residual_nets.skip_blocks`, the one
+        way a sub-network is made); its keys are :meth:`subnetwork_keys`, the global names.
+
+        It is built on the meta device and materialised only after the skipping, so its memory
+        follows its depth (the full model is never allocated). Its parameters and buffers are
+        zeros and its residual scales 1.0: load the received arrays into it.
+        """
+        with torch.device("meta"):
+            model = skip_blocks(build_model(spec), self.dropped_blocks(blocks))
+        model = model.to_empty(device="cpu")
+        with torch.no_grad():
+            for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+                tensor.fill_(1.0 if is_scale_key(name) else 0.0)
+        return model
 
     def inference_scales(self, num_subnetworks: int, min_blocks: int = 0,
                          held_fraction: float | None = None) -> dict[str, float]:

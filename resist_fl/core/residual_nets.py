@@ -16,19 +16,21 @@ sequences in the module tree when no names are given.
   post-activation block whose input is itself a ReLU output, skipping equals a residual scale
   of 0 (``relu(0 + x) = x``).
 
-Pure PyTorch; nothing imports Flower.
+The bottom layer of the core (with :mod:`resist_fl.core.norms`): the model families above it
+own their blocks, and every sub-network is made here, by skipping blocks. Pure PyTorch;
+nothing imports Flower.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from resist_fl.core.model import RESIDUAL_SCALE
-
+RESIDUAL_SCALE = "residual_scale"
+"""Name of the per-block buffer that scales the residual branch (every model family's)."""
 NORM_TYPES = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
 SHORTCUT_NAMES = ("downsample", "shortcut")
 """Child names of a block's shortcut path (torchvision: ``downsample``)."""
@@ -144,3 +146,19 @@ def partitionable_blocks(model: nn.Module, stages: Sequence[str], example: torch
 def subnetwork_of(model: nn.Module, dropped: Iterable[str]) -> nn.Module:
     """A copy of ``model`` with the ``dropped`` blocks skipped (its keys: the global names minus theirs)."""
     return skip_blocks(copy.deepcopy(model), dropped)
+
+
+def set_residual_scales(model: nn.Module, scales: Mapping[str, float]) -> None:
+    """Set the residual scale of the named blocks (e.g. the inference scales) of a
+    :class:`~resist_fl.core.preact_resnet.PreActResNet` or any model whose blocks own a ``residual_scale`` buffer."""
+    blocks = {}
+    for name in scales:
+        try:
+            blocks[name] = model.get_submodule(name)
+        except AttributeError:
+            continue
+    if missing := sorted(n for n in scales if not hasattr(blocks.get(n), RESIDUAL_SCALE)):
+        raise ValueError(f"blocks {missing} are not present in this model")
+    with torch.no_grad():
+        for name, scale in scales.items():
+            getattr(blocks[name], RESIDUAL_SCALE).fill_(float(scale))

@@ -5,28 +5,35 @@ layers (``norm``), optionally with the CIFAR-style stem for 32x32 inputs (a 3x3 
 convolution and no max-pool, as in the paper's model). Every block of the four stages gets a
 ``residual_scale`` buffer applied by a hook (:mod:`resist_fl.core.residual_nets`), so the
 ``state_dict`` keys do not depend on which stages are partitioned; a sub-network skips its
-dropped blocks. Blocks from ResNet-50 up are bottlenecks. The paper found pre-activation blocks
+dropped blocks, as every family's does. Blocks from ResNet-50 up are bottlenecks. The paper found pre-activation blocks
 decompose better; these exist to measure that, and as the documented example of bringing one's
 own residual network.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from functools import partial
 
-import torch
 from torch import nn
 
-from resist_fl.core.decomposition import BlockLayout
-from resist_fl.core.model import TORCHVISION_DEPTHS, ModelSpec, make_norm
-from resist_fl.core.residual_nets import attach_residual_scales, skip_blocks
+from resist_fl.core.norms import make_norm
+from resist_fl.core.preact_resnet import ResNetShape
+from resist_fl.core.residual_nets import attach_residual_scales
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
+TORCHVISION_DEPTHS: dict[str, tuple[int, int, int, int]] = {
+    "torchvision_resnet18": (2, 2, 2, 2),
+    "torchvision_resnet34": (3, 4, 6, 3),
+    "torchvision_resnet50": (3, 4, 6, 3),
+    "torchvision_resnet101": (3, 4, 23, 3),
+    "torchvision_resnet152": (3, 8, 36, 3),
+}
+"""torchvision's post-activation ResNets (bottleneck blocks from 50 up), width fixed at 64."""
 
 
-def build_torchvision_resnet(spec: ModelSpec, dropped_blocks: Iterable[str] = ()) -> nn.Module:
-    """The torchvision ResNet of ``spec`` (randomly initialised), without ``dropped_blocks``."""
+def build_torchvision_resnet(spec: ResNetShape) -> nn.Module:
+    """The torchvision ResNet of ``spec`` (its ``arch``, e.g. ``torchvision_resnet50``), randomly
+    initialised, every block of the four stages with a residual scale."""
     from torchvision import models
 
     name = spec.arch.removeprefix("torchvision_")
@@ -36,18 +43,4 @@ def build_torchvision_resnet(spec: ModelSpec, dropped_blocks: Iterable[str] = ()
         model.maxpool = nn.Identity()
     elif spec.in_channels != 3:
         model.conv1 = nn.Conv2d(spec.in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    attach_residual_scales(model, STAGES)
-    return skip_blocks(model, dropped_blocks)
-
-
-def torchvision_resnet(name: str, num_classes: int = 10, in_channels: int = 3, stem: str = "cifar",
-                       image_size: int = 32, stages: tuple[str, ...] = ("layer3",)) -> tuple[nn.Module, BlockLayout]:
-    """The torchvision ResNet ``name`` (``"resnet50"``) and its layout with ``stages`` partitioned."""
-    arch = f"torchvision_{name}"
-    if arch not in TORCHVISION_DEPTHS:
-        raise ValueError(f"unknown torchvision ResNet {name!r}; expected one of "
-                         f"{', '.join(a.removeprefix('torchvision_') for a in TORCHVISION_DEPTHS)}")
-    spec = ModelSpec(depths=TORCHVISION_DEPTHS[arch], num_classes=num_classes, in_channels=in_channels,
-                     base_width=64, norm="batchnorm-running", arch=arch, stem=stem)
-    model = build_torchvision_resnet(spec)
-    return model, BlockLayout.from_model(model, torch.zeros(2, in_channels, image_size, image_size), stages)
+    return attach_residual_scales(model, STAGES)

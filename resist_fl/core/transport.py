@@ -89,11 +89,6 @@ def decode_array(value: np.ndarray, shape: tuple[int, ...], dtype: np.dtype | st
     return out.reshape(shape).astype(dtype, copy=False)
 
 
-def encode_state(state: Mapping[str, np.ndarray], transport: str) -> dict[str, np.ndarray]:
-    """Every array of ``state`` encoded under ``transport``."""
-    return {key: encode_array(value, transport) for key, value in state.items()}
-
-
 def decode_state(encoded: Mapping[str, np.ndarray], expected: Mapping[str, tuple[tuple[int, ...], np.dtype]],
                  transport: str) -> dict[str, np.ndarray]:
     """Decode the keys of ``encoded`` that ``expected`` names (shape, dtype); others pass unchanged.

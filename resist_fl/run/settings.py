@@ -1,155 +1,206 @@
-"""Run settings: the app's ``[tool.flwr.app.config]`` keys, parsed and validated.
+"""Run settings: the app's ``[tool.flwr.app.config]`` keys, declared with pydantic.
 
-Every key is kebab-case in the run config and snake_case here. Parsing checks
-names, types and ranges and raises :class:`SettingsError` naming the key, the
-bad value and what is allowed, so a ServerApp can stop before round 1.
+Every key is a field of :class:`RunSettings`: kebab-case in the run config (its alias),
+snake_case here, with its type, its allowed values (``Literal``) or range (field constraints)
+and its description, from which the README's run-config table is generated
+(:func:`run_config_table`, ``python -m resist_fl.run.settings --write README.md``). Unknown keys
+are forbidden; cross-key rules are validators. Every failure is a :class:`SettingsError` naming
+the key, the bad value and what is allowed, so a ServerApp can stop before round 1.
 """
 
 from __future__ import annotations
 
+import argparse
+import re
+import sys
+import typing
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
 
 from resist_fl.core.aggregation import WEIGHTINGS
 from resist_fl.core.allocation import ALLOCATIONS
-from resist_fl.core.model import NORMS, PRESET_DEPTHS, STEMS, TORCHVISION_DEPTHS, ModelSpec
+from resist_fl.core.decomposition import BlockLayout
+from resist_fl.core.model import PRESET_DEPTHS, STEMS, ModelSpec
+from resist_fl.core.norms import NORMS
+from resist_fl.core.torchvision_resnets import TORCHVISION_DEPTHS
 from resist_fl.core.transport import TRANSPORT_DTYPES
-from resist_fl.data import AUGMENTATIONS, DATASETS, PARTITIONERS, resolve_augment
+from resist_fl.data import AUGMENTATIONS, DATASETS, PARTITIONERS, dataset_info, resolve_augment
 from resist_fl.data.imagefolder import IMAGE_SIZES
 from resist_fl.run.settings_error import SettingsError
-from resist_fl.run.tracking import TRACKERS
-
-if TYPE_CHECKING:
-    from resist_fl.core.decomposition import BlockLayout
+from resist_fl.run.tracking import TRACKERS, TrackerUnavailable, require_tracker
 
 STRATEGIES = ("resist", "fedavg")
 LR_SCHEDULES = ("step", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
+MODELS = (*PRESET_DEPTHS, *TORCHVISION_DEPTHS)
 
 
-@dataclass(frozen=True)
-class RunSettings:
-    """All run-config keys with their defaults (mirrors pyproject.toml)."""
+def _whole_number(value: Any) -> Any:
+    """An integral float (TOML's ``5.0``) as an int; anything else unchanged (then checked)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
-    strategy: str = "resist"
-    num_server_rounds: int = 5
-    model: str = "preact_resnet34"
-    stage_depths: str = ""
-    base_width: int = 16
-    norm: str = "batchnorm"
-    stem: str = "cifar"
-    dataset: str = "cifar10"
-    data_path: str = ""
-    image_size: int = 224
-    partition_cache: str = "~/.cache/resist-fl/partitions"
-    partitioner: str = "iid"
-    dirichlet_alpha: float = 0.5
-    shards_per_partition: int = 2
-    augment: str = "auto"
-    local_steps: int = 50
-    local_epochs: int = 0
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_schedule: str = "step"
-    clip_grad_norm: float = 1.0
-    server_lr: float = 1.0
-    transport_dtype: str = "float32"
-    min_blocks_per_site: int = 0
-    warmup_rounds: int = 0
-    allocation: str = "uniform"
-    capacity_profile: str = ""
-    slowdown_profile: str = ""
-    eval_depths: str = ""
-    inference_scaling: bool = True
-    partitioned_stages: str = "3"
-    weighting: str = "examples"
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 0.0
-    min_available_nodes: int = 2
-    min_train_nodes: int = 2
-    min_train_replies: int = 1
-    max_num_examples: int = 10_000_000
-    round_timeout: float = 3600.0
-    eval_every: int = 1
-    eval_batch_size: int = 500
-    seed: int = 0
-    output_dir: str = "~/resist-fl-runs"
-    run_name: str = ""
-    resume: bool = False
-    tracker: str = "none"
-    tracking_uri: str = ""
-    device: str = "auto"
-    amp: bool = False
 
+def _number(value: Any) -> Any:
+    """An int as a float (``lr=1``); a bool stays a bool, and is refused."""
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+Int = Annotated[int, BeforeValidator(_whole_number), Strict()]
+Float = Annotated[float, BeforeValidator(_number), Strict()]
+Bool = Annotated[bool, Strict()]
+Str = Annotated[str, Strict()]
+_TYPE_NAMES = {"int_type": "int", "float_type": "float", "bool_type": "bool", "string_type": "str"}
+
+
+def kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class RunSettings(BaseModel):
+    """All run-config keys with their defaults (those of pyproject.toml, checked by a test)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, alias_generator=kebab, populate_by_name=True)
+
+    strategy: Literal[STRATEGIES] = Field('resist',
+        description="`resist` or `fedavg` (Flower's FedAvg; the paper's local-SGD baseline when all clients train)")
+    num_server_rounds: Int = Field(5, ge=1,
+        description="rounds")
+    model: Literal[MODELS] = Field('preact_resnet34',
+        description="`preact_resnet18/34/101/152/200` (basic pre-activation blocks, depths 2-2-2-2 / 3-4-6-3 / 3-4-23-3 / 3-4-36-3 / 3-4-50-3), or torchvision's post-activation `torchvision_resnet18/34/50/101/152` (torchvision's depths and width 64; `base-width` and `stage-depths` do not apply; see [Your own ResNet](#your-own-resnet))")
+    stage_depths: Str = Field('',
+        description="four comma-separated depths overriding the preset, e.g. `\"1,1,4,1\"`")
+    base_width: Int = Field(16, ge=1,
+        description="channels of the first stage (the paper: 64)")
+    norm: Literal[NORMS] = Field('batchnorm',
+        description="`batchnorm` (the paper: batch statistics also at test time), `batchnorm-running`, `groupnorm`")
+    stem: Literal[STEMS] = Field('cifar',
+        description="`cifar`: 3x3 stride-1 stem for 32x32 inputs; `imagenet`: 7x7 stride-2 conv + norm + ReLU + 3x3 max-pool for 224x224 inputs (both families; see [ImageNet-sized runs](#imagenet-sized-runs-warm-up-and-the-imagenet-stem))")
+    dataset: Literal[DATASETS] = Field('cifar10',
+        description="`cifar10`, `cifar100` (hub), `synthetic` (made in code, offline), `npz` (local file), `imagefolder` (a local ImageNet-style directory, see [ImageNet-sized runs](#imagenet-sized-runs-warm-up-and-the-imagenet-stem))")
+    data_path: Str = Field('',
+        description="absolute path of the `.npz` for `dataset='npz'`, or of the directory (`train/<class>/...`, `val/<class>/...`) for `dataset='imagefolder'`, or `hf:<hub dataset id>[@<config>]` for the same from the Hugging Face hub")
+    image_size: Int = Field(224, ge=IMAGE_SIZES[0], le=IMAGE_SIZES[1],
+        description="`imagefolder` only: the crop size the model sees (training: random-resized crops; evaluation: resize to `image-size * 256/224` + centre crop)")
+    partition_cache: Str = Field('~/.cache/resist-fl/partitions',
+        description="node-local directory where each node keeps its decoded training partition (`.npy`, memory-mapped by later ClientApp processes); a node's own `--node-config \"partition-cache='/fast/disk'\"` wins; `\"\"` turns it off")
+    partitioner: Literal[PARTITIONERS] = Field('iid',
+        description="flwr-datasets partitioners: `iid`, `dirichlet` (label skew), `shard` (pathological non-IID: the label-sorted set cut into equal shards, `shards-per-partition` per node, so a few labels each), `linear` / `square` / `exponential` (IID labels, node i's share in proportion to i+1, (i+1)², e^(i+1))")
+    dirichlet_alpha: Float = Field(0.5, gt=0,
+        description="concentration of the Dirichlet partitioner")
+    shards_per_partition: Int = Field(2, ge=1,
+        description="`shard`: shards per node")
+    augment: Literal[AUGMENTATIONS] = Field('auto',
+        description="training augmentation: `auto` (`crop-flip` for `cifar10`/`cifar100`/`synthetic`, `resized-crop-flip` for `imagefolder`, `none` for `npz`), `none`, `crop` (random crop after padding by 1/8 of the side), `flip` (horizontal), `crop-flip`, `resized-crop` / `resized-crop-flip` (torchvision's `RandomResizedCrop`: 8-100 % of the area, aspect 3/4-4/3, resized to the image size)")
+    local_steps: Int = Field(50, ge=0,
+        description="local SGD steps per round (the paper's *l* = 50)")
+    local_epochs: Int = Field(0, ge=0,
+        description="if > 0, train this many local epochs instead")
+    batch_size: Int = Field(64, ge=1,
+        description="local batch size (the paper: 128)")
+    lr: Float = Field(0.05, gt=0,
+        description="SGD learning rate (before the schedule); a fresh optimiser every round, as in the official code")
+    momentum: Float = Field(0.9, ge=0,
+        description="SGD momentum")
+    weight_decay: Float = Field(0.0005, ge=0,
+        description="SGD weight decay")
+    lr_schedule: Literal[LR_SCHEDULES] = Field('step',
+        description="`step` (÷10 at 50 % and 75 % of the rounds), `cosine`, `constant`")
+    clip_grad_norm: Float = Field(1.0, ge=0,
+        description="if > 0, each local step's gradient is rescaled to at most this L2 norm (both strategies); keeps label-skewed runs from diverging ([Non-IID](#non-iid-data-label-skew)); `0`: off, as in the paper presets")
+    server_lr: Float = Field(1.0, gt=0,
+        description="server step: the global model moves this fraction of the way to the merge (`1.0`: the plain merge; both strategies)")
+    transport_dtype: Literal[TRANSPORT_DTYPES] = Field('float32',
+        description="how float arrays travel in training messages and replies, both strategies: `float32`, `float16` (saturating), `uint8` (per-tensor affine 8-bit); the server decodes, merges and keeps the global model in float32")
+    min_blocks_per_site: Int = Field(0, ge=0,
+        description="minimum depth *m* of a sub-ResNet (blocks are then shared by several clients)")
+    warmup_rounds: Int = Field(0, ge=0,
+        description="ResIST: the first k rounds train the full model as FedAvg (full model to every sampled node, weighted mean), then sub-ResNets from round k+1 (the paper's ImageNet recipe; `phase` column); ignored by `strategy='fedavg'`")
+    allocation: Literal[ALLOCATIONS] = Field('uniform',
+        description="blocks per node: `uniform` (equal depths, the paper), `capacity` (in proportion to node capacity), `speed` (in proportion to measured blocks per second); always within each node's capacity ([Heterogeneous clients](#heterogeneous-clients-capacities-stragglers-link-speeds))")
+    capacity_profile: Str = Field('',
+        description="simulation: node capacities in (0, 1] by partition id, cycled, e.g. `\"1.0,0.5,0.25,0.25\"` (a node's own `capacity` node config wins; none: 1.0)")
+    slowdown_profile: Str = Field('',
+        description="simulation: training slowdown factors >= 1 by partition id, cycled (a simulated straggler sleeps the extra time, reported as `simulated-seconds`)")
+    eval_depths: Str = Field('',
+        description="e.g. `\"25,50,100\"`: also evaluate the global model truncated to these percentages of the partitionable blocks (`accuracy-depth-<pct>`; one more test-set evaluation each); `\"\"`: off")
+    inference_scaling: Bool = Field(True,
+        description="scale partitioned blocks by the fraction a sub-ResNet holds at test time (max(1/S, m/P))")
+    partitioned_stages: Str = Field('3',
+        description="stages whose blocks (after the first, strided one) are dealt out, e.g. `\"2,3,4\"`")
+    weighting: Literal[WEIGHTINGS] = Field('examples',
+        description="merge weights: `examples` or `uniform` (the official code's plain mean)")
+    fraction_train: Float = Field(1.0, gt=0, le=1,
+        description="fraction of connected nodes sampled per round, in (0, 1]")
+    fraction_evaluate: Float = Field(0.0, ge=0, le=1,
+        description="FedAvg only: federated evaluation of the full model on each sampled client's share of the test set (or its own `.npz` test split), written as `client-eval-acc`/`-loss`; ResIST's clients hold sub-networks, so it evaluates centrally only")
+    min_available_nodes: Int = Field(2, ge=1,
+        description="wait for at least this many connected nodes before sampling")
+    min_train_nodes: Int = Field(2, ge=1,
+        description="sample at least this many nodes per round (at most min-available-nodes)")
+    min_train_replies: Int = Field(1, ge=1,
+        description="fewer valid replies leave the global model unchanged for the round")
+    max_num_examples: Int = Field(10_000_000, ge=1,
+        description="replies claiming more examples are rejected")
+    round_timeout: Float = Field(3600.0, gt=0,
+        description="seconds to wait for replies each round")
+    eval_every: Int = Field(1, ge=1,
+        description="evaluate the global model every N rounds (and after the last)")
+    eval_batch_size: Int = Field(500, ge=1,
+        description="central evaluation batch size")
+    seed: Int = Field(0, ge=0,
+        description="model init, node sampling, decomposition, data order")
+    output_dir: Str = Field('~/resist-fl-runs',
+        description="absolute (or `~`) directory for run directories")
+    run_name: Str = Field('',
+        description="run directory name (default: UTC time + strategy)")
+    resume: Bool = Field(False,
+        description="continue `run-name` from its last checkpoint")
+    tracker: Literal[TRACKERS] = Field('none',
+        description="also send every metrics row to `tensorboard` or `mlflow` ([Experiment tracking](#experiment-tracking))")
+    tracking_uri: Str = Field('',
+        description="`mlflow`: the tracking store or server; `\"\"`: `<run dir>/mlflow.db`")
+    device: Literal[DEVICES] = Field('auto',
+        description="`auto` (CUDA when visible), `cpu`, `cuda`")
+    amp: Bool = Field(False,
+        description="bfloat16 autocast on CUDA (training and evaluation)")
+
+    # -- parsing ------------------------------------------------------------------------------
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunSettings":
-        """Parse a Flower run config (kebab-case keys); unknown keys are errors."""
-        known = {f.name.replace("_", "-"): f for f in fields(cls)}
-        if unknown := sorted(set(run_config) - set(known)):
+        """Parse a Flower run config (kebab-case keys); any bad key or value is a SettingsError."""
+        if unknown := sorted(set(run_config) - {kebab(n) for n in cls.model_fields}):
             bad = ", ".join(f"{k} = {run_config[k]!r}" for k in unknown)
-            raise SettingsError(f"unknown run-config key(s): {bad}; known keys: {', '.join(known)}")
-        values = {}
-        for key, value in run_config.items():
-            field = known[key]
-            values[field.name] = _coerce(key, value, type(getattr(cls, field.name)))
-        settings = cls(**values)
-        settings.validate()
-        return settings
+            raise SettingsError(f"unknown run-config key(s): {bad}; known keys: "
+                                f"{', '.join(kebab(n) for n in cls.model_fields)}")
+        try:
+            return cls.model_validate(dict(run_config))
+        except ValidationError as err:
+            raise SettingsError(_explain(err.errors()[0], run_config)) from None
 
     def to_run_config(self) -> dict[str, Any]:
         """Kebab-case dict (what pyproject.toml holds)."""
-        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+        return self.model_dump(by_alias=True)
 
     def value(self, key: str) -> Any:
         """The value of a kebab-case run-config key."""
         return getattr(self, key.replace("-", "_"))
 
-    def validate(self) -> None:
-        _choice("strategy", self.strategy, STRATEGIES)
-        _choice("model", self.model, (*PRESET_DEPTHS, *TORCHVISION_DEPTHS))
-        _choice("stem", self.stem, STEMS)
-        _choice("norm", self.norm, NORMS)
-        _choice("dataset", self.dataset, DATASETS)
-        _choice("partitioner", self.partitioner, PARTITIONERS)
-        _choice("augment", self.augment, AUGMENTATIONS)
-        _choice("weighting", self.weighting, WEIGHTINGS)
-        _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
-        _choice("device", self.device, DEVICES)
-        _choice("transport-dtype", self.transport_dtype, TRANSPORT_DTYPES)
-        _choice("allocation", self.allocation, ALLOCATIONS)
-        _choice("tracker", self.tracker, TRACKERS)
+    @model_validator(mode="after")
+    def _cross_key_rules(self) -> "RunSettings":
         parse_profile("capacity-profile", self.capacity_profile, low=0.0, high=1.0)
         parse_profile("slowdown-profile", self.slowdown_profile, low=1.0)
         self.depth_percents()
-        for key in ("num-server-rounds", "base-width", "shards-per-partition", "batch-size", "eval-every",
-                    "eval-batch-size", "min-available-nodes", "min-train-nodes", "min-train-replies",
-                    "max-num-examples"):
-            _at_least(key, self.value(key), 1)
-        for key in ("local-epochs", "min-blocks-per-site", "warmup-rounds", "seed"):
-            _at_least(key, self.value(key), 0)
         if self.min_train_nodes > self.min_available_nodes:
             raise SettingsError(f"min-train-nodes = {self.min_train_nodes}: expected at most "
                                 f"min-available-nodes ({self.min_available_nodes})")
         if self.min_train_replies > self.min_train_nodes:
             raise SettingsError(f"min-train-replies = {self.min_train_replies}: expected at most "
                                 f"min-train-nodes ({self.min_train_nodes})")
-        if self.local_epochs == 0:
-            _at_least("local-steps", self.local_steps, 1, "(or set local-epochs > 0)")
-        for key in ("lr", "dirichlet-alpha", "round-timeout"):
-            if not self.value(key) > 0:
-                raise SettingsError(f"{key} = {self.value(key)!r}: expected a positive number")
-        if not self.server_lr > 0:
-            raise SettingsError(f"server-lr = {self.server_lr!r}: expected a positive number (1.0: the plain merge)")
-        for key in ("momentum", "weight-decay", "clip-grad-norm"):
-            if not self.value(key) >= 0:
-                raise SettingsError(f"{key} = {self.value(key)!r}: expected a number >= 0")
-        if not 0 < self.fraction_train <= 1:
-            raise SettingsError(f"fraction-train = {self.fraction_train!r}: expected a value in (0, 1]")
-        if not 0 <= self.fraction_evaluate <= 1:
-            raise SettingsError(f"fraction-evaluate = {self.fraction_evaluate!r}: expected a value in [0, 1]")
+        if self.local_epochs == 0 and self.local_steps < 1:
+            raise SettingsError(f"local-steps = {self.local_steps!r}: expected an integer >= 1 (or set local-epochs > 0)")
         if self.strategy == "resist" and self.fraction_evaluate > 0:
             raise SettingsError(f"fraction-evaluate = {self.fraction_evaluate!r}: ResIST evaluates "
                                 "centrally only (its clients hold sub-networks); expected 0.0")
@@ -158,11 +209,19 @@ class RunSettings:
         if self.dataset == "imagefolder" and not self.data_path:
             raise SettingsError("data-path = '': dataset 'imagefolder' needs the absolute path of a directory "
                                 "holding train/<class>/... and val/<class>/...")
-        if not IMAGE_SIZES[0] <= self.image_size <= IMAGE_SIZES[1]:
-            raise SettingsError(f"image-size = {self.image_size}: expected {IMAGE_SIZES[0]} to {IMAGE_SIZES[1]} "
-                                "pixels (the crop imagefolder images are trained and evaluated at)")
+        if self.resume and not self.run_name:
+            raise SettingsError("resume = True: needs run-name, the name of the run directory to continue")
         self.model_spec(num_classes=10, in_channels=3)
         self.stages()
+        return self
+
+    def check_tracker_installed(self) -> None:
+        """SettingsError naming the extra to install when the tracker's library is missing (a
+        check of the server's environment, run by the ServerApp before its run directory exists)."""
+        try:
+            require_tracker(self.tracker)
+        except TrackerUnavailable as err:
+            raise SettingsError(str(err)) from None
 
     def model_spec(self, num_classes: int, in_channels: int) -> ModelSpec:
         """The model to build; ``stage-depths`` overrides the preset's depths. A torchvision
@@ -239,38 +298,87 @@ def profile_value(profile: tuple[float, ...], partition_id: int, default: float 
     return profile[partition_id % len(profile)] if profile else default
 
 
-def _coerce(key: str, value: Any, expected: type) -> Any:
-    if expected is bool:
-        if isinstance(value, bool):
-            return value
-    elif expected is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif expected is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif isinstance(value, str):
-        return value
-    raise SettingsError(f"{key} = {value!r}: expected a value of type {expected.__name__}")
+def _explain(error: Mapping[str, Any], run_config: Mapping[str, Any]) -> str:
+    """One pydantic error as ``key = value: expected ...``."""
+    if not error["loc"] or error["type"] == "value_error" and isinstance(error.get("ctx", {}).get("error"), SettingsError):
+        return str(error.get("ctx", {}).get("error") or error["msg"])
+    key = str(error["loc"][0])
+    value = run_config.get(key, error.get("input"))
+    field = RunSettings.model_fields[key.replace("-", "_")]
+    kind, ctx = error["type"], error.get("ctx", {})
+    if kind == "literal_error":
+        expected = f"one of {', '.join(typing.get_args(field.annotation))}"
+    elif kind in _TYPE_NAMES:
+        expected = f"a value of type {_TYPE_NAMES[kind]}"
+    elif kind == "greater_than_equal":
+        what = "an integer" if isinstance(ctx["ge"], int) else "a number"
+        expected = f"{what} >= {ctx['ge']}"
+    elif kind == "greater_than":
+        expected = f"a positive number" if ctx["gt"] == 0 else f"a number > {ctx['gt']}"
+    elif kind == "less_than_equal":
+        low = next((getattr(m, a) for m in field.metadata for a in ("gt", "ge") if hasattr(m, a)), None)
+        expected = f"a value in ({low}, {ctx['le']}]" if any(hasattr(m, "gt") for m in field.metadata) \
+            else f"a value in [{low}, {ctx['le']}]"
+    else:
+        expected = error["msg"]
+    if key == "image-size":
+        expected = (f"{IMAGE_SIZES[0]} to {IMAGE_SIZES[1]} pixels (the crop imagefolder images are trained "
+                    "and evaluated at)")
+    if key.replace("-", "_") in ("fraction_train", "fraction_evaluate") and kind in (
+            "greater_than", "greater_than_equal", "less_than_equal"):
+        expected = "a value in (0, 1]" if key == "fraction-train" else "a value in [0, 1]"
+    return f"{key} = {value!r}: expected {expected}"
 
 
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise SettingsError(f"{key} = {value!r}: expected one of {', '.join(allowed)}")
+# -- the README's table, generated from the fields -----------------------------------------------
+
+TABLE_START = "<!-- run-config table: generated by python -m resist_fl.run.settings --write README.md -->"
+TABLE_END = "<!-- end of the run-config table -->"
 
 
-def _at_least(key: str, value: int, low: int, hint: str = "") -> None:
-    if value < low:
-        raise SettingsError(f"{key} = {value!r}: expected an integer >= {low} {hint}".rstrip())
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value + '"'
+    return repr(value)
 
 
-def resolve_model(settings: RunSettings) -> tuple[ModelSpec, "BlockLayout"]:
+def run_config_table() -> str:
+    """The markdown table of every run-config key: default and description, from the fields."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for name, field in RunSettings.model_fields.items():
+        lines.append(f"| `{kebab(name)}` | `{_toml(field.default)}` | {field.description} |")
+    return "\n".join(lines)
+
+
+def with_table(text: str) -> str:
+    """``text`` with the table between its markers replaced by :func:`run_config_table`."""
+    pattern = re.compile(re.escape(TABLE_START) + r".*?" + re.escape(TABLE_END), re.S)
+    if not pattern.search(text):
+        raise ValueError(f"no run-config table markers ({TABLE_START!r} ... {TABLE_END!r})")
+    return pattern.sub(lambda _m: f"{TABLE_START}\n{run_config_table()}\n{TABLE_END}", text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write (or --check) the run-config table of a markdown file.")
+    parser.add_argument("--write", type=Path, help="rewrite the table in this file")
+    parser.add_argument("--check", type=Path, help="exit 1 if this file's table is not the generated one")
+    args = parser.parse_args(argv)
+    if args.write:
+        args.write.write_text(with_table(args.write.read_text()))
+    if args.check:
+        text = args.check.read_text()
+        if with_table(text) != text:
+            print(f"{args.check}: the run-config table is stale; run python -m resist_fl.run.settings --write {args.check}")
+            return 1
+    if not (args.write or args.check):
+        print(run_config_table())
+    return 0
+
+
+def resolve_model(settings: RunSettings) -> tuple[ModelSpec, BlockLayout]:
     """Model spec (classes and channels from the dataset) and block layout of a run."""
-    from resist_fl.core.decomposition import BlockLayout
-    from resist_fl.data import dataset_info
-
     info = dataset_info(settings.dataset, settings.data_path, settings.image_size)
     spec = settings.model_spec(num_classes=info.num_classes, in_channels=info.in_channels)
     try:
@@ -282,3 +390,7 @@ def resolve_model(settings: RunSettings) -> tuple[ModelSpec, "BlockLayout"]:
         raise SettingsError(f"min-blocks-per-site = {settings.min_blocks_per_site}: expected at most "
                             f"{len(layout.partitionable)}, the number of partitionable blocks")
     return spec, layout
+
+
+if __name__ == "__main__":
+    sys.exit(main())
