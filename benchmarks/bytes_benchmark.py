@@ -26,7 +26,7 @@ from resist_fl.core.transport import TRANSPORT_DTYPES
 from resist_fl.flower.fedavg import ScreenedFedAvg
 from resist_fl.flower.metering import array_bytes
 from resist_fl.flower.resist import ResIST
-from simulations.inprocess_grid import InProcessGrid
+from resist_fl.testing.inprocess_grid import InProcessGrid
 
 
 def silent_app() -> ClientApp:

@@ -35,14 +35,14 @@ from resist_fl.core.model import PRESET_DEPTHS, ModelSpec, build_model
 from resist_fl.data import ImageArrays, Normalization
 from resist_fl.data.batches import TrainBatches
 from resist_fl.run.outputs import read_metrics
-from resist_fl.training import on_device, train
+from resist_fl.node.training import on_device, train
 
 ROOT = Path(__file__).resolve().parents[1]
 STATS = Normalization((0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
 
 
 def images_per_second(model: nn.Module, batches, steps: int, device: torch.device, amp: bool) -> float:
-    """Images/s of the training loop (:func:`resist_fl.training.train`) over ``batches``."""
+    """Images/s of the training loop (:func:`resist_fl.node.training.train`) over ``batches``."""
     run = lambda n: train(model, batches, steps=n, lr=0.01, momentum=0.9, weight_decay=5e-4,  # noqa: E731
                           device=device, amp=amp)
     run(3)

@@ -20,7 +20,7 @@ import torch
 
 from resist_fl.data import ImageArrays, Normalization
 from resist_fl.data.batches import TrainBatches
-from resist_fl.data.per_sample import make_per_sample_loader
+from resist_fl.testing.per_sample import make_per_sample_loader
 
 STATS = Normalization((0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
 

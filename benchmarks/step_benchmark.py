@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from resist_fl.core.decomposition import BlockLayout, round_rng, sample_subnetworks
 from resist_fl.core.model import PRESET_DEPTHS, ModelSpec, build_model
-from resist_fl.training import on_device
+from resist_fl.node.training import on_device
 
 
 def step_seconds(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int, amp: bool) -> float:

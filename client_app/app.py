@@ -20,7 +20,7 @@ from resist_fl.core.allocation import check_capacity
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.model import ModelSpec, build_model
 from resist_fl.core.validation import EVALUATE_METRICS
-from resist_fl.data import DataError, load_partition, load_test_set, make_eval_loader, make_train_loader, normalization
+from resist_fl.data import DataError, EvalBatches, TrainBatches, load_partition, load_test_set, normalization
 from resist_fl.data.batches import DeviceImages
 from resist_fl.data.partition_cache import cached_partition, partition_key
 from resist_fl.flower.client_side import (
@@ -31,9 +31,9 @@ from resist_fl.flower.client_side import (
     message_transport,
     train_reply,
 )
-from resist_fl.peak_memory import PeakMemory
+from resist_fl.node.peak_memory import PeakMemory
 from resist_fl.run.settings import RunSettings, parse_profile, profile_value
-from resist_fl.training import evaluate, resolve_device, scheduled_lr, steps_for, train
+from resist_fl.node.training import evaluate, resolve_device, scheduled_lr, steps_for, train
 
 app = ClientApp()
 
@@ -106,7 +106,7 @@ def train_handler(msg: Message, context: Context) -> Message:
                         f"model has {spec.num_classes} classes; expected labels in [0, {spec.num_classes})")
     run_round = message_run_round(msg)
     round_seed = settings.seed * 100_003 + run_round * 1_009 + partition_id  # order, crops, flips, dropout
-    loader = make_train_loader(partition, settings.batch_size,
+    loader = TrainBatches(partition, settings.batch_size,
                                normalization=normalization(settings.dataset, data_path, settings.image_size),
                                augment=settings.augmentation(), seed=round_seed, crop_size=settings.crop_size())
     num_examples = len(partition)
@@ -145,7 +145,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
         test = test.subset(np.arange(int(node["partition-id"]), len(test), int(node["num-partitions"])))
     device = resolve_device(settings.device)
     stats = normalization(settings.dataset, data_path, settings.image_size)
-    loader = make_eval_loader(test, settings.eval_batch_size, normalization=stats, device=device)
+    loader = EvalBatches(test, settings.eval_batch_size, normalization=stats, device=device)
     loss, accuracy = evaluate(model, loader, device, settings.amp)
     metrics = MetricRecord(dict(zip(EVALUATE_METRICS, (len(test), loss, accuracy))))
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

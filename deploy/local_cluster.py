@@ -43,9 +43,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
+import psutil
+
 from deploy.make_certs import DeploymentFiles, make_certs, public_key_path, write_supernode_key
 from resist_fl.run.cli_config import free_port, render_config, toml_value, write_run_config
 from resist_fl.run.outputs import METRICS_FILE, SUMMARY_FILE
+from resist_fl.run.processes import is_live, stop, tree
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent  # not resolved: a venv's python is a symlink
@@ -137,42 +140,20 @@ def log_tail(path: Path, lines: int = 40) -> str:
 # --------------------------------------------------------- process handling
 
 
-@dataclass(frozen=True)
-class ProcessInfo:
-    """One row of the process table. ``started`` (ps ``lstart``) guards against PID reuse."""
-
-    pid: int
-    ppid: int
-    started: str
-    zombie: bool
-
-
-def process_table() -> dict[int, ProcessInfo]:
-    """All processes of this machine by PID (``ps``; Linux and macOS)."""
-    out = subprocess.run(["ps", "-A", "-o", "pid=,ppid=,stat=,lstart="], capture_output=True, text=True,
-                         check=True).stdout
-    table = {}
-    for line in out.splitlines():
-        parts = line.split(None, 3)
-        if len(parts) == 4:
-            pid, ppid = int(parts[0]), int(parts[1])
-            table[pid] = ProcessInfo(pid, ppid, parts[3].strip(), parts[2].startswith("Z"))
-    return table
-
-
 class ProcessSupervisor:
     """Starts processes, logs each to a file, and stops them with all their descendants.
 
     Flower's binaries start helpers in sessions of their own
     (``flower-superlink`` starts ``flower-superexec`` detached), so a process
     group signal is not enough: the supervisor records every descendant it sees
-    (PID plus start time, so a reused PID is never signalled) and signals each.
+    (``psutil.Process``, which remembers its creation time, so a reused PID is never
+    signalled) and stops each (:mod:`resist_fl.run.processes`).
     """
 
     def __init__(self, log_dir: Path, env: Mapping[str, str], cwd: Path) -> None:
         self.log_dir, self.env, self.cwd = log_dir, dict(env), cwd
         self.processes: dict[str, subprocess.Popen] = {}
-        self.seen: dict[int, str] = {}  # pid -> start time, for every process of the trees
+        self.seen: dict[int, psutil.Process] = {}  # every process of the trees (psutil guards PID reuse)
         self._lock = threading.Lock()
         log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -194,67 +175,34 @@ class ProcessSupervisor:
         self.refresh()
         return proc
 
-    def refresh(self) -> dict[int, ProcessInfo]:
+    def refresh(self) -> list[psutil.Process]:
         """Record the current descendants of the started processes; return the live ones."""
-        table = process_table()
         with self._lock:
+            roots = []
             for proc in self.processes.values():
-                info = table.get(proc.pid)
-                if proc.poll() is None and info is not None:
-                    self.seen.setdefault(proc.pid, info.started)
-            children: dict[int, list[int]] = {}
-            for info in table.values():
-                children.setdefault(info.ppid, []).append(info.pid)
-            stack = [pid for pid in self.seen if self._same(table, pid)]
-            while stack:
-                for child in children.get(stack.pop(), ()):
-                    if child not in self.seen:
-                        self.seen[child] = table[child].started
-                        stack.append(child)
-            return {pid: table[pid] for pid in self.seen if self._same(table, pid) and not table[pid].zombie}
-
-    def _same(self, table: Mapping[int, ProcessInfo], pid: int) -> bool:
-        """Whether ``pid`` is still the process that was recorded (not a reused PID)."""
-        info = table.get(pid)
-        return info is not None and info.started == self.seen.get(pid)
+                if proc.poll() is None:
+                    try:
+                        roots.append(psutil.Process(proc.pid))
+                    except psutil.NoSuchProcess:
+                        continue
+            for member in tree([*roots, *self.seen.values()]):
+                self.seen.setdefault(member.pid, member)
+            return [p for p in self.seen.values() if is_live(p)]
 
     def alive(self) -> list[int]:
         """PIDs of recorded processes that are still running (zombies count as ended)."""
-        return sorted(self.refresh())
+        return sorted(p.pid for p in self.refresh())
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM every recorded process, then SIGKILL what is left after ``grace`` seconds."""
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-            live = self.refresh()
-            if not live:
-                break
-            for proc in self.processes.values():  # the started processes lead their own groups
-                if proc.pid in live:
-                    self._signal(os.killpg, proc.pid, sig)
-            for pid in self.refresh():
-                self._signal(os.kill, pid, sig)
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and self._reap_and_check():
-                time.sleep(0.1)
+        """SIGTERM every recorded process and its descendants, SIGKILL what is left after ``grace``."""
+        stop(self.refresh(), grace)
         for proc in self.processes.values():
             try:
-                proc.wait(timeout=1.0)
+                proc.wait(timeout=1.0)  # reap our direct children
             except subprocess.TimeoutExpired:
                 pass
         if left := self.alive():
             logger.warning("processes still alive after SIGKILL: %s", left)
-
-    def _reap_and_check(self) -> bool:
-        for proc in self.processes.values():
-            proc.poll()  # reap our direct children so they do not linger as zombies
-        return bool(self.refresh())
-
-    @staticmethod
-    def _signal(send, pid: int, sig: int) -> None:
-        try:
-            send(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 # ---------------------------------------------------------------- the cluster

@@ -9,7 +9,7 @@ Sub-packages:
 - :mod:`resist_fl.flower`: the strategies, node sampling, reply screening, metering;
 - :mod:`resist_fl.run`: run settings, checkpoints, outputs;
 - :mod:`resist_fl.data`: data sets, partitioning, transforms and loaders;
-- :mod:`resist_fl.training`: local training and evaluation loops.
+- :mod:`resist_fl.node.training`: local training and evaluation loops.
 """
 
 from __future__ import annotations

@@ -13,15 +13,14 @@ from flwr.serverapp import Grid, ServerApp
 from resist_fl.core.decomposition import BlockLayout, scale_key
 from resist_fl.core.model import ModelSpec, build_model
 from resist_fl.core.residual_nets import set_residual_scales
-from resist_fl.data import DataError, load_test_set, make_eval_loader, normalization
-from resist_fl.data.batches import EvalBatches
+from resist_fl.data import DataError, EvalBatches, load_test_set, normalization
 from resist_fl.flower.fedavg import ScreenedFedAvg
 from resist_fl.flower.resist import ResIST
 from resist_fl.flower.round_recorder import RoundRecorder
 from resist_fl.run.outputs import CONFIG_FILE, run_directory, write_json
 from resist_fl.run.settings import RunSettings, resolve_model
 from resist_fl.run.tracking import open_tracker
-from resist_fl.training import evaluate, resolve_device
+from resist_fl.node.training import evaluate, resolve_device
 
 app = ServerApp()
 
@@ -111,7 +110,7 @@ def prepare_data(settings: RunSettings) -> tuple[ModelSpec, BlockLayout, EvalBat
     log(INFO, "resist-fl: data %s, images %s, augment=%s (%s), normalisation mean %s std %s",
         settings.dataset, "x".join(map(str, data["image-shape"])), data["augment"], settings.augment,
         [round(m, 4) for m in stats.mean], [round(s, 4) for s in stats.std])
-    loader = make_eval_loader(test, settings.eval_batch_size, normalization=stats,
+    loader = EvalBatches(test, settings.eval_batch_size, normalization=stats,
                               device=resolve_device(settings.device))
     return spec, layout, loader, data
 

@@ -13,7 +13,7 @@ from flwr.clientapp import ClientApp
 
 from client_app.app import app as client_app
 from server_app.app import main as server_main
-from simulations.inprocess_grid import InProcessGrid
+from resist_fl.testing.inprocess_grid import InProcessGrid
 
 
 def run_inprocess(run_config: dict, num_nodes: int = 3, client: ClientApp = client_app,

@@ -17,7 +17,7 @@ Each launch gets
 - a unique marker variable in that environment. ``flwr run`` starts the local
   SuperLink detached (new session), the SuperLink starts ``flower-superexec``
   in another session, and so on; every one of them inherits the marker, which
-  is how they are all found and stopped afterwards (``/proc/<pid>/environ``).
+  is how they are all found and stopped afterwards (:mod:`resist_fl.run.processes`, psutil).
 
 ``flwr run --stream`` exits 0 even when the ServerApp fails, so success means
 ``summary.json`` (written last by the ServerApp) exists in the run directory
@@ -37,13 +37,14 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from resist_fl.run.cli_config import free_port, render_config, write_run_config
 from resist_fl.run.outputs import METRICS_FILE, SUMMARY_FILE, run_directory
+from resist_fl.run.processes import find_processes, has_environment, stop
 
 MARKER_ENV = "RESIST_FL_LAUNCH_ID"
 POLL_SECONDS = 0.2
@@ -161,57 +162,13 @@ def launch_environment(flwr_home: Path, marker: str, *, runtime_dependency_insta
 
 
 def marked_pids(marker: str) -> list[int]:
-    """PIDs of live processes whose environment holds ``MARKER_ENV=marker`` (Linux ``/proc``)."""
-    needle = f"{MARKER_ENV}={marker}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes().split(b"\0") and not _is_zombie(entry):
-                pids.append(int(entry.name))
-        except OSError:  # gone, or not ours
-            continue
-    return sorted(pids)
-
-
-def _is_zombie(proc: Path) -> bool:
-    try:
-        return (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _signal_all(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def stop_processes(find: Callable[[], list[int]], grace_s: float = STOP_GRACE_SECONDS) -> tuple[list[int], list[int]]:
-    """SIGTERM the processes ``find()`` lists, SIGKILL what is left after ``grace_s``.
-
-    Returns
-    -------
-    (list of int, list of int)
-        PIDs found and stopped, and PIDs still alive afterwards (empty when all are gone).
-    """
-    found = find()
-    _signal_all(found, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while (alive := find()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if alive:
-        _signal_all(alive, signal.SIGKILL)
-        time.sleep(0.5)
-    return found, find()
+    """PIDs of live processes whose environment holds ``MARKER_ENV=marker``."""
+    return [p.pid for p in find_processes(has_environment(MARKER_ENV, marker))]
 
 
 def stop_marked(marker: str, grace_s: float = STOP_GRACE_SECONDS) -> tuple[list[int], list[int]]:
-    """Stop every process of a launch (:func:`stop_processes` of its marked PIDs)."""
-    return stop_processes(lambda: marked_pids(marker), grace_s)
+    """Stop every process of a launch (found by its marker), SIGKILL after ``grace_s``."""
+    return stop(find_processes(has_environment(MARKER_ENV, marker)), grace_s)
 
 
 def _stop_process_group(proc: subprocess.Popen) -> None:

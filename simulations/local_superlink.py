@@ -18,38 +18,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from simulations.launcher import stop_processes
+from resist_fl.run.processes import find_processes, serves_flwr_home, stop
 
 SUPERLINK = "flower-superlink"
 DEFAULT_FLWR_HOME = Path("~/.flwr").expanduser()
 
 
-def _flwr_home_of(environ: bytes) -> Path:
-    for item in environ.split(b"\0"):
-        if item.startswith(b"FLWR_HOME="):
-            return Path(os.fsdecode(item[len(b"FLWR_HOME="):])).expanduser().resolve()
-    return DEFAULT_FLWR_HOME.resolve()
-
-
 def superlink_pids(flwr_home: Path = DEFAULT_FLWR_HOME) -> list[int]:
-    """PIDs of this user's live ``flower-superlink`` processes serving ``flwr_home`` (Linux /proc)."""
-    wanted, pids = Path(flwr_home).expanduser().resolve(), []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if entry.stat().st_uid != os.getuid():
-                continue
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            if not any(Path(os.fsdecode(arg)).name == SUPERLINK for arg in argv[:3] if arg):
-                continue
-            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                continue
-            if _flwr_home_of((entry / "environ").read_bytes()) == wanted:
-                pids.append(int(entry.name))
-        except (OSError, IndexError):  # gone, or not readable
-            continue
-    return sorted(pids)
+    """PIDs of this user's live ``flower-superlink`` processes serving ``flwr_home``."""
+    return [p.pid for p in find_processes(serves_flwr_home(SUPERLINK, flwr_home, DEFAULT_FLWR_HOME))]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"local SuperLink for {args.flwr_home}: " + (f"running, PID {', '.join(map(str, pids))}" if pids
                                                              else "not running"))
         return 0
-    stopped, left = stop_processes(lambda: superlink_pids(args.flwr_home))
+    stopped, left = stop(find_processes(serves_flwr_home(SUPERLINK, args.flwr_home, DEFAULT_FLWR_HOME)))
     print(f"stopped the local SuperLink for {args.flwr_home} (PID {', '.join(map(str, stopped))})"
           + (f"; still alive: {left}" if left else ""))
     return 1 if left else 0

@@ -11,10 +11,10 @@ import torch
 
 from resist_fl.core.decomposition import BlockLayout, is_scale_key
 from resist_fl.core.model import ModelSpec
-from resist_fl.data import load_test_set, make_eval_loader, normalization
+from resist_fl.data import EvalBatches, load_test_set, normalization
 from resist_fl.run.outputs import load_model, read_metrics
 from resist_fl.run.settings import SettingsError
-from resist_fl.training import evaluate
+from resist_fl.node.training import evaluate
 from simulations.inprocess import run_inprocess
 
 
@@ -72,7 +72,7 @@ def test_saved_model_reproduces_logged_accuracy_with_its_scales(tiny_config):
     assert [r["round"] for r in rows] == [1, 2]
     model = load_model(run_dir(tiny_config) / "model.pt")
     assert model.layer3[1].residual_scale.item() == pytest.approx(0.5)  # 1/S with S = 2
-    test = make_eval_loader(load_test_set("synthetic"), 250, normalization=normalization("synthetic"))
+    test = EvalBatches(load_test_set("synthetic"), 250, normalization=normalization("synthetic"))
     loss, accuracy = evaluate(model, test, torch.device("cpu"))
     assert accuracy == pytest.approx(rows[-1]["accuracy"])
     summary = json.loads((run_dir(tiny_config) / "summary.json").read_text())

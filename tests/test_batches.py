@@ -14,7 +14,7 @@ import torch
 from resist_fl import data
 from resist_fl.data.batches import DeviceImages, EvalBatches, TrainBatches
 from resist_fl.data.partition_cache import cached_partition, partition_key
-from resist_fl.data.per_sample import build_transform, make_per_sample_loader
+from resist_fl.testing.per_sample import build_transform, make_per_sample_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = data.Normalization((0.0,), (1.0,))
@@ -104,7 +104,7 @@ def test_batches_are_deterministic_for_a_seed_whatever_the_global_generator() ->
 
 def test_cpu_training_is_deterministic_for_a_seed() -> None:
     from resist_fl.core.model import ModelSpec, build_model
-    from resist_fl.training import train
+    from resist_fl.node.training import train
 
     arrays = data.load_partition("synthetic", 0, 10)
 
@@ -123,7 +123,7 @@ def test_device_images_hold_uint8_and_are_reused_without_a_copy() -> None:
     arrays = data.load_partition("synthetic", 0, 10)
     resident = DeviceImages.from_arrays(arrays, "cpu")
     assert resident.images.dtype == torch.uint8 and resident.labels.dtype == torch.int64
-    loader = data.make_train_loader(resident, 16, normalization=UNIT, device="cpu")
+    loader = data.TrainBatches(resident, 16, normalization=UNIT, device="cpu")
     assert loader.data is resident
     assert sum(len(labels) for _, labels in loader) == len(arrays)
     read_only = data.ImageArrays(np.require(arrays.images, requirements="C"), arrays.labels)

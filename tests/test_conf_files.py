@@ -8,6 +8,7 @@ import sys
 import time
 import tomllib
 
+import psutil
 from flwr.common.config import parse_config_args
 
 from resist_fl.run.cli_config import write_run_config
@@ -55,7 +56,10 @@ def test_local_superlink_is_stopped_by_pid(tmp_path):
             time.sleep(0.1)
         assert local_superlink.superlink_pids(home) == [proc.pid]
         assert local_superlink.superlink_pids(tmp_path / "another-home") == []
+        started = time.monotonic()
         assert local_superlink.main(["stop", "--flwr-home", str(home)]) == 0
-        assert proc.wait(timeout=10) != 0 and local_superlink.superlink_pids(home) == []
+        proc.wait(timeout=10)  # (psutil may have reaped it already: then Popen reports 0)
+        assert time.monotonic() - started < 15  # stopped, long before its 120 s sleep would end
+        assert not psutil.pid_exists(proc.pid) and local_superlink.superlink_pids(home) == []
     finally:
         proc.kill()

@@ -285,7 +285,7 @@ def test_image_arrays_validate_their_contents() -> None:
 
 def test_eval_loader_normalises_with_dataset_statistics() -> None:
     arrays = data.ImageArrays(np.full((5, 3, 32, 32), 255, np.uint8), np.arange(5))
-    loader = data.make_eval_loader(arrays, 4, normalization=data.normalization("cifar10"))
+    loader = data.EvalBatches(arrays, 4, normalization=data.normalization("cifar10"))
     images, labels = next(iter(loader))
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
     assert labels.tolist() == [0, 1, 2, 3]
@@ -300,15 +300,15 @@ def test_train_loader_shuffles_by_seed_and_keeps_the_last_batch() -> None:
     stats = data.normalization("synthetic")
 
     def labels(seed: int) -> list[int]:
-        loader = data.make_train_loader(arrays, 32, normalization=stats, seed=seed)
+        loader = data.TrainBatches(arrays, 32, normalization=stats, seed=seed)
         return [label for _, batch in loader for label in batch.tolist()]
 
     assert sorted(labels(0)) == sorted(arrays.labels.tolist())
     assert labels(0) == labels(0) != labels(1)
-    sizes = [len(batch) for _, batch in data.make_train_loader(arrays, 32, normalization=stats)]
+    sizes = [len(batch) for _, batch in data.TrainBatches(arrays, 32, normalization=stats)]
     assert sizes == [32, 32, 32, 4]
     # never a last batch of one image: BatchNorm cannot train on it (a Dirichlet partition of 33)
-    sizes = [len(batch) for _, batch in data.make_train_loader(arrays.subset(np.arange(33)), 32,
+    sizes = [len(batch) for _, batch in data.TrainBatches(arrays.subset(np.arange(33)), 32,
                                                                normalization=stats)]
     assert sizes == [32]
 
@@ -316,8 +316,8 @@ def test_train_loader_shuffles_by_seed_and_keeps_the_last_batch() -> None:
 def test_train_loader_augments() -> None:
     arrays = data.load_test_set("synthetic")
     stats = data.normalization("synthetic")
-    plain = data.make_train_loader(arrays, 64, normalization=stats, augment="none", seed=0)
-    augmented = data.make_train_loader(arrays, 64, normalization=stats, augment="crop-flip", seed=0)
+    plain = data.TrainBatches(arrays, 64, normalization=stats, augment="none", seed=0)
+    augmented = data.TrainBatches(arrays, 64, normalization=stats, augment="crop-flip", seed=0)
     torch.manual_seed(0)
     (x_plain, y_plain), (x_aug, y_aug) = next(iter(plain)), next(iter(augmented))
     assert x_aug.shape == x_plain.shape == (64, 3, 32, 32)
@@ -349,7 +349,7 @@ def test_synthetic_is_learnable_by_a_tiny_cnn() -> None:
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     train = data.load_partition("synthetic", 0, 1)
-    loader = data.make_train_loader(train, 32, normalization=data.normalization("synthetic"), seed=0)
+    loader = data.TrainBatches(train, 32, normalization=data.normalization("synthetic"), seed=0)
     steps = 0
     while steps < 150:
         for images, labels in loader:
@@ -363,7 +363,7 @@ def test_synthetic_is_learnable_by_a_tiny_cnn() -> None:
     correct = 0
     test = data.load_test_set("synthetic")
     with torch.no_grad():
-        for images, labels in data.make_eval_loader(test, 250, normalization=data.normalization("synthetic")):
+        for images, labels in data.EvalBatches(test, 250, normalization=data.normalization("synthetic")):
             correct += (model(images).argmax(1) == labels).sum().item()
     assert correct / len(test) > 0.5
 
@@ -391,7 +391,7 @@ UNIT = data.Normalization((0.0,), (1.0,))
 
 def _batches(images: np.ndarray, augment: str) -> tuple[torch.Tensor, torch.Tensor]:
     arrays = data.ImageArrays(images, np.arange(len(images), dtype=np.int64))  # label = index
-    loader = data.make_train_loader(arrays, len(images), normalization=UNIT, augment=augment, seed=0)
+    loader = data.TrainBatches(arrays, len(images), normalization=UNIT, augment=augment, seed=0)
     (batch, order), = list(loader)
     return batch, torch.from_numpy(images)[order].float() / 255
 
@@ -464,12 +464,12 @@ def test_any_image_size_trains_and_evaluates(tmp_path: Path, height: int, width:
     assert info == data.DatasetInfo(3, 3, (height, width))
     model = build_model(ModelSpec(depths=(1, 1, 2, 1), num_classes=3, base_width=4))
     stats = data.normalization("npz", path)
-    train = data.make_train_loader(data.load_partition("npz", 0, 1, data_path=path), 3, normalization=stats,
+    train = data.TrainBatches(data.load_partition("npz", 0, 1, data_path=path), 3, normalization=stats,
                                    augment="crop-flip")
     images, labels = next(iter(train))
     assert images.shape == (3, 3, height, width)
     nn.functional.cross_entropy(model(images), labels).backward()
-    test = data.make_eval_loader(data.load_test_set("npz", path), 4, normalization=stats)
+    test = data.EvalBatches(data.load_test_set("npz", path), 4, normalization=stats)
     with torch.no_grad():
         assert model(next(iter(test))[0]).shape == (4, 3)
 

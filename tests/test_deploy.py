@@ -29,10 +29,10 @@ from deploy.local_cluster import (
     connection_toml,
     find_executable,
     parse_config_string,
-    process_table,
 )
 from deploy.make_certs import make_certs, public_key_path
 from resist_fl.run.cli_config import render_config
+from resist_fl.run.processes import is_live
 
 TINY_RESIST = {
     "dataset": "synthetic", "stage-depths": "1,1,4,1", "base-width": 8, "local-steps": 5, "batch-size": 32,
@@ -144,7 +144,5 @@ def test_every_process_is_stopped(cluster):
     assert len(running) >= 5  # superlink + its superexec, 2 supernodes + their superexecs
     cluster.stop()
     assert cluster.supervisor.alive() == []
-    table = process_table()
-    survivors = [pid for pid, started in cluster.supervisor.seen.items()
-                 if pid in table and table[pid].started == started and not table[pid].zombie]
+    survivors = [p.pid for p in cluster.supervisor.seen.values() if is_live(p)]  # same process (PID + start time)
     assert survivors == []

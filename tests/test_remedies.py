@@ -18,7 +18,7 @@ from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.model import ModelSpec
 from resist_fl.run.outputs import read_metrics
 from resist_fl.run.settings import RunSettings, SettingsError
-from resist_fl.training import train
+from resist_fl.node.training import train
 from client_app.app import _run as client_run
 from server_app.app import build_strategy, model_config
 from simulations.inprocess import run_inprocess

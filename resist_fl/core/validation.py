@@ -20,7 +20,7 @@ TRAIN_METRICS = ("num-examples", "train-loss", "train-seconds", "local-steps")
 """The MetricRecord keys of a training reply (what the ClientApp sends)."""
 CLIENT_COST_METRICS = ("blocks", "peak-memory-mb", "memory-measure", "simulated-seconds")
 """Optional keys of a training reply: the partitionable blocks trained, the step loop's peak
-memory and how it was measured (:mod:`resist_fl.peak_memory`), and the seconds of a simulated
+memory and how it was measured (:mod:`resist_fl.node.peak_memory`), and the seconds of a simulated
 slowdown included in ``train-seconds``. Checked like the others when present."""
 EVALUATE_METRICS = ("num-examples", "eval-loss", "eval-acc")
 """The MetricRecord keys of a federated-evaluation reply."""

@@ -5,7 +5,8 @@
   images), :mod:`.synthetic` (generated in code);
 - :mod:`.partitioning`: federated partitions (:data:`PARTITIONERS`);
 - :mod:`.transforms`: augmentation (:data:`AUGMENTATIONS`) and normalisation;
-- :mod:`.loaders`: data loaders over :class:`ImageArrays`.
+- :mod:`.batches`: device-resident training and evaluation batches (:class:`TrainBatches`,
+  :class:`EvalBatches`) over :class:`ImageArrays`.
 
 Loaded data is cached per process, so repeated calls (one per round and client
 in a simulation) do not reload or regenerate anything. Returned arrays are
@@ -13,7 +14,7 @@ always fresh copies and may be modified freely.
 """
 
 from resist_fl.data.arrays import DataError, DatasetInfo, ImageArrays, arrays_from_hf, to_nchw
-from resist_fl.data.loaders import make_eval_loader, make_train_loader
+from resist_fl.data.batches import DeviceImages, EvalBatches, TrainBatches
 from resist_fl.data.npz import NPZ_KEYS
 from resist_fl.data.partitioning import PARTITIONERS, load_partition
 from resist_fl.data.sources import DATASETS, dataset_info, load_test_set, normalization
@@ -26,7 +27,7 @@ from resist_fl.data.transforms import AUGMENTATIONS, Normalization, crop_padding
 
 __all__ = [
     "AUGMENTATIONS", "DATASETS", "NPZ_KEYS", "PARTITIONERS", "SYNTHETIC_NUM_CLASSES", "SYNTHETIC_TEST_SIZE",
-    "SYNTHETIC_TRAIN_SIZE", "DataError", "DatasetInfo", "ImageArrays", "Normalization", "arrays_from_hf",
-    "crop_padding", "dataset_info", "image_statistics", "load_partition", "load_test_set", "make_eval_loader",
-    "make_train_loader", "normalization", "resolve_augment", "to_nchw",
+    "SYNTHETIC_TRAIN_SIZE", "DataError", "DatasetInfo", "DeviceImages", "ImageArrays", "Normalization", "arrays_from_hf",
+    "crop_padding", "dataset_info", "image_statistics", "load_partition", "load_test_set", "EvalBatches",
+    "TrainBatches", "normalization", "resolve_augment", "to_nchw",
 ]

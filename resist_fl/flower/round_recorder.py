@@ -29,7 +29,7 @@ from resist_fl.core.allocation import max_depth
 from resist_fl.core.decomposition import BlockLayout, scale_key
 from resist_fl.flower.metering import MeteredGrid, RoundTraffic
 from resist_fl.flower.round_report import NodeReport, RecordedStrategy, RoundReport
-from resist_fl.peak_memory import MEASURES, resident_memory_mb
+from resist_fl.node.peak_memory import MEASURES, resident_memory_mb
 from resist_fl.run.checkpoint import Checkpoint, capture_rngs, open_run_directory
 from resist_fl.run.divergence import DIVERGENCE_HINT, divergence_reason
 from resist_fl.run.outputs import MODEL_FILE, NODES_FILE, SUMMARY_FILE, append_metrics, save_model, write_json

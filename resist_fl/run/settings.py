@@ -314,7 +314,7 @@ def _explain(error: Mapping[str, Any], run_config: Mapping[str, Any]) -> str:
         what = "an integer" if isinstance(ctx["ge"], int) else "a number"
         expected = f"{what} >= {ctx['ge']}"
     elif kind == "greater_than":
-        expected = f"a positive number" if ctx["gt"] == 0 else f"a number > {ctx['gt']}"
+        expected = "a positive number" if ctx["gt"] == 0 else f"a number > {ctx['gt']}"
     elif kind == "less_than_equal":
         low = next((getattr(m, a) for m in field.metadata for a in ("gt", "ge") if hasattr(m, a)), None)
         expected = f"a value in ({low}, {ctx['le']}]" if any(hasattr(m, "gt") for m in field.metadata) \
