@@ -7,7 +7,6 @@ import pytest
 
 from resist_fl.data import load_partition
 from resist_fl.data.synthetic import SYNTHETIC_TRAIN_SIZE
-from resist_fl.run.settings import RunSettings, SettingsError
 from simulations.label_plot import write_label_distribution
 
 
@@ -38,12 +37,6 @@ def test_size_partitioners_give_sizes_in_proportion(name, weights):
     assert sizes == sorted(sizes)
 
 
-def test_partitioner_settings_are_checked():
-    assert RunSettings.from_run_config({"partitioner": "shard", "shards-per-partition": 3}).shards_per_partition == 3
-    with pytest.raises(SettingsError, match="shards-per-partition = 0"):
-        RunSettings.from_run_config({"partitioner": "shard", "shards-per-partition": 0})
-    with pytest.raises(SettingsError, match="partitioner"):
-        RunSettings.from_run_config({"partitioner": "pathological"})
 
 
 def test_label_distribution_plot_is_drawn_from_the_runs_partitioner(tmp_path):

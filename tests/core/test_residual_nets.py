@@ -109,12 +109,4 @@ def test_run_config_selects_a_torchvision_resnet_end_to_end(tiny_config):
     assert type(model).__name__ == "ResNet" and model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
 
-def test_torchvision_settings_are_checked():
-    from resist_fl.run.settings import RunSettings, SettingsError
 
-    with pytest.raises(SettingsError, match="stage-depths = '1,1,4,1': torchvision_resnet50 has torchvision's"):
-        RunSettings.from_run_config({"model": "torchvision_resnet50", "stage-depths": "1,1,4,1"})
-    assert RunSettings.from_run_config({"model": "preact_resnet18", "stem": "imagenet"}).model_spec(10, 3).stem == \
-        "imagenet"
-    spec = RunSettings.from_run_config({"model": "torchvision_resnet50", "stem": "imagenet"}).model_spec(10, 3)
-    assert (spec.arch, spec.stem, spec.base_width) == ("torchvision_resnet50", "imagenet", 64)

@@ -23,7 +23,7 @@ from resist_fl.run.outputs import read_metrics
 from simulations.inprocess import run_inprocess
 from resist_fl.testing.inprocess_grid import make_node_ids
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # -- failures with the real ClientApp ---------------------------------------------------------------

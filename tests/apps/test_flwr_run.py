@@ -16,7 +16,7 @@ from resist_fl.run.cli_config import render_config, toml_value
 from resist_fl.run.outputs import SUMMARY_FILE, read_metrics
 from simulations.launcher import LaunchResult, marked_pids, run_flwr
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ROUNDS = 2
 NUM_CLASSES = 10  # synthetic data: chance accuracy is 0.1
 # local-steps 20 (not 5) and a constant learning rate: 2 rounds then clear chance reliably
@@ -25,6 +25,8 @@ TINY = {"dataset": "synthetic", "stage-depths": "1,1,4,1", "base-width": 8, "loc
         "min-train-nodes": 3, "min-available-nodes": 3}
 CASES = {"resist": {"strategy": "resist"}, "fedavg": {"strategy": "fedavg"}, "bad": {"strategy": "fedprox"}}
 RUN_NAMES = {"fedavg": "fedavg it's \"quoted\""}  # both quote kinds: the launcher's TOML file carries them
+
+pytestmark = pytest.mark.slow  # the real flwr run engine (about 45 s)
 
 
 def launch(case: str, out: Path) -> LaunchResult:

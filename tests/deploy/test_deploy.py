@@ -44,6 +44,8 @@ needs_flower_binaries = pytest.mark.skipif(
     any(find_executable(b) is None for b in (SUPERLINK, SUPERNODE, "flwr")),
     reason="flower-superlink / flower-supernode / flwr not installed")
 
+pytestmark = pytest.mark.slow  # a real SuperLink and SuperNodes over TLS (about 50 s)
+
 
 # ------------------------------------------------------------ certificates
 

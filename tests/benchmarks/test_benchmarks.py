@@ -21,7 +21,7 @@ from deploy.local_cluster import RunResult
 from resist_fl.run.outputs import read_metrics
 from simulations.inprocess import run_inprocess
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def load(name: str):

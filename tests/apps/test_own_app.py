@@ -15,7 +15,7 @@ import torch
 from resist_fl.run.outputs import read_metrics
 from simulations.inprocess import run_inprocess
 
-APP_DIR = Path(__file__).resolve().parents[1] / "examples" / "own-app"
+APP_DIR = Path(__file__).resolve().parents[2] / "examples" / "own-app"
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +192,7 @@ def test_a_users_strategy_sets_the_transport_for_either_client_app(own_app, tran
     model = task.OwnResNet()
     layout = BlockLayout.from_model(model, task.example_batch(), stages=task.STAGES)
     spec = ModelSpec(depths=(1, 1, 4, 1), base_width=4)
-    project_config = {**tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    project_config = {**tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
                       ["tool"]["flwr"]["app"]["config"], "dataset": "synthetic", "stage-depths": "1,1,4,1",
                       "base-width": 4, "local-steps": 2, "batch-size": 16}
     cases = [(client_app.app, layout, model.state_dict(), {}, ConfigRecord(

@@ -16,6 +16,8 @@ from simulations.inprocess import run_inprocess
 
 SEEDS = (0, 1, 2)
 
+pytestmark = pytest.mark.slow  # full federations on real digits (about 2 min)
+
 
 def final_accuracy(config: dict, digits_npz: str, strategy: str, seed: int) -> tuple[float, list[dict]]:
     name = f"{strategy}-seed{seed}"

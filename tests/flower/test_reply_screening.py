@@ -288,6 +288,7 @@ def _fuzz(kind: str, examples: int):
     return TRIED
 
 
+@pytest.mark.slow  # the fuzz: 420 rounds (about 30 s); every kind of reply is also tested one by one below
 @pytest.mark.parametrize("kind,examples", [("resist", 300), ("fedavg", 120)])
 def test_no_reply_changes_the_global_model_except_by_the_valid_merge(kind, examples):
     tried = _fuzz(kind, examples)

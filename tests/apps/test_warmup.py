@@ -13,7 +13,6 @@ from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.model import ModelSpec
 from resist_fl.flower.resist import ResIST
 from resist_fl.run.outputs import read_metrics
-from resist_fl.run.settings import RunSettings, SettingsError
 from simulations.inprocess import run_inprocess
 
 ROUNDS, WARMUP = 4, 2
@@ -115,9 +114,7 @@ def test_resume_in_either_phase_is_bit_identical(whole_run, warmup_config, monke
     assert strip == [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(run_dir)]
 
 
-def test_warmup_settings_are_checked():
-    with pytest.raises(SettingsError, match="warmup-rounds = -1"):
-        RunSettings.from_run_config({"warmup-rounds": -1})
+def test_warmup_strategy_arguments_are_checked():  # the warmup-rounds setting: tests/run/test_settings.py
     layout = BlockLayout.from_spec(ModelSpec(depths=(1, 1, 3, 1), num_classes=10, in_channels=3, base_width=4))
     with pytest.raises(ValueError, match="warmup_rounds = 1.5"):
         ResIST(layout, warmup_rounds=1.5)

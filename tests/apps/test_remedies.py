@@ -17,7 +17,7 @@ from resist_fl.core.aggregation import merge_partial, server_step
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.model import ModelSpec
 from resist_fl.run.outputs import read_metrics
-from resist_fl.run.settings import RunSettings, SettingsError
+from resist_fl.run.settings import RunSettings
 from resist_fl.node.training import train
 from client_app.app import _run as client_run
 from server_app.app import build_strategy, model_config
@@ -51,9 +51,7 @@ def test_clipping_bounds_every_step():
 
 
 def test_the_keys_are_validated_and_reach_both_strategies_and_the_clients():
-    for key, bad in (("server-lr", 0.0), ("server-lr", -0.5), ("clip-grad-norm", -1.0)):
-        with pytest.raises(SettingsError, match=key):
-            RunSettings.from_run_config({key: bad})
+    # the errors of both keys: tests/run/test_settings.py
     layout = BlockLayout.from_spec(ModelSpec(depths=(1, 1, 3, 1), base_width=4))
     for strategy in ("resist", "fedavg"):
         settings = RunSettings.from_run_config({"strategy": strategy, "server-lr": 0.5, "clip-grad-norm": 2.0})

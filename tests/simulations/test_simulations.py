@@ -13,7 +13,7 @@ from simulations import compare, report
 from simulations.launcher import LaunchResult
 from simulations.presets import PresetError, list_presets, load_preset, validate_preset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PLOT_FILES = ("accuracy_vs_round.png", "accuracy_vs_gb.png", "accuracy_vs_seconds.png")
 
 
@@ -181,6 +181,7 @@ def test_curve_never_reaching_the_target():
 # --------------------------------------------------------------------------- the runner
 
 
+@pytest.mark.slow  # real flwr run launches of a preset (about 40 s)
 def test_runner_on_a_tiny_preset_produces_runs_plots_and_report(tmp_path, capsys, monkeypatch):
     argv = ["quick-cpu", "num-server-rounds=1", "stage-depths=1,1,4,1", "--seeds", "0", "--jobs", "2",
             "--out", str(tmp_path)]

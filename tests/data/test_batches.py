@@ -16,7 +16,7 @@ from resist_fl.data.batches import DeviceImages, EvalBatches, TrainBatches
 from resist_fl.data.partition_cache import cached_partition, partition_key
 from resist_fl.testing.per_sample import build_transform, make_per_sample_loader
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 UNIT = data.Normalization((0.0,), (1.0,))
 CHI2_999 = {17: 40.79, 49: 85.35}  # chi-square critical values at p = 0.001 for 17 and 49 degrees of freedom
 
