@@ -17,7 +17,8 @@ CORE_LAYERS = [
     {"preact_resnet"},
     {"torchvision_resnets"},
     {"model"},
-    {"decomposition"},
+    {"decomposition", "width_slicing"},
+    {"model_cost"},
 ]
 """Bottom to top: a core module imports only modules of lower layers (primitives, then the model
 families, then ModelSpec / build_model, then the decomposition)."""

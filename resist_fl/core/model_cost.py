@@ -1,0 +1,133 @@
+"""One budget for every method: a sub-model's training cost per sample, measured.
+
+A node's ``capacity`` in (0, 1] is a fraction of the full model's training cost per sample
+(:data:`CAPACITY_MEASURES`): ``flops`` (forward + backward FLOPs of one sample, counted by
+``torch.utils.flop_counter.FlopCounterMode`` on the meta device, so nothing is allocated),
+``params`` (parameters), or ``blocks`` (the fraction of the partitionable blocks: ResIST's
+original meaning). Each method gives a node the largest sub-model of its kind within its budget:
+
+- ResIST / depth tiers: the most blocks d with ``shared + d * block <= budget`` (the most
+  expensive partitionable block counts for every block, since the dealing is random), at least
+  one: the shared layers (stem, unpartitioned stages, strided blocks, classifier) are a floor no
+  ResIST sub-network goes below (:meth:`CostModel.floor_fraction`);
+- width methods (HeteroFL, FedRolex, FjORD): the largest rate of :data:`WIDTH_RATES` whose
+  sliced model fits, at least the smallest.
+
+Pure PyTorch; nothing imports Flower.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from resist_fl.core.allocation import max_depth
+from resist_fl.core.decomposition import BlockLayout
+from resist_fl.core.model import ModelSpec, build_model
+from resist_fl.core.residual_nets import skip_blocks
+from resist_fl.core.width_slicing import sliced_spec
+
+CAPACITY_MEASURES = ("flops", "params", "blocks")
+"""What a node's capacity is a fraction of: training FLOPs per sample, parameters, or blocks."""
+WIDTH_RATES = (1.0, 0.5, 0.25, 0.125, 0.0625)
+"""The width rates of HeteroFL's experiments (1, 1/2, 1/4, 1/8, 1/16)."""
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Training cost of one model: forward + backward FLOPs per sample, and parameters."""
+
+    flops: int
+    params: int
+
+    def of(self, measure: str) -> int:
+        """The cost under ``flops`` or ``params``."""
+        if measure == "flops":
+            return self.flops
+        if measure == "params":
+            return self.params
+        raise ValueError(f"capacity-measure = {measure!r}: expected one of {', '.join(CAPACITY_MEASURES)}")
+
+
+def measure(model: torch.nn.Module, image_size: int | tuple[int, int], in_channels: int) -> Cost:
+    """FLOPs (forward + backward, per sample, in training mode) and parameters of ``model``,
+    counted on the meta device (``model`` should live there: nothing is computed)."""
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    model = model.train()
+    with torch.device("meta"):
+        batch = torch.zeros(2, in_channels, height, width)  # two samples: BatchNorm needs more than one
+    with FlopCounterMode(display=False) as counter:
+        model(batch).sum().backward()
+    params = sum(p.numel() for p in model.parameters())
+    return Cost(flops=int(counter.get_total_flops() // 2), params=int(params))
+
+
+@functools.lru_cache(maxsize=64)
+def _cost(spec: ModelSpec, image_size: tuple[int, int], dropped: tuple[str, ...] = ()) -> Cost:
+    with torch.device("meta"):
+        model = skip_blocks(build_model(spec), dropped)
+    return measure(model, image_size, spec.in_channels)
+
+
+class CostModel:
+    """The training costs of the sub-models of one global model (``spec``, ``layout``) on
+    ``image_size`` inputs, and the largest sub-model of each kind within a node's budget."""
+
+    def __init__(self, spec: ModelSpec, layout: BlockLayout, image_size: int | tuple[int, int]) -> None:
+        self.spec, self.layout = spec, layout
+        self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        self.full = _cost(spec, self.image_size)
+        blocks = layout.partitionable
+        without_all = _cost(spec, self.image_size, tuple(blocks))
+        self.shared = without_all  # every block skipped: what no sub-network goes below but one block
+        per_stage: dict[str, Cost] = {}
+        for block in blocks:  # blocks of one stage cost the same: measure one per stage
+            stage = block.rsplit(".", 1)[0]
+            if stage not in per_stage:
+                alone = _cost(spec, self.image_size, tuple(b for b in blocks if b != block))
+                per_stage[stage] = Cost(alone.flops - without_all.flops, alone.params - without_all.params)
+        self.block = {b: per_stage[b.rsplit(".", 1)[0]] for b in blocks}
+
+    # -- ResIST and depth tiers ---------------------------------------------------------------
+    def depth_cost(self, blocks: Sequence[str]) -> Cost:
+        """Cost of the sub-network holding ``blocks`` (shared layers plus those blocks)."""
+        return Cost(self.shared.flops + sum(self.block[b].flops for b in blocks),
+                    self.shared.params + sum(self.block[b].params for b in blocks))
+
+    def floor_fraction(self, measure_name: str = "flops") -> float:
+        """The smallest ResIST sub-network (shared layers and one block) as a fraction of the full
+        model: a capacity below it cannot be met by ResIST."""
+        heaviest = max(self.block.values(), key=lambda c: c.of(measure_name))
+        return (self.shared.of(measure_name) + heaviest.of(measure_name)) / self.full.of(measure_name)
+
+    def max_depth(self, capacity: float, measure_name: str) -> int:
+        """Most blocks a node of ``capacity`` trains (at least one)."""
+        if measure_name == "blocks":
+            return max_depth(capacity, len(self.layout.partitionable))
+        budget = capacity * self.full.of(measure_name)
+        heaviest = max(c.of(measure_name) for c in self.block.values())
+        room = budget - self.shared.of(measure_name)
+        fits = math.floor(room / heaviest + 1e-9) if heaviest > 0 else len(self.layout.partitionable)
+        return max(1, min(len(self.layout.partitionable), fits))
+
+    # -- width methods ----------------------------------------------------------------------------
+    def width_cost(self, rate: float) -> Cost:
+        """Cost of the width-``rate`` sub-model."""
+        return _cost(sliced_spec(self.spec, rate), self.image_size)
+
+    def max_rate(self, capacity: float, measure_name: str, rates: Sequence[float] = WIDTH_RATES) -> float:
+        """The largest of ``rates`` whose sliced model fits the budget (at least the smallest);
+        ``blocks``: the largest rate not above the capacity."""
+        ordered = sorted(rates, reverse=True)
+        for rate in ordered:
+            if measure_name == "blocks":
+                if rate <= capacity + 1e-9:
+                    return rate
+            elif self.width_cost(rate).of(measure_name) <= capacity * self.full.of(measure_name) * (1 + 1e-9):
+                return rate
+        return ordered[-1]
