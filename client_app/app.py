@@ -20,6 +20,7 @@ from resist_fl.core.allocation import check_capacity
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.model import ModelSpec, build_model
 from resist_fl.core.validation import EVALUATE_METRICS
+from resist_fl.core.width_slicing import sliced_spec
 from resist_fl.data import DataError, EvalBatches, TrainBatches, load_partition, load_test_set, normalization
 from resist_fl.data.batches import DeviceImages
 from resist_fl.data.partition_cache import cached_partition, partition_key
@@ -31,9 +32,11 @@ from resist_fl.flower.client_side import (
     message_transport,
     train_reply,
 )
+from resist_fl.flower.width_sliced import WIDTH_RATE, WIDTH_SCALER
 from resist_fl.node.peak_memory import PeakMemory
-from resist_fl.run.settings import RunSettings, parse_profile, profile_value
 from resist_fl.node.training import evaluate, resolve_device, scheduled_lr, steps_for, train
+from resist_fl.node.width_scaler import attach_width_scaler
+from resist_fl.run.settings import RunSettings, parse_profile, profile_value
 
 app = ClientApp()
 
@@ -78,10 +81,18 @@ def _partition_cache(context: Context, settings: RunSettings) -> str:
 
 
 def build_local_model(spec: ModelSpec, layout: BlockLayout, arrays: ArrayRecord,
-                      blocks: list[str] | None, transport: str = "float32") -> torch.nn.Module:
-    """The sub-network named by ``blocks`` (the full model when None), loaded from ``arrays``
+                      blocks: list[str] | None, transport: str = "float32",
+                      width_rate: float | None = None, width_scaler: bool = False) -> torch.nn.Module:
+    """The sub-network named by ``blocks`` (the full model when None), or the width-``width_rate``
+    sub-model (HeteroFL / FedRolex: built at that width directly, its convolutions scaled while
+    training when ``width_scaler``), loaded from ``arrays``
     (:func:`~resist_fl.flower.client_side.load_received`: keys checked, arrays decoded)."""
-    model = build_model(spec) if blocks is None else layout.build_subnetwork(spec, blocks)
+    if width_rate is not None:
+        model = build_model(sliced_spec(spec, width_rate))
+        if width_scaler:
+            attach_width_scaler(model, width_rate)
+    else:
+        model = build_model(spec) if blocks is None else layout.build_subnetwork(spec, blocks)
     return load_received(model, layout, arrays, blocks, transport)
 
 
@@ -91,7 +102,9 @@ def train_handler(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     settings, spec, layout = _run_of(context, config)
     blocks = message_blocks(msg)
-    model = build_local_model(spec, layout, msg.content["arrays"], blocks, message_transport(msg))
+    width_rate = float(config[WIDTH_RATE]) if WIDTH_RATE in config else None
+    model = build_local_model(spec, layout, msg.content["arrays"], blocks, message_transport(msg), width_rate,
+                              bool(config.get(WIDTH_SCALER, False)))
 
     node = context.node_config
     partition_id = int(node["partition-id"])

@@ -14,9 +14,13 @@ from resist_fl.core.decomposition import BlockLayout, scale_key
 from resist_fl.core.model import ModelSpec, build_model
 from resist_fl.core.residual_nets import set_residual_scales
 from resist_fl.data import DataError, EvalBatches, load_test_set, normalization
+from resist_fl.core.model_cost import CostModel
+from resist_fl.core.width_slicing import key_groups, prefix_indices, slice_state, sliced_spec
 from resist_fl.flower.fedavg import ScreenedFedAvg
 from resist_fl.flower.resist import ResIST
 from resist_fl.flower.round_recorder import RoundRecorder
+from resist_fl.flower.round_report import RecordedStrategy
+from resist_fl.flower.width_sliced import WIDTH_MODES, WidthSliced
 from resist_fl.run.outputs import CONFIG_FILE, run_directory, write_json
 from resist_fl.run.settings import RunSettings, resolve_model
 from resist_fl.run.tracking import open_tracker
@@ -25,10 +29,13 @@ from resist_fl.node.training import evaluate, resolve_device
 app = ServerApp()
 
 
-def build_strategy(settings: RunSettings, layout: BlockLayout) -> ResIST | ScreenedFedAvg:
-    """ResIST, or Flower's own FedAvg (behind the same reply screening) with the same sampling
-    (a resumed run continues through :meth:`~resist_fl.flower.round_report.RecordedStrategy.resume_after`,
-    called by :class:`RoundRecorder`)."""
+def build_strategy(settings: RunSettings, layout: BlockLayout, spec: ModelSpec | None = None,
+                   costs: CostModel | None = None) -> RecordedStrategy:
+    """The run's strategy: ResIST, Flower's own FedAvg (behind the same reply screening), or a
+    width-sliced baseline (HeteroFL, FedRolex), all with the same node sampling and, given
+    ``costs``, the same measured budget per node (a resumed run continues through
+    :meth:`~resist_fl.flower.round_report.RecordedStrategy.resume_after`, called by :class:`RoundRecorder`)."""
+    measure = settings.capacity_measure if costs is not None else "blocks"
     if settings.strategy == "resist":
         return ResIST(layout, fraction_train=settings.fraction_train,
                       min_train_nodes=settings.min_train_nodes,
@@ -38,14 +45,24 @@ def build_strategy(settings: RunSettings, layout: BlockLayout) -> ResIST | Scree
                       max_num_examples=settings.max_num_examples, seed=settings.seed,
                       server_lr=settings.server_lr,
                       transport=settings.transport_dtype, allocation=settings.allocation,
-                      warmup_rounds=settings.warmup_rounds)
+                      warmup_rounds=settings.warmup_rounds, costs=costs, capacity_measure=measure)
+    if settings.strategy in WIDTH_MODES:
+        if spec is None or costs is None:
+            raise ValueError(f"strategy {settings.strategy!r} needs the model spec and its costs")
+        return WidthSliced(spec, costs, layout.payload_keys(), mode=settings.strategy, rates=settings.rates(),
+                           capacity_measure=settings.capacity_measure, fraction_train=settings.fraction_train,
+                           min_train_nodes=settings.min_train_nodes, min_available_nodes=settings.min_available_nodes,
+                           weighting=settings.weighting, min_train_replies=settings.min_train_replies,
+                           max_num_examples=settings.max_num_examples, seed=settings.seed,
+                           transport=settings.transport_dtype)
     return ScreenedFedAvg(fraction_train=settings.fraction_train, fraction_evaluate=settings.fraction_evaluate,
                           min_train_nodes=settings.min_train_nodes,
                           min_evaluate_nodes=settings.min_train_nodes if settings.fraction_evaluate else 0,
                           min_available_nodes=settings.min_available_nodes,
                           min_train_replies=settings.min_train_replies,
                           max_num_examples=settings.max_num_examples, seed=settings.seed,
-                          server_lr=settings.server_lr, transport=settings.transport_dtype)
+                          server_lr=settings.server_lr, transport=settings.transport_dtype,
+                          costs=costs, capacity_measure=measure)
 
 
 def model_config(spec: ModelSpec) -> ConfigRecord:
@@ -58,10 +75,15 @@ def model_config(spec: ModelSpec) -> ConfigRecord:
 class CentralEvaluation:
     """The project's evaluation (a :class:`RoundRecorder` ``evaluation``): loss and accuracy of
     the global model on the central test set, plus ``accuracy-depth-<pct>`` for every
-    ``eval-depths`` percentage."""
+    ``eval-depths`` percentage and ``accuracy-width-<pct>`` for every width rate below 1 in
+    ``width_rates`` (a live set: the rates a width-sliced strategy has sent so far), each the
+    global model's first ``r x C`` channels, as HeteroFL evaluates its tiers."""
 
-    def __init__(self, settings: RunSettings, spec: ModelSpec, layout: BlockLayout, test_loader: EvalBatches) -> None:
+    def __init__(self, settings: RunSettings, spec: ModelSpec, layout: BlockLayout, test_loader: EvalBatches,
+                 width_rates: set[float] | None = None) -> None:
         self.settings, self.spec, self.layout, self.test_loader = settings, spec, layout, test_loader
+        self.width_rates = width_rates if width_rates is not None else set()
+        self.sliced: dict[float, torch.nn.Module] = {}  # width-tier evaluation models, by rate
         self.device = resolve_device(settings.device)
         self.model = build_model(spec)  # built once, loaded with the global state at each evaluation
         self.truncated: dict[int, torch.nn.Module] = {}  # any-depth evaluation models, by percent
@@ -72,7 +94,19 @@ class CentralEvaluation:
         metrics = {"loss": loss, "accuracy": accuracy}
         for percent in self.settings.depth_percents():
             metrics[f"accuracy-depth-{percent}"] = self.evaluate_truncated(state, percent)
+        for rate in sorted(r for r in self.width_rates if r < 1):
+            metrics[f"accuracy-width-{round(100 * rate, 2):g}"] = self.evaluate_width(state, rate)
         return metrics
+
+    def evaluate_width(self, state: dict[str, torch.Tensor], rate: float) -> float:
+        """Accuracy of the global model's width-``rate`` prefix sub-model (no scaler at evaluation)."""
+        if rate not in self.sliced:
+            self.sliced[rate] = build_model(sliced_spec(self.spec, rate))
+        model = self.sliced[rate]
+        numpy_state = {k: v.numpy() for k, v in state.items()}
+        cut = slice_state(numpy_state, key_groups(self.spec, list(numpy_state)), prefix_indices(self.spec, rate))
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in cut.items()})
+        return evaluate(model, self.test_loader, self.device, self.settings.amp)[1]
 
     def evaluate_truncated(self, state: dict[str, torch.Tensor], percent: int) -> float:
         """Accuracy of the global model keeping only the first ``percent`` % of the partitionable
@@ -121,11 +155,16 @@ def main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_run_config(context.run_config)
     settings.check_tracker_installed()  # a missing extra stops the run before its directory is made
     spec, layout, test_loader, data = prepare_data(settings)
+    costs = CostModel(spec, layout, tuple(data["image-shape"][1:]))
+    log(INFO, "resist-fl: full model %.3g GFLOP per training sample, %d parameters; the smallest ResIST "
+        "sub-network costs %.0f %% of it", costs.full.flops / 1e9, costs.full.params, 100 * costs.floor_fraction())
     run_dir = run_directory(settings.output_dir, settings.run_name, settings.strategy)
-    strategy = build_strategy(settings, layout)
+    strategy = build_strategy(settings, layout, spec, costs)
     recorder = RoundRecorder(strategy, layout, run_dir, run_config=settings.to_run_config(),
                              num_rounds=settings.num_server_rounds,
-                             evaluation=CentralEvaluation(settings, spec, layout, test_loader),
+                             evaluation=CentralEvaluation(settings, spec, layout, test_loader,
+                                                          strategy.rates_seen if settings.strategy in WIDTH_MODES
+                                                          else set()),
                              eval_every=settings.eval_every, inference_scaling=settings.inference_scaling,
                              resume=settings.resume, label=settings.strategy)
     recorder.tracker = open_tracker(settings.tracker, run_dir, settings.to_run_config(), settings.tracking_uri)

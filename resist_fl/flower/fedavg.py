@@ -27,6 +27,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from resist_fl.core.aggregation import cast_mean, check_server_lr, server_step
+from resist_fl.core.model_cost import CAPACITY_MEASURES, CostModel
 from resist_fl.core.transport import check_transport
 from resist_fl.core.validation import EVALUATE_METRICS, MAX_METRIC, ReplyError, check_metric, check_num_examples
 from resist_fl.flower.array_codec import array_of, array_view
@@ -63,8 +64,11 @@ class ScreenedFedAvg(FedAvg):
 
     def __init__(self, *, seed: int = 0, min_train_replies: int = 1,
                  max_num_examples: int = 10_000_000, server_lr: float = 1.0, transport: str = "float32",
-                 **kwargs) -> None:
+                 costs: CostModel | None = None, capacity_measure: str = "blocks", **kwargs) -> None:
         super().__init__(**kwargs)
+        if capacity_measure not in CAPACITY_MEASURES:
+            raise ValueError(f"capacity_measure = {capacity_measure!r}: expected one of {', '.join(CAPACITY_MEASURES)}")
+        self.costs, self.capacity_measure = costs, capacity_measure
         check_transport(transport)
         self.transport = transport
         check_server_lr(server_lr)
@@ -121,9 +125,18 @@ class ScreenedFedAvg(FedAvg):
     def round_report(self) -> RoundReport:
         """The last round: reply counts and figures, and per node its accepted reply's metrics
         (every node trains the full model), and the round's federated evaluation if any."""
-        nodes = {m.metadata.dst_node_id: NodeReport(None, self.last_replies.get(m.metadata.dst_node_id, {}))
-                 for m in self._messages}
+        nodes = {m.metadata.dst_node_id: self.node_report(m.metadata.dst_node_id) for m in self._messages}
         return RoundReport(dict(self.last_round_metrics), nodes, client_evaluation=dict(self.last_evaluate_metrics))
+
+    def node_report(self, node: int) -> NodeReport:
+        """What ``node`` was sent (the full model), its reply and what that cost: over capacity
+        whenever its capacity is below the full model's cost (under a measured capacity)."""
+        reply = self.last_replies.get(node, {})
+        if self.costs is None or self.capacity_measure == "blocks":
+            return NodeReport(None, reply)
+        full = self.costs.full
+        return NodeReport(None, reply, over_capacity=self.sampler.capacity(node) < 1 - 1e-9,
+                          flops_per_sample=full.flops, params=full.params)
 
     def inference_scales(self) -> dict[str, float]:
         """FedAvg trains the full model: no block is scaled."""

@@ -109,7 +109,8 @@ class ScreenedReplies:
 def screen_replies(server_round: int, replies: Iterable[Message], sent: Mapping[int, Sequence[str]],
                    global_record: ArrayRecord, max_num_examples: int, *,
                    messages: Iterable[Message],
-                   order: Callable[[int], object] | None = None, transport: str = "float32") -> ScreenedReplies:
+                   order: Callable[[int], object] | None = None, transport: str = "float32",
+                   shapes: Mapping[int, Mapping[str, tuple[tuple[int, ...], np.dtype]]] | None = None) -> ScreenedReplies:
     """Accept the valid training replies of a round; count and log the others.
 
     Parameters
@@ -129,6 +130,9 @@ def screen_replies(server_round: int, replies: Iterable[Message], sent: Mapping[
         How the nodes encode float arrays (``transport-dtype``): replies are
         decoded to the global dtypes before any check, and an array that is not
         a valid encoding rejects its reply.
+    shapes : mapping of node id to (key -> (shape, dtype)), optional
+        What each node's arrays must be when they are not the global record's shapes (a
+        width-sliced sub-model); by default the global record's.
     """
     out = ScreenedReplies()
     instructions = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
@@ -154,8 +158,8 @@ def screen_replies(server_round: int, replies: Iterable[Message], sent: Mapping[
                 continue
             if node_id not in sent:
                 raise ReplyError("this node was not sent a sub-network this round")
-            out.accepted.append(_check_reply(node_id, reply, sent[node_id], global_record, max_num_examples,
-                                             transport))
+            expected = shapes[node_id] if shapes is not None else global_specs(global_record, sent[node_id])
+            out.accepted.append(_check_reply(node_id, reply, expected, max_num_examples, transport))
         except Exception as err:  # noqa: BLE001 - screening is total: a reply costs that reply, never the round
             out.reject(server_round, node_id, err)
     out.missing = len(instructions) - len(answered)
@@ -164,7 +168,7 @@ def screen_replies(server_round: int, replies: Iterable[Message], sent: Mapping[
     return out
 
 
-def _check_reply(node_id: int, reply: Message, keys: Sequence[str], global_record: ArrayRecord,
+def _check_reply(node_id: int, reply: Message, expected: Mapping[str, tuple[tuple[int, ...], np.dtype]],
                  max_num_examples: int, transport: str = "float32") -> Accepted:
     content = reply.content
     if len(content.array_records) != 1 or len(content.metric_records) != 1:
@@ -176,7 +180,6 @@ def _check_reply(node_id: int, reply: Message, keys: Sequence[str], global_recor
         decoded = {k: array_view(v) for k, v in record.items()}
     except Exception as err:  # undecodable bytes from a client
         raise ReplyError(f"arrays cannot be decoded: {err}") from err
-    expected = global_specs(global_record, keys)
     update = check_reply_arrays(decoded, expected, transport)
     record = ArrayRecord({k: v if update[k] is decoded[k] else array_of(update[k]) for k, v in record.items()})
     return Accepted(node_id, record, update, metrics)

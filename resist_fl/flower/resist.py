@@ -30,6 +30,7 @@ from resist_fl.core.allocation import (
     max_depth,
 )
 from resist_fl.core.decomposition import BlockLayout
+from resist_fl.core.model_cost import CAPACITY_MEASURES, CostModel
 from resist_fl.core.transport import check_transport
 from resist_fl.flower.array_codec import array_of, array_view
 from resist_fl.flower.message_keys import BLOCKS, RUN_ROUND, SERVER_ROUND, TRANSPORT
@@ -82,6 +83,12 @@ class ResIST(Strategy):
         ``uniform`` (the paper's equal depths), ``capacity`` (in proportion to the capacity each
         node reported) or ``speed`` (in proportion to its measured blocks per second in earlier
         rounds). Always within each node's maximum depth, ``max(1, floor(capacity * P))``.
+    costs : CostModel, optional
+        The measured costs of the global model's sub-networks: a node's maximum depth is then
+        the most blocks within its capacity under ``capacity_measure`` (else ``floor(c * P)``),
+        and every node's report carries the FLOPs per sample and parameters it was sent.
+    capacity_measure : str
+        What a capacity is a fraction of (:data:`~resist_fl.core.model_cost.CAPACITY_MEASURES`).
     warmup_rounds : int
         The paper's large-scale recipe: run rounds ``1 .. warmup_rounds`` of the run as FedAvg
         (every sampled node gets and returns the full model; the merge, a weighted mean over
@@ -97,7 +104,7 @@ class ResIST(Strategy):
                  weighting: str = "examples", min_train_replies: int = 1,
                  max_num_examples: int = 10_000_000, seed: int = 0,
                  server_lr: float = 1.0, transport: str = "float32", allocation: str = "uniform",
-                 warmup_rounds: int = 0) -> None:
+                 warmup_rounds: int = 0, costs: CostModel | None = None, capacity_measure: str = "blocks") -> None:
         update_weights([], weighting)  # validates the name
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation = {allocation!r}: expected one of {', '.join(ALLOCATIONS)}")
@@ -119,6 +126,11 @@ class ResIST(Strategy):
         self.server_lr = server_lr
         self.transport = transport
         self.allocation = allocation
+        if capacity_measure not in CAPACITY_MEASURES:
+            raise ValueError(f"capacity_measure = {capacity_measure!r}: expected one of {', '.join(CAPACITY_MEASURES)}")
+        if capacity_measure != "blocks" and costs is None:
+            raise ValueError(f"capacity_measure = {capacity_measure!r} needs costs (a CostModel of the model)")
+        self.costs, self.capacity_measure = costs, capacity_measure
         self.warmup_rounds = warmup_rounds
         self.last_phase = PHASE_WARMUP if warmup_rounds else PHASE_RESIST
         self.num_subnetworks = max(1, min_train_nodes)
@@ -137,8 +149,7 @@ class ResIST(Strategy):
     def round_report(self) -> RoundReport:
         """The last round: reply counts and figures, phase, held fraction, and per node the blocks
         it was sent, its accepted reply's metrics and its measured speed."""
-        nodes = {n: NodeReport(len(self.last_blocks.get(n, self.layout.partitionable)), self.last_replies.get(n, {}),
-                               self.speeds.get(n)) for n in self._sent}
+        nodes = {n: self.node_report(n) for n in self._sent}
         return RoundReport(dict(self.last_round_metrics), nodes, self.last_phase, self.held_fraction)
 
     def resume_after(self, completed_rounds: int, last_row: Mapping[str, Any] | None) -> None:
@@ -172,6 +183,27 @@ class ResIST(Strategy):
             return capacities
         median = float(np.median(known))
         return bounded_weights([self.speeds.get(n, median) for n in nodes], SPEED_WEIGHT_BOUND)
+
+    def max_depth_of(self, node: int) -> int:
+        """The most partitionable blocks ``node``'s capacity allows (under ``capacity_measure``)."""
+        capacity = self.sampler.capacity(node)
+        if self.costs is None:
+            return max_depth(capacity, len(self.layout.partitionable))
+        return self.costs.max_depth(capacity, self.capacity_measure)
+
+    def node_report(self, node: int) -> NodeReport:
+        """What ``node`` was sent this round, its reply and what that cost."""
+        held = self.last_blocks.get(node, self.layout.partitionable)
+        limit = self.max_depth_of(node)
+        flops = params = None
+        over = len(held) > limit
+        if self.costs is not None:
+            cost = self.costs.depth_cost(held)
+            flops, params = cost.flops, cost.params
+            if self.capacity_measure != "blocks":
+                over = cost.of(self.capacity_measure) > self.sampler.capacity(node) * \
+                    self.costs.full.of(self.capacity_measure) * (1 + 1e-9)
+        return NodeReport(len(held), self.last_replies.get(node, {}), self.speeds.get(node), limit, over, flops, params)
 
     def measured_seconds(self, reply: Accepted, message_id: str) -> float:
         """The seconds a node's training took, as far as the server can tell: the time the server
@@ -216,7 +248,7 @@ class ResIST(Strategy):
             self.last_blocks = {n: blocks for n in sampled}
             self.last_untrained = ()
         else:
-            maxima = [max_depth(self.sampler.capacity(n), len(blocks)) for n in sampled]
+            maxima = [self.max_depth_of(n) for n in sampled]
             depths = allocate_depths(len(blocks), maxima, self.depth_weights(sampled), self.min_blocks_per_site)
             decomposition = deal_blocks(blocks, depths, rng)
             groups = decomposition.groups

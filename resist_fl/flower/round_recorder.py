@@ -249,11 +249,13 @@ class RoundRecorder:
             reply = sent.reply
             capacity = sampler.capacity(node)
             blocks = partitionable if sent.blocks is None else sent.blocks
+            limit = max_depth(capacity, partitionable) if sent.max_blocks is None else sent.max_blocks
+            over = blocks > limit if sent.over_capacity is None else sent.over_capacity
             rows.append({
                 "round": run_round, "strategy": self.label, "node": node,
                 "partition": sampler.partition(node), "capacity": capacity,
-                "max-blocks": max_depth(capacity, partitionable), "blocks": blocks,
-                "over-capacity": int(blocks > max_depth(capacity, partitionable)),
+                "max-blocks": limit, "blocks": blocks, "over-capacity": int(over),
+                "flops-per-sample": sent.flops_per_sample, "params": sent.params, "width-rate": sent.width_rate,
                 "bytes-down": traffic.bytes_down.get(node, 0), "bytes-up": traffic.bytes_up.get(node, 0),
                 "status": "accepted" if reply else "no-valid-reply",
                 "train-seconds": reply.get("train-seconds"), "simulated-seconds": reply.get("simulated-seconds"),

@@ -26,6 +26,16 @@ class NodeReport:
     client costs); empty when it sent no valid reply."""
     blocks_per_second: float | None = None
     """Its speed as the server measured it (ResIST's ``speed`` allocation), if measured."""
+    max_blocks: int | None = None
+    """The most partitionable blocks its capacity allows (None: the recorder's blocks rule)."""
+    over_capacity: bool | None = None
+    """Whether what it was sent costs more than its capacity allows (None: the blocks rule)."""
+    flops_per_sample: int | None = None
+    """Training FLOPs per sample of what it was sent (forward + backward), when measured."""
+    params: int | None = None
+    """Parameters of what it was sent, when measured."""
+    width_rate: float | None = None
+    """The width rate of what it was sent (width-sliced methods)."""
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from resist_fl.core.aggregation import WEIGHTINGS
 from resist_fl.core.allocation import ALLOCATIONS
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.model import PRESET_DEPTHS, STEMS, ModelSpec
+from resist_fl.core.model_cost import CAPACITY_MEASURES
 from resist_fl.core.norms import NORMS
 from resist_fl.core.torchvision_resnets import TORCHVISION_DEPTHS
 from resist_fl.core.transport import TRANSPORT_DTYPES
@@ -32,7 +33,7 @@ from resist_fl.data.imagefolder import IMAGE_SIZES
 from resist_fl.run.settings_error import SettingsError
 from resist_fl.run.tracking import TRACKERS, TrackerUnavailable, require_tracker
 
-STRATEGIES = ("resist", "fedavg")
+STRATEGIES = ("resist", "fedavg", "heterofl", "fedrolex")
 LR_SCHEDULES = ("step", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 MODELS = (*PRESET_DEPTHS, *TORCHVISION_DEPTHS)
@@ -65,7 +66,7 @@ class RunSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, alias_generator=kebab, populate_by_name=True)
 
     strategy: Literal[STRATEGIES] = Field('resist',
-        description="`resist` or `fedavg` (Flower's FedAvg; the paper's local-SGD baseline when all clients train)")
+        description="`resist`, `fedavg` (Flower's FedAvg; the paper's local-SGD baseline when all clients train), or a width-sliced sub-model baseline: `heterofl` (static width tiers, the first r x C channels, scaler) or `fedrolex` (a rolling window of r x C channels) ([Heterogeneous clients](#heterogeneous-clients-capacities-stragglers-link-speeds))")
     num_server_rounds: Int = Field(5, ge=1,
         description="rounds")
     model: Literal[MODELS] = Field('preact_resnet34',
@@ -120,6 +121,10 @@ class RunSettings(BaseModel):
         description="ResIST: the first k rounds train the full model as FedAvg (full model to every sampled node, weighted mean), then sub-ResNets from round k+1 (the paper's ImageNet recipe; `phase` column); ignored by `strategy='fedavg'`")
     allocation: Literal[ALLOCATIONS] = Field('uniform',
         description="blocks per node: `uniform` (equal depths, the paper), `capacity` (in proportion to node capacity), `speed` (in proportion to measured blocks per second); always within each node's capacity ([Heterogeneous clients](#heterogeneous-clients-capacities-stragglers-link-speeds))")
+    capacity_measure: Literal[CAPACITY_MEASURES] = Field('flops',
+        description="what a node's capacity is a fraction of: `flops` (forward + backward FLOPs per sample of what it is sent, measured), `params`, or `blocks` (ResIST's partitionable blocks); every method gives a node the largest sub-model of its kind within it")
+    width_rates: Str = Field('1,0.5,0.25,0.125,0.0625',
+        description="`heterofl` / `fedrolex`: the width rates a node may get (the largest that fits its capacity)")
     capacity_profile: Str = Field('',
         description="simulation: node capacities in (0, 1] by partition id, cycled, e.g. `\"1.0,0.5,0.25,0.25\"` (a node's own `capacity` node config wins; none: 1.0)")
     slowdown_profile: Str = Field('',
@@ -201,9 +206,11 @@ class RunSettings(BaseModel):
                                 f"min-train-nodes ({self.min_train_nodes})")
         if self.local_epochs == 0 and self.local_steps < 1:
             raise SettingsError(f"local-steps = {self.local_steps!r}: expected an integer >= 1 (or set local-epochs > 0)")
-        if self.strategy == "resist" and self.fraction_evaluate > 0:
-            raise SettingsError(f"fraction-evaluate = {self.fraction_evaluate!r}: ResIST evaluates "
+        if self.strategy != "fedavg" and self.fraction_evaluate > 0:
+            name = "ResIST" if self.strategy == "resist" else self.strategy
+            raise SettingsError(f"fraction-evaluate = {self.fraction_evaluate!r}: {name} evaluates "
                                 "centrally only (its clients hold sub-networks); expected 0.0")
+        self.rates()
         if self.dataset == "npz" and not self.data_path:
             raise SettingsError("data-path = '': dataset 'npz' needs the absolute path of a .npz file")
         if self.dataset == "imagefolder" and not self.data_path:
@@ -211,6 +218,9 @@ class RunSettings(BaseModel):
                                 "holding train/<class>/... and val/<class>/...")
         if self.resume and not self.run_name:
             raise SettingsError("resume = True: needs run-name, the name of the run directory to continue")
+        if self.strategy in ("heterofl", "fedrolex") and self.model in TORCHVISION_DEPTHS:
+            raise SettingsError(f"model = {self.model!r}: {self.strategy} slices the pre-activation family's "
+                                "channels; expected a preact_resnet* model")
         self.model_spec(num_classes=10, in_channels=3)
         self.stages()
         return self
@@ -243,6 +253,17 @@ class RunSettings(BaseModel):
                                     "integers separated by commas, e.g. '1,1,4,1'")
         return ModelSpec(depths=depths, num_classes=num_classes, in_channels=in_channels,
                          base_width=self.base_width, norm=self.norm, stem=self.stem)
+
+    def rates(self) -> tuple[float, ...]:
+        """``width-rates`` as numbers in (0, 1], largest first."""
+        try:
+            rates = tuple(sorted({float(r) for r in self.width_rates.split(",")}, reverse=True))
+        except ValueError:
+            rates = ()
+        if not rates or any(not 0 < r <= 1 for r in rates):
+            raise SettingsError(f"width-rates = {self.width_rates!r}: expected numbers in (0, 1] separated by commas, "
+                                "e.g. '1,0.5,0.25'")
+        return rates
 
     def depth_percents(self) -> tuple[int, ...]:
         """``eval-depths`` as sorted integer percentages of the partitionable blocks."""
