@@ -36,8 +36,8 @@ def build_strategy(settings: RunSettings, layout: BlockLayout, spec: ModelSpec |
     ``costs``, the same measured budget per node (a resumed run continues through
     :meth:`~resist_fl.flower.round_report.RecordedStrategy.resume_after`, called by :class:`RoundRecorder`)."""
     measure = settings.capacity_measure if costs is not None else "blocks"
-    if settings.strategy == "resist":
-        return ResIST(layout, fraction_train=settings.fraction_train,
+    if settings.strategy in ("resist", "depth-tiers"):
+        return ResIST(layout, dealing="random" if settings.strategy == "resist" else "prefix", fraction_train=settings.fraction_train,
                       min_train_nodes=settings.min_train_nodes,
                       min_available_nodes=settings.min_available_nodes,
                       min_blocks_per_site=settings.min_blocks_per_site, weighting=settings.weighting,
@@ -166,7 +166,8 @@ def main(grid: Grid, context: Context) -> None:
                                                           strategy.rates_seen if settings.strategy in WIDTH_MODES
                                                           else set()),
                              eval_every=settings.eval_every, inference_scaling=settings.inference_scaling,
-                             resume=settings.resume, label=settings.strategy)
+                             resume=settings.resume, label=settings.strategy,
+                             target_accuracy=settings.target_accuracy)
     recorder.tracker = open_tracker(settings.tracker, run_dir, settings.to_run_config(), settings.tracking_uri)
     log(INFO, "resist-fl: writing results to %s", run_dir)
     write_json(run_dir / CONFIG_FILE, {"run_config": settings.to_run_config(), "model_spec": spec.to_dict(),

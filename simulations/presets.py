@@ -17,11 +17,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from resist_fl.run.settings import STRATEGIES  # the one list of strategies
+
 PRESET_DIR = Path(__file__).parent / "presets"
 BASE_PRESET = "_base"
 RUNNER_KEYS = ("strategy", "seed", "run-name", "output-dir")
 """Run-config keys the runner sets for every run; presets must leave them alone."""
-STRATEGIES = ("resist", "fedavg")
 
 
 class PresetError(ValueError):

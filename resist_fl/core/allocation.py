@@ -192,3 +192,13 @@ def deal_blocks(blocks: Sequence[str], depths: Sequence[int], rng: np.random.Gen
     uncovered = set(order[min(num_blocks, int(sum(depths))):].tolist())
     untrained = tuple(b for i, b in enumerate(blocks) if i in uncovered)
     return Decomposition(groups, untrained, num_blocks)
+
+
+def prefix_blocks(blocks: Sequence[str], maxima: Sequence[int]) -> Decomposition:
+    """Static depth tiers: each node holds the first ``maximum`` blocks (its budget's most);
+    blocks past the largest maximum are untrained."""
+    num_blocks = len(blocks)
+    depths = [max(1, min(int(m), num_blocks)) for m in maxima]
+    groups = [tuple(blocks[:d]) for d in depths]
+    deepest = max(depths, default=0)
+    return Decomposition(groups, tuple(blocks[deepest:]), num_blocks)

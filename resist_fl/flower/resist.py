@@ -25,6 +25,7 @@ from resist_fl.core.allocation import (
     ALLOCATIONS,
     SPEED_WEIGHT_BOUND,
     allocate_depths,
+    prefix_blocks,
     bounded_weights,
     deal_blocks,
     max_depth,
@@ -39,6 +40,8 @@ from resist_fl.flower.node_sampling import NodeSampler
 from resist_fl.flower.reply_screening import Accepted, encoded_record, refuse_non_finite, screen_replies
 from resist_fl.flower.round_report import NodeReport, RoundReport
 
+DEALINGS = ("random", "prefix")
+"""How blocks are dealt: ResIST's random decomposition, or static depth tiers (prefixes)."""
 MIN_TRAIN_SECONDS = 1e-3
 """Shortest training time a speed is computed from (a subnormal claim cannot make it infinite)."""
 PHASE_WARMUP = "warmup"
@@ -83,6 +86,10 @@ class ResIST(Strategy):
         ``uniform`` (the paper's equal depths), ``capacity`` (in proportion to the capacity each
         node reported) or ``speed`` (in proportion to its measured blocks per second in earlier
         rounds). Always within each node's maximum depth, ``max(1, floor(capacity * P))``.
+    dealing : str
+        ``random`` (ResIST: a fresh random decomposition every round) or ``prefix`` (static depth
+        tiers, the model split of InclusiveFL / DepthFL: a node always trains the first blocks of
+        the partitionable stages that fit its budget; ``label`` becomes ``depth-tiers``).
     costs : CostModel, optional
         The measured costs of the global model's sub-networks: a node's maximum depth is then
         the most blocks within its capacity under ``capacity_measure`` (else ``floor(c * P)``),
@@ -104,7 +111,8 @@ class ResIST(Strategy):
                  weighting: str = "examples", min_train_replies: int = 1,
                  max_num_examples: int = 10_000_000, seed: int = 0,
                  server_lr: float = 1.0, transport: str = "float32", allocation: str = "uniform",
-                 warmup_rounds: int = 0, costs: CostModel | None = None, capacity_measure: str = "blocks") -> None:
+                 warmup_rounds: int = 0, costs: CostModel | None = None, capacity_measure: str = "blocks",
+                 dealing: str = "random") -> None:
         update_weights([], weighting)  # validates the name
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation = {allocation!r}: expected one of {', '.join(ALLOCATIONS)}")
@@ -132,6 +140,10 @@ class ResIST(Strategy):
             raise ValueError(f"capacity_measure = {capacity_measure!r} needs costs (a CostModel of the model)")
         self.costs, self.capacity_measure = costs, capacity_measure
         self.warmup_rounds = warmup_rounds
+        if dealing not in DEALINGS:
+            raise ValueError(f"dealing = {dealing!r}: expected one of {', '.join(DEALINGS)}")
+        self.dealing = dealing
+        self.label = "resist" if dealing == "random" else "depth-tiers"
         self.last_phase = PHASE_WARMUP if warmup_rounds else PHASE_RESIST
         self.num_subnetworks = max(1, min_train_nodes)
         self.held_fraction: float | None = None  # of the last round's sub-networks
@@ -249,8 +261,11 @@ class ResIST(Strategy):
             self.last_untrained = ()
         else:
             maxima = [self.max_depth_of(n) for n in sampled]
-            depths = allocate_depths(len(blocks), maxima, self.depth_weights(sampled), self.min_blocks_per_site)
-            decomposition = deal_blocks(blocks, depths, rng)
+            if self.dealing == "prefix":  # depth tiers: always the first blocks that fit
+                decomposition = prefix_blocks(blocks, maxima)
+            else:
+                depths = allocate_depths(len(blocks), maxima, self.depth_weights(sampled), self.min_blocks_per_site)
+                decomposition = deal_blocks(blocks, depths, rng)
             groups = decomposition.groups
             self.held_fraction = decomposition.held_fraction
             self.last_blocks = dict(zip(sampled, groups))

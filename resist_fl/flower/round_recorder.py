@@ -36,6 +36,11 @@ from resist_fl.run.outputs import MODEL_FILE, NODES_FILE, SUMMARY_FILE, append_m
 from resist_fl.run.timing import eta
 from resist_fl.run.tracking import SafeTracker
 
+class TargetReached(Exception):
+    """Raised from the evaluate_fn to end ``Strategy.start`` once the target accuracy is reached
+    (Flower 1.42's ``start`` has no stop condition); caught by :meth:`RoundRecorder.start`."""
+
+
 Evaluation = Callable[[int, dict[str, torch.Tensor]], Mapping[str, float]]
 """``evaluation(run_round, state)``: metrics of the global model whose ``state_dict`` is ``state``
 (residual scales included), e.g. ``{"loss": 0.41, "accuracy": 0.88}``; numbers only."""
@@ -84,6 +89,9 @@ class RoundRecorder:
         Continue the run in ``run_dir`` from its checkpoint; otherwise ``run_dir`` must hold no run.
     label : str, optional
         The ``strategy`` column (default: ``strategy.label``).
+    target_accuracy : float, optional
+        Stop the run after the first evaluated round whose ``accuracy`` reaches it (its round is
+        recorded in ``summary.json`` as ``target-reached-round``); None or 0: run every round.
     tracker : optional
         Also sends every row there (:func:`resist_fl.run.tracking.open_tracker`; its failures
         are warnings, never the run's); closed by :meth:`finish`.
@@ -92,7 +100,8 @@ class RoundRecorder:
     def __init__(self, strategy: RecordedStrategy, layout: BlockLayout, run_dir: Path, *,
                  run_config: Mapping[str, Any], num_rounds: int, evaluation: Evaluation | None = None,
                  eval_every: int = 1, inference_scaling: bool = True, resume: bool = False,
-                 label: str | None = None, tracker: SafeTracker | None = None) -> None:
+                 label: str | None = None, tracker: SafeTracker | None = None,
+                 target_accuracy: float | None = None) -> None:
         if not isinstance(strategy, RecordedStrategy):
             raise TypeError(f"strategy: expected ResIST or ScreenedFedAvg (or another RecordedStrategy: round_report, "
                             f"inference_scales, resume_after, sampler, label), got {type(strategy).__name__}")
@@ -103,6 +112,8 @@ class RoundRecorder:
         self.evaluation, self.eval_every, self.inference_scaling = evaluation, eval_every, inference_scaling
         self.label = label or strategy.label
         self.tracker = tracker
+        self.target_accuracy = target_accuracy or None
+        self.target_reached_round: int | None = None
         self.resumed: Checkpoint | None = open_run_directory(self.run_dir, self.run_config, resume)
         self.completed_rounds = self.resumed.server_round if self.resumed else 0
         self.rows: list[dict] = list(self.resumed.metrics) if self.resumed else []
@@ -138,8 +149,12 @@ class RoundRecorder:
         self.grid = MeteredGrid(grid)
         started = time.perf_counter()
         if self.num_rounds > self.completed_rounds:
-            self.strategy.start(grid=self.grid, initial_arrays=initial, evaluate_fn=self,
-                                num_rounds=self.num_rounds - self.completed_rounds, **start_kwargs)
+            try:
+                self.strategy.start(grid=self.grid, initial_arrays=initial, evaluate_fn=self,
+                                    num_rounds=self.num_rounds - self.completed_rounds, **start_kwargs)
+            except TargetReached:
+                log(INFO, "resist-fl: target accuracy %.4f reached in round %d: the run stops here",
+                    self.target_accuracy, self.target_reached_round)
         self.seconds = time.perf_counter() - started
         return self.final_state()
 
@@ -157,7 +172,9 @@ class RoundRecorder:
         state = self.final_state()
         save_model(self.run_dir / MODEL_FILE, state, model_spec)
         payload = set(self.layout.payload_keys())
-        summary = {"strategy": self.label, "rounds": self.num_rounds, "total-bytes": self.cumulative_bytes,
+        summary = {"strategy": self.label, "rounds": self.rows[-1]["round"] if self.rows else 0,
+                   "total-bytes": self.cumulative_bytes, "target-accuracy": self.target_accuracy,
+                   "target-reached-round": self.target_reached_round,
                    "seconds": self.seconds,
                    "parameters": int(sum(v.numel() for k, v in state.items() if k in payload)),
                    "final-accuracy": self.rows[-1].get("accuracy") if self.rows else None}
@@ -214,6 +231,9 @@ class RoundRecorder:
             self.num_rounds, self.label, acc, loss, row["bytes-down"] / 1e6, row["bytes-up"] / 1e6,
             row["round-seconds"], eta(self.round_seconds, self.num_rounds - run_round))
         self.round_started = time.perf_counter()
+        if self.target_accuracy and (row.get("accuracy") or 0.0) >= self.target_accuracy:
+            self.target_reached_round = run_round
+            raise TargetReached(run_round)  # after this round's row, nodes row and checkpoint
         finite = {k: v for k, v in evaluated.items() if v is not None}
         return MetricRecord(finite) if finite else None
 

@@ -33,7 +33,7 @@ from resist_fl.data.imagefolder import IMAGE_SIZES
 from resist_fl.run.settings_error import SettingsError
 from resist_fl.run.tracking import TRACKERS, TrackerUnavailable, require_tracker
 
-STRATEGIES = ("resist", "fedavg", "heterofl", "fedrolex")
+STRATEGIES = ("resist", "fedavg", "heterofl", "fedrolex", "depth-tiers")
 LR_SCHEDULES = ("step", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 MODELS = (*PRESET_DEPTHS, *TORCHVISION_DEPTHS)
@@ -66,7 +66,7 @@ class RunSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, alias_generator=kebab, populate_by_name=True)
 
     strategy: Literal[STRATEGIES] = Field('resist',
-        description="`resist`, `fedavg` (Flower's FedAvg; the paper's local-SGD baseline when all clients train), or a width-sliced sub-model baseline: `heterofl` (static width tiers, the first r x C channels, scaler) or `fedrolex` (a rolling window of r x C channels) ([Heterogeneous clients](#heterogeneous-clients-capacities-stragglers-link-speeds))")
+        description="`resist`, `fedavg` (Flower's FedAvg; the paper's local-SGD baseline when all clients train), or a width-sliced sub-model baseline: `heterofl` (static width tiers, the first r x C channels, scaler), `fedrolex` (a rolling window of r x C channels), or `depth-tiers` (a node always trains the first blocks its budget allows: the static counterpart of ResIST's random decomposition) ([Heterogeneous clients](#heterogeneous-clients-capacities-stragglers-link-speeds))")
     num_server_rounds: Int = Field(5, ge=1,
         description="rounds")
     model: Literal[MODELS] = Field('preact_resnet34',
@@ -155,6 +155,8 @@ class RunSettings(BaseModel):
         description="evaluate the global model every N rounds (and after the last)")
     eval_batch_size: Int = Field(500, ge=1,
         description="central evaluation batch size")
+    target_accuracy: Float = Field(0.0, ge=0, le=1,
+        description="if > 0, stop after the first evaluated round whose accuracy reaches it (`target-reached-round` in `summary.json`): time-to-target studies stop paying for rounds after the answer")
     seed: Int = Field(0, ge=0,
         description="model init, node sampling, decomposition, data order")
     output_dir: Str = Field('~/resist-fl-runs',

@@ -23,7 +23,9 @@ NUM_CLASSES = 10  # synthetic data: chance accuracy is 0.1
 TINY = {"dataset": "synthetic", "stage-depths": "1,1,4,1", "base-width": 8, "local-steps": 20,
         "lr-schedule": "constant", "batch-size": 32, "num-server-rounds": ROUNDS, "eval-batch-size": 250,
         "min-train-nodes": 3, "min-available-nodes": 3}
-CASES = {"resist": {"strategy": "resist"}, "fedavg": {"strategy": "fedavg"}, "bad": {"strategy": "fedprox"}}
+HETERO = {"capacity-profile": "1.0,0.5,0.25"}
+CASES = {"resist": {"strategy": "resist"}, "fedavg": {"strategy": "fedavg"}, "bad": {"strategy": "fedprox"},
+         "heterofl": {"strategy": "heterofl", **HETERO}, "depth-tiers": {"strategy": "depth-tiers", **HETERO}}
 RUN_NAMES = {"fedavg": "fedavg it's \"quoted\""}  # both quote kinds: the launcher's TOML file carries them
 
 pytestmark = pytest.mark.slow  # the real flwr run engine (about 45 s)
@@ -42,7 +44,7 @@ def launches(tmp_path_factory) -> dict[str, LaunchResult]:
         return {case: future.result() for case, future in futures.items()}
 
 
-@pytest.mark.parametrize("strategy", ["resist", "fedavg"])
+@pytest.mark.parametrize("strategy", ["resist", "fedavg", "heterofl", "depth-tiers"])
 def test_run_finishes_with_every_round(launches, strategy):
     result = launches[strategy]
     assert result.success, f"{result.reason}\n{result.log_path.read_text()[-3000:]}"
@@ -54,7 +56,7 @@ def test_run_finishes_with_every_round(launches, strategy):
     assert all(r["strategy"] == strategy and r["nodes"] == 3 for r in rows)
 
 
-@pytest.mark.parametrize("strategy", ["resist", "fedavg"])
+@pytest.mark.parametrize("strategy", ["resist", "fedavg", "heterofl", "depth-tiers"])
 def test_accuracy_beats_chance(launches, strategy):
     final = read_metrics(launches[strategy].run_dir)[-1]["accuracy"]
     assert final > 1 / NUM_CLASSES
@@ -106,3 +108,12 @@ def test_unrenderable_values_are_refused():
         toml_value("run-name", "it's \"quoted\"")
     with pytest.raises(ValueError, match="expected a bool"):
         toml_value("stage-depths", [1, 1, 4, 1])
+
+
+def test_the_sub_model_baselines_respect_every_nodes_budget(launches):
+    """Through the real engine: HeteroFL's widths and the depth tiers follow the capacities."""
+    heterofl = read_metrics(launches["heterofl"].run_dir, "nodes.jsonl")
+    assert sorted({(n["partition"], n["width-rate"]) for n in heterofl}) == [(0, 1.0), (1, 0.5), (2, 0.25)]
+    assert all(n["over-capacity"] == 0 and n["flops-per-sample"] > 0 for n in heterofl)
+    tiers = read_metrics(launches["depth-tiers"].run_dir, "nodes.jsonl")
+    assert {n["strategy"] for n in tiers} == {"depth-tiers"} and all(n["status"] == "accepted" for n in tiers)

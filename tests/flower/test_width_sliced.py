@@ -103,3 +103,40 @@ def test_width_methods_need_the_pre_activation_family():
         RunSettings.from_run_config({"strategy": "heterofl", "model": "torchvision_resnet18"})
     with pytest.raises(SettingsError, match="width-rates = '0,1'"):
         RunSettings.from_run_config({"strategy": "fedrolex", "width-rates": "0,1"})
+
+
+# -- depth tiers: the static counterpart of ResIST's random decomposition ---------------------------
+
+def test_depth_tiers_always_train_the_first_blocks_that_fit(tiny_config):
+    tiny_config.update(HETERO, strategy="depth-tiers", **{"stage-depths": "1,1,9,1", "base-width": 8,
+                                                          "capacity-measure": "blocks", "num-server-rounds": 2})
+    grid = run_inprocess(tiny_config, num_nodes=3)
+    blocks = [f"layer3.{i}" for i in range(1, 9)]
+    sent = {m.metadata.dst_node_id: list(m.content["config"]["blocks"])
+            for m in grid.sent if m.metadata.message_type == "train"}
+    assert sorted(sent.values(), key=len) == [blocks[:2], blocks[:4], blocks]  # 0.25 / 0.5 / 1.0 of 8 blocks
+    rows = read_metrics(run_dir(tiny_config))
+    assert all(r["strategy"] == "depth-tiers" and r["replies-accepted"] == 3 for r in rows)
+    nodes = read_metrics(run_dir(tiny_config), "nodes.jsonl")
+    assert [(n["blocks"], n["max-blocks"], n["over-capacity"]) for n in nodes] == [(8, 8, 0), (4, 4, 0), (2, 2, 0)] * 2
+
+
+def test_resists_floor_is_flagged_under_a_flop_budget(tiny_config):
+    """With 3 partitionable blocks the shared layers cost ~70 % of the model: a node of capacity
+    0.25 cannot be given a ResIST sub-network within its FLOPs; the row says so."""
+    tiny_config.update(HETERO, **{"num-server-rounds": 1})
+    run_inprocess(tiny_config, num_nodes=3)
+    nodes = read_metrics(run_dir(tiny_config), "nodes.jsonl")
+    assert [n["over-capacity"] for n in nodes] == [0, 1, 1] and all(n["blocks"] >= 1 for n in nodes)
+
+
+def test_target_accuracy_stops_the_run_and_is_recorded(tiny_config):
+    import json
+
+    tiny_config.update({"num-server-rounds": 6, "target-accuracy": 0.01})
+    run_inprocess(tiny_config, num_nodes=2)
+    rows = read_metrics(run_dir(tiny_config))
+    summary = json.loads((run_dir(tiny_config) / "summary.json").read_text())
+    assert [r["round"] for r in rows] == [1]
+    assert (summary["target-reached-round"], summary["rounds"], summary["target-accuracy"]) == (1, 1, 0.01)
+    assert (run_dir(tiny_config) / "model.pt").exists()
