@@ -32,7 +32,8 @@ from resist_fl.flower.client_side import (
     message_transport,
     train_reply,
 )
-from resist_fl.flower.width_sliced import WIDTH_RATE, WIDTH_SCALER
+from resist_fl.flower.width_sliced import FJORD_RATES, WIDTH_RATE, WIDTH_SCALER
+from resist_fl.node.ordered_dropout import OrderedDropout
 from resist_fl.node.peak_memory import PeakMemory
 from resist_fl.node.training import evaluate, resolve_device, scheduled_lr, steps_for, train
 from resist_fl.node.width_scaler import attach_width_scaler
@@ -126,10 +127,13 @@ def train_handler(msg: Message, context: Context) -> Message:
     steps = steps_for(num_examples, settings.batch_size, settings.local_steps, settings.local_epochs)
     lr = scheduled_lr(settings.lr, settings.lr_schedule, run_round, settings.num_server_rounds)
     torch.manual_seed(round_seed)
+    before_step = None
+    if FJORD_RATES in config:  # FjORD: each local batch trains a nested width drawn at or below this node's
+        before_step = OrderedDropout(model, spec, width_rate, list(config[FJORD_RATES]), seed=round_seed).sample
     with PeakMemory(device) as peak:
         result = train(model, loader, steps=steps, lr=lr, momentum=settings.momentum,
                        weight_decay=settings.weight_decay, device=device,
-                       amp=settings.amp, clip_grad_norm=settings.clip_grad_norm)
+                       amp=settings.amp, clip_grad_norm=settings.clip_grad_norm, before_step=before_step)
     slowdown = profile_value(parse_profile("slowdown-profile", settings.slowdown_profile, low=1.0), partition_id)
     simulated = (slowdown - 1.0) * result.seconds  # a simulated straggler: sleeps, labelled as such
     time.sleep(simulated)

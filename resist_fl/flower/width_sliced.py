@@ -8,7 +8,12 @@ and behind the same node sampling, reply screening, metering, transport and roun
   (:meth:`~resist_fl.core.model_cost.CostModel.max_rate`) — static tiers; its ClientApp divides
   every convolution's output by r while training (HeteroFL's *scaler*);
 - ``fedrolex`` (Alam et al., NeurIPS 2022): the same rates, but the kept channels are a window
-  whose start advances by one channel every round (wrapping around); no scaler.
+  whose start advances by one channel every round (wrapping around); no scaler;
+- ``fjord`` (Horváth et al., NeurIPS 2021): the node gets its largest nested sub-model (prefix,
+  like HeteroFL, no scaler) and trains, for every local batch, the nested sub-model of a width
+  drawn uniformly from the rates at or below its own (ordered dropout,
+  :mod:`resist_fl.node.ordered_dropout`; the variant without self-distillation); it returns its
+  largest sub-model.
 
 Every element of every global tensor becomes the weighted mean over the nodes whose sub-model held
 it (:func:`~resist_fl.core.width_slicing.merge_sliced`); elements nobody held stay. The message
@@ -39,11 +44,13 @@ from resist_fl.flower.node_sampling import NodeSampler
 from resist_fl.flower.reply_screening import encoded_record, refuse_non_finite, screen_replies
 from resist_fl.flower.round_report import NodeReport, RoundReport
 
-WIDTH_MODES = ("heterofl", "fedrolex")
+WIDTH_MODES = ("heterofl", "fedrolex", "fjord")
 WIDTH_RATE = "width-rate"
 """Message key: the width rate of the sub-model the message carries."""
 WIDTH_SCALER = "width-scaler"
 """Message key: whether the node divides its convolutions' outputs by the rate while training."""
+FJORD_RATES = "fjord-rates"
+"""Message key (FjORD): the widths a node samples from for each local batch (those at or below its own)."""
 
 
 class WidthSliced(Strategy):
@@ -153,6 +160,8 @@ class WidthSliced(Strategy):
             node_config = ConfigRecord({**config, SERVER_ROUND: server_round, RUN_ROUND: run_round,
                                         TRANSPORT: self.transport, WIDTH_RATE: rate,
                                         WIDTH_SCALER: self.mode == "heterofl"})
+            if self.mode == "fjord":
+                node_config[FJORD_RATES] = sorted(r for r in self.rates if r <= rate)
             content = RecordDict({"arrays": cut_by_rate[rate], "config": node_config})
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
         self.rates_seen |= set(self.last_rates.values())

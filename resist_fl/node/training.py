@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -79,14 +79,15 @@ def _batches(loader: Batches, steps: int) -> Iterator:
 
 def train(model: nn.Module, loader: Batches, *, steps: int, lr: float, momentum: float,
           weight_decay: float, device: torch.device, amp: bool = False,
-          clip_grad_norm: float = 0.0) -> TrainResult:
+          clip_grad_norm: float = 0.0, before_step: Callable[[int], None] | None = None) -> TrainResult:
     """Train ``model`` in place for ``steps`` SGD steps with a fresh optimiser.
 
     A fresh SGD optimiser (no momentum carried between rounds) matches the
     official code, which re-creates it at every repartition. With ``amp`` on
     CUDA, the forward pass runs under bfloat16 autocast. ``clip_grad_norm > 0``
     rescales each step's gradient to at most that L2 norm (over all parameters).
-    The step loop never waits for the device: the loss is summed on it and read
+    ``before_step(step)`` is called before each step's forward pass (FjORD samples that step's
+    width there: :mod:`resist_fl.node.ordered_dropout`). The step loop never waits for the device: the loss is summed on it and read
     once at the end.
     """
     start = time.perf_counter()
@@ -94,7 +95,9 @@ def train(model: nn.Module, loader: Batches, *, steps: int, lr: float, momentum:
     optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     use_amp = amp and device.type == "cuda"
     total = torch.zeros((), device=device)
-    for images, labels in _batches(loader, steps):
+    for step, (images, labels) in enumerate(_batches(loader, steps)):
+        if before_step is not None:
+            before_step(step)
         images, labels = _to_device(images, labels, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             loss = nn.functional.cross_entropy(model(images), labels)

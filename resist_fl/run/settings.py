@@ -33,7 +33,7 @@ from resist_fl.data.imagefolder import IMAGE_SIZES
 from resist_fl.run.settings_error import SettingsError
 from resist_fl.run.tracking import TRACKERS, TrackerUnavailable, require_tracker
 
-STRATEGIES = ("resist", "fedavg", "heterofl", "fedrolex", "depth-tiers")
+STRATEGIES = ("resist", "fedavg", "heterofl", "fedrolex", "fjord", "depth-tiers")
 LR_SCHEDULES = ("step", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 MODELS = (*PRESET_DEPTHS, *TORCHVISION_DEPTHS)
@@ -66,7 +66,7 @@ class RunSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, alias_generator=kebab, populate_by_name=True)
 
     strategy: Literal[STRATEGIES] = Field('resist',
-        description="`resist`, `fedavg` (Flower's FedAvg; the paper's local-SGD baseline when all clients train), or a width-sliced sub-model baseline: `heterofl` (static width tiers, the first r x C channels, scaler), `fedrolex` (a rolling window of r x C channels), or `depth-tiers` (a node always trains the first blocks its budget allows: the static counterpart of ResIST's random decomposition) ([Heterogeneous clients](#heterogeneous-clients-capacities-stragglers-link-speeds))")
+        description="`resist`, `fedavg` (Flower's FedAvg; the paper's local-SGD baseline when all clients train), or a width-sliced sub-model baseline: `heterofl` (static width tiers, the first r x C channels, scaler), `fedrolex` (a rolling window of r x C channels), `fjord` (ordered dropout: per batch a nested width at or below the node's), or `depth-tiers` (a node always trains the first blocks its budget allows: the static counterpart of ResIST's random decomposition) ([Heterogeneous clients](#heterogeneous-clients-capacities-stragglers-link-speeds))")
     num_server_rounds: Int = Field(5, ge=1,
         description="rounds")
     model: Literal[MODELS] = Field('preact_resnet34',
@@ -124,7 +124,7 @@ class RunSettings(BaseModel):
     capacity_measure: Literal[CAPACITY_MEASURES] = Field('flops',
         description="what a node's capacity is a fraction of: `flops` (forward + backward FLOPs per sample of what it is sent, measured), `params`, or `blocks` (ResIST's partitionable blocks); every method gives a node the largest sub-model of its kind within it")
     width_rates: Str = Field('1,0.5,0.25,0.125,0.0625',
-        description="`heterofl` / `fedrolex`: the width rates a node may get (the largest that fits its capacity)")
+        description="`heterofl` / `fedrolex` / `fjord`: the width rates a node may get (the largest that fits its capacity; FjORD samples among those at or below it)")
     capacity_profile: Str = Field('',
         description="simulation: node capacities in (0, 1] by partition id, cycled, e.g. `\"1.0,0.5,0.25,0.25\"` (a node's own `capacity` node config wins; none: 1.0)")
     slowdown_profile: Str = Field('',
@@ -220,7 +220,7 @@ class RunSettings(BaseModel):
                                 "holding train/<class>/... and val/<class>/...")
         if self.resume and not self.run_name:
             raise SettingsError("resume = True: needs run-name, the name of the run directory to continue")
-        if self.strategy in ("heterofl", "fedrolex") and self.model in TORCHVISION_DEPTHS:
+        if self.strategy in ("heterofl", "fedrolex", "fjord") and self.model in TORCHVISION_DEPTHS:
             raise SettingsError(f"model = {self.model!r}: {self.strategy} slices the pre-activation family's "
                                 "channels; expected a preact_resnet* model")
         self.model_spec(num_classes=10, in_channels=3)
