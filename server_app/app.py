@@ -22,7 +22,7 @@ from resist_fl.flower.round_recorder import RoundRecorder
 from resist_fl.flower.round_report import RecordedStrategy
 from resist_fl.flower.width_sliced import WIDTH_MODES, WidthSliced
 from resist_fl.run.outputs import CONFIG_FILE, run_directory, write_json
-from resist_fl.run.settings import RunSettings, resolve_model
+from resist_fl.run.settings import RunSettings, parse_profile, resolve_model
 from resist_fl.run.tracking import open_tracker
 from resist_fl.node.training import evaluate, resolve_device
 
@@ -55,7 +55,13 @@ def build_strategy(settings: RunSettings, layout: BlockLayout, spec: ModelSpec |
                            weighting=settings.weighting, min_train_replies=settings.min_train_replies,
                            max_num_examples=settings.max_num_examples, seed=settings.seed,
                            transport=settings.transport_dtype)
-    return ScreenedFedAvg(fraction_train=settings.fraction_train, fraction_evaluate=settings.fraction_evaluate,
+    small = None
+    if settings.strategy == "fedavg-small":
+        if costs is None:
+            raise ValueError("strategy 'fedavg-small' needs the model's costs")
+        small = smallest_width(settings, costs)
+    return ScreenedFedAvg(width_rate=small, fraction_train=settings.fraction_train,
+                          fraction_evaluate=settings.fraction_evaluate,
                           min_train_nodes=settings.min_train_nodes,
                           min_evaluate_nodes=settings.min_train_nodes if settings.fraction_evaluate else 0,
                           min_available_nodes=settings.min_available_nodes,
@@ -63,6 +69,13 @@ def build_strategy(settings: RunSettings, layout: BlockLayout, spec: ModelSpec |
                           max_num_examples=settings.max_num_examples, seed=settings.seed,
                           server_lr=settings.server_lr, transport=settings.transport_dtype,
                           costs=costs, capacity_measure=measure)
+
+
+def smallest_width(settings: RunSettings, costs: CostModel) -> float:
+    """``fedavg-small``: the width of the one model every node trains, the largest of
+    ``width-rates`` that fits the weakest capacity of ``capacity-profile`` (1.0 without one)."""
+    profile = parse_profile("capacity-profile", settings.capacity_profile, low=0.0, high=1.0)
+    return costs.max_rate(min(profile, default=1.0), settings.capacity_measure, settings.rates())
 
 
 def model_config(spec: ModelSpec) -> ConfigRecord:
@@ -156,6 +169,9 @@ def main(grid: Grid, context: Context) -> None:
     settings.check_tracker_installed()  # a missing extra stops the run before its directory is made
     spec, layout, test_loader, data = prepare_data(settings)
     costs = CostModel(spec, layout, tuple(data["image-shape"][1:]))
+    if settings.strategy == "fedavg-small":  # the global model is the one model the weakest node can train
+        spec = sliced_spec(spec, smallest_width(settings, costs))
+        layout = BlockLayout.from_spec(spec, settings.stages())
     log(INFO, "resist-fl: full model %.3g GFLOP per training sample, %d parameters; the smallest ResIST "
         "sub-network costs %.0f %% of it", costs.full.flops / 1e9, costs.full.params, 100 * costs.floor_fraction())
     run_dir = run_directory(settings.output_dir, settings.run_name, settings.strategy)

@@ -35,6 +35,7 @@ from resist_fl.flower.message_keys import RUN_ROUND, SERVER_ROUND, TRANSPORT
 from resist_fl.flower.node_sampling import NodeSampler
 from resist_fl.flower.reply_screening import encoded_record, refuse_non_finite, screen_replies
 from resist_fl.flower.round_report import NodeReport, RoundReport
+from resist_fl.flower.width_sliced import WIDTH_RATE
 
 
 class ScreenedFedAvg(FedAvg):
@@ -64,8 +65,12 @@ class ScreenedFedAvg(FedAvg):
 
     def __init__(self, *, seed: int = 0, min_train_replies: int = 1,
                  max_num_examples: int = 10_000_000, server_lr: float = 1.0, transport: str = "float32",
-                 costs: CostModel | None = None, capacity_measure: str = "blocks", **kwargs) -> None:
+                 costs: CostModel | None = None, capacity_measure: str = "blocks", width_rate: float | None = None,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
+        self.width_rate = width_rate  # fedavg-small: every node trains the model of this width
+        if width_rate is not None:
+            self.label = "fedavg-small"
         if capacity_measure not in CAPACITY_MEASURES:
             raise ValueError(f"capacity_measure = {capacity_measure!r}: expected one of {', '.join(CAPACITY_MEASURES)}")
         self.costs, self.capacity_measure = costs, capacity_measure
@@ -91,6 +96,8 @@ class ScreenedFedAvg(FedAvg):
         sampled, connected, _ = self.sampler.sample(grid, run_round)
         log(INFO, "configure_train: round %d, %d of %d nodes", server_round, len(sampled), connected)
         config = ConfigRecord({**config, SERVER_ROUND: server_round, RUN_ROUND: run_round, TRANSPORT: self.transport})
+        if self.width_rate is not None:  # the global model is the width-r model: nodes build that model
+            config[WIDTH_RATE] = self.width_rate
         self.last_evaluate_metrics = {}  # this round's federated evaluation comes after its training
         record = RecordDict({self.arrayrecord_key: encoded_record(arrays, self.transport),
                              self.configrecord_key: config})
@@ -132,11 +139,17 @@ class ScreenedFedAvg(FedAvg):
         """What ``node`` was sent (the full model), its reply and what that cost: over capacity
         whenever its capacity is below the full model's cost (under a measured capacity)."""
         reply = self.last_replies.get(node, {})
-        if self.costs is None or self.capacity_measure == "blocks":
+        if self.costs is None:
             return NodeReport(None, reply)
-        full = self.costs.full
-        return NodeReport(None, reply, over_capacity=self.sampler.capacity(node) < 1 - 1e-9,
-                          flops_per_sample=full.flops, params=full.params)
+        rate = 1.0 if self.width_rate is None else self.width_rate
+        cost = self.costs.width_cost(rate) if rate < 1 else self.costs.full
+        capacity = self.sampler.capacity(node)
+        if self.capacity_measure == "blocks":
+            over = rate > capacity + 1e-9 if self.width_rate is not None else None
+        else:
+            over = cost.of(self.capacity_measure) > capacity * self.costs.full.of(self.capacity_measure) * (1 + 1e-9)
+        return NodeReport(None, reply, over_capacity=over, flops_per_sample=cost.flops, params=cost.params,
+                          width_rate=self.width_rate)
 
     def inference_scales(self) -> dict[str, float]:
         """FedAvg trains the full model: no block is scaled."""

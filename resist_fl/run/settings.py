@@ -33,7 +33,7 @@ from resist_fl.data.imagefolder import IMAGE_SIZES
 from resist_fl.run.settings_error import SettingsError
 from resist_fl.run.tracking import TRACKERS, TrackerUnavailable, require_tracker
 
-STRATEGIES = ("resist", "fedavg", "heterofl", "fedrolex", "fjord", "depth-tiers")
+STRATEGIES = ("resist", "fedavg", "heterofl", "fedrolex", "fjord", "depth-tiers", "fedavg-small")
 LR_SCHEDULES = ("step", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 MODELS = (*PRESET_DEPTHS, *TORCHVISION_DEPTHS)
@@ -66,7 +66,7 @@ class RunSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, alias_generator=kebab, populate_by_name=True)
 
     strategy: Literal[STRATEGIES] = Field('resist',
-        description="`resist`, `fedavg` (Flower's FedAvg; the paper's local-SGD baseline when all clients train), or a width-sliced sub-model baseline: `heterofl` (static width tiers, the first r x C channels, scaler), `fedrolex` (a rolling window of r x C channels), `fjord` (ordered dropout: per batch a nested width at or below the node's), or `depth-tiers` (a node always trains the first blocks its budget allows: the static counterpart of ResIST's random decomposition) ([Heterogeneous clients](#heterogeneous-clients-capacities-stragglers-link-speeds))")
+        description="`resist`, `fedavg` (Flower's FedAvg; the paper's local-SGD baseline when all clients train), or a width-sliced sub-model baseline: `heterofl` (static width tiers, the first r x C channels, scaler), `fedrolex` (a rolling window of r x C channels), `fjord` (ordered dropout: per batch a nested width at or below the node's), `depth-tiers` (a node always trains the first blocks its budget allows: the static counterpart of ResIST's random decomposition), or `fedavg-small` (FedAvg of the one width that fits the weakest capacity of `capacity-profile`) ([Heterogeneous clients](#heterogeneous-clients-capacities-stragglers-link-speeds))")
     num_server_rounds: Int = Field(5, ge=1,
         description="rounds")
     model: Literal[MODELS] = Field('preact_resnet34',
@@ -208,7 +208,7 @@ class RunSettings(BaseModel):
                                 f"min-train-nodes ({self.min_train_nodes})")
         if self.local_epochs == 0 and self.local_steps < 1:
             raise SettingsError(f"local-steps = {self.local_steps!r}: expected an integer >= 1 (or set local-epochs > 0)")
-        if self.strategy != "fedavg" and self.fraction_evaluate > 0:
+        if self.strategy not in ("fedavg", "fedavg-small") and self.fraction_evaluate > 0:
             name = "ResIST" if self.strategy == "resist" else self.strategy
             raise SettingsError(f"fraction-evaluate = {self.fraction_evaluate!r}: {name} evaluates "
                                 "centrally only (its clients hold sub-networks); expected 0.0")
@@ -220,7 +220,7 @@ class RunSettings(BaseModel):
                                 "holding train/<class>/... and val/<class>/...")
         if self.resume and not self.run_name:
             raise SettingsError("resume = True: needs run-name, the name of the run directory to continue")
-        if self.strategy in ("heterofl", "fedrolex", "fjord") and self.model in TORCHVISION_DEPTHS:
+        if self.strategy in ("heterofl", "fedrolex", "fjord", "fedavg-small") and self.model in TORCHVISION_DEPTHS:
             raise SettingsError(f"model = {self.model!r}: {self.strategy} slices the pre-activation family's "
                                 "channels; expected a preact_resnet* model")
         self.model_spec(num_classes=10, in_channels=3)

@@ -140,3 +140,18 @@ def test_target_accuracy_stops_the_run_and_is_recorded(tiny_config):
     assert [r["round"] for r in rows] == [1]
     assert (summary["target-reached-round"], summary["rounds"], summary["target-accuracy"]) == (1, 1, 0.01)
     assert (run_dir(tiny_config) / "model.pt").exists()
+
+
+def test_fedavg_small_trains_the_one_width_the_weakest_node_fits(tiny_config):
+    tiny_config.update(HETERO, strategy="fedavg-small", **{"num-server-rounds": 2})
+    grid = run_inprocess(tiny_config, num_nodes=3)
+    nodes = read_metrics(run_dir(tiny_config), "nodes.jsonl")
+    assert {n["width-rate"] for n in nodes} == {0.25} and all(n["over-capacity"] == 0 for n in nodes)
+    saved = torch.load(run_dir(tiny_config) / "model.pt", weights_only=True)
+    assert saved["model_spec"]["base_width"] == 2  # the global model is the width-1/4 model
+    small = build_model(sliced_spec(SPEC, 0.25)).state_dict()
+    for message in (m for m in grid.sent if m.metadata.message_type == "train"):
+        assert message.content["config"][WIDTH_RATE] == 0.25
+        assert {k: tuple(a.shape) for k, a in message.content["arrays"].items()} == \
+            {k: tuple(v.shape) for k, v in small.items() if not k.endswith("residual_scale")}
+    assert read_metrics(run_dir(tiny_config))[-1]["strategy"] == "fedavg-small"
