@@ -63,7 +63,8 @@ PLOTS = {"round": ("accuracy_vs_round.png", "round"),
          "gb": ("accuracy_vs_gb.png", "cumulative communication (GB)"),
          "seconds": ("accuracy_vs_seconds.png", "wall-clock seconds (sum of round-seconds)")}
 NAME_PATTERN = re.compile(r"^(?P<variant>.+)-(?P<strategy>resist|fedavg)-seed(?P<seed>\d+)$")
-LABELS = {"resist": "ResIST", "fedavg": "FedAvg"}
+LABELS = {"resist": "ResIST", "fedavg": "FedAvg", "heterofl": "HeteroFL", "fedrolex": "FedRolex", "fjord": "FjORD",
+          "depth-tiers": "depth tiers", "fedavg-small": "FedAvg-small"}
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -397,27 +398,37 @@ def node_lines(runs_dir: Path, groups: dict[tuple[str, str], list[Run]], bandwid
         for name, runs in projections.items()}}
 
 
-def depth_lines(runs_dir: Path, groups: dict[tuple[str, str], list[Run]]) -> list[str]:
-    """Final-round accuracy of the global model truncated to a share of the partitioned blocks
-    (``accuracy-depth-<pct>``), mean over seeds; empty when no run evaluated truncations."""
-    finals: dict[str, dict[int, list[float]]] = {}
+TIERS = {
+    "depth": ("## Any-depth accuracy (final round)", "% of the blocks",
+              "The global model keeping only the first share of the partitionable blocks (at least one), the "
+              "kept blocks scaled as a sub-network of the trained depth would be: what a device that keeps part "
+              "of the model gets. 100 % is the full model (equal to `accuracy`)."),
+    "width": ("## Accuracy per width tier (final round)", "% of the channels",
+              "The global model's first r x C channels of every layer (width-sliced methods: HeteroFL, FedRolex, "
+              "FjORD), as HeteroFL and FjORD report what each device class gets; FedRolex trains rolling windows, "
+              "so its prefixes are not what its small nodes trained."),
+}
+
+
+def tier_lines(runs_dir: Path, groups: dict[tuple[str, str], list[Run]], kind: str) -> list[str]:
+    """Final-round accuracy of the global model at each depth (``accuracy-depth-<pct>``) or width
+    tier (``accuracy-width-<pct>``), mean over seeds; empty when no run evaluated such tiers."""
+    prefix = f"accuracy-{kind}-"
+    finals: dict[str, dict[float, list[float]]] = {}
     for (variant, strategy), runs in groups.items():
         for run in runs:
             evaluated = [r for r in read_metrics(runs_dir / run.name) if r.get("accuracy") is not None]
             for key, value in (evaluated[-1].items() if evaluated else ()):
-                if key.startswith("accuracy-depth-") and value is not None:
-                    percent = int(key.rsplit("-", 1)[1])
+                if key.startswith(prefix) and value is not None:
+                    percent = float(key[len(prefix):])
                     finals.setdefault(group_label(variant, strategy), {}).setdefault(percent, []).append(value)
     percents = sorted({p for by_percent in finals.values() for p in by_percent})
     if not percents:
         return []
+    heading, unit, text = TIERS[kind]
     rows = [[name, *(num(float(np.mean(by_percent[p])), 4) if p in by_percent else "-" for p in percents)]
             for name, by_percent in finals.items()]
-    return ["## Any-depth accuracy (final round)", "",
-            *table(["group", *(f"{p} % of the blocks" for p in percents)], rows), "",
-            "The global model keeping only the first share of the partitionable blocks (at least one), the "
-            "kept blocks scaled as a sub-network of the trained depth would be: what a device that keeps part "
-            "of the model gets. 100 % is the full model (equal to `accuracy`).", ""]
+    return [heading, "", *table(["group", *(f"{p:g} {unit}" for p in percents)], rows), "", text, ""]
 
 
 def distinct_label_plots(runs_dir: Path) -> list[Path]:
@@ -439,7 +450,10 @@ def render(manifest: dict[str, Any], stats: Sequence[GroupStats], ratio_rows: Se
            label_plots: Sequence[Path] = ()) -> str:
     """The whole ``report.md``."""
     machine = manifest.get("machine") or describe_machine()
-    lines = [f"# ResIST vs FedAvg: {manifest.get('preset', 'runs')}", ""]
+    strategies = sorted({s.strategy for s in stats})
+    title = "ResIST vs FedAvg" if set(strategies) <= {"resist", "fedavg"} else \
+        "ResIST vs " + ", ".join(LABELS.get(s, s) for s in strategies if s != "resist")
+    lines = [f"# {title}: {manifest.get('preset', 'runs')}", ""]
     if manifest.get("description"):
         lines += [manifest["description"], ""]
     lines += [f"- Data: {manifest.get('data-label') or 'see the run configs'}",
@@ -493,7 +507,7 @@ def build_report(runs_dir: Path, target_accuracy_value: float | None = None,
     title = f"{manifest.get('preset', runs_dir.name)}: mean ± std over seeds"
     plots = [plot(groups, x, runs_dir / name, title, target) for x, (name, _) in PLOTS.items()] if groups else []
     extra, extra_plots, extra_json = node_lines(runs_dir, groups, bandwidths, target)
-    extra = depth_lines(runs_dir, groups) + extra
+    extra = tier_lines(runs_dir, groups, "depth") + tier_lines(runs_dir, groups, "width") + extra
     write_json(runs_dir / REPORT_JSON, finite({"target": target, "target-rule": target_text,
                                                "groups": [asdict(s) for s in stats], "ratios": ratio_rows,
                                                **extra_json}))

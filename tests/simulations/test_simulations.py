@@ -88,6 +88,18 @@ def test_plan_has_variants_strategies_and_seeds(tmp_path):
     assert all(c["num-server-rounds"] == 3 and c["output-dir"] == str(tmp_path.resolve()) for c in by_name.values())
 
 
+def test_the_baselines_preset_plans_every_method_on_the_real_digits(tmp_path):
+    """hetero-baselines: seven strategies x three seeds, one FLOP budget per node, the digits the
+    runner writes into the output directory (``data: digits``)."""
+    _, plan, out_dir = compare.resolve(compare.parse_args(["hetero-baselines", "--out", str(tmp_path)]))
+    assert len(plan) == 21 and {r.strategy for r in plan} == {"resist", "depth-tiers", "heterofl", "fedrolex",
+                                                             "fjord", "fedavg-small", "fedavg"}
+    for run in plan:
+        assert (run.run_config["dataset"], run.run_config["data-path"]) == ("npz", str(out_dir / compare.DIGITS_FILE))
+        assert run.run_config["capacity-measure"] == "flops"
+        assert run.run_config["capacity-profile"] == "1.0,0.5,0.25,0.25"
+
+
 # --------------------------------------------------------------------------- report on fixture metrics
 
 # accuracy per round (None: not evaluated), MB per round (down + up), round-seconds
