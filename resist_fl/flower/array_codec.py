@@ -12,9 +12,10 @@ Flower's own methods do, and fall back to them for anything unusual.
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import Array
+from flwr.app import Array, ArrayRecord
 
 from resist_fl.core.npy_bytes import is_npy, read_npy
 
@@ -43,3 +44,12 @@ def array_of(values: np.ndarray) -> Array:
     np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(values))
     data = b"".join((head.getvalue(), memoryview(values.reshape(-1)).cast("B")))
     return Array(dtype=str(values.dtype), shape=tuple(int(n) for n in values.shape), stype=_NUMPY_STYPE, data=data)
+
+
+def with_arrays(record: ArrayRecord, arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """``record`` (same keys, same order) with the keys of ``arrays`` replaced: a merge's new global
+    record; the arrays not in ``arrays`` are the very same ``Array`` objects (not copied)."""
+    out = ArrayRecord()
+    for key, array in record.items():
+        out[key] = array if key not in arrays else array_of(arrays[key])
+    return out

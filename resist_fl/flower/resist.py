@@ -33,7 +33,7 @@ from resist_fl.core.allocation import (
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.model_cost import CAPACITY_MEASURES, CostModel
 from resist_fl.core.transport import check_transport
-from resist_fl.flower.array_codec import array_of, array_view
+from resist_fl.flower.array_codec import array_view, with_arrays
 from resist_fl.flower.message_keys import BLOCKS, RUN_ROUND, SERVER_ROUND, TRANSPORT
 from resist_fl.flower.metering import MeteredGrid
 from resist_fl.flower.node_sampling import NodeSampler
@@ -326,10 +326,7 @@ class ResIST(Strategy):
         metrics["merge-seconds"] = time.perf_counter() - start
         if refuse_non_finite(server_round, merged, metrics):
             return None, MetricRecord(metrics)
-        record = ArrayRecord()
-        for key, array in self._global.items():
-            record[key] = array if key not in merged else array_of(merged[key])
-        return record, MetricRecord(metrics)
+        return with_arrays(self._global, merged), MetricRecord(metrics)
 
     # -- evaluation: central only (the full model never goes to a client) --------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

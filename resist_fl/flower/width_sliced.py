@@ -38,7 +38,7 @@ from resist_fl.core.model import ModelSpec
 from resist_fl.core.model_cost import CAPACITY_MEASURES, WIDTH_RATES, CostModel
 from resist_fl.core.transport import check_transport
 from resist_fl.core.width_slicing import actual_rate, key_groups, merge_sliced, prefix_indices, rolling_indices, slice_state
-from resist_fl.flower.array_codec import array_of, array_view
+from resist_fl.flower.array_codec import array_of, array_view, with_arrays
 from resist_fl.flower.message_keys import RUN_ROUND, SERVER_ROUND, TRANSPORT
 from resist_fl.flower.node_sampling import NodeSampler
 from resist_fl.flower.reply_screening import encoded_record, refuse_non_finite, screen_replies
@@ -192,10 +192,7 @@ class WidthSliced(Strategy):
                               update_weights([a.num_examples for a in accepted], self.weighting))
         if refuse_non_finite(server_round, merged, metrics):
             return None, MetricRecord(metrics)
-        record = ArrayRecord()
-        for key, array in self._global.items():
-            record[key] = array if key not in merged else array_of(merged[key])
-        return record, MetricRecord(metrics)
+        return with_arrays(self._global, merged), MetricRecord(metrics)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

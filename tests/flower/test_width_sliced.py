@@ -60,8 +60,8 @@ def test_fedrolex_rolls_its_window_and_heterofl_keeps_its_prefix(tiny_config):
     assert not np.array_equal(first, second)  # round 2's window starts one channel later
 
 
-@pytest.mark.parametrize("strategy", ["heterofl", "fedrolex"])
-def test_a_stopped_width_run_resumes_bit_identically(tiny_config, monkeypatch, strategy):
+@pytest.mark.parametrize("strategy", ["heterofl", "fedrolex", "fjord", "depth-tiers", "fedavg-small"])
+def test_a_stopped_sub_model_run_resumes_bit_identically(tiny_config, monkeypatch, strategy):
     base = {**tiny_config, **HETERO, "strategy": strategy, "num-server-rounds": 3, "lr-schedule": "constant",
             "local-steps": 2}
     whole = {**base, "run-name": "whole"}
