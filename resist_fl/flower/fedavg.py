@@ -33,7 +33,7 @@ from resist_fl.core.validation import EVALUATE_METRICS, MAX_METRIC, ReplyError, 
 from resist_fl.flower.array_codec import array_of, array_view
 from resist_fl.flower.message_keys import RUN_ROUND, SERVER_ROUND, TRANSPORT
 from resist_fl.flower.node_sampling import NodeSampler
-from resist_fl.flower.reply_screening import encoded_record, refuse_non_finite, screen_replies
+from resist_fl.flower.reply_screening import encoded_record, refuse_non_finite, screen_replies, too_few_replies
 from resist_fl.flower.round_report import NodeReport, RoundReport
 from resist_fl.flower.width_sliced import WIDTH_RATE
 
@@ -114,9 +114,7 @@ class ScreenedFedAvg(FedAvg):
                                   messages=self._messages, order=self.sampler.rank, transport=self.transport)
         self.last_round_metrics = {**screened.round_metrics(), "merge-refused": 0}
         self.last_replies = {a.node_id: dict(a.metrics) for a in screened.accepted}
-        if len(screened.accepted) < self.min_train_replies:
-            log(WARNING, "round %d: %d valid replies < min-train-replies %d: global model unchanged",
-                server_round, len(screened.accepted), self.min_train_replies)
+        if too_few_replies(server_round, len(screened.accepted), self.min_train_replies):
             return None, MetricRecord(self.last_round_metrics)
         contents = [a.content() for a in screened.accepted]
         averaged = aggregate_arrayrecords(contents, self.weighted_by_key)

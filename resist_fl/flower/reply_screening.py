@@ -228,6 +228,15 @@ def encoded_record(arrays: ArrayRecord, transport: str) -> ArrayRecord:
                         for k, v in arrays.items()})
 
 
+def too_few_replies(server_round: int, accepted: int, minimum: int) -> bool:
+    """True (and a WARNING) if ``accepted`` valid replies are fewer than ``minimum``
+    (``min-train-replies``): the round then leaves the global model unchanged."""
+    if accepted < minimum:
+        log(WARNING, "round %d: %d valid replies < min-train-replies %d: global model unchanged",
+            server_round, accepted, minimum)
+    return accepted < minimum
+
+
 def refuse_non_finite(server_round: int, merged: Mapping[str, np.ndarray], metrics: dict) -> bool:
     """True (and ``metrics["merge-refused"] = 1``, a WARNING) if ``merged`` holds NaN or Inf.
 

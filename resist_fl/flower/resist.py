@@ -37,7 +37,7 @@ from resist_fl.flower.array_codec import array_view, with_arrays
 from resist_fl.flower.message_keys import BLOCKS, RUN_ROUND, SERVER_ROUND, TRANSPORT
 from resist_fl.flower.metering import MeteredGrid
 from resist_fl.flower.node_sampling import NodeSampler
-from resist_fl.flower.reply_screening import Accepted, encoded_record, refuse_non_finite, screen_replies
+from resist_fl.flower.reply_screening import Accepted, encoded_record, refuse_non_finite, screen_replies, too_few_replies
 from resist_fl.flower.round_report import NodeReport, RoundReport
 
 DEALINGS = ("random", "prefix")
@@ -313,9 +313,7 @@ class ResIST(Strategy):
         for reply in accepted:  # measured speed: blocks per second of (possibly slowed) training
             seconds = self.measured_seconds(reply, sent_ids.get(reply.node_id, ""))
             self.speeds[reply.node_id] = len(self.last_blocks.get(reply.node_id, ())) / seconds
-        if len(accepted) < self.min_train_replies:
-            log(WARNING, "round %d: %d valid replies < min-train-replies %d: global model unchanged",
-                server_round, len(accepted), self.min_train_replies)
+        if too_few_replies(server_round, len(accepted), self.min_train_replies):
             return None, MetricRecord(metrics)
         start = time.perf_counter()
         touched = set().union(*(a.update for a in accepted))

@@ -24,7 +24,7 @@ sliced model directly from its spec (:func:`~resist_fl.core.width_slicing.sliced
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from logging import INFO, WARNING
+from logging import INFO
 from typing import Any
 
 import numpy as np
@@ -41,7 +41,7 @@ from resist_fl.core.width_slicing import actual_rate, key_groups, merge_sliced, 
 from resist_fl.flower.array_codec import array_of, array_view, with_arrays
 from resist_fl.flower.message_keys import RUN_ROUND, SERVER_ROUND, TRANSPORT
 from resist_fl.flower.node_sampling import NodeSampler
-from resist_fl.flower.reply_screening import encoded_record, refuse_non_finite, screen_replies
+from resist_fl.flower.reply_screening import encoded_record, refuse_non_finite, screen_replies, too_few_replies
 from resist_fl.flower.round_report import NodeReport, RoundReport
 
 WIDTH_MODES = ("heterofl", "fedrolex", "fjord")
@@ -183,9 +183,7 @@ class WidthSliced(Strategy):
         self.last_round_metrics = metrics
         self.last_replies = {a.node_id: dict(a.metrics) for a in screened.accepted}
         accepted = screened.accepted
-        if len(accepted) < self.min_train_replies:
-            log(WARNING, "round %d: %d valid replies < min-train-replies %d: global model unchanged",
-                server_round, len(accepted), self.min_train_replies)
+        if too_few_replies(server_round, len(accepted), self.min_train_replies):
             return None, MetricRecord(metrics)
         current = {k: array_view(self._global[k]) for k in self.keys}
         merged = merge_sliced(current, [(a.update, self._indices[a.node_id]) for a in accepted], self.groups,
