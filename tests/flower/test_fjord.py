@@ -46,6 +46,7 @@ def test_a_batch_at_width_p_is_the_nested_sub_model(rate):
     torch.testing.assert_close(full(x), nested(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # six rounds of 20 steps on three nodes
 def test_fjord_end_to_end_on_real_digits(tiny_config, digits_npz):
     tiny_config.update({"strategy": "fjord", "capacity-profile": "1.0,0.5,0.25", "min-train-nodes": 3,
                         "min-available-nodes": 3, "dataset": "npz", "data-path": digits_npz, "local-steps": 20,

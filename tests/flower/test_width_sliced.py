@@ -60,6 +60,7 @@ def test_fedrolex_rolls_its_window_and_heterofl_keeps_its_prefix(tiny_config):
     assert not np.array_equal(first, second)  # round 2's window starts one channel later
 
 
+@pytest.mark.slow  # five strategies x two runs each
 @pytest.mark.parametrize("strategy", ["heterofl", "fedrolex", "fjord", "depth-tiers", "fedavg-small"])
 def test_a_stopped_sub_model_run_resumes_bit_identically(tiny_config, monkeypatch, strategy):
     base = {**tiny_config, **HETERO, "strategy": strategy, "num-server-rounds": 3, "lr-schedule": "constant",
@@ -84,6 +85,7 @@ def test_a_stopped_sub_model_run_resumes_bit_identically(tiny_config, monkeypatc
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow  # six rounds of 20 steps on three nodes, per method
 @pytest.mark.parametrize("strategy", ["heterofl", "fedrolex"])
 def test_width_methods_learn_the_real_digits(tiny_config, digits_npz, strategy):
     tiny_config.update(HETERO, strategy=strategy, dataset="npz", **{
