@@ -33,6 +33,7 @@ from resist_fl.flower.client_side import (
     train_reply,
 )
 from resist_fl.flower.width_sliced import FJORD_RATES, WIDTH_RATE, WIDTH_SCALER
+from resist_fl.node.local_dp import train_private
 from resist_fl.node.ordered_dropout import OrderedDropout
 from resist_fl.node.peak_memory import PeakMemory
 from resist_fl.node.training import evaluate, resolve_device, scheduled_lr, steps_for, train
@@ -130,10 +131,20 @@ def train_handler(msg: Message, context: Context) -> Message:
     before_step = None
     if FJORD_RATES in config:  # FjORD: each local batch trains a nested width drawn at or below this node's
         before_step = OrderedDropout(model, spec, width_rate, list(config[FJORD_RATES]), seed=round_seed).sample
+    privacy = {}
     with PeakMemory(device) as peak:
-        result = train(model, loader, steps=steps, lr=lr, momentum=settings.momentum,
-                       weight_decay=settings.weight_decay, device=device,
-                       amp=settings.amp, clip_grad_norm=settings.clip_grad_norm, before_step=before_step)
+        if settings.dp == "local":  # DP-SGD (Opacus); the accountant's history stays in this node's state
+            private = train_private(model, loader, steps=steps, lr=lr, momentum=settings.momentum,
+                                    weight_decay=settings.weight_decay, noise_multiplier=settings.dp_noise_multiplier,
+                                    clip=settings.dp_clip, delta=settings.dp_delta,
+                                    history=_dp_history(context), seed=round_seed)
+            result = private.result
+            _keep_dp_history(context, private.history)
+            privacy = {"dp-epsilon": private.epsilon}
+        else:
+            result = train(model, loader, steps=steps, lr=lr, momentum=settings.momentum,
+                           weight_decay=settings.weight_decay, device=device,
+                           amp=settings.amp, clip_grad_norm=settings.clip_grad_norm, before_step=before_step)
     slowdown = profile_value(parse_profile("slowdown-profile", settings.slowdown_profile, low=1.0), partition_id)
     simulated = (slowdown - 1.0) * result.seconds  # a simulated straggler: sleeps, labelled as such
     time.sleep(simulated)
@@ -142,7 +153,25 @@ def train_handler(msg: Message, context: Context) -> Message:
                        train_seconds=result.seconds + simulated, local_steps=result.steps, metrics={
                            "blocks": len(blocks) if blocks is not None else len(layout.partitionable),
                            "peak-memory-mb": peak.megabytes, "memory-measure": peak.measure,
-                           "simulated-seconds": simulated})
+                           "simulated-seconds": simulated, **privacy})
+
+
+DP_HISTORY = "dp-local-history"
+"""The node-state record holding Opacus' accountant history (noise, rate, steps per round)."""
+
+
+def _dp_history(context: Context) -> list[tuple[float, float, int]]:
+    """This node's DP-SGD accountant history from earlier rounds (its ``context.state``)."""
+    if DP_HISTORY not in context.state.config_records:
+        return []
+    record = context.state.config_records[DP_HISTORY]
+    return list(zip(record["noise"], record["rate"], record["steps"]))
+
+
+def _keep_dp_history(context: Context, history: list[tuple[float, float, int]]) -> None:
+    context.state.config_records[DP_HISTORY] = ConfigRecord({
+        "noise": [float(h[0]) for h in history], "rate": [float(h[1]) for h in history],
+        "steps": [int(h[2]) for h in history]})
 
 
 @app.evaluate()

@@ -16,6 +16,7 @@ from resist_fl.core.residual_nets import set_residual_scales
 from resist_fl.data import DataError, EvalBatches, load_test_set, normalization
 from resist_fl.core.model_cost import CostModel
 from resist_fl.core.width_slicing import key_groups, prefix_indices, slice_state, sliced_spec
+from resist_fl.flower.central_dp import CentralDP
 from resist_fl.flower.fedavg import ScreenedFedAvg
 from resist_fl.flower.resist import ResIST
 from resist_fl.flower.round_recorder import RoundRecorder
@@ -36,6 +37,8 @@ def build_strategy(settings: RunSettings, layout: BlockLayout, spec: ModelSpec |
     ``costs``, the same measured budget per node (a resumed run continues through
     :meth:`~resist_fl.flower.round_report.RecordedStrategy.resume_after`, called by :class:`RoundRecorder`)."""
     measure = settings.capacity_measure if costs is not None else "blocks"
+    dp = central_dp(settings)
+    exposure_threshold = max(2, settings.privacy_min_holders)
     if settings.strategy in ("resist", "depth-tiers"):
         return ResIST(layout, dealing="random" if settings.strategy == "resist" else "prefix", fraction_train=settings.fraction_train,
                       min_train_nodes=settings.min_train_nodes,
@@ -45,7 +48,9 @@ def build_strategy(settings: RunSettings, layout: BlockLayout, spec: ModelSpec |
                       max_num_examples=settings.max_num_examples, seed=settings.seed,
                       server_lr=settings.server_lr,
                       transport=settings.transport_dtype, allocation=settings.allocation,
-                      warmup_rounds=settings.warmup_rounds, costs=costs, capacity_measure=measure)
+                      warmup_rounds=settings.warmup_rounds, costs=costs, capacity_measure=measure,
+                      min_holders=settings.privacy_min_holders, exposure_threshold=exposure_threshold,
+                      privacy_strict=settings.privacy_strict, dp=dp)
     if settings.strategy in WIDTH_MODES:
         if spec is None or costs is None:
             raise ValueError(f"strategy {settings.strategy!r} needs the model spec and its costs")
@@ -68,7 +73,15 @@ def build_strategy(settings: RunSettings, layout: BlockLayout, spec: ModelSpec |
                           min_train_replies=settings.min_train_replies,
                           max_num_examples=settings.max_num_examples, seed=settings.seed,
                           server_lr=settings.server_lr, transport=settings.transport_dtype,
-                          costs=costs, capacity_measure=measure)
+                          costs=costs, capacity_measure=measure, dp=dp, exposure_threshold=exposure_threshold)
+
+
+def central_dp(settings: RunSettings) -> CentralDP | None:
+    """The server's central-DP mechanism and accountant (``dp='central'``), else None."""
+    if settings.dp != "central":
+        return None
+    return CentralDP(settings.dp_clip, settings.dp_noise_multiplier, settings.dp_delta,
+                     settings.dp_target_epsilon or None)
 
 
 def smallest_width(settings: RunSettings, costs: CostModel) -> float:

@@ -64,10 +64,14 @@ def max_depth(capacity: float, num_blocks: int) -> int:
 
 
 def allocate_depths(num_blocks: int, maxima: Sequence[int], weights: Sequence[float] | None = None,
-                    min_blocks: int = 0) -> list[int]:
+                    min_blocks: int = 0, copies: int = 1) -> list[int]:
     """Depth of each node: in proportion to ``weights`` (equal when None), within the maxima.
 
     Total in its weights: any values are made usable first (:func:`sane_weights`).
+
+    ``copies`` > 1 (``privacy-min-holders``): the depths sum to ``copies * num_blocks`` instead, so
+    :func:`deal_blocks`' windows go round the cycle ``copies`` times and every block is held by at
+    least ``copies`` nodes whenever the maxima allow it.
 
     The depths sum to ``num_blocks`` when the maxima allow it (a node whose proportional share
     exceeds its maximum gets its maximum and the rest is shared by the others, in proportion
@@ -82,12 +86,15 @@ def allocate_depths(num_blocks: int, maxima: Sequence[int], weights: Sequence[fl
         raise ValueError("there are no partitionable blocks")
     if any(m < 1 for m in maxima):
         raise ValueError(f"maximum depths must be >= 1, got {list(maxima)}")
+    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+        raise ValueError(f"copies = {copies!r}: expected a whole number >= 1")
     weights = sane_weights(weights, count)
     maxima = [min(int(m), num_blocks) for m in maxima]
-    if sum(maxima) <= num_blocks:
+    total = copies * num_blocks
+    if sum(maxima) <= total:
         depths = list(maxima)
     else:
-        depths = _proportional(num_blocks, maxima, weights)
+        depths = _proportional(total, maxima, weights)
     return [max(d, 1, min(min_blocks, m)) for d, m in zip(depths, maxima)]
 
 

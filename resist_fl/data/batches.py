@@ -199,6 +199,11 @@ class TrainBatches:
         for batch in order.split(self.batch_size):
             yield self._normalize(self._augmented(batch)), self.data.labels[batch]
 
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalised, augmented images at ``indices`` and their labels (one batch of any
+        composition: DP-SGD's Poisson-sampled batches, :mod:`resist_fl.node.local_dp`)."""
+        return self._normalize(self._augmented(indices)), self.data.labels[indices]
+
     def _augmented(self, batch: torch.Tensor) -> torch.Tensor:
         """The uint8 images at ``batch``, cropped and flipped by one gather of flat offsets."""
         images = self.data.images[batch]

@@ -28,8 +28,9 @@ from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.residual_nets import subnetwork_of
 from resist_fl.core.transport import decode_state, encode_array
 from resist_fl.core.validation import TRAIN_METRICS
-from resist_fl.flower.array_codec import array_of
-from resist_fl.flower.message_keys import BLOCKS, RUN_ROUND, SERVER_ROUND, TRANSPORT
+from resist_fl.flower.array_codec import array_of, array_view
+from resist_fl.flower.central_dp import clip_update
+from resist_fl.flower.message_keys import BLOCKS, DP_CLIP, RUN_ROUND, SERVER_ROUND, TRANSPORT
 from resist_fl.flower.node_sampling import IDENTITY_RECORD
 
 
@@ -99,7 +100,8 @@ def train_reply(message: Message, model: torch.nn.Module, *, num_examples: int, 
     (encoded as they arrived), and the training metrics (plus ``metrics``, numbers only).
 
     A non-finite ``train_loss`` (training diverged) sends no arrays: the server counts the
-    reply as non-finite and keeps its global model.
+    reply as non-finite and keeps its global model. When the message carries ``dp-clip``
+    (central DP), the update (trained minus received arrays) is clipped to that L2 norm first.
     """
     record = MetricRecord({**dict(zip(TRAIN_METRICS, (int(num_examples), float(train_loss), float(train_seconds),
                                                       int(local_steps)))), **dict(metrics or {})})
@@ -109,8 +111,15 @@ def train_reply(message: Message, model: torch.nn.Module, *, num_examples: int, 
     state = model.state_dict()
     if missing := [k for k in message.content["arrays"] if k not in state]:
         raise KeyError(f"the trained model lacks {len(missing)} of the received keys, e.g. {missing[:3]}")
-    arrays = ArrayRecord({k: array_of(encode_array(state[k].detach().cpu().numpy(), transport))
-                          for k in message.content["arrays"]})
+    trained = {k: state[k].detach().cpu().numpy() for k in message.content["arrays"]}
+    config = message.content["config"]
+    if DP_CLIP in config:  # central DP: the server rejects an update above this norm
+        if transport != "float32":
+            raise ValueError(f"transport-dtype = {transport!r}: central DP needs 'float32' (a quantised update "
+                             "would not keep the clipped norm)")
+        received = {k: array_view(v) for k, v in message.content["arrays"].items()}
+        trained = clip_update(trained, received, float(config[DP_CLIP]))
+    arrays = ArrayRecord({k: array_of(encode_array(v, transport)) for k, v in trained.items()})
     return Message(RecordDict({"arrays": arrays, "metrics": record}), reply_to=message)
 
 

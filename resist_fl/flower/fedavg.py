@@ -27,14 +27,16 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from resist_fl.core.aggregation import cast_mean, check_server_lr, server_step
+from resist_fl.core.holders import exposure, whole
 from resist_fl.core.model_cost import CAPACITY_MEASURES, CostModel
 from resist_fl.core.transport import check_transport
 from resist_fl.core.validation import EVALUATE_METRICS, MAX_METRIC, ReplyError, check_metric, check_num_examples
 from resist_fl.flower.array_codec import array_of, array_view
-from resist_fl.flower.message_keys import RUN_ROUND, SERVER_ROUND, TRANSPORT
+from resist_fl.flower.central_dp import CentralDP
+from resist_fl.flower.message_keys import DP_CLIP, RUN_ROUND, SERVER_ROUND, TRANSPORT
 from resist_fl.flower.node_sampling import NodeSampler
 from resist_fl.flower.reply_screening import encoded_record, refuse_non_finite, screen_replies, too_few_replies
-from resist_fl.flower.round_report import NodeReport, RoundReport
+from resist_fl.flower.round_report import NodeReport, RoundReport, RunStops
 from resist_fl.flower.width_sliced import WIDTH_RATE
 
 
@@ -56,6 +58,12 @@ class ScreenedFedAvg(FedAvg):
         With fewer valid replies, the round leaves the global model unchanged.
     max_num_examples : int
         Replies claiming more examples are rejected.
+    dp : CentralDP, optional
+        Client-level central DP (DP-FedAvg): the same clipping check, noisy merge (every key is
+        held by every sampled node, so the noise is ``z * C / n``) and accountant as ResIST's;
+        the mean is uniform.
+    exposure_threshold : int
+        ``exposed-fraction`` counts the updates merged over fewer nodes than this (default 2).
     **kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg`.
     """
@@ -66,8 +74,12 @@ class ScreenedFedAvg(FedAvg):
     def __init__(self, *, seed: int = 0, min_train_replies: int = 1,
                  max_num_examples: int = 10_000_000, server_lr: float = 1.0, transport: str = "float32",
                  costs: CostModel | None = None, capacity_measure: str = "blocks", width_rate: float | None = None,
-                 **kwargs) -> None:
+                 dp: CentralDP | None = None, exposure_threshold: int = 2, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.dp, self.exposure_threshold = dp, max(2, exposure_threshold)
+        self.last_privacy: dict[str, Any] = {}
+        self.last_exposure: dict[int, tuple[int, float]] = {}
+        self._connected = 0
         self.width_rate = width_rate  # fedavg-small: every node trains the model of this width
         if width_rate is not None:
             self.label = "fedavg-small"
@@ -94,8 +106,14 @@ class ScreenedFedAvg(FedAvg):
         """Send the whole model to the sampled nodes (one shared RecordDict, as FedAvg does)."""
         run_round = self.round_offset + server_round
         sampled, connected, _ = self.sampler.sample(grid, run_round)
+        self._connected = connected
+        if self.dp is not None and self.dp.would_exceed(len(sampled), connected):
+            raise RunStops(f"dp-target-epsilon = {self.dp.target_epsilon:g} would be exceeded by round {run_round} "
+                           f"(epsilon now {self.dp.epsilon():.4f} at delta {self.dp.delta:g})")
         log(INFO, "configure_train: round %d, %d of %d nodes", server_round, len(sampled), connected)
         config = ConfigRecord({**config, SERVER_ROUND: server_round, RUN_ROUND: run_round, TRANSPORT: self.transport})
+        if self.dp is not None:  # every node clips its update to this norm; the server checks it
+            config[DP_CLIP] = self.dp.clip
         if self.width_rate is not None:  # the global model is the width-r model: nodes build that model
             config[WIDTH_RATE] = self.width_rate
         self.last_evaluate_metrics = {}  # this round's federated evaluation comes after its training
@@ -110,15 +128,30 @@ class ScreenedFedAvg(FedAvg):
         """Average the valid replies with Flower's FedAvg aggregation."""
         keys = tuple(self._global.keys())
         sent = {m.metadata.dst_node_id: keys for m in self._messages}
+        check = None
+        if self.dp is not None:
+            check = lambda reply: self.dp.check(reply.update, {k: array_view(self._global[k]) for k in reply.update})  # noqa: E731
         screened = screen_replies(server_round, replies, sent, self._global, self.max_num_examples,
-                                  messages=self._messages, order=self.sampler.rank, transport=self.transport)
+                                  messages=self._messages, order=self.sampler.rank, transport=self.transport,
+                                  check=check)
         self.last_round_metrics = {**screened.round_metrics(), "merge-refused": 0}
         self.last_replies = {a.node_id: dict(a.metrics) for a in screened.accepted}
+        holding = sent if self.dp is not None else {a.node_id: keys for a in screened.accepted}
+        found = exposure({k: tuple(self._global[k].shape) for k in keys},
+                         {n: whole(held) for n, held in holding.items()}, self.exposure_threshold)
+        self.last_privacy = {"min-holders": found.min_holders, "exposed-fraction": found.exposed_fraction}
+        self.last_exposure = dict(found.nodes)
         if too_few_replies(server_round, len(screened.accepted), self.min_train_replies):
             return None, MetricRecord(self.last_round_metrics)
         contents = [a.content() for a in screened.accepted]
-        averaged = aggregate_arrayrecords(contents, self.weighted_by_key)
-        merged = {k: cast_mean(array_view(averaged[k]), self._global[k].dtype) for k in self._global.keys()}
+        if self.dp is not None:  # DP-FedAvg: every key held by every sampled node
+            current = {k: array_view(self._global[k]) for k in keys}
+            merged = self.dp.merge(current, [a.update for a in screened.accepted], {k: len(sent) for k in keys})
+            epsilon = self.dp.release(len(sent), self._connected)
+            self.last_privacy.update({"epsilon": epsilon, "dp-delta": self.dp.delta, "dp-state": self.dp.state()})
+        else:
+            averaged = aggregate_arrayrecords(contents, self.weighted_by_key)
+            merged = {k: cast_mean(array_view(averaged[k]), self._global[k].dtype) for k in self._global.keys()}
         if self.server_lr != 1.0:
             merged = server_step({k: array_view(self._global[k]) for k in merged}, merged, self.server_lr)
         if refuse_non_finite(server_round, merged, self.last_round_metrics):
@@ -131,14 +164,16 @@ class ScreenedFedAvg(FedAvg):
         """The last round: reply counts and figures, and per node its accepted reply's metrics
         (every node trains the full model), and the round's federated evaluation if any."""
         nodes = {m.metadata.dst_node_id: self.node_report(m.metadata.dst_node_id) for m in self._messages}
-        return RoundReport(dict(self.last_round_metrics), nodes, client_evaluation=dict(self.last_evaluate_metrics))
+        return RoundReport(dict(self.last_round_metrics), nodes, client_evaluation=dict(self.last_evaluate_metrics),
+                           privacy=dict(self.last_privacy))
 
     def node_report(self, node: int) -> NodeReport:
         """What ``node`` was sent (the full model), its reply and what that cost: over capacity
         whenever its capacity is below the full model's cost (under a measured capacity)."""
         reply = self.last_replies.get(node, {})
+        low, share = self.last_exposure.get(node, (None, None))
         if self.costs is None:
-            return NodeReport(None, reply)
+            return NodeReport(None, reply, min_holders=low, exposed_fraction=share)
         rate = 1.0 if self.width_rate is None else self.width_rate
         cost = self.costs.width_cost(rate) if rate < 1 else self.costs.full
         capacity = self.sampler.capacity(node)
@@ -147,15 +182,18 @@ class ScreenedFedAvg(FedAvg):
         else:
             over = cost.of(self.capacity_measure) > capacity * self.costs.full.of(self.capacity_measure) * (1 + 1e-9)
         return NodeReport(None, reply, over_capacity=over, flops_per_sample=cost.flops, params=cost.params,
-                          width_rate=self.width_rate)
+                          width_rate=self.width_rate, min_holders=low, exposed_fraction=share)
 
     def inference_scales(self) -> dict[str, float]:
         """FedAvg trains the full model: no block is scaled."""
         return {}
 
     def resume_after(self, completed_rounds: int, last_row: Mapping[str, Any] | None) -> None:
-        """Continue after ``completed_rounds`` rounds (sampling continues the seeded sequence)."""
+        """Continue after ``completed_rounds`` rounds (sampling continues the seeded sequence; under
+        DP the accountant continues from the last row's ``dp-state``)."""
         self.round_offset = int(completed_rounds)
+        if self.dp is not None and last_row:
+            self.dp.restore(last_row.get("dp-state"))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Federated evaluation: the example-weighted mean of the valid replies' metrics."""

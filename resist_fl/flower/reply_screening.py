@@ -110,7 +110,8 @@ def screen_replies(server_round: int, replies: Iterable[Message], sent: Mapping[
                    global_record: ArrayRecord, max_num_examples: int, *,
                    messages: Iterable[Message],
                    order: Callable[[int], object] | None = None, transport: str = "float32",
-                   shapes: Mapping[int, Mapping[str, tuple[tuple[int, ...], np.dtype]]] | None = None) -> ScreenedReplies:
+                   shapes: Mapping[int, Mapping[str, tuple[tuple[int, ...], np.dtype]]] | None = None,
+                   check: Callable[[Accepted], object] | None = None) -> ScreenedReplies:
     """Accept the valid training replies of a round; count and log the others.
 
     Parameters
@@ -133,6 +134,9 @@ def screen_replies(server_round: int, replies: Iterable[Message], sent: Mapping[
     shapes : mapping of node id to (key -> (shape, dtype)), optional
         What each node's arrays must be when they are not the global record's shapes (a
         width-sliced sub-model); by default the global record's.
+    check : callable, optional
+        A further check of a reply that passed the others (central DP: its update's norm); a
+        ReplyError it raises rejects the reply like any other.
     """
     out = ScreenedReplies()
     instructions = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
@@ -159,7 +163,10 @@ def screen_replies(server_round: int, replies: Iterable[Message], sent: Mapping[
             if node_id not in sent:
                 raise ReplyError("this node was not sent a sub-network this round")
             expected = shapes[node_id] if shapes is not None else global_specs(global_record, sent[node_id])
-            out.accepted.append(_check_reply(node_id, reply, expected, max_num_examples, transport))
+            accepted = _check_reply(node_id, reply, expected, max_num_examples, transport)
+            if check is not None:
+                check(accepted)
+            out.accepted.append(accepted)
         except Exception as err:  # noqa: BLE001 - screening is total: a reply costs that reply, never the round
             out.reject(server_round, node_id, err)
     out.missing = len(instructions) - len(answered)

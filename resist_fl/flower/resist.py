@@ -31,14 +31,16 @@ from resist_fl.core.allocation import (
     max_depth,
 )
 from resist_fl.core.decomposition import BlockLayout
+from resist_fl.core.holders import exposure, whole
 from resist_fl.core.model_cost import CAPACITY_MEASURES, CostModel
 from resist_fl.core.transport import check_transport
 from resist_fl.flower.array_codec import array_view, with_arrays
-from resist_fl.flower.message_keys import BLOCKS, RUN_ROUND, SERVER_ROUND, TRANSPORT
+from resist_fl.flower.central_dp import CentralDP
+from resist_fl.flower.message_keys import BLOCKS, DP_CLIP, RUN_ROUND, SERVER_ROUND, TRANSPORT
 from resist_fl.flower.metering import MeteredGrid
 from resist_fl.flower.node_sampling import NodeSampler
 from resist_fl.flower.reply_screening import Accepted, encoded_record, refuse_non_finite, screen_replies, too_few_replies
-from resist_fl.flower.round_report import NodeReport, RoundReport
+from resist_fl.flower.round_report import NodeReport, RoundReport, RunStops
 
 DEALINGS = ("random", "prefix")
 """How blocks are dealt: ResIST's random decomposition, or static depth tiers (prefixes)."""
@@ -96,6 +98,16 @@ class ResIST(Strategy):
         and every node's report carries the FLOPs per sample and parameters it was sent.
     capacity_measure : str
         What a capacity is a fraction of (:data:`~resist_fl.core.model_cost.CAPACITY_MEASURES`).
+    min_holders : int
+        ``privacy-min-holders``: deal every partitionable block to at least this many of the
+        sampled nodes (within their capacities; 1: ResIST's dealing). A round whose capacities
+        cannot meet it is announced before it is sent and, with ``privacy_strict``, not sent.
+    exposure_threshold : int
+        ``exposed-fraction`` counts the updates merged over fewer nodes than this (default 2).
+    dp : CentralDP, optional
+        Client-level central DP (``dp='central'``): nodes clip their updates to ``dp.clip``,
+        replies above it are rejected, the merge is uniform over each parameter's holders with
+        noise ``z * C / h``, and every round's epsilon is accounted (needs ``weighting='uniform'``).
     warmup_rounds : int
         The paper's large-scale recipe: run rounds ``1 .. warmup_rounds`` of the run as FedAvg
         (every sampled node gets and returns the full model; the merge, a weighted mean over
@@ -112,8 +124,17 @@ class ResIST(Strategy):
                  max_num_examples: int = 10_000_000, seed: int = 0,
                  server_lr: float = 1.0, transport: str = "float32", allocation: str = "uniform",
                  warmup_rounds: int = 0, costs: CostModel | None = None, capacity_measure: str = "blocks",
-                 dealing: str = "random") -> None:
+                 dealing: str = "random", min_holders: int = 1, exposure_threshold: int = 2,
+                 privacy_strict: bool = False, dp: CentralDP | None = None) -> None:
         update_weights([], weighting)  # validates the name
+        if dp is not None and weighting != "uniform":
+            raise ValueError(f"weighting = {weighting!r}: central DP needs 'uniform' (example weights would change "
+                             "each node's sensitivity)")
+        if isinstance(min_holders, bool) or not isinstance(min_holders, int) or min_holders < 1:
+            raise ValueError(f"privacy-min-holders = {min_holders!r}: expected a whole number of nodes >= 1")
+        if min_holders > 1 and dealing != "random":
+            raise ValueError(f"privacy-min-holders = {min_holders}: only ResIST's random dealing deals a block to "
+                             "several nodes; depth tiers are prefixes")
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation = {allocation!r}: expected one of {', '.join(ALLOCATIONS)}")
         check_transport(transport)
@@ -143,6 +164,11 @@ class ResIST(Strategy):
         if dealing not in DEALINGS:
             raise ValueError(f"dealing = {dealing!r}: expected one of {', '.join(DEALINGS)}")
         self.dealing = dealing
+        self.min_holders, self.exposure_threshold = min_holders, max(2, exposure_threshold, min_holders)
+        self.privacy_strict, self.dp = privacy_strict, dp
+        self.last_privacy: dict[str, Any] = {}
+        self.last_exposure: dict[int, tuple[int, float]] = {}
+        self._connected = 0
         self.label = "resist" if dealing == "random" else "depth-tiers"
         self.last_phase = PHASE_WARMUP if warmup_rounds else PHASE_RESIST
         self.num_subnetworks = max(1, min_train_nodes)
@@ -162,7 +188,8 @@ class ResIST(Strategy):
         """The last round: reply counts and figures, phase, held fraction, and per node the blocks
         it was sent, its accepted reply's metrics and its measured speed."""
         nodes = {n: self.node_report(n) for n in self._sent}
-        return RoundReport(dict(self.last_round_metrics), nodes, self.last_phase, self.held_fraction)
+        return RoundReport(dict(self.last_round_metrics), nodes, self.last_phase, self.held_fraction,
+                           privacy=dict(self.last_privacy))
 
     def resume_after(self, completed_rounds: int, last_row: Mapping[str, Any] | None) -> None:
         """Continue after ``completed_rounds`` rounds: the next round is ``completed_rounds + 1``
@@ -172,6 +199,8 @@ class ResIST(Strategy):
         if last_row:
             self.num_subnetworks = int(last_row.get("num-subnetworks", self.num_subnetworks))
             self.held_fraction = last_row.get("held-fraction", self.held_fraction)
+            if self.dp is not None:
+                self.dp.restore(last_row.get("dp-state"))
 
     def phase(self, run_round: int) -> str:
         """``warmup`` (full model, FedAvg) for rounds up to ``warmup_rounds``, then ``resist``."""
@@ -215,7 +244,9 @@ class ResIST(Strategy):
             if self.capacity_measure != "blocks":
                 over = cost.of(self.capacity_measure) > self.sampler.capacity(node) * \
                     self.costs.full.of(self.capacity_measure) * (1 + 1e-9)
-        return NodeReport(len(held), self.last_replies.get(node, {}), self.speeds.get(node), limit, over, flops, params)
+        low, share = self.last_exposure.get(node, (None, None))
+        return NodeReport(len(held), self.last_replies.get(node, {}), self.speeds.get(node), limit, over, flops, params,
+                          min_holders=low, exposed_fraction=share)
 
     def measured_seconds(self, reply: Accepted, message_id: str) -> float:
         """The seconds a node's training took, as far as the server can tell: the time the server
@@ -252,6 +283,10 @@ class ResIST(Strategy):
             raise ValueError(f"the global record lacks {len(missing)} model keys, e.g. {missing[:3]}")
         run_round = self.round_offset + server_round
         sampled, connected, rng = self.sampler.sample(grid, run_round)
+        self._connected = connected
+        if self.dp is not None and self.dp.would_exceed(len(sampled), connected):
+            raise RunStops(f"dp-target-epsilon = {self.dp.target_epsilon:g} would be exceeded by round {run_round} "
+                           f"(epsilon now {self.dp.epsilon():.4f} at delta {self.dp.delta:g})")
         blocks = self.layout.partitionable
         self.last_phase = self.phase(run_round)
         if self.last_phase == PHASE_WARMUP:  # the full model to every sampled node
@@ -264,7 +299,8 @@ class ResIST(Strategy):
             if self.dealing == "prefix":  # depth tiers: always the first blocks that fit
                 decomposition = prefix_blocks(blocks, maxima)
             else:
-                depths = allocate_depths(len(blocks), maxima, self.depth_weights(sampled), self.min_blocks_per_site)
+                depths = allocate_depths(len(blocks), maxima, self.depth_weights(sampled), self.min_blocks_per_site,
+                                         copies=self.min_holders)
                 decomposition = deal_blocks(blocks, depths, rng)
             groups = decomposition.groups
             self.held_fraction = decomposition.held_fraction
@@ -278,6 +314,19 @@ class ResIST(Strategy):
         self._global = arrays
         self._grid = grid
         self._sent = {}
+        self.last_privacy, self.last_exposure = {}, {}
+        if self.min_holders > 1 and self.last_phase == PHASE_RESIST:
+            fewest = min(sum(b in g for g in groups) for b in blocks)
+            if fewest < self.min_holders:
+                log(WARNING, "round %d: privacy-min-holders = %d cannot be met: the %d sampled nodes' capacities "
+                    "allow %d block slots, %d x %d blocks are needed; the least-held block has %d holder(s)%s",
+                    server_round, self.min_holders, len(sampled), sum(self.max_depth_of(n) for n in sampled),
+                    self.min_holders, len(blocks), fewest, "; privacy-strict: the round is not sent"
+                    if self.privacy_strict else "")
+                if self.privacy_strict:
+                    self.last_privacy = {"privacy-unmet": 1}
+                    self.last_blocks, self._messages = {}, []
+                    return []
         messages = []
         wire = encoded_record(arrays, self.transport)  # each array encoded once, whatever its holders
         for node_id, held in zip(sampled, groups):
@@ -288,6 +337,8 @@ class ResIST(Strategy):
                 payload[key] = wire[key]
             node_config = ConfigRecord({**config, SERVER_ROUND: server_round, RUN_ROUND: run_round,
                                         TRANSPORT: self.transport})
+            if self.dp is not None:  # the node clips its update to this norm; the server checks it
+                node_config[DP_CLIP] = self.dp.clip
             if held is not None:  # no `blocks` (warm-up): the full model, as FedAvg sends it
                 node_config[BLOCKS] = list(held)
             content = RecordDict({"arrays": payload, "config": node_config})
@@ -302,10 +353,17 @@ class ResIST(Strategy):
         """Validate the replies and merge the valid ones into the full global record."""
         if self._global is None:
             raise RuntimeError("aggregate_train called before configure_train")
+        check = None
+        if self.dp is not None:
+            check = lambda reply: self.dp.check(reply.update, {k: array_view(self._global[k]) for k in reply.update})  # noqa: E731
         screened = screen_replies(server_round, replies, self._sent, self._global, self.max_num_examples,
-                                  messages=self._messages, order=self.sampler.rank, transport=self.transport)
+                                  messages=self._messages, order=self.sampler.rank, transport=self.transport,
+                                  check=check)
         metrics = {**screened.round_metrics(), "num-subnetworks": self.num_subnetworks, "merge-refused": 0,
                    "untrained-blocks": len(self.last_untrained)}
+        # under DP a parameter's holders are the nodes it was sent to (a missing reply is a zero update)
+        holding = self._sent if self.dp is not None else {a.node_id: tuple(a.update) for a in screened.accepted}
+        self.record_exposure({n: whole(keys) for n, keys in holding.items()})
         self.last_round_metrics = metrics
         self.last_replies = {a.node_id: dict(a.metrics) for a in screened.accepted}
         accepted = screened.accepted
@@ -316,15 +374,38 @@ class ResIST(Strategy):
         if too_few_replies(server_round, len(accepted), self.min_train_replies):
             return None, MetricRecord(metrics)
         start = time.perf_counter()
-        touched = set().union(*(a.update for a in accepted))
-        current = {k: array_view(self._global[k]) for k in self._global if k in touched}
-        merged = merge_partial(current, [a.update for a in accepted],
-                               update_weights([a.num_examples for a in accepted], self.weighting))
+        if self.dp is not None:
+            holders: dict[str, int] = {}
+            for keys in self._sent.values():
+                for key in keys:
+                    holders[key] = holders.get(key, 0) + 1
+            current = {k: array_view(self._global[k]) for k in holders}
+            merged = self.dp.merge(current, [a.update for a in accepted], holders)
+            self.release_privacy(len(self._sent))
+        else:
+            touched = set().union(*(a.update for a in accepted))
+            current = {k: array_view(self._global[k]) for k in self._global if k in touched}
+            merged = merge_partial(current, [a.update for a in accepted],
+                                   update_weights([a.num_examples for a in accepted], self.weighting))
         merged = server_step(current, merged, self.server_lr)
         metrics["merge-seconds"] = time.perf_counter() - start
         if refuse_non_finite(server_round, merged, metrics):
             return None, MetricRecord(metrics)
         return with_arrays(self._global, merged), MetricRecord(metrics)
+
+    def record_exposure(self, holdings) -> None:
+        """``min-holders`` and ``exposed-fraction`` of the round (and per node) from ``holdings``."""
+        shapes = {k: tuple(self._global[k].shape) for k in self._global}
+        found = exposure(shapes, holdings, self.exposure_threshold)
+        self.last_privacy.update({"min-holders": found.min_holders, "exposed-fraction": found.exposed_fraction})
+        self.last_exposure = dict(found.nodes)
+
+    def release_privacy(self, sampled: int) -> None:
+        """Compose this round's release in the accountant; ``epsilon`` and the state in the row."""
+        epsilon = self.dp.release(sampled, self._connected)
+        self.last_privacy.update({"epsilon": epsilon, "dp-delta": self.dp.delta, "dp-state": self.dp.state()})
+        log(INFO, "round released under central DP: epsilon %.4f at delta %g (z = %g, C = %g, %d of %d nodes)",
+            epsilon, self.dp.delta, self.dp.noise_multiplier, self.dp.clip, sampled, self.dp.population)
 
     # -- evaluation: central only (the full model never goes to a client) --------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -28,7 +28,7 @@ from flwr.serverapp import Grid
 from resist_fl.core.allocation import max_depth
 from resist_fl.core.decomposition import BlockLayout, scale_key
 from resist_fl.flower.metering import MeteredGrid, RoundTraffic
-from resist_fl.flower.round_report import NodeReport, RecordedStrategy, RoundReport
+from resist_fl.flower.round_report import NodeReport, RecordedStrategy, RoundReport, RunStops
 from resist_fl.node.peak_memory import MEASURES, resident_memory_mb
 from resist_fl.run.checkpoint import Checkpoint, capture_rngs, open_run_directory
 from resist_fl.run.divergence import DIVERGENCE_HINT, divergence_reason
@@ -114,6 +114,7 @@ class RoundRecorder:
         self.tracker = tracker
         self.target_accuracy = target_accuracy or None
         self.target_reached_round: int | None = None
+        self.stopped_by: str | None = None
         self.resumed: Checkpoint | None = open_run_directory(self.run_dir, self.run_config, resume)
         self.completed_rounds = self.resumed.server_round if self.resumed else 0
         self.rows: list[dict] = list(self.resumed.metrics) if self.resumed else []
@@ -155,6 +156,10 @@ class RoundRecorder:
             except TargetReached:
                 log(INFO, "resist-fl: target accuracy %.4f reached in round %d: the run stops here",
                     self.target_accuracy, self.target_reached_round)
+                self.stopped_by = "target-accuracy"
+            except RunStops as stop:
+                log(INFO, "resist-fl: the run stops after round %d: %s", self.rows[-1]["round"] if self.rows else 0, stop)
+                self.stopped_by = str(stop)
         self.seconds = time.perf_counter() - started
         return self.final_state()
 
@@ -174,10 +179,12 @@ class RoundRecorder:
         payload = set(self.layout.payload_keys())
         summary = {"strategy": self.label, "rounds": self.rows[-1]["round"] if self.rows else 0,
                    "total-bytes": self.cumulative_bytes, "target-accuracy": self.target_accuracy,
-                   "target-reached-round": self.target_reached_round,
+                   "target-reached-round": self.target_reached_round, "stopped-by": self.stopped_by,
                    "seconds": self.seconds,
                    "parameters": int(sum(v.numel() for k, v in state.items() if k in payload)),
                    "final-accuracy": self.rows[-1].get("accuracy") if self.rows else None}
+        if self.rows and "epsilon" in self.rows[-1]:
+            summary["epsilon"] = self.rows[-1]["epsilon"]
         write_json(self.run_dir / SUMMARY_FILE, summary)
         if self.tracker is not None:
             self.tracker.close()
@@ -255,6 +262,7 @@ class RoundRecorder:
             row["client-eval-acc"] = report.client_evaluation["eval-acc"]
         if report.phase is not None:
             row["phase"] = report.phase
+        row.update(report.privacy)
         if report.held_fraction is not None:
             row["inference-scale"] = next(iter(self.scales().values()), 1.0)
             row["held-fraction"] = report.held_fraction
@@ -282,6 +290,8 @@ class RoundRecorder:
                 "peak-memory-mb": reply.get("peak-memory-mb"),
                 "memory-measure": MEASURES.get(int(reply.get("memory-measure", 0))),
                 "blocks-per-second": sent.blocks_per_second,
+                "min-holders": sent.min_holders, "exposed-fraction": sent.exposed_fraction,
+                "dp-epsilon": reply.get("dp-epsilon"),
             })
         return rows
 

@@ -36,6 +36,10 @@ class NodeReport:
     """Parameters of what it was sent, when measured."""
     width_rate: float | None = None
     """The width rate of what it was sent (width-sliced methods)."""
+    min_holders: int | None = None
+    """The fewest nodes any parameter it held was merged over this round."""
+    exposed_fraction: float | None = None
+    """The share of its update merged over fewer than the exposure threshold of nodes."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,15 @@ class RoundReport:
     """Mean fraction of the partitionable blocks a sub-network held (None: not a sub-model method)."""
     client_evaluation: Mapping[str, float | int] = field(default_factory=dict)
     """Federated evaluation of this round (FedAvg with ``fraction-evaluate`` > 0), if any."""
+    privacy: Mapping[str, Any] = field(default_factory=dict)
+    """``min-holders``, ``exposed-fraction`` and, under DP, ``epsilon`` and ``dp-state`` (the
+    accountant's state, what a resumed run continues from): copied into the round's row."""
+
+
+class RunStops(Exception):
+    """Raised by a strategy to end the run before a round it must not send (e.g. the privacy
+    budget would be exceeded); caught by the recorder, which records the reason in
+    ``summary.json`` (``stopped-by``)."""
 
 
 @runtime_checkable

@@ -37,7 +37,16 @@ from resist_fl.core.aggregation import update_weights
 from resist_fl.core.model import ModelSpec
 from resist_fl.core.model_cost import CAPACITY_MEASURES, WIDTH_RATES, CostModel
 from resist_fl.core.transport import check_transport
-from resist_fl.core.width_slicing import actual_rate, key_groups, merge_sliced, prefix_indices, rolling_indices, slice_state
+from resist_fl.core.holders import exposure
+from resist_fl.core.width_slicing import (
+    actual_rate,
+    element_index,
+    key_groups,
+    merge_sliced,
+    prefix_indices,
+    rolling_indices,
+    slice_state,
+)
 from resist_fl.flower.array_codec import array_of, array_view, with_arrays
 from resist_fl.flower.message_keys import RUN_ROUND, SERVER_ROUND, TRANSPORT
 from resist_fl.flower.node_sampling import NodeSampler
@@ -96,6 +105,8 @@ class WidthSliced(Strategy):
         self.last_rates: dict[int, float] = {}
         self.last_round_metrics: dict[str, float | int] = {}
         self.last_replies: dict[int, dict[str, float | int]] = {}
+        self.last_privacy: dict[str, float | int] = {}
+        self.last_exposure: dict[int, tuple[int, float]] = {}
         self._indices: dict[int, dict[str, np.ndarray]] = {}
         self._shapes: dict[int, dict[str, tuple[tuple[int, ...], np.dtype]]] = {}
         self._global: ArrayRecord | None = None
@@ -116,9 +127,11 @@ class WidthSliced(Strategy):
             else:
                 over = cost.of(self.capacity_measure) > self.sampler.capacity(node) * \
                     self.costs.full.of(self.capacity_measure) * (1 + 1e-9)
+            low, share = self.last_exposure.get(node, (None, None))
             nodes[node] = NodeReport(blocks, self.last_replies.get(node, {}), max_blocks=blocks, over_capacity=over,
-                                     flops_per_sample=cost.flops, params=cost.params, width_rate=rate)
-        return RoundReport(dict(self.last_round_metrics), nodes)
+                                     flops_per_sample=cost.flops, params=cost.params, width_rate=rate,
+                                     min_holders=low, exposed_fraction=share)
+        return RoundReport(dict(self.last_round_metrics), nodes, privacy=dict(self.last_privacy))
 
     def inference_scales(self) -> dict[str, float]:
         """Width methods do not scale residual branches."""
@@ -183,6 +196,11 @@ class WidthSliced(Strategy):
         self.last_round_metrics = metrics
         self.last_replies = {a.node_id: dict(a.metrics) for a in screened.accepted}
         accepted = screened.accepted
+        shapes = {k: tuple(self._global[k].shape) for k in self.keys}
+        found = exposure(shapes, {a.node_id: {k: element_index(shapes[k], self.groups[k], self._indices[a.node_id])
+                                              for k in a.update} for a in accepted}, 2)
+        self.last_privacy = {"min-holders": found.min_holders, "exposed-fraction": found.exposed_fraction}
+        self.last_exposure = dict(found.nodes)
         if too_few_replies(server_round, len(accepted), self.min_train_replies):
             return None, MetricRecord(metrics)
         current = {k: array_view(self._global[k]) for k in self.keys}

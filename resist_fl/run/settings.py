@@ -35,6 +35,8 @@ from resist_fl.run.tracking import TRACKERS, TrackerUnavailable, require_tracker
 
 STRATEGIES = ("resist", "fedavg", "heterofl", "fedrolex", "fjord", "depth-tiers", "fedavg-small")
 LR_SCHEDULES = ("step", "cosine", "constant")
+DP_MODES = ("none", "central", "local")
+DP_STRATEGIES = ("resist", "depth-tiers", "fedavg")
 DEVICES = ("auto", "cpu", "cuda")
 MODELS = (*PRESET_DEPTHS, *TORCHVISION_DEPTHS)
 
@@ -171,6 +173,20 @@ class RunSettings(BaseModel):
         description="`mlflow`: the tracking store or server; `\"\"`: `<run dir>/mlflow.db`")
     device: Literal[DEVICES] = Field('auto',
         description="`auto` (CUDA when visible), `cpu`, `cuda`")
+    dp: Literal[DP_MODES] = Field('none',
+        description="differential privacy ([Privacy](#differential-privacy)): `central` (client-level: nodes clip their update to `dp-clip`, the server adds noise `dp-noise-multiplier x dp-clip / h` to each parameter merged over h holders and accounts epsilon), `local` (DP-SGD on every node with Opacus; needs `norm='groupnorm'`), `none`; `resist`, `depth-tiers` and `fedavg` only")
+    dp_clip: Float = Field(1.0, gt=0,
+        description="`central`: the L2 bound of a node's update (trained minus received arrays); `local`: Opacus' per-sample gradient bound")
+    dp_noise_multiplier: Float = Field(1.0, gt=0,
+        description="`central`: noise std over `dp-clip` on the sum of the clipped updates; `local`: Opacus' noise multiplier")
+    dp_delta: Float = Field(1e-05, gt=0, lt=1,
+        description="the delta epsilon is reported at (`epsilon` in every `metrics.jsonl` row under `central`, `dp-epsilon` per node under `local`)")
+    dp_target_epsilon: Float = Field(0.0, ge=0,
+        description="`central`: if > 0, stop before the round that would take epsilon past it (`stopped-by` in `summary.json`)")
+    privacy_min_holders: Int = Field(1, ge=1,
+        description="`resist`: deal every partitionable block to at least this many sampled nodes (within capacities); `exposed-fraction` counts updates merged over fewer than max(2, this) nodes")
+    privacy_strict: Bool = Field(False,
+        description="with `privacy-min-holders` > 1: a round whose capacities cannot meet it is not sent (else it is sent with a WARNING)")
     amp: Bool = Field(False,
         description="bfloat16 autocast on CUDA (training and evaluation)")
 
@@ -225,7 +241,30 @@ class RunSettings(BaseModel):
                                 "channels; expected a preact_resnet* model")
         self.model_spec(num_classes=10, in_channels=3)
         self.stages()
+        self._privacy_rules()
         return self
+
+    def _privacy_rules(self) -> None:
+        if self.dp != "none" and self.strategy not in DP_STRATEGIES:
+            raise SettingsError(f"dp = {self.dp!r}: supported with strategy {', '.join(DP_STRATEGIES)}; "
+                                f"got strategy {self.strategy!r}")
+        if self.dp == "central" and self.weighting != "uniform":
+            raise SettingsError(f"weighting = {self.weighting!r}: dp='central' needs 'uniform' (example weights "
+                                "would change a node's sensitivity)")
+        if self.dp == "central" and self.transport_dtype != "float32":
+            raise SettingsError(f"transport-dtype = {self.transport_dtype!r}: dp='central' needs 'float32' "
+                                "(a quantised update would not keep its clipped norm)")
+        if self.dp != "none" and self.allocation == "speed":
+            raise SettingsError("allocation = 'speed': under dp the dealing must not depend on what nodes report; "
+                                "expected 'uniform' or 'capacity'")
+        if self.dp == "local" and self.norm != "groupnorm":
+            raise SettingsError(f"norm = {self.norm!r}: dp='local' (Opacus DP-SGD) needs per-sample gradients, "
+                                "which BatchNorm mixes across a batch; set norm='groupnorm'")
+        if self.dp_target_epsilon > 0 and self.dp != "central":
+            raise SettingsError(f"dp-target-epsilon = {self.dp_target_epsilon!r}: needs dp='central' (got dp = {self.dp!r})")
+        if self.privacy_min_holders > 1 and self.strategy != "resist":
+            raise SettingsError(f"privacy-min-holders = {self.privacy_min_holders}: only strategy 'resist' deals a "
+                                f"block to several nodes; got strategy {self.strategy!r}")
 
     def check_tracker_installed(self) -> None:
         """SettingsError naming the extra to install when the tracker's library is missing (a

@@ -1,0 +1,87 @@
+"""Local differential privacy on a node: DP-SGD with Opacus on whatever sub-network it received.
+
+``dp='local'``: every step clips each example's gradient to ``dp-clip`` and adds Gaussian noise of
+``dp-noise-multiplier x dp-clip`` to their sum (Opacus' ``GradSampleModule`` and ``DPOptimizer``),
+over a batch drawn by Poisson sampling (each example independently with rate
+``batch-size / partition size``), which is what Opacus' RDP accountant assumes. The accountant's
+history lives in the node's own state across rounds, so the ``dp-epsilon`` a node reports is its
+cumulative epsilon over every round it trained (at ``dp-delta``), a guarantee for its own examples
+that holds whatever the server does. Per-sample gradients need a model without BatchNorm
+(the settings refuse it: ``norm='groupnorm'``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from opacus import GradSampleModule
+from opacus.accountants import RDPAccountant
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from resist_fl.data.batches import TrainBatches
+from resist_fl.node.training import TrainResult
+
+History = list[tuple[float, float, int]]
+"""Opacus' accountant history: (noise multiplier, sample rate, steps) per composition."""
+
+
+@dataclass(frozen=True)
+class PrivateTraining:
+    """What a round of DP-SGD produced: the training result, the node's cumulative epsilon and
+    the accountant history to keep for the next round."""
+
+    result: TrainResult
+    epsilon: float
+    history: History
+
+
+def check_private_model(model: nn.Module) -> None:
+    """ValueError naming the layers Opacus cannot train privately (BatchNorm: use GroupNorm)."""
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise ValueError(f"dp='local': the model has layers Opacus cannot train with per-sample gradients "
+                         f"({'; '.join(str(e) for e in errors[:3])}); set norm='groupnorm'")
+
+
+def train_private(model: nn.Module, loader: TrainBatches, *, steps: int, lr: float, momentum: float,
+                  weight_decay: float, noise_multiplier: float, clip: float, delta: float,
+                  history: Sequence[tuple[float, float, int]] = (), seed: int = 0) -> PrivateTraining:
+    """``steps`` DP-SGD steps on ``model`` (in place, on the CPU or the loader's device) over
+    Poisson-sampled batches of ``loader``; the accountant continues from ``history``."""
+    check_private_model(model)
+    start = time.perf_counter()
+    count = len(loader.data)
+    rate = min(1.0, loader.batch_size / count)
+    device = loader.data.device
+    model.to(device).train()
+    private = GradSampleModule(model)
+    optimiser = DPOptimizer(torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay),
+                            noise_multiplier=noise_multiplier, max_grad_norm=clip,
+                            expected_batch_size=loader.batch_size)
+    accountant = RDPAccountant()
+    accountant.history = [tuple(h) for h in history]
+    optimiser.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=rate))
+    draws = torch.Generator(device=device).manual_seed(seed)
+    total, trained = torch.zeros((), device=device), 0
+    for _ in range(steps):
+        chosen = torch.nonzero(torch.rand(count, generator=draws, device=device) < rate).flatten()
+        if chosen.numel() == 0:  # an empty Poisson batch (probability (1 - q)^n): counted, not trained
+            accountant.step(noise_multiplier=noise_multiplier, sample_rate=rate)
+            continue
+        images, labels = loader.batch(chosen)
+        loss = nn.functional.cross_entropy(private(images), labels)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        total += loss.detach().float()
+        trained += 1
+    private._close()  # remove Opacus' hooks: the model goes back to being a plain module
+    mean_loss = (total / max(1, trained)).item()
+    epsilon = float(accountant.get_epsilon(delta))
+    return PrivateTraining(TrainResult(loss=mean_loss, steps=steps, seconds=time.perf_counter() - start),
+                           epsilon, [tuple(h) for h in accountant.history])
