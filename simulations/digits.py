@@ -1,7 +1,7 @@
 """scikit-learn's bundled 8x8 handwritten digits as a user's ``.npz``: a real image set offline.
 
 1797 grayscale images of 10 classes, written uint8 NHW (pixel values 0..16 scaled to 0..255)
-with a fixed 1437 / 360 train / test split. Needs scikit-learn (the ``dev`` extra)::
+with the fixed 1437 / 360 train / test split of :mod:`resist_fl.data.digits` (``dataset='digits'``)::
 
     python -m simulations.digits /abs/path/digits.npz
 """
@@ -13,19 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-TRAIN_SIZE = 1437
+from resist_fl.data.digits import digits_splits
 
 
 def write_digits_npz(path: Path | str) -> str:
     """Write the digits to ``path`` (keys x_train, y_train, x_test, y_test); return the path."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = np.rint(digits.images * (255 / 16)).astype(np.uint8)
-    order = np.random.default_rng(0).permutation(len(images))
-    train, test = order[:TRAIN_SIZE], order[TRAIN_SIZE:]
-    np.savez(path, x_train=images[train], y_train=digits.target[train],
-             x_test=images[test], y_test=digits.target[test])
+    train, test = digits_splits()  # the project's own split (dataset='digits' trains on the same images)
+    np.savez(path, x_train=train.images[:, 0], y_train=train.labels, x_test=test.images[:, 0], y_test=test.labels)
     return str(path)
 
 

@@ -45,6 +45,7 @@ import numpy as np
 
 from resist_fl.run.outputs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics, write_json
 from simulations.machine import describe_machine, machine_line
+from simulations.privacy_report import privacy_lines
 from simulations.node_costs import (
     DEFAULT_BANDWIDTHS,
     link_time_lines,
@@ -507,7 +508,9 @@ def build_report(runs_dir: Path, target_accuracy_value: float | None = None,
     title = f"{manifest.get('preset', runs_dir.name)}: mean ± std over seeds"
     plots = [plot(groups, x, runs_dir / name, title, target) for x, (name, _) in PLOTS.items()] if groups else []
     extra, extra_plots, extra_json = node_lines(runs_dir, groups, bandwidths, target)
-    extra = tier_lines(runs_dir, groups, "depth") + tier_lines(runs_dir, groups, "width") + extra
+    privacy, privacy_plots, privacy_json = privacy_lines(runs_dir, groups, group_label)
+    extra = tier_lines(runs_dir, groups, "depth") + tier_lines(runs_dir, groups, "width") + privacy + extra
+    extra_plots, extra_json = extra_plots + privacy_plots, {**extra_json, **privacy_json}
     write_json(runs_dir / REPORT_JSON, finite({"target": target, "target-rule": target_text,
                                                "groups": [asdict(s) for s in stats], "ratios": ratio_rows,
                                                **extra_json}))

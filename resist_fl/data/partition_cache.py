@@ -27,7 +27,8 @@ import numpy as np
 from resist_fl.data.arrays import ImageArrays
 
 _FORMAT = 1
-_SOURCES = ("arrays.py", "hub.py", "imagefolder.py", "npz.py", "partitioning.py", "sources.py", "synthetic.py")
+_SOURCES = ("arrays.py", "digits.py", "hub.py", "imagefolder.py", "npz.py", "partitioning.py", "sources.py",
+            "synthetic.py")
 
 
 @lru_cache(maxsize=1)

@@ -105,7 +105,6 @@ class CentralDP:
         self.target_epsilon = target_epsilon
         self.population: int | None = None  # N, fixed at the first release (the nodes connected then)
         self.accountant: RdpAccountant | None = None
-        self.rng_seed: int | None = None
 
     # -- a reply --------------------------------------------------------------------------------
     def check(self, trained: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray]) -> float:

@@ -141,8 +141,8 @@ class ScreenedFedAvg(FedAvg):
                          {n: whole(held) for n, held in holding.items()}, self.exposure_threshold)
         self.last_privacy = {"min-holders": found.min_holders, "exposed-fraction": found.exposed_fraction}
         self.last_exposure = dict(found.nodes)
-        if too_few_replies(server_round, len(screened.accepted), self.min_train_replies):
-            return None, MetricRecord(self.last_round_metrics)
+        if self.dp is None and too_few_replies(server_round, len(screened.accepted), self.min_train_replies):
+            return None, MetricRecord(self.last_round_metrics)  # under DP every round is released (see ResIST)
         contents = [a.content() for a in screened.accepted]
         if self.dp is not None:  # DP-FedAvg: every key held by every sampled node
             current = {k: array_view(self._global[k]) for k in keys}
@@ -156,7 +156,7 @@ class ScreenedFedAvg(FedAvg):
             merged = server_step({k: array_view(self._global[k]) for k in merged}, merged, self.server_lr)
         if refuse_non_finite(server_round, merged, self.last_round_metrics):
             return None, MetricRecord(self.last_round_metrics)
-        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key) if contents else {}
         record = ArrayRecord({k: array_of(v) for k, v in merged.items()})
         return record, MetricRecord({**metrics, **self.last_round_metrics})
 

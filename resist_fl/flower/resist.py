@@ -371,7 +371,9 @@ class ResIST(Strategy):
         for reply in accepted:  # measured speed: blocks per second of (possibly slowed) training
             seconds = self.measured_seconds(reply, sent_ids.get(reply.node_id, ""))
             self.speeds[reply.node_id] = len(self.last_blocks.get(reply.node_id, ())) / seconds
-        if too_few_replies(server_round, len(accepted), self.min_train_replies):
+        # under DP every round is released (a missing reply is a zero update): whether the model moves
+        # must not depend on how many replies were valid
+        if self.dp is None and too_few_replies(server_round, len(accepted), self.min_train_replies):
             return None, MetricRecord(metrics)
         start = time.perf_counter()
         if self.dp is not None:

@@ -27,7 +27,10 @@ HETERO = {"capacity-profile": "1.0,0.5,0.25"}
 CASES = {"resist": {"strategy": "resist"}, "fedavg": {"strategy": "fedavg"}, "bad": {"strategy": "fedprox"},
          "heterofl": {"strategy": "heterofl", **HETERO}, "depth-tiers": {"strategy": "depth-tiers", **HETERO},
          "fedrolex": {"strategy": "fedrolex", **HETERO}, "fjord": {"strategy": "fjord", **HETERO},
-         "fedavg-small": {"strategy": "fedavg-small", **HETERO}}
+         "fedavg-small": {"strategy": "fedavg-small", **HETERO},
+         "resist-central-dp": {"strategy": "resist", "dp": "central", "weighting": "uniform", "dp-clip": 0.5,
+                               "dp-noise-multiplier": 0.5, "privacy-min-holders": 2},
+         "fedavg-local-dp": {"strategy": "fedavg", "dp": "local", "norm": "groupnorm", "local-steps": 4}}
 SUB_MODELS = ["heterofl", "depth-tiers", "fedrolex", "fjord", "fedavg-small"]
 RUN_NAMES = {"fedavg": "fedavg it's \"quoted\""}  # both quote kinds: the launcher's TOML file carries them
 
@@ -126,3 +129,15 @@ def test_the_sub_model_baselines_respect_every_nodes_budget(launches):
         assert sorted({(n["partition"], n["width-rate"]) for n in rows}) == [(0, 1.0), (1, 0.5), (2, 0.25)]
     small = read_metrics(launches["fedavg-small"].run_dir, "nodes.jsonl")
     assert {n["width-rate"] for n in small} == {0.25} and all(n["over-capacity"] == 0 for n in small)
+
+
+def test_central_and_local_dp_through_the_real_engine(launches):
+    """Central DP with two holders per block (ResIST) and Opacus DP-SGD (FedAvg) under flwr run."""
+    for case in ("resist-central-dp", "fedavg-local-dp"):
+        assert launches[case].success, f"{launches[case].reason}\n{launches[case].log_path.read_text()[-3000:]}"
+    rows = read_metrics(launches["resist-central-dp"].run_dir)
+    assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
+    assert 0 < rows[0]["epsilon"] < rows[1]["epsilon"] and all(r["min-holders"] >= 2 for r in rows)
+    assert all(r["exposed-fraction"] == 0 and r["replies-accepted"] == 3 for r in rows)
+    nodes = read_metrics(launches["fedavg-local-dp"].run_dir, "nodes.jsonl")
+    assert len(nodes) == 3 * ROUNDS and all(n["status"] == "accepted" and n["dp-epsilon"] > 0 for n in nodes)

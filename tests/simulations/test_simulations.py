@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from resist_fl.run.outputs import CONFIG_FILE, SUMMARY_FILE, append_metrics, read_metrics, write_json
+from resist_fl.run.settings import RunSettings
+from tests.conftest import default_run_config
 from simulations import compare, report
 from simulations.launcher import LaunchResult
 from simulations.presets import PresetError, list_presets, load_preset, validate_preset
@@ -246,3 +248,57 @@ def test_a_failed_run_makes_the_runner_exit_nonzero_with_the_reason(tmp_path, ca
     assert [r["name"] for r in failed] == ["main-fedavg-seed0"] and "boom" in failed[0]["reason"]
     text = (tmp_path / report.REPORT_FILE).read_text()
     assert "## Failed runs" in text and "boom" in text
+
+
+# --------------------------------------------------------------------------- privacy
+
+
+def test_the_privacy_preset_plans_central_local_and_holder_variants(tmp_path):
+    """privacy-digits: 50 nodes, 10 per round, central DP at three epsilons and a weak noise, the
+    minimum-holders rule, local DP-SGD; 2 seeds; every variant keeps uniform weights."""
+    _, plan, _ = compare.resolve(compare.parse_args(["privacy-digits", "--out", str(tmp_path)]))
+    assert len(plan) == 32 and {r.seed for r in plan} == {0, 1}
+    by_name = {r.name: r.run_config for r in plan}
+    assert by_name["eps4-fedavg-seed0"]["dp"] == "central" and by_name["local-resist-seed1"]["dp"] == "local"
+    assert by_name["holders4-resist-seed0"]["privacy-min-holders"] == 4 and "holders4-fedavg-seed0" not in by_name
+    for config in by_name.values():
+        assert config["weighting"] == "uniform" and config["norm"] == "groupnorm"
+        assert (config["fraction-train"], config["min-train-nodes"], config["min-available-nodes"]) == (0.2, 10, 50)
+        RunSettings.from_run_config({**default_run_config(), **config})  # every variant is a valid run config
+
+
+def test_the_privacy_section_reports_epsilon_holders_and_exposure(tmp_path):
+    rows = {"eps4-resist-seed0": ("resist", [(1, 0.2, 1.5, 1, 0.4), (2, 0.3, 2.0, 1, 0.5)], {}),
+            "eps4-fedavg-seed0": ("fedavg", [(1, 0.4, 1.5, 10, 0.0), (2, 0.5, 2.0, 10, 0.0)], {}),
+            "local-resist-seed0": ("resist", [(1, 0.6, None, 1, 0.4), (2, 0.7, None, 1, 0.4)],
+                                   {"dp": "local", "dp-noise-multiplier": 1.8})}
+    runs = []
+    for name, (strategy, curve, config) in rows.items():
+        for rnd, acc, eps, holders, exposed in curve:
+            row = {"round": rnd, "strategy": strategy, "accuracy": acc, "bytes-down": 10**6, "bytes-up": 10**6,
+                   "cumulative-bytes": rnd * 2 * 10**6, "round-seconds": 1.0, "min-holders": holders,
+                   "exposed-fraction": exposed}
+            if eps is not None:
+                row["epsilon"] = eps
+            append_metrics(tmp_path / name, row)
+            if config:
+                for node, eps_node in ((5, 0.5 * rnd), (6, 0.7 * rnd)):
+                    append_metrics(tmp_path / name, {
+                        "round": rnd, "node": node, "partition": node, "capacity": 1.0, "blocks": 1, "max-blocks": 10,
+                        "over-capacity": 0, "bytes-down": 10**5, "bytes-up": 10**5, "status": "accepted",
+                        "train-seconds": 0.1, "simulated-seconds": 0.0, "peak-memory-mb": 1.0,
+                        "memory-measure": "rss-peak-over-start", "dp-epsilon": eps_node}, name="nodes.jsonl")
+        write_json(tmp_path / name / CONFIG_FILE, {"run_config": {"strategy": strategy, "seed": 0,
+                                                                  **(config or {"dp": "central",
+                                                                                "dp-noise-multiplier": 4.48})}})
+        write_json(tmp_path / name / SUMMARY_FILE, {"final-accuracy": curve[-1][1]})
+        runs.append({"name": name, "variant": name.split("-")[0], "strategy": strategy, "seed": 0, "status": "ok"})
+    write_json(tmp_path / report.MANIFEST_FILE, {"preset": "privacy-fixture", "runs": runs})
+    text = report.build_report(tmp_path).read_text()
+    result = json.loads((tmp_path / report.REPORT_JSON).read_text())
+    assert "## Privacy" in text
+    assert "| ResIST (eps4) | 1 | central | 4.48 | 0.3000 ± 0.0000 | 2.00 | - | 1 | 0.450 | 2.000 |" in text
+    assert "| FedAvg (eps4) | 1 | central | 4.48 | 0.5000 ± 0.0000 | 2.00 | - | 10 | 0.000 | 2.000 |" in text
+    assert "| ResIST (local) | 1 | local | 1.8 | 0.7000 ± 0.0000 | - | 1.40 | 1 | 0.400 | 2.000 |" in text
+    assert result["privacy"]["ResIST (eps4)"][0]["curve"] == [[1, 0.2, 1.5], [2, 0.3, 2.0]]
+    assert (tmp_path / "accuracy_vs_epsilon.png").stat().st_size > 0
