@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         steady[name] = statistics.median(values[1:])
         label = f"{name} ({args.before})" if name == "before" else f"{name} (working tree)"
         print(f"  {label:<22} round 1: {values[0]:5.2f} s; rounds 2..{args.rounds}: "
-              f"{' '.join(f'{v:.2f}' for v in values[1:])}; median {steady[name]:.2f} s")
+              f"{' '.join(f'{v:.4f}' for v in values[1:])}; median {steady[name]:.4f} s")
     if "before" in steady:
         print(f"  overhead after / before: {steady['after'] / steady['before']:.3f} "
               f"({steady['before'] - steady['after']:+.2f} s per round saved)")

@@ -57,9 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"model: {args.model} width {args.width}, {len(layout.partitionable)} partitionable blocks, "
           f"{args.subnetworks} sub-networks (blocks each: {[len(g) for g in groups]})")
     print(f"update bytes: {nbytes / 2**20:.1f} MiB; torch threads: {torch.get_num_threads()}")
-    print(f"numpy copy of the same bytes: {t_copy * 1e3:.1f} ms")
-    print(f"merge_partial:                {t_merge * 1e3:.1f} ms")
-    print(f"ratio merge / copy: {t_merge / t_copy:.2f} (target <= 2.0)")
+    print(f"numpy copy of the same bytes: {t_copy * 1e3:.4f} ms")
+    print(f"merge_partial:                {t_merge * 1e3:.4f} ms")
+    print(f"ratio merge / copy: {t_merge / t_copy:.3f} (target <= 2.0)")
     return 0
 
 

@@ -61,8 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     steady = {}
     for strategy, values in seconds.items():
         steady[strategy] = statistics.median(values[1:])
-        print(f"  {strategy:<7} round seconds {' '.join(f'{v:.2f}' for v in values)}; "
-              f"median of rounds 2..{args.rounds}: {steady[strategy]:.2f} s")
+        print(f"  {strategy:<7} round seconds {' '.join(f'{v:.4f}' for v in values)}; "
+              f"median of rounds 2..{args.rounds}: {steady[strategy]:.4f} s")
     print(f"  round time ResIST / FedAvg: {steady['resist'] / steady['fedavg']:.3f}")
     return 0
 

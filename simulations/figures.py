@@ -9,8 +9,8 @@ A block in a markdown file::
 is regenerated from ``docs/results/<name>/`` — each run's ``metrics.jsonl`` / ``nodes.jsonl`` and the
 comparison's ``compare.json`` (the same reading :mod:`simulations.report` does) — by::
 
-    python -m simulations.figures --write README.md docs/privacy.md
-    python -m simulations.figures --check README.md docs/privacy.md   # exit 1 when a block is stale
+    python -m simulations.figures --write    # README.md, docs/heterogeneous.md, docs/privacy.md
+    python -m simulations.figures --check    # exit 1 when a block is stale
 
 so a quoted figure and its source cannot disagree (a test runs ``--check``).
 """
@@ -33,7 +33,7 @@ from simulations.privacy_report import run_privacy
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
-DEFAULT_FILES = ("README.md", "docs/privacy.md")
+DEFAULT_FILES = ("README.md", "docs/heterogeneous.md", "docs/privacy.md")
 BLOCK = re.compile(r"(<!-- figures: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- end of figures: (?P=name) -->)", re.S)
 
 
@@ -72,7 +72,7 @@ def baselines_block(name: str) -> list[str]:
     return [f"Stage depths {'-'.join(map(str, spec.depths))}, partitioned stage(s) {','.join(map(str, stages))}: "
             f"ResIST's smallest sub-network costs {100 * costs.floor_fraction():.1f} % of the full model's "
             f"training FLOPs (the smallest budget is {100 * min(capacities):g} %). Target accuracy {target:.4f}; "
-            f"{len(next(iter(groups.values())))} seeds; from [docs/results/{name}](docs/results/{name}/report.md).", "",
+            f"{len(next(iter(groups.values())))} seeds; from [docs/results/{name}](results/{name}/report.md).", "",
             *report.table(["method", "final accuracy", "reached target", "rounds to target", "MB / round",
                            "node-rounds over capacity"], rows)]
 

@@ -2,8 +2,8 @@
 
 Every key is a field of :class:`RunSettings`: kebab-case in the run config (its alias),
 snake_case here, with its type, its allowed values (``Literal``) or range (field constraints)
-and its description, from which the README's run-config table is generated
-(:func:`run_config_table`, ``python -m resist_fl.run.settings --write README.md``). Unknown keys
+and its description, from which the documentation's run-config table is generated
+(:func:`run_config_table`, ``python -m resist_fl.run.settings --write docs/run-config.md``). Unknown keys
 are forbidden; cross-key rules are validators. Every failure is a :class:`SettingsError` naming
 the key, the bad value and what is allowed, so a ServerApp can stop before round 1.
 """
@@ -68,11 +68,11 @@ class RunSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, alias_generator=kebab, populate_by_name=True)
 
     strategy: Literal[STRATEGIES] = Field('resist',
-        description="`resist`, `fedavg` (Flower's FedAvg; the paper's local-SGD baseline when all clients train), or a width-sliced sub-model baseline: `heterofl` (static width tiers, the first r x C channels, scaler), `fedrolex` (a rolling window of r x C channels), `fjord` (ordered dropout: per batch a nested width at or below the node's), `depth-tiers` (a node always trains the first blocks its budget allows: the static counterpart of ResIST's random decomposition), or `fedavg-small` (FedAvg of the one width that fits the weakest capacity of `capacity-profile`) ([Heterogeneous clients](#heterogeneous-clients-capacities-stragglers-link-speeds))")
+        description="`resist`, `fedavg` (Flower's FedAvg; the paper's local-SGD baseline when all clients train), or a width-sliced sub-model baseline: `heterofl` (static width tiers, the first r x C channels, scaler), `fedrolex` (a rolling window of r x C channels), `fjord` (ordered dropout: per batch a nested width at or below the node's), `depth-tiers` (a node always trains the first blocks its budget allows: the static counterpart of ResIST's random decomposition), or `fedavg-small` (FedAvg of the one width that fits the weakest capacity of `capacity-profile`) ([Heterogeneous clients](heterogeneous.md#heterogeneous-clients-capacities-stragglers-link-speeds))")
     num_server_rounds: Int = Field(5, ge=1,
         description="rounds")
     model: Literal[MODELS] = Field('preact_resnet34',
-        description="`preact_resnet18/34/101/152/200` (basic pre-activation blocks, depths 2-2-2-2 / 3-4-6-3 / 3-4-23-3 / 3-4-36-3 / 3-4-50-3), or torchvision's post-activation `torchvision_resnet18/34/50/101/152` (torchvision's depths and width 64; `base-width` and `stage-depths` do not apply; see [Your own ResNet](#your-own-resnet))")
+        description="`preact_resnet18/34/101/152/200` (basic pre-activation blocks, depths 2-2-2-2 / 3-4-6-3 / 3-4-23-3 / 3-4-36-3 / 3-4-50-3), or torchvision's post-activation `torchvision_resnet18/34/50/101/152` (torchvision's depths and width 64; `base-width` and `stage-depths` do not apply; see [Your own ResNet](own-model.md#your-own-resnet))")
     stage_depths: Str = Field('',
         description="four comma-separated depths overriding the preset, e.g. `\"1,1,4,1\"`")
     base_width: Int = Field(16, ge=1,
@@ -80,9 +80,9 @@ class RunSettings(BaseModel):
     norm: Literal[NORMS] = Field('batchnorm',
         description="`batchnorm` (the paper: batch statistics also at test time), `batchnorm-running`, `groupnorm`")
     stem: Literal[STEMS] = Field('cifar',
-        description="`cifar`: 3x3 stride-1 stem for 32x32 inputs; `imagenet`: 7x7 stride-2 conv + norm + ReLU + 3x3 max-pool for 224x224 inputs (both families; see [ImageNet-sized runs](#imagenet-sized-runs-warm-up-and-the-imagenet-stem))")
+        description="`cifar`: 3x3 stride-1 stem for 32x32 inputs; `imagenet`: 7x7 stride-2 conv + norm + ReLU + 3x3 max-pool for 224x224 inputs (both families; see [ImageNet-sized runs](imagenet.md#imagenet-sized-runs-warm-up-and-the-imagenet-stem))")
     dataset: Literal[DATASETS] = Field('digits',
-        description="`digits` (scikit-learn's bundled 8x8 handwritten digits: real images, offline; the default job), `cifar10`, `cifar100` (hub), `synthetic` (made in code, offline), `npz` (local file), `imagefolder` (a local ImageNet-style directory, see [ImageNet-sized runs](#imagenet-sized-runs-warm-up-and-the-imagenet-stem))")
+        description="`digits` (scikit-learn's bundled 8x8 handwritten digits: real images, offline; the default job), `cifar10`, `cifar100` (hub), `synthetic` (made in code, offline), `npz` (local file), `imagefolder` (a local ImageNet-style directory, see [ImageNet-sized runs](imagenet.md#imagenet-sized-runs-warm-up-and-the-imagenet-stem))")
     data_path: Str = Field('',
         description="absolute path of the `.npz` for `dataset='npz'`, or of the directory (`train/<class>/...`, `val/<class>/...`) for `dataset='imagefolder'`, or `hf:<hub dataset id>[@<config>]` for the same from the Hugging Face hub")
     image_size: Int = Field(224, ge=IMAGE_SIZES[0], le=IMAGE_SIZES[1],
@@ -112,7 +112,7 @@ class RunSettings(BaseModel):
     lr_schedule: Literal[LR_SCHEDULES] = Field('step',
         description="`step` (÷10 at 50 % and 75 % of the rounds), `cosine`, `constant`")
     clip_grad_norm: Float = Field(1.0, ge=0,
-        description="if > 0, each local step's gradient is rescaled to at most this L2 norm (both strategies); keeps label-skewed runs from diverging ([Non-IID](#non-iid-data-label-skew)); `0`: off, as in the paper presets")
+        description="if > 0, each local step's gradient is rescaled to at most this L2 norm (both strategies); keeps label-skewed runs from diverging ([Non-IID](noniid.md#non-iid-data-label-skew)); `0`: off, as in the paper presets")
     server_lr: Float = Field(1.0, gt=0,
         description="server step: the global model moves this fraction of the way to the merge (`1.0`: the plain merge; both strategies)")
     transport_dtype: Literal[TRANSPORT_DTYPES] = Field('float32',
@@ -122,7 +122,7 @@ class RunSettings(BaseModel):
     warmup_rounds: Int = Field(0, ge=0,
         description="ResIST: the first k rounds train the full model as FedAvg (full model to every sampled node, weighted mean), then sub-ResNets from round k+1 (the paper's ImageNet recipe; `phase` column); ignored by `strategy='fedavg'`")
     allocation: Literal[ALLOCATIONS] = Field('uniform',
-        description="blocks per node: `uniform` (equal depths, the paper), `capacity` (in proportion to node capacity), `speed` (in proportion to measured blocks per second); always within each node's capacity ([Heterogeneous clients](#heterogeneous-clients-capacities-stragglers-link-speeds))")
+        description="blocks per node: `uniform` (equal depths, the paper), `capacity` (in proportion to node capacity), `speed` (in proportion to measured blocks per second); always within each node's capacity ([Heterogeneous clients](heterogeneous.md#heterogeneous-clients-capacities-stragglers-link-speeds))")
     capacity_measure: Literal[CAPACITY_MEASURES] = Field('flops',
         description="what a node's capacity is a fraction of: `flops` (forward + backward FLOPs per sample of what it is sent, measured), `params`, or `blocks` (ResIST's partitionable blocks); every method gives a node the largest sub-model of its kind within it")
     width_rates: Str = Field('1,0.5,0.25,0.125,0.0625',
@@ -168,13 +168,13 @@ class RunSettings(BaseModel):
     resume: Bool = Field(False,
         description="continue `run-name` from its last checkpoint")
     tracker: Literal[TRACKERS] = Field('none',
-        description="also send every metrics row to `tensorboard` or `mlflow` ([Experiment tracking](#experiment-tracking))")
+        description="also send every metrics row to `tensorboard` or `mlflow` ([Experiment tracking](getting-started.md#experiment-tracking))")
     tracking_uri: Str = Field('',
         description="`mlflow`: the tracking store or server; `\"\"`: `<run dir>/mlflow.db`")
     device: Literal[DEVICES] = Field('auto',
         description="`auto` (CUDA when visible), `cpu`, `cuda`")
     dp: Literal[DP_MODES] = Field('none',
-        description="differential privacy ([Privacy](#differential-privacy)): `central` (client-level: nodes clip their update to `dp-clip`, the server adds noise `dp-noise-multiplier x dp-clip / h` to each parameter merged over h holders and accounts epsilon), `local` (DP-SGD on every node with Opacus; needs `norm='groupnorm'`), `none`; `resist`, `depth-tiers` and `fedavg` only")
+        description="differential privacy ([Privacy](privacy.md)): `central` (client-level: nodes clip their update to `dp-clip`, the server adds noise `dp-noise-multiplier x dp-clip / h` to each parameter merged over h holders and accounts epsilon), `local` (DP-SGD on every node with Opacus; needs `norm='groupnorm'`), `none`; `resist`, `depth-tiers` and `fedavg` only")
     dp_clip: Float = Field(1.0, gt=0,
         description="`central`: the L2 bound of a node's update (trained minus received arrays); `local`: Opacus' per-sample gradient bound")
     dp_noise_multiplier: Float = Field(1.0, gt=0,
@@ -392,9 +392,9 @@ def _explain(error: Mapping[str, Any], run_config: Mapping[str, Any]) -> str:
     return f"{key} = {value!r}: expected {expected}"
 
 
-# -- the README's table, generated from the fields -----------------------------------------------
+# -- the documentation's table, generated from the fields -----------------------------------------------
 
-TABLE_START = "<!-- run-config table: generated by python -m resist_fl.run.settings --write README.md -->"
+TABLE_START = "<!-- run-config table: generated by python -m resist_fl.run.settings --write docs/run-config.md -->"
 TABLE_END = "<!-- end of the run-config table -->"
 
 

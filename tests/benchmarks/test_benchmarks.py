@@ -1,4 +1,6 @@
-"""Smoke tests: the benchmark scripts keep working (on tiny settings; speed is not asserted).
+"""Smoke tests: the benchmark scripts keep working (on tiny settings; speed is not asserted), and
+each figure a script computes agrees with an independent computation from the raw timings or
+bytes it printed (an inverted or mislabelled ratio fails).
 
 The scripts that launch ``flwr run`` or a deployed cluster run here on the in-process grid
 instead (the same run configs, validated and trained by the real ServerApp and ClientApp):
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import statistics
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -101,7 +105,13 @@ def test_loader_benchmark_compares_both_paths(capsys):
     assert load("loader_benchmark").main(["--images", "300", "--batch-size", "32", "--batches", "12"]) == 0
     assert torch.get_num_threads() == threads  # a changed thread count would change later tests' numerics
     out = capsys.readouterr().out
-    assert "per-sample (old)" in out and "batched (new)" in out and "ratio new / old" in out
+    rates = {name: (float(rate.replace(",", "")), float(ms)) for name, rate, ms in
+             re.findall(r"(per-sample \(old\)|batched \(new\))\s+([\d,]+) images/s\s+\(\s*([\d.]+) ms per batch", out)}
+    assert set(rates) == {"per-sample (old)", "batched (new)"}
+    for rate, ms in rates.values():  # the two figures of a path are one measurement: 32 images a batch
+        assert ms == pytest.approx(1000 * 32 / rate, rel=0.01)
+    ratio = float(re.search(r"ratio new / old: ([\d.]+)x", out).group(1))
+    assert ratio == pytest.approx(rates["batched (new)"][0] / rates["per-sample (old)"][0], abs=0.06)
 
 
 def test_step_benchmark_times_the_full_model_and_each_subnetwork(capsys):
@@ -128,25 +138,45 @@ def test_round_time_benchmark_runs_both_strategies(capsys, launch):
     assert launch("round_time_benchmark").main(["--model", "preact_resnet18", "--width", "4", "--supernodes", "2",
                                               "--rounds", "2", "--local-steps", "1", "--batch-size", "8"]) == 0
     out = capsys.readouterr().out
-    assert "resist" in out and "fedavg" in out and "round time ResIST / FedAvg:" in out
+    medians = {}
+    for strategy, values, median in re.findall(r"(resist|fedavg)\s+round seconds ([\d. ]+); median of rounds 2\.\.2: "
+                                               r"([\d.]+) s", out):
+        seconds = [float(v) for v in values.split()]
+        assert len(seconds) == 2 and float(median) == pytest.approx(statistics.median(seconds[1:]), abs=1e-4)
+        medians[strategy] = float(median)
+    assert set(medians) == {"resist", "fedavg"}
+    ratio = float(re.search(r"round time ResIST / FedAvg: ([\d.]+)", out).group(1))
+    assert ratio == pytest.approx(medians["resist"] / medians["fedavg"], rel=0.01, abs=0.001)
 
 
 def test_deploy_overhead_benchmark_measures_a_cluster(capsys, launch):
-    assert launch("deploy_overhead_benchmark").main(["--only-after", "--rounds", "2"]) == 0
-    assert "after (working tree)" in capsys.readouterr().out
+    assert launch("deploy_overhead_benchmark").main(["--only-after", "--rounds", "3"]) == 0
+    out = capsys.readouterr().out
+    found = re.search(r"after \(working tree\)\s+round 1:\s+([\d.]+) s; rounds 2\.\.3: ([\d. -]+); median ([-\d.]+) s", out)
+    assert found, out
+    later = [float(v) for v in found.group(2).split()]
+    assert len(later) == 2 and float(found.group(3)) == pytest.approx(statistics.median(later), abs=1e-4)
 
 
 def test_gpu_benchmark_runs_on_the_cpu(capsys):
     assert load("gpu_benchmark").main(["--device", "cpu", "--model", "preact_resnet18", "--width", "4",
                                        "--batch-size", "8", "--steps", "1", "--images", "64"]) == 0
     out = capsys.readouterr().out
-    assert len(_table(out)) == 2 and "data share" in out
+    rows = _table(out)
+    assert len(rows) == 2 and "data share" in out
+    for row in rows:  # ratio = fast / fp32 images per second, from the two figures beside it
+        fp32, fast, ratio = (float(v.replace(",", "")) for v in row[1:4])
+        assert ratio == pytest.approx(fast / fp32, rel=0.02, abs=0.01)
 
 
 def test_merge_benchmark_compares_the_merge_with_a_copy(capsys):
     assert load("merge_benchmark").main(["--model", "preact_resnet34", "--width", "4", "--subnetworks", "3",
                                          "--repeats", "1"]) == 0
-    assert "ratio merge / copy:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    copy = float(re.search(r"numpy copy of the same bytes: ([\d.]+) ms", out).group(1))
+    merge = float(re.search(r"merge_partial:\s+([\d.]+) ms", out).group(1))
+    ratio = float(re.search(r"ratio merge / copy: ([\d.]+)", out).group(1))
+    assert ratio == pytest.approx(merge / copy, rel=0.01)
 
 
 def test_load_benchmark_reads_the_servers_memory_from_the_metrics(capsys, launch):

@@ -14,11 +14,11 @@ def test_every_quoted_figure_matches_its_committed_source():
 
 
 def test_a_figure_typed_by_hand_is_caught(tmp_path, capsys):
-    text = (figures.ROOT / "README.md").read_text(encoding="utf-8")
+    text = (figures.ROOT / "docs" / "heterogeneous.md").read_text(encoding="utf-8")
     block = re.search(r"<!-- figures: hetero-baselines -->\n.*?\| (\d\.\d{4}) ±", text, re.S)
-    assert block, "the README quotes the hetero-baselines table"
+    assert block, "the docs quote the hetero-baselines table"
     edited = text.replace(block.group(1), "0.9999", 1)
-    copy = tmp_path / "README.md"
+    copy = tmp_path / "heterogeneous.md"
     copy.write_text(edited, encoding="utf-8")
     assert figures.main(["--check", str(copy)]) == 1
     assert "stale figures" in capsys.readouterr().err

@@ -48,10 +48,10 @@ def test_paper_presets(name):
     assert rc["num-server-rounds"] == math.ceil(160 * math.ceil(50_000 / clients / 128) / 50)
 
 
-def test_readme_paper_command_agrees_with_the_paper_preset():
+def test_the_documented_paper_command_agrees_with_the_paper_preset():
     import re
 
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "run-config.md").read_text()
     command = readme.split("The paper's CIFAR-10 setting with 4 clients", 1)[1].split("```", 2)[1]
     given = dict(re.findall(r"([a-z-]+)=('[^']*'|[^\s\"]+)", command))
     rc = load_preset("paper-cifar10-4")["run-config"]
