@@ -2,8 +2,10 @@
 and several simulated clients sharing one GPU through ``flwr run``. Side by side in one run.
 
 1. Images/s of the full PreActResNet-101 (width 64, CIFAR-10, batch 128) and of the largest
-   sub-network at S = 4, each in fp32 (NCHW, cuDNN autotuner off) and in the fast path
-   (bf16 autocast, channels_last, cuDNN autotuner on): the ratio fast / fp32.
+   sub-network at S = 4, each in true fp32 (IEEE convolutions and matmuls: this torch runs cuDNN
+   convolutions in TF32 by default, ``torch.backends.cudnn.conv.fp32_precision == 'tf32'``), in
+   TF32 (CUDA only) and in the fast path (bf16 autocast, channels_last), each labelled; the ratios
+   to true fp32.
 2. Data share: the fast path's step loop fed by the device-resident batches (random crop,
    flip, normalisation on the GPU) vs the same loop on one fixed batch; share = 1 - fixed / fed.
 3. With ``--clients 1 2 4 8``: one ``flwr run`` per count k, k SuperNodes with
@@ -19,6 +21,7 @@ figures mean something on a GPU only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import statistics
 import tempfile
@@ -61,6 +64,20 @@ class FixedBatch:
     def __iter__(self):
         while True:
             yield self.images, self.labels
+
+
+@contextlib.contextmanager
+def fp32_precision(mode: str):
+    """cuDNN convolutions and CUDA matmuls in ``ieee`` (true fp32) or ``tf32`` inside the block."""
+    knobs = [(torch.backends.cudnn.conv, "fp32_precision"), (torch.backends.cuda.matmul, "fp32_precision")]
+    saved = [(obj, name, getattr(obj, name)) for obj, name in knobs if hasattr(obj, name)]
+    try:
+        for obj, name, _ in saved:
+            setattr(obj, name, mode)
+        yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
 
 
 def shared_gpu(clients: Sequence[int], args: argparse.Namespace) -> list[str]:
@@ -107,18 +124,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     batches = TrainBatches(arrays, args.batch_size, normalization=STATS, augment="crop-flip", device=device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.model} width {args.width}, batch {args.batch_size}, {args.steps} steps, on {name}")
-    print("| model | fp32 images/s | bf16 + channels_last images/s | ratio |")
-    print("|---|---:|---:|---:|")
+    print("| model | fp32 (IEEE) images/s | TF32 images/s | bf16 + channels_last images/s | TF32 / fp32 | bf16 / fp32 |")
+    print("|---|---:|---:|---:|---:|---:|")
     images, labels = next(iter(batches))
     for label, make in (("full", lambda: build_model(spec)),
                         (f"S=4 sub-network ({len(largest)} blocks)", lambda: layout.build_subnetwork(spec, largest))):
-        torch.backends.cudnn.benchmark = False
-        fp32 = args.batch_size / step_seconds(make().to(device).train(), images.contiguous(), labels, args.steps,
-                                              amp=False)  # NCHW, fp32, no autotuner
-        fast_model = on_device(make(), device).train()  # channels_last and the autotuner on CUDA
+        with fp32_precision("ieee"):  # NCHW, true fp32
+            fp32 = args.batch_size / step_seconds(make().to(device).train(), images.contiguous(), labels, args.steps,
+                                                  amp=False)
+        tf32 = None
+        if device.type == "cuda":  # TF32 exists on CUDA only
+            with fp32_precision("tf32"):
+                tf32 = args.batch_size / step_seconds(make().to(device).train(), images.contiguous(), labels,
+                                                      args.steps, amp=False)
+        fast_model = on_device(make(), device).train()  # channels_last on CUDA
         fast = args.batch_size / step_seconds(fast_model, images.contiguous(memory_format=torch.channels_last),
                                               labels, args.steps, amp=True)
-        print(f"| {label} | {fp32:,.0f} | {fast:,.0f} | {fast / fp32:.2f} |")
+        tf32_cells = ("n/a (CPU)", "n/a") if tf32 is None else (f"{tf32:,.0f}", f"{tf32 / fp32:.2f}")
+        print(f"| {label} | {fp32:,.0f} | {tf32_cells[0]} | {fast:,.0f} | {tf32_cells[1]} | {fast / fp32:.2f} |")
     model = on_device(build_model(spec), device)
     fixed = images_per_second(model, FixedBatch(images, labels), args.steps, device, amp=True)
     fed = images_per_second(model, batches, args.steps, device, amp=True)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import time
 from functools import lru_cache
+from logging import INFO
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import log
 
 from resist_fl.core.allocation import check_capacity
 from resist_fl.core.decomposition import BlockLayout
@@ -33,30 +35,40 @@ from resist_fl.flower.client_side import (
     train_reply,
 )
 from resist_fl.flower.width_sliced import FJORD_RATES, WIDTH_RATE, WIDTH_SCALER
+from resist_fl.node.device_cache import DeviceCache
 from resist_fl.node.local_dp import train_private
 from resist_fl.node.ordered_dropout import OrderedDropout
 from resist_fl.node.peak_memory import PeakMemory
-from resist_fl.node.training import evaluate, resolve_device, scheduled_lr, steps_for, train
+from resist_fl.node.training import evaluate, precision, resolve_device, scheduled_lr, steps_for, train
 from resist_fl.node.width_scaler import attach_width_scaler
 from resist_fl.run.settings import RunSettings, parse_profile, profile_value
 
 app = ClientApp()
 
 
-@lru_cache(maxsize=8)
+_DEVICE_CACHES: dict[tuple[str, int], DeviceCache] = {}  # (device, bound) -> this process's decoded partitions
+
+
+def _device_cache(device: torch.device, max_mb: int) -> DeviceCache:
+    key = (str(device), int(max_mb))
+    if key not in _DEVICE_CACHES:
+        _DEVICE_CACHES[key] = DeviceCache(device, int(max_mb) * 2**20)
+    return _DEVICE_CACHES[key]
+
+
 def _partition(dataset: str, data_path: str, partitioner: str, alpha: float, seed: int,
-               partition_id: int, num_partitions: int, cache_dir: str, device: torch.device,
+               partition_id: int, num_partitions: int, cache_dir: str, cache: DeviceCache,
                image_size: int = 224, shards_per_partition: int = 2) -> DeviceImages:
-    """A node's training partition as uint8 tensors on the training device, kept for as long
-    as the process lives; decoded once per node (``partition-cache``), not once per process."""
+    """A node's training partition as uint8 tensors, kept for as long as the process lives (on
+    the training device within ``device-cache-mb``, else in pinned host memory); decoded once
+    per node (``partition-cache``), not once per process."""
     key = partition_key(dataset, data_path, partitioner=partitioner, alpha=float(alpha), seed=seed,
                         partition_id=partition_id, num_partitions=num_partitions,
                         **({"image-size": image_size} if dataset == "imagefolder" else {}),
                         **({"shards-per-partition": shards_per_partition} if partitioner == "shard" else {}))
-    arrays = cached_partition(cache_dir, key, lambda: load_partition(
+    return cache.get(key, lambda: cached_partition(cache_dir, key, lambda: load_partition(
         dataset, partition_id, num_partitions, partitioner=partitioner, alpha=alpha, seed=seed, data_path=data_path,
-        image_size=image_size, shards_per_partition=shards_per_partition))
-    return DeviceImages.from_arrays(arrays, device)
+        image_size=image_size, shards_per_partition=shards_per_partition)))
 
 
 @lru_cache(maxsize=8)
@@ -112,18 +124,21 @@ def train_handler(msg: Message, context: Context) -> Message:
     partition_id = int(node["partition-id"])
     data_path = _data_path(context, settings)
     device = resolve_device(settings.device)
+    cache = _device_cache(device, settings.device_cache_mb)
     partition = _partition(settings.dataset, data_path, settings.partitioner, settings.dirichlet_alpha,
                            settings.seed, partition_id, int(node["num-partitions"]),
-                           _partition_cache(context, settings), device, settings.image_size,
+                           _partition_cache(context, settings), cache, settings.image_size,
                            settings.shards_per_partition)
     if (top := int(partition.labels.max())) >= spec.num_classes:
         raise DataError(f"data-path {data_path!r}: partition {partition_id} has label {top}, but the run's "
                         f"model has {spec.num_classes} classes; expected labels in [0, {spec.num_classes})")
+    _announce_precision(device, settings.amp)
     run_round = message_run_round(msg)
     round_seed = settings.seed * 100_003 + run_round * 1_009 + partition_id  # order, crops, flips, dropout
     loader = TrainBatches(partition, settings.batch_size,
                                normalization=normalization(settings.dataset, data_path, settings.image_size),
-                               augment=settings.augmentation(), seed=round_seed, crop_size=settings.crop_size())
+                               augment=settings.augmentation(), seed=round_seed, crop_size=settings.crop_size(),
+                               drop_last=device.type == "cuda")  # one batch shape on a GPU
     num_examples = len(partition)
     steps = steps_for(num_examples, settings.batch_size, settings.local_steps, settings.local_epochs)
     lr = scheduled_lr(settings.lr, settings.lr_schedule, run_round, settings.num_server_rounds)
@@ -153,7 +168,14 @@ def train_handler(msg: Message, context: Context) -> Message:
                        train_seconds=result.seconds + simulated, local_steps=result.steps, metrics={
                            "blocks": len(blocks) if blocks is not None else len(layout.partitionable),
                            "peak-memory-mb": peak.megabytes, "memory-measure": peak.measure,
-                           "simulated-seconds": simulated, **privacy})
+                           "simulated-seconds": simulated, "device-cache-mb": cache.device_bytes / 2**20,
+                           **privacy})
+
+
+@lru_cache(maxsize=4)
+def _announce_precision(device: torch.device, amp: bool) -> None:
+    """Log once per process what this node trains in (``bf16 autocast`` or ``fp32``) and where."""
+    log(INFO, "resist-fl node: training on %s in %s", device, precision(amp))
 
 
 DP_HISTORY = "dp-local-history"

@@ -25,7 +25,7 @@ from resist_fl.flower.width_sliced import WIDTH_MODES, WidthSliced
 from resist_fl.run.outputs import CONFIG_FILE, run_directory, write_json
 from resist_fl.run.settings import RunSettings, parse_profile, resolve_model
 from resist_fl.run.tracking import open_tracker
-from resist_fl.node.training import evaluate, resolve_device
+from resist_fl.node.training import evaluate, precision, resolve_device
 
 app = ServerApp()
 
@@ -185,6 +185,8 @@ def main(grid: Grid, context: Context) -> None:
     if settings.strategy == "fedavg-small":  # the global model is the one model the weakest node can train
         spec = sliced_spec(spec, smallest_width(settings, costs))
         layout = BlockLayout.from_spec(spec, settings.stages())
+    log(INFO, "resist-fl: nodes train in %s (amp=%s, device=%s); central evaluation in %s on %s",
+        precision(settings.amp), settings.amp, settings.device, precision(settings.amp), resolve_device(settings.device))
     log(INFO, "resist-fl: full model %.3g GFLOP per training sample, %d parameters; the smallest ResIST "
         "sub-network costs %.0f %% of it", costs.full.flops / 1e9, costs.full.params, 100 * costs.floor_fraction())
     run_dir = run_directory(settings.output_dir, settings.run_name, settings.strategy)

@@ -139,8 +139,10 @@ def flwr_executable() -> str:
     return found
 
 
-def launch_environment(flwr_home: Path, marker: str, *, runtime_dependency_installation: bool) -> dict[str, str]:
-    """The environment of ``flwr run`` (and so of the SuperLink it starts)."""
+def launch_environment(flwr_home: Path, marker: str, *, runtime_dependency_installation: bool,
+                       ray_address: str | None = None) -> dict[str, str]:
+    """The environment of ``flwr run`` (and so of the SuperLink it starts); ``ray_address``: the
+    Ray cluster its simulation joins (``RAY_ADDRESS``), else Ray starts its own."""
     env = os.environ.copy()
     bin_dir = str(Path(flwr_executable()).parent)  # flower-superlink / -superexec are found on PATH
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
@@ -149,7 +151,9 @@ def launch_environment(flwr_home: Path, marker: str, *, runtime_dependency_insta
     env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env[MARKER_ENV] = marker
-    env.pop("RAY_ADDRESS", None)  # Ray must start its own cluster, not join another
+    env.pop("RAY_ADDRESS", None)  # Ray starts its own cluster, unless told which to join
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
     env.pop("FLWR_INTERNAL_GRPC_CONTROL_API", None)
     if runtime_dependency_installation:
         env.pop("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", None)
@@ -274,7 +278,8 @@ def judge(run_dir: Path, log_text: str, status: str | None, details: str, timed_
 
 def run_flwr(project_dir: str | os.PathLike, run_config: Mapping[str, Any], *, num_supernodes: int,
              num_gpus_per_client: float = 0.0, num_cpus_per_client: int = 1, timeout_s: float,
-             workdir: str | os.PathLike, runtime_dependency_installation: bool = False) -> LaunchResult:
+             workdir: str | os.PathLike, runtime_dependency_installation: bool = False,
+             ray_address: str | None = None) -> LaunchResult:
     """Run one Flower simulation with ``flwr run --stream``, isolated, and clean up after it.
 
     Parameters
@@ -296,6 +301,9 @@ def run_flwr(project_dir: str | os.PathLike, run_config: Mapping[str, Any], *, n
     runtime_dependency_installation : bool
         Let the SuperLink ``uv sync`` the app's dependencies (Flower's default);
         off by default, so the run uses this environment.
+    ray_address : str, optional
+        An existing Ray cluster for the simulation to join (``RAY_ADDRESS`` of the SuperLink it
+        starts; :class:`simulations.ray_cluster.LocalRayCluster`); None: Ray starts its own.
 
     Returns
     -------
@@ -315,7 +323,8 @@ def run_flwr(project_dir: str | os.PathLike, run_config: Mapping[str, Any], *, n
                "--federation-config", federation_config(num_supernodes, num_cpus_per_client, num_gpus_per_client)]
     marker = uuid.uuid4().hex
     flwr_home = Path(tempfile.mkdtemp(prefix="flwr-home-"))
-    env = launch_environment(flwr_home, marker, runtime_dependency_installation=runtime_dependency_installation)
+    env = launch_environment(flwr_home, marker, runtime_dependency_installation=runtime_dependency_installation,
+                             ray_address=ray_address)
     started, started_epoch = time.monotonic(), time.time()
     status, details, stopped, leftovers = None, "", [], []
     try:

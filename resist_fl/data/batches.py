@@ -152,11 +152,15 @@ class TrainBatches:
         Side of the square images the batches hold when the stored images are larger (an
         ``imagefolder`` split): the random-resized crop's output size, else a centre crop
         taken before the other augmentations. None: the stored size.
+    drop_last : bool
+        Every batch has exactly ``batch_size`` images (each pass leaves out a different short
+        remainder; a split smaller than one batch is one batch): one input shape for a GPU's
+        kernels. Off: the last batch may be smaller (never a single image).
     """
 
     def __init__(self, data: ImageArrays | DeviceImages, batch_size: int, *, normalization: Normalization,
                  augment: str = "none", seed: int = 0, device: torch.device | str | None = None,
-                 crop_size: int | None = None) -> None:
+                 crop_size: int | None = None, drop_last: bool = False) -> None:
         if augment not in RESOLVED_AUGMENTATIONS:
             raise ValueError(f"augment {augment!r} is not resolved; "
                              f"expected one of {', '.join(RESOLVED_AUGMENTATIONS)}")
@@ -174,8 +178,10 @@ class TrainBatches:
         if self.crop_size and not augment.startswith("resized-crop") and (height, width) != (crop_size,) * 2:
             self._center = ((height - crop_size) // 2, (width - crop_size) // 2, crop_size)
             height = width = crop_size
-        # drop a last batch of exactly one image (a different image each pass)
+        # drop a last batch of exactly one image (a different image each pass), or any short one
         self._count = count - 1 if count % batch_size == 1 and count > batch_size else count
+        if drop_last and count >= batch_size:
+            self._count = count - count % batch_size
         self._normalize = _Normalizer(normalization, channels, self.data.device)
         self._order = torch.Generator(device=self.data.device).manual_seed(seed)
         self._draws = torch.Generator(device=self.data.device).manual_seed(seed + 0x5EED)

@@ -291,7 +291,7 @@ class RoundRecorder:
                 "memory-measure": MEASURES.get(int(reply.get("memory-measure", 0))),
                 "blocks-per-second": sent.blocks_per_second,
                 "min-holders": sent.min_holders, "exposed-fraction": sent.exposed_fraction,
-                "dp-epsilon": reply.get("dp-epsilon"),
+                "dp-epsilon": reply.get("dp-epsilon"), "device-cache-mb": reply.get("device-cache-mb"),
             })
         return rows
 

@@ -48,12 +48,22 @@ class TrainResult:
     seconds: float
 
 
+def precision(amp: bool) -> str:
+    """What a node computes in: ``bf16 autocast`` (``amp``, on CUDA and on the CPU) or ``fp32``."""
+    return "bf16 autocast" if amp else "fp32"
+
+
 def on_device(model: nn.Module, device: torch.device) -> nn.Module:
     """Move ``model`` to ``device``; on CUDA also to ``channels_last`` memory (what cuDNN's
-    fastest convolution kernels, bf16 ones included, read) with cuDNN's autotuner on."""
+    fastest convolution kernels, bf16 ones included, read).
+
+    cuDNN's autotuner (``torch.backends.cudnn.benchmark``) is left off: it tunes each new input
+    shape once per process, and a round has several shapes (training batches, evaluation batches)
+    while a deployed SuperNode starts a new ClientApp process for every message, so the tuning
+    would be paid again every round; no GPU measurement here has shown it paying for itself.
+    """
     if device.type != "cuda":
         return model.to(device)
-    torch.backends.cudnn.benchmark = True  # one shape per run: tune each convolution once
     return model.to(device, memory_format=torch.channels_last)
 
 
@@ -83,8 +93,8 @@ def train(model: nn.Module, loader: Batches, *, steps: int, lr: float, momentum:
     """Train ``model`` in place for ``steps`` SGD steps with a fresh optimiser.
 
     A fresh SGD optimiser (no momentum carried between rounds) matches the
-    official code, which re-creates it at every repartition. With ``amp`` on
-    CUDA, the forward pass runs under bfloat16 autocast. ``clip_grad_norm > 0``
+    official code, which re-creates it at every repartition. With ``amp`` the
+    forward pass runs under bfloat16 autocast (CUDA or CPU) and the loss is computed in fp32. ``clip_grad_norm > 0``
     rescales each step's gradient to at most that L2 norm (over all parameters).
     ``before_step(step)`` is called before each step's forward pass (FjORD samples that step's
     width there: :mod:`resist_fl.node.ordered_dropout`). The step loop never waits for the device: the loss is summed on it and read
@@ -93,14 +103,14 @@ def train(model: nn.Module, loader: Batches, *, steps: int, lr: float, momentum:
     start = time.perf_counter()
     on_device(model, device).train()
     optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    use_amp = amp and device.type == "cuda"
     total = torch.zeros((), device=device)
     for step, (images, labels) in enumerate(_batches(loader, steps)):
         if before_step is not None:
             before_step(step)
         images, labels = _to_device(images, labels, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss = nn.functional.cross_entropy(model(images), labels)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(images)
+        loss = nn.functional.cross_entropy(logits.float(), labels)  # the loss in fp32 under amp
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         if clip_grad_norm > 0:
@@ -123,15 +133,15 @@ def evaluate(model: nn.Module, loader: Batches, device: torch.device,
              amp: bool = False) -> tuple[float, float]:
     """Mean cross-entropy loss and accuracy of ``model`` on ``loader``."""
     on_device(model, device).eval()
-    use_amp = amp and device.type == "cuda"
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     count = 0
     for images, labels in loader:
         images, labels = _to_device(images, labels, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(images)
-        loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+        logits = logits.float()  # loss and argmax in fp32: bf16 logits tie and round
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
         count += labels.numel()
     if count == 0:

@@ -187,8 +187,10 @@ class RunSettings(BaseModel):
         description="`resist`: deal every partitionable block to at least this many sampled nodes (within capacities); `exposed-fraction` counts updates merged over fewer than max(2, this) nodes")
     privacy_strict: Bool = Field(False,
         description="with `privacy-min-holders` > 1: a round whose capacities cannot meet it is not sent (else it is sent with a WARNING)")
+    device_cache_mb: Int = Field(2048, ge=0,
+        description="most MiB of decoded training partitions a ClientApp process keeps on its training device (several processes may share a GPU); partitions beyond it stay in pinned host memory; `device-cache-mb` in each reply")
     amp: Bool = Field(False,
-        description="bfloat16 autocast on CUDA (training and evaluation)")
+        description="bfloat16 autocast on the training device, CUDA or CPU (training and evaluation; loss and argmax in fp32); the start-up logs name the precision (`bf16 autocast` or `fp32`)")
 
     # -- parsing ------------------------------------------------------------------------------
     @classmethod

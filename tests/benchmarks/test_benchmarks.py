@@ -164,9 +164,10 @@ def test_gpu_benchmark_runs_on_the_cpu(capsys):
     out = capsys.readouterr().out
     rows = _table(out)
     assert len(rows) == 2 and "data share" in out
-    for row in rows:  # ratio = fast / fp32 images per second, from the two figures beside it
-        fp32, fast, ratio = (float(v.replace(",", "")) for v in row[1:4])
+    for row in rows:  # bf16 / fp32 = the bf16 images per second over the true-fp32 ones beside it
+        fp32, fast, ratio = (float(row[i].replace(",", "")) for i in (1, 3, 5))
         assert ratio == pytest.approx(fast / fp32, rel=0.02, abs=0.01)
+        assert row[2] == "n/a (CPU)" and row[4] == "n/a"  # no TF32 figure is claimed on a CPU
 
 
 def test_merge_benchmark_compares_the_merge_with_a_copy(capsys):
@@ -195,3 +196,23 @@ def test_every_benchmark_script_has_a_smoke_test():
     source = Path(__file__).read_text()
     assert len(scripts) >= 10
     assert [s for s in scripts if f'load("{s}")' not in source and f'launch("{s}")' not in source] == []
+
+
+def test_the_gpu_check_lists_its_four_steps_without_running_them(tmp_path):
+    import subprocess
+
+    result = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--dry-run", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    steps = [line.split()[2] for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert steps == ["install", "gpu-tests", "gpu-benchmark", "flwr-run-resnet101"]
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+
+def test_the_gpu_flwr_run_step_on_the_cpu(capsys, launch, tmp_path):
+    assert launch("gpu_flwr_run").main([str(tmp_path), "--device", "cpu", "--model", "preact_resnet18", "--width", "4",
+                                        "--clients", "2", "--rounds", "2", "--local-steps", "1", "--batch-size",
+                                        "8"]) == 0
+    out = capsys.readouterr().out
+    found = re.search(r"round seconds ([\d. ]+); final accuracy ([\d.]+)", out)
+    assert found and len(found.group(1).split()) == 2 and 0 <= float(found.group(2)) <= 1
