@@ -140,8 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         fast_model = on_device(make(), device).train()  # channels_last on CUDA
         fast = args.batch_size / step_seconds(fast_model, images.contiguous(memory_format=torch.channels_last),
                                               labels, args.steps, amp=True)
-        tf32_cells = ("n/a (CPU)", "n/a") if tf32 is None else (f"{tf32:,.0f}", f"{tf32 / fp32:.2f}")
-        print(f"| {label} | {fp32:,.0f} | {tf32_cells[0]} | {fast:,.0f} | {tf32_cells[1]} | {fast / fp32:.2f} |")
+        tf32_cells = ("n/a (CPU)", "n/a") if tf32 is None else (f"{tf32:,.1f}", f"{tf32 / fp32:.3f}")
+        print(f"| {label} | {fp32:,.1f} | {tf32_cells[0]} | {fast:,.1f} | {tf32_cells[1]} | {fast / fp32:.3f} |")
     model = on_device(build_model(spec), device)
     fixed = images_per_second(model, FixedBatch(images, labels), args.steps, device, amp=True)
     fed = images_per_second(model, batches, args.steps, device, amp=True)

@@ -68,7 +68,9 @@ def run_cell(base: dict, strategy: str, norm: str, alpha: str, seed: int, nodes:
     started = time.perf_counter()
     run_inprocess(config, num_nodes=nodes)
     rows = read_metrics(out / name)
+    effective = json.loads((out / name / "run_config.json").read_text())["run_config"]  # what the run used
     return {"strategy": strategy, "norm": norm, "alpha": alpha, "seed": seed,
+            "clip-grad-norm": effective["clip-grad-norm"], "lr": effective["lr"],
             "final-accuracy": rows[-1]["accuracy"], "diverging-rounds": [r["round"] for r in rows if r["diverging"]],
             "accuracy": [r["accuracy"] for r in rows], "train-loss": [r["train-loss"] for r in rows],
             "mb-per-round": sum(r["bytes-down"] + r["bytes-up"] for r in rows) / len(rows) / 1e6,

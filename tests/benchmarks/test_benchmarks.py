@@ -166,7 +166,7 @@ def test_gpu_benchmark_runs_on_the_cpu(capsys):
     assert len(rows) == 2 and "data share" in out
     for row in rows:  # bf16 / fp32 = the bf16 images per second over the true-fp32 ones beside it
         fp32, fast, ratio = (float(row[i].replace(",", "")) for i in (1, 3, 5))
-        assert ratio == pytest.approx(fast / fp32, rel=0.02, abs=0.01)
+        assert ratio == pytest.approx(fast / fp32, rel=0.01, abs=0.002), row
         assert row[2] == "n/a (CPU)" and row[4] == "n/a"  # no TF32 figure is claimed on a CPU
 
 
