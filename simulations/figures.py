@@ -65,14 +65,18 @@ def baselines_block(name: str) -> list[str]:
                      f"{costs.get('over-capacity', 0)} / {costs.get('node-rounds', 0)}"])
     rows.sort(key=lambda r: -float(r[1].split(" ")[0]))
     first = report.read_json(runs_dir / next(iter(groups.values()))[0].name / CONFIG_FILE)
-    spec = ModelSpec.from_dict({**first["model_spec"], "depths": tuple(first["model_spec"]["depths"])})
-    stages = tuple(int(s) for s in str(first["run_config"]["partitioned-stages"]).split(","))
-    costs = CostModel(spec, BlockLayout.from_spec(spec, stages), tuple(first["data"]["image-shape"][1:]))
-    capacities = [float(c) for c in str(first["run_config"]["capacity-profile"]).split(",")]
-    return [f"Stage depths {'-'.join(map(str, spec.depths))}, partitioned stage(s) {','.join(map(str, stages))}: "
-            f"ResIST's smallest sub-network costs {100 * costs.floor_fraction():.1f} % of the full model's "
-            f"training FLOPs (the smallest budget is {100 * min(capacities):g} %). Target accuracy {target:.4f}; "
-            f"{len(next(iter(groups.values())))} seeds; from [docs/results/{name}](results/{name}/report.md).", "",
+    seeds = len(next(iter(groups.values())))
+    source = f"Target accuracy {target:.4f}; {seeds} seeds; from [docs/results/{name}](results/{name}/report.md)."
+    profile = str(first["run_config"].get("capacity-profile") or "")
+    if profile:  # a budget per node: say what ResIST's smallest sub-network costs
+        spec = ModelSpec.from_dict({**first["model_spec"], "depths": tuple(first["model_spec"]["depths"])})
+        stages = tuple(int(s) for s in str(first["run_config"]["partitioned-stages"]).split(","))
+        costs = CostModel(spec, BlockLayout.from_spec(spec, stages), tuple(first["data"]["image-shape"][1:]))
+        capacities = [float(c) for c in profile.split(",")]
+        source = (f"Stage depths {'-'.join(map(str, spec.depths))}, partitioned stage(s) {','.join(map(str, stages))}: "
+                  f"ResIST's smallest sub-network costs {100 * costs.floor_fraction():.1f} % of the full model's "
+                  f"training FLOPs (the smallest budget is {100 * min(capacities):g} %). " + source)
+    return [source, "",
             *report.table(["method", "final accuracy", "reached target", "rounds to target", "MB / round",
                            "node-rounds over capacity"], rows)]
 
@@ -105,6 +109,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "hetero-baselines": lambda: baselines_block("hetero-baselines"),
     "hetero-baselines-synthetic": lambda: baselines_block("hetero-baselines-synthetic"),
     "privacy-digits": lambda: privacy_block("privacy-digits"),
+    "quick-cpu": lambda: baselines_block("quick-cpu"),
 }
 
 

@@ -257,7 +257,7 @@ def test_the_privacy_preset_plans_central_local_and_holder_variants(tmp_path):
     """privacy-digits: 50 nodes, 10 per round, central DP at three epsilons and a weak noise, the
     minimum-holders rule, local DP-SGD; 2 seeds; every variant keeps uniform weights."""
     _, plan, _ = compare.resolve(compare.parse_args(["privacy-digits", "--out", str(tmp_path)]))
-    assert len(plan) == 32 and {r.seed for r in plan} == {0, 1}
+    assert len(plan) == 46 and {r.seed for r in plan} == {0, 1}
     by_name = {r.name: r.run_config for r in plan}
     assert by_name["eps4-fedavg-seed0"]["dp"] == "central" and by_name["local-resist-seed1"]["dp"] == "local"
     assert by_name["holders4-resist-seed0"]["privacy-min-holders"] == 4 and "holders4-fedavg-seed0" not in by_name
