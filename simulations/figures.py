@@ -9,7 +9,7 @@ A block in a markdown file::
 is regenerated from ``docs/results/<name>/`` — each run's ``metrics.jsonl`` / ``nodes.jsonl`` and the
 comparison's ``compare.json`` (the same reading :mod:`simulations.report` does) — by::
 
-    python -m simulations.figures --write    # README.md, docs/heterogeneous.md, docs/privacy.md
+    python -m simulations.figures --write    # README.md and the docs pages that quote results
     python -m simulations.figures --check    # exit 1 when a block is stale
 
 so a quoted figure and its source cannot disagree (a test runs ``--check``).
@@ -33,7 +33,7 @@ from simulations.privacy_report import run_privacy
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
-DEFAULT_FILES = ("README.md", "docs/heterogeneous.md", "docs/privacy.md")
+DEFAULT_FILES = ("README.md", "docs/heterogeneous.md", "docs/privacy.md", "docs/experiments.md", "docs/performance.md")
 BLOCK = re.compile(r"(<!-- figures: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- end of figures: (?P=name) -->)", re.S)
 
 
