@@ -109,13 +109,17 @@ class LocalRayCluster:
                                        "print(json.dumps([{k: n[k] for k in ('NodeID', 'Alive', 'Resources')} "
                                        "for n in ray.nodes()]))"))
 
-    def actor_nodes(self, class_name: str = "ClientAppActor") -> Counter:
-        """How many ``class_name`` actors Ray's GCS recorded on each node (by its ``node-<i>`` label)."""
-        return Counter(json.loads(self._driver(
+    def actor_placement(self, class_name: str = "ClientAppActor") -> list[tuple[str, int]]:
+        """``(node label, pid)`` of every ``class_name`` actor in Ray's GCS actor table."""
+        return [tuple(x) for x in json.loads(self._driver(
             "import ray, json; from ray._private import state; ray.init(address=ADDRESS, log_to_driver=False); "
             "labels = {n['NodeID']: next(k for k in n['Resources'] if k.startswith('node-')) for n in ray.nodes()}; "
-            f"print(json.dumps([labels.get(a['Address']['NodeID'], '?') for a in state.actors().values() "
-            f"if a.get('ActorClassName', '').endswith({class_name!r})]))")))
+            f"print(json.dumps([[labels.get(a['Address']['NodeID'], '?'), a.get('Pid', 0)] for a in state.actors().values() "
+            f"if a.get('ActorClassName', '').endswith({class_name!r})]))"))]
+
+    def actor_nodes(self, class_name: str = "ClientAppActor") -> Counter:
+        """How many ``class_name`` actors Ray's GCS recorded on each node (by its ``node-<i>`` label)."""
+        return Counter(label for label, _ in self.actor_placement(class_name))
 
     def _driver(self, code: str) -> str:
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}

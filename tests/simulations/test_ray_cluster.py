@@ -29,8 +29,12 @@ def test_a_simulation_joins_a_two_node_ray_cluster_and_uses_both(tmp_path):
         assert result.success, f"{result.reason}\n{result.log_path.read_text()[-3000:]}"
         rows = read_metrics(result.run_dir)
         assert [r["round"] for r in rows] == [1, 2] and all(r["replies-accepted"] == 2 for r in rows)
-        placed = cluster.actor_nodes()  # Ray's GCS actor table: where each ClientApp actor ran
-        assert set(placed) == {"node-0", "node-1"}, placed
+        placed = cluster.actor_placement()  # Ray's GCS actor table: where each ClientApp actor ran
+        assert {label for label, _ in placed} == {"node-0", "node-1"}, placed
+        log = result.log_path.read_text()
+        for label, pid in placed:  # and each of them ran the ClientApp (its log lines carry the actor's pid)
+            assert f"(ClientAppActor pid={pid})" in log and "resist-fl node: training on cpu" in log, (label, pid)
+        print("Ray placement:", placed)
     finally:
         signalled, alive = cluster.stop()
     assert signalled and not alive  # every process of the cluster, by PID
