@@ -7,7 +7,6 @@ Read from each run's ``metrics.jsonl`` (``epsilon`` under central DP, ``min-hold
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,14 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from resist_fl.run.outputs import CONFIG_FILE, NODES_FILE, read_metrics
+from resist_fl.run.outputs import CONFIG_FILE, NODES_FILE, read_json, read_metrics
 
 PRIVACY_PLOT = "accuracy_vs_epsilon.png"
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def run_privacy(run_dir: Path) -> dict[str, Any]:
@@ -30,7 +24,7 @@ def run_privacy(run_dir: Path) -> dict[str, Any]:
     round (central), the largest final node epsilon (local), the fewest holders and the mean exposed
     fraction over its rounds, and its mean bytes per round."""
     rows = read_metrics(run_dir)
-    config = _read_json(run_dir / CONFIG_FILE).get("run_config", {}) if (run_dir / CONFIG_FILE).exists() else {}
+    config = read_json(run_dir / CONFIG_FILE).get("run_config", {}) if (run_dir / CONFIG_FILE).exists() else {}
     nodes = read_metrics(run_dir, NODES_FILE) if (run_dir / NODES_FILE).exists() else []
     evaluated = [r for r in rows if r.get("accuracy") is not None]
     node_eps: dict[Any, float] = {}

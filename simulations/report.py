@@ -32,7 +32,6 @@ Definitions (also printed in the report):
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
@@ -43,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from resist_fl.run.outputs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics, write_json
+from resist_fl.run.outputs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_json, read_metrics, write_json
 from simulations.machine import describe_machine, machine_line
 from simulations.privacy_report import privacy_lines
 from simulations.node_costs import (
@@ -66,11 +65,6 @@ PLOTS = {"round": ("accuracy_vs_round.png", "round"),
 NAME_PATTERN = re.compile(r"^(?P<variant>.+)-(?P<strategy>resist|fedavg)-seed(?P<seed>\d+)$")
 LABELS = {"resist": "ResIST", "fedavg": "FedAvg", "heterofl": "HeteroFL", "fedrolex": "FedRolex", "fjord": "FjORD",
           "depth-tiers": "depth tiers", "fedavg-small": "FedAvg-small"}
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def finite(obj: Any) -> Any:

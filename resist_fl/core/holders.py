@@ -17,7 +17,8 @@ Pure NumPy; nothing imports Flower.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,11 @@ class Exposure:
 def whole(keys) -> dict[str, None]:
     """A holding of whole tensors (ResIST's sub-networks, FedAvg's full model)."""
     return {key: None for key in keys}
+
+
+def key_holders(held: Mapping[int, Iterable[str]]) -> dict[str, int]:
+    """Per name, how many nodes hold it whole (``held``: node -> the names it holds)."""
+    return dict(Counter(key for keys in held.values() for key in keys))
 
 
 def holder_counts(shapes: Mapping[str, tuple[int, ...]], holdings: Mapping[int, Holding]) -> dict[str, np.ndarray]:

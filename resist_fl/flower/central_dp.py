@@ -42,6 +42,8 @@ from flwr.supercore.privacy_accounting import (
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from resist_fl.core.validation import ReplyError
+from resist_fl.flower.array_codec import array_view
+from resist_fl.flower.round_report import RunStops
 
 NORM_TOLERANCE = 1e-4
 """A reply's update may exceed ``C`` by this relative amount (float32 rounding of the clipping)."""
@@ -115,6 +117,11 @@ class CentralDP:
                              "(central DP: every node clips its update to dp-clip before sending)")
         return norm
 
+    def reply_check(self, global_record):
+        """The screening check of a round whose global arrays are ``global_record``: a reply whose
+        update exceeds ``C`` is rejected (:meth:`check`)."""
+        return lambda reply: self.check(reply.update, {k: array_view(global_record[k]) for k in reply.update})
+
     # -- the merge -------------------------------------------------------------------------------
     def noise_std(self, holders: int) -> float:
         """Standard deviation of the noise on a parameter merged over ``holders`` nodes."""
@@ -133,11 +140,9 @@ class CentralDP:
         for count, keys in sorted(by_holders.items()):
             means = []
             for key in keys:
-                total = np.zeros(np.shape(current[key]), dtype=np.float64)
-                for update in updates:
-                    if key in update:
-                        total += np.asarray(update[key], dtype=np.float64) - np.asarray(current[key], dtype=np.float64)
-                means.append(total / count)
+                base = np.asarray(current[key], dtype=np.float64)
+                holding = [np.asarray(u[key], dtype=np.float64) for u in updates if key in u]
+                means.append((sum(holding, np.zeros_like(base)) - len(holding) * base) / count)
             add_gaussian_noise_inplace(means, self.noise_std(count))  # Flower's helper: N(0, (zC/h)^2) each
             for key, mean in zip(keys, means):
                 merged[key] = (np.asarray(current[key], dtype=np.float64) + mean).astype(np.asarray(current[key]).dtype)
@@ -158,6 +163,19 @@ class CentralDP:
         return GaussianPrivacyEvent(noise_multiplier=self.noise_multiplier / REPLACE_ONE_SENSITIVITY,
                                     sample_size=max(1, min(self.population, int(size))),
                                     population_size=self.population)
+
+    def stop_if_exceeded(self, sampled: int, connected: int, run_round: int) -> None:
+        """:class:`RunStops` before round ``run_round`` when its release would exceed the target."""
+        if self.would_exceed(sampled, connected):
+            raise RunStops(f"dp-target-epsilon = {self.target_epsilon:g} would be exceeded by round {run_round} "
+                           f"(epsilon now {self.epsilon():.4f} at delta {self.delta:g})")
+
+    def release_row(self, sampled: int, connected: int) -> dict:
+        """Compose this round's release; the row's ``epsilon``, ``dp-delta`` and ``dp-state``."""
+        epsilon = self.release(sampled, connected)
+        log(INFO, "round released under central DP: epsilon %.4f at delta %g (z = %g, C = %g, %d of %d nodes)",
+            epsilon, self.delta, self.noise_multiplier, self.clip, sampled, self.population)
+        return {"epsilon": epsilon, "dp-delta": self.delta, "dp-state": self.state()}
 
     def would_exceed(self, sampled: int, connected: int) -> bool:
         """Whether releasing this round would take epsilon past ``target_epsilon``."""

@@ -27,7 +27,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from resist_fl.core.aggregation import cast_mean, check_server_lr, server_step
-from resist_fl.core.holders import exposure, whole
+from resist_fl.core.holders import exposure, key_holders, whole
 from resist_fl.core.model_cost import CAPACITY_MEASURES, CostModel
 from resist_fl.core.transport import check_transport
 from resist_fl.core.validation import EVALUATE_METRICS, MAX_METRIC, ReplyError, check_metric, check_num_examples
@@ -36,7 +36,7 @@ from resist_fl.flower.central_dp import CentralDP
 from resist_fl.flower.message_keys import DP_CLIP, RUN_ROUND, SERVER_ROUND, TRANSPORT
 from resist_fl.flower.node_sampling import NodeSampler
 from resist_fl.flower.reply_screening import encoded_record, refuse_non_finite, screen_replies, too_few_replies
-from resist_fl.flower.round_report import NodeReport, RoundReport, RunStops
+from resist_fl.flower.round_report import NodeReport, RoundReport
 from resist_fl.flower.width_sliced import WIDTH_RATE
 
 
@@ -107,9 +107,8 @@ class ScreenedFedAvg(FedAvg):
         run_round = self.round_offset + server_round
         sampled, connected, _ = self.sampler.sample(grid, run_round)
         self._connected = connected
-        if self.dp is not None and self.dp.would_exceed(len(sampled), connected):
-            raise RunStops(f"dp-target-epsilon = {self.dp.target_epsilon:g} would be exceeded by round {run_round} "
-                           f"(epsilon now {self.dp.epsilon():.4f} at delta {self.dp.delta:g})")
+        if self.dp is not None:
+            self.dp.stop_if_exceeded(len(sampled), connected, run_round)
         log(INFO, "configure_train: round %d, %d of %d nodes", server_round, len(sampled), connected)
         config = ConfigRecord({**config, SERVER_ROUND: server_round, RUN_ROUND: run_round, TRANSPORT: self.transport})
         if self.dp is not None:  # every node clips its update to this norm; the server checks it
@@ -128,12 +127,9 @@ class ScreenedFedAvg(FedAvg):
         """Average the valid replies with Flower's FedAvg aggregation."""
         keys = tuple(self._global.keys())
         sent = {m.metadata.dst_node_id: keys for m in self._messages}
-        check = None
-        if self.dp is not None:
-            check = lambda reply: self.dp.check(reply.update, {k: array_view(self._global[k]) for k in reply.update})  # noqa: E731
         screened = screen_replies(server_round, replies, sent, self._global, self.max_num_examples,
                                   messages=self._messages, order=self.sampler.rank, transport=self.transport,
-                                  check=check)
+                                  check=self.dp.reply_check(self._global) if self.dp is not None else None)
         self.last_round_metrics = {**screened.round_metrics(), "merge-refused": 0}
         self.last_replies = {a.node_id: dict(a.metrics) for a in screened.accepted}
         holding = sent if self.dp is not None else {a.node_id: keys for a in screened.accepted}
@@ -146,9 +142,8 @@ class ScreenedFedAvg(FedAvg):
         contents = [a.content() for a in screened.accepted]
         if self.dp is not None:  # DP-FedAvg: every key held by every sampled node
             current = {k: array_view(self._global[k]) for k in keys}
-            merged = self.dp.merge(current, [a.update for a in screened.accepted], {k: len(sent) for k in keys})
-            epsilon = self.dp.release(len(sent), self._connected)
-            self.last_privacy.update({"epsilon": epsilon, "dp-delta": self.dp.delta, "dp-state": self.dp.state()})
+            merged = self.dp.merge(current, [a.update for a in screened.accepted], key_holders(sent))
+            self.last_privacy.update(self.dp.release_row(len(sent), self._connected))
         else:
             averaged = aggregate_arrayrecords(contents, self.weighted_by_key)
             merged = {k: cast_mean(array_view(averaged[k]), self._global[k].dtype) for k in self._global.keys()}

@@ -31,7 +31,7 @@ from resist_fl.core.allocation import (
     max_depth,
 )
 from resist_fl.core.decomposition import BlockLayout
-from resist_fl.core.holders import exposure, whole
+from resist_fl.core.holders import exposure, key_holders, whole
 from resist_fl.core.model_cost import CAPACITY_MEASURES, CostModel
 from resist_fl.core.transport import check_transport
 from resist_fl.flower.array_codec import array_view, with_arrays
@@ -40,7 +40,7 @@ from resist_fl.flower.message_keys import BLOCKS, DP_CLIP, RUN_ROUND, SERVER_ROU
 from resist_fl.flower.metering import MeteredGrid
 from resist_fl.flower.node_sampling import NodeSampler
 from resist_fl.flower.reply_screening import Accepted, encoded_record, refuse_non_finite, screen_replies, too_few_replies
-from resist_fl.flower.round_report import NodeReport, RoundReport, RunStops
+from resist_fl.flower.round_report import NodeReport, RoundReport
 
 DEALINGS = ("random", "prefix")
 """How blocks are dealt: ResIST's random decomposition, or static depth tiers (prefixes)."""
@@ -284,9 +284,8 @@ class ResIST(Strategy):
         run_round = self.round_offset + server_round
         sampled, connected, rng = self.sampler.sample(grid, run_round)
         self._connected = connected
-        if self.dp is not None and self.dp.would_exceed(len(sampled), connected):
-            raise RunStops(f"dp-target-epsilon = {self.dp.target_epsilon:g} would be exceeded by round {run_round} "
-                           f"(epsilon now {self.dp.epsilon():.4f} at delta {self.dp.delta:g})")
+        if self.dp is not None:
+            self.dp.stop_if_exceeded(len(sampled), connected, run_round)
         blocks = self.layout.partitionable
         self.last_phase = self.phase(run_round)
         if self.last_phase == PHASE_WARMUP:  # the full model to every sampled node
@@ -353,12 +352,9 @@ class ResIST(Strategy):
         """Validate the replies and merge the valid ones into the full global record."""
         if self._global is None:
             raise RuntimeError("aggregate_train called before configure_train")
-        check = None
-        if self.dp is not None:
-            check = lambda reply: self.dp.check(reply.update, {k: array_view(self._global[k]) for k in reply.update})  # noqa: E731
         screened = screen_replies(server_round, replies, self._sent, self._global, self.max_num_examples,
                                   messages=self._messages, order=self.sampler.rank, transport=self.transport,
-                                  check=check)
+                                  check=self.dp.reply_check(self._global) if self.dp is not None else None)
         metrics = {**screened.round_metrics(), "num-subnetworks": self.num_subnetworks, "merge-refused": 0,
                    "untrained-blocks": len(self.last_untrained)}
         # under DP a parameter's holders are the nodes it was sent to (a missing reply is a zero update)
@@ -377,13 +373,10 @@ class ResIST(Strategy):
             return None, MetricRecord(metrics)
         start = time.perf_counter()
         if self.dp is not None:
-            holders: dict[str, int] = {}
-            for keys in self._sent.values():
-                for key in keys:
-                    holders[key] = holders.get(key, 0) + 1
+            holders = key_holders(self._sent)
             current = {k: array_view(self._global[k]) for k in holders}
             merged = self.dp.merge(current, [a.update for a in accepted], holders)
-            self.release_privacy(len(self._sent))
+            self.last_privacy.update(self.dp.release_row(len(self._sent), self._connected))
         else:
             touched = set().union(*(a.update for a in accepted))
             current = {k: array_view(self._global[k]) for k in self._global if k in touched}
@@ -401,13 +394,6 @@ class ResIST(Strategy):
         found = exposure(shapes, holdings, self.exposure_threshold)
         self.last_privacy.update({"min-holders": found.min_holders, "exposed-fraction": found.exposed_fraction})
         self.last_exposure = dict(found.nodes)
-
-    def release_privacy(self, sampled: int) -> None:
-        """Compose this round's release in the accountant; ``epsilon`` and the state in the row."""
-        epsilon = self.dp.release(sampled, self._connected)
-        self.last_privacy.update({"epsilon": epsilon, "dp-delta": self.dp.delta, "dp-state": self.dp.state()})
-        log(INFO, "round released under central DP: epsilon %.4f at delta %g (z = %g, C = %g, %d of %d nodes)",
-            epsilon, self.dp.delta, self.dp.noise_multiplier, self.dp.clip, sampled, self.dp.population)
 
     # -- evaluation: central only (the full model never goes to a client) --------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

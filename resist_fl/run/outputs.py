@@ -80,6 +80,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def read_json(path: Path) -> Any:
+    """The JSON document at ``path``."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from dp_accounting import NeighboringRelation, dp_event, rdp
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -128,7 +128,6 @@ def test_flowers_server_side_dp_wrapper_raises_on_a_resist_round_and_ours_does_n
     initial = ArrayRecord({k: v for k, v in build_model(spec).state_dict().items() if k in layout.payload_keys()})
     wrapped = DifferentialPrivacyServerSideFixedClipping(ResIST(layout, weighting="uniform"), 1.0, 1.0, 2)
     config = {"num-classes": 10, "in-channels": 3}
-    from flwr.app import ConfigRecord
     # its clipping pairs reply and global arrays by list position (zip strict=True): a partial reply misaligns
     with pytest.raises(ValueError, match="broadcast|shorter|longer"):
         wrapped.start(grid=grid, initial_arrays=initial, num_rounds=1, train_config=ConfigRecord(config))
