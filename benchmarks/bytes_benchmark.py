@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                                                        transport=transport), arrays, sites)
                 ratio, analytic = resist / fedavg, analytic_fraction(layout, sizes, messages, sites)
                 float32 = float32 or resist
-                print(f"| {sites} | {min_blocks} | {transport} | {resist / 1e6:.1f} | {fedavg / 1e6:.1f} "
+                print(f"| {sites} | {min_blocks} | {transport} | {resist / 1e6:.4f} | {fedavg / 1e6:.4f} "
                       f"| {ratio:.4f} | {analytic:.4f} | {100 * (ratio / analytic - 1):+.2f} % "
                       f"| {resist / float32:.4f} |", flush=True)
     return 0

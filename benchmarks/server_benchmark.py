@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model = build_model(spec)
         training = args.local_steps * step_seconds(model.train(), images, labels, args.timed_steps, amp=False)
         server = configure + aggregate
-        print(f"| {name} | {configure:.3f} | {aggregate:.3f} | {training:.1f} | {server + training:.1f} "
+        print(f"| {name} | {configure:.4f} | {aggregate:.4f} | {training:.3f} | {server + training:.3f} "
               f"| {100 * server / (server + training):.2f} % |", flush=True)
     return 0
 

@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, (_, kept) in models.items():
         median = statistics.median(times[name])
         share = flops[name] / flops["full"]
-        print(f"| {name} | {kept}/{blocks} | {share:.3f} | {1e3 * median:.1f} | {median / full:.3f} |")
+        print(f"| {name} | {kept}/{blocks} | {share:.3f} | {1e3 * median:.3f} | {median / full:.3f} |")
     return 0
 
 

@@ -6,10 +6,13 @@ A block in a markdown file::
     ...generated table...
     <!-- end of figures: hetero-baselines -->
 
-is regenerated from ``docs/results/<name>/`` — each run's ``metrics.jsonl`` / ``nodes.jsonl`` and the
-comparison's ``compare.json`` (the same reading :mod:`simulations.report` does) — by::
+is regenerated from committed raw files — a comparison's ``docs/results/<name>/`` (each run's
+``metrics.jsonl`` / ``nodes.jsonl`` and ``compare.json``, read as :mod:`simulations.report` reads them),
+result lines (``*.jsonl`` of :mod:`simulations.probe` and :mod:`simulations.noniid`, see
+:mod:`simulations.probe_figures`) or a benchmark's printed output (``docs/performance/*.txt``, see
+:mod:`simulations.benchmark_figures`) — by::
 
-    python -m simulations.figures --write    # README.md and the docs pages that quote results
+    python -m simulations.figures --write    # every markdown file under README.md and docs/ with a block
     python -m simulations.figures --check    # exit 1 when a block is stale
 
 so a quoted figure and its source cannot disagree (a test runs ``--check``).
@@ -26,14 +29,13 @@ from pathlib import Path
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.model import ModelSpec
 from resist_fl.core.model_cost import CostModel
-from resist_fl.run.outputs import CONFIG_FILE
-from simulations import report
-from simulations.node_costs import node_summary
+from resist_fl.run.outputs import CONFIG_FILE, read_metrics
+from simulations import benchmark_figures, probe_figures, report
+from simulations.node_costs import link_time_lines, node_summary, run_projection
 from simulations.privacy_report import run_privacy
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
-DEFAULT_FILES = ("README.md", "docs/heterogeneous.md", "docs/privacy.md", "docs/experiments.md", "docs/performance.md")
 BLOCK = re.compile(r"(<!-- figures: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- end of figures: (?P=name) -->)", re.S)
 
 
@@ -50,11 +52,15 @@ def _pm(mean: float, std: float) -> str:
     return f"{mean:.4f} ± {std:.4f}"
 
 
+def _target(manifest: dict, groups: dict) -> float | None:
+    return report.target_accuracy(groups, (manifest.get("target") or {}).get("accuracy"),
+                                  (manifest.get("target") or {}).get("fraction-of-fedavg") or 0.9)[0]
+
+
 def baselines_block(name: str) -> list[str]:
     """Final accuracy, traffic, time to the preset's target and node-rounds over capacity per method."""
     runs_dir, manifest, groups = _groups(name)
-    target, _ = report.target_accuracy(groups, (manifest.get("target") or {}).get("accuracy"),
-                                       (manifest.get("target") or {}).get("fraction-of-fedavg") or 0.9)
+    target = _target(manifest, groups)
     rows = []
     for (variant, strategy), runs in groups.items():
         stats = report.group_stats(variant, strategy, runs, target)
@@ -66,7 +72,7 @@ def baselines_block(name: str) -> list[str]:
     rows.sort(key=lambda r: -float(r[1].split(" ")[0]))
     first = report.read_json(runs_dir / next(iter(groups.values()))[0].name / CONFIG_FILE)
     seeds = len(next(iter(groups.values())))
-    source = f"Target accuracy {target:.4f}; {seeds} seeds; from [docs/results/{name}](results/{name}/report.md)."
+    source = f"Target accuracy {target:.4f}; {seeds} seed{'s' if seeds != 1 else ''}; from [docs/results/{name}](results/{name}/report.md)."
     profile = str(first["run_config"].get("capacity-profile") or "")
     if profile:  # a budget per node: say what ResIST's smallest sub-network costs
         spec = ModelSpec.from_dict({**first["model_spec"], "depths": tuple(first["model_spec"]["depths"])})
@@ -79,6 +85,22 @@ def baselines_block(name: str) -> list[str]:
     return [source, "",
             *report.table(["method", "final accuracy", "reached target", "rounds to target", "MB / round",
                            "node-rounds over capacity"], rows)]
+
+
+def allocation_block(name: str, bandwidths: Sequence[float] = (10, 100)) -> list[str]:
+    """The baselines table, then each group's projected round time and time to the target at ``bandwidths``
+    (Mbit/s, from each run's ``nodes.jsonl``) and its any-depth accuracy."""
+    runs_dir, manifest, groups = _groups(name)
+    target = _target(manifest, groups)
+    projections = {report.group_label(v, s): [p for p in (run_projection(runs_dir / r.name, bandwidths, target)
+                                                          for r in runs) if p is not None]
+                   for (v, s), runs in groups.items()}
+    depth = report.tier_lines(runs_dir, groups, "depth")
+    return [*baselines_block(name), "", "Projected at link speeds (the slowest node's bytes over its link plus its "
+            "training seconds; seeds that reached the target / seeds):", "",
+            *link_time_lines({k: v for k, v in projections.items() if v}, bandwidths, target), "",
+            "Any-depth accuracy of the final global model (the first share of the partitionable blocks):", "",
+            *depth[2:-3]]
 
 
 def privacy_block(name: str) -> list[str]:
@@ -105,12 +127,72 @@ def privacy_block(name: str) -> list[str]:
                            "MB / round"], rows)]
 
 
+def _final(run_dir: Path, rounds: int | None = None) -> list[float]:
+    rows = [r for r in read_metrics(run_dir) if r.get("accuracy") is not None]
+    return [r["accuracy"] for r in rows][:rounds]
+
+
+def block_type_block(pairs: Sequence[tuple[str, str]]) -> list[str]:
+    """ResIST and FedAvg on each (label, committed comparison) pair: final accuracy, their ratio, ResIST's
+    first three rounds and its bytes per round against FedAvg's."""
+    rows, finals = [], {}
+    for label, name in pairs:
+        runs_dir, _, groups = _groups(name)
+        resist, fedavg = groups["main", "resist"], groups["main", "fedavg"]
+        a, b = (report.mean_std([_final(runs_dir / r.name)[-1] for r in g])[0] for g in (resist, fedavg))
+        early = " / ".join(f"{v:.3f}" for v in _final(runs_dir / resist[0].name, 3))
+        mb = [report.group_stats("main", s, g, None).bytes_per_round for s, g in (("resist", resist), ("fedavg", fedavg))]
+        rows.append([label, f"{a:.3f}", f"{b:.3f}", f"{a / b:.3f}", early, f"{mb[0] / mb[1]:.3f}"])
+        finals[label] = (a, len(resist))
+    (first, (a, seeds)), (second, (b, _)) = finals.items()
+    return [*report.table(["model", "ResIST final accuracy", "FedAvg final accuracy", "ResIST / FedAvg",
+                           "ResIST accuracy after rounds 1 / 2 / 3", "ResIST bytes / round vs FedAvg"], rows), "",
+            f"ResIST's final accuracy, {second} minus {first}: {b - a:+.3f} ({seeds} seed(s); from "
+            + ", ".join(f"[docs/results/{n}](results/{n}/report.md)" for _, n in pairs) + ")."]
+
+
+def round_line_block(name: str, run: str, number: int) -> list[str]:
+    """Round ``number`` of a committed run, as the ServerApp's log line prints it (the ETA is not recorded)."""
+    row = next(r for r in read_metrics(RESULTS / name / run) if r["round"] == number)
+    rounds = len(read_metrics(RESULTS / name / run))
+    acc, loss = (("-" if row.get(k) is None else f"{row[k]:.4f}") for k in ("accuracy", "train-loss"))
+    return ["```", f"[round {number}/{rounds}] {row['strategy']} acc={acc} train-loss={loss} "
+            f"down={row['bytes-down'] / 1e6:.2f} MB up={row['bytes-up'] / 1e6:.2f} MB "
+            f"({row['round-seconds']:.1f} s, ETA ... s)", "```"]
+
+
 BLOCKS: dict[str, Callable[[], list[str]]] = {
     "hetero-baselines": lambda: baselines_block("hetero-baselines"),
     "hetero-baselines-synthetic": lambda: baselines_block("hetero-baselines-synthetic"),
     "privacy-digits": lambda: privacy_block("privacy-digits"),
     "quick-cpu": lambda: baselines_block("quick-cpu"),
+    "quick-warmup": lambda: baselines_block("quick-warmup"),
+    "quick-hetero": lambda: allocation_block("quick-hetero"),
+    "block-type": lambda: block_type_block((("torchvision, post-activation", "quick-torchvision"),
+                                            ("pre-activation", "quick-preact64"))),
+    "round-line": lambda: round_line_block("quick-warmup", "no-warmup-resist-seed0", 3),
+    "performance-summary": benchmark_figures.summary_block,
+    "transport-digits": probe_figures.transport_block,
+    "noniid-digits": lambda: probe_figures.grid_block("noniid-digits", "digits"),
+    "noniid-synthetic": lambda: probe_figures.grid_block("noniid-synthetic", "synthetic"),
+    "probe-l50": lambda: probe_figures.seeds_table(probe_figures.NONIID / "probe-l50.jsonl",
+                                                   probe_figures.strategy_norm, "strategy, norm"),
+    "remedies-l50": lambda: probe_figures.seeds_table(probe_figures.NONIID / "remedies-l50.jsonl",
+                                                      probe_figures.change, "change"),
+    "fedavg-clip-l50": lambda: probe_figures.seeds_table(probe_figures.NONIID / "fedavg-clip-l50.jsonl",
+                                                         probe_figures.strategy_norm, "strategy, norm"),
+    "six-rounds-l50": lambda: probe_figures.curves_table(probe_figures.NONIID / "six-rounds-l50.jsonl"),
+    "trace-l50": lambda: probe_figures.trace_table(probe_figures.NONIID / "trace-resist-batchnorm-seed1-l50.txt"),
+    "trace-l50-clip1": lambda: probe_figures.trace_table(
+        probe_figures.NONIID / "trace-resist-batchnorm-seed1-l50-clip1.txt"),
 }
+
+
+def default_files() -> list[str]:
+    """README.md and every markdown file under docs/ that holds a figures block."""
+    candidates = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    return [path.relative_to(ROOT).as_posix() for path in candidates
+            if BLOCK.search(path.read_text(encoding="utf-8"))]
 
 
 def render(text: str, blocks: dict[str, Callable[[], list[str]]] = BLOCKS) -> str:
@@ -129,10 +211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--write", action="store_true", help="rewrite the blocks in place")
     mode.add_argument("--check", action="store_true", help="exit 1 when a block differs from its source")
-    parser.add_argument("files", nargs="*", default=list(DEFAULT_FILES))
+    parser.add_argument("files", nargs="*", help="default: README.md and every docs page with a block")
     args = parser.parse_args(argv)
     stale = []
-    for name in args.files:
+    for name in args.files or default_files():
         path = Path(name) if Path(name).is_absolute() else ROOT / name
         text = path.read_text(encoding="utf-8")
         new = render(text)

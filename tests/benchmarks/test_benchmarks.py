@@ -23,6 +23,7 @@ import pytest
 
 from deploy.local_cluster import RunResult
 from resist_fl.run.outputs import read_metrics
+from simulations import benchmark_outputs as outputs
 from simulations.inprocess import run_inprocess
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -81,21 +82,18 @@ def fixture_launch():
 def test_bytes_benchmark_matches_the_analytic_fraction(capsys):
     assert load("bytes_benchmark").main(["--model", "preact_resnet34", "--width", "4", "--sites", "2", "4",
                                          "--min-blocks", "1"]) == 0
-    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and
-            line[2].isdigit()]
+    rows = outputs.table(capsys.readouterr().out)
     assert len(rows) == 2 * 2 * 3  # sites x min depth x transport
+    float32 = {(r["S"], r["min depth"]): float(r["ResIST MB"]) for r in rows if r["transport"] == "float32"}
     for row in rows:
-        ratio, analytic, compressed = float(row[5]), float(row[6]), float(row[8])
+        ratio, analytic, compressed = float(row["ResIST / FedAvg"]), float(row["analytic"]), float(row["ResIST bytes / float32's"])
+        assert ratio == pytest.approx(float(row["ResIST MB"]) / float(row["FedAvg MB"]), abs=0.002)
+        assert compressed == pytest.approx(float(row["ResIST MB"]) / float32[row["S"], row["min depth"]], abs=0.02)
         assert abs(ratio / analytic - 1) < 0.005
-        if row[0].strip() == "4" and row[1].strip() == "0":
+        if row["S"] == "4" and row["min depth"] == "0":
             assert ratio < 0.8  # four sub-networks of a five-block stage: far below four full models
-        assert {"float32": 1.0, "float16": 0.5, "uint8": 0.25}[row[2].strip()] <= compressed < 1.01 * {
-            "float32": 1.0, "float16": 0.53, "uint8": 0.29}[row[2].strip()]
-
-
-def _table(out: str) -> list[list[str]]:
-    return [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.splitlines()
-            if line.startswith("| ") and not line.startswith("| model") and not line.startswith("| strategy")]
+        assert {"float32": 1.0, "float16": 0.5, "uint8": 0.25}[row["transport"]] <= compressed < 1.01 * {
+            "float32": 1.0, "float16": 0.53, "uint8": 0.29}[row["transport"]]
 
 
 def test_loader_benchmark_compares_both_paths(capsys):
@@ -104,65 +102,60 @@ def test_loader_benchmark_compares_both_paths(capsys):
     threads = torch.get_num_threads()
     assert load("loader_benchmark").main(["--images", "300", "--batch-size", "32", "--batches", "12"]) == 0
     assert torch.get_num_threads() == threads  # a changed thread count would change later tests' numerics
-    out = capsys.readouterr().out
-    rates = {name: (float(rate.replace(",", "")), float(ms)) for name, rate, ms in
-             re.findall(r"(per-sample \(old\)|batched \(new\))\s+([\d,]+) images/s\s+\(\s*([\d.]+) ms per batch", out)}
-    assert set(rates) == {"per-sample (old)", "batched (new)"}
-    for rate, ms in rates.values():  # the two figures of a path are one measurement: 32 images a batch
+    figures = outputs.loader(capsys.readouterr().out)
+    for rate, ms in figures["rates"].values():  # the two figures of a path are one measurement: 32 images a batch
         assert ms == pytest.approx(1000 * 32 / rate, rel=0.01)
-    ratio = float(re.search(r"ratio new / old: ([\d.]+)x", out).group(1))
-    assert ratio == pytest.approx(rates["batched (new)"][0] / rates["per-sample (old)"][0], abs=0.06)
+    rates = {name: rate for name, (rate, _) in figures["rates"].items()}
+    assert figures["ratio"] == pytest.approx(rates["batched (new)"] / rates["per-sample (old)"], abs=0.06)
 
 
 def test_step_benchmark_times_the_full_model_and_each_subnetwork(capsys):
     assert load("step_benchmark").main(["--model", "preact_resnet34", "--width", "4", "--batch-size", "4",
                                         "--sites", "2", "4", "--steps", "1", "--repeats", "1"]) == 0
-    rows = _table(capsys.readouterr().out)
-    assert [row[0] for row in rows] == ["full", "S=2", "S=4"]
-    assert [row[1] for row in rows] == ["5/5", "3/5", "2/5"]  # the largest sub-network of each round
-    flop_shares = [float(row[2]) for row in rows]
+    rows = outputs.table(capsys.readouterr().out)
+    assert [row["model"] for row in rows] == ["full", "S=2", "S=4"]
+    assert [row["partitioned blocks kept"] for row in rows] == ["5/5", "3/5", "2/5"]  # each round's largest
+    flop_shares = [float(row["FLOP share"]) for row in rows]
     assert flop_shares[0] == 1.0 and flop_shares[0] > flop_shares[1] > flop_shares[2] > 0
+    full = float(rows[0]["step ms"])
+    for row in rows:  # the ratio is this row's step time over the full model's, both printed
+        assert float(row["step time / full"]) == pytest.approx(float(row["step ms"]) / full, abs=0.002)
 
 
 def test_server_benchmark_times_both_strategies(capsys):
     assert load("server_benchmark").main(["--model", "preact_resnet34", "--width", "4", "--nodes", "3",
                                           "--local-steps", "2", "--batch-size", "4", "--timed-steps", "1",
                                           "--repeats", "1"]) == 0
-    rows = _table(capsys.readouterr().out)
-    assert [row[0] for row in rows] == ["resist", "fedavg"]
-    for row in rows:
-        assert 0 < float(row[5].rstrip(" %")) < 100
+    rows = outputs.table(capsys.readouterr().out)
+    assert [row["strategy"] for row in rows] == ["resist", "fedavg"]
+    for row in rows:  # the share is the server's two calls over the round, all three printed
+        share = float(row["server share"].rstrip(" %"))
+        server = float(row["configure s"]) + float(row["aggregate s"])
+        assert 0 < share < 100 and share == pytest.approx(100 * server / float(row["round s"]), rel=0.05, abs=0.1)
 
 
 def test_round_time_benchmark_runs_both_strategies(capsys, launch):
     assert launch("round_time_benchmark").main(["--model", "preact_resnet18", "--width", "4", "--supernodes", "2",
                                               "--rounds", "2", "--local-steps", "1", "--batch-size", "8"]) == 0
-    out = capsys.readouterr().out
-    medians = {}
-    for strategy, values, median in re.findall(r"(resist|fedavg)\s+round seconds ([\d. ]+); median of rounds 2\.\.2: "
-                                               r"([\d.]+) s", out):
-        seconds = [float(v) for v in values.split()]
-        assert len(seconds) == 2 and float(median) == pytest.approx(statistics.median(seconds[1:]), abs=1e-4)
-        medians[strategy] = float(median)
-    assert set(medians) == {"resist", "fedavg"}
-    ratio = float(re.search(r"round time ResIST / FedAvg: ([\d.]+)", out).group(1))
-    assert ratio == pytest.approx(medians["resist"] / medians["fedavg"], rel=0.01, abs=0.001)
+    figures = outputs.round_time(capsys.readouterr().out)
+    for strategy, seconds in figures["seconds"].items():
+        assert len(seconds) == 2 and figures["median"][strategy] == pytest.approx(statistics.median(seconds[1:]),
+                                                                                 abs=1e-4)
+    assert figures["ratio"] == pytest.approx(figures["median"]["resist"] / figures["median"]["fedavg"],
+                                             rel=0.01, abs=0.001)
 
 
 def test_deploy_overhead_benchmark_measures_a_cluster(capsys, launch):
     assert launch("deploy_overhead_benchmark").main(["--only-after", "--rounds", "3"]) == 0
-    out = capsys.readouterr().out
-    found = re.search(r"after \(working tree\)\s+round 1:\s+([\d.]+) s; rounds 2\.\.3: ([\d. -]+); median ([-\d.]+) s", out)
-    assert found, out
-    later = [float(v) for v in found.group(2).split()]
-    assert len(later) == 2 and float(found.group(3)) == pytest.approx(statistics.median(later), abs=1e-4)
+    after = outputs.deploy_overhead(capsys.readouterr().out)["after"]
+    assert len(after["later"]) == 2 and after["median"] == pytest.approx(statistics.median(after["later"]), abs=1e-4)
 
 
 def test_gpu_benchmark_runs_on_the_cpu(capsys):
     assert load("gpu_benchmark").main(["--device", "cpu", "--model", "preact_resnet18", "--width", "4",
                                        "--batch-size", "8", "--steps", "1", "--images", "64"]) == 0
     out = capsys.readouterr().out
-    rows = _table(out)
+    rows = [list(row.values()) for row in outputs.table(out)]
     assert len(rows) == 2 and "data share" in out
     for row in rows:  # bf16 / fp32 = the bf16 images per second over the true-fp32 ones beside it
         fp32, fast, ratio = (float(row[i].replace(",", "")) for i in (1, 3, 5))
@@ -173,22 +166,35 @@ def test_gpu_benchmark_runs_on_the_cpu(capsys):
 def test_merge_benchmark_compares_the_merge_with_a_copy(capsys):
     assert load("merge_benchmark").main(["--model", "preact_resnet34", "--width", "4", "--subnetworks", "3",
                                          "--repeats", "1"]) == 0
+    figures = outputs.merge(capsys.readouterr().out)
+    assert figures["mib"] > 0
+    assert figures["ratio"] == pytest.approx(figures["merge_ms"] / figures["copy_ms"], rel=0.01)
+
+
+def test_load_benchmark_reads_the_servers_memory_from_the_metrics(capsys, launch, monkeypatch):
+    runs = []
+    module = launch("load_benchmark")
+    monkeypatch.setattr(module, "run_flwr", lambda *a, **k: runs.append(inprocess_flwr_run(*a, **k)) or runs[-1])
+    assert module.main(["--nodes", "3", "--sampled", "2", "--rounds", "6"]) == 0
     out = capsys.readouterr().out
-    copy = float(re.search(r"numpy copy of the same bytes: ([\d.]+) ms", out).group(1))
-    merge = float(re.search(r"merge_partial:\s+([\d.]+) ms", out).group(1))
-    ratio = float(re.search(r"ratio merge / copy: ([\d.]+)", out).group(1))
-    assert ratio == pytest.approx(merge / copy, rel=0.01)
+    assert "nodes per round: [2]" in out
+    figures = outputs.load(out)
+    rows = {r["round"]: r for r in read_metrics(runs[0].run_dir)}  # what the ServerApp itself recorded
+    assert (figures["nodes"], figures["sampled"], figures["rounds"]) == (3, 2, 6)
+    assert figures["rss_early"] == pytest.approx(rows[5]["server-rss-mb"], abs=0.05)
+    assert figures["rss_late"] == pytest.approx(rows[6]["server-rss-mb"], abs=0.05)
+    assert figures["ratio"] == pytest.approx(rows[6]["server-rss-mb"] / rows[5]["server-rss-mb"], abs=0.001)
 
 
-def test_load_benchmark_reads_the_servers_memory_from_the_metrics(capsys, launch):
-    assert launch("load_benchmark").main(["--nodes", "3", "--sampled", "2", "--rounds", "5"]) == 0
-    out = capsys.readouterr().out
-    assert "server RSS after round 5" in out and "nodes per round: [2]" in out
-
-
-def test_startup_benchmark_times_a_run_to_round_1(capsys, launch):
-    assert launch("startup_benchmark").main(["--no-install-only", "--quick"]) == 0
-    assert "no-runtime-install" in (out := capsys.readouterr().out) and "(ok)" in out
+def test_startup_benchmark_times_a_run_to_round_1(capsys, launch, monkeypatch):
+    runs = []
+    module = launch("startup_benchmark")
+    monkeypatch.setattr(module, "run_flwr", lambda *a, **k: runs.append(inprocess_flwr_run(*a, **k)) or runs[-1])
+    assert module.main(["--no-install-only", "--quick"]) == 0
+    ways = outputs.startup(capsys.readouterr().out)
+    assert list(ways) == ["no-runtime-install"] and ways["no-runtime-install"]["status"] == "ok"
+    assert ways["no-runtime-install"]["round1"] == pytest.approx(runs[0].seconds_to_round1, abs=0.05)
+    assert ways["no-runtime-install"]["whole"] == pytest.approx(runs[0].wall_seconds, abs=0.05)
 
 
 def test_every_benchmark_script_has_a_smoke_test():

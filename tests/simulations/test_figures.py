@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -35,3 +36,72 @@ def test_the_baselines_block_is_computed_from_the_runs_not_copied():
     rows = [line for line in lines if line.startswith("| ") and "final accuracy" not in line]
     assert len(rows) == 7  # every method
     assert "smallest sub-network costs" in lines[0]
+
+
+# A measured-looking number: an accuracy or ratio with 3+ decimals, a size, a rate, a time, a percentage
+# or a speed-up, outside a figures block, a code block and inline code.
+MEASURED = re.compile(r"(?<![\w.=/-])(\d\.\d{3,}|\d[\d,]*(\.\d+)? ?(MB|MiB|GB|GiB|images/s|ms)\b|\d+\.\d+ ?(s|%)(?!\w)"
+                      r"|\d+(\.\d+)?x(?!\w))")
+NOT_MEASURED = (  # settings, design constants, targets and quotes of others' figures: not this project's measurements
+    "~6 GB", "38 MB for a", "every 0.2 s", "= 4x of the round", "more than 4x the median", "every 5 ms",
+    "(3.58x-3.81x on 4 and 8 GPUs)", "the last one 3x slower", "one node 3x slower", "bf16 at least 2.5x fp32",
+    "its figures: 0.189 where FedAvg reached", "0.969). That exact cell", "above 5x, and 0.5 nats",
+    "was above 5x the best earlier round's",
+)
+
+
+def _outside_blocks(text: str) -> str:
+    keep_lines = lambda m: "\n" * m.group(0).count("\n")  # noqa: E731
+    text = figures.BLOCK.sub(keep_lines, text)
+    return re.sub(r"```.*?```", keep_lines, text, flags=re.S)
+
+
+def test_no_measured_figure_is_typed_outside_a_figures_block():
+    pages = [figures.ROOT / "README.md", *sorted((figures.ROOT / "docs").rglob("*.md"))]
+    typed = []
+    for page in pages:
+        if page.name == "report.md" and "results" in page.relative_to(figures.ROOT).parts:
+            continue  # a comparison's or grid's own report, written with its runs by simulations.report / .noniid
+        for number, line in enumerate(_outside_blocks(page.read_text(encoding="utf-8")).splitlines(), 1):
+            if MEASURED.search(re.sub(r"`[^`]*`", "", line)) and not any(ok in line for ok in NOT_MEASURED):
+                typed.append(f"{page.relative_to(figures.ROOT)}:{number}: {line.strip()}")
+    assert typed == [], "figures typed by hand (put them in a figures block written from a committed file):\n" + \
+        "\n".join(typed)
+
+
+def test_the_results_index_lists_every_committed_results_folder():
+    results = figures.ROOT / "docs" / "results"
+    index = (results / "README.md").read_text(encoding="utf-8")
+    folders = sorted(p.name for p in results.iterdir() if p.is_dir())
+    assert [f for f in folders if f"[{f}](" not in index and f"]({f}/" not in index] == []
+
+
+def test_a_benchmark_output_whose_ratio_was_edited_is_refused(tmp_path, monkeypatch):
+    from simulations import benchmark_figures
+
+    original = (benchmark_figures.PERFORMANCE / "loader_benchmark.txt").read_text(encoding="utf-8")
+    assert "images/s" in benchmark_figures.loader_row()[0]
+    edited = re.sub(r"ratio new / old: [\d.]+x", "ratio new / old: 99.0x", original)
+    (tmp_path / "loader_benchmark.txt").write_text(edited, encoding="utf-8")
+    monkeypatch.setattr(benchmark_figures, "PERFORMANCE", tmp_path)
+    with pytest.raises(ValueError, match="loader_benchmark: the printed figure 99.0 disagrees"):
+        benchmark_figures.loader_row()
+
+
+def test_the_summary_quotes_the_ratio_recomputed_from_the_raw_figures():
+    from simulations import benchmark_figures, benchmark_outputs
+
+    raw = benchmark_outputs.round_time((benchmark_figures.PERFORMANCE / "round_time_benchmark.txt").read_text())
+    medians = {s: sorted(v[1:])[len(v[1:]) // 2] for s, v in raw["seconds"].items()}  # 3 later rounds: the middle
+    figure, _ = benchmark_figures.round_time_row()
+    assert f"**{medians['resist'] / medians['fedavg']:.3f}**" in figure
+
+
+def test_result_lines_without_the_effective_clip_norm_are_refused(tmp_path):
+    from simulations import probe_figures
+
+    line = {"strategy": "resist", "norm": "batchnorm", "alpha": "0.3", "seed": 0, "final-accuracy": 0.9,
+            "diverging-rounds": [], "lr": 0.05}
+    (tmp_path / "old.jsonl").write_text(json.dumps(line) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="'clip-grad-norm': these result lines do not record it"):
+        probe_figures.seeds_table(tmp_path / "old.jsonl", probe_figures.strategy_norm, "strategy, norm")

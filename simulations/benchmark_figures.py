@@ -1,0 +1,174 @@
+"""The performance page's summary table, written from the benchmarks' committed printed output.
+
+Each row reads one committed file (``docs/performance/<script>.txt`` or, for the bytes benchmark,
+``docs/results/transport/bytes_benchmark.txt``) with :mod:`simulations.benchmark_outputs`,
+recomputes the ratio it quotes from the raw figures printed beside it, and refuses a file whose
+printed ratio disagrees with them (so a hand edit of one number is caught). The setting column
+is the benchmark's own first line. :mod:`simulations.figures` places the table in
+``docs/performance.md``.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+from simulations import benchmark_outputs as outputs
+
+ROOT = Path(__file__).resolve().parents[1]
+PERFORMANCE = ROOT / "docs" / "performance"
+BYTES_OUTPUT = ROOT / "docs" / "results" / "transport" / "bytes_benchmark.txt"
+
+
+def _read(path: Path) -> str:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no committed benchmark output (run the command in its row and save "
+                                "what it prints there)")
+    return path.read_text(encoding="utf-8")
+
+
+def _agree(quoted: float, computed: float, tolerance: float, what: str) -> float:
+    if abs(quoted - computed) > tolerance:
+        raise ValueError(f"{what}: the printed figure {quoted} disagrees with {computed:.4f} computed from the raw "
+                         "figures printed beside it")
+    return computed
+
+
+def _link(path: Path) -> str:
+    return f"[output]({path.relative_to(ROOT / 'docs').as_posix()})"
+
+
+def bytes_row() -> tuple[str, str]:
+    rows = outputs.table(_read(BYTES_OUTPUT), "bytes_benchmark")
+    plain = [r for r in rows if r["transport"] == "float32"]
+    sites = sorted({int(r["S"]) for r in plain})
+    depth0 = {int(r["S"]): r for r in plain if r["min depth"] == "0"}
+    deepest = max(plain, key=lambda r: (int(r["S"]), int(r["min depth"])))
+    for r in rows:
+        _agree(float(r["ResIST / FedAvg"]), float(r["ResIST MB"]) / float(r["FedAvg MB"]), 0.002,
+               f"bytes_benchmark S={r['S']} {r['transport']}")
+    deviation = max(abs(float(r["deviation"].rstrip(" %"))) for r in rows)
+    compressed = {t: sorted({r["ResIST bytes / float32's"] for r in rows if r["transport"] == t})
+                  for t in ("float16", "uint8")}
+    figure = (f"S = {' / '.join(map(str, sites))}: {' / '.join(depth0[s]['ResIST / FedAvg'] for s in sites)}"
+              f" (min depth {deepest['min depth']} at S = {deepest['S']}: {deepest['ResIST / FedAvg']}); largest "
+              f"deviation from the analytic sub-network fraction {deviation:.2f} %; `float16` "
+              f"{' - '.join(compressed['float16'])}x and `uint8` {' - '.join(compressed['uint8'])}x the float32 bytes")
+    return figure, "`python benchmarks/bytes_benchmark.py`"
+
+
+def step_row() -> tuple[str, str]:
+    rows = outputs.table(_read(PERFORMANCE / "step_benchmark.txt"), "step_benchmark")
+    full = float(rows[0]["step ms"])
+    subs = rows[1:]
+    ratios = [_agree(float(r["step time / full"]), float(r["step ms"]) / full, 0.002, f"step_benchmark {r['model']}")
+              for r in subs]
+    figure = (f"{' / '.join(r['model'] for r in subs)} ({' / '.join(r['partitioned blocks kept'] for r in subs)} "
+              f"blocks): **{' / '.join(f'{v:.3f}' for v in ratios)}** of the full model's {full:.1f} ms; "
+              f"FLOP share {' / '.join(r['FLOP share'] for r in subs)}")
+    return figure, "`python benchmarks/step_benchmark.py`"
+
+
+def loader_row() -> tuple[str, str]:
+    figures = outputs.loader(_read(PERFORMANCE / "loader_benchmark.txt"))
+    old, new = figures["rates"]["per-sample (old)"], figures["rates"]["batched (new)"]
+    ratio = _agree(figures["ratio"], new[0] / old[0], 0.06, "loader_benchmark")
+    figure = (f"per-sample torchvision `DataLoader` {old[0]:,.0f} vs device-resident batched path {new[0]:,.0f} "
+              f"images/s: **{ratio:.1f}x** ({new[1]:.2f} vs {old[1]:.2f} ms per batch)")
+    return figure, "`python benchmarks/loader_benchmark.py`"
+
+
+def server_row() -> tuple[str, str]:
+    rows = outputs.table(_read(PERFORMANCE / "server_benchmark.txt"), "server_benchmark")
+    parts = []
+    for r in rows:
+        configure, aggregate, total = float(r["configure s"]), float(r["aggregate s"]), float(r["round s"])
+        share = _agree(float(r["server share"].rstrip(" %")), 100 * (configure + aggregate) / total, 0.05,
+                       f"server_benchmark {r['strategy']}")
+        parts.append(f"{r['strategy']} **{share:.2f} %** ({configure:g} + {aggregate:g} s of {total:g} s)")
+    return "; ".join(parts) + " of a round", "`python benchmarks/server_benchmark.py`"
+
+
+def round_time_row() -> tuple[str, str]:
+    figures = outputs.round_time(_read(PERFORMANCE / "round_time_benchmark.txt"))
+    median = {s: statistics.median(v[1:]) for s, v in figures["seconds"].items()}
+    for strategy, value in median.items():
+        _agree(figures["median"][strategy], value, 0.005, f"round_time_benchmark {strategy} median")
+    ratio = _agree(figures["ratio"], median["resist"] / median["fedavg"], 0.002, "round_time_benchmark")
+    figure = (f"median of rounds 2-{len(figures['seconds']['resist'])}: ResIST {median['resist']:.2f} s, FedAvg "
+              f"{median['fedavg']:.2f} s: **{ratio:.3f}**")
+    return figure, "`python benchmarks/round_time_benchmark.py`"
+
+
+def deploy_row() -> tuple[str, str]:
+    figures = outputs.deploy_overhead(_read(PERFORMANCE / "deploy_overhead_benchmark.txt"))
+    before, after = figures["before"], figures["after"]
+    ratio = _agree(figures["ratio"], after["median"] / before["median"], 0.002, "deploy_overhead_benchmark")
+    saved = _agree(figures["saved"], before["median"] - after["median"], 0.01, "deploy_overhead_benchmark saving")
+    figure = (f"seconds per round outside training, before / after (median of rounds 2-{len(after['later']) + 1}): "
+              f"{before['median']:.2f} / {after['median']:.2f}: **{ratio:.3f}** ({saved:.2f} s per round saved); "
+              f"round 1: {before['round1']:.2f} / {after['round1']:.2f} s")
+    return figure, "`python benchmarks/deploy_overhead_benchmark.py`"
+
+
+def merge_row() -> tuple[str, str]:
+    figures = outputs.merge(_read(PERFORMANCE / "merge_benchmark.txt"))
+    ratio = _agree(figures["ratio"], figures["merge_ms"] / figures["copy_ms"], 0.002, "merge_benchmark")
+    figure = (f"merging {figures['mib']:.1f} MiB of updates: {figures['merge_ms']:.1f} ms against "
+              f"{figures['copy_ms']:.1f} ms for a NumPy copy of the same bytes: **{ratio:.2f}x**")
+    return figure, "`python benchmarks/merge_benchmark.py`"
+
+
+def load_row() -> tuple[str, str]:
+    parts = []
+    for name in ("load_benchmark.txt", "load_benchmark_fedavg.txt"):
+        figures = outputs.load(_read(PERFORMANCE / name))
+        ratio = _agree(figures["ratio"], figures["rss_late"] / figures["rss_early"], 0.001, f"load_benchmark ({name})")
+        parts.append(f"{figures['strategy']}: {figures['rss_early']:.1f} → {figures['rss_late']:.1f} MiB, "
+                     f"**{ratio:.3f}** ({figures['wall']:.0f} s)")
+    return ("ServerApp RSS after round 5 → after the last round: " + "; ".join(parts),
+            "`python benchmarks/load_benchmark.py [--strategy fedavg]`")
+
+
+def startup_row() -> tuple[str, str]:
+    ways = outputs.startup(_read(PERFORMANCE / "startup_benchmark.txt"))
+    parts = [f"{name}: {w['round1']:.1f} s to round 1, {w['whole']:.1f} s in all ({w['status']})"
+             for name, w in ways.items()]
+    return "; ".join(parts), "`python benchmarks/startup_benchmark.py --no-install-only`"
+
+
+ROWS: dict[str, tuple[str, Callable[[], tuple[str, str]], Path, str]] = {
+    "bytes": ("bytes of one round's training messages, ResIST / FedAvg", bytes_row, BYTES_OUTPUT,
+              "0.529 at S = 4, within 0.5 %"),
+    "step": ("local step time, largest sub-network / full model", step_row, PERFORMANCE / "step_benchmark.txt",
+             "keep 0.66 / 0.53 / 0.45"),
+    "loader": ("training images per second, new / old loader", loader_row, PERFORMANCE / "loader_benchmark.txt",
+               "not slower on CPU"),
+    "server": ("server time (`configure_train` + `aggregate_train`) as a share of a round", server_row,
+               PERFORMANCE / "server_benchmark.txt", "≤ 5 %"),
+    "round-time": ("simulated round time through `flwr run`, ResIST / FedAvg", round_time_row,
+                   PERFORMANCE / "round_time_benchmark.txt", "≤ 0.6"),
+    "deploy": ("deployed round overhead, after / before the lazy imports and the partition cache", deploy_row,
+               PERFORMANCE / "deploy_overhead_benchmark.txt", "cut what the project controls"),
+    "merge": ("merge of the round's sub-network updates / a copy of their bytes", merge_row,
+              PERFORMANCE / "merge_benchmark.txt", "≤ 2.0"),
+    "load": ("100 SuperNodes, 10 sampled per round: server memory growth", load_row,
+             PERFORMANCE / "load_benchmark.txt", "within 10 %"),
+    "startup": ("`flwr run` to the end of round 1", startup_row, PERFORMANCE / "startup_benchmark.txt",
+                "context"),
+}
+
+
+def summary_block() -> list[str]:
+    """The summary table: what, the benchmark's setting line, the figure, the target, command and output."""
+    lines = ["| what | setting (the benchmark's first line) | figure | target | command |",
+             "|---|---|---|---|---|"]
+    for what, row, path, target in ROWS.values():
+        figure, command = row()
+        lines.append(f"| {what} | {header(path)} | {figure} | {target} | {command} ({_link(path)}) |")
+    return lines
+
+
+def header(path: Path) -> str:
+    return outputs.header(_read(path)).replace("|", "/")
