@@ -35,7 +35,7 @@ def time_to_round1(work: Path, name: str, install: bool, quick: bool = False) ->
               **(QUICK if quick else {})}
     result = run_flwr(ROOT, config, num_supernodes=2, timeout_s=1800, workdir=work,
                       runtime_dependency_installation=install)
-    status = "ok" if result.success else f"FAILED: {result.reason}"
+    status = "ok" if result.success else f"FAILED: {result.reason}; log: {result.log_path}"
     return (f"{name:<28} to round 1: {result.seconds_to_round1 or float('nan'):6.1f} s, "
             f"whole run: {result.wall_seconds:6.1f} s ({status})")
 
@@ -48,19 +48,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a tiny model and one local step")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="resist-startup-"))
-    print(time_to_round1(work, "no-runtime-install", install=False, quick=args.quick))
+    print(f"flwr run . to the end of round 1: 1 round, synthetic data, 2 SuperNodes, "
+          f"{'a tiny model and one local step' if args.quick else 'the default model'}")
+    lines = [time_to_round1(work, "no-runtime-install", install=False, quick=args.quick)]
+    print(lines[-1])
     if not args.no_install_only:
-        print(time_to_round1(work, "runtime-install-warm-cache", install=True))
+        lines.append(time_to_round1(work, "runtime-install-warm-cache", install=True))
+        print(lines[-1])
     if args.cold and not args.no_install_only:
         cache = Path(tempfile.mkdtemp(prefix="uv-cache-"))
         os.environ["UV_CACHE_DIR"] = str(cache)
         try:
-            print(time_to_round1(work, "runtime-install-cold-cache", install=True))
+            lines.append(time_to_round1(work, "runtime-install-cold-cache", install=True))
+            print(lines[-1])
         finally:
             del os.environ["UV_CACHE_DIR"]
             shutil.rmtree(cache, ignore_errors=True)
-    shutil.rmtree(work, ignore_errors=True)
-    return 0
+    if all("(ok)" in line for line in lines):
+        shutil.rmtree(work, ignore_errors=True)  # a failed run keeps its log (named in its line)
+    return 0 if all("(ok)" in line for line in lines) else 1
 
 
 if __name__ == "__main__":
