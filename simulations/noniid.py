@@ -252,13 +252,23 @@ def plot(config: DictConfig, rows: Sequence[dict[str, Any]], target: float | Non
     return path
 
 
-def write_report(config: DictConfig, results: Sequence[dict[str, Any]], out: Path, command: str) -> Path:
+def _summary_rows(config: DictConfig, results: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], float | None]:
     target = target_accuracy(config, results)
     order = [(s, n, str(a)) for a in config.grid.alphas for n in config.grid.norms for s in config.strategies]
-    rows = summarize(results, target, order)
-    plot(config, rows, target, out / PLOT_FILE)
+    return summarize(results, target, order), target
+
+
+def report_text(config: DictConfig, results: Sequence[dict[str, Any]], command: str) -> str:
+    """``report.md`` of these results (what ``write_report`` writes, without the plot)."""
+    rows, target = _summary_rows(config, results)
     defaults = next((r["app-defaults"] for r in results if "app-defaults" in r), {})
-    (out / REPORT_FILE).write_text(render(config, rows, target, command, defaults), encoding="utf-8")
+    return render(config, rows, target, command, defaults)
+
+
+def write_report(config: DictConfig, results: Sequence[dict[str, Any]], out: Path, command: str) -> Path:
+    rows, target = _summary_rows(config, results)
+    plot(config, rows, target, out / PLOT_FILE)
+    (out / REPORT_FILE).write_text(report_text(config, results, command), encoding="utf-8")
     return out / REPORT_FILE
 
 

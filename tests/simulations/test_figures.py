@@ -105,3 +105,30 @@ def test_result_lines_without_the_effective_clip_norm_are_refused(tmp_path):
     (tmp_path / "old.jsonl").write_text(json.dumps(line) + "\n", encoding="utf-8")
     with pytest.raises(ValueError, match="'clip-grad-norm': these result lines do not record it"):
         probe_figures.seeds_table(tmp_path / "old.jsonl", probe_figures.strategy_norm, "strategy, norm")
+
+
+@pytest.mark.parametrize("preset, folder", [("noniid-digits", "digits"), ("noniid-synthetic", "synthetic")])
+def test_a_committed_grid_report_is_what_its_result_lines_give(preset, folder):
+    from simulations import noniid
+
+    out = figures.ROOT / "docs" / "results" / "noniid" / folder
+    committed = (out / noniid.REPORT_FILE).read_text(encoding="utf-8")
+    command = re.search(r"^- command: `(.*)`$", committed, re.M).group(1)
+    config = noniid.load_grid_preset(preset)
+    assert noniid.report_text(config, noniid.read_results(out / noniid.RESULTS_FILE), command) == committed
+
+
+COMPARISONS = sorted(p.parent.name for p in (figures.RESULTS).glob("*/compare.json"))
+
+
+@pytest.mark.parametrize("name", COMPARISONS)
+def test_a_committed_comparison_report_is_what_its_runs_give(name, tmp_path):
+    """report.md of every committed comparison is rebuilt, byte for byte, from its run directories."""
+    import shutil
+
+    from simulations import report
+
+    copy = tmp_path / name
+    shutil.copytree(figures.RESULTS / name, copy, ignore=shutil.ignore_patterns("report.*", "logs", "*.pt"))
+    committed = (figures.RESULTS / name / report.REPORT_FILE).read_text(encoding="utf-8")
+    assert report.build_report(copy).read_text(encoding="utf-8") == committed
