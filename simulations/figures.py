@@ -161,6 +161,9 @@ def round_line_block(name: str, run: str, number: int) -> list[str]:
             f"({row['round-seconds']:.1f} s, ETA ... s)", "```"]
 
 
+TRACE_CODE = "with the code of commit 9508bb9 (2026-11-25), before the batched loader of d528165"
+"""The divergence traces are not re-run: today's code draws other batches and the run no longer blows up."""
+
 BLOCKS: dict[str, Callable[[], list[str]]] = {
     "hetero-baselines": lambda: baselines_block("hetero-baselines"),
     "hetero-baselines-synthetic": lambda: baselines_block("hetero-baselines-synthetic"),
@@ -177,14 +180,16 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "noniid-synthetic": lambda: probe_figures.grid_block("noniid-synthetic", "synthetic"),
     "probe-l50": lambda: probe_figures.seeds_table(probe_figures.NONIID / "probe-l50.jsonl",
                                                    probe_figures.strategy_norm, "strategy, norm"),
-    "remedies-l50": lambda: probe_figures.seeds_table(probe_figures.NONIID / "remedies-l50.jsonl",
-                                                      probe_figures.change, "change"),
+    "remedies-l50": lambda: probe_figures.seeds_table(
+        (probe_figures.NONIID / "probe-l50.jsonl", probe_figures.NONIID / "remedies-l50.jsonl"),
+        probe_figures.change, "change (ResIST, batchnorm, 50 steps, alpha 0.3)", probe_figures.resist_batchnorm),
     "fedavg-clip-l50": lambda: probe_figures.seeds_table(probe_figures.NONIID / "fedavg-clip-l50.jsonl",
                                                          probe_figures.strategy_norm, "strategy, norm"),
     "six-rounds-l50": lambda: probe_figures.curves_table(probe_figures.NONIID / "six-rounds-l50.jsonl"),
-    "trace-l50": lambda: probe_figures.trace_table(probe_figures.NONIID / "trace-resist-batchnorm-seed1-l50.txt"),
+    "trace-l50": lambda: probe_figures.trace_table(probe_figures.NONIID / "trace-resist-batchnorm-seed1-l50.txt",
+                                                   TRACE_CODE),
     "trace-l50-clip1": lambda: probe_figures.trace_table(
-        probe_figures.NONIID / "trace-resist-batchnorm-seed1-l50-clip1.txt"),
+        probe_figures.NONIID / "trace-resist-batchnorm-seed1-l50-clip1.txt", TRACE_CODE),
 }
 
 

@@ -49,18 +49,22 @@ def _effective(group: Sequence[dict[str, Any]], name: str) -> str:
     return " / ".join(values)
 
 
-def seeds_table(path: Path, key: Callable[[dict[str, Any]], str], what: str) -> list[str]:
-    """Per group: each seed's final accuracy, mean ± std, min, runs diverging, and the effective clip and lr."""
+def seeds_table(paths: Path | Sequence[Path], key: Callable[[dict[str, Any]], str], what: str,
+                keep: Callable[[dict[str, Any]], bool] = lambda line: True) -> list[str]:
+    """Per group: each seed's final accuracy, mean ± std, min, runs diverging, and the effective clip and lr
+    (the lines of every file in ``paths`` that ``keep`` accepts, grouped by ``key``)."""
+    paths = [paths] if isinstance(paths, Path) else list(paths)
+    lines = [line for path in paths for line in read_lines(path) if keep(line)]
     rows = [f"| {what} | final accuracy by seed | mean ± std | min | runs diverging | clip-grad-norm | lr |",
             "|---|---|---|---|---|---|---|"]
-    for label, group in _groups(read_lines(path), key).items():
+    for label, group in _groups(lines, key).items():
         group = sorted(group, key=lambda line: line["seed"])
         accuracy = [line["final-accuracy"] for line in group]
         seeds = ", ".join(f"{line['seed']}: {line['final-accuracy']:.3f}" for line in group)
         diverging = sum(bool(line["diverging-rounds"]) for line in group)
         rows.append(f"| {label} | {seeds} | {_mean_std(accuracy)} | {min(accuracy):.3f} | {diverging}/{len(group)} "
                     f"| {_effective(group, 'clip-grad-norm')} | {_effective(group, 'lr')} |")
-    return [f"From `{_rel(path)}`.", "", *rows]
+    return [f"From {', '.join(f'`{_rel(path)}`' for path in paths)}.", "", *rows]
 
 
 def strategy_norm(line: dict[str, Any]) -> str:
@@ -68,9 +72,15 @@ def strategy_norm(line: dict[str, Any]) -> str:
 
 
 def change(line: dict[str, Any]) -> str:
-    """What a remedies line changed besides the 50 local steps (its ``--set`` less ``local-steps``)."""
-    changed = {k: v for k, v in line.get("set", {}).items() if k != "local-steps"}
-    return ", ".join(f"`{k}={v}`" for k, v in sorted(changed.items())) or "none"
+    """What a remedies line changed against the unclipped 50-step run (its ``--set`` less ``local-steps`` and
+    ``clip-grad-norm=0``); "none" for that run itself."""
+    changed = {k: v for k, v in line.get("set", {}).items()
+               if k != "local-steps" and not (k == "clip-grad-norm" and not v)}
+    return ", ".join(f"`{k}={v}`" for k, v in sorted(changed.items())) or "none (no clipping)"
+
+
+def resist_batchnorm(line: dict[str, Any]) -> bool:
+    return line["strategy"] == "resist" and line["norm"] == "batchnorm"
 
 
 def curves_table(path: Path) -> list[str]:
@@ -87,9 +97,9 @@ TRACE_LINE = re.compile(r"round\s+(\d+) node (\d+): classes (\d+)\s+n=(\d+) bloc
                         r"update shared=([\d.naninf]+) own=([\d.naninf]+) max\|bn w\| own=([\d.naninf]+)")
 
 
-def trace_table(path: Path, rounds: int = 8) -> list[str]:
+def trace_table(path: Path, recorded: str, rounds: int = 8) -> list[str]:
     """Per round of a trace: each node's loss and its update to the shared layers (relative to their norm),
-    and the largest BatchNorm weight any node returned."""
+    and the largest BatchNorm weight any node returned; ``recorded`` says with which code it was recorded."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no committed trace")
     by_round: dict[int, list[tuple]] = {}
@@ -105,7 +115,7 @@ def trace_table(path: Path, rounds: int = 8) -> list[str]:
                     f"| {' / '.join(f'{float(g[6]):.2f}' for g in nodes)} | {max(float(g[8]) for g in nodes):.2f} |")
     first = sorted(by_round[min(by_round)], key=lambda g: int(g[1]))
     holds = "; ".join(f"node {g[1]}: classes {g[2]}, {g[4]} blocks" for g in first)
-    return [f"From `{_rel(path)}` (round 1: {holds}).", "", *rows]
+    return [f"From `{_rel(path)}`, recorded {recorded} (round 1: {holds}).", "", *rows]
 
 
 def grid_block(name: str, folder: str) -> list[str]:
