@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import shutil
 import statistics
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.step_benchmark import step_seconds
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the root holds `benchmarks`
+from benchmarks.step_benchmark import step_seconds  # noqa: E402
 from resist_fl.core.decomposition import BlockLayout, round_rng, sample_subnetworks
 from resist_fl.core.model import PRESET_DEPTHS, ModelSpec, build_model
 from resist_fl.data import ImageArrays, Normalization

@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from benchmarks.step_benchmark import step_seconds
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the root holds `benchmarks`
+from benchmarks.step_benchmark import step_seconds  # noqa: E402
 from client_app.app import identity_handler
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.model import PRESET_DEPTHS, ModelSpec, build_model

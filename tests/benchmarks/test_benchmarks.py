@@ -222,3 +222,18 @@ def test_the_gpu_flwr_run_step_on_the_cpu(capsys, launch, tmp_path):
     out = capsys.readouterr().out
     found = re.search(r"round seconds ([\d. ]+); final accuracy ([\d.]+)", out)
     assert found and len(found.group(1).split()) == 2 and 0 <= float(found.group(2)) <= 1
+
+
+def test_every_benchmark_runs_as_the_script_its_docs_name():
+    """``python benchmarks/NAME.py`` (how the docs run them) imports: ``sys.path[0]`` is then benchmarks/ itself."""
+    import subprocess
+    import sys
+
+    scripts = sorted(BENCHMARKS.glob("*_benchmark.py")) + [BENCHMARKS / "gpu_flwr_run.py"]
+    failed = {}
+    for script in scripts:
+        done = subprocess.run([sys.executable, str(script), "--help"], cwd=BENCHMARKS.parent, capture_output=True,
+                              text=True, timeout=120)
+        if done.returncode != 0:
+            failed[script.name] = done.stderr.strip().splitlines()[-1:]
+    assert failed == {}
