@@ -17,10 +17,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from opacus import GradSampleModule
-from opacus.accountants import RDPAccountant
-from opacus.optimizers import DPOptimizer
-from opacus.validators import ModuleValidator
 from torch import nn
 
 from resist_fl.data.batches import TrainBatches
@@ -42,6 +38,8 @@ class PrivateTraining:
 
 def check_private_model(model: nn.Module) -> None:
     """ValueError naming the layers Opacus cannot train privately (BatchNorm: use GroupNorm)."""
+    from opacus.validators import ModuleValidator  # Opacus only where local DP runs (see train_private)
+
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise ValueError(f"dp='local': the model has layers Opacus cannot train with per-sample gradients "
@@ -52,7 +50,16 @@ def train_private(model: nn.Module, loader: TrainBatches, *, steps: int, lr: flo
                   weight_decay: float, noise_multiplier: float, clip: float, delta: float,
                   history: Sequence[tuple[float, float, int]] = (), seed: int = 0) -> PrivateTraining:
     """``steps`` DP-SGD steps on ``model`` (in place, on the CPU or the loader's device) over
-    Poisson-sampled batches of ``loader``; the accountant continues from ``history``."""
+    Poisson-sampled batches of ``loader``; the accountant continues from ``history``.
+
+    Opacus is imported here, not with the module: it pulls in ``torch.distributed``, whose import once
+    failed in Flower's simulation process ("cannot import name 'ShardedTensor'", a partly initialised
+    module) while the ServerApp's thread was running there, and a ClientApp without local DP need not
+    load it."""
+    from opacus import GradSampleModule
+    from opacus.accountants import RDPAccountant
+    from opacus.optimizers import DPOptimizer
+
     check_private_model(model)
     start = time.perf_counter()
     count = len(loader.data)

@@ -240,3 +240,15 @@ def test_local_dp_refuses_batchnorm_with_the_fix():
         check_private_model(build_model(ModelSpec(depths=(1, 1, 2, 1), base_width=4, norm="batchnorm")))
     check_private_model(build_model(ModelSpec(depths=(1, 1, 2, 1), base_width=4, norm="groupnorm")))
     assert torch.is_grad_enabled()
+
+
+def test_the_client_app_loads_opacus_only_for_local_dp():
+    """Importing the ClientApp leaves Opacus (and the torch.distributed it pulls in) unloaded."""
+    import subprocess
+    import sys
+
+    code = "import sys, client_app.app; print(sorted(m for m in ('opacus', 'torch.distributed._tensor') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
