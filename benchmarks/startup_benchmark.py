@@ -64,9 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             del os.environ["UV_CACHE_DIR"]
             shutil.rmtree(cache, ignore_errors=True)
-    if all("(ok)" in line for line in lines):
+    ok = all("(ok)" in line for line in lines)
+    if ok:
         shutil.rmtree(work, ignore_errors=True)  # a failed run keeps its log (named in its line)
-    return 0 if all("(ok)" in line for line in lines) else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -39,8 +39,8 @@ def _link(path: Path) -> str:
     return f"[output]({path.relative_to(ROOT / 'docs').as_posix()})"
 
 
-def bytes_row() -> tuple[str, str]:
-    rows = outputs.table(_read(BYTES_OUTPUT), "bytes_benchmark")
+def bytes_row(path: Path) -> str:
+    rows = outputs.table(_read(path), "bytes_benchmark")
     plain = [r for r in rows if r["transport"] == "float32"]
     sites = sorted({int(r["S"]) for r in plain})
     depth0 = {int(r["S"]): r for r in plain if r["min depth"] == "0"}
@@ -55,11 +55,11 @@ def bytes_row() -> tuple[str, str]:
               f" (min depth {deepest['min depth']} at S = {deepest['S']}: {deepest['ResIST / FedAvg']}); largest "
               f"deviation from the analytic sub-network fraction {deviation:.2f} %; `float16` "
               f"{' - '.join(compressed['float16'])}x and `uint8` {' - '.join(compressed['uint8'])}x the float32 bytes")
-    return figure, "`python benchmarks/bytes_benchmark.py`"
+    return figure
 
 
-def step_row() -> tuple[str, str]:
-    rows = outputs.table(_read(PERFORMANCE / "step_benchmark.txt"), "step_benchmark")
+def step_row(path: Path) -> str:
+    rows = outputs.table(_read(path), "step_benchmark")
     full = float(rows[0]["step ms"])
     subs = rows[1:]
     ratios = [_agree(float(r["step time / full"]), float(r["step ms"]) / full, 0.002, f"step_benchmark {r['model']}")
@@ -67,108 +67,106 @@ def step_row() -> tuple[str, str]:
     figure = (f"{' / '.join(r['model'] for r in subs)} ({' / '.join(r['partitioned blocks kept'] for r in subs)} "
               f"blocks): **{' / '.join(f'{v:.3f}' for v in ratios)}** of the full model's {full:.1f} ms; "
               f"FLOP share {' / '.join(r['FLOP share'] for r in subs)}")
-    return figure, "`python benchmarks/step_benchmark.py`"
+    return figure
 
 
-def loader_row() -> tuple[str, str]:
-    figures = outputs.loader(_read(PERFORMANCE / "loader_benchmark.txt"))
+def loader_row(path: Path) -> str:
+    figures = outputs.loader(_read(path))
     old, new = figures["rates"]["per-sample (old)"], figures["rates"]["batched (new)"]
     ratio = _agree(figures["ratio"], new[0] / old[0], 0.06, "loader_benchmark")
     figure = (f"per-sample torchvision `DataLoader` {old[0]:,.0f} vs device-resident batched path {new[0]:,.0f} "
               f"images/s: **{ratio:.1f}x** ({new[1]:.2f} vs {old[1]:.2f} ms per batch)")
-    return figure, "`python benchmarks/loader_benchmark.py`"
+    return figure
 
 
-def server_row() -> tuple[str, str]:
-    rows = outputs.table(_read(PERFORMANCE / "server_benchmark.txt"), "server_benchmark")
+def server_row(path: Path) -> str:
+    rows = outputs.table(_read(path), "server_benchmark")
     parts = []
     for r in rows:
         configure, aggregate, total = float(r["configure s"]), float(r["aggregate s"]), float(r["round s"])
         share = _agree(float(r["server share"].rstrip(" %")), 100 * (configure + aggregate) / total, 0.05,
                        f"server_benchmark {r['strategy']}")
         parts.append(f"{r['strategy']} **{share:.2f} %** ({configure:g} + {aggregate:g} s of {total:g} s)")
-    return "; ".join(parts) + " of a round", "`python benchmarks/server_benchmark.py`"
+    return "; ".join(parts) + " of a round"
 
 
-def round_time_row() -> tuple[str, str]:
-    figures = outputs.round_time(_read(PERFORMANCE / "round_time_benchmark.txt"))
+def round_time_row(path: Path) -> str:
+    figures = outputs.round_time(_read(path))
     median = {s: statistics.median(v[1:]) for s, v in figures["seconds"].items()}
     for strategy, value in median.items():
         _agree(figures["median"][strategy], value, 0.005, f"round_time_benchmark {strategy} median")
     ratio = _agree(figures["ratio"], median["resist"] / median["fedavg"], 0.002, "round_time_benchmark")
     figure = (f"median of rounds 2-{len(figures['seconds']['resist'])}: ResIST {median['resist']:.2f} s, FedAvg "
               f"{median['fedavg']:.2f} s: **{ratio:.3f}**")
-    return figure, "`python benchmarks/round_time_benchmark.py`"
+    return figure
 
 
-def deploy_row() -> tuple[str, str]:
-    figures = outputs.deploy_overhead(_read(PERFORMANCE / "deploy_overhead_benchmark.txt"))
+def deploy_row(path: Path) -> str:
+    figures = outputs.deploy_overhead(_read(path))
     before, after = figures["before"], figures["after"]
     ratio = _agree(figures["ratio"], after["median"] / before["median"], 0.002, "deploy_overhead_benchmark")
     saved = _agree(figures["saved"], before["median"] - after["median"], 0.01, "deploy_overhead_benchmark saving")
     figure = (f"seconds per round outside training, before / after (median of rounds 2-{len(after['later']) + 1}): "
               f"{before['median']:.2f} / {after['median']:.2f}: **{ratio:.3f}** ({saved:.2f} s per round saved); "
               f"round 1: {before['round1']:.2f} / {after['round1']:.2f} s")
-    return figure, "`python benchmarks/deploy_overhead_benchmark.py`"
+    return figure
 
 
-def merge_row() -> tuple[str, str]:
-    figures = outputs.merge(_read(PERFORMANCE / "merge_benchmark.txt"))
+def merge_row(path: Path) -> str:
+    figures = outputs.merge(_read(path))
     ratio = _agree(figures["ratio"], figures["merge_ms"] / figures["copy_ms"], 0.002, "merge_benchmark")
     figure = (f"merging {figures['mib']:.1f} MiB of updates: {figures['merge_ms']:.1f} ms against "
               f"{figures['copy_ms']:.1f} ms for a NumPy copy of the same bytes: **{ratio:.2f}x**")
-    return figure, "`python benchmarks/merge_benchmark.py`"
+    return figure
 
 
-def load_row() -> tuple[str, str]:
+def load_row(path: Path) -> str:
     parts = []
-    for name in ("load_benchmark.txt", "load_benchmark_fedavg.txt"):
-        figures = outputs.load(_read(PERFORMANCE / name))
-        ratio = _agree(figures["ratio"], figures["rss_late"] / figures["rss_early"], 0.001, f"load_benchmark ({name})")
+    for each in (path, path.with_name(f"{path.stem}_fedavg{path.suffix}")):  # ResIST's run, then FedAvg's
+        figures = outputs.load(_read(each))
+        ratio = _agree(figures["ratio"], figures["rss_late"] / figures["rss_early"], 0.001,
+                       f"load_benchmark ({each.name})")
         parts.append(f"{figures['strategy']}: {figures['rss_early']:.1f} → {figures['rss_late']:.1f} MiB, "
                      f"**{ratio:.3f}** ({figures['wall']:.0f} s)")
-    return ("ServerApp RSS after round 5 → after the last round: " + "; ".join(parts),
-            "`python benchmarks/load_benchmark.py [--strategy fedavg]`")
+    return "ServerApp RSS after round 5 → after the last round: " + "; ".join(parts)
 
 
-def startup_row() -> tuple[str, str]:
-    ways = outputs.startup(_read(PERFORMANCE / "startup_benchmark.txt"))
+def startup_row(path: Path) -> str:
+    ways = outputs.startup(_read(path))
     parts = [f"{name}: {w['round1']:.1f} s to round 1, {w['whole']:.1f} s in all ({w['status']})"
              for name, w in ways.items()]
-    return "; ".join(parts), "`python benchmarks/startup_benchmark.py --no-install-only`"
+    return "; ".join(parts)
 
 
-ROWS: dict[str, tuple[str, Callable[[], tuple[str, str]], Path, str]] = {
+ROWS: dict[str, tuple[str, Callable[[Path], str], Path, str, str]] = {
     "bytes": ("bytes of one round's training messages, ResIST / FedAvg", bytes_row, BYTES_OUTPUT,
-              "0.529 at S = 4, within 0.5 %"),
+              "0.529 at S = 4, within 0.5 %", "python benchmarks/bytes_benchmark.py"),
     "step": ("local step time, largest sub-network / full model", step_row, PERFORMANCE / "step_benchmark.txt",
-             "keep 0.66 / 0.53 / 0.45"),
+             "keep 0.66 / 0.53 / 0.45", "python benchmarks/step_benchmark.py"),
     "loader": ("training images per second, new / old loader", loader_row, PERFORMANCE / "loader_benchmark.txt",
-               "not slower on CPU"),
+               "not slower on CPU", "python benchmarks/loader_benchmark.py"),
     "server": ("server time (`configure_train` + `aggregate_train`) as a share of a round", server_row,
-               PERFORMANCE / "server_benchmark.txt", "≤ 5 %"),
+               PERFORMANCE / "server_benchmark.txt", "≤ 5 %", "python benchmarks/server_benchmark.py"),
     "round-time": ("simulated round time through `flwr run`, ResIST / FedAvg", round_time_row,
-                   PERFORMANCE / "round_time_benchmark.txt", "≤ 0.6"),
+                   PERFORMANCE / "round_time_benchmark.txt", "≤ 0.6", "python benchmarks/round_time_benchmark.py"),
     "deploy": ("deployed round overhead, after / before the lazy imports and the partition cache", deploy_row,
-               PERFORMANCE / "deploy_overhead_benchmark.txt", "cut what the project controls"),
+               PERFORMANCE / "deploy_overhead_benchmark.txt", "cut what the project controls",
+               "python benchmarks/deploy_overhead_benchmark.py"),
     "merge": ("merge of the round's sub-network updates / a copy of their bytes", merge_row,
-              PERFORMANCE / "merge_benchmark.txt", "≤ 2.0"),
+              PERFORMANCE / "merge_benchmark.txt", "≤ 2.0", "python benchmarks/merge_benchmark.py"),
     "load": ("100 SuperNodes, 10 sampled per round: server memory growth", load_row,
-             PERFORMANCE / "load_benchmark.txt", "within 10 %"),
+             PERFORMANCE / "load_benchmark.txt", "within 10 %", "python benchmarks/load_benchmark.py [--strategy fedavg]"),
     "startup": ("`flwr run` to the end of round 1", startup_row, PERFORMANCE / "startup_benchmark.txt",
-                "context"),
+                "context", "python benchmarks/startup_benchmark.py --no-install-only"),
 }
+"""Per row: what it measures, the row's reader, the committed output it reads, the target, the command."""
 
 
 def summary_block() -> list[str]:
     """The summary table: what, the benchmark's setting line, the figure, the target, command and output."""
     lines = ["| what | setting (the benchmark's first line) | figure | target | command |",
              "|---|---|---|---|---|"]
-    for what, row, path, target in ROWS.values():
-        figure, command = row()
-        lines.append(f"| {what} | {header(path)} | {figure} | {target} | {command} ({_link(path)}) |")
+    for what, row, path, target, command in ROWS.values():
+        setting = outputs.header(_read(path)).replace("|", "/")
+        lines.append(f"| {what} | {setting} | {row(path)} | {target} | `{command}` ({_link(path)}) |")
     return lines
-
-
-def header(path: Path) -> str:
-    return outputs.header(_read(path)).replace("|", "/")

@@ -31,7 +31,7 @@ from resist_fl.core.model import ModelSpec
 from resist_fl.core.model_cost import CostModel
 from resist_fl.run.outputs import CONFIG_FILE, read_metrics
 from simulations import benchmark_figures, probe_figures, report
-from simulations.node_costs import link_time_lines, node_summary, run_projection
+from simulations.node_costs import link_time_lines, node_summary
 from simulations.privacy_report import run_privacy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,15 +52,10 @@ def _pm(mean: float, std: float) -> str:
     return f"{mean:.4f} ± {std:.4f}"
 
 
-def _target(manifest: dict, groups: dict) -> float | None:
-    return report.target_accuracy(groups, (manifest.get("target") or {}).get("accuracy"),
-                                  (manifest.get("target") or {}).get("fraction-of-fedavg") or 0.9)[0]
-
-
 def baselines_block(name: str) -> list[str]:
     """Final accuracy, traffic, time to the preset's target and node-rounds over capacity per method."""
     runs_dir, manifest, groups = _groups(name)
-    target = _target(manifest, groups)
+    target, _ = report.preset_target(groups, manifest)
     rows = []
     for (variant, strategy), runs in groups.items():
         stats = report.group_stats(variant, strategy, runs, target)
@@ -91,16 +86,12 @@ def allocation_block(name: str, bandwidths: Sequence[float] = (10, 100)) -> list
     """The baselines table, then each group's projected round time and time to the target at ``bandwidths``
     (Mbit/s, from each run's ``nodes.jsonl``) and its any-depth accuracy."""
     runs_dir, manifest, groups = _groups(name)
-    target = _target(manifest, groups)
-    projections = {report.group_label(v, s): [p for p in (run_projection(runs_dir / r.name, bandwidths, target)
-                                                          for r in runs) if p is not None]
-                   for (v, s), runs in groups.items()}
-    depth = report.tier_lines(runs_dir, groups, "depth")
+    target, _ = report.preset_target(groups, manifest)
     return [*baselines_block(name), "", "Projected at link speeds (the slowest node's bytes over its link plus its "
             "training seconds; seeds that reached the target / seeds):", "",
-            *link_time_lines({k: v for k, v in projections.items() if v}, bandwidths, target), "",
+            *link_time_lines(report.group_projections(runs_dir, groups, bandwidths, target), bandwidths, target), "",
             "Any-depth accuracy of the final global model (the first share of the partitionable blocks):", "",
-            *depth[2:-3]]
+            *report.tier_table(runs_dir, groups, "depth")]
 
 
 def privacy_block(name: str) -> list[str]:

@@ -187,6 +187,14 @@ def target_accuracy(groups: dict[tuple[str, str], list[Run]], accuracy: float | 
                              f"({best:.4f}, variant {variant})")
 
 
+def preset_target(groups: dict[tuple[str, str], list[Run]], manifest: dict[str, Any], accuracy: float | None = None,
+                  fraction: float | None = None) -> tuple[float | None, str]:
+    """The target of a comparison: ``accuracy`` / ``fraction`` when given, else its preset's (``compare.json``)."""
+    preset = manifest.get("target") or {}
+    accuracy = accuracy if accuracy is not None else preset.get("accuracy")
+    return target_accuracy(groups, accuracy, fraction or preset.get("fraction-of-fedavg") or DEFAULT_TARGET_FRACTION)
+
+
 @dataclass(frozen=True)
 class GroupStats:
     """Seeds of one (variant, strategy) summarised."""
@@ -364,15 +372,22 @@ def group_label(variant: str, strategy: str) -> str:
     return LABELS.get(strategy, strategy) + ("" if variant == MAIN_VARIANT else f" ({variant})")
 
 
+def group_projections(runs_dir: Path, groups: dict[tuple[str, str], list[Run]], bandwidths: Sequence[float],
+                      target: float | None) -> dict[str, list[dict[float, Any]]]:
+    """Per group label, each run's projected round time and time to ``target`` at ``bandwidths`` (groups
+    without ``nodes.jsonl`` left out)."""
+    projections = {group_label(v, s): [p for p in (run_projection(runs_dir / r.name, bandwidths, target)
+                                                   for r in runs) if p is not None]
+                   for (v, s), runs in groups.items()}
+    return {k: v for k, v in projections.items() if v}
+
+
 def node_lines(runs_dir: Path, groups: dict[tuple[str, str], list[Run]], bandwidths: Sequence[float],
                target: float | None) -> tuple[list[str], list[Path], dict[str, Any]]:
     """The per-node cost and projected link-time sections (empty when no run wrote ``nodes.jsonl``)."""
     costs = {group_label(v, s): node_summary([runs_dir / r.name for r in runs]) for (v, s), runs in groups.items()}
     costs = {k: v for k, v in costs.items() if v is not None}
-    projections = {group_label(v, s): [p for p in (run_projection(runs_dir / r.name, bandwidths, target)
-                                                   for r in runs) if p is not None]
-                   for (v, s), runs in groups.items()}
-    projections = {k: v for k, v in projections.items() if v}
+    projections = group_projections(runs_dir, groups, bandwidths, target)
     if not costs:
         return [], [], {}
     lines = ["## Client costs (nodes.jsonl)", "", *node_cost_lines(costs), "",
@@ -406,6 +421,15 @@ TIERS = {
 
 
 def tier_lines(runs_dir: Path, groups: dict[tuple[str, str], list[Run]], kind: str) -> list[str]:
+    """The report's section on the tiers of ``kind`` (see :func:`tier_table`); empty when there are none."""
+    rows = tier_table(runs_dir, groups, kind)
+    if not rows:
+        return []
+    heading, _, text = TIERS[kind]
+    return [heading, "", *rows, "", text, ""]
+
+
+def tier_table(runs_dir: Path, groups: dict[tuple[str, str], list[Run]], kind: str) -> list[str]:
     """Final-round accuracy of the global model at each depth (``accuracy-depth-<pct>``) or width
     tier (``accuracy-width-<pct>``), mean over seeds; empty when no run evaluated such tiers."""
     prefix = f"accuracy-{kind}-"
@@ -420,10 +444,10 @@ def tier_lines(runs_dir: Path, groups: dict[tuple[str, str], list[Run]], kind: s
     percents = sorted({p for by_percent in finals.values() for p in by_percent})
     if not percents:
         return []
-    heading, unit, text = TIERS[kind]
+    unit = TIERS[kind][1]
     rows = [[name, *(num(float(np.mean(by_percent[p])), 4) if p in by_percent else "-" for p in percents)]
             for name, by_percent in finals.items()]
-    return [heading, "", *table(["group", *(f"{p:g} {unit}" for p in percents)], rows), "", text, ""]
+    return table(["group", *(f"{p:g} {unit}" for p in percents)], rows)
 
 
 def distinct_label_plots(runs_dir: Path) -> list[Path]:
@@ -493,10 +517,7 @@ def build_report(runs_dir: Path, target_accuracy_value: float | None = None,
     manifest = read_json(runs_dir / MANIFEST_FILE) if (runs_dir / MANIFEST_FILE).exists() else None
     groups = group_runs(discover_runs(runs_dir, manifest))
     manifest = manifest or {"preset": runs_dir.name}
-    preset_target = manifest.get("target") or {}
-    accuracy = target_accuracy_value if target_accuracy_value is not None else preset_target.get("accuracy")
-    fraction = target_fraction or preset_target.get("fraction-of-fedavg") or DEFAULT_TARGET_FRACTION
-    target, target_text = target_accuracy(groups, accuracy, fraction)
+    target, target_text = preset_target(groups, manifest, target_accuracy_value, target_fraction)
     stats = [group_stats(v, s, runs, target) for (v, s), runs in groups.items()]
     ratio_rows = ratios(stats)
     title = f"{manifest.get('preset', runs_dir.name)}: mean ± std over seeds"

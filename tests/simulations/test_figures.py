@@ -76,24 +76,24 @@ def test_the_results_index_lists_every_committed_results_folder():
     assert [f for f in folders if f"[{f}](" not in index and f"]({f}/" not in index] == []
 
 
-def test_a_benchmark_output_whose_ratio_was_edited_is_refused(tmp_path, monkeypatch):
+def test_a_benchmark_output_whose_ratio_was_edited_is_refused(tmp_path):
     from simulations import benchmark_figures
 
-    original = (benchmark_figures.PERFORMANCE / "loader_benchmark.txt").read_text(encoding="utf-8")
-    assert "images/s" in benchmark_figures.loader_row()[0]
-    edited = re.sub(r"ratio new / old: [\d.]+x", "ratio new / old: 99.0x", original)
+    committed = benchmark_figures.PERFORMANCE / "loader_benchmark.txt"
+    assert "images/s" in benchmark_figures.loader_row(committed)
+    edited = re.sub(r"ratio new / old: [\d.]+x", "ratio new / old: 99.0x", committed.read_text(encoding="utf-8"))
     (tmp_path / "loader_benchmark.txt").write_text(edited, encoding="utf-8")
-    monkeypatch.setattr(benchmark_figures, "PERFORMANCE", tmp_path)
     with pytest.raises(ValueError, match="loader_benchmark: the printed figure 99.0 disagrees"):
-        benchmark_figures.loader_row()
+        benchmark_figures.loader_row(tmp_path / "loader_benchmark.txt")
 
 
 def test_the_summary_quotes_the_ratio_recomputed_from_the_raw_figures():
     from simulations import benchmark_figures, benchmark_outputs
 
-    raw = benchmark_outputs.round_time((benchmark_figures.PERFORMANCE / "round_time_benchmark.txt").read_text())
+    committed = benchmark_figures.PERFORMANCE / "round_time_benchmark.txt"
+    raw = benchmark_outputs.round_time(committed.read_text())
     medians = {s: sorted(v[1:])[len(v[1:]) // 2] for s, v in raw["seconds"].items()}  # 3 later rounds: the middle
-    figure, _ = benchmark_figures.round_time_row()
+    figure = benchmark_figures.round_time_row(committed)
     assert f"**{medians['resist'] / medians['fedavg']:.3f}**" in figure
 
 
