@@ -36,6 +36,7 @@ from resist_fl.flower.client_side import (
 )
 from resist_fl.flower.width_sliced import FJORD_RATES, WIDTH_RATE, WIDTH_SCALER
 from resist_fl.node.device_cache import DeviceCache
+from resist_fl.node.dp_ledger import ledger_path, read_history, write_history
 from resist_fl.node.local_dp import train_private
 from resist_fl.node.ordered_dropout import OrderedDropout
 from resist_fl.node.peak_memory import PeakMemory
@@ -146,16 +147,15 @@ def train_handler(msg: Message, context: Context) -> Message:
     before_step = None
     if FJORD_RATES in config:  # FjORD: each local batch trains a nested width drawn at or below this node's
         before_step = OrderedDropout(model, spec, width_rate, list(config[FJORD_RATES]), seed=round_seed).sample
-    privacy = {}
+    private = settings.dp != "none"
     with PeakMemory(device) as peak:
-        if settings.dp == "local":  # DP-SGD (Opacus); the accountant's history stays in this node's state
-            private = train_private(model, loader, steps=steps, lr=lr, momentum=settings.momentum,
+        if settings.dp == "local":  # DP-SGD (Opacus); the accountant's history is the node's ledger on disk
+            ledger = ledger_path(node, settings.run_name, context.run_id, context.node_id)
+            trained = train_private(model, loader, steps=steps, lr=lr, momentum=settings.momentum,
                                     weight_decay=settings.weight_decay, noise_multiplier=settings.dp_noise_multiplier,
-                                    clip=settings.dp_clip, delta=settings.dp_delta,
-                                    history=_dp_history(context), seed=round_seed)
-            result = private.result
-            _keep_dp_history(context, private.history)
-            privacy = {"dp-epsilon": private.epsilon}
+                                    clip=settings.dp_clip, delta=settings.dp_delta, history=read_history(ledger))
+            write_history(ledger, trained.history)
+            result = trained.result
         else:
             result = train(model, loader, steps=steps, lr=lr, momentum=settings.momentum,
                            weight_decay=settings.weight_decay, device=device,
@@ -164,36 +164,23 @@ def train_handler(msg: Message, context: Context) -> Message:
     simulated = (slowdown - 1.0) * result.seconds  # a simulated straggler: sleeps, labelled as such
     time.sleep(simulated)
 
+    blocks_trained = len(blocks) if blocks is not None else len(layout.partitionable)
+    if private:  # under DP nothing but the privatised update and data-independent figures leaves the node
+        metrics = {"blocks": blocks_trained}
+        if settings.dp == "local":
+            metrics["dp-epsilon"] = trained.epsilon
+    else:
+        metrics = {"blocks": blocks_trained, "peak-memory-mb": peak.megabytes, "memory-measure": peak.measure,
+                   "simulated-seconds": simulated, "device-cache-mb": cache.device_bytes / 2**20}
     return train_reply(msg, model, num_examples=num_examples, train_loss=result.loss,
-                       train_seconds=result.seconds + simulated, local_steps=result.steps, metrics={
-                           "blocks": len(blocks) if blocks is not None else len(layout.partitionable),
-                           "peak-memory-mb": peak.megabytes, "memory-measure": peak.measure,
-                           "simulated-seconds": simulated, "device-cache-mb": cache.device_bytes / 2**20,
-                           **privacy})
+                       train_seconds=result.seconds + simulated, local_steps=result.steps, metrics=metrics,
+                       private=private)
 
 
 @lru_cache(maxsize=4)
 def _announce_precision(device: torch.device, amp: bool) -> None:
     """Log once per process what this node trains in (``bf16 autocast`` or ``fp32``) and where."""
     log(INFO, "resist-fl node: training on %s in %s", device, precision(amp))
-
-
-DP_HISTORY = "dp-local-history"
-"""The node-state record holding Opacus' accountant history (noise, rate, steps per round)."""
-
-
-def _dp_history(context: Context) -> list[tuple[float, float, int]]:
-    """This node's DP-SGD accountant history from earlier rounds (its ``context.state``)."""
-    if DP_HISTORY not in context.state.config_records:
-        return []
-    record = context.state.config_records[DP_HISTORY]
-    return list(zip(record["noise"], record["rate"], record["steps"]))
-
-
-def _keep_dp_history(context: Context, history: list[tuple[float, float, int]]) -> None:
-    context.state.config_records[DP_HISTORY] = ConfigRecord({
-        "noise": [float(h[0]) for h in history], "rate": [float(h[1]) for h in history],
-        "steps": [int(h[2]) for h in history]})
 
 
 @app.evaluate()

@@ -50,7 +50,7 @@ def build_strategy(settings: RunSettings, layout: BlockLayout, spec: ModelSpec |
                       transport=settings.transport_dtype, allocation=settings.allocation,
                       warmup_rounds=settings.warmup_rounds, costs=costs, capacity_measure=measure,
                       min_holders=settings.privacy_min_holders, exposure_threshold=exposure_threshold,
-                      privacy_strict=settings.privacy_strict, dp=dp)
+                      privacy_strict=settings.privacy_strict, dp=dp, private=settings.dp != "none")
     if settings.strategy in WIDTH_MODES:
         if spec is None or costs is None:
             raise ValueError(f"strategy {settings.strategy!r} needs the model spec and its costs")
@@ -73,7 +73,8 @@ def build_strategy(settings: RunSettings, layout: BlockLayout, spec: ModelSpec |
                           min_train_replies=settings.min_train_replies,
                           max_num_examples=settings.max_num_examples, seed=settings.seed,
                           server_lr=settings.server_lr, transport=settings.transport_dtype,
-                          costs=costs, capacity_measure=measure, dp=dp, exposure_threshold=exposure_threshold)
+                          costs=costs, capacity_measure=measure, dp=dp, exposure_threshold=exposure_threshold,
+                          private=settings.dp != "none")
 
 
 def central_dp(settings: RunSettings) -> CentralDP | None:
@@ -81,7 +82,9 @@ def central_dp(settings: RunSettings) -> CentralDP | None:
     if settings.dp != "central":
         return None
     return CentralDP(settings.dp_clip, settings.dp_noise_multiplier, settings.dp_delta,
-                     settings.dp_target_epsilon or None)
+                     settings.dp_target_epsilon or None, sampling=settings.dp_sampling,
+                     clip_quantile=settings.dp_clip_quantile, clip_lr=settings.dp_clip_lr,
+                     count_noise=settings.dp_clip_count_noise)
 
 
 def smallest_width(settings: RunSettings, costs: CostModel) -> float:
@@ -198,7 +201,8 @@ def main(grid: Grid, context: Context) -> None:
                                                           else set()),
                              eval_every=settings.eval_every, inference_scaling=settings.inference_scaling,
                              resume=settings.resume, label=settings.strategy,
-                             target_accuracy=settings.target_accuracy)
+                             target_accuracy=settings.target_accuracy, dp=settings.dp,
+                             secret_sample=settings.dp == "central" and settings.dp_sampling == "secret")
     recorder.tracker = open_tracker(settings.tracker, run_dir, settings.to_run_config(), settings.tracking_uri)
     log(INFO, "resist-fl: writing results to %s", run_dir)
     write_json(run_dir / CONFIG_FILE, {"run_config": settings.to_run_config(), "model_spec": spec.to_dict(),

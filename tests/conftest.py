@@ -33,3 +33,10 @@ def tiny_config(tmp_path):
 def digits_npz(tmp_path_factory) -> str:
     """Path of the real digits image set written as a user's ``.npz``."""
     return write_digits_npz(tmp_path_factory.mktemp("digits") / "digits.npz")
+
+
+@pytest.fixture(autouse=True)
+def _node_state_home(tmp_path, monkeypatch):
+    """Each test's nodes keep their local-DP ledgers in its own directory (never the user's
+    ``~/.local/state``), so no test sees another's epsilon."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "node-state"))

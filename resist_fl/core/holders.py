@@ -48,6 +48,17 @@ def key_holders(held: Mapping[int, Iterable[str]]) -> dict[str, int]:
     return dict(Counter(key for keys in held.values() for key in keys))
 
 
+def too_few_holders(sent: Mapping[int, Iterable[str]], accepted: Mapping[int, Iterable[str]],
+                    minimum: int) -> set[str]:
+    """The names sent this round that fewer than ``minimum`` accepted replies hold (whole; none
+    when ``minimum`` <= 1): what a merge must withhold under ``privacy-min-holders`` (a rejected or
+    missing co-holder would otherwise leave a parameter merged over one node)."""
+    if minimum <= 1:
+        return set()
+    counts = key_holders(accepted)
+    return {key for keys in sent.values() for key in keys if counts.get(key, 0) < minimum}
+
+
 def holder_counts(shapes: Mapping[str, tuple[int, ...]], holdings: Mapping[int, Holding]) -> dict[str, np.ndarray]:
     """Per name held by anyone: how many nodes hold each of its elements."""
     counts: dict[str, np.ndarray] = {}

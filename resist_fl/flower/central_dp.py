@@ -7,48 +7,75 @@ that noise. Here (``dp='central'``, one code path for ResIST, depth tiers and Fe
 
 - each node clips its update (trained arrays minus the arrays it received, over everything it
   holds) to L2 norm ``C`` (:func:`clip_update`, Flower's ``clip_inputs_inplace``); the server
-  recomputes the norm of what arrives and rejects a reply above ``C`` (:meth:`CentralDP.check`);
+  recomputes the norm of what arrives, rejects a reply above ``C`` (:meth:`CentralDP.check`) and
+  clips what it accepts to exactly ``C`` once more (a float32 reply may exceed it by rounding;
+  the accountant assumes ``C``, so the sum's sensitivity must be ``C``, not ``C(1 + 1e-4)``);
 - the server merges with uniform weights over the *holders* ``h`` of each parameter — the nodes
   it was sent to, a fact of the server's own dealing, not of any reply: a missing or rejected
   reply counts as a zero update, so ``h`` never depends on client data — and adds Gaussian noise
-  of standard deviation ``z * C / h`` to each merged parameter (Flower's
-  ``add_gaussian_noise_inplace`` with ``compute_stdv(z, C, h)``): the noised sum of the clipped
-  updates ``S + N(0, z^2 C^2 I)``, divided element-wise by the public ``h``;
-- the privacy loss of every round is composed in Flower's RDP accountant
-  (:class:`flwr.supercore.privacy_accounting.RdpAccountant`, backed by ``dp-accounting``) for the
-  sampling actually used: ``n`` of ``N`` nodes drawn uniformly *without replacement* (Flower's
-  node sampling is a fixed-size draw), so the neighbouring relation is *replace one* client's data,
-  under which the sum's L2 sensitivity is ``2C`` and the accountant's noise multiplier is ``z / 2``.
-  No amplification from the random block assignment is claimed.
+  of standard deviation ``z * C / h`` to each merged parameter: the noised sum of the clipped
+  updates ``S + N(0, z^2 C^2 I)``, divided element-wise by the public ``h``. The noise comes from a
+  generator seeded from OS entropy (:mod:`resist_fl.core.secure_random`), never from the run seed
+  or NumPy's global RNG (Flower's ``add_gaussian_noise_inplace`` draws from the latter, which the
+  ServerApp seeds from the run config: the noise could be replayed and removed);
+- accounting (``dp-sampling``):
 
-docs/privacy.md derives why this is the Gaussian mechanism on the holder-rescaled sum.
+  * ``public`` (default): which nodes take part in a round is drawn from the run seed and written
+    to ``nodes.jsonl``, so it is public and gives **no amplification by subsampling** (Flower
+    1.42's own accounted wrapper refuses amplification for the same reason). The neighbouring
+    relation is *add/remove one node's data* — with the participants known, a node without data
+    sends a zero update (a missing or rejected reply is merged as one), so one node moves the sum
+    of clipped updates by at most ``C`` and the accountant's multiplier is ``z``. Each node's
+    epsilon composes the rounds it was actually sent a model in (participation is
+    data-independent, so this is that node's guarantee; Flower's RDP accountant with
+    ``SamplingMethod.NO_AMPLIFICATION``); the run's ``epsilon`` is the worst node's, and
+    ``epsilon-every-round`` — a node in every round — is what ``dp-target-epsilon`` plans against;
+  * ``secret``: participants are drawn from OS entropy and written nowhere the run publishes; only
+    then is the amplified accountant used: ``n`` of ``N`` drawn without replacement (Flower's node
+    sampling is a fixed-size draw), whose analysis is under *replace one* node's data, where the
+    sum's sensitivity is ``2C`` and the accountant's multiplier ``z / 2``;
+- adaptive clipping (``dp-clip-quantile`` > 0; Andrew, Thakkar, McMahan, Ramaswamy, "Differentially
+  Private Learning with Adaptive Clipping", NeurIPS 2021, the geometric update of its Algorithm 1,
+  as Flower's and TFF's adaptive-clipping aggregators do it): every node also reports whether its
+  unclipped update norm was at most ``C`` (one bit); the server adds ``N(0, sigma_b^2)`` to the count
+  of such bits (a missing or rejected reply is a zero update, norm 0, so it counts as one) and moves
+  ``C <- C * exp(-eta * (noisy fraction - gamma))``. The count is a second Gaussian mechanism of
+  sensitivity 1; both compose into one Gaussian of multiplier ``(z^-2 + sigma_b^-2)^-1/2`` per
+  round (``((z/2)^-2 + sigma_b^-2)^-1/2`` under replace-one), which the accountant charges. No
+  amplification from the random block assignment is claimed.
+
+docs/privacy.md states per mode the privacy unit, the neighbouring relation, what is released and
+what is outside the guarantee.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from logging import INFO
 
 import numpy as np
 from flwr.common import log
-from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, clip_inputs_inplace, compute_stdv, get_norm
-from flwr.supercore.privacy_accounting import (
-    GaussianPrivacyEvent,
-    NeighboringRelation,
-    PrivacyConfig,
-    SamplingMethod,
-)
-from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+from flwr.supercore.differential_privacy import clip_inputs_inplace, compute_stdv, get_norm
 
+from resist_fl.core.secure_random import secure_numpy_generator
 from resist_fl.core.validation import ReplyError
 from resist_fl.flower.array_codec import array_view
 from resist_fl.flower.round_report import RunStops
 
 NORM_TOLERANCE = 1e-4
-"""A reply's update may exceed ``C`` by this relative amount (float32 rounding of the clipping)."""
+"""A reply's update may exceed ``C`` by this relative amount (float32 rounding of the clipping);
+the server then clips it to exactly ``C`` before the merge."""
 REPLACE_ONE_SENSITIVITY = 2.0
 """Replacing one client's data changes the sum of clipped updates by at most ``2C``."""
+BELOW_CLIP = "dp-below-clip"
+"""Reply metric under central DP: 1 if the node's unclipped update norm was at most ``dp-clip``, else 0
+(the bit adaptive clipping counts; used only through the noised count)."""
+DP_SAMPLING = ("public", "secret")
+DEFAULT_COUNT_NOISE_PER_NODE = 1 / 20
+"""Andrew et al.'s recommendation for the count noise: ``sigma_b = (expected nodes per round) / 20``."""
 
 
 def float_keys(arrays: Mapping[str, np.ndarray]) -> list[str]:
@@ -61,6 +88,11 @@ def update_of(trained: Mapping[str, np.ndarray], received: Mapping[str, np.ndarr
     """``trained - received`` in float64 over the floating-point keys of ``trained``."""
     return {k: np.asarray(trained[k], dtype=np.float64) - np.asarray(received[k], dtype=np.float64)
             for k in float_keys(trained)}
+
+
+def below_clip(trained: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray], clip: float) -> int:
+    """1 if the update ``trained - received`` has L2 norm at most ``clip`` (before clipping), else 0."""
+    return int(get_norm(list(update_of(trained, received).values())) <= clip)
 
 
 def clip_update(trained: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray],
@@ -78,24 +110,50 @@ def clip_update(trained: Mapping[str, np.ndarray], received: Mapping[str, np.nda
     return out
 
 
+@lru_cache(maxsize=4096)
+def unamplified_epsilon(releases: int, noise_multiplier: float, delta: float) -> float:
+    """Epsilon at ``delta`` of ``releases`` Gaussian releases of multiplier ``noise_multiplier``
+    without amplification, add/remove one node (Flower's RDP accountant, ``NO_AMPLIFICATION``)."""
+    if releases <= 0:
+        return 0.0
+    accountant = RdpAccountant(PrivacyConfig(
+        target_delta=delta, population_size=1, neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+        sampling_method=SamplingMethod.NO_AMPLIFICATION))
+    accountant.compose(GaussianPrivacyEvent(noise_multiplier=noise_multiplier, sample_size=1, population_size=1),
+                       count=int(releases))
+    return float(accountant.get_epsilon(delta))
+
+
 class CentralDP:
-    """The server's side of ``dp='central'``: the norm check, the holder-calibrated noisy merge
-    and the accountant.
+    """The server's side of ``dp='central'``: the norm check, the holder-calibrated noisy merge,
+    adaptive clipping and the accountant.
 
     Parameters
     ----------
     clip : float
-        ``C``, the L2 bound of every node's update.
+        ``C``, the L2 bound of every node's update (the initial one under adaptive clipping).
     noise_multiplier : float
         ``z``: the sum of the clipped updates gets Gaussian noise of standard deviation ``z * C``.
     delta : float
         The delta epsilon is reported at.
     target_epsilon : float, optional
-        Stop before the round whose release would take epsilon past it.
+        Stop before the round whose release would take the planning bound past it (a node in
+        every round under ``public`` sampling; the amplified epsilon under ``secret``).
+    sampling : str
+        ``public`` (participants follow from the run seed and are written out: no amplification)
+        or ``secret`` (drawn from OS entropy and never written: amplified accountant).
+    clip_quantile : float
+        0: fixed clipping; in (0, 1): adaptive clipping towards this quantile of the update norms.
+    clip_lr : float
+        The geometric learning rate ``eta`` of adaptive clipping.
+    count_noise : float
+        ``sigma_b``, the standard deviation of the noise on the count of nodes below the clip
+        (0: the round's sample size / 20, fixed at the first round, as Andrew et al. recommend).
     """
 
     def __init__(self, clip: float, noise_multiplier: float, delta: float = 1e-5,
-                 target_epsilon: float | None = None) -> None:
+                 target_epsilon: float | None = None, *, sampling: str = "public", clip_quantile: float = 0.0,
+                 clip_lr: float = 0.2, count_noise: float = 0.0) -> None:
         for name, value in (("dp-clip", clip), ("dp-noise-multiplier", noise_multiplier)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ValueError(f"{name} = {value!r}: expected a positive finite number")
@@ -103,10 +161,39 @@ class CentralDP:
             raise ValueError(f"dp-delta = {delta!r}: expected a number in (0, 1)")
         if target_epsilon is not None and not 0 < target_epsilon < math.inf:
             raise ValueError(f"dp-target-epsilon = {target_epsilon!r}: expected a positive number (or none)")
+        if sampling not in DP_SAMPLING:
+            raise ValueError(f"dp-sampling = {sampling!r}: expected one of {', '.join(DP_SAMPLING)}")
+        if not 0 <= clip_quantile < 1:
+            raise ValueError(f"dp-clip-quantile = {clip_quantile!r}: expected 0 (fixed clipping) or a quantile in (0, 1)")
+        if not 0 < clip_lr < math.inf or not 0 <= count_noise < math.inf:
+            raise ValueError(f"dp-clip-lr = {clip_lr!r}, dp-clip-count-noise = {count_noise!r}: expected a "
+                             "positive learning rate and a non-negative noise (0: sample size / 20)")
         self.clip, self.noise_multiplier, self.delta = float(clip), float(noise_multiplier), float(delta)
         self.target_epsilon = target_epsilon
-        self.population: int | None = None  # N, fixed at the first release (the nodes connected then)
-        self.accountant: RdpAccountant | None = None
+        self.sampling = sampling
+        self.clip_quantile, self.clip_lr = float(clip_quantile), float(clip_lr)
+        self.count_noise = float(count_noise) or None  # resolved at the first round when 0
+        self.rng = secure_numpy_generator()  # the noise: OS entropy, never the run seed
+        self.releases = 0
+        self.participations: dict[str, int] = {}  # node key -> rounds it was sent a model in (public)
+        self.population: int | None = None  # N under secret sampling, fixed at the first release
+        self.amplified: RdpAccountant | None = None
+
+    @property
+    def adaptive(self) -> bool:
+        return self.clip_quantile > 0
+
+    @property
+    def secret(self) -> bool:
+        return self.sampling == "secret"
+
+    def accounted_multiplier(self) -> float:
+        """The Gaussian multiplier one round costs: ``z`` (``z / 2`` under secret sampling's
+        replace-one relation), composed with the count's ``sigma_b`` under adaptive clipping."""
+        z = self.noise_multiplier / (REPLACE_ONE_SENSITIVITY if self.secret else 1.0)
+        if not self.adaptive:
+            return z
+        return (z ** -2 + self.count_noise ** -2) ** -0.5
 
     # -- a reply --------------------------------------------------------------------------------
     def check(self, trained: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray]) -> float:
@@ -119,8 +206,14 @@ class CentralDP:
 
     def reply_check(self, global_record):
         """The screening check of a round whose global arrays are ``global_record``: a reply whose
-        update exceeds ``C`` is rejected (:meth:`check`)."""
-        return lambda reply: self.check(reply.update, {k: array_view(global_record[k]) for k in reply.update})
+        update exceeds ``C`` is rejected (:meth:`check`), and under adaptive clipping one without
+        its bit (``dp-below-clip`` 0 or 1)."""
+        def check(reply) -> None:
+            self.check(reply.update, {k: array_view(global_record[k]) for k in reply.update})
+            if self.adaptive and reply.metrics.get(BELOW_CLIP) not in (0, 1):
+                raise ReplyError(f"{BELOW_CLIP} = {reply.metrics.get(BELOW_CLIP)!r}: adaptive clipping needs "
+                                 "0 or 1 (whether the unclipped update norm was at most dp-clip)")
+        return check
 
     # -- the merge -------------------------------------------------------------------------------
     def noise_std(self, holders: int) -> float:
@@ -130,85 +223,137 @@ class CentralDP:
     def merge(self, current: Mapping[str, np.ndarray], updates: Sequence[Mapping[str, np.ndarray]],
               holders: Mapping[str, int]) -> dict[str, np.ndarray]:
         """The noisy merge of every floating-point key in ``holders`` (the keys the round sent):
-        ``current + (sum of the accepted clipped updates holding it + N(0, (zC)^2)) / h``; the other
-        keys (integer buffers, keys nobody was sent) keep the global array."""
+        ``current + (sum of the accepted updates holding it, each clipped to C + N(0, (zC)^2)) / h``;
+        the other keys (integer buffers, keys nobody was sent) keep the global array."""
         merged = dict(current)
-        by_holders: dict[int, list[str]] = {}
-        for key, count in holders.items():
-            if count >= 1 and np.asarray(current[key]).dtype.kind == "f":
-                by_holders.setdefault(int(count), []).append(key)
-        for count, keys in sorted(by_holders.items()):
-            means = []
-            for key in keys:
-                base = np.asarray(current[key], dtype=np.float64)
-                holding = [np.asarray(u[key], dtype=np.float64) for u in updates if key in u]
-                means.append((sum(holding, np.zeros_like(base)) - len(holding) * base) / count)
-            add_gaussian_noise_inplace(means, self.noise_std(count))  # Flower's helper: N(0, (zC/h)^2) each
-            for key, mean in zip(keys, means):
-                merged[key] = (np.asarray(current[key], dtype=np.float64) + mean).astype(np.asarray(current[key]).dtype)
+        keys = [k for k, count in holders.items() if count >= 1 and np.asarray(current[k]).dtype.kind == "f"]
+        base = {k: np.asarray(current[k], dtype=np.float64) for k in keys}
+        total = {k: np.zeros_like(base[k]) for k in keys}
+        for update in updates:  # each accepted update clipped to exactly C over the keys it holds
+            held = [k for k in keys if k in update]
+            deltas = [np.asarray(update[k], dtype=np.float64) - base[k] for k in held]
+            if deltas and get_norm(deltas) > self.clip:
+                clip_inputs_inplace(deltas, self.clip)
+            for key, delta in zip(held, deltas):
+                total[key] += delta
+        for key in keys:
+            count = int(holders[key])
+            noisy = (total[key] + self.rng.normal(0.0, self.noise_multiplier * self.clip, total[key].shape)) / count
+            merged[key] = (base[key] + noisy).astype(np.asarray(current[key]).dtype)
         return merged
 
     # -- accounting ------------------------------------------------------------------------------
-    def event(self, sampled: int, connected: int) -> GaussianPrivacyEvent:
-        """This round's release: ``sampled`` of the population drawn without replacement. With more
-        nodes connected than the population the sampling rate used is the population's (larger,
-        so epsilon is not understated); with fewer, the sample is scaled up to the same rate."""
+    def epsilon_after(self, releases: int) -> float:
+        """Epsilon of a node sent a model in ``releases`` rounds (public sampling: no amplification)."""
+        return unamplified_epsilon(int(releases), self.accounted_multiplier(), self.delta)
+
+    def node_epsilon(self, key: str) -> float:
+        """A node's epsilon so far: the rounds it was in (public), the run's amplified epsilon (secret)."""
+        return self.epsilon() if self.secret else self.epsilon_after(self.participations.get(key, 0))
+
+    def epsilon(self) -> float:
+        """The run's epsilon at ``delta``: the worst node's (0 before any release)."""
+        if self.secret:
+            return 0.0 if self.amplified is None or not self.amplified.num_releases else \
+                float(self.amplified.get_epsilon(self.delta))
+        return self.epsilon_after(max(self.participations.values(), default=0))
+
+    def every_round_epsilon(self) -> float:
+        """The planning bound: a node sent a model in every round released so far."""
+        return self.epsilon() if self.secret else self.epsilon_after(self.releases)
+
+    def _resolve_count_noise(self, sampled: int) -> None:
+        if self.adaptive and self.count_noise is None:
+            self.count_noise = max(1, int(sampled)) * DEFAULT_COUNT_NOISE_PER_NODE
+
+    def _amplified_event(self, sampled: int, connected: int) -> GaussianPrivacyEvent:
+        """Secret sampling: ``sampled`` of the population drawn without replacement. With more nodes
+        connected than the population the rate used is the population's (larger, so epsilon is not
+        understated); with fewer, the sample is scaled up to the same rate."""
         if self.population is None:
             self.population = max(1, int(connected))
-            self.accountant = RdpAccountant(PrivacyConfig(
-                target_delta=self.delta, population_size=self.population,
-                neighboring_relation=NeighboringRelation.REPLACE_ONE,
-                sampling_method=SamplingMethod.WITHOUT_REPLACEMENT))
+            self.amplified = RdpAccountant(self._amplified_config())
         size = sampled if connected >= self.population else math.ceil(sampled * self.population / max(1, connected))
-        return GaussianPrivacyEvent(noise_multiplier=self.noise_multiplier / REPLACE_ONE_SENSITIVITY,
+        return GaussianPrivacyEvent(noise_multiplier=self.accounted_multiplier(),
                                     sample_size=max(1, min(self.population, int(size))),
                                     population_size=self.population)
+
+    def _amplified_config(self) -> PrivacyConfig:
+        return PrivacyConfig(target_delta=self.delta, population_size=self.population,
+                             neighboring_relation=NeighboringRelation.REPLACE_ONE,
+                             sampling_method=SamplingMethod.WITHOUT_REPLACEMENT)
+
+    def would_exceed(self, sampled: int, connected: int) -> bool:
+        """Whether releasing one more round would take the planning bound past ``target_epsilon``."""
+        self._resolve_count_noise(sampled)
+        if self.target_epsilon is None:
+            return False
+        if self.secret:
+            return self.amplified_would_exceed(sampled, connected)
+        return self.epsilon_after(self.releases + 1) > self.target_epsilon
+
+    def amplified_would_exceed(self, sampled: int, connected: int) -> bool:
+        event = self._amplified_event(sampled, connected)
+        return self.amplified.would_exceed(event, max_epsilon=self.target_epsilon)
 
     def stop_if_exceeded(self, sampled: int, connected: int, run_round: int) -> None:
         """:class:`RunStops` before round ``run_round`` when its release would exceed the target."""
         if self.would_exceed(sampled, connected):
             raise RunStops(f"dp-target-epsilon = {self.target_epsilon:g} would be exceeded by round {run_round} "
-                           f"(epsilon now {self.epsilon():.4f} at delta {self.delta:g})")
+                           f"(epsilon now {self.every_round_epsilon():.4f} for a node in every round, at delta "
+                           f"{self.delta:g})")
 
-    def release_row(self, sampled: int, connected: int) -> dict:
-        """Compose this round's release; the row's ``epsilon``, ``dp-delta`` and ``dp-state``."""
-        epsilon = self.release(sampled, connected)
-        log(INFO, "round released under central DP: epsilon %.4f at delta %g (z = %g, C = %g, %d of %d nodes)",
-            epsilon, self.delta, self.noise_multiplier, self.clip, sampled, self.population)
-        return {"epsilon": epsilon, "dp-delta": self.delta, "dp-state": self.state()}
+    def release_row(self, participants: Sequence[str], connected: int, below: Sequence[int] = ()) -> dict:
+        """Charge this round's release to the nodes it was sent to (``participants``: their stable
+        keys), move an adaptive clip by the noised count of ``below`` (the accepted replies' bits;
+        every other participant counts as below: a zero update); the row's privacy figures. A round
+        sent to nobody releases nothing and is charged nothing."""
+        if not participants:
+            return {}
+        self._resolve_count_noise(len(participants))
+        used_clip = self.clip
+        self.releases += 1
+        if self.secret:
+            event = self._amplified_event(len(participants), connected)  # creates the accountant at first
+            self.amplified.compose(event)
+        else:
+            for key in participants:
+                self.participations[key] = self.participations.get(key, 0) + 1
+        if self.adaptive:
+            self.clip = self.next_clip(len(participants), below)
+        epsilon = self.epsilon()
+        log(INFO, "round released under central DP: epsilon %.4f (worst node), %.4f for a node in every round, "
+            "at delta %g (z = %g, C = %g, %d nodes, %s sampling)", epsilon, self.every_round_epsilon(), self.delta,
+            self.noise_multiplier, used_clip, len(participants), self.sampling)
+        return {"epsilon": epsilon, "epsilon-every-round": self.every_round_epsilon(), "dp-delta": self.delta,
+                "dp-clip": used_clip, "dp-state": self.state()}
 
-    def would_exceed(self, sampled: int, connected: int) -> bool:
-        """Whether releasing this round would take epsilon past ``target_epsilon``."""
-        if self.target_epsilon is None:
-            return False
-        event = self.event(sampled, connected)
-        return self.accountant.would_exceed(event, max_epsilon=self.target_epsilon)
-
-    def release(self, sampled: int, connected: int) -> float:
-        """Compose this round's release; return epsilon after it."""
-        event = self.event(sampled, connected)
-        self.accountant.compose(event)
-        return self.epsilon()
-
-    def epsilon(self) -> float:
-        """Epsilon at ``delta`` of every round released so far (0 before any)."""
-        return 0.0 if self.accountant is None or not self.accountant.num_releases else \
-            self.accountant.get_epsilon(self.delta)
+    def next_clip(self, sent: int, below: Sequence[int]) -> float:
+        """Andrew et al.'s geometric step: ``C * exp(-eta * (b - gamma))`` with ``b`` the noised
+        fraction of the ``sent`` nodes whose update norm was at most ``C`` (clamped to [0, 1])."""
+        count = sum(int(b) for b in below) + (sent - len(below)) + self.rng.normal(0.0, self.count_noise)
+        fraction = min(1.0, max(0.0, count / sent))
+        return self.clip * math.exp(-self.clip_lr * (fraction - self.clip_quantile))
 
     def state(self) -> dict:
         """The accountant's state (JSON), for a resumed run to continue from."""
-        return {"population": self.population,
-                "accountant": None if self.accountant is None else self.accountant.state_dict()}
+        return {"releases": self.releases, "clip": self.clip, "count-noise": self.count_noise,
+                "participations": dict(self.participations), "population": self.population,
+                "accountant": None if self.amplified is None else self.amplified.state_dict()}
 
     def restore(self, state: Mapping | None) -> None:
         """Continue from :meth:`state` (a resumed run's epsilon continues, never restarts)."""
-        if not state or state.get("population") is None:
+        if not state:
             return
-        self.population = int(state["population"])
-        self.accountant = RdpAccountant(PrivacyConfig(
-            target_delta=self.delta, population_size=self.population,
-            neighboring_relation=NeighboringRelation.REPLACE_ONE, sampling_method=SamplingMethod.WITHOUT_REPLACEMENT))
-        if state.get("accountant"):
-            self.accountant.load_state_dict(dict(state["accountant"]))
-        log(INFO, "resist-fl: central DP continues at epsilon %.4f after %d releases", self.epsilon(),
-            self.accountant.num_releases)
+        self.releases = int(state.get("releases", 0))
+        self.clip = float(state.get("clip", self.clip))
+        if state.get("count-noise") is not None:
+            self.count_noise = float(state["count-noise"])
+        self.participations = {str(k): int(v) for k, v in dict(state.get("participations") or {}).items()}
+        if state.get("population") is not None:
+            self.population = int(state["population"])
+            self.amplified = RdpAccountant(self._amplified_config())
+            if state.get("accountant"):
+                self.amplified.load_state_dict(dict(state["accountant"]))
+        log(INFO, "resist-fl: central DP continues after %d releases at epsilon %.4f (worst node)",
+            self.releases, self.epsilon())

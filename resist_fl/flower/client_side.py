@@ -29,7 +29,7 @@ from resist_fl.core.residual_nets import subnetwork_of
 from resist_fl.core.transport import decode_state, encode_array
 from resist_fl.core.validation import TRAIN_METRICS
 from resist_fl.flower.array_codec import array_of, array_view
-from resist_fl.flower.central_dp import clip_update
+from resist_fl.flower.central_dp import BELOW_CLIP, below_clip, clip_update
 from resist_fl.flower.message_keys import BLOCKS, DP_CLIP, RUN_ROUND, SERVER_ROUND, TRANSPORT
 from resist_fl.flower.node_sampling import IDENTITY_RECORD
 
@@ -95,16 +95,24 @@ def received_subnetwork(model: torch.nn.Module, layout: BlockLayout, message: Me
 
 def train_reply(message: Message, model: torch.nn.Module, *, num_examples: int, train_loss: float,
                 train_seconds: float, local_steps: int,
-                metrics: Mapping[str, int | float] | None = None) -> Message:
+                metrics: Mapping[str, int | float] | None = None, private: bool = False) -> Message:
     """The reply to a training message: ``model``'s arrays under the keys the message carried
     (encoded as they arrived), and the training metrics (plus ``metrics``, numbers only).
 
     A non-finite ``train_loss`` (training diverged) sends no arrays: the server counts the
     reply as non-finite and keeps its global model. When the message carries ``dp-clip``
-    (central DP), the update (trained minus received arrays) is clipped to that L2 norm first.
+    (central DP), the update (trained minus received arrays) is clipped to that L2 norm first, and
+    ``dp-below-clip`` says whether its norm was within it before (adaptive clipping counts it).
+    Under DP (``private``) the reply carries no loss, times or costs of the node's training:
+    ``num-examples``, ``local-steps`` and ``metrics`` (the caller's privacy figures) only.
     """
-    record = MetricRecord({**dict(zip(TRAIN_METRICS, (int(num_examples), float(train_loss), float(train_seconds),
-                                                      int(local_steps)))), **dict(metrics or {})})
+    if private:
+        record = MetricRecord({"num-examples": int(num_examples), "local-steps": int(local_steps),
+                               **dict(metrics or {})})
+    else:
+        record = MetricRecord({**dict(zip(TRAIN_METRICS, (int(num_examples), float(train_loss),
+                                                          float(train_seconds), int(local_steps)))),
+                               **dict(metrics or {})})
     if not math.isfinite(train_loss):
         return Message(RecordDict({"arrays": ArrayRecord(), "metrics": record}), reply_to=message)
     transport = message_transport(message)
@@ -118,7 +126,9 @@ def train_reply(message: Message, model: torch.nn.Module, *, num_examples: int, 
             raise ValueError(f"transport-dtype = {transport!r}: central DP needs 'float32' (a quantised update "
                              "would not keep the clipped norm)")
         received = {k: array_view(v) for k, v in message.content["arrays"].items()}
-        trained = clip_update(trained, received, float(config[DP_CLIP]))
+        clip = float(config[DP_CLIP])
+        record[BELOW_CLIP] = below_clip(trained, received, clip)
+        trained = clip_update(trained, received, clip)
     arrays = ArrayRecord({k: array_of(encode_array(v, transport)) for k, v in trained.items()})
     return Message(RecordDict({"arrays": arrays, "metrics": record}), reply_to=message)
 

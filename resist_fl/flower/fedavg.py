@@ -32,7 +32,7 @@ from resist_fl.core.model_cost import CAPACITY_MEASURES, CostModel
 from resist_fl.core.transport import check_transport
 from resist_fl.core.validation import EVALUATE_METRICS, MAX_METRIC, ReplyError, check_metric, check_num_examples
 from resist_fl.flower.array_codec import array_of, array_view
-from resist_fl.flower.central_dp import CentralDP
+from resist_fl.flower.central_dp import BELOW_CLIP, CentralDP
 from resist_fl.flower.message_keys import DP_CLIP, RUN_ROUND, SERVER_ROUND, TRANSPORT
 from resist_fl.flower.node_sampling import NodeSampler
 from resist_fl.flower.reply_screening import encoded_record, refuse_non_finite, screen_replies, too_few_replies
@@ -62,6 +62,9 @@ class ScreenedFedAvg(FedAvg):
         Client-level central DP (DP-FedAvg): the same clipping check, noisy merge (every key is
         held by every sampled node, so the noise is ``z * C / n``) and accountant as ResIST's;
         the mean is uniform.
+    private : bool
+        The nodes train under DP (``dp='local'``; implied by ``dp``): their replies carry no loss
+        or times, and the round's metrics hold reply counts only.
     exposure_threshold : int
         ``exposed-fraction`` counts the updates merged over fewer nodes than this (default 2).
     **kwargs
@@ -74,9 +77,11 @@ class ScreenedFedAvg(FedAvg):
     def __init__(self, *, seed: int = 0, min_train_replies: int = 1,
                  max_num_examples: int = 10_000_000, server_lr: float = 1.0, transport: str = "float32",
                  costs: CostModel | None = None, capacity_measure: str = "blocks", width_rate: float | None = None,
-                 dp: CentralDP | None = None, exposure_threshold: int = 2, **kwargs) -> None:
+                 dp: CentralDP | None = None, exposure_threshold: int = 2, private: bool = False,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self.dp, self.exposure_threshold = dp, max(2, exposure_threshold)
+        self.private = private or dp is not None  # DP replies carry no loss or times (local DP too)
         self.last_privacy: dict[str, Any] = {}
         self.last_exposure: dict[int, tuple[int, float]] = {}
         self._connected = 0
@@ -91,7 +96,8 @@ class ScreenedFedAvg(FedAvg):
         check_server_lr(server_lr)
         self.server_lr = server_lr
         self.sampler = NodeSampler(fraction=self.fraction_train, min_nodes=self.min_train_nodes,
-                                   min_available_nodes=self.min_available_nodes, seed=seed)
+                                   min_available_nodes=self.min_available_nodes, seed=seed,
+                                   secret=dp is not None and dp.secret)
         self.round_offset = 0  # rounds done before this start() (resume_after)
         self.min_train_replies = min_train_replies
         self.max_num_examples = max_num_examples
@@ -129,7 +135,8 @@ class ScreenedFedAvg(FedAvg):
         sent = {m.metadata.dst_node_id: keys for m in self._messages}
         screened = screen_replies(server_round, replies, sent, self._global, self.max_num_examples,
                                   messages=self._messages, order=self.sampler.rank, transport=self.transport,
-                                  check=self.dp.reply_check(self._global) if self.dp is not None else None)
+                                  check=self.dp.reply_check(self._global) if self.dp is not None else None,
+                                  private=self.private)
         self.last_round_metrics = {**screened.round_metrics(), "merge-refused": 0}
         self.last_replies = {a.node_id: dict(a.metrics) for a in screened.accepted}
         holding = sent if self.dp is not None else {a.node_id: keys for a in screened.accepted}
@@ -143,7 +150,9 @@ class ScreenedFedAvg(FedAvg):
         if self.dp is not None:  # DP-FedAvg: every key held by every sampled node
             current = {k: array_view(self._global[k]) for k in keys}
             merged = self.dp.merge(current, [a.update for a in screened.accepted], key_holders(sent))
-            self.last_privacy.update(self.dp.release_row(len(sent), self._connected))
+            self.last_privacy.update(self.dp.release_row(
+                [self.sampler.key(n) for n in sent], self._connected,
+                [int(a.metrics[BELOW_CLIP]) for a in screened.accepted if BELOW_CLIP in a.metrics]))
         else:
             averaged = aggregate_arrayrecords(contents, self.weighted_by_key)
             merged = {k: cast_mean(array_view(averaged[k]), self._global[k].dtype) for k in self._global.keys()}
@@ -151,7 +160,8 @@ class ScreenedFedAvg(FedAvg):
             merged = server_step({k: array_view(self._global[k]) for k in merged}, merged, self.server_lr)
         if refuse_non_finite(server_round, merged, self.last_round_metrics):
             return None, MetricRecord(self.last_round_metrics)
-        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key) if contents else {}
+        # under DP the replies' metrics are node data no noise covers: the counts only
+        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key) if contents and not self.private else {}
         record = ArrayRecord({k: array_of(v) for k, v in merged.items()})
         return record, MetricRecord({**metrics, **self.last_round_metrics})
 
@@ -167,8 +177,9 @@ class ScreenedFedAvg(FedAvg):
         whenever its capacity is below the full model's cost (under a measured capacity)."""
         reply = self.last_replies.get(node, {})
         low, share = self.last_exposure.get(node, (None, None))
+        epsilon = self.dp.node_epsilon(self.sampler.key(node)) if self.dp is not None else None
         if self.costs is None:
-            return NodeReport(None, reply, min_holders=low, exposed_fraction=share)
+            return NodeReport(None, reply, min_holders=low, exposed_fraction=share, epsilon=epsilon)
         rate = 1.0 if self.width_rate is None else self.width_rate
         cost = self.costs.width_cost(rate) if rate < 1 else self.costs.full
         capacity = self.sampler.capacity(node)
@@ -177,7 +188,7 @@ class ScreenedFedAvg(FedAvg):
         else:
             over = cost.of(self.capacity_measure) > capacity * self.costs.full.of(self.capacity_measure) * (1 + 1e-9)
         return NodeReport(None, reply, over_capacity=over, flops_per_sample=cost.flops, params=cost.params,
-                          width_rate=self.width_rate, min_holders=low, exposed_fraction=share)
+                          width_rate=self.width_rate, min_holders=low, exposed_fraction=share, epsilon=epsilon)
 
     def inference_scales(self) -> dict[str, float]:
         """FedAvg trains the full model: no block is scaled."""

@@ -8,6 +8,11 @@ for nodes without one) and sampled with a generator seeded by (seed, round).
 The same seed therefore trains the same partitions with the same
 sub-networks in every run, which also makes a resumed run identical to an
 uninterrupted one.
+
+With ``secret=True`` (central DP with ``dp-sampling='secret'``) the positions are drawn from OS
+entropy instead (:mod:`resist_fl.core.secure_random`): the sample is then not reproducible from
+anything the run publishes, which is what amplification by subsampling needs. The round's
+generator handed on for dealing stays seeded.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from flwr.serverapp import Grid
 
 from resist_fl.core.allocation import check_capacity
 from resist_fl.core.decomposition import round_rng
+from resist_fl.core.secure_random import secure_numpy_generator
 
 IDENTITY_RECORD = "node"
 """ConfigRecord of a query reply holding the node's ``partition-id`` and ``capacity`` (if any)."""
@@ -50,10 +56,14 @@ class NodeSampler:
         Sampling is a function of (seed, round) and the nodes' stable order.
     query_timeout : float
         Seconds to wait for nodes to report their partition id.
+    secret : bool
+        Draw the sample from OS entropy (not from the seed): a secret sample.
     """
 
     def __init__(self, *, fraction: float, min_nodes: int, min_available_nodes: int, seed: int,
-                 query_timeout: float = 120.0) -> None:
+                 query_timeout: float = 120.0, secret: bool = False) -> None:
+        self.secret = secret
+        self._secret_rng = secure_numpy_generator() if secret else None
         self.fraction = fraction
         self.min_nodes = min_nodes
         self.min_available_nodes = min_available_nodes
@@ -70,12 +80,18 @@ class NodeSampler:
         """
         ordered = self.stable_order(grid, self._wait_for_nodes(grid))
         rng = round_rng(self.seed, run_round)
-        picked = sample_positions(len(ordered), self.fraction, self.min_nodes, rng)
+        picked = sample_positions(len(ordered), self.fraction, self.min_nodes, self._secret_rng or rng)
         return [ordered[i] for i in picked], len(ordered), rng
 
     def capacity(self, node_id: int) -> float:
         """The capacity a node reported (the fraction of the blocks it can train), else 1.0."""
         return self._capacity.get(node_id, 1.0)
+
+    def key(self, node_id: int) -> str:
+        """A node's stable key across SuperNode restarts and resumed runs (its privacy ledger
+        entry): ``partition-<id>`` when it reported one, else ``node-<node id>``."""
+        partition = self.partition(node_id)
+        return f"partition-{partition}" if partition is not None else f"node-{node_id}"
 
     def partition(self, node_id: int) -> int | None:
         """The partition id a node reported, else None."""

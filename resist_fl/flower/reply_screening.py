@@ -70,6 +70,8 @@ class ScreenedReplies:
     missing: int = 0
     non_finite: int = 0
     """Rejected replies that held NaN or Inf (arrays or metrics)."""
+    private: bool = False
+    """Under DP: :meth:`round_metrics` gives the counts only."""
 
     def reject(self, server_round: int, node: object, err: Exception) -> None:
         """Count a rejected reply and log why (one line for every reply path)."""
@@ -94,9 +96,11 @@ class ScreenedReplies:
                 "replies-non-finite": self.non_finite}
 
     def round_metrics(self) -> dict[str, float | int]:
-        """Counts plus the accepted replies' example-weighted loss and summed training time."""
+        """Counts plus the accepted replies' example-weighted loss and summed training time (under
+        DP, ``private``, the counts only: examples, losses and times are node data that no noise
+        covers, so they do not leave the screening)."""
         metrics: dict[str, float | int] = dict(self.counts())
-        if self.accepted:
+        if self.accepted and not self.private:
             examples = [a.num_examples for a in self.accepted]
             metrics["num-examples"] = int(sum(examples))
             if all("train-loss" in a.metrics for a in self.accepted):  # optional on the legacy path
@@ -106,12 +110,17 @@ class ScreenedReplies:
         return metrics
 
 
+PRIVATE_REQUIRED = ("local-steps",)
+"""The training metrics a reply must carry under DP (besides ``num-examples``): a node sends no
+loss or times there (:func:`resist_fl.flower.client_side.train_reply` with ``private``)."""
+
+
 def screen_replies(server_round: int, replies: Iterable[Message], sent: Mapping[int, Sequence[str]],
                    global_record: ArrayRecord, max_num_examples: int, *,
                    messages: Iterable[Message],
                    order: Callable[[int], object] | None = None, transport: str = "float32",
                    shapes: Mapping[int, Mapping[str, tuple[tuple[int, ...], np.dtype]]] | None = None,
-                   check: Callable[[Accepted], object] | None = None) -> ScreenedReplies:
+                   check: Callable[[Accepted], object] | None = None, private: bool = False) -> ScreenedReplies:
     """Accept the valid training replies of a round; count and log the others.
 
     Parameters
@@ -137,8 +146,12 @@ def screen_replies(server_round: int, replies: Iterable[Message], sent: Mapping[
     check : callable, optional
         A further check of a reply that passed the others (central DP: its update's norm); a
         ReplyError it raises rejects the reply like any other.
+    private : bool
+        Under DP: nodes send no training loss or times (only ``num-examples`` and ``local-steps``
+        are required) and :meth:`ScreenedReplies.round_metrics` passes on counts only.
     """
-    out = ScreenedReplies()
+    out = ScreenedReplies(private=private)
+    required = PRIVATE_REQUIRED if private else TRAIN_METRICS[1:]
     instructions = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
                     if m.metadata.message_id}
     answered: set[str] = set()
@@ -163,7 +176,7 @@ def screen_replies(server_round: int, replies: Iterable[Message], sent: Mapping[
             if node_id not in sent:
                 raise ReplyError("this node was not sent a sub-network this round")
             expected = shapes[node_id] if shapes is not None else global_specs(global_record, sent[node_id])
-            accepted = _check_reply(node_id, reply, expected, max_num_examples, transport)
+            accepted = _check_reply(node_id, reply, expected, max_num_examples, transport, required)
             if check is not None:
                 check(accepted)
             out.accepted.append(accepted)
@@ -176,13 +189,14 @@ def screen_replies(server_round: int, replies: Iterable[Message], sent: Mapping[
 
 
 def _check_reply(node_id: int, reply: Message, expected: Mapping[str, tuple[tuple[int, ...], np.dtype]],
-                 max_num_examples: int, transport: str = "float32") -> Accepted:
+                 max_num_examples: int, transport: str = "float32",
+                 required: Sequence[str] = TRAIN_METRICS[1:]) -> Accepted:
     content = reply.content
     if len(content.array_records) != 1 or len(content.metric_records) != 1:
         raise ReplyError("expected exactly one ArrayRecord and one MetricRecord")
     record = next(iter(content.array_records.values()))
     reported = next(iter(content.metric_records.values()))
-    metrics = check_reply_metrics(reported, max_num_examples)  # before the arrays: a diverged node
+    metrics = check_reply_metrics(reported, max_num_examples, required=required)  # before the arrays: a diverged node
     try:                                                       # reports a non-finite loss
         decoded = {k: array_view(v) for k, v in record.items()}
     except Exception as err:  # undecodable bytes from a client

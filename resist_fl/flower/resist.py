@@ -31,11 +31,11 @@ from resist_fl.core.allocation import (
     max_depth,
 )
 from resist_fl.core.decomposition import BlockLayout
-from resist_fl.core.holders import exposure, key_holders, whole
+from resist_fl.core.holders import exposure, key_holders, too_few_holders, whole
 from resist_fl.core.model_cost import CAPACITY_MEASURES, CostModel
 from resist_fl.core.transport import check_transport
 from resist_fl.flower.array_codec import array_view, with_arrays
-from resist_fl.flower.central_dp import CentralDP
+from resist_fl.flower.central_dp import BELOW_CLIP, CentralDP
 from resist_fl.flower.message_keys import BLOCKS, DP_CLIP, RUN_ROUND, SERVER_ROUND, TRANSPORT
 from resist_fl.flower.metering import MeteredGrid
 from resist_fl.flower.node_sampling import NodeSampler
@@ -104,6 +104,9 @@ class ResIST(Strategy):
         cannot meet it is announced before it is sent and, with ``privacy_strict``, not sent.
     exposure_threshold : int
         ``exposed-fraction`` counts the updates merged over fewer nodes than this (default 2).
+    private : bool
+        The nodes train under DP (``dp='local'``; implied by ``dp``): their replies carry no loss
+        or times, and the round's metrics hold reply counts only.
     dp : CentralDP, optional
         Client-level central DP (``dp='central'``): nodes clip their updates to ``dp.clip``,
         replies above it are rejected, the merge is uniform over each parameter's holders with
@@ -125,7 +128,7 @@ class ResIST(Strategy):
                  server_lr: float = 1.0, transport: str = "float32", allocation: str = "uniform",
                  warmup_rounds: int = 0, costs: CostModel | None = None, capacity_measure: str = "blocks",
                  dealing: str = "random", min_holders: int = 1, exposure_threshold: int = 2,
-                 privacy_strict: bool = False, dp: CentralDP | None = None) -> None:
+                 privacy_strict: bool = False, dp: CentralDP | None = None, private: bool = False) -> None:
         update_weights([], weighting)  # validates the name
         if dp is not None and weighting != "uniform":
             raise ValueError(f"weighting = {weighting!r}: central DP needs 'uniform' (example weights would change "
@@ -137,6 +140,9 @@ class ResIST(Strategy):
                              "several nodes; depth tiers are prefixes")
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation = {allocation!r}: expected one of {', '.join(ALLOCATIONS)}")
+        if dp is not None and allocation == "speed":
+            raise ValueError("allocation = 'speed': under central DP the dealing must not depend on what nodes "
+                             "report (their timing); use 'uniform' or 'capacity'")
         check_transport(transport)
         check_server_lr(server_lr)
         if isinstance(warmup_rounds, bool) or not isinstance(warmup_rounds, int) or warmup_rounds < 0:
@@ -146,7 +152,8 @@ class ResIST(Strategy):
                              f"{len(layout.partitionable)} partitionable blocks")
         self.layout = layout
         self.sampler = NodeSampler(fraction=fraction_train, min_nodes=min_train_nodes,
-                                   min_available_nodes=min_available_nodes, seed=seed)
+                                   min_available_nodes=min_available_nodes, seed=seed,
+                                   secret=dp is not None and dp.secret)
         self.min_blocks_per_site = min_blocks_per_site
         self.weighting = weighting
         self.min_train_replies = min_train_replies
@@ -166,6 +173,7 @@ class ResIST(Strategy):
         self.dealing = dealing
         self.min_holders, self.exposure_threshold = min_holders, max(2, exposure_threshold, min_holders)
         self.privacy_strict, self.dp = privacy_strict, dp
+        self.private = private or dp is not None  # DP replies carry no loss or times (local DP too)
         self.last_privacy: dict[str, Any] = {}
         self.last_exposure: dict[int, tuple[int, float]] = {}
         self._connected = 0
@@ -246,7 +254,8 @@ class ResIST(Strategy):
                     self.costs.full.of(self.capacity_measure) * (1 + 1e-9)
         low, share = self.last_exposure.get(node, (None, None))
         return NodeReport(len(held), self.last_replies.get(node, {}), self.speeds.get(node), limit, over, flops, params,
-                          min_holders=low, exposed_fraction=share)
+                          min_holders=low, exposed_fraction=share,
+                          epsilon=self.dp.node_epsilon(self.sampler.key(node)) if self.dp is not None else None)
 
     def measured_seconds(self, reply: Accepted, message_id: str) -> float:
         """The seconds a node's training took, as far as the server can tell: the time the server
@@ -354,15 +363,26 @@ class ResIST(Strategy):
             raise RuntimeError("aggregate_train called before configure_train")
         screened = screen_replies(server_round, replies, self._sent, self._global, self.max_num_examples,
                                   messages=self._messages, order=self.sampler.rank, transport=self.transport,
-                                  check=self.dp.reply_check(self._global) if self.dp is not None else None)
+                                  check=self.dp.reply_check(self._global) if self.dp is not None else None,
+                                  private=self.private)
+        accepted = screened.accepted
+        withheld = too_few_holders(self._sent, {a.node_id: tuple(a.update) for a in accepted}, self.min_holders)
         metrics = {**screened.round_metrics(), "num-subnetworks": self.num_subnetworks, "merge-refused": 0,
                    "untrained-blocks": len(self.last_untrained)}
+        if self.min_holders > 1:
+            metrics["withheld-keys"] = len(withheld)
+            metrics["withheld-blocks"] = sum(any(k in withheld for k in self.layout.block_keys(b))
+                                             for b in self.layout.partitionable)
+            if withheld:
+                log(WARNING, "round %d: %d keys (%d blocks) have fewer than privacy-min-holders = %d accepted "
+                    "holders: they keep their previous values", server_round, len(withheld),
+                    metrics["withheld-blocks"], self.min_holders)
         # under DP a parameter's holders are the nodes it was sent to (a missing reply is a zero update)
-        holding = self._sent if self.dp is not None else {a.node_id: tuple(a.update) for a in screened.accepted}
+        holding = self._sent if self.dp is not None else {a.node_id: tuple(a.update) for a in accepted}
+        holding = {n: tuple(k for k in keys if k not in withheld) for n, keys in holding.items()}
         self.record_exposure({n: whole(keys) for n, keys in holding.items()})
         self.last_round_metrics = metrics
-        self.last_replies = {a.node_id: dict(a.metrics) for a in screened.accepted}
-        accepted = screened.accepted
+        self.last_replies = {a.node_id: dict(a.metrics) for a in accepted}
         sent_ids = {m.metadata.dst_node_id: m.metadata.message_id for m in self._messages}
         for reply in accepted:  # measured speed: blocks per second of (possibly slowed) training
             seconds = self.measured_seconds(reply, sent_ids.get(reply.node_id, ""))
@@ -372,15 +392,18 @@ class ResIST(Strategy):
         if self.dp is None and too_few_replies(server_round, len(accepted), self.min_train_replies):
             return None, MetricRecord(metrics)
         start = time.perf_counter()
+        updates = [{k: v for k, v in a.update.items() if k not in withheld} for a in accepted]
         if self.dp is not None:
-            holders = key_holders(self._sent)
+            holders = key_holders(holding)
             current = {k: array_view(self._global[k]) for k in holders}
-            merged = self.dp.merge(current, [a.update for a in accepted], holders)
-            self.last_privacy.update(self.dp.release_row(len(self._sent), self._connected))
+            merged = self.dp.merge(current, updates, holders)
+            self.last_privacy.update(self.dp.release_row(
+                [self.sampler.key(n) for n in self._sent], self._connected,
+                [int(a.metrics[BELOW_CLIP]) for a in accepted if BELOW_CLIP in a.metrics]))
         else:
-            touched = set().union(*(a.update for a in accepted))
+            touched = set().union(*updates)
             current = {k: array_view(self._global[k]) for k in self._global if k in touched}
-            merged = merge_partial(current, [a.update for a in accepted],
+            merged = merge_partial(current, updates,
                                    update_weights([a.num_examples for a in accepted], self.weighting))
         merged = server_step(current, merged, self.server_lr)
         metrics["merge-seconds"] = time.perf_counter() - start

@@ -36,6 +36,13 @@ from resist_fl.run.outputs import MODEL_FILE, NODES_FILE, SUMMARY_FILE, append_m
 from resist_fl.run.timing import eta
 from resist_fl.run.tracking import SafeTracker
 
+PRIVATE_DROPPED = ("train-loss", "client-seconds", "train-seconds", "simulated-seconds", "peak-memory-mb",
+                   "memory-measure", "blocks-per-second", "device-cache-mb", "num-examples")
+"""Figures of the nodes' training that no DP noise covers: under DP neither the nodes send them
+(:func:`resist_fl.flower.client_side.train_reply` with ``private``) nor does the recorder write
+them (``blocks-per-second`` is the server's own timing of a node: a side channel as well)."""
+
+
 class TargetReached(Exception):
     """Raised from the evaluate_fn to end ``Strategy.start`` once the target accuracy is reached
     (Flower 1.42's ``start`` has no stop condition); caught by :meth:`RoundRecorder.start`."""
@@ -95,13 +102,20 @@ class RoundRecorder:
     tracker : optional
         Also sends every row there (:func:`resist_fl.run.tracking.open_tracker`; its failures
         are warnings, never the run's); closed by :meth:`finish`.
+    dp : str
+        The run's DP mode (``none``, ``central``, ``local``). Under DP no figure of a node's
+        training that no noise covers is written (:data:`PRIVATE_DROPPED`: losses, times, memory,
+        speeds).
+    secret_sample : bool
+        Central DP with ``dp-sampling='secret'``: ``nodes.jsonl`` gets no rows (who took part in a
+        round must not be published).
     """
 
     def __init__(self, strategy: RecordedStrategy, layout: BlockLayout, run_dir: Path, *,
                  run_config: Mapping[str, Any], num_rounds: int, evaluation: Evaluation | None = None,
                  eval_every: int = 1, inference_scaling: bool = True, resume: bool = False,
                  label: str | None = None, tracker: SafeTracker | None = None,
-                 target_accuracy: float | None = None) -> None:
+                 target_accuracy: float | None = None, dp: str = "none", secret_sample: bool = False) -> None:
         if not isinstance(strategy, RecordedStrategy):
             raise TypeError(f"strategy: expected ResIST or ScreenedFedAvg (or another RecordedStrategy: round_report, "
                             f"inference_scales, resume_after, sampler, label), got {type(strategy).__name__}")
@@ -113,6 +127,7 @@ class RoundRecorder:
         self.label = label or strategy.label
         self.tracker = tracker
         self.target_accuracy = target_accuracy or None
+        self.private, self.secret_sample = dp != "none", bool(secret_sample)
         self.target_reached_round: int | None = None
         self.stopped_by: str | None = None
         self.resumed: Checkpoint | None = open_run_directory(self.run_dir, self.run_config, resume)
@@ -183,8 +198,9 @@ class RoundRecorder:
                    "seconds": self.seconds,
                    "parameters": int(sum(v.numel() for k, v in state.items() if k in payload)),
                    "final-accuracy": self.rows[-1].get("accuracy") if self.rows else None}
-        if self.rows and "epsilon" in self.rows[-1]:
-            summary["epsilon"] = self.rows[-1]["epsilon"]
+        for key in ("epsilon", "epsilon-every-round", "dp-delta"):
+            if self.rows and key in self.rows[-1]:
+                summary[key] = self.rows[-1][key]
         write_json(self.run_dir / SUMMARY_FILE, summary)
         if self.tracker is not None:
             self.tracker.close()
@@ -218,7 +234,7 @@ class RoundRecorder:
         if self.evaluation is not None and (run_round % self.eval_every == 0 or run_round == self.num_rounds):
             evaluated = _numbers(self.evaluation(run_round, self.final_state()))
             row.update(evaluated)
-        reason = divergence_reason((r.get("train-loss") for r in self.rows), row["train-loss"],
+        reason = divergence_reason((r.get("train-loss") for r in self.rows), row.get("train-loss"),
                                    row.get("replies-non-finite", 0))
         row["diverging"] = int(reason is not None)
         if reason:
@@ -256,13 +272,17 @@ class RoundRecorder:
             "nodes": len(traffic.train_nodes),
         }
         row.update({k: v for k, v in trained.items()
-                    if k.startswith("replies-") or k in ("num-subnetworks", "merge-refused")})
+                    if k.startswith("replies-") or k in ("num-subnetworks", "merge-refused", "withheld-keys",
+                                                           "withheld-blocks")})
         if report.client_evaluation:
             row["client-eval-loss"] = report.client_evaluation["eval-loss"]
             row["client-eval-acc"] = report.client_evaluation["eval-acc"]
         if report.phase is not None:
             row["phase"] = report.phase
         row.update(report.privacy)
+        if self.private:  # no noise covers these: not written under DP
+            for key in PRIVATE_DROPPED:
+                row.pop(key, None)
         if report.held_fraction is not None:
             row["inference-scale"] = next(iter(self.scales().values()), 1.0)
             row["held-fraction"] = report.held_fraction
@@ -270,6 +290,8 @@ class RoundRecorder:
 
     def node_rows(self, run_round: int, traffic: RoundTraffic, report: RoundReport) -> list[dict]:
         """One ``nodes.jsonl`` row per node sent a training message this round."""
+        if self.secret_sample:  # a secret sample: who took part is published nowhere
+            return []
         sampler, partitionable = self.strategy.sampler, len(self.layout.partitionable)
         rows = []
         for node in sorted(traffic.train_nodes, key=sampler.rank):
@@ -292,7 +314,11 @@ class RoundRecorder:
                 "blocks-per-second": sent.blocks_per_second,
                 "min-holders": sent.min_holders, "exposed-fraction": sent.exposed_fraction,
                 "dp-epsilon": reply.get("dp-epsilon"), "device-cache-mb": reply.get("device-cache-mb"),
+                "epsilon": sent.epsilon,
             })
+            if self.private:  # no noise covers these: not written under DP
+                for key in PRIVATE_DROPPED:
+                    rows[-1].pop(key, None)
         return rows
 
 

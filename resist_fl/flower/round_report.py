@@ -40,6 +40,8 @@ class NodeReport:
     """The fewest nodes any parameter it held was merged over this round."""
     exposed_fraction: float | None = None
     """The share of its update merged over fewer than the exposure threshold of nodes."""
+    epsilon: float | None = None
+    """Under central DP: its epsilon so far (the rounds it was sent a model in)."""
 
 
 @dataclass(frozen=True)

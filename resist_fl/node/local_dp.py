@@ -3,11 +3,15 @@
 ``dp='local'``: every step clips each example's gradient to ``dp-clip`` and adds Gaussian noise of
 ``dp-noise-multiplier x dp-clip`` to their sum (Opacus' ``GradSampleModule`` and ``DPOptimizer``),
 over a batch drawn by Poisson sampling (each example independently with rate
-``batch-size / partition size``), which is what Opacus' RDP accountant assumes. The accountant's
-history lives in the node's own state across rounds, so the ``dp-epsilon`` a node reports is its
-cumulative epsilon over every round it trained (at ``dp-delta``), a guarantee for its own examples
-that holds whatever the server does. Per-sample gradients need a model without BatchNorm
-(the settings refuse it: ``norm='groupnorm'``).
+``batch-size / partition size``), which is what Opacus' RDP accountant assumes. The noise and the
+Poisson draws come from generators seeded from OS entropy (:mod:`resist_fl.core.secure_random`),
+never from the run seed, the round or the partition id, which the server knows (with those, the
+server could replay the noise and subtract it); Opacus' ``secure_mode`` noise (the sum of four
+draws, against floating-point attacks) is used on top. The accountant's history lives in the
+node's ledger on its own disk (:mod:`resist_fl.node.dp_ledger`), so the ``dp-epsilon`` a node
+reports is its cumulative epsilon over every round it trained (at ``dp-delta``), across SuperNode
+restarts and resumed runs, a guarantee for its own examples that holds whatever the server does.
+Per-sample gradients need a model without BatchNorm (the settings refuse it: ``norm='groupnorm'``).
 """
 
 from __future__ import annotations
@@ -19,11 +23,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from resist_fl.core.secure_random import secure_torch_generator
 from resist_fl.data.batches import TrainBatches
+from resist_fl.node.dp_ledger import History
 from resist_fl.node.training import TrainResult
 
-History = list[tuple[float, float, int]]
-"""Opacus' accountant history: (noise multiplier, sample rate, steps) per composition."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,7 @@ def check_private_model(model: nn.Module) -> None:
 
 def train_private(model: nn.Module, loader: TrainBatches, *, steps: int, lr: float, momentum: float,
                   weight_decay: float, noise_multiplier: float, clip: float, delta: float,
-                  history: Sequence[tuple[float, float, int]] = (), seed: int = 0) -> PrivateTraining:
+                  history: Sequence[tuple[float, float, int]] = ()) -> PrivateTraining:
     """``steps`` DP-SGD steps on ``model`` (in place, on the CPU or the loader's device) over
     Poisson-sampled batches of ``loader``; the accountant continues from ``history``.
 
@@ -67,13 +71,14 @@ def train_private(model: nn.Module, loader: TrainBatches, *, steps: int, lr: flo
     device = loader.data.device
     model.to(device).train()
     private = GradSampleModule(model)
+    noise = secure_torch_generator(device)  # OS entropy: nothing the server knows reproduces it
     optimiser = DPOptimizer(torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay),
                             noise_multiplier=noise_multiplier, max_grad_norm=clip,
-                            expected_batch_size=loader.batch_size)
+                            expected_batch_size=loader.batch_size, generator=noise, secure_mode=True)
     accountant = RDPAccountant()
     accountant.history = [tuple(h) for h in history]
     optimiser.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=rate))
-    draws = torch.Generator(device=device).manual_seed(seed)
+    draws = secure_torch_generator(device)  # the Poisson sample: secret as well
     total, trained = torch.zeros((), device=device), 0
     for _ in range(steps):
         chosen = torch.nonzero(torch.rand(count, generator=draws, device=device) < rate).flatten()

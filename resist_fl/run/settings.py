@@ -37,6 +37,7 @@ STRATEGIES = ("resist", "fedavg", "heterofl", "fedrolex", "fjord", "depth-tiers"
 LR_SCHEDULES = ("step", "cosine", "constant")
 DP_MODES = ("none", "central", "local")
 DP_STRATEGIES = ("resist", "depth-tiers", "fedavg")
+DP_SAMPLING = ("public", "secret")
 DEVICES = ("auto", "cpu", "cuda")
 MODELS = (*PRESET_DEPTHS, *TORCHVISION_DEPTHS)
 
@@ -182,7 +183,15 @@ class RunSettings(BaseModel):
     dp_delta: Float = Field(1e-05, gt=0, lt=1,
         description="the delta epsilon is reported at (`epsilon` in every `metrics.jsonl` row under `central`, `dp-epsilon` per node under `local`)")
     dp_target_epsilon: Float = Field(0.0, ge=0,
-        description="`central`: if > 0, stop before the round that would take epsilon past it (`stopped-by` in `summary.json`)")
+        description="`central`: if > 0, stop before the round whose release would take the planning bound past it (`epsilon-every-round`: a node in every round under `public` sampling; `stopped-by` in `summary.json`)")
+    dp_sampling: Literal[DP_SAMPLING] = Field('public',
+        description="`central`: `public` (participants follow from `seed` and are written to `nodes.jsonl`: no amplification, each node's epsilon composes the rounds it was in, add/remove-one-node) or `secret` (participants drawn from OS entropy and written nowhere: the amplified accountant, n of N without replacement, replace-one-node) ([Privacy](privacy.md#what-is-accounted))")
+    dp_clip_quantile: Float = Field(0.0, ge=0, lt=1,
+        description="`central`: 0 keeps `dp-clip` fixed; in (0, 1) adaptive clipping (Andrew et al., NeurIPS 2021) moves the clip towards this quantile of the node update norms through a noised count, its cost accounted ([Privacy](privacy.md#adaptive-clipping))")
+    dp_clip_lr: Float = Field(0.2, gt=0,
+        description="adaptive clipping: the geometric learning rate eta of `C <- C exp(-eta (b - quantile))`")
+    dp_clip_count_noise: Float = Field(0.0, ge=0,
+        description="adaptive clipping: std of the noise on the count of nodes below the clip; `0`: the first round's sample size / 20 (Andrew et al.)")
     privacy_min_holders: Int = Field(1, ge=1,
         description="`resist`: deal every partitionable block to at least this many sampled nodes (within capacities); `exposed-fraction` counts updates merged over fewer than max(2, this) nodes")
     privacy_strict: Bool = Field(False,
@@ -262,6 +271,19 @@ class RunSettings(BaseModel):
         if self.dp == "local" and self.norm != "groupnorm":
             raise SettingsError(f"norm = {self.norm!r}: dp='local' (Opacus DP-SGD) needs per-sample gradients, "
                                 "which BatchNorm mixes across a batch; set norm='groupnorm'")
+        central_only = {"dp-sampling": self.dp_sampling != "public", "dp-clip-quantile": self.dp_clip_quantile > 0}
+        for key, used in central_only.items():
+            if used and self.dp != "central":
+                raise SettingsError(f"{key} = {self.value(key)!r}: needs dp='central' (got dp = {self.dp!r})")
+        if self.dp != "none" and self.fraction_evaluate > 0:
+            raise SettingsError(f"fraction-evaluate = {self.fraction_evaluate!r}: federated evaluation releases node "
+                                "data (losses and accuracies on node-held examples) that no DP noise covers; under "
+                                f"dp = {self.dp!r} set fraction-evaluate = 0 (the server evaluates the released model "
+                                "on its own test set)")
+        if self.dp == "central" and self.norm == "batchnorm-running":
+            raise SettingsError("norm = 'batchnorm-running': under dp='central' the running statistics are noised "
+                                "like any parameter and a variance can turn negative; set norm='groupnorm' or "
+                                "'batchnorm' (batch statistics, no running buffers)")
         if self.dp_target_epsilon > 0 and self.dp != "central":
             raise SettingsError(f"dp-target-epsilon = {self.dp_target_epsilon!r}: needs dp='central' (got dp = {self.dp!r})")
         if self.privacy_min_holders > 1 and self.strategy != "resist":
