@@ -104,18 +104,20 @@ def privacy_block(name: str) -> list[str]:
         mean, std = report.mean_std(accuracy)
         central = [f["epsilon"] for f in figures if f["epsilon"] is not None]
         local = [f["node-epsilon"] for f in figures if f["node-epsilon"] is not None]
+        every = [f["epsilon-every-round"] for f in figures if f.get("epsilon-every-round") is not None]
         eps = (f"{sum(central) / len(central):.2f}" if central else
                f"{sum(local) / len(local):.2f} (node, local)" if local else "-")
+        eps_every = f"{sum(every) / len(every):.2f}" if every else "-"
         exposed = [f["exposed-fraction"] for f in figures if f["exposed-fraction"] is not None]
         holders = [f["min-holders"] for f in figures if f["min-holders"] is not None]
-        rows.append([report.group_label(variant, strategy), _pm(mean, std), eps,
+        rows.append([report.group_label(variant, strategy), _pm(mean, std), eps, eps_every,
                      str(min(holders)) if holders else "-",
                      f"{sum(exposed) / len(exposed):.3f}" if exposed else "-",
                      f"{sum(f['mb-per-round'] for f in figures) / len(figures):.3f}"])
     return [f"From [docs/results/{name}](results/{name}/report.md) ({len(next(iter(groups.values())))} "
-            "seeds; epsilon at delta 1e-5).", "",
-            *report.table(["variant", "final accuracy", "epsilon", "fewest holders", "exposed fraction",
-                           "MB / round"], rows)]
+            "seeds; epsilon at delta 1e-5: the worst node's, and a node in every round).", "",
+            *report.table(["variant", "final accuracy", "epsilon", "epsilon, every round", "fewest holders",
+                           "exposed fraction", "MB / round"], rows)]
 
 
 def _final(run_dir: Path, rounds: int | None = None) -> list[float]:

@@ -39,6 +39,8 @@ def run_privacy(run_dir: Path) -> dict[str, Any]:
         "final-accuracy": evaluated[-1]["accuracy"] if evaluated else math.nan,
         "curve": [(r["round"], r["accuracy"], r.get("epsilon")) for r in evaluated],
         "epsilon": rows[-1].get("epsilon") if rows else None,
+        "epsilon-every-round": rows[-1].get("epsilon-every-round") if rows else None,
+        "sampling": config.get("dp-sampling", "public"),
         "node-epsilon": max(node_eps.values()) if node_eps else None,
         "min-holders": min(holders) if holders else None,
         "exposed-fraction": float(np.mean(exposed)) if exposed else None,
@@ -63,7 +65,8 @@ def privacy_lines(runs_dir: Path, groups: dict[tuple[str, str], list[Any]],
     private = any(f["dp"] != "none" or (f["min-holders-rule"] or 1) > 1 for runs in figures.values() for f in runs)
     if not private:
         return [], [], {}
-    header = ["group", "seeds", "dp", "z", "final accuracy", "epsilon (central)", "node epsilon (local, max)",
+    header = ["group", "seeds", "dp", "z", "final accuracy", "epsilon (central)", "epsilon, every round (central)",
+              "node epsilon (local, max)",
               "fewest holders", "exposed fraction", "MB / round"]
     rows = []
     for name, runs in figures.items():
@@ -73,14 +76,16 @@ def privacy_lines(runs_dir: Path, groups: dict[tuple[str, str], list[Any]],
         holders = [f["min-holders"] for f in runs if f["min-holders"] is not None]
         rows.append([name, str(len(runs)), runs[0]["dp"], "-" if z is None else f"{z:g}",
                      f"{_mean(accuracy):.4f} ± {spread:.4f}", _cell(_mean([f["epsilon"] for f in runs]), 2),
+                     _cell(_mean([f["epsilon-every-round"] for f in runs]), 2),
                      _cell(_mean([f["node-epsilon"] for f in runs]), 2), str(min(holders)) if holders else "-",
                      _cell(_mean([f["exposed-fraction"] for f in runs]), 3),
                      _cell(_mean([f["mb-per-round"] for f in runs]), 3)])
     lines = ["## Privacy", "", "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
              *("| " + " | ".join(r) + " |" for r in rows), "",
-             "epsilon (central): the server's accountant after the last round (Flower's RDP accountant, n of N "
-             "nodes drawn without replacement, replace-one neighbours, delta from the run config), mean over "
-             "seeds; node epsilon (local): the largest cumulative Opacus epsilon any node reported; fewest "
+             "epsilon (central): the worst node's after the last round (public sampling: each node composes "
+             "the rounds it was sent a model in, no amplification, add/remove one node; secret sampling: the "
+             "amplified accountant, n of N without replacement, replace-one), delta from the run config, mean "
+             "over seeds; every round: the planning bound, a node in every round; node epsilon (local): the largest cumulative Opacus epsilon any node reported; fewest "
              "holders: the smallest number of nodes any updated parameter was merged over in any round; exposed "
              "fraction: the mean over rounds of the share of the round's updates (node x parameter) merged over "
              "fewer than max(2, privacy-min-holders) nodes.", ""]

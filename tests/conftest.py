@@ -40,3 +40,29 @@ def _node_state_home(tmp_path, monkeypatch):
     """Each test's nodes keep their local-DP ledgers in its own directory (never the user's
     ``~/.local/state``), so no test sees another's epsilon."""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "node-state"))
+
+
+@pytest.fixture
+def crash_at_round(monkeypatch):
+    """``crash_at_round(config, num_nodes, n)``: run the ServerApp in process until its evaluation
+    of run round ``n`` raises (a crash after ``n - 1`` recorded rounds, round ``n`` trained), then
+    restore the evaluation so that a resumed run can follow."""
+    import server_app.app as server_app
+    from simulations.inprocess import run_inprocess
+
+    evaluate = server_app.CentralEvaluation.__call__
+
+    def crash(config: dict, num_nodes: int, run_round: int) -> None:
+        def stop(self, this_round, state):
+            if this_round == run_round:
+                raise RuntimeError("stopped")
+            return evaluate(self, this_round, state)
+
+        monkeypatch.setattr(server_app.CentralEvaluation, "__call__", stop)
+        try:
+            with pytest.raises(RuntimeError, match="stopped"):
+                run_inprocess(config, num_nodes=num_nodes)
+        finally:
+            monkeypatch.setattr(server_app.CentralEvaluation, "__call__", evaluate)
+
+    return crash

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from flwr.common.config import parse_config_args
 
+from resist_fl.flower.round_recorder import PRIVATE_DROPPED
 from resist_fl.run.cli_config import render_config, toml_value
 from resist_fl.run.outputs import SUMMARY_FILE, read_metrics
 from simulations.launcher import LaunchResult, marked_pids, run_flwr
@@ -29,7 +30,10 @@ CASES = {"resist": {"strategy": "resist"}, "fedavg": {"strategy": "fedavg"}, "ba
          "fedrolex": {"strategy": "fedrolex", **HETERO}, "fjord": {"strategy": "fjord", **HETERO},
          "fedavg-small": {"strategy": "fedavg-small", **HETERO},
          "resist-central-dp": {"strategy": "resist", "dp": "central", "weighting": "uniform", "dp-clip": 0.5,
-                               "dp-noise-multiplier": 0.5, "privacy-min-holders": 2},
+                               "dp-noise-multiplier": 0.5, "privacy-min-holders": 2, "dp-clip-quantile": 0.5,
+                               "dp-clip-count-noise": 5.0},
+         "fedavg-central-secret": {"strategy": "fedavg", "dp": "central", "weighting": "uniform", "dp-clip": 0.5,
+                                   "dp-noise-multiplier": 0.5, "dp-sampling": "secret"},
          "fedavg-local-dp": {"strategy": "fedavg", "dp": "local", "norm": "groupnorm", "local-steps": 4}}
 SUB_MODELS = ["heterofl", "depth-tiers", "fedrolex", "fjord", "fedavg-small"]
 RUN_NAMES = {"fedavg": "fedavg it's \"quoted\""}  # both quote kinds: the launcher's TOML file carries them
@@ -132,12 +136,23 @@ def test_the_sub_model_baselines_respect_every_nodes_budget(launches):
 
 
 def test_central_and_local_dp_through_the_real_engine(launches):
-    """Central DP with two holders per block (ResIST) and Opacus DP-SGD (FedAvg) under flwr run."""
-    for case in ("resist-central-dp", "fedavg-local-dp"):
+    """Central DP with two holders per block and adaptive clipping (ResIST), with a secret sample
+    (FedAvg), and Opacus DP-SGD (FedAvg) under flwr run: epsilon accounted, nothing unnoised written."""
+    for case in ("resist-central-dp", "fedavg-central-secret", "fedavg-local-dp"):
         assert launches[case].success, f"{launches[case].reason}\n{launches[case].log_path.read_text()[-3000:]}"
     rows = read_metrics(launches["resist-central-dp"].run_dir)
     assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
-    assert 0 < rows[0]["epsilon"] < rows[1]["epsilon"] and all(r["min-holders"] >= 2 for r in rows)
+    # 3 of 3 nodes every round: the worst node is in every round
+    assert 0 < rows[0]["epsilon"] < rows[1]["epsilon"] == rows[1]["epsilon-every-round"]
+    assert all(r["min-holders"] >= 2 for r in rows) and rows[1]["dp-clip"] != rows[0]["dp-clip"] == 0.5
     assert all(r["exposed-fraction"] == 0 and r["replies-accepted"] == 3 for r in rows)
-    nodes = read_metrics(launches["fedavg-local-dp"].run_dir, "nodes.jsonl")
-    assert len(nodes) == 3 * ROUNDS and all(n["status"] == "accepted" and n["dp-epsilon"] > 0 for n in nodes)
+    nodes = read_metrics(launches["resist-central-dp"].run_dir, "nodes.jsonl")
+    assert [n["epsilon"] for n in nodes if n["round"] == ROUNDS] == [rows[1]["epsilon"]] * 3
+    secret = launches["fedavg-central-secret"].run_dir
+    assert read_metrics(secret, "nodes.jsonl") == [] if (secret / "nodes.jsonl").exists() else True
+    assert read_metrics(secret)[-1]["epsilon"] > 0
+    local = read_metrics(launches["fedavg-local-dp"].run_dir, "nodes.jsonl")
+    assert len(local) == 3 * ROUNDS and all(n["status"] == "accepted" and n["dp-epsilon"] > 0 for n in local)
+    for case in ("resist-central-dp", "fedavg-central-secret", "fedavg-local-dp"):
+        for row in read_metrics(launches[case].run_dir):
+            assert not set(PRIVATE_DROPPED) & set(row), case

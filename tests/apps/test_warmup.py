@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import server_app.app as server_app
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.model import ModelSpec
 from resist_fl.flower.resist import ResIST
@@ -88,20 +87,10 @@ def test_warmup_rounds_are_fedavg(warmup_config):
 
 
 @pytest.mark.parametrize("stop_after", [1, 3], ids=["in-warmup", "after-switch"])
-def test_resume_in_either_phase_is_bit_identical(whole_run, warmup_config, monkeypatch, stop_after):
+def test_resume_in_either_phase_is_bit_identical(whole_run, warmup_config, crash_at_round, stop_after):
     whole = whole_run[0]
     stopped = {**warmup_config, "run-name": "stopped"}
-    evaluate = server_app.CentralEvaluation.__call__
-
-    def stop(self, run_round, state):
-        if run_round == stop_after + 1:
-            raise RuntimeError("stopped")
-        return evaluate(self, run_round, state)
-
-    monkeypatch.setattr(server_app.CentralEvaluation, "__call__", stop)
-    with pytest.raises(RuntimeError, match="stopped"):
-        run_inprocess(stopped, num_nodes=3)
-    monkeypatch.setattr(server_app.CentralEvaluation, "__call__", evaluate)
+    crash_at_round(stopped, 3, stop_after + 1)
     run_dir = Path(stopped["output-dir"]) / "stopped"
     assert [r["round"] for r in read_metrics(run_dir)] == list(range(1, stop_after + 1))
     run_inprocess({**stopped, "resume": True}, num_nodes=3)

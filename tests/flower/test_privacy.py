@@ -16,7 +16,6 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import server_app.app as server_app
 from client_app.app import app as client_app
 from resist_fl.core.allocation import allocate_depths, deal_blocks
 from resist_fl.core.decomposition import BlockLayout
@@ -157,27 +156,17 @@ def _reference_epsilon(z: float, rounds: int, delta: float) -> float:
     return accountant.get_epsilon(delta)
 
 
-def test_central_dp_clips_accounts_every_round_and_resumes_the_accountant(tiny_config, monkeypatch):
+def test_central_dp_clips_accounts_every_round_and_resumes_the_accountant(tiny_config, crash_at_round):
     tiny_config.update(SIX_BLOCKS, **{"num-server-rounds": 3, "local-steps": 2, "dp": "central",
                                       "weighting": "uniform", "dp-clip": 0.5, "dp-noise-multiplier": 1.5,
                                       "fraction-train": 0.5, "min-train-nodes": 2, "min-available-nodes": 4})
-    evaluate = server_app.CentralEvaluation.__call__
-
-    def stop(self, run_round, state):
-        if run_round == 3:
-            raise RuntimeError("stopped")
-        return evaluate(self, run_round, state)
-
-    monkeypatch.setattr(server_app.CentralEvaluation, "__call__", stop)
-    with pytest.raises(RuntimeError, match="stopped"):
-        run_inprocess(tiny_config, num_nodes=4)
+    crash_at_round(tiny_config, 4, 3)
     run_dir = Path(tiny_config["output-dir"]) / tiny_config["run-name"]
     rows = read_metrics(run_dir)
     epsilons = [r["epsilon-every-round"] for r in rows]
     assert epsilons == pytest.approx([_reference_epsilon(1.5, t, 1e-5) for t in (1, 2)], rel=1e-6)
     assert epsilons[0] < epsilons[1]
     assert all(r["replies-accepted"] == 2 for r in rows)  # every node clipped: no reply rejected
-    monkeypatch.setattr(server_app.CentralEvaluation, "__call__", evaluate)
     _, rows, _ = _run(dict(tiny_config, resume=True), num_nodes=4)
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert rows[2]["epsilon-every-round"] == pytest.approx(_reference_epsilon(1.5, 3, 1e-5), rel=1e-6)  # continues

@@ -14,7 +14,6 @@ import pytest
 import torch
 from dp_accounting import NeighboringRelation, dp_event, rdp
 
-import server_app.app as server_app
 from client_app.app import app as client_app
 from resist_fl import data
 from resist_fl.core.decomposition import BlockLayout
@@ -253,20 +252,10 @@ def test_the_resist_constructor_refuses_speed_allocation_under_dp():
 
 # --------------------------------------------------------------------------- local-DP ledger
 
-def test_local_dp_epsilon_continues_after_a_stop_and_a_resume(tiny_config, monkeypatch):
+def test_local_dp_epsilon_continues_after_a_stop_and_a_resume(tiny_config, crash_at_round):
     tiny_config.update(SIX_BLOCKS, **{"num-server-rounds": 3, "local-steps": 2, "dp": "local", "norm": "groupnorm",
                                       "dp-noise-multiplier": 1.1, "dp-clip": 1.0})
-    evaluate = server_app.CentralEvaluation.__call__
-
-    def stop(self, run_round, state):
-        if run_round == 3:
-            raise RuntimeError("stopped")
-        return evaluate(self, run_round, state)
-
-    monkeypatch.setattr(server_app.CentralEvaluation, "__call__", stop)
-    with pytest.raises(RuntimeError, match="stopped"):
-        run_inprocess(tiny_config, num_nodes=2)
-    monkeypatch.setattr(server_app.CentralEvaluation, "__call__", evaluate)
+    crash_at_round(tiny_config, 2, 3)
     _, rows, nodes = _run(dict(tiny_config, resume=True), num_nodes=2)
     eps = {(r["round"], r["partition"]): r["dp-epsilon"] for r in nodes}
     assert all(eps[(3, p)] > eps[(2, p)] > eps[(1, p)] > 0 for p in (0, 1))

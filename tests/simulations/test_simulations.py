@@ -257,10 +257,12 @@ def test_the_privacy_preset_plans_central_local_and_holder_variants(tmp_path):
     """privacy-digits: 50 nodes, 10 per round, central DP at three epsilons and a weak noise, the
     minimum-holders rule, local DP-SGD; 2 seeds; every variant keeps uniform weights."""
     _, plan, _ = compare.resolve(compare.parse_args(["privacy-digits", "--out", str(tmp_path)]))
-    assert len(plan) == 46 and {r.seed for r in plan} == {0, 1}
+    assert len(plan) == 54 and {r.seed for r in plan} == {0, 1}
     by_name = {r.name: r.run_config for r in plan}
     assert by_name["eps4-fedavg-seed0"]["dp"] == "central" and by_name["local-resist-seed1"]["dp"] == "local"
     assert by_name["holders4-resist-seed0"]["privacy-min-holders"] == 4 and "holders4-fedavg-seed0" not in by_name
+    assert by_name["eps8-secret-fedavg-seed1"]["dp-sampling"] == "secret"
+    assert by_name["eps8-adaptive-resist-seed0"]["dp-clip-quantile"] == 0.5
     for config in by_name.values():
         assert config["weighting"] == "uniform" and config["norm"] == "groupnorm"
         assert (config["fraction-train"], config["min-train-nodes"], config["min-available-nodes"]) == (0.2, 10, 50)
@@ -279,7 +281,7 @@ def test_the_privacy_section_reports_epsilon_holders_and_exposure(tmp_path):
                    "cumulative-bytes": rnd * 2 * 10**6, "round-seconds": 1.0, "min-holders": holders,
                    "exposed-fraction": exposed}
             if eps is not None:
-                row["epsilon"] = eps
+                row["epsilon"], row["epsilon-every-round"] = eps, 2 * eps
             append_metrics(tmp_path / name, row)
             if config:
                 for node, eps_node in ((5, 0.5 * rnd), (6, 0.7 * rnd)):
@@ -297,8 +299,8 @@ def test_the_privacy_section_reports_epsilon_holders_and_exposure(tmp_path):
     text = report.build_report(tmp_path).read_text()
     result = json.loads((tmp_path / report.REPORT_JSON).read_text())
     assert "## Privacy" in text
-    assert "| ResIST (eps4) | 1 | central | 4.48 | 0.3000 ± 0.0000 | 2.00 | - | 1 | 0.450 | 2.000 |" in text
-    assert "| FedAvg (eps4) | 1 | central | 4.48 | 0.5000 ± 0.0000 | 2.00 | - | 10 | 0.000 | 2.000 |" in text
-    assert "| ResIST (local) | 1 | local | 1.8 | 0.7000 ± 0.0000 | - | 1.40 | 1 | 0.400 | 2.000 |" in text
+    assert "| ResIST (eps4) | 1 | central | 4.48 | 0.3000 ± 0.0000 | 2.00 | 4.00 | - | 1 | 0.450 | 2.000 |" in text
+    assert "| FedAvg (eps4) | 1 | central | 4.48 | 0.5000 ± 0.0000 | 2.00 | 4.00 | - | 10 | 0.000 | 2.000 |" in text
+    assert "| ResIST (local) | 1 | local | 1.8 | 0.7000 ± 0.0000 | - | - | 1.40 | 1 | 0.400 | 2.000 |" in text
     assert result["privacy"]["ResIST (eps4)"][0]["curve"] == [[1, 0.2, 1.5], [2, 0.3, 2.0]]
     assert (tmp_path / "accuracy_vs_epsilon.png").stat().st_size > 0
