@@ -185,14 +185,17 @@ def _announce_precision(device: torch.device, amp: bool) -> None:
 
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
-    """Federated evaluation (FedAvg with fraction-evaluate > 0) of the full model.
+    """Federated evaluation (FedAvg with fraction-evaluate > 0) of the global model (at the width
+    the message names: fedavg-small's).
 
     On the node's own test split when its node config names a ``data-path``,
     else on its share of the central test set (every ``num-partitions``-th
     image from ``partition-id``).
     """
-    settings, spec, layout = _run_of(context, msg.content["config"])
-    model = build_local_model(spec, layout, msg.content["arrays"], None)
+    config = msg.content["config"]
+    settings, spec, layout = _run_of(context, config)
+    width_rate = float(config[WIDTH_RATE]) if WIDTH_RATE in config else None  # fedavg-small's one width
+    model = build_local_model(spec, layout, msg.content["arrays"], None, width_rate=width_rate)
     node = context.node_config
     data_path = _data_path(context, settings)
     test = load_test_set(settings.dataset, data_path, settings.image_size)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from typing import Any
-from logging import INFO, WARNING
+from logging import INFO
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
@@ -30,12 +30,17 @@ from resist_fl.core.aggregation import cast_mean, check_server_lr, server_step
 from resist_fl.core.holders import exposure, key_holders, whole
 from resist_fl.core.model_cost import CAPACITY_MEASURES, CostModel
 from resist_fl.core.transport import check_transport
-from resist_fl.core.validation import EVALUATE_METRICS, MAX_METRIC, ReplyError, check_metric, check_num_examples
 from resist_fl.flower.array_codec import array_of, array_view
 from resist_fl.flower.central_dp import BELOW_CLIP, CentralDP
 from resist_fl.flower.message_keys import DP_CLIP, RUN_ROUND, SERVER_ROUND, TRANSPORT
 from resist_fl.flower.node_sampling import NodeSampler
-from resist_fl.flower.reply_screening import encoded_record, refuse_non_finite, screen_replies, too_few_replies
+from resist_fl.flower.reply_screening import (
+    encoded_record,
+    refuse_non_finite,
+    screen_evaluate_replies,
+    screen_replies,
+    too_few_replies,
+)
 from resist_fl.flower.round_report import NodeReport, RoundReport
 from resist_fl.flower.width_sliced import WIDTH_RATE
 
@@ -106,6 +111,7 @@ class ScreenedFedAvg(FedAvg):
         self.last_replies: dict[int, dict[str, float | int]] = {}  # node -> accepted reply's metrics
         self._global: ArrayRecord | None = None
         self._messages: list[Message] = []
+        self._evaluate_messages: list[Message] = []
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -201,27 +207,20 @@ class ScreenedFedAvg(FedAvg):
         if self.dp is not None and last_row:
             self.dp.restore(last_row.get("dp-state"))
 
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """Flower's federated-evaluation sampling; the messages carry what shapes the model (the
+        width of fedavg-small) and are kept, so that every reply is screened against them."""
+        config = ConfigRecord(dict(config))
+        if self.width_rate is not None:
+            config[WIDTH_RATE] = self.width_rate
+        self._evaluate_messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        return self._evaluate_messages
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Federated evaluation: the example-weighted mean of the valid replies' metrics."""
-        valid = []
-        for reply in replies:
-            try:
-                valid.append(RecordDict({"metrics": _evaluate_metrics(reply, self.max_num_examples)}))
-            except Exception as err:  # noqa: BLE001 - ReplyError, or anything a reply can raise
-                log(WARNING, "round %d: evaluate reply of node %s dropped: %s", server_round,
-                    getattr(reply.metadata, "src_node_id", "?"), err)
+        """Federated evaluation: the example-weighted mean of the valid replies' metrics (the
+        same first-reply-per-message rule as training replies)."""
+        valid = [RecordDict({"metrics": m}) for m in
+                 screen_evaluate_replies(server_round, replies, self._evaluate_messages, self.max_num_examples)]
         self.last_evaluate_metrics = dict(self.evaluate_metrics_aggr_fn(valid, self.weighted_by_key)) if valid else {}
         return MetricRecord(self.last_evaluate_metrics) if valid else None
-
-
-def _evaluate_metrics(reply: Message, max_num_examples: int) -> MetricRecord:
-    """The evaluate reply's metrics (:data:`EVALUATE_METRICS`, finite scalars), else ReplyError."""
-    if reply.has_error():
-        raise ReplyError(f"error (code {reply.error.code}): {reply.error.reason}")
-    if len(reply.content.metric_records) != 1:
-        raise ReplyError("expected exactly one MetricRecord")
-    reported = next(iter(reply.content.metric_records.values()))
-    metrics = {"num-examples": check_num_examples(reported.get("num-examples"), max_num_examples)}
-    for name in EVALUATE_METRICS[1:]:
-        metrics[name] = check_metric(name, reported.get(name), high=1.0 if name == "eval-acc" else MAX_METRIC)
-    return MetricRecord(metrics)

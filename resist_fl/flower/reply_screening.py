@@ -1,4 +1,4 @@
-"""Screening of training replies, shared by ResIST and the FedAvg baseline.
+"""Screening of every reply (training and federated evaluation), shared by every strategy.
 
 The rule: **one reply per instruction, and the first one counts, whatever its
 fate.** A reply is looked at only if it answers a train message pushed this
@@ -29,6 +29,8 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from resist_fl.core.transport import TransportError, decode_state, encode_array
 from resist_fl.core.validation import (
     CLIENT_COST_METRICS,
+    EVALUATE_METRICS,
+    MAX_METRIC,
     TRAIN_METRICS,
     NonFiniteError,
     ReplyError,
@@ -110,6 +112,67 @@ class ScreenedReplies:
         return metrics
 
 
+class Instructions:
+    """The messages a round pushed, by message id, and the rule every reply path applies to a
+    reply: it answers one of them, comes from that message's node (an error may come from the
+    SuperLink), and is the first reply to it; the first one counts, whatever its fate."""
+
+    def __init__(self, messages: Iterable[Message], kind: str) -> None:
+        self.kind = kind
+        self.by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+        self.answered: set[str] = set()
+
+    def addressee(self, reply: Message) -> int:
+        """The node the reply answers for; :class:`ReplyError` when the rule is broken."""
+        instruction = reply.metadata.reply_to_message_id
+        if instruction not in self.by_id:
+            raise ReplyError(f"it answers no {self.kind} message of this round (stale or forged)")
+        addressee = self.by_id[instruction]
+        # Error replies may come from the SuperLink (node offline, message expired).
+        if reply.metadata.src_node_id != addressee and not (
+                reply.has_error() and reply.metadata.src_node_id == SUPERLINK_NODE_ID):
+            raise ReplyError(f"it answers the {self.kind} message sent to node {addressee}")
+        if instruction in self.answered:
+            raise ReplyError(f"a second reply to the same {self.kind} message (the first one counts)")
+        self.answered.add(instruction)
+        return addressee
+
+    @property
+    def missing(self) -> int:
+        """Messages without a reply (yet)."""
+        return len(self.by_id) - len(self.answered)
+
+
+def screen_evaluate_replies(server_round: int, replies: Iterable[Message], messages: Iterable[Message],
+                            max_num_examples: int) -> list[MetricRecord]:
+    """The valid federated-evaluation replies' metrics (:func:`check_evaluate_metrics`), under the
+    same rule as training replies (:class:`Instructions`: one reply per message, from its node,
+    the first one counts); the others are dropped with a WARNING naming the node and the reason."""
+    instructions = Instructions(messages, "evaluate")
+    valid = []
+    for reply in replies:
+        try:
+            instructions.addressee(reply)
+            valid.append(check_evaluate_metrics(reply, max_num_examples))
+        except Exception as err:  # noqa: BLE001 - ReplyError, or anything a reply can raise
+            log(WARNING, "round %d: evaluate reply of node %s dropped: %s", server_round,
+                getattr(reply.metadata, "src_node_id", "?"), err)
+    return valid
+
+
+def check_evaluate_metrics(reply: Message, max_num_examples: int) -> MetricRecord:
+    """The evaluate reply's metrics (:data:`EVALUATE_METRICS`, finite scalars in range), else ReplyError."""
+    if reply.has_error():
+        raise ReplyError(f"error (code {reply.error.code}): {reply.error.reason}")
+    if len(reply.content.metric_records) != 1:
+        raise ReplyError("expected exactly one MetricRecord")
+    reported = next(iter(reply.content.metric_records.values()))
+    metrics = {"num-examples": check_num_examples(reported.get("num-examples"), max_num_examples)}
+    for name in EVALUATE_METRICS[1:]:
+        metrics[name] = check_metric(name, reported.get(name), high=1.0 if name == "eval-acc" else MAX_METRIC)
+    return MetricRecord(metrics)
+
+
 PRIVATE_REQUIRED = ("local-steps",)
 """The training metrics a reply must carry under DP (besides ``num-examples``): a node sends no
 loss or times there (:func:`resist_fl.flower.client_side.train_reply` with ``private``)."""
@@ -152,24 +215,13 @@ def screen_replies(server_round: int, replies: Iterable[Message], sent: Mapping[
     """
     out = ScreenedReplies(private=private)
     required = PRIVATE_REQUIRED if private else TRAIN_METRICS[1:]
-    instructions = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
-                    if m.metadata.message_id}
-    answered: set[str] = set()
+    instructions = Instructions(messages, "train")
     for reply in replies:
         node_id = "?"
         try:
             node_id = reply.metadata.src_node_id
-            instruction = reply.metadata.reply_to_message_id
-            if instruction not in instructions:
-                raise ReplyError("it answers no train message of this round (stale or forged)")
-            addressee = instructions[instruction]
+            addressee = instructions.addressee(reply)
             is_error = reply.has_error()
-            # Error replies may come from the SuperLink (node offline, message expired).
-            if node_id != addressee and not (is_error and node_id == SUPERLINK_NODE_ID):
-                raise ReplyError(f"it answers the train message sent to node {addressee}")
-            if instruction in answered:
-                raise ReplyError("a second reply to the same train message (the first one counts)")
-            answered.add(instruction)
             if is_error:
                 out.fail(server_round, addressee, reply.error.code, reply.error.reason)
                 continue
@@ -182,7 +234,7 @@ def screen_replies(server_round: int, replies: Iterable[Message], sent: Mapping[
             out.accepted.append(accepted)
         except Exception as err:  # noqa: BLE001 - screening is total: a reply costs that reply, never the round
             out.reject(server_round, node_id, err)
-    out.missing = len(instructions) - len(answered)
+    out.missing = instructions.missing
     if order is not None:
         out.accepted.sort(key=lambda a: order(a.node_id))
     return out

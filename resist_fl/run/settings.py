@@ -38,6 +38,8 @@ LR_SCHEDULES = ("step", "cosine", "constant")
 DP_MODES = ("none", "central", "local")
 DP_STRATEGIES = ("resist", "depth-tiers", "fedavg")
 DP_SAMPLING = ("public", "secret")
+READ_ONLY_BY = {"server-lr": ("resist", "depth-tiers", "fedavg", "fedavg-small")}
+"""Settings only some strategies read: set for another strategy, they are an error, never silently dropped."""
 DEVICES = ("auto", "cpu", "cuda")
 MODELS = (*PRESET_DEPTHS, *TORCHVISION_DEPTHS)
 
@@ -115,7 +117,7 @@ class RunSettings(BaseModel):
     clip_grad_norm: Float = Field(1.0, ge=0,
         description="if > 0, each local step's gradient is rescaled to at most this L2 norm (both strategies); keeps label-skewed runs from diverging ([Non-IID](noniid.md#non-iid-data-label-skew)); `0`: off, as in the paper presets")
     server_lr: Float = Field(1.0, gt=0,
-        description="server step: the global model moves this fraction of the way to the merge (`1.0`: the plain merge; both strategies)")
+        description="server step: the global model moves this fraction of the way to the merge (`1.0`: the plain merge; `resist`, `depth-tiers`, `fedavg`, `fedavg-small`; the width-sliced baselines merge as their code does and refuse it)")
     transport_dtype: Literal[TRANSPORT_DTYPES] = Field('float32',
         description="how float arrays travel in training messages and replies, both strategies: `float32`, `float16` (saturating), `uint8` (per-tensor affine 8-bit); the server decodes, merges and keeps the global model in float32")
     min_blocks_per_site: Int = Field(0, ge=0,
@@ -235,6 +237,10 @@ class RunSettings(BaseModel):
                                 f"min-train-nodes ({self.min_train_nodes})")
         if self.local_epochs == 0 and self.local_steps < 1:
             raise SettingsError(f"local-steps = {self.local_steps!r}: expected an integer >= 1 (or set local-epochs > 0)")
+        for key, readers in READ_ONLY_BY.items():
+            if self.strategy not in readers and self.value(key) != type(self).model_fields[key.replace("-", "_")].default:
+                raise SettingsError(f"{key} = {self.value(key)!r}: strategy {self.strategy!r} does not use it "
+                                    f"(only {', '.join(readers)} do); remove it from the run config")
         if self.strategy not in ("fedavg", "fedavg-small") and self.fraction_evaluate > 0:
             name = "ResIST" if self.strategy == "resist" else self.strategy
             raise SettingsError(f"fraction-evaluate = {self.fraction_evaluate!r}: {name} evaluates "

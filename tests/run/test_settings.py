@@ -86,3 +86,10 @@ def test_values_that_are_accepted():
         "imagenet"
     spec = RunSettings.from_run_config({"model": "torchvision_resnet50", "stem": "imagenet"}).model_spec(10, 3)
     assert (spec.arch, spec.stem, spec.base_width) == ("torchvision_resnet50", "imagenet", 64)
+
+
+@pytest.mark.parametrize("strategy", ["heterofl", "fedrolex", "fjord"])
+def test_a_setting_the_strategy_does_not_read_is_refused(strategy):
+    with pytest.raises(SettingsError, match=f"server-lr = 0.5: strategy '{strategy}' does not use it"):
+        RunSettings.from_run_config({**default_run_config(), "strategy": strategy, "server-lr": 0.5})
+    RunSettings.from_run_config({**default_run_config(), "strategy": strategy})  # its default is fine
