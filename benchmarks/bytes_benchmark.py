@@ -14,6 +14,8 @@ full models. Uplink equals downlink (every node returns what it was sent).
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -26,7 +28,8 @@ from resist_fl.core.transport import TRANSPORT_DTYPES
 from resist_fl.flower.fedavg import ScreenedFedAvg
 from resist_fl.flower.metering import array_bytes
 from resist_fl.flower.resist import ResIST
-from resist_fl.testing.inprocess_grid import InProcessGrid
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the root holds the tooling
+from simulations.inprocess_grid import InProcessGrid
 
 
 def silent_app() -> ClientApp:

@@ -20,11 +20,13 @@ import argparse
 import shutil
 import statistics
 import subprocess
+import sys
 import tarfile
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the root holds the tooling
 from deploy.local_cluster import LocalCluster
 
 ROOT = Path(__file__).resolve().parents[1]

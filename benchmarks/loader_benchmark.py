@@ -12,15 +12,18 @@ batched path keeps the images on the GPU; the per-sample path then also copies e
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from resist_fl.data import ImageArrays, Normalization
 from resist_fl.data.batches import TrainBatches
-from resist_fl.testing.per_sample import make_per_sample_loader
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the root holds the tooling
+from benchmarks.per_sample_loader import make_per_sample_loader
 
 STATS = Normalization((0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
 

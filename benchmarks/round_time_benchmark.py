@@ -15,11 +15,13 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from resist_fl.run.outputs import read_metrics
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the root holds the tooling
 from simulations.launcher import run_flwr
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -34,7 +34,7 @@ from resist_fl.core.model import PRESET_DEPTHS, ModelSpec, build_model
 from resist_fl.core.validation import TRAIN_METRICS
 from resist_fl.flower.fedavg import ScreenedFedAvg
 from resist_fl.flower.resist import ResIST
-from resist_fl.testing.inprocess_grid import InProcessGrid
+from simulations.inprocess_grid import InProcessGrid
 
 
 def echo_app() -> ClientApp:

@@ -17,10 +17,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the root holds the tooling
 from simulations.launcher import run_flwr
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,8 +12,9 @@ from flwr.app import Context, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.app import app as client_app
+from resist_fl.flower.metering import MeteredGrid
 from server_app.app import main as server_main
-from resist_fl.testing.inprocess_grid import InProcessGrid
+from simulations.inprocess_grid import InProcessGrid
 
 
 def run_inprocess(run_config: dict, num_nodes: int = 3, client: ClientApp = client_app,
@@ -21,8 +22,8 @@ def run_inprocess(run_config: dict, num_nodes: int = 3, client: ClientApp = clie
     """Run one whole ServerApp main on an :class:`InProcessGrid` (the project's ServerApp and
     ClientApp unless ``server`` / ``client`` are given, e.g. another app's); return the grid."""
     grid = InProcessGrid(client, num_nodes=num_nodes, run_config=run_config, **grid_kwargs)
-    server(grid, Context(run_id=grid.run.run_id, node_id=1, node_config={}, state=RecordDict(),
-                              run_config=run_config))
+    server(MeteredGrid(grid, replies_ready_on_push=True),  # every node runs while it is pushed
+           Context(run_id=grid.run.run_id, node_id=1, node_config={}, state=RecordDict(), run_config=run_config))
     return grid
 
 

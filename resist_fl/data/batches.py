@@ -4,7 +4,7 @@ and normalised as batched tensor ops (no per-sample Python transform, no DataLoa
 One pass of :class:`TrainBatches` reshuffles the split, then each batch is gathered, randomly
 cropped and flipped by one gather, and scaled to float32 in one fused multiply-add.
 The augmentation has the semantics of the per-sample torchvision pipeline it replaces
-(:mod:`resist_fl.testing.per_sample`): a crop offset drawn uniformly from ``[0, 2 * padding]`` on each
+(:mod:`benchmarks.per_sample_loader`): a crop offset drawn uniformly from ``[0, 2 * padding]`` on each
 axis of the zero-padded image, then a horizontal flip with probability 1/2, each image
 independently. Random numbers come from generators seeded by ``seed`` on the data's device, so a
 CPU run is deterministic for its seed whatever else used torch's global generator.

@@ -26,12 +26,6 @@ POLL_SECONDS = 0.2
 """How often ``MeteredGrid.send_and_receive`` pulls for replies (Flower's own grid: every 3 s)."""
 
 
-REPLIES_READY_ON_PUSH = "replies_ready_on_push"
-"""A Grid attribute: True on a Grid that runs each node while its message is pushed (an
-in-process test grid), so a reply not there after the push never comes (it 'missed the timeout');
-``send_and_receive`` then does not wait for it."""
-
-
 def array_bytes(message: Message) -> int:
     """Bytes of the arrays a message carries (0 for an error reply)."""
     if message.has_error():
@@ -58,10 +52,17 @@ class RoundTraffic:
 
 
 class MeteredGrid(Grid):
-    """A Grid that forwards everything to ``grid`` and counts the array bytes."""
+    """A Grid that forwards everything to ``grid`` and counts the array bytes.
 
-    def __init__(self, grid: Grid) -> None:
+    ``replies_ready_on_push``: ``grid`` runs each node while its message is pushed (an in-process
+    grid, :mod:`simulations.inprocess_grid`), so a reply not there after the push never comes (it
+    'missed the timeout') and :meth:`send_and_receive` does not wait for it. Said by whoever wraps
+    such a grid (:func:`simulations.inprocess.run_inprocess`), never probed.
+    """
+
+    def __init__(self, grid: Grid, *, replies_ready_on_push: bool = False) -> None:
         self._grid = grid
+        self.replies_ready_on_push = replies_ready_on_push
         self._traffic = RoundTraffic()
         self._observed: dict[str, float] = {}  # message id -> seconds from push to reply pulled
 
@@ -125,7 +126,7 @@ class MeteredGrid(Grid):
             for message_id in self.push_messages([message]):
                 pushed[message_id] = started
             self._pull_into(replies, pushed)
-        if getattr(self._grid, REPLIES_READY_ON_PUSH, False):
+        if self.replies_ready_on_push:
             return replies  # every reply there is has been pulled: the rest will never come
         while pushed and (end is None or time.monotonic() < end):
             time.sleep(POLL_SECONDS if end is None else max(0.0, min(POLL_SECONDS, end - time.monotonic())))

@@ -162,7 +162,7 @@ class RoundRecorder:
                 raise KeyError(f"initial_state lacks {len(missing)} of the layout's keys, e.g. {missing[:3]}")
             initial = ArrayRecord({k: v for k, v in initial_state.items() if k in payload})
         self.arrays = initial
-        self.grid = MeteredGrid(grid)
+        self.grid = grid if isinstance(grid, MeteredGrid) else MeteredGrid(grid)  # the one place a run's grid is metered
         started = time.perf_counter()
         if self.num_rounds > self.completed_rounds:
             try:

@@ -186,7 +186,7 @@ def test_a_users_strategy_sets_the_transport_for_either_client_app(own_app, tran
     from resist_fl import BlockLayout, ResIST
     from resist_fl.core.model import ModelSpec, build_model
     from server_app.app import model_config
-    from resist_fl.testing.inprocess_grid import InProcessGrid
+    from simulations.inprocess_grid import InProcessGrid
 
     _, client_app, task = own_app
     model = task.OwnResNet()

@@ -101,7 +101,7 @@ def test_screening_decodes_replies_and_rejects_bad_encodings(kind, caplog):
     from resist_fl.core.model import ModelSpec, build_model
     from resist_fl.flower.fedavg import ScreenedFedAvg
     from resist_fl.flower.resist import ResIST
-    from resist_fl.testing.inprocess_grid import InProcessGrid
+    from simulations.inprocess_grid import InProcessGrid
 
     spec = ModelSpec(depths=(1, 1, 4, 1), base_width=4)
     layout = BlockLayout.from_spec(spec)

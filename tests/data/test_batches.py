@@ -14,7 +14,7 @@ import torch
 from resist_fl import data
 from resist_fl.data.batches import DeviceImages, EvalBatches, TrainBatches
 from resist_fl.data.partition_cache import cached_partition, partition_key
-from resist_fl.testing.per_sample import build_transform, make_per_sample_loader
+from benchmarks.per_sample_loader import build_transform, make_per_sample_loader
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = data.Normalization((0.0,), (1.0,))

@@ -10,7 +10,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from client_app.app import app as client_app
 from resist_fl.run.outputs import read_metrics
-from resist_fl.testing.inprocess_grid import InProcessGrid
+from simulations.inprocess_grid import InProcessGrid
 from server_app.app import main as server_main
 
 

@@ -17,7 +17,7 @@ from resist_fl.core.validation import TRAIN_METRICS
 from resist_fl.flower.array_codec import array_of
 from resist_fl.flower.legacy import KEYS, LegacyResIST, named_arrays
 from resist_fl.flower.resist import ResIST
-from resist_fl.testing.inprocess_grid import InProcessGrid
+from simulations.inprocess_grid import InProcessGrid
 
 SPEC = ModelSpec(depths=(1, 1, 5, 1), base_width=4, num_classes=10)
 ROUNDS, NODES = 3, 3

@@ -23,7 +23,7 @@ from resist_fl.core.aggregation import merge_partial
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.model import ModelSpec, build_model
 from resist_fl.flower.legacy import KEYS, LegacyResIST, named_arrays
-from resist_fl.testing.inprocess_grid import InProcessGrid
+from simulations.inprocess_grid import InProcessGrid
 
 SPEC = ModelSpec(depths=(1, 1, 4, 1), base_width=4, num_classes=10)
 LAYOUT = BlockLayout.from_spec(SPEC)

@@ -27,7 +27,7 @@ from resist_fl.flower.resist import ResIST
 from resist_fl.run.outputs import NODES_FILE, SUMMARY_FILE, read_metrics
 from resist_fl.run.settings import RunSettings
 from resist_fl.run.settings_error import SettingsError
-from resist_fl.testing.inprocess_grid import InProcessGrid
+from simulations.inprocess_grid import InProcessGrid
 from simulations.inprocess import run_inprocess
 
 SIX_BLOCKS = {"stage-depths": "1,1,7,1", "capacity-measure": "blocks"}  # 6 partitionable blocks in stage 3

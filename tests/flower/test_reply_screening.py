@@ -35,7 +35,7 @@ from resist_fl.flower.reply_screening import screen_replies
 from resist_fl.flower.resist import ResIST
 from resist_fl.run.outputs import read_metrics
 from simulations.inprocess import run_inprocess
-from resist_fl.testing.inprocess_grid import InProcessGrid, make_node_ids
+from simulations.inprocess_grid import InProcessGrid, make_node_ids
 
 SPEC = ModelSpec(depths=(1, 1, 4, 1), base_width=4, norm="batchnorm-running")
 LAYOUT = BlockLayout.from_spec(SPEC)
@@ -320,7 +320,7 @@ def test_fedavg_is_flowers_mean_of_the_valid_replies():
 
 def _sent_to(replies: list[Message]) -> list[Message]:
     """Stand-in instructions the replies can answer (FedAvg only reads their content)."""
-    from resist_fl.testing.inprocess_grid import set_server_task_identity
+    from simulations.inprocess_grid import set_server_task_identity
 
     set_server_task_identity()
     out = []

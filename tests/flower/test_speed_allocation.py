@@ -30,7 +30,7 @@ from resist_fl.flower.array_codec import array_of
 from resist_fl.flower.client_side import identity_reply
 from resist_fl.flower.metering import MeteredGrid
 from resist_fl.flower.resist import ResIST
-from resist_fl.testing.inprocess_grid import InProcessGrid, make_node_ids
+from simulations.inprocess_grid import InProcessGrid, make_node_ids
 
 SPEC = ModelSpec(depths=(1, 1, 12, 1), base_width=4, num_classes=10)
 LAYOUT = BlockLayout.from_spec(SPEC)

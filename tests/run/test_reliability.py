@@ -21,7 +21,7 @@ from resist_fl.core.model import ModelSpec, build_model
 from resist_fl.run.checkpoint import CHECKPOINT_FILE, CheckpointError
 from resist_fl.run.outputs import read_metrics
 from simulations.inprocess import run_inprocess
-from resist_fl.testing.inprocess_grid import make_node_ids
+from simulations.inprocess_grid import make_node_ids
 
 ROOT = Path(__file__).resolve().parents[2]
 

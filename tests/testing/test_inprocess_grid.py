@@ -1,4 +1,4 @@
-"""Tests for ``resist_fl/testing/inprocess_grid.py`` driving the real ``FedAvg.start()`` loop."""
+"""Tests for ``simulations/inprocess_grid.py`` driving the real ``FedAvg.start()`` loop."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp.strategy import FedAvg
 
-from resist_fl.testing.inprocess_grid import InProcessGrid, make_node_ids
+from simulations.inprocess_grid import InProcessGrid, make_node_ids
 
 
 def make_app() -> ClientApp:

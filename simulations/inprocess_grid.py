@@ -262,10 +262,6 @@ class InProcessGrid(Grid):  # pylint: disable=too-many-instance-attributes
         """Create a message (deprecated in Flower; use ``Message(...)``)."""
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
-    replies_ready_on_push = True
-    """Every reply exists once its message is pushed (see ``resist_fl.flower.metering``): a
-    wrapper polling for replies need not wait for the missing ones."""
-
     def get_node_ids(self) -> Iterable[int]:
         """Return the ids of all (always connected) nodes."""
         return list(self.node_ids)
