@@ -209,6 +209,19 @@ class Progress:
                   f"ETA {self.eta()}", flush=True)
 
 
+def portable(value: Any, out_dir: Path) -> Any:
+    """``value`` (a manifest entry) with no machine-local path: a path under ``out_dir`` relative to
+    it, the flwr executable by its name; lists and mappings recursively."""
+    if isinstance(value, dict):
+        return {k: portable(v, out_dir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v, out_dir) for v in value]
+    if not isinstance(value, str):
+        return value
+    flwr = str(Path(sys.executable).with_name("flwr"))
+    return value.replace(flwr, "flwr").replace(f"{out_dir}/", "").replace(str(out_dir), ".")
+
+
 def outcome_of(run: PlannedRun, result: LaunchResult | None, previous: dict[str, Any] | None) -> dict[str, Any]:
     """The manifest entry of one run (``result`` is ``None`` for a reused run)."""
     entry: dict[str, Any] = {"name": run.name, "variant": run.variant, "strategy": run.strategy,
@@ -249,6 +262,7 @@ def execute(plan: Sequence[PlannedRun], config: DictConfig, project_dir: Path, o
                             timeout_s=float(config["timeout-s"]), workdir=out_dir / "logs")
             outcome = outcome_of(run, result, None)
         progress.finish(run, outcome)
+        outcome = portable(outcome, out_dir)  # what is committed holds no developer's paths
         with lock:
             outcomes[run.name] = outcome
             manifest["runs"] = [outcomes[r.name] for r in plan if r.name in outcomes]
@@ -302,7 +316,8 @@ def new_manifest(config: DictConfig, argv: Sequence[str], out_dir: Path) -> dict
     return {"preset": config.name, "description": config.description, "data-label": config["data-label"],
             "paper": to_dict(config.paper) if config.paper is not None else None,
             "target": to_dict(config.target), "federation": to_dict(config.federation),
-            "command": "python -m simulations.compare " + shlex.join(argv),
+            "command": "python -m simulations.compare " + shlex.join(argv).replace(str(out_dir), "<this directory>"),
+            "paths": "relative to this directory",
             "machine": describe_machine(), "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "runs": previous_runs}
 

@@ -132,3 +132,23 @@ def test_a_committed_comparison_report_is_what_its_runs_give(name, tmp_path):
     shutil.copytree(figures.RESULTS / name, copy, ignore=shutil.ignore_patterns("report.*", "logs", "*.pt"))
     committed = (figures.RESULTS / name / report.REPORT_FILE).read_text(encoding="utf-8")
     assert report.build_report(copy).read_text(encoding="utf-8") == committed
+
+
+@pytest.mark.parametrize("name", COMPARISONS)
+def test_a_committed_comparison_holds_no_machine_local_path(name):
+    text = (figures.RESULTS / name / "compare.json").read_text(encoding="utf-8")
+    assert not re.findall(r'"(?:/tmp|/work|/home|/root)[^"]*', text)
+    assert not re.findall(r'[^" ]+/bin/flwr', text)
+
+
+def test_portable_makes_paths_relative_to_the_output_directory(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from simulations.compare import portable
+
+    flwr = str(Path(sys.executable).with_name("flwr"))
+    entry = {"log": f"{tmp_path}/logs/a.log", "command": f"{flwr} run . --run-config {tmp_path}/logs/a.toml",
+             "run-config": {"output-dir": str(tmp_path), "data-path": f"{tmp_path}/digits.npz", "lr": 0.1}}
+    assert portable(entry, tmp_path) == {"log": "logs/a.log", "command": "flwr run . --run-config logs/a.toml",
+                                         "run-config": {"output-dir": ".", "data-path": "digits.npz", "lr": 0.1}}
