@@ -126,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     batches = TrainBatches(arrays, args.batch_size, normalization=STATS, augment="crop-flip", device=device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.model} width {args.width}, batch {args.batch_size}, {args.steps} steps, on {name}")
-    print("| model | fp32 (IEEE) images/s | TF32 images/s | bf16 + channels_last images/s | TF32 / fp32 | bf16 / fp32 |")
+    print("| model | fp32 (IEEE) images/s | TF32 images/s | bf16 + channels_last images/s | TF32 / fp32 "
+          "| bf16 / fp32 |")
     print("|---|---:|---:|---:|---:|---:|")
     images, labels = next(iter(batches))
     for label, make in (("full", lambda: build_model(spec)),

@@ -40,7 +40,8 @@ def build_strategy(settings: RunSettings, layout: BlockLayout, spec: ModelSpec |
     dp = central_dp(settings)
     exposure_threshold = max(2, settings.privacy_min_holders)
     if settings.strategy in ("resist", "depth-tiers"):
-        return ResIST(layout, dealing="random" if settings.strategy == "resist" else "prefix", fraction_train=settings.fraction_train,
+        return ResIST(layout, dealing="random" if settings.strategy == "resist" else "prefix",
+                      fraction_train=settings.fraction_train,
                       min_train_nodes=settings.min_train_nodes,
                       min_available_nodes=settings.min_available_nodes,
                       min_blocks_per_site=settings.min_blocks_per_site, weighting=settings.weighting,
@@ -189,7 +190,8 @@ def main(grid: Grid, context: Context) -> None:
         spec = sliced_spec(spec, smallest_width(settings, costs))
         layout = BlockLayout.from_spec(spec, settings.stages())
     log(INFO, "resist-fl: nodes train in %s (amp=%s, device=%s); central evaluation in %s on %s",
-        precision(settings.amp), settings.amp, settings.device, precision(settings.amp), resolve_device(settings.device))
+        precision(settings.amp), settings.amp, settings.device, precision(settings.amp),
+        resolve_device(settings.device))
     log(INFO, "resist-fl: full model %.3g GFLOP per training sample, %d parameters; the smallest ResIST "
         "sub-network costs %.0f %% of it", costs.full.flops / 1e9, costs.full.params, 100 * costs.floor_fraction())
     run_dir = run_directory(settings.output_dir, settings.run_name, settings.strategy)

@@ -155,7 +155,8 @@ ROWS: dict[str, tuple[str, Callable[[Path], str], Path, str, str]] = {
     "merge": ("merge of the round's sub-network updates / a copy of their bytes", merge_row,
               PERFORMANCE / "merge_benchmark.txt", "≤ 2.0", "python benchmarks/merge_benchmark.py"),
     "load": ("100 SuperNodes, 10 sampled per round: server memory growth", load_row,
-             PERFORMANCE / "load_benchmark.txt", "within 10 %", "python benchmarks/load_benchmark.py [--strategy fedavg]"),
+             PERFORMANCE / "load_benchmark.txt", "within 10 %",
+             "python benchmarks/load_benchmark.py [--strategy fedavg]"),
     "startup": ("`flwr run` to the end of round 1", startup_row, PERFORMANCE / "startup_benchmark.txt",
                 "context", "python benchmarks/startup_benchmark.py --no-install-only"),
 }

@@ -51,7 +51,8 @@ def loader(text: str) -> dict[str, Any]:
     rates = {name: (float(rate.replace(",", "")), float(ms)) for name, rate, ms in
              re.findall(r"(per-sample \(old\)|batched \(new\))\s+([\d,]+) images/s\s+\(\s*([\d.]+) ms per batch", text)}
     if set(rates) != {"per-sample (old)", "batched (new)"}:
-        raise ValueError(f"loader_benchmark output: expected a rate for 'per-sample (old)' and 'batched (new)':\n{text}")
+        raise ValueError("loader_benchmark output: expected a rate for 'per-sample (old)' and 'batched (new)':\n"
+                         f"{text}")
     return {"rates": rates, "ratio": float(_need(r"ratio new / old: ([\d.]+)x", text, "loader_benchmark")[1])}
 
 

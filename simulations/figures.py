@@ -67,7 +67,8 @@ def baselines_block(name: str) -> list[str]:
     rows.sort(key=lambda r: -float(r[1].split(" ")[0]))
     first = report.read_json(runs_dir / next(iter(groups.values()))[0].name / CONFIG_FILE)
     seeds = len(next(iter(groups.values())))
-    source = f"Target accuracy {target:.4f}; {seeds} seed{'s' if seeds != 1 else ''}; from [docs/results/{name}](results/{name}/report.md)."
+    source = (f"Target accuracy {target:.4f}; {seeds} seed{'s' if seeds != 1 else ''}; "
+              f"from [docs/results/{name}](results/{name}/report.md).")
     profile = str(first["run_config"].get("capacity-profile") or "")
     if profile:  # a budget per node: say what ResIST's smallest sub-network costs
         spec = ModelSpec.from_dict({**first["model_spec"], "depths": tuple(first["model_spec"]["depths"])})
@@ -134,7 +135,8 @@ def block_type_block(pairs: Sequence[tuple[str, str]]) -> list[str]:
         resist, fedavg = groups["main", "resist"], groups["main", "fedavg"]
         a, b = (report.mean_std([_final(runs_dir / r.name)[-1] for r in g])[0] for g in (resist, fedavg))
         early = " / ".join(f"{v:.3f}" for v in _final(runs_dir / resist[0].name, 3))
-        mb = [report.group_stats("main", s, g, None).bytes_per_round for s, g in (("resist", resist), ("fedavg", fedavg))]
+        mb = [report.group_stats("main", s, g, None).bytes_per_round
+              for s, g in (("resist", resist), ("fedavg", fedavg))]
         rows.append([label, f"{a:.3f}", f"{b:.3f}", f"{a / b:.3f}", early, f"{mb[0] / mb[1]:.3f}"])
         finals[label] = (a, len(resist))
     (first, (a, seeds)), (second, (b, _)) = finals.items()

@@ -85,7 +85,8 @@ def privacy_lines(runs_dir: Path, groups: dict[tuple[str, str], list[Any]],
              "epsilon (central): the worst node's after the last round (public sampling: each node composes "
              "the rounds it was sent a model in, no amplification, add/remove one node; secret sampling: the "
              "amplified accountant, n of N without replacement, replace-one), delta from the run config, mean "
-             "over seeds; every round: the planning bound, a node in every round; node epsilon (local): the largest cumulative Opacus epsilon any node reported; fewest "
+             "over seeds; every round: the planning bound, a node in every round; node epsilon (local): the "
+             "largest cumulative Opacus epsilon any node reported; fewest "
              "holders: the smallest number of nodes any updated parameter was merged over in any round; exposed "
              "fraction: the mean over rounds of the share of the round's updates (node x parameter) merged over "
              "fewer than max(2, privacy-min-holders) nodes.", ""]

@@ -146,7 +146,8 @@ def grid_block(name: str, folder: str) -> list[str]:
     reached = (f"{min(to_target):.2f}-{max(to_target):.2f}x FedAvg's bytes to the target in the {len(to_target)} of "
                f"{len(alphas) * len(config.grid.norms)} cells where both reached it" if to_target
                else "no cell where both reached it")
-    return [f"From `{_rel(path)}` ({runs} runs, {len(lines) // max(1, len(summary))} seeds per cell; mean ± sample std).",
+    seeds = len(lines) // max(1, len(summary))
+    return [f"From `{_rel(path)}` ({runs} runs, {seeds} seeds per cell; mean ± sample std).",
             "", *rows, "",
             f"Runs diverging: {diverging} of {runs}. ResIST − FedAvg with {norm}, alpha {' / '.join(alphas)}: "
             f"{gaps}. Bytes per round: ResIST {mb['resist']:.1f} MB, FedAvg {mb['fedavg']:.1f} MB "

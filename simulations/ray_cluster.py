@@ -6,7 +6,8 @@ for the SuperLink it starts). On real machines the same cluster is::
 
     ray start --head --port 6379 --num-cpus 8 --num-gpus 1       # on the head
     ray start --address HEAD:6379 --num-cpus 8 --num-gpus 1       # on every other machine
-    RAY_ADDRESS=HEAD:6379 flwr run . --stream --federation-config "num-supernodes=64 client-resources-num-cpus=2 client-resources-num-gpus=0.25"
+    RAY_ADDRESS=HEAD:6379 flwr run . --stream \
+        --federation-config "num-supernodes=64 client-resources-num-cpus=2 client-resources-num-gpus=0.25"
 
 (each ClientApp actor takes the per-client resources the federation config names, wherever Ray
 places it). Here :class:`LocalRayCluster` starts a head and worker nodes on loopback, each with its
@@ -114,7 +115,8 @@ class LocalRayCluster:
         return [tuple(x) for x in json.loads(self._driver(
             "import ray, json; from ray._private import state; ray.init(address=ADDRESS, log_to_driver=False); "
             "labels = {n['NodeID']: next(k for k in n['Resources'] if k.startswith('node-')) for n in ray.nodes()}; "
-            f"print(json.dumps([[labels.get(a['Address']['NodeID'], '?'), a.get('Pid', 0)] for a in state.actors().values() "
+            "print(json.dumps([[labels.get(a['Address']['NodeID'], '?'), a.get('Pid', 0)] "
+            "for a in state.actors().values() "
             f"if a.get('ActorClassName', '').endswith({class_name!r})]))"))]
 
     def actor_nodes(self, class_name: str = "ClientAppActor") -> Counter:

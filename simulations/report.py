@@ -490,8 +490,8 @@ def render(manifest: dict[str, Any], stats: Sequence[GroupStats], ratio_rows: Se
               "starting the ClientApps (Ray actors, imports, data). s to round 1 is the launcher's time "
               "from `flwr run` to round 1's metrics (SuperLink, FAB install, Ray, round 1); run wall s "
               "the whole `flwr run`. Runs diverging: seeds with a round where a node's training went "
-              "non-finite or the mean train loss rose above 5x (and 0.5 nats above) the best earlier round's (the ServerApp "
-              "warns in that round).", ""]
+              "non-finite or the mean train loss rose above 5x (and 0.5 nats above) the best earlier round's "
+              "(the ServerApp warns in that round).", ""]
     if ratio_rows:
         lines += ["## ResIST / FedAvg", "", *ratio_lines(ratio_rows), "",
                   "Below 1 means ResIST needs less (or, for accuracy, reaches less).", ""]

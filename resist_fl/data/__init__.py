@@ -27,7 +27,8 @@ from resist_fl.data.transforms import AUGMENTATIONS, Normalization, crop_padding
 
 __all__ = [
     "AUGMENTATIONS", "DATASETS", "NPZ_KEYS", "PARTITIONERS", "SYNTHETIC_NUM_CLASSES", "SYNTHETIC_TEST_SIZE",
-    "SYNTHETIC_TRAIN_SIZE", "DataError", "DatasetInfo", "DeviceImages", "ImageArrays", "Normalization", "arrays_from_hf",
+    "SYNTHETIC_TRAIN_SIZE", "DataError", "DatasetInfo", "DeviceImages", "ImageArrays", "Normalization",
+    "arrays_from_hf",
     "crop_padding", "dataset_info", "image_statistics", "load_partition", "load_test_set", "EvalBatches",
     "TrainBatches", "normalization", "resolve_augment", "to_nchw",
 ]

@@ -164,7 +164,8 @@ class CentralDP:
         if sampling not in DP_SAMPLING:
             raise ValueError(f"dp-sampling = {sampling!r}: expected one of {', '.join(DP_SAMPLING)}")
         if not 0 <= clip_quantile < 1:
-            raise ValueError(f"dp-clip-quantile = {clip_quantile!r}: expected 0 (fixed clipping) or a quantile in (0, 1)")
+            raise ValueError(f"dp-clip-quantile = {clip_quantile!r}: expected 0 (fixed clipping) or a quantile "
+                             "in (0, 1)")
         if not 0 < clip_lr < math.inf or not 0 <= count_noise < math.inf:
             raise ValueError(f"dp-clip-lr = {clip_lr!r}, dp-clip-count-noise = {count_noise!r}: expected a "
                              "positive learning rate and a non-negative noise (0: sample size / 20)")

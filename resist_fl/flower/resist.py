@@ -39,7 +39,13 @@ from resist_fl.flower.central_dp import BELOW_CLIP, CentralDP
 from resist_fl.flower.message_keys import BLOCKS, DP_CLIP, RUN_ROUND, SERVER_ROUND, TRANSPORT
 from resist_fl.flower.metering import MeteredGrid
 from resist_fl.flower.node_sampling import NodeSampler
-from resist_fl.flower.reply_screening import Accepted, encoded_record, refuse_non_finite, screen_replies, too_few_replies
+from resist_fl.flower.reply_screening import (
+    Accepted,
+    encoded_record,
+    refuse_non_finite,
+    screen_replies,
+    too_few_replies,
+)
 from resist_fl.flower.round_report import NodeReport, RoundReport
 
 DEALINGS = ("random", "prefix")

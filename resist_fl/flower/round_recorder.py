@@ -162,7 +162,8 @@ class RoundRecorder:
                 raise KeyError(f"initial_state lacks {len(missing)} of the layout's keys, e.g. {missing[:3]}")
             initial = ArrayRecord({k: v for k, v in initial_state.items() if k in payload})
         self.arrays = initial
-        self.grid = grid if isinstance(grid, MeteredGrid) else MeteredGrid(grid)  # the one place a run's grid is metered
+        # the one place a run's grid is metered
+        self.grid = grid if isinstance(grid, MeteredGrid) else MeteredGrid(grid)
         started = time.perf_counter()
         if self.num_rounds > self.completed_rounds:
             try:
@@ -173,7 +174,8 @@ class RoundRecorder:
                     self.target_accuracy, self.target_reached_round)
                 self.stopped_by = "target-accuracy"
             except RunStops as stop:
-                log(INFO, "resist-fl: the run stops after round %d: %s", self.rows[-1]["round"] if self.rows else 0, stop)
+                log(INFO, "resist-fl: the run stops after round %d: %s",
+                    self.rows[-1]["round"] if self.rows else 0, stop)
                 self.stopped_by = str(stop)
         self.seconds = time.perf_counter() - started
         return self.final_state()

@@ -167,7 +167,8 @@ class WidthSliced(Strategy):
             indices = self.indices_for(rate, run_round)
             if rate not in cut_by_rate:  # nodes of one rate share one slice (the same indices this round)
                 cut = slice_state(state, self.groups, indices)
-                cut_by_rate[rate] = encoded_record(ArrayRecord({k: array_of(v) for k, v in cut.items()}), self.transport)
+                cut_by_rate[rate] = encoded_record(ArrayRecord({k: array_of(v) for k, v in cut.items()}),
+                                                   self.transport)
                 shapes_by_rate[rate] = {k: (tuple(v.shape), v.dtype) for k, v in cut.items()}
             self._indices[node], self._shapes[node], self.last_rates[node] = indices, shapes_by_rate[rate], rate
             node_config = ConfigRecord({**config, SERVER_ROUND: server_round, RUN_ROUND: run_round,

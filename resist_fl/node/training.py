@@ -94,11 +94,11 @@ def train(model: nn.Module, loader: Batches, *, steps: int, lr: float, momentum:
 
     A fresh SGD optimiser (no momentum carried between rounds) matches the
     official code, which re-creates it at every repartition. With ``amp`` the
-    forward pass runs under bfloat16 autocast (CUDA or CPU) and the loss is computed in fp32. ``clip_grad_norm > 0``
-    rescales each step's gradient to at most that L2 norm (over all parameters).
-    ``before_step(step)`` is called before each step's forward pass (FjORD samples that step's
-    width there: :mod:`resist_fl.node.ordered_dropout`). The step loop never waits for the device: the loss is summed on it and read
-    once at the end.
+    forward pass runs under bfloat16 autocast (CUDA or CPU) and the loss is computed in fp32.
+    ``clip_grad_norm > 0`` rescales each step's gradient to at most that L2 norm (over all
+    parameters). ``before_step(step)`` is called before each step's forward pass (FjORD samples
+    that step's width there: :mod:`resist_fl.node.ordered_dropout`). The step loop never waits
+    for the device: the loss is summed on it and read once at the end.
     """
     start = time.perf_counter()
     on_device(model, device).train()

@@ -182,4 +182,5 @@ def test_resume_without_rounds_left_keeps_the_inference_scale(tiny_config):
     run_inprocess(tiny_config, num_nodes=3)
     before = load_model(run_dir(tiny_config) / "model.pt").layer3[1].residual_scale.item()
     run_inprocess(dict(tiny_config, resume=True), num_nodes=3)
-    assert load_model(run_dir(tiny_config) / "model.pt").layer3[1].residual_scale.item() == before == pytest.approx(1 / 3)
+    scale = load_model(run_dir(tiny_config) / "model.pt").layer3[1].residual_scale.item()
+    assert scale == before == pytest.approx(1 / 3)

@@ -66,11 +66,13 @@ def test_sampler_invariants_over_many_seeds(num_sub, min_blocks):
         counts = np.unique(held, return_counts=True)[1]
         if max(22, num_sub * target) == 22:
             assert len(held) == 22, "no duplicates when none are needed"
-        assert counts.max() - counts.min() <= 1, "duplicates spread evenly" 
+        assert counts.max() - counts.min() <= 1, "duplicates spread evenly"
 
 
 def test_sampler_is_deterministic_per_seed_and_round_and_varies_otherwise():
-    draw = lambda seed, rnd: sample_subnetworks(BLOCKS22, 4, 0, round_rng(seed, rnd))
+    def draw(seed, rnd):
+        return sample_subnetworks(BLOCKS22, 4, 0, round_rng(seed, rnd))
+
     assert draw(7, 2) == draw(7, 2)
     assert len({tuple(draw(7, r)) for r in range(10)}) > 1
     assert draw(7, 2) != draw(8, 2)

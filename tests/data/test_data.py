@@ -421,7 +421,7 @@ def test_crop_is_a_shifted_window_of_the_same_non_square_shape(height, width) ->
     pad_h, pad_w = data.crop_padding(height, width)
     for cropped, image in zip(batch, original):
         padded = torch.nn.functional.pad(image, (pad_w, pad_w, pad_h, pad_h))
-        windows = [padded[:, t:t + height, l:l + width] for t in range(2 * pad_h + 1) for l in range(2 * pad_w + 1)]
+        windows = [padded[:, t:t + height, x:x + width] for t in range(2 * pad_h + 1) for x in range(2 * pad_w + 1)]
         assert any(torch.allclose(cropped, w) for w in windows)
 
 

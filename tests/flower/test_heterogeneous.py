@@ -13,7 +13,8 @@ from simulations.inprocess import run_inprocess
 from simulations.node_costs import projected_round_seconds, time_to_target
 from simulations.report import build_report
 
-SIX_BLOCKS = {"stage-depths": "1,1,7,1", "capacity-measure": "blocks"}  # 6 partitionable blocks in stage 3; capacity = their fraction
+# 6 partitionable blocks in stage 3; capacity = their fraction
+SIX_BLOCKS = {"stage-depths": "1,1,7,1", "capacity-measure": "blocks"}
 
 
 def _run(config: dict, **grid) -> tuple[list[dict], list[dict]]:

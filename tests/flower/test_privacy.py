@@ -239,7 +239,8 @@ def test_the_client_app_loads_opacus_only_for_local_dp():
     import subprocess
     import sys
 
-    code = "import sys, client_app.app; print(sorted(m for m in ('opacus', 'torch.distributed._tensor') if m in sys.modules))"
+    code = ("import sys, client_app.app; "
+            "print(sorted(m for m in ('opacus', 'torch.distributed._tensor') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr

@@ -64,7 +64,8 @@ def _private_step(noise_multiplier: float) -> tuple[dict, dict, int]:
     torch.manual_seed(0)
     model = build_model(ModelSpec(depths=(1, 1, 1, 1), base_width=4, norm="groupnorm", num_classes=10))
     rng = np.random.default_rng(0)
-    arrays = ImageArrays(rng.integers(0, 256, (16, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, 16).astype(np.int64))
+    arrays = ImageArrays(rng.integers(0, 256, (16, 3, 32, 32), dtype=np.uint8),
+                         rng.integers(0, 10, 16).astype(np.int64))
     loader = TrainBatches(arrays, 16, normalization=data.Normalization((0.5,), (0.25,)), seed=ROUND_SEED)
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     torch.manual_seed(ROUND_SEED)  # as client_app.train_handler does before training (public values)
@@ -116,7 +117,8 @@ def test_the_server_cannot_replay_local_dp_noise_from_public_values():
 
 def test_the_replay_attack_works_when_the_noise_is_seeded_from_public_values(monkeypatch):
     """The attack is real: with the round seed behind the generators it recovers the gradient sum."""
-    monkeypatch.setattr(local_dp, "secure_torch_generator", lambda device="cpu": torch.Generator().manual_seed(ROUND_SEED))
+    monkeypatch.setattr(local_dp, "secure_torch_generator",
+                        lambda device="cpu": torch.Generator().manual_seed(ROUND_SEED))
     error, noise = _replay_errors()
     assert error < 1e-3 * noise
 
@@ -130,7 +132,8 @@ def test_the_server_side_noise_cannot_be_replayed_from_the_seed_or_round():
     np.random.seed(0)
     noise = _central_noise(CentralDP(clip=1.0, noise_multiplier=1.0))
     for seed in (0, 1):
-        for replay in (np.random.default_rng([seed, 1]).normal(0, 1.0, 5000), np.random.RandomState(seed).normal(0, 1.0, 5000),
+        for replay in (np.random.default_rng([seed, 1]).normal(0, 1.0, 5000),
+                       np.random.RandomState(seed).normal(0, 1.0, 5000),
                        np.random.default_rng(seed).normal(0, 1.0, 5000)):
             assert np.linalg.norm(noise - replay) > 0.5 * np.linalg.norm(noise)
     other = _central_noise(CentralDP(clip=1.0, noise_multiplier=1.0))
@@ -163,7 +166,8 @@ def test_each_node_is_charged_the_rounds_it_was_sent_a_model_in(tiny_config):
         assert row["epsilon"] == pytest.approx(_reference(1.5, max(counts.values())), rel=1e-6)
         assert row["epsilon-every-round"] == pytest.approx(_reference(1.5, run_round), rel=1e-6)
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
-    assert summary["epsilon"] == rows[-1]["epsilon"] and summary["epsilon-every-round"] == rows[-1]["epsilon-every-round"]
+    assert summary["epsilon"] == rows[-1]["epsilon"]
+    assert summary["epsilon-every-round"] == rows[-1]["epsilon-every-round"]
 
 
 def test_secret_sampling_writes_no_participant_and_uses_the_amplified_accountant(tiny_config):
@@ -261,7 +265,8 @@ def test_local_dp_epsilon_continues_after_a_stop_and_a_resume(tiny_config, crash
     assert all(eps[(3, p)] > eps[(2, p)] > eps[(1, p)] > 0 for p in (0, 1))
     # round 3 was trained twice (before the stop and after the resume): both updates left the node
     from opacus.accountants import RDPAccountant
-    ledger = json.loads(next(Path(tiny_config["output-dir"]).parent.glob("node-state/resist-fl/dp-ledger/*partition-0.json")).read_text())
+    ledgers = Path(tiny_config["output-dir"]).parent / "node-state" / "resist-fl" / "dp-ledger"
+    ledger = json.loads(next(ledgers.glob("*partition-0.json")).read_text())
     assert sum(steps for _, _, steps in ledger["history"]) == 4 * 2
     reference = RDPAccountant()
     reference.history = [tuple(h) for h in ledger["history"]]

@@ -62,7 +62,8 @@ def test_a_tiny_grid_runs_resumes_and_reports(tmp_path, capsys):
     assert sorted((r["strategy"], r["alpha"]) for r in lines) == [
         ("fedavg", "0.3"), ("fedavg", "iid"), ("resist", "0.3"), ("resist", "iid")]
     assert all(len(r["accuracy"]) == 2 and 0 <= r["final-accuracy"] <= 1 for r in lines)
-    resist, fedavg = (next(r for r in lines if r["strategy"] == s and r["alpha"] == "iid") for s in ("resist", "fedavg"))
+    resist, fedavg = (next(r for r in lines if r["strategy"] == s and r["alpha"] == "iid")
+                      for s in ("resist", "fedavg"))
     assert resist["mb-per-round"] < fedavg["mb-per-round"]  # sub-networks travel, not the whole model
     report = (out / noniid.REPORT_FILE).read_text()
     assert report.count("| ResIST | batchnorm |") == 2 and report.count("| FedAvg | batchnorm |") == 2
