@@ -1,4 +1,4 @@
-"""The ServerApp: run config -> model -> strategy (ResIST or FedAvg) -> results on disk."""
+"""The ServerApp: run config -> model -> strategy (any of the project's) -> results on disk."""
 
 from __future__ import annotations
 
@@ -181,7 +181,7 @@ def prepare_data(settings: RunSettings) -> tuple[ModelSpec, BlockLayout, EvalBat
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run ResIST or FedAvg as the run config says; write everything under the run directory."""
+    """Run the strategy the run config names; write everything under the run directory."""
     settings = RunSettings.from_run_config(context.run_config)
     settings.check_tracker_installed()  # a missing extra stops the run before its directory is made
     spec, layout, test_loader, data = prepare_data(settings)

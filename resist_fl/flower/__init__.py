@@ -1,1 +1,2 @@
-"""Flower adapters: the ResIST and FedAvg strategies, node sampling, reply screening, metering."""
+"""Flower adapters: the strategies (ResIST, depth tiers, FedAvg and fedavg-small, HeteroFL, FedRolex, FjORD), node
+sampling, reply screening, central DP, metering, the round recorder."""

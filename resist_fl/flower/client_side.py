@@ -1,4 +1,4 @@
-"""What a ClientApp needs to take part in a ResIST (or screened FedAvg) run, for any model.
+"""What a ClientApp needs to take part in a run of any of the project's strategies, for any model.
 
 A training message carries the arrays of one sub-network (``arrays``) and, in its ``config``,
 the names of the partitionable blocks that sub-network holds (``blocks``; absent for FedAvg,

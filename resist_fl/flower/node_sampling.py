@@ -1,4 +1,4 @@
-"""Reproducible node sampling for both strategies.
+"""Reproducible node sampling for every strategy.
 
 Flower's node ids are random 64-bit numbers, new for every simulation run and
 for every SuperNode restart, and Flower's own ``sample_nodes`` draws from the
@@ -35,7 +35,7 @@ IDENTITY_RECORD = "node"
 
 def sample_positions(count: int, fraction: float, min_nodes: int, rng: np.random.Generator) -> list[int]:
     """Positions (sorted) of ``max(int(count * fraction), min_nodes)`` of ``count`` ordered nodes
-    (all of them at most), drawn from ``rng``: the one sampling draw of both strategies and of
+    (all of them at most), drawn from ``rng``: the one sampling draw of every strategy and of
     the legacy adapter."""
     size = min(count, max(int(count * fraction), min_nodes))
     return sorted(int(i) for i in rng.choice(count, size=size, replace=False))

@@ -1,4 +1,4 @@
-"""What a ResIST (or screened FedAvg) run records each round, for any ServerApp.
+"""What a run of any of the project's strategies records each round, for any ServerApp.
 
 :class:`RoundRecorder` is the ``evaluate_fn`` a ServerApp hands to ``Strategy.start``. After
 every round it evaluates the global model with the caller's own evaluation, appends a row to
@@ -117,7 +117,7 @@ class RoundRecorder:
                  label: str | None = None, tracker: SafeTracker | None = None,
                  target_accuracy: float | None = None, dp: str = "none", secret_sample: bool = False) -> None:
         if not isinstance(strategy, RecordedStrategy):
-            raise TypeError(f"strategy: expected ResIST or ScreenedFedAvg (or another RecordedStrategy: round_report, "
+            raise TypeError(f"strategy: expected one of the project's strategies (a RecordedStrategy: round_report, "
                             f"inference_scales, resume_after, sampler, label), got {type(strategy).__name__}")
         if eval_every < 1:
             raise ValueError(f"eval_every = {eval_every}: expected a positive integer")

@@ -115,11 +115,11 @@ class RunSettings(BaseModel):
     lr_schedule: Literal[LR_SCHEDULES] = Field('step',
         description="`step` (÷10 at 50 % and 75 % of the rounds), `cosine`, `constant`")
     clip_grad_norm: Float = Field(1.0, ge=0,
-        description="if > 0, each local step's gradient is rescaled to at most this L2 norm (both strategies); keeps label-skewed runs from diverging ([Non-IID](noniid.md#non-iid-data-label-skew)); `0`: off, as in the paper presets")
+        description="if > 0, each local step's gradient is rescaled to at most this L2 norm (every strategy); keeps label-skewed runs from diverging ([Non-IID](noniid.md#non-iid-data-label-skew)); `0`: off, as in the paper presets")
     server_lr: Float = Field(1.0, gt=0,
         description="server step: the global model moves this fraction of the way to the merge (`1.0`: the plain merge; `resist`, `depth-tiers`, `fedavg`, `fedavg-small`; the width-sliced baselines merge as their code does and refuse it)")
     transport_dtype: Literal[TRANSPORT_DTYPES] = Field('float32',
-        description="how float arrays travel in training messages and replies, both strategies: `float32`, `float16` (saturating), `uint8` (per-tensor affine 8-bit); the server decodes, merges and keeps the global model in float32")
+        description="how float arrays travel in training messages and replies, every strategy: `float32`, `float16` (saturating), `uint8` (per-tensor affine 8-bit); the server decodes, merges and keeps the global model in float32")
     min_blocks_per_site: Int = Field(0, ge=0,
         description="minimum depth *m* of a sub-ResNet (blocks are then shared by several clients)")
     warmup_rounds: Int = Field(0, ge=0,

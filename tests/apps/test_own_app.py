@@ -141,7 +141,7 @@ def test_recorder_refuses_what_it_cannot_record(tiny_layout, tmp_path):
     from resist_fl import ResIST
     from resist_fl.flower.round_recorder import RoundRecorder, _numbers
 
-    with pytest.raises(TypeError, match="expected ResIST or ScreenedFedAvg"):
+    with pytest.raises(TypeError, match="expected one of the project.s strategies"):
         RoundRecorder(object(), tiny_layout, tmp_path / "a", run_config={}, num_rounds=1)
     with pytest.raises(ValueError, match="eval_every = 0"):
         RoundRecorder(ResIST(tiny_layout), tiny_layout, tmp_path / "b", run_config={}, num_rounds=1, eval_every=0)
