@@ -16,83 +16,14 @@ from resist_fl.core.residual_nets import set_residual_scales
 from resist_fl.data import DataError, EvalBatches, load_test_set, normalization
 from resist_fl.core.model_cost import CostModel
 from resist_fl.core.width_slicing import key_groups, prefix_indices, slice_state, sliced_spec
-from resist_fl.flower.central_dp import CentralDP
-from resist_fl.flower.fedavg import ScreenedFedAvg
-from resist_fl.flower.resist import ResIST
+from resist_fl.flower.method_factory import ModelParts, build
 from resist_fl.flower.round_recorder import RoundRecorder
-from resist_fl.flower.round_report import RecordedStrategy
-from resist_fl.flower.width_sliced import WIDTH_MODES, WidthSliced
 from resist_fl.run.outputs import CONFIG_FILE, run_directory, write_json
-from resist_fl.run.settings import RunSettings, parse_profile, resolve_model
+from resist_fl.run.settings import RunSettings, resolve_model
 from resist_fl.run.tracking import open_tracker
 from resist_fl.node.training import evaluate, precision, resolve_device
 
 app = ServerApp()
-
-
-def build_strategy(settings: RunSettings, layout: BlockLayout, spec: ModelSpec | None = None,
-                   costs: CostModel | None = None) -> RecordedStrategy:
-    """The run's strategy: ResIST, Flower's own FedAvg (behind the same reply screening), or a
-    width-sliced baseline (HeteroFL, FedRolex), all with the same node sampling and, given
-    ``costs``, the same measured budget per node (a resumed run continues through
-    :meth:`~resist_fl.flower.round_report.RecordedStrategy.resume_after`, called by :class:`RoundRecorder`)."""
-    measure = settings.capacity_measure if costs is not None else "blocks"
-    dp = central_dp(settings)
-    exposure_threshold = max(2, settings.privacy_min_holders)
-    if settings.strategy in ("resist", "depth-tiers"):
-        return ResIST(layout, dealing="random" if settings.strategy == "resist" else "prefix",
-                      fraction_train=settings.fraction_train,
-                      min_train_nodes=settings.min_train_nodes,
-                      min_available_nodes=settings.min_available_nodes,
-                      min_blocks_per_site=settings.min_blocks_per_site, weighting=settings.weighting,
-                      min_train_replies=settings.min_train_replies,
-                      max_num_examples=settings.max_num_examples, seed=settings.seed,
-                      server_lr=settings.server_lr,
-                      transport=settings.transport_dtype, allocation=settings.allocation,
-                      warmup_rounds=settings.warmup_rounds, costs=costs, capacity_measure=measure,
-                      min_holders=settings.privacy_min_holders, exposure_threshold=exposure_threshold,
-                      privacy_strict=settings.privacy_strict, dp=dp, private=settings.dp != "none")
-    if settings.strategy in WIDTH_MODES:
-        if spec is None or costs is None:
-            raise ValueError(f"strategy {settings.strategy!r} needs the model spec and its costs")
-        return WidthSliced(spec, costs, layout.payload_keys(), mode=settings.strategy, rates=settings.rates(),
-                           capacity_measure=settings.capacity_measure, fraction_train=settings.fraction_train,
-                           min_train_nodes=settings.min_train_nodes, min_available_nodes=settings.min_available_nodes,
-                           weighting=settings.weighting, min_train_replies=settings.min_train_replies,
-                           max_num_examples=settings.max_num_examples, seed=settings.seed,
-                           transport=settings.transport_dtype)
-    small = None
-    if settings.strategy == "fedavg-small":
-        if costs is None:
-            raise ValueError("strategy 'fedavg-small' needs the model's costs")
-        small = smallest_width(settings, costs)
-    return ScreenedFedAvg(width_rate=small, fraction_train=settings.fraction_train,
-                          fraction_evaluate=settings.fraction_evaluate,
-                          min_train_nodes=settings.min_train_nodes,
-                          min_evaluate_nodes=settings.min_train_nodes if settings.fraction_evaluate else 0,
-                          min_available_nodes=settings.min_available_nodes,
-                          min_train_replies=settings.min_train_replies,
-                          max_num_examples=settings.max_num_examples, seed=settings.seed,
-                          server_lr=settings.server_lr, transport=settings.transport_dtype,
-                          costs=costs, capacity_measure=measure, dp=dp, exposure_threshold=exposure_threshold,
-                          private=settings.dp != "none")
-
-
-def central_dp(settings: RunSettings) -> CentralDP | None:
-    """The server's central-DP mechanism and accountant (``dp='central'``), else None."""
-    if settings.dp != "central":
-        return None
-    return CentralDP(settings.dp_clip, settings.dp_noise_multiplier, settings.dp_delta,
-                     settings.dp_target_epsilon or None, sampling=settings.dp_sampling,
-                     clip_quantile=settings.dp_clip_quantile, clip_lr=settings.dp_clip_lr,
-                     count_noise=settings.dp_clip_count_noise)
-
-
-def smallest_width(settings: RunSettings, costs: CostModel) -> float:
-    """``fedavg-small``: the width of the one model every node trains, the largest of
-    ``width-rates`` that fits the weakest capacity of ``capacity-profile`` (1.0 without one)."""
-    profile = parse_profile("capacity-profile", settings.capacity_profile, low=0.0, high=1.0)
-    return costs.max_rate(min(profile, default=1.0), settings.capacity_measure, settings.rates())
 
 
 def model_config(spec: ModelSpec) -> ConfigRecord:
@@ -186,21 +117,17 @@ def main(grid: Grid, context: Context) -> None:
     settings.check_tracker_installed()  # a missing extra stops the run before its directory is made
     spec, layout, test_loader, data = prepare_data(settings)
     costs = CostModel(spec, layout, tuple(data["image-shape"][1:]))
-    if settings.strategy == "fedavg-small":  # the global model is the one model the weakest node can train
-        spec = sliced_spec(spec, smallest_width(settings, costs))
-        layout = BlockLayout.from_spec(spec, settings.stages())
+    built = build(settings, ModelParts(spec, layout, costs))  # the method table's factory for `strategy`
+    strategy, spec, layout = built.strategy, built.model.spec, built.model.layout
     log(INFO, "resist-fl: nodes train in %s (amp=%s, device=%s); central evaluation in %s on %s",
         precision(settings.amp), settings.amp, settings.device, precision(settings.amp),
         resolve_device(settings.device))
     log(INFO, "resist-fl: full model %.3g GFLOP per training sample, %d parameters; the smallest ResIST "
         "sub-network costs %.0f %% of it", costs.full.flops / 1e9, costs.full.params, 100 * costs.floor_fraction())
     run_dir = run_directory(settings.output_dir, settings.run_name, settings.strategy)
-    strategy = build_strategy(settings, layout, spec, costs)
     recorder = RoundRecorder(strategy, layout, run_dir, run_config=settings.to_run_config(),
                              num_rounds=settings.num_server_rounds,
-                             evaluation=CentralEvaluation(settings, spec, layout, test_loader,
-                                                          strategy.rates_seen if settings.strategy in WIDTH_MODES
-                                                          else set()),
+                             evaluation=CentralEvaluation(settings, spec, layout, test_loader, strategy.rates_seen),
                              eval_every=settings.eval_every, inference_scaling=settings.inference_scaling,
                              resume=settings.resume, label=settings.strategy,
                              target_accuracy=settings.target_accuracy, dp=settings.dp,

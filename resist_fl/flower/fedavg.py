@@ -26,6 +26,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from resist_fl.core.decomposition import BlockLayout
+from resist_fl.core.width_slicing import sliced_spec
 from resist_fl.core.aggregation import cast_mean, check_server_lr, server_step
 from resist_fl.core.holders import exposure, key_holders, whole
 from resist_fl.core.model_cost import CAPACITY_MEASURES, CostModel
@@ -43,6 +45,8 @@ from resist_fl.flower.reply_screening import (
 )
 from resist_fl.flower.round_report import NodeReport, RoundReport
 from resist_fl.flower.width_sliced import WIDTH_RATE
+from resist_fl.flower.method_factory import Built, ModelParts, central_dp
+from resist_fl.run.settings import RunSettings, parse_profile
 
 
 class ScreenedFedAvg(FedAvg):
@@ -112,6 +116,7 @@ class ScreenedFedAvg(FedAvg):
         self._global: ArrayRecord | None = None
         self._messages: list[Message] = []
         self._evaluate_messages: list[Message] = []
+        self.rates_seen: set[float] = set()  # widths to evaluate the global model at: none (it is one width)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -224,3 +229,32 @@ class ScreenedFedAvg(FedAvg):
                  screen_evaluate_replies(server_round, replies, self._evaluate_messages, self.max_num_examples)]
         self.last_evaluate_metrics = dict(self.evaluate_metrics_aggr_fn(valid, self.weighted_by_key)) if valid else {}
         return MetricRecord(self.last_evaluate_metrics) if valid else None
+
+
+def _from_settings(settings: RunSettings, model: ModelParts, width_rate: float | None) -> Built:
+    strategy = ScreenedFedAvg(width_rate=width_rate, fraction_train=settings.fraction_train,
+                              fraction_evaluate=settings.fraction_evaluate, min_train_nodes=settings.min_train_nodes,
+                              min_evaluate_nodes=settings.min_train_nodes if settings.fraction_evaluate else 0,
+                              min_available_nodes=settings.min_available_nodes,
+                              min_train_replies=settings.min_train_replies,
+                              max_num_examples=settings.max_num_examples, seed=settings.seed,
+                              server_lr=settings.server_lr, transport=settings.transport_dtype, costs=model.costs,
+                              capacity_measure=settings.capacity_measure, dp=central_dp(settings),
+                              exposure_threshold=max(2, settings.privacy_min_holders),
+                              private=settings.dp != "none")
+    return Built(strategy, model)
+
+
+def from_settings(settings: RunSettings, model: ModelParts) -> Built:
+    """``strategy='fedavg'``: Flower's FedAvg of the full model (the method table's factory)."""
+    return _from_settings(settings, model, None)
+
+
+def small_from_settings(settings: RunSettings, model: ModelParts) -> Built:
+    """``strategy='fedavg-small'``: FedAvg of the one width that fits the weakest capacity of
+    ``capacity-profile`` (1.0 without one); that narrower model becomes the global model."""
+    profile = parse_profile("capacity-profile", settings.capacity_profile, low=0.0, high=1.0)
+    rate = model.costs.max_rate(min(profile, default=1.0), settings.capacity_measure, settings.rates())
+    spec = sliced_spec(model.spec, rate)
+    layout = BlockLayout.from_spec(spec, settings.stages())
+    return _from_settings(settings, ModelParts(spec, layout, model.costs), rate)

@@ -47,6 +47,8 @@ from resist_fl.flower.reply_screening import (
     too_few_replies,
 )
 from resist_fl.flower.round_report import NodeReport, RoundReport
+from resist_fl.flower.method_factory import Built, ModelParts, central_dp
+from resist_fl.run.settings import RunSettings
 
 DEALINGS = ("random", "prefix")
 """How blocks are dealt: ResIST's random decomposition, or static depth tiers (prefixes)."""
@@ -196,6 +198,7 @@ class ResIST(Strategy):
         self._grid: Grid | None = None  # the round's Grid (a MeteredGrid under start())
         self._sent: dict[int, tuple[str, ...]] = {}  # node -> the keys it was sent this round
         self._messages: list[Message] = []
+        self.rates_seen: set[float] = set()  # widths to evaluate the global model at: none (whole blocks)
 
     # -- what the ServerApp needs (RecordedStrategy) ------------------------------------------
     def round_report(self) -> RoundReport:
@@ -431,3 +434,26 @@ class ResIST(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return None
+
+
+def _from_settings(settings: RunSettings, model: ModelParts, dealing: str) -> Built:
+    strategy = ResIST(model.layout, dealing=dealing, fraction_train=settings.fraction_train,
+                      min_train_nodes=settings.min_train_nodes, min_available_nodes=settings.min_available_nodes,
+                      min_blocks_per_site=settings.min_blocks_per_site, weighting=settings.weighting,
+                      min_train_replies=settings.min_train_replies, max_num_examples=settings.max_num_examples,
+                      seed=settings.seed, server_lr=settings.server_lr, transport=settings.transport_dtype,
+                      allocation=settings.allocation, warmup_rounds=settings.warmup_rounds, costs=model.costs,
+                      capacity_measure=settings.capacity_measure, min_holders=settings.privacy_min_holders,
+                      exposure_threshold=max(2, settings.privacy_min_holders), privacy_strict=settings.privacy_strict,
+                      dp=central_dp(settings), private=settings.dp != "none")
+    return Built(strategy, model)
+
+
+def from_settings(settings: RunSettings, model: ModelParts) -> Built:
+    """``strategy='resist'``: the random layer-wise decomposition (the method table's factory)."""
+    return _from_settings(settings, model, "random")
+
+
+def depth_tiers_from_settings(settings: RunSettings, model: ModelParts) -> Built:
+    """``strategy='depth-tiers'``: every node the first blocks its budget allows (the method table's factory)."""
+    return _from_settings(settings, model, "prefix")

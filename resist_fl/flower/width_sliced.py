@@ -52,6 +52,8 @@ from resist_fl.flower.message_keys import RUN_ROUND, SERVER_ROUND, TRANSPORT
 from resist_fl.flower.node_sampling import NodeSampler
 from resist_fl.flower.reply_screening import encoded_record, refuse_non_finite, screen_replies, too_few_replies
 from resist_fl.flower.round_report import NodeReport, RoundReport
+from resist_fl.flower.method_factory import Built, ModelParts
+from resist_fl.run.settings import RunSettings
 
 WIDTH_MODES = ("heterofl", "fedrolex", "fjord")
 WIDTH_RATE = "width-rate"
@@ -217,3 +219,14 @@ class WidthSliced(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return None
+
+
+def from_settings(settings: RunSettings, model: ModelParts) -> Built:
+    """``strategy`` = ``heterofl``, ``fedrolex`` or ``fjord`` (the method table's factory: the mode is the name)."""
+    strategy = WidthSliced(model.spec, model.costs, model.layout.payload_keys(), mode=settings.strategy,
+                           rates=settings.rates(), capacity_measure=settings.capacity_measure,
+                           fraction_train=settings.fraction_train, min_train_nodes=settings.min_train_nodes,
+                           min_available_nodes=settings.min_available_nodes, weighting=settings.weighting,
+                           min_train_replies=settings.min_train_replies, max_num_examples=settings.max_num_examples,
+                           seed=settings.seed, transport=settings.transport_dtype)
+    return Built(strategy, model)

@@ -30,16 +30,13 @@ from resist_fl.core.torchvision_resnets import TORCHVISION_DEPTHS
 from resist_fl.core.transport import TRANSPORT_DTYPES
 from resist_fl.data import AUGMENTATIONS, DATASETS, PARTITIONERS, dataset_info, resolve_augment
 from resist_fl.data.imagefolder import IMAGE_SIZES
+from resist_fl.run.methods import METHODS, STRATEGIES, keys_read_by_some, readers
 from resist_fl.run.settings_error import SettingsError
 from resist_fl.run.tracking import TRACKERS, TrackerUnavailable, require_tracker
 
-STRATEGIES = ("resist", "fedavg", "heterofl", "fedrolex", "fjord", "depth-tiers", "fedavg-small")
 LR_SCHEDULES = ("step", "cosine", "constant")
 DP_MODES = ("none", "central", "local")
-DP_STRATEGIES = ("resist", "depth-tiers", "fedavg")
 DP_SAMPLING = ("public", "secret")
-READ_ONLY_BY = {"server-lr": ("resist", "depth-tiers", "fedavg", "fedavg-small")}
-"""Settings only some strategies read: set for another strategy, they are an error, never silently dropped."""
 DEVICES = ("auto", "cpu", "cuda")
 MODELS = (*PRESET_DEPTHS, *TORCHVISION_DEPTHS)
 
@@ -237,13 +234,13 @@ class RunSettings(BaseModel):
                                 f"min-train-nodes ({self.min_train_nodes})")
         if self.local_epochs == 0 and self.local_steps < 1:
             raise SettingsError(f"local-steps = {self.local_steps!r}: expected an integer >= 1 (or set local-epochs > 0)")
-        for key, readers in READ_ONLY_BY.items():
-            if self.strategy not in readers and self.value(key) != type(self).model_fields[key.replace("-", "_")].default:
+        method = METHODS[self.strategy]
+        for key in keys_read_by_some():
+            if key not in method.reads and self.value(key) != type(self).model_fields[key.replace("-", "_")].default:
                 raise SettingsError(f"{key} = {self.value(key)!r}: strategy {self.strategy!r} does not use it "
-                                    f"(only {', '.join(readers)} do); remove it from the run config")
-        if self.strategy not in ("fedavg", "fedavg-small") and self.fraction_evaluate > 0:
-            name = "ResIST" if self.strategy == "resist" else self.strategy
-            raise SettingsError(f"fraction-evaluate = {self.fraction_evaluate!r}: {name} evaluates "
+                                    f"(only {', '.join(readers(key))} do); remove it from the run config")
+        if not method.federated_evaluation and self.fraction_evaluate > 0:
+            raise SettingsError(f"fraction-evaluate = {self.fraction_evaluate!r}: {method.label} evaluates "
                                 "centrally only (its clients hold sub-networks); expected 0.0")
         self.rates()
         if self.dataset == "npz" and not self.data_path:
@@ -253,7 +250,7 @@ class RunSettings(BaseModel):
                                 "holding train/<class>/... and val/<class>/...")
         if self.resume and not self.run_name:
             raise SettingsError("resume = True: needs run-name, the name of the run directory to continue")
-        if self.strategy in ("heterofl", "fedrolex", "fjord", "fedavg-small") and self.model in TORCHVISION_DEPTHS:
+        if METHODS[self.strategy].width_sliced and self.model in TORCHVISION_DEPTHS:
             raise SettingsError(f"model = {self.model!r}: {self.strategy} slices the pre-activation family's "
                                 "channels; expected a preact_resnet* model")
         self.model_spec(num_classes=10, in_channels=3)
@@ -262,8 +259,9 @@ class RunSettings(BaseModel):
         return self
 
     def _privacy_rules(self) -> None:
-        if self.dp != "none" and self.strategy not in DP_STRATEGIES:
-            raise SettingsError(f"dp = {self.dp!r}: supported with strategy {', '.join(DP_STRATEGIES)}; "
+        if self.dp != "none" and not METHODS[self.strategy].dp:
+            supported = ", ".join(m.name for m in METHODS.values() if m.dp)
+            raise SettingsError(f"dp = {self.dp!r}: supported with strategy {supported}; "
                                 f"got strategy {self.strategy!r}")
         if self.dp == "central" and self.weighting != "uniform":
             raise SettingsError(f"weighting = {self.weighting!r}: dp='central' needs 'uniform' (example weights "

@@ -20,7 +20,9 @@ from resist_fl.run.outputs import read_metrics
 from resist_fl.run.settings import RunSettings
 from resist_fl.node.training import train
 from client_app.app import _run as client_run
-from server_app.app import build_strategy, model_config
+from resist_fl.core.model_cost import CostModel
+from resist_fl.flower.method_factory import ModelParts, build
+from server_app.app import model_config
 from simulations.inprocess import run_inprocess
 
 
@@ -52,10 +54,12 @@ def test_clipping_bounds_every_step():
 
 def test_the_keys_are_validated_and_reach_both_strategies_and_the_clients():
     # the errors of both keys: tests/run/test_settings.py
-    layout = BlockLayout.from_spec(ModelSpec(depths=(1, 1, 3, 1), base_width=4))
+    spec = ModelSpec(depths=(1, 1, 3, 1), base_width=4)
+    layout = BlockLayout.from_spec(spec)
+    model = ModelParts(spec, layout, CostModel(spec, layout, (32, 32)))
     for strategy in ("resist", "fedavg"):
         settings = RunSettings.from_run_config({"strategy": strategy, "server-lr": 0.5, "clip-grad-norm": 2.0})
-        assert build_strategy(settings, layout).server_lr == 0.5
+        assert build(settings, model).strategy.server_lr == 0.5
         # the clients read it from the run config they receive (one path; not repeated in messages)
         assert client_run(tuple(sorted(settings.to_run_config().items())), 10, 3)[0].clip_grad_norm == 2.0
         assert "clip-grad-norm" not in model_config(ModelSpec())

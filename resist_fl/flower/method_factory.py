@@ -1,0 +1,52 @@
+"""From run settings to a strategy: the ServerApp's one path through the method table.
+
+:func:`build` looks the run's ``strategy`` up in :data:`resist_fl.run.methods.METHODS` and calls
+its factory, ``from_settings(settings, model) -> Built``, which lives beside its strategy class.
+Nothing here (or in the ServerApp) branches on a method's name.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from resist_fl.core.decomposition import BlockLayout
+from resist_fl.core.model import ModelSpec
+from resist_fl.core.model_cost import CostModel
+from resist_fl.flower.central_dp import CentralDP
+from resist_fl.flower.round_report import RecordedStrategy
+from resist_fl.run.methods import method
+from resist_fl.run.settings import RunSettings
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """The global model a strategy trains: its spec, block layout and measured costs."""
+
+    spec: ModelSpec
+    layout: BlockLayout
+    costs: CostModel
+
+
+@dataclass(frozen=True)
+class Built:
+    """A strategy and the global model it trains (a method may narrow it: fedavg-small)."""
+
+    strategy: RecordedStrategy
+    model: ModelParts
+
+
+def build(settings: RunSettings, model: ModelParts) -> Built:
+    """The run's strategy, from its method's factory."""
+    module, function = method(settings.strategy).factory.split(":")
+    return getattr(importlib.import_module(module), function)(settings, model)
+
+
+def central_dp(settings: RunSettings) -> CentralDP | None:
+    """The server's central-DP mechanism and accountant (``dp='central'``), else None."""
+    if settings.dp != "central":
+        return None
+    return CentralDP(settings.dp_clip, settings.dp_noise_multiplier, settings.dp_delta,
+                     settings.dp_target_epsilon or None, sampling=settings.dp_sampling,
+                     clip_quantile=settings.dp_clip_quantile, clip_lr=settings.dp_clip_lr,
+                     count_noise=settings.dp_clip_count_noise)

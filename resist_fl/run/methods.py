@@ -1,0 +1,89 @@
+"""The methods a run can train with: one table, read by the settings, the ServerApp and the reports.
+
+Each :class:`Method` names its strategy's factory (``module:function``, imported only by the
+ServerApp, so the settings never import Flower), its label in reports, and what it supports. The
+settings' validation, the ServerApp, the reports' labels and the run-config reference read this
+table; no other module dispatches on a method's name.
+
+Adding a method is one strategy module with a ``from_settings(settings, model)`` factory, its entry
+here, a node-side hook if it trains differently (the strategy says so in the messages it sends),
+and its tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Method:
+    """One trainable method.
+
+    Attributes
+    ----------
+    name : str
+        The ``strategy`` run-config value.
+    label : str
+        How reports and figures name it.
+    factory : str
+        ``module:function`` building its strategy: ``function(settings, model) -> Built``
+        (:mod:`server_app.app`).
+    dp : bool
+        Runs under ``dp='central'`` and ``dp='local'``.
+    federated_evaluation : bool
+        Evaluates on the nodes (``fraction-evaluate`` > 0): its nodes hold the global model.
+    width_sliced : bool
+        Slices channels: needs the pre-activation family (``model = 'preact_resnet*'``).
+    reads : tuple of str
+        Run-config keys that only some methods read and this one does: set to a non-default value
+        for a method that does not read it, a key is an error, never silently dropped.
+    """
+
+    name: str
+    label: str
+    factory: str
+    dp: bool = False
+    federated_evaluation: bool = False
+    width_sliced: bool = False
+    reads: tuple[str, ...] = ()
+
+
+SERVER_STEP = ("server-lr",)
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("resist", "ResIST", "resist_fl.flower.resist:from_settings", dp=True, reads=SERVER_STEP),
+    Method("fedavg", "FedAvg", "resist_fl.flower.fedavg:from_settings", dp=True, federated_evaluation=True,
+           reads=SERVER_STEP),
+    Method("heterofl", "HeteroFL", "resist_fl.flower.width_sliced:from_settings", width_sliced=True),
+    Method("fedrolex", "FedRolex", "resist_fl.flower.width_sliced:from_settings", width_sliced=True),
+    Method("fjord", "FjORD", "resist_fl.flower.width_sliced:from_settings", width_sliced=True),
+    Method("depth-tiers", "depth tiers", "resist_fl.flower.resist:depth_tiers_from_settings", dp=True,
+           reads=SERVER_STEP),
+    Method("fedavg-small", "FedAvg-small", "resist_fl.flower.fedavg:small_from_settings", federated_evaluation=True,
+           width_sliced=True, reads=SERVER_STEP),
+)}
+
+STRATEGIES = tuple(METHODS)
+"""The ``strategy`` values, in the order the docs list them."""
+
+
+def method(name: str) -> Method:
+    """The method called ``name``; ValueError naming the choices otherwise."""
+    if name not in METHODS:
+        raise ValueError(f"strategy = {name!r}: expected one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def label(name: str) -> str:
+    """How reports name the method ``name`` (the name itself for one not in the table)."""
+    return METHODS[name].label if name in METHODS else name
+
+
+def readers(key: str) -> tuple[str, ...]:
+    """The methods that read ``key`` when only some do (empty: every method reads it)."""
+    return tuple(m.name for m in METHODS.values() if key in m.reads)
+
+
+def keys_read_by_some() -> tuple[str, ...]:
+    """Every run-config key that only some methods read."""
+    return tuple(sorted({key for m in METHODS.values() for key in m.reads}))
