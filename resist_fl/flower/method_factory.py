@@ -38,8 +38,11 @@ class Built:
 
 def build(settings: RunSettings, model: ModelParts) -> Built:
     """The run's strategy, from its method's factory."""
-    module, function = method(settings.strategy).factory.split(":")
-    return getattr(importlib.import_module(module), function)(settings, model)
+    module, path = method(settings.strategy).factory.split(":")
+    factory = importlib.import_module(module)
+    for name in path.split("."):  # a function, or a strategy class's from_settings
+        factory = getattr(factory, name)
+    return factory(settings, model)
 
 
 def central_dp(settings: RunSettings) -> CentralDP | None:

@@ -55,7 +55,6 @@ from resist_fl.flower.round_report import NodeReport, RoundReport
 from resist_fl.flower.method_factory import Built, ModelParts
 from resist_fl.run.settings import RunSettings
 
-WIDTH_MODES = ("heterofl", "fedrolex", "fjord")
 WIDTH_RATE = "width-rate"
 """Message key: the width rate of the sub-model the message carries."""
 WIDTH_SCALER = "width-scaler"
@@ -65,7 +64,10 @@ FJORD_RATES = "fjord-rates"
 
 
 class WidthSliced(Strategy):
-    """HeteroFL (``mode='heterofl'``) or FedRolex (``mode='fedrolex'``).
+    """The round of every width-sliced method: a node's sub-model is the channels :meth:`indices_for`
+    keeps at the largest rate its budget allows, trained as :meth:`node_config` says; merged
+    element-wise over the nodes that held each element. :class:`HeteroFL`, :class:`FedRolex` and
+    :class:`FjORD` override one hook each (Flower's ``FedProx(FedAvg)`` is the shape).
 
     Parameters
     ----------
@@ -75,27 +77,38 @@ class WidthSliced(Strategy):
         Its measured costs: each node's rate is the largest of ``rates`` within its capacity.
     keys : sequence of str
         The global record's keys (the model's payload keys).
-    mode, rates, capacity_measure
+    rates, capacity_measure
         See the module docstring; ``capacity_measure`` as for ResIST.
     fraction_train, min_train_nodes, min_available_nodes, weighting, min_train_replies,
     max_num_examples, seed, transport
         As for :class:`~resist_fl.flower.resist.ResIST`.
     """
 
-    def __init__(self, spec: ModelSpec, costs: CostModel, keys: Iterable[str], *, mode: str = "heterofl",
+    mode = "prefix"
+    """The ``strategy`` name (a subclass's); ``label`` of what a recorder writes."""
+
+    @classmethod
+    def from_settings(cls, settings: RunSettings, model: ModelParts) -> Built:
+        """The method table's factory of each width-sliced method."""
+        return Built(cls(model.spec, model.costs, model.layout.payload_keys(), rates=settings.rates(),
+                         capacity_measure=settings.capacity_measure, fraction_train=settings.fraction_train,
+                         min_train_nodes=settings.min_train_nodes, min_available_nodes=settings.min_available_nodes,
+                         weighting=settings.weighting, min_train_replies=settings.min_train_replies,
+                         max_num_examples=settings.max_num_examples, seed=settings.seed,
+                         transport=settings.transport_dtype), model)
+
+    def __init__(self, spec: ModelSpec, costs: CostModel, keys: Iterable[str], *,
                  rates: Iterable[float] = WIDTH_RATES, capacity_measure: str = "flops", fraction_train: float = 1.0,
                  min_train_nodes: int = 2, min_available_nodes: int = 2, weighting: str = "examples",
                  min_train_replies: int = 1, max_num_examples: int = 10_000_000, seed: int = 0,
                  transport: str = "float32") -> None:
-        if mode not in WIDTH_MODES:
-            raise ValueError(f"mode = {mode!r}: expected one of {', '.join(WIDTH_MODES)}")
         if capacity_measure not in CAPACITY_MEASURES:
             raise ValueError(f"capacity_measure = {capacity_measure!r}: expected one of {', '.join(CAPACITY_MEASURES)}")
         update_weights([], weighting)
         check_transport(transport)
         self.rates = tuple(sorted({actual_rate(spec, r) for r in rates}, reverse=True))
-        self.spec, self.costs, self.mode, self.capacity_measure = spec, costs, mode, capacity_measure
-        self.label = mode
+        self.spec, self.costs, self.capacity_measure = spec, costs, capacity_measure
+        self.label = self.mode
         self.keys = tuple(keys)
         self.groups = key_groups(spec, self.keys)
         self.sampler = NodeSampler(fraction=fraction_train, min_nodes=min_train_nodes,
@@ -145,12 +158,16 @@ class WidthSliced(Strategy):
     def summary(self) -> None:
         log(INFO, "\t├──> %s: width rates %s, capacity measure %s", self.mode, self.rates, self.capacity_measure)
 
-    # -- training -------------------------------------------------------------------------------
+    # -- what a method changes -----------------------------------------------------------------
     def indices_for(self, rate: float, run_round: int) -> dict[str, np.ndarray]:
-        """The channels a sub-model of ``rate`` keeps in ``run_round``."""
-        if self.mode == "fedrolex":
-            return rolling_indices(self.spec, rate, run_round)
+        """The channels a sub-model of ``rate`` keeps in ``run_round``: the first ``r x C`` (a prefix)."""
         return prefix_indices(self.spec, rate)
+
+    def node_config(self, rate: float) -> dict[str, Any]:
+        """What a node of width ``rate`` needs besides the width to train as the method does."""
+        return {WIDTH_SCALER: False}
+
+    # -- training -------------------------------------------------------------------------------
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -174,10 +191,7 @@ class WidthSliced(Strategy):
                 shapes_by_rate[rate] = {k: (tuple(v.shape), v.dtype) for k, v in cut.items()}
             self._indices[node], self._shapes[node], self.last_rates[node] = indices, shapes_by_rate[rate], rate
             node_config = ConfigRecord({**config, SERVER_ROUND: server_round, RUN_ROUND: run_round,
-                                        TRANSPORT: self.transport, WIDTH_RATE: rate,
-                                        WIDTH_SCALER: self.mode == "heterofl"})
-            if self.mode == "fjord":
-                node_config[FJORD_RATES] = sorted(r for r in self.rates if r <= rate)
+                                        TRANSPORT: self.transport, WIDTH_RATE: rate, **self.node_config(rate)})
             content = RecordDict({"arrays": cut_by_rate[rate], "config": node_config})
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
         self.rates_seen |= set(self.last_rates.values())
@@ -221,12 +235,28 @@ class WidthSliced(Strategy):
         return None
 
 
-def from_settings(settings: RunSettings, model: ModelParts) -> Built:
-    """``strategy`` = ``heterofl``, ``fedrolex`` or ``fjord`` (the method table's factory: the mode is the name)."""
-    strategy = WidthSliced(model.spec, model.costs, model.layout.payload_keys(), mode=settings.strategy,
-                           rates=settings.rates(), capacity_measure=settings.capacity_measure,
-                           fraction_train=settings.fraction_train, min_train_nodes=settings.min_train_nodes,
-                           min_available_nodes=settings.min_available_nodes, weighting=settings.weighting,
-                           min_train_replies=settings.min_train_replies, max_num_examples=settings.max_num_examples,
-                           seed=settings.seed, transport=settings.transport_dtype)
-    return Built(strategy, model)
+class HeteroFL(WidthSliced):
+    """HeteroFL: static width tiers (the first ``r x C`` channels); its nodes apply the scaler."""
+
+    mode = "heterofl"
+
+    def node_config(self, rate: float) -> dict[str, Any]:
+        return {WIDTH_SCALER: True}
+
+
+class FedRolex(WidthSliced):
+    """FedRolex: the kept channels are a window whose start advances one channel per round."""
+
+    mode = "fedrolex"
+
+    def indices_for(self, rate: float, run_round: int) -> dict[str, np.ndarray]:
+        return rolling_indices(self.spec, rate, run_round)
+
+
+class FjORD(WidthSliced):
+    """FjORD: the largest nested sub-model; per local batch a width at or below the node's own."""
+
+    mode = "fjord"
+
+    def node_config(self, rate: float) -> dict[str, Any]:
+        return {WIDTH_SCALER: False, FJORD_RATES: sorted(r for r in self.rates if r <= rate)}

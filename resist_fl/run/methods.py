@@ -26,7 +26,8 @@ class Method:
     label : str
         How reports and figures name it.
     factory : str
-        ``module:function`` building its strategy: ``function(settings, model) -> Built``
+        ``module:attribute`` building its strategy (a function or a class's ``from_settings``):
+        ``attribute(settings, model) -> Built``
         (:mod:`server_app.app`).
     dp : bool
         Runs under ``dp='central'`` and ``dp='local'``.
@@ -54,9 +55,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("resist", "ResIST", "resist_fl.flower.resist:from_settings", dp=True, reads=SERVER_STEP),
     Method("fedavg", "FedAvg", "resist_fl.flower.fedavg:from_settings", dp=True, federated_evaluation=True,
            reads=SERVER_STEP),
-    Method("heterofl", "HeteroFL", "resist_fl.flower.width_sliced:from_settings", width_sliced=True),
-    Method("fedrolex", "FedRolex", "resist_fl.flower.width_sliced:from_settings", width_sliced=True),
-    Method("fjord", "FjORD", "resist_fl.flower.width_sliced:from_settings", width_sliced=True),
+    Method("heterofl", "HeteroFL", "resist_fl.flower.width_sliced:HeteroFL.from_settings", width_sliced=True),
+    Method("fedrolex", "FedRolex", "resist_fl.flower.width_sliced:FedRolex.from_settings", width_sliced=True),
+    Method("fjord", "FjORD", "resist_fl.flower.width_sliced:FjORD.from_settings", width_sliced=True),
     Method("depth-tiers", "depth tiers", "resist_fl.flower.resist:depth_tiers_from_settings", dp=True,
            reads=SERVER_STEP),
     Method("fedavg-small", "FedAvg-small", "resist_fl.flower.fedavg:small_from_settings", federated_evaluation=True,

@@ -30,8 +30,11 @@ def test_every_method_trains_end_to_end_from_its_entry(tiny_config, name):
 
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_each_entry_names_a_factory_beside_its_strategy(name):
-    module, function = METHODS[name].factory.split(":")
-    assert module.startswith("resist_fl.flower.") and callable(getattr(importlib.import_module(module), function))
+    module, path = METHODS[name].factory.split(":")
+    factory = importlib.import_module(module)
+    for part in path.split("."):
+        factory = getattr(factory, part)
+    assert module.startswith("resist_fl.flower.") and callable(factory)
 
 
 def test_the_settings_and_the_reports_read_the_table():
