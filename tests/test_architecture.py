@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "resist_fl"
 
 CORE_LAYERS = [
-    {"npy_bytes", "validation", "transport", "aggregation", "allocation", "holders", "norms", "residual_nets"},
+    {"npy_bytes", "validation", "transport", "aggregation", "allocation", "holders", "norms", "residual_nets",
+     "secure_random"},
     {"preact_resnet"},
     {"torchvision_resnets"},
     {"model"},
