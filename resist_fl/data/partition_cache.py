@@ -25,10 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from resist_fl.data.arrays import ImageArrays
+from resist_fl.data.idx import IDX_DATASETS, idx_file_stamps
 
 _FORMAT = 1
-_SOURCES = ("arrays.py", "digits.py", "hub.py", "imagefolder.py", "npz.py", "partitioning.py", "sources.py",
-            "synthetic.py")
+_SOURCES = ("arrays.py", "digits.py", "hub.py", "idx.py", "imagefolder.py", "npz.py", "partitioning.py",
+            "sources.py", "synthetic.py")
 
 
 @lru_cache(maxsize=1)
@@ -43,7 +44,9 @@ def _code_fingerprint() -> str:
 def partition_key(dataset: str, data_path: str, **settings: object) -> str:
     """The entry name of a partition: a hash of the data set, its source and ``settings``."""
     source: dict[str, object] = {"dataset": dataset, "data-path": data_path}
-    if data_path and os.path.isdir(data_path):  # an image directory: its class folders' times
+    if dataset in IDX_DATASETS:  # the IDX files it is read from: their sizes and times
+        source.update(files=idx_file_stamps(dataset, data_path))
+    elif data_path and os.path.isdir(data_path):  # an image directory: its class folders' times
         from resist_fl.data.imagefolder import imagefolder_source_key
 
         source.update(folders=imagefolder_source_key(data_path, 0)[2])

@@ -6,6 +6,9 @@
     A user's own images in a local ``.npz`` file (:mod:`.npz`).
 ``digits``
     scikit-learn's bundled 8x8 handwritten digits: real images, offline (:mod:`.digits`).
+``fashion-mnist`` / ``mnist``
+    The original IDX files, from ``data-path``, torchvision's layout under it, Debian's
+    ``dataset-fashion-mnist`` package (offline) or the hub (:mod:`.idx`).
 ``synthetic``
     A small learnable image set generated in code (:mod:`.synthetic`).
 ``imagefolder``
@@ -21,6 +24,7 @@ import numpy as np
 
 from resist_fl.data.arrays import DatasetInfo, ImageArrays
 from resist_fl.data.digits import DIGITS_CHANNELS, DIGITS_IMAGE_SIZE, DIGITS_NUM_CLASSES, digits_splits
+from resist_fl.data.idx import IDX_CHANNELS, IDX_DATASETS, IDX_IMAGE_SIZE, IDX_NUM_CLASSES, idx_source_key, idx_splits
 from resist_fl.data.hub import CIFAR_CHANNELS, CIFAR_IMAGE_SIZE, HUB_DATASETS, hub_test_set
 from resist_fl.data.imagefolder import imagefolder_source_key, imagefolder_splits
 from resist_fl.data.npz import npz_source_key, npz_splits
@@ -32,7 +36,7 @@ from resist_fl.data.synthetic import (
 )
 from resist_fl.data.transforms import CIFAR_NORMALIZATION, Normalization, image_statistics
 
-DATASETS = ("digits", "cifar10", "cifar100", "synthetic", "npz", "imagefolder")
+DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "synthetic", "npz", "imagefolder")
 
 _STATISTICS: dict[object, Normalization] = {}  # per data source, computed once per process
 
@@ -62,6 +66,8 @@ def dataset_info(dataset: str, data_path: str = "", image_size: int = 224) -> Da
         return DatasetInfo(SYNTHETIC_NUM_CLASSES, SYNTHETIC_CHANNELS, (SYNTHETIC_IMAGE_SIZE,) * 2)
     if dataset == "digits":
         return DatasetInfo(DIGITS_NUM_CLASSES, DIGITS_CHANNELS, (DIGITS_IMAGE_SIZE,) * 2)
+    if dataset in IDX_DATASETS:
+        return DatasetInfo(IDX_NUM_CLASSES, IDX_CHANNELS, (IDX_IMAGE_SIZE,) * 2)
     train, test = local_splits(dataset, data_path, image_size)
     _, channels, height, width = test.images.shape
     return DatasetInfo(int(max(train.labels.max(), test.labels.max())) + 1, channels, (height, width))
@@ -83,17 +89,21 @@ def load_test_set(dataset: str, data_path: str = "", image_size: int = 224) -> I
         test = synthetic_splits()[1]
     elif dataset == "digits":
         test = digits_splits()[1]
+    elif dataset in IDX_DATASETS:
+        test = idx_splits(dataset, data_path)[1]
     else:
         test = local_splits(dataset, data_path, image_size)[1]
     return test.subset(np.arange(len(test)))
 
 
 def local_train_set(dataset: str, data_path: str, image_size: int = 224) -> tuple[ImageArrays, object]:
-    """The training set of ``digits``, ``synthetic``, ``npz`` or ``imagefolder`` and a key naming its contents."""
+    """The training set of a data set held in memory (every one but the hub's CIFAR) and a key naming its contents."""
     if dataset == "synthetic":
         return synthetic_splits()[0], "synthetic"
     if dataset == "digits":
         return digits_splits()[0], "digits"
+    if dataset in IDX_DATASETS:
+        return idx_splits(dataset, data_path)[0], idx_source_key(dataset, data_path)
     if dataset == "imagefolder":
         return imagefolder_splits(data_path, image_size)[0], imagefolder_source_key(data_path, image_size)
     return npz_splits(data_path)[0], npz_source_key(data_path)

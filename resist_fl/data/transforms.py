@@ -21,8 +21,8 @@ padding each side by 1/8 of it (4 px at 32 px); ``flip``: a random horizontal fl
 ``resized-crop``: torchvision's ``RandomResizedCrop`` (area 8-100 %, aspect 3/4-4/3, resized to
 the image size)."""
 
-AUTO_AUGMENT = {"digits": "none", "cifar10": "crop-flip", "cifar100": "crop-flip", "synthetic": "crop-flip",
-                "npz": "none",
+AUTO_AUGMENT = {"digits": "none", "fashion-mnist": "none", "mnist": "none", "cifar10": "crop-flip",
+                "cifar100": "crop-flip", "synthetic": "crop-flip", "npz": "none",
                 "imagefolder": "resized-crop-flip"}
 CROP_PADDING_FRACTION = 1 / 8
 """Padding of the random crop, as a fraction of the image side (CIFAR: 4 px of 32)."""

@@ -82,9 +82,9 @@ class RunSettings(BaseModel):
     stem: Literal[STEMS] = Field('cifar',
         description="`cifar`: 3x3 stride-1 stem for 32x32 inputs; `imagenet`: 7x7 stride-2 conv + norm + ReLU + 3x3 max-pool for 224x224 inputs (both families; see [ImageNet-sized runs](imagenet.md#imagenet-sized-runs-warm-up-and-the-imagenet-stem))")
     dataset: Literal[DATASETS] = Field('digits',
-        description="`digits` (scikit-learn's bundled 8x8 handwritten digits: real images, offline; the default job), `cifar10`, `cifar100` (hub), `synthetic` (made in code, offline), `npz` (local file), `imagefolder` (a local ImageNet-style directory, see [ImageNet-sized runs](imagenet.md#imagenet-sized-runs-warm-up-and-the-imagenet-stem))")
+        description="`digits` (scikit-learn's bundled 8x8 handwritten digits: real images, offline; the default job), `fashion-mnist`, `mnist` (the original 28x28 IDX files: from `data-path`, torchvision's `FashionMNIST/raw` / `MNIST/raw` under it, Debian's `dataset-fashion-mnist` package, else the hub), `cifar10`, `cifar100` (hub), `synthetic` (made in code, offline), `npz` (local file), `imagefolder` (a local ImageNet-style directory, see [ImageNet-sized runs](imagenet.md#imagenet-sized-runs-warm-up-and-the-imagenet-stem))")
     data_path: Str = Field('',
-        description="absolute path of the `.npz` for `dataset='npz'`, or of the directory (`train/<class>/...`, `val/<class>/...`) for `dataset='imagefolder'`, or `hf:<hub dataset id>[@<config>]` for the same from the Hugging Face hub")
+        description="absolute path of the `.npz` for `dataset='npz'`, of the directory holding the IDX files (or torchvision's root) for `fashion-mnist` / `mnist`, or of the directory (`train/<class>/...`, `val/<class>/...`) for `dataset='imagefolder'`, or `hf:<hub dataset id>[@<config>]` for the same from the Hugging Face hub")
     image_size: Int = Field(224, ge=IMAGE_SIZES[0], le=IMAGE_SIZES[1],
         description="`imagefolder` only: the crop size the model sees (training: random-resized crops; evaluation: resize to `image-size * 256/224` + centre crop)")
     partition_cache: Str = Field('~/.cache/resist-fl/partitions',
@@ -96,7 +96,7 @@ class RunSettings(BaseModel):
     shards_per_partition: Int = Field(2, ge=1,
         description="`shard`: shards per node")
     augment: Literal[AUGMENTATIONS] = Field('auto',
-        description="training augmentation: `auto` (`crop-flip` for `cifar10`/`cifar100`/`synthetic`, `resized-crop-flip` for `imagefolder`, `none` for `npz`/`digits`), `none`, `crop` (random crop after padding by 1/8 of the side), `flip` (horizontal), `crop-flip`, `resized-crop` / `resized-crop-flip` (torchvision's `RandomResizedCrop`: 8-100 % of the area, aspect 3/4-4/3, resized to the image size)")
+        description="training augmentation: `auto` (`crop-flip` for `cifar10`/`cifar100`/`synthetic`, `resized-crop-flip` for `imagefolder`, `none` for `npz`/`digits`/`fashion-mnist`/`mnist`: a user's own images, handwriting and fashion items are neither CIFAR nor mirror-symmetric), `none`, `crop` (random crop after padding by 1/8 of the side), `flip` (horizontal), `crop-flip`, `resized-crop` / `resized-crop-flip` (torchvision's `RandomResizedCrop`: 8-100 % of the area, aspect 3/4-4/3, resized to the image size)")
     local_steps: Int = Field(50, ge=0,
         description="local SGD steps per round (the paper's *l* = 50)")
     local_epochs: Int = Field(0, ge=0,
