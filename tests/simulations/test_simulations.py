@@ -206,7 +206,8 @@ def test_runner_on_a_tiny_preset_produces_runs_plots_and_report(tmp_path, capsys
                                                                      ("main-fedavg-seed0", "ok")]
     for run in manifest["runs"]:
         assert len(read_metrics(tmp_path / run["name"])) == 1
-        assert run["seconds-to-round1"] > 0 and Path(run["log"]).exists()
+        assert run["seconds-to-round1"] > 0 and (tmp_path / run["log"]).exists()  # relative to the output
+        assert str(tmp_path) not in json.dumps(run)  # no machine-local path in what is committed
     assert all((tmp_path / name).exists() for name in PLOT_FILES)
     text = (tmp_path / report.REPORT_FILE).read_text()
     assert "| main | ResIST | 1 |" in text and "| main | FedAvg | 1 |" in text
