@@ -95,7 +95,7 @@ def test_fedavg_runs_the_same_app_and_costs_more_bytes(tiny_config):
 @pytest.mark.parametrize("key, value, allowed", [
     ("strategy", "fedprox", "resist, fedavg"),
     ("model", "resnet9", "preact_resnet18"),
-    ("dataset", "mnist", "cifar10"),
+    ("dataset", "svhn", "cifar10"),
     ("partitioner", "shards", "iid, dirichlet"),
     ("norm", "layernorm", "batchnorm"),
     ("num-server-rounds", 0, ">= 1"),

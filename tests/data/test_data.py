@@ -209,13 +209,13 @@ def test_npz_length_mismatch(tmp_path: Path, nchw: dict) -> None:
 @pytest.mark.parametrize(
     "call",
     [
-        lambda: data.dataset_info("mnist"),
-        lambda: data.load_test_set("mnist"),
-        lambda: data.load_partition("mnist", 0, 1),
+        lambda: data.dataset_info("svhn"),
+        lambda: data.load_test_set("svhn"),
+        lambda: data.load_partition("svhn", 0, 1),
     ],
 )
 def test_unknown_dataset(call) -> None:
-    with pytest.raises(ValueError, match="'mnist'.*synthetic"):
+    with pytest.raises(ValueError, match="'svhn'.*synthetic"):
         call()
 
 
