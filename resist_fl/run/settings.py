@@ -142,7 +142,7 @@ class RunSettings(BaseModel):
     fraction_train: Float = Field(1.0, gt=0, le=1,
         description="fraction of connected nodes sampled per round, in (0, 1]")
     fraction_evaluate: Float = Field(0.0, ge=0, le=1,
-        description="FedAvg only: federated evaluation of the full model on each sampled client's share of the test set (or its own `.npz` test split), written as `client-eval-acc`/`-loss`; ResIST's clients hold sub-networks, so it evaluates centrally only")
+        description="`fedavg` and `fedavg-small` only: federated evaluation of the global model on each sampled client's share of the test set (or its own `.npz` test split), written as `client-eval-acc`/`-loss`; the sub-model methods' clients hold sub-networks, so they evaluate centrally only; refused under `dp` (it releases node data no noise covers)")
     min_available_nodes: Int = Field(2, ge=1,
         description="wait for at least this many connected nodes before sampling")
     min_train_nodes: Int = Field(2, ge=1,
