@@ -40,7 +40,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from resist_fl.run.methods import METHODS
+from resist_fl.run.methods import LABELS  # the method table's labels
 from simulations.compare import PROJECT_DIR, expand_overrides
 from simulations.presets import (
     PresetError,
@@ -57,7 +57,6 @@ REPORT_FILE = "report.md"
 PLOT_FILE = "noniid.png"
 GRID_KEYS = ("norm", "partitioner", "dirichlet-alpha")
 """Run-config keys each cell sets; a preset's run-config must leave them alone."""
-LABELS = {name: method.label for name, method in METHODS.items()}  # the method table's labels
 SHOWN_DEFAULTS = ("clip-grad-norm", "server-lr", "momentum", "weight-decay", "lr-schedule", "weighting",
                   "min-blocks-per-site", "partitioned-stages", "augment", "inference-scaling")
 """The app defaults a report names (the study's remedies and the optimiser)."""

@@ -13,13 +13,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from resist_fl.run.methods import METHODS
+from resist_fl.run.methods import LABELS  # the method table's labels
 from simulations import noniid
 
 ROOT = Path(__file__).resolve().parents[1]
 NONIID = ROOT / "docs" / "results" / "noniid"
 TRANSPORT = ROOT / "docs" / "results" / "transport"
-LABELS = {name: method.label for name, method in METHODS.items()}  # the method table's labels
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:

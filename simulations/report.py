@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from resist_fl.run.outputs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_json, read_metrics, write_json
-from resist_fl.run.methods import METHODS
+from resist_fl.run.methods import LABELS  # the method table's labels
 from simulations.machine import describe_machine, machine_line
 from simulations.privacy_report import privacy_lines
 from simulations.node_costs import (
@@ -64,7 +64,6 @@ PLOTS = {"round": ("accuracy_vs_round.png", "round"),
          "gb": ("accuracy_vs_gb.png", "cumulative communication (GB)"),
          "seconds": ("accuracy_vs_seconds.png", "wall-clock seconds (sum of round-seconds)")}
 NAME_PATTERN = re.compile(r"^(?P<variant>.+)-(?P<strategy>resist|fedavg)-seed(?P<seed>\d+)$")
-LABELS = {name: method.label for name, method in METHODS.items()}  # the method table's labels
 
 
 def finite(obj: Any) -> Any:

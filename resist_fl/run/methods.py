@@ -66,6 +66,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 
 STRATEGIES = tuple(METHODS)
 """The ``strategy`` values, in the order the docs list them."""
+LABELS = {name: m.label for name, m in METHODS.items()}
+"""How reports and figures name each method."""
 
 
 def method(name: str) -> Method:
@@ -77,7 +79,7 @@ def method(name: str) -> Method:
 
 def label(name: str) -> str:
     """How reports name the method ``name`` (the name itself for one not in the table)."""
-    return METHODS[name].label if name in METHODS else name
+    return LABELS.get(name, name)
 
 
 def readers(key: str) -> tuple[str, ...]:
