@@ -74,11 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         for min_blocks in sorted({0, min(args.min_blocks, len(layout.partitionable))}):
             float32 = None
             for transport in TRANSPORT_DTYPES:
-                resist, messages = round_bytes(ResIST(layout, min_train_nodes=sites, min_available_nodes=sites,
-                                                      min_blocks_per_site=min_blocks, transport=transport),
-                                               arrays, sites)
-                fedavg, _ = round_bytes(ScreenedFedAvg(min_train_nodes=sites, min_available_nodes=sites,
-                                                       transport=transport), arrays, sites)
+                common = {"min_train_nodes": sites, "min_available_nodes": sites, "transport_dtype": transport,
+                          "capacity_measure": "blocks"}
+                resist, messages = round_bytes(ResIST(layout, min_blocks_per_site=min_blocks, **common), arrays, sites)
+                fedavg, _ = round_bytes(ScreenedFedAvg(**common), arrays, sites)
                 ratio, analytic = resist / fedavg, analytic_fraction(layout, sizes, messages, sites)
                 float32 = float32 or resist
                 print(f"| {sites} | {min_blocks} | {transport} | {resist / 1e6:.4f} | {fedavg / 1e6:.4f} "

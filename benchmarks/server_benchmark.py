@@ -85,8 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     images = torch.randn(args.batch_size, 3, 32, 32)
     labels = torch.randint(0, 10, (args.batch_size,))
     strategies = {
-        "resist": ResIST(layout, min_train_nodes=args.nodes, min_available_nodes=args.nodes),
-        "fedavg": ScreenedFedAvg(min_train_nodes=args.nodes, min_available_nodes=args.nodes),
+        "resist": ResIST(layout, min_train_nodes=args.nodes, min_available_nodes=args.nodes, capacity_measure="blocks"),
+        "fedavg": ScreenedFedAvg(min_train_nodes=args.nodes, min_available_nodes=args.nodes, capacity_measure="blocks"),
     }
     print(f"{args.model} width {args.width}, {args.nodes} nodes, {args.local_steps} local steps of batch "
           f"{args.batch_size} (CPU, {torch.get_num_threads()} threads); median of {args.repeats} rounds")

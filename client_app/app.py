@@ -14,15 +14,14 @@ from logging import INFO
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
 from resist_fl.core.allocation import check_capacity
 from resist_fl.core.decomposition import BlockLayout
-from resist_fl.core.model import ModelSpec, build_model
+from resist_fl.core.model import ModelSpec
 from resist_fl.core.validation import EVALUATE_METRICS
-from resist_fl.core.width_slicing import sliced_spec
 from resist_fl.data import DataError, EvalBatches, TrainBatches, load_partition, load_test_set, normalization
 from resist_fl.data.batches import DeviceImages
 from resist_fl.data.partition_cache import cached_partition, partition_key
@@ -34,14 +33,13 @@ from resist_fl.flower.client_side import (
     message_transport,
     train_reply,
 )
-from resist_fl.flower.width_sliced import FJORD_RATES, WIDTH_RATE, WIDTH_SCALER
 from resist_fl.node.device_cache import DeviceCache
 from resist_fl.node.dp_ledger import ledger_path, read_history, write_history
 from resist_fl.node.local_dp import train_private
-from resist_fl.node.ordered_dropout import OrderedDropout
+from resist_fl.node.method_hooks import SubNetwork
 from resist_fl.node.peak_memory import PeakMemory
 from resist_fl.node.training import evaluate, precision, resolve_device, scheduled_lr, steps_for, train
-from resist_fl.node.width_scaler import attach_width_scaler
+from resist_fl.run.methods import load, method
 from resist_fl.run.settings import RunSettings, parse_profile, profile_value
 
 app = ClientApp()
@@ -95,20 +93,19 @@ def _partition_cache(context: Context, settings: RunSettings) -> str:
     return str(context.node_config.get("partition-cache", settings.partition_cache))
 
 
-def build_local_model(spec: ModelSpec, layout: BlockLayout, arrays: ArrayRecord,
-                      blocks: list[str] | None, transport: str = "float32",
-                      width_rate: float | None = None, width_scaler: bool = False) -> torch.nn.Module:
-    """The sub-network named by ``blocks`` (the full model when None), or the width-``width_rate``
-    sub-model (HeteroFL / FedRolex: built at that width directly, its convolutions scaled while
-    training when ``width_scaler``), loaded from ``arrays``
+def build_local_model(settings: RunSettings, spec: ModelSpec, layout: BlockLayout,
+                      msg: Message) -> torch.nn.Module:
+    """The model the message's arrays belong to, as the run's method builds it (its node hook in the
+    method table: a sub-network of ``blocks``, a width-sliced model, ...), loaded from the arrays
     (:func:`~resist_fl.flower.client_side.load_received`: keys checked, arrays decoded)."""
-    if width_rate is not None:
-        model = build_model(sliced_spec(spec, width_rate))
-        if width_scaler:
-            attach_width_scaler(model, width_rate)
-    else:
-        model = build_model(spec) if blocks is None else layout.build_subnetwork(spec, blocks)
-    return load_received(model, layout, arrays, blocks, transport)
+    model = node_hook(settings.strategy).build(spec, layout, msg.content["config"])
+    return load_received(model, layout, msg.content["arrays"], message_blocks(msg), message_transport(msg))
+
+
+@lru_cache(maxsize=16)
+def node_hook(strategy: str) -> SubNetwork:
+    """What a node of the method ``strategy`` does differently (:mod:`resist_fl.node.method_hooks`)."""
+    return load(method(strategy).node_hook)()
 
 
 @app.train()
@@ -117,9 +114,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     settings, spec, layout = _run_of(context, config)
     blocks = message_blocks(msg)
-    width_rate = float(config[WIDTH_RATE]) if WIDTH_RATE in config else None
-    model = build_local_model(spec, layout, msg.content["arrays"], blocks, message_transport(msg), width_rate,
-                              bool(config.get(WIDTH_SCALER, False)))
+    model = build_local_model(settings, spec, layout, msg)
 
     node = context.node_config
     partition_id = int(node["partition-id"])
@@ -144,9 +139,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     steps = steps_for(num_examples, settings.batch_size, settings.local_steps, settings.local_epochs)
     lr = scheduled_lr(settings.lr, settings.lr_schedule, run_round, settings.num_server_rounds)
     torch.manual_seed(round_seed)
-    before_step = None
-    if FJORD_RATES in config:  # FjORD: each local batch trains a nested width drawn at or below this node's
-        before_step = OrderedDropout(model, spec, width_rate, list(config[FJORD_RATES]), seed=round_seed).sample
+    before_step = node_hook(settings.strategy).before_step(model, spec, config, round_seed)
     private = settings.dp != "none"
     with PeakMemory(device) as peak:
         if settings.dp == "local":  # DP-SGD (Opacus); the accountant's history is the node's ledger on disk
@@ -194,8 +187,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     """
     config = msg.content["config"]
     settings, spec, layout = _run_of(context, config)
-    width_rate = float(config[WIDTH_RATE]) if WIDTH_RATE in config else None  # fedavg-small's one width
-    model = build_local_model(spec, layout, msg.content["arrays"], None, width_rate=width_rate)
+    model = build_local_model(settings, spec, layout, msg)  # fedavg-small: at the width the message names
     node = context.node_config
     data_path = _data_path(context, settings)
     test = load_test_set(settings.dataset, data_path, settings.image_size)

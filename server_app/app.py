@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from logging import ERROR, INFO
 
 import torch
@@ -137,7 +136,6 @@ def main(grid: Grid, context: Context) -> None:
     write_json(run_dir / CONFIG_FILE, {"run_config": settings.to_run_config(), "model_spec": spec.to_dict(),
                                        "data": data})
 
-    random.seed(settings.seed)  # Flower's FedAvg samples evaluation nodes with the global `random`
     torch.manual_seed(settings.seed)
     recorder.start(grid, None if recorder.resumed else build_model(spec).state_dict(),
                    timeout=settings.round_timeout, train_config=model_config(spec),

@@ -18,7 +18,7 @@ CORE_LAYERS = [
     {"preact_resnet"},
     {"torchvision_resnets"},
     {"model"},
-    {"decomposition", "width_slicing"},
+    {"decomposition", "width_slicing", "dealing"},
     {"model_cost"},
 ]
 """Bottom to top: a core module imports only modules of lower layers (primitives, then the model

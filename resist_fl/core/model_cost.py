@@ -36,6 +36,8 @@ CAPACITY_MEASURES = ("flops", "params", "blocks")
 """What a node's capacity is a fraction of: training FLOPs per sample, parameters, or blocks."""
 WIDTH_RATES = (1.0, 0.5, 0.25, 0.125, 0.0625)
 """The width rates of HeteroFL's experiments (1, 1/2, 1/4, 1/8, 1/16)."""
+BUDGET_TOLERANCE = 1e-9
+"""Relative slack of the capacity rule (a budget computed in floating point)."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,21 @@ class Cost:
         if measure == "params":
             return self.params
         raise ValueError(f"capacity-measure = {measure!r}: expected one of {', '.join(CAPACITY_MEASURES)}")
+
+
+def fits(capacity: float, measure_name: str, share: float, cost: Cost | None = None,
+         full: Cost | None = None) -> bool:
+    """The one capacity rule of every method: whether a sub-model is within a node's budget.
+
+    ``blocks``: its ``share`` (the fraction of the partitionable blocks it holds, or its width
+    rate; 1 for the full model) is at most ``capacity``; ``flops`` / ``params``: its ``cost`` is at
+    most ``capacity`` times the ``full`` model's.
+    """
+    if measure_name == "blocks":
+        return share <= capacity + BUDGET_TOLERANCE
+    if cost is None or full is None:
+        raise ValueError(f"capacity-measure = {measure_name!r}: needs the measured costs (a CostModel)")
+    return cost.of(measure_name) <= capacity * full.of(measure_name) * (1 + BUDGET_TOLERANCE)
 
 
 def measure(model: torch.nn.Module, image_size: int | tuple[int, int], in_channels: int) -> Cost:
@@ -125,9 +142,7 @@ class CostModel:
         ``blocks``: the largest rate not above the capacity."""
         ordered = sorted(rates, reverse=True)
         for rate in ordered:
-            if measure_name == "blocks":
-                if rate <= capacity + 1e-9:
-                    return rate
-            elif self.width_cost(rate).of(measure_name) <= capacity * self.full.of(measure_name) * (1 + 1e-9):
+            cost = None if measure_name == "blocks" else self.width_cost(rate)
+            if fits(capacity, measure_name, rate, cost, self.full):
                 return rate
         return ordered[-1]

@@ -53,6 +53,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
+from typing import Any
 from logging import INFO
 
 import numpy as np
@@ -62,7 +63,6 @@ from flwr.supercore.differential_privacy import clip_inputs_inplace, compute_std
 
 from resist_fl.core.secure_random import secure_numpy_generator
 from resist_fl.core.validation import ReplyError
-from resist_fl.flower.array_codec import array_view
 from resist_fl.flower.round_report import RunStops
 
 NORM_TOLERANCE = 1e-4
@@ -205,16 +205,15 @@ class CentralDP:
                              "(central DP: every node clips its update to dp-clip before sending)")
         return norm
 
-    def reply_check(self, global_record):
-        """The screening check of a round whose global arrays are ``global_record``: a reply whose
-        update exceeds ``C`` is rejected (:meth:`check`), and under adaptive clipping one without
+    def check_reply(self, update: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray],
+                    metrics: Mapping[str, object]) -> None:
+        """Screening under central DP: a reply whose update (``update`` minus the ``received``
+        arrays) exceeds ``C`` is rejected (:meth:`check`), and under adaptive clipping one without
         its bit (``dp-below-clip`` 0 or 1)."""
-        def check(reply) -> None:
-            self.check(reply.update, {k: array_view(global_record[k]) for k in reply.update})
-            if self.adaptive and reply.metrics.get(BELOW_CLIP) not in (0, 1):
-                raise ReplyError(f"{BELOW_CLIP} = {reply.metrics.get(BELOW_CLIP)!r}: adaptive clipping needs "
-                                 "0 or 1 (whether the unclipped update norm was at most dp-clip)")
-        return check
+        self.check(update, {k: received[k] for k in update})
+        if self.adaptive and metrics.get(BELOW_CLIP) not in (0, 1):
+            raise ReplyError(f"{BELOW_CLIP} = {metrics.get(BELOW_CLIP)!r}: adaptive clipping needs "
+                             "0 or 1 (whether the unclipped update norm was at most dp-clip)")
 
     # -- the merge -------------------------------------------------------------------------------
     def noise_std(self, holders: int) -> float:
@@ -222,25 +221,37 @@ class CentralDP:
         return compute_stdv(self.noise_multiplier, self.clip, holders)
 
     def merge(self, current: Mapping[str, np.ndarray], updates: Sequence[Mapping[str, np.ndarray]],
-              holders: Mapping[str, int]) -> dict[str, np.ndarray]:
-        """The noisy merge of every floating-point key in ``holders`` (the keys the round sent):
-        ``current + (sum of the accepted updates holding it, each clipped to C + N(0, (zC)^2)) / h``;
-        the other keys (integer buffers, keys nobody was sent) keep the global array."""
+              holders: Mapping[str, int | np.ndarray],
+              holdings: Sequence[Mapping[str, Any]] | None = None) -> dict[str, np.ndarray]:
+        """The noisy merge of every floating-point key in ``holders`` (what the round sent, with its
+        holder count: a number, or per element for sliced tensors):
+        ``current + (sum of the accepted updates holding it, each clipped to C, + N(0, (zC)^2)) / h``
+        element-wise over the elements with ``h >= 1``; everything else keeps the global value.
+        ``holdings`` gives, per update, the elements it holds of each key (None or absent: whole,
+        :mod:`resist_fl.core.holders`)."""
         merged = dict(current)
-        keys = [k for k, count in holders.items() if count >= 1 and np.asarray(current[k]).dtype.kind == "f"]
+        keys = [k for k, count in holders.items()
+                if np.any(np.asarray(count) >= 1) and np.asarray(current[k]).dtype.kind == "f"]
         base = {k: np.asarray(current[k], dtype=np.float64) for k in keys}
         total = {k: np.zeros_like(base[k]) for k in keys}
-        for update in updates:  # each accepted update clipped to exactly C over the keys it holds
+        for number, update in enumerate(updates):  # each accepted update clipped to exactly C over what it holds
+            where = holdings[number] if holdings is not None else {}
             held = [k for k in keys if k in update]
-            deltas = [np.asarray(update[k], dtype=np.float64) - base[k] for k in held]
+            deltas = [np.asarray(update[k], dtype=np.float64) - (base[k] if where.get(k) is None else base[k][where[k]])
+                      for k in held]
             if deltas and get_norm(deltas) > self.clip:
                 clip_inputs_inplace(deltas, self.clip)
             for key, delta in zip(held, deltas):
-                total[key] += delta
+                if where.get(key) is None:
+                    total[key] += delta
+                else:
+                    total[key][where[key]] += delta
         for key in keys:
-            count = int(holders[key])
-            noisy = (total[key] + self.rng.normal(0.0, self.noise_multiplier * self.clip, total[key].shape)) / count
-            merged[key] = (base[key] + noisy).astype(np.asarray(current[key]).dtype)
+            count = np.asarray(holders[key], dtype=np.float64)
+            held = count >= 1
+            noise = self.rng.normal(0.0, self.noise_multiplier * self.clip, total[key].shape)
+            noisy = (total[key] + noise) / np.where(held, count, 1.0)
+            merged[key] = np.where(held, base[key] + noisy, base[key]).astype(np.asarray(current[key]).dtype)
         return merged
 
     # -- accounting ------------------------------------------------------------------------------

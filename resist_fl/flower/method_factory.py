@@ -2,20 +2,22 @@
 
 :func:`build` looks the run's ``strategy`` up in :data:`resist_fl.run.methods.METHODS` and calls
 its factory, ``from_settings(settings, model) -> Built``, which lives beside its strategy class.
-Nothing here (or in the ServerApp) branches on a method's name.
+Under ``dp='central'`` the strategy is wrapped in
+:class:`~resist_fl.flower.central_dp_strategy.CentrallyPrivate`, whatever the method. Nothing here
+(or in the ServerApp) branches on a method's name.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.model import ModelSpec
 from resist_fl.core.model_cost import CostModel
 from resist_fl.flower.central_dp import CentralDP
+from resist_fl.flower.central_dp_strategy import CentrallyPrivate
 from resist_fl.flower.round_report import RecordedStrategy
-from resist_fl.run.methods import method
+from resist_fl.run.methods import load, method
 from resist_fl.run.settings import RunSettings
 
 
@@ -38,11 +40,9 @@ class Built:
 
 def build(settings: RunSettings, model: ModelParts) -> Built:
     """The run's strategy, from its method's factory."""
-    module, path = method(settings.strategy).factory.split(":")
-    factory = importlib.import_module(module)
-    for name in path.split("."):  # a function, or a strategy class's from_settings
-        factory = getattr(factory, name)
-    return factory(settings, model)
+    built = load(method(settings.strategy).factory)(settings, model)  # a function, or a class's from_settings
+    dp = central_dp(settings)
+    return built if dp is None else Built(CentrallyPrivate(built.strategy, dp), built.model)
 
 
 def central_dp(settings: RunSettings) -> CentralDP | None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from logging import WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.common.constant import SUPERLINK_NODE_ID
 
@@ -46,20 +46,14 @@ from resist_fl.flower.array_codec import array_of, array_view
 class Accepted:
     """One accepted reply, decoded; ``update`` and ``arrays`` hold the global dtypes."""
 
-    node_id: int | str
-    """The node id (a legacy client's ``cid`` on the legacy path)."""
-    arrays: ArrayRecord | None
-    """The reply's arrays as a record (None on the legacy path, whose arrays travel as a list)."""
+    node_id: int
+    """The node it came from."""
     update: dict[str, np.ndarray]
     metrics: dict[str, float | int]
 
     @property
     def num_examples(self) -> int:
         return int(self.metrics["num-examples"])
-
-    def content(self) -> RecordDict:
-        """The reply in canonical form (record names ``arrays`` / ``metrics``, known metrics only)."""
-        return RecordDict({"arrays": self.arrays, "metrics": MetricRecord(dict(self.metrics))})
 
 
 @dataclass
@@ -254,8 +248,7 @@ def _check_reply(node_id: int, reply: Message, expected: Mapping[str, tuple[tupl
     except Exception as err:  # undecodable bytes from a client
         raise ReplyError(f"arrays cannot be decoded: {err}") from err
     update = check_reply_arrays(decoded, expected, transport)
-    record = ArrayRecord({k: v if update[k] is decoded[k] else array_of(update[k]) for k, v in record.items()})
-    return Accepted(node_id, record, update, metrics)
+    return Accepted(node_id, update, metrics)
 
 
 def global_specs(global_record: ArrayRecord, keys: Sequence[str]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

@@ -1,7 +1,8 @@
 """HeteroFL and FedRolex as Flower strategies: width-sliced sub-models of the pre-activation ResNet.
 
-A thin adapter over :mod:`resist_fl.core.width_slicing`, beside :class:`~resist_fl.flower.resist.ResIST`
-and behind the same node sampling, reply screening, metering, transport and round report:
+Thin classes over the shared round (:class:`~resist_fl.flower.round_skeleton.SubModelStrategy`:
+the same node sampling, reply screening, metering, transport, central-DP wrapper and round report as
+:class:`~resist_fl.flower.resist.ResIST`) and :mod:`resist_fl.core.width_slicing`:
 
 - ``heterofl`` (Diao, Ding, Tarokh, ICLR 2021): a node of capacity c trains the first ``r * C``
   channels of every layer, r the largest rate of ``rates`` whose sub-model fits its budget
@@ -23,21 +24,16 @@ sliced model directly from its spec (:func:`~resist_fl.core.width_slicing.sliced
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from logging import INFO
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
 from resist_fl.core.aggregation import update_weights
 from resist_fl.core.model import ModelSpec
-from resist_fl.core.model_cost import CAPACITY_MEASURES, WIDTH_RATES, CostModel
-from resist_fl.core.transport import check_transport
-from resist_fl.core.holders import exposure
+from resist_fl.core.model_cost import CostModel
 from resist_fl.core.width_slicing import (
     actual_rate,
     element_index,
@@ -45,25 +41,14 @@ from resist_fl.core.width_slicing import (
     merge_sliced,
     prefix_indices,
     rolling_indices,
-    slice_state,
 )
-from resist_fl.flower.array_codec import array_of, array_view, with_arrays
-from resist_fl.flower.message_keys import RUN_ROUND, SERVER_ROUND, TRANSPORT
-from resist_fl.flower.node_sampling import NodeSampler
-from resist_fl.flower.reply_screening import encoded_record, refuse_non_finite, screen_replies, too_few_replies
-from resist_fl.flower.round_report import NodeReport, RoundReport
+from resist_fl.flower.message_keys import FJORD_RATES, WIDTH_RATE, WIDTH_SCALER
 from resist_fl.flower.method_factory import Built, ModelParts
+from resist_fl.flower.round_skeleton import Plan, SubModelStrategy, Update, settings_of
 from resist_fl.run.settings import RunSettings
 
-WIDTH_RATE = "width-rate"
-"""Message key: the width rate of the sub-model the message carries."""
-WIDTH_SCALER = "width-scaler"
-"""Message key: whether the node divides its convolutions' outputs by the rate while training."""
-FJORD_RATES = "fjord-rates"
-"""Message key (FjORD): the widths a node samples from for each local batch (those at or below its own)."""
 
-
-class WidthSliced(Strategy):
+class WidthSliced(SubModelStrategy):
     """The round of every width-sliced method: a node's sub-model is the channels :meth:`indices_for`
     keeps at the largest rate its budget allows, trained as :meth:`node_config` says; merged
     element-wise over the nodes that held each element. :class:`HeteroFL`, :class:`FedRolex` and
@@ -74,14 +59,13 @@ class WidthSliced(Strategy):
     spec : ModelSpec
         The global model (pre-activation family).
     costs : CostModel
-        Its measured costs: each node's rate is the largest of ``rates`` within its capacity.
-    keys : sequence of str
+        Its measured costs: each node's rate is the largest of ``width-rates`` within its capacity.
+    keys : iterable of str
         The global record's keys (the model's payload keys).
-    rates, capacity_measure
-        See the module docstring; ``capacity_measure`` as for ResIST.
-    fraction_train, min_train_nodes, min_available_nodes, weighting, min_train_replies,
-    max_num_examples, seed, transport
-        As for :class:`~resist_fl.flower.resist.ResIST`.
+    settings : RunSettings, optional
+        The run's values (default: RunSettings' defaults); besides the shared round's, ``width-rates``.
+    **overrides
+        RunSettings fields to change.
     """
 
     mode = "prefix"
@@ -90,73 +74,21 @@ class WidthSliced(Strategy):
     @classmethod
     def from_settings(cls, settings: RunSettings, model: ModelParts) -> Built:
         """The method table's factory of each width-sliced method."""
-        return Built(cls(model.spec, model.costs, model.layout.payload_keys(), rates=settings.rates(),
-                         capacity_measure=settings.capacity_measure, fraction_train=settings.fraction_train,
-                         min_train_nodes=settings.min_train_nodes, min_available_nodes=settings.min_available_nodes,
-                         weighting=settings.weighting, min_train_replies=settings.min_train_replies,
-                         max_num_examples=settings.max_num_examples, seed=settings.seed,
-                         transport=settings.transport_dtype), model)
+        return Built(cls(model.spec, model.costs, model.layout.payload_keys(), settings), model)
 
-    def __init__(self, spec: ModelSpec, costs: CostModel, keys: Iterable[str], *,
-                 rates: Iterable[float] = WIDTH_RATES, capacity_measure: str = "flops", fraction_train: float = 1.0,
-                 min_train_nodes: int = 2, min_available_nodes: int = 2, weighting: str = "examples",
-                 min_train_replies: int = 1, max_num_examples: int = 10_000_000, seed: int = 0,
-                 transport: str = "float32") -> None:
-        if capacity_measure not in CAPACITY_MEASURES:
-            raise ValueError(f"capacity_measure = {capacity_measure!r}: expected one of {', '.join(CAPACITY_MEASURES)}")
-        update_weights([], weighting)
-        check_transport(transport)
-        self.rates = tuple(sorted({actual_rate(spec, r) for r in rates}, reverse=True))
-        self.spec, self.costs, self.capacity_measure = spec, costs, capacity_measure
+    def __init__(self, spec: ModelSpec, costs: CostModel, keys: Iterable[str], settings: RunSettings | None = None,
+                 **overrides: Any) -> None:
+        settings = settings_of(settings, overrides)
+        super().__init__(tuple(keys), settings, costs)
+        self.rates = tuple(sorted({actual_rate(spec, r) for r in settings.rates()}, reverse=True))
+        self.spec = spec
         self.label = self.mode
-        self.keys = tuple(keys)
         self.groups = key_groups(spec, self.keys)
-        self.sampler = NodeSampler(fraction=fraction_train, min_nodes=min_train_nodes,
-                                   min_available_nodes=min_available_nodes, seed=seed)
-        self.weighting, self.min_train_replies, self.max_num_examples = weighting, min_train_replies, max_num_examples
-        self.transport = transport
-        self.round_offset = 0
-        self.rates_seen: set[float] = set()
-        self.last_rates: dict[int, float] = {}
-        self.last_round_metrics: dict[str, float | int] = {}
-        self.last_replies: dict[int, dict[str, float | int]] = {}
-        self.last_privacy: dict[str, float | int] = {}
-        self.last_exposure: dict[int, tuple[int, float]] = {}
-        self._indices: dict[int, dict[str, np.ndarray]] = {}
-        self._shapes: dict[int, dict[str, tuple[tuple[int, ...], np.dtype]]] = {}
-        self._global: ArrayRecord | None = None
-        self._messages: list[Message] = []
+        self.blocks = len(costs.layout.partitionable)
 
-    # -- RecordedStrategy ----------------------------------------------------------------------
     def rate_of(self, node: int) -> float:
         """The width rate of ``node``: the largest of the rates its capacity allows."""
-        return self.costs.max_rate(self.sampler.capacity(node), self.capacity_measure, self.rates)
-
-    def round_report(self) -> RoundReport:
-        nodes = {}
-        blocks = len(self.costs.layout.partitionable)
-        for node, rate in self.last_rates.items():
-            cost = self.costs.width_cost(rate)
-            if self.capacity_measure == "blocks":
-                over = rate > self.sampler.capacity(node) + 1e-9
-            else:
-                over = cost.of(self.capacity_measure) > self.sampler.capacity(node) * \
-                    self.costs.full.of(self.capacity_measure) * (1 + 1e-9)
-            low, share = self.last_exposure.get(node, (None, None))
-            nodes[node] = NodeReport(blocks, self.last_replies.get(node, {}), max_blocks=blocks, over_capacity=over,
-                                     flops_per_sample=cost.flops, params=cost.params, width_rate=rate,
-                                     min_holders=low, exposed_fraction=share)
-        return RoundReport(dict(self.last_round_metrics), nodes, privacy=dict(self.last_privacy))
-
-    def inference_scales(self) -> dict[str, float]:
-        """Width methods do not scale residual branches."""
-        return {}
-
-    def resume_after(self, completed_rounds: int, last_row: Mapping[str, Any] | None) -> None:
-        self.round_offset = int(completed_rounds)
-
-    def summary(self) -> None:
-        log(INFO, "\t├──> %s: width rates %s, capacity measure %s", self.mode, self.rates, self.capacity_measure)
+        return self.costs.max_rate(self.sampler.capacity(node), self.settings.capacity_measure, self.rates)
 
     # -- what a method changes -----------------------------------------------------------------
     def indices_for(self, rate: float, run_round: int) -> dict[str, np.ndarray]:
@@ -167,72 +99,34 @@ class WidthSliced(Strategy):
         """What a node of width ``rate`` needs besides the width to train as the method does."""
         return {WIDTH_SCALER: False}
 
-    # -- training -------------------------------------------------------------------------------
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        """Sample nodes; send each its width-sliced sub-model (global names, sliced shapes)."""
-        if missing := sorted(set(self.keys) - set(arrays)):
-            raise ValueError(f"the global record lacks {len(missing)} model keys, e.g. {missing[:3]}")
-        run_round = self.round_offset + server_round
-        sampled, connected, _ = self.sampler.sample(grid, run_round)
-        state = {k: array_view(arrays[k]) for k in self.keys}
-        self._global, self._indices, self._shapes, self.last_rates = arrays, {}, {}, {}
-        cut_by_rate: dict[float, ArrayRecord] = {}
-        shapes_by_rate: dict[float, dict[str, tuple[tuple[int, ...], np.dtype]]] = {}
-        messages = []
+    # -- the plan and the merge -------------------------------------------------------------------
+    def plan(self, sampled: list[int], run_round: int, rng: np.random.Generator, server_round: int) -> dict[int, Plan]:
+        shapes = {k: tuple(self._global[k].shape) for k in self.keys}
+        by_rate: dict[float, Plan] = {}  # nodes of one rate share one plan (the same indices this round)
+        plans = {}
         for node in sampled:
             rate = self.rate_of(node)
-            indices = self.indices_for(rate, run_round)
-            if rate not in cut_by_rate:  # nodes of one rate share one slice (the same indices this round)
-                cut = slice_state(state, self.groups, indices)
-                cut_by_rate[rate] = encoded_record(ArrayRecord({k: array_of(v) for k, v in cut.items()}),
-                                                   self.transport)
-                shapes_by_rate[rate] = {k: (tuple(v.shape), v.dtype) for k, v in cut.items()}
-            self._indices[node], self._shapes[node], self.last_rates[node] = indices, shapes_by_rate[rate], rate
-            node_config = ConfigRecord({**config, SERVER_ROUND: server_round, RUN_ROUND: run_round,
-                                        TRANSPORT: self.transport, WIDTH_RATE: rate, **self.node_config(rate)})
-            content = RecordDict({"arrays": cut_by_rate[rate], "config": node_config})
-            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
-        self.rates_seen |= set(self.last_rates.values())
-        log(INFO, "configure_train: round %d (%s), %d of %d nodes, width rates %s", server_round, self.mode,
-            len(sampled), connected, [self.last_rates[n] for n in sampled])
-        self._messages = messages
-        return messages
+            if rate not in by_rate:
+                indices = self.indices_for(rate, run_round)
+                holding = {k: element_index(shapes[k], self.groups[k], indices) for k in self.keys}
+                by_rate[rate] = Plan(holding, {WIDTH_RATE: rate, **self.node_config(rate)}, share=rate,
+                                     cost=self.costs.width_cost(rate), blocks=self.blocks, width_rate=rate,
+                                     group=rate, indices=indices)
+            plans[node] = by_rate[rate]
+        self.rates_seen |= set(by_rate)
+        return plans
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Screen the replies against each node's sliced shapes; merge element-wise over holders."""
-        if self._global is None:
-            raise RuntimeError("aggregate_train called before configure_train")
-        sent = {node: self.keys for node in self._indices}
-        screened = screen_replies(server_round, replies, sent, self._global, self.max_num_examples,
-                                  messages=self._messages, order=self.sampler.rank, transport=self.transport,
-                                  shapes=self._shapes)
-        metrics = {**screened.round_metrics(), "num-subnetworks": len(self._indices), "merge-refused": 0}
-        self.last_round_metrics = metrics
-        self.last_replies = {a.node_id: dict(a.metrics) for a in screened.accepted}
-        accepted = screened.accepted
-        shapes = {k: tuple(self._global[k].shape) for k in self.keys}
-        found = exposure(shapes, {a.node_id: {k: element_index(shapes[k], self.groups[k], self._indices[a.node_id])
-                                              for k in a.update} for a in accepted}, 2)
-        self.last_privacy = {"min-holders": found.min_holders, "exposed-fraction": found.exposed_fraction}
-        self.last_exposure = dict(found.nodes)
-        if too_few_replies(server_round, len(accepted), self.min_train_replies):
-            return None, MetricRecord(metrics)
-        current = {k: array_view(self._global[k]) for k in self.keys}
-        merged = merge_sliced(current, [(a.update, self._indices[a.node_id]) for a in accepted], self.groups,
-                              update_weights([a.num_examples for a in accepted], self.weighting))
-        if refuse_non_finite(server_round, merged, metrics):
-            return None, MetricRecord(metrics)
-        return with_arrays(self._global, merged), MetricRecord(metrics)
+    def merge(self, current: Mapping[str, np.ndarray], updates: Sequence[Update]) -> dict[str, np.ndarray]:
+        """HeteroFL's merge: every element the weighted mean over the updates that held it."""
+        weights = update_weights([u.num_examples for u in updates], self.settings.weighting)
+        return merge_sliced(current, [(u.arrays, u.plan.indices) for u in updates], self.groups, weights)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        return []
+    def max_blocks(self, node: int) -> int | None:
+        return self.blocks
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return None
+    def summary(self) -> None:
+        log(INFO, "\t├──> %s: width rates %s", self.mode, self.rates)
+        super().summary()
 
 
 class HeteroFL(WidthSliced):

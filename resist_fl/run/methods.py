@@ -12,6 +12,7 @@ and its tests.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 
@@ -29,12 +30,17 @@ class Method:
         ``module:attribute`` building its strategy (a function or a class's ``from_settings``):
         ``attribute(settings, model) -> Built``
         (:mod:`server_app.app`).
-    dp : bool
-        Runs under ``dp='central'`` and ``dp='local'``.
+    dp : tuple of str
+        The ``dp`` modes it runs under: every method runs under ``central`` (the server-side
+        wrapper, :class:`~resist_fl.flower.central_dp_strategy.CentrallyPrivate`); ``local``
+        (DP-SGD on the node) where its node-side training is plain SGD on the model it receives.
     federated_evaluation : bool
         Evaluates on the nodes (``fraction-evaluate`` > 0): its nodes hold the global model.
     width_sliced : bool
         Slices channels: needs the pre-activation family (``model = 'preact_resnet*'``).
+    node_hook : str
+        ``module:class`` of what its nodes do differently (:mod:`resist_fl.node.method_hooks`: the
+        model a node builds for a message, what runs before each local step).
     reads : tuple of str
         Run-config keys that only some methods read and this one does: set to a non-default value
         for a method that does not read it, a key is an error, never silently dropped.
@@ -43,25 +49,32 @@ class Method:
     name: str
     label: str
     factory: str
-    dp: bool = False
+    dp: tuple[str, ...] = ("central", "local")
     federated_evaluation: bool = False
     width_sliced: bool = False
+    node_hook: str = "resist_fl.node.method_hooks:SubNetwork"
     reads: tuple[str, ...] = ()
 
 
 SERVER_STEP = ("server-lr",)
+WIDTH_SLICE = "resist_fl.node.method_hooks:WidthSlice"
+CENTRAL_ONLY = ("central",)
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("resist", "ResIST", "resist_fl.flower.resist:from_settings", dp=True, reads=SERVER_STEP),
-    Method("fedavg", "FedAvg", "resist_fl.flower.fedavg:from_settings", dp=True, federated_evaluation=True,
+    Method("resist", "ResIST", "resist_fl.flower.resist:from_settings", reads=SERVER_STEP),
+    Method("fedavg", "FedAvg", "resist_fl.flower.fedavg:from_settings", federated_evaluation=True,
            reads=SERVER_STEP),
-    Method("heterofl", "HeteroFL", "resist_fl.flower.width_sliced:HeteroFL.from_settings", width_sliced=True),
-    Method("fedrolex", "FedRolex", "resist_fl.flower.width_sliced:FedRolex.from_settings", width_sliced=True),
-    Method("fjord", "FjORD", "resist_fl.flower.width_sliced:FjORD.from_settings", width_sliced=True),
-    Method("depth-tiers", "depth tiers", "resist_fl.flower.resist:depth_tiers_from_settings", dp=True,
+    Method("heterofl", "HeteroFL", "resist_fl.flower.width_sliced:HeteroFL.from_settings", width_sliced=True,
+           node_hook=WIDTH_SLICE),
+    Method("fedrolex", "FedRolex", "resist_fl.flower.width_sliced:FedRolex.from_settings", width_sliced=True,
+           node_hook=WIDTH_SLICE),
+    Method("fjord", "FjORD", "resist_fl.flower.width_sliced:FjORD.from_settings", width_sliced=True,
+           node_hook="resist_fl.node.method_hooks:OrderedDropoutWidths",
+           dp=CENTRAL_ONLY),  # ordered dropout per batch is not what Opacus' DP-SGD trains
+    Method("depth-tiers", "depth tiers", "resist_fl.flower.resist:depth_tiers_from_settings",
            reads=SERVER_STEP),
     Method("fedavg-small", "FedAvg-small", "resist_fl.flower.fedavg:small_from_settings", federated_evaluation=True,
-           width_sliced=True, reads=SERVER_STEP),
+           width_sliced=True, node_hook=WIDTH_SLICE, reads=SERVER_STEP),
 )}
 
 STRATEGIES = tuple(METHODS)
@@ -75,6 +88,15 @@ def method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"strategy = {name!r}: expected one of {', '.join(METHODS)}")
     return METHODS[name]
+
+
+def load(path: str):
+    """The object ``module:attribute`` names (a factory, a class's ``from_settings``, a node hook)."""
+    module, attributes = path.split(":")
+    found = importlib.import_module(module)
+    for name in attributes.split("."):
+        found = getattr(found, name)
+    return found
 
 
 def label(name: str) -> str:

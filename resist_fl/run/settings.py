@@ -174,7 +174,7 @@ class RunSettings(BaseModel):
     device: Literal[DEVICES] = Field('auto',
         description="`auto` (CUDA when visible), `cpu`, `cuda`")
     dp: Literal[DP_MODES] = Field('none',
-        description="differential privacy ([Privacy](privacy.md)): `central` (client-level: nodes clip their update to `dp-clip`, the server adds noise `dp-noise-multiplier x dp-clip / h` to each parameter merged over h holders and accounts epsilon), `local` (DP-SGD on every node with Opacus; needs `norm='groupnorm'`), `none`; `resist`, `depth-tiers` and `fedavg` only")
+        description="differential privacy ([Privacy](privacy.md)): `central` (client-level: nodes clip their update to `dp-clip`, the server adds noise `dp-noise-multiplier x dp-clip / h` to each parameter merged over h holders and accounts epsilon), `local` (DP-SGD on every node with Opacus; needs `norm='groupnorm'`; every strategy but `fjord`), `none`; `central` wraps any strategy")
     dp_clip: Float = Field(1.0, gt=0,
         description="`central`: the L2 bound of a node's update (trained minus received arrays); `local`: Opacus' per-sample gradient bound")
     dp_noise_multiplier: Float = Field(1.0, gt=0,
@@ -259,8 +259,8 @@ class RunSettings(BaseModel):
         return self
 
     def _privacy_rules(self) -> None:
-        if self.dp != "none" and not METHODS[self.strategy].dp:
-            supported = ", ".join(m.name for m in METHODS.values() if m.dp)
+        if self.dp != "none" and self.dp not in METHODS[self.strategy].dp:
+            supported = ", ".join(m.name for m in METHODS.values() if self.dp in m.dp)
             raise SettingsError(f"dp = {self.dp!r}: supported with strategy {supported}; "
                                 f"got strategy {self.strategy!r}")
         if self.dp == "central" and self.weighting != "uniform":

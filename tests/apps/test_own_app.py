@@ -144,8 +144,10 @@ def test_recorder_refuses_what_it_cannot_record(tiny_layout, tmp_path):
     with pytest.raises(TypeError, match="expected one of the project.s strategies"):
         RoundRecorder(object(), tiny_layout, tmp_path / "a", run_config={}, num_rounds=1)
     with pytest.raises(ValueError, match="eval_every = 0"):
-        RoundRecorder(ResIST(tiny_layout), tiny_layout, tmp_path / "b", run_config={}, num_rounds=1, eval_every=0)
-    recorder = RoundRecorder(ResIST(tiny_layout), tiny_layout, tmp_path / "c", run_config={}, num_rounds=1)
+        RoundRecorder(ResIST(tiny_layout, capacity_measure="blocks"), tiny_layout, tmp_path / "b", run_config={},
+                      num_rounds=1, eval_every=0)
+    recorder = RoundRecorder(ResIST(tiny_layout, capacity_measure="blocks"), tiny_layout, tmp_path / "c",
+                             run_config={}, num_rounds=1)
     with pytest.raises(ValueError, match="initial_state"):
         recorder.start(grid=None)
     with pytest.raises(KeyError, match="initial_state lacks"):
@@ -165,19 +167,20 @@ def test_resume_restores_the_strategys_round_offset(tiny_layout, tmp_path):
 
     rows = [{"round": 1, "num-subnetworks": 4, "held-fraction": 0.25, "cumulative-bytes": 10}]
     Checkpoint(1, {"w": np.zeros(2, np.float32)}, {"seed": 0, "resume": False}, rows, *capture_rngs()).save(tmp_path)
-    strategy = ResIST(tiny_layout)
+    strategy = ResIST(tiny_layout, capacity_measure="blocks")
     recorder = RoundRecorder(strategy, tiny_layout, tmp_path, run_config={"seed": 0, "resume": True},
                              num_rounds=3, resume=True)
     assert (recorder.completed_rounds, strategy.round_offset) == (1, 1)
-    assert (strategy.num_subnetworks, strategy.held_fraction, recorder.cumulative_bytes) == (4, 0.25, 10)
+    assert (strategy.num_subnetworks, strategy.held_fraction(), recorder.cumulative_bytes) == (4, 0.25, 10)
     with pytest.raises(CheckpointError, match="seed: 0 -> 1"):
-        RoundRecorder(ResIST(tiny_layout), tiny_layout, tmp_path, run_config={"seed": 1, "resume": True},
+        RoundRecorder(ResIST(tiny_layout, capacity_measure="blocks"), tiny_layout, tmp_path, run_config={"seed": 1,
+                      "resume": True},
                       num_rounds=3, resume=True)
 
 
 @pytest.mark.parametrize("transport", ["float32", "float16", "uint8"])
 def test_a_users_strategy_sets_the_transport_for_either_client_app(own_app, transport):
-    """Issue 22: ``ResIST(layout, transport=...)`` built by a user's ServerApp, with a train config
+    """Issue 22: ``ResIST(layout, transport_dtype=...)`` built by a user's ServerApp, with a train config
     of the app's own hyper-parameters only, is understood by the example's ClientApp and by the
     project's: the strategy stamps the encoding (and the run round) into every message."""
     from flwr.app import ArrayRecord, ConfigRecord
@@ -200,7 +203,8 @@ def test_a_users_strategy_sets_the_transport_for_either_client_app(own_app, tran
              (project_client_app, BlockLayout.from_spec(spec), build_model(spec).state_dict(), project_config,
               model_config(spec))]
     for app, app_layout, state, run_config, train_config in cases:
-        strategy = ResIST(app_layout, min_train_nodes=2, min_available_nodes=2, transport=transport)
+        strategy = ResIST(app_layout, min_train_nodes=2, min_available_nodes=2, transport_dtype=transport,
+                          capacity_measure="blocks")
         initial = ArrayRecord({k: v for k, v in state.items() if k in set(app_layout.payload_keys())})
         result = strategy.start(InProcessGrid(app, num_nodes=2, run_config=run_config), initial_arrays=initial,
                                 num_rounds=2, train_config=train_config)

@@ -59,7 +59,7 @@ def test_the_keys_are_validated_and_reach_both_strategies_and_the_clients():
     model = ModelParts(spec, layout, CostModel(spec, layout, (32, 32)))
     for strategy in ("resist", "fedavg"):
         settings = RunSettings.from_run_config({"strategy": strategy, "server-lr": 0.5, "clip-grad-norm": 2.0})
-        assert build(settings, model).strategy.server_lr == 0.5
+        assert build(settings, model).strategy.settings.server_lr == 0.5
         # the clients read it from the run config they receive (one path; not repeated in messages)
         assert client_run(tuple(sorted(settings.to_run_config().items())), 10, 3)[0].clip_grad_norm == 2.0
         assert "clip-grad-norm" not in model_config(ModelSpec())

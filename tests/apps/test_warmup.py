@@ -105,7 +105,7 @@ def test_resume_in_either_phase_is_bit_identical(whole_run, warmup_config, crash
 
 def test_warmup_strategy_arguments_are_checked():  # the warmup-rounds setting: tests/run/test_settings.py
     layout = BlockLayout.from_spec(ModelSpec(depths=(1, 1, 3, 1), num_classes=10, in_channels=3, base_width=4))
-    with pytest.raises(ValueError, match="warmup_rounds = 1.5"):
-        ResIST(layout, warmup_rounds=1.5)
-    strategy = ResIST(layout, warmup_rounds=2)
-    assert [strategy.phase(r) for r in (1, 2, 3)] == ["warmup", "warmup", "resist"]
+    with pytest.raises(ValueError, match="warmup-rounds = 1.5"):
+        ResIST(layout, warmup_rounds=1.5, capacity_measure="blocks")
+    strategy = ResIST(layout, warmup_rounds=2, capacity_measure="blocks")
+    assert [strategy.phase_of(r) for r in (1, 2, 3)] == ["warmup", "warmup", "resist"]

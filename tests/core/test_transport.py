@@ -108,9 +108,11 @@ def test_screening_decodes_replies_and_rejects_bad_encodings(kind, caplog):
     state = build_model(spec).state_dict()
     global_arrays = ArrayRecord({k: state[k] for k in layout.payload_keys()})
     if kind == "resist":
-        strategy = ResIST(layout, min_train_nodes=3, min_available_nodes=3, transport="uint8")
+        strategy = ResIST(layout, min_train_nodes=3, min_available_nodes=3, transport_dtype="uint8",
+                          capacity_measure="blocks")
     else:
-        strategy = ScreenedFedAvg(min_train_nodes=3, min_available_nodes=3, transport="uint8")
+        strategy = ScreenedFedAvg(min_train_nodes=3, min_available_nodes=3, transport_dtype="uint8",
+                                  capacity_measure="blocks")
     silent = ClientApp()  # answers the partition query; its train replies are not used here
     silent.query()(identity_handler)
     silent.train()(lambda msg, context: Message(RecordDict({}), reply_to=msg))

@@ -53,7 +53,7 @@ def message_api_result(layout: BlockLayout) -> dict[str, np.ndarray]:
                                    "metrics": metrics}), reply_to=msg)
 
     state = initial_state()
-    strategy = ResIST(layout, min_train_nodes=NODES, min_available_nodes=NODES, seed=0)
+    strategy = ResIST(layout, min_train_nodes=NODES, min_available_nodes=NODES, seed=0, capacity_measure="blocks")
     result = strategy.start(grid=InProcessGrid(app, num_nodes=NODES), num_rounds=ROUNDS,
                             initial_arrays=ArrayRecord({k: array_of(state[k]) for k in layout.payload_keys()}),
                             train_config=ConfigRecord({}))
@@ -70,7 +70,8 @@ class FixedStepClient(NumPyClient):
 
 
 def legacy_api_result(layout: BlockLayout) -> dict[str, np.ndarray]:
-    strategy = LegacyResIST(layout, initial_state(), min_fit_clients=NODES, min_available_clients=NODES, seed=0)
+    strategy = LegacyResIST(layout, initial_state(), min_train_nodes=NODES, min_available_nodes=NODES, seed=0,
+                            capacity_measure="blocks")
     server = ServerApp(server_fn=lambda context: ServerAppComponents(strategy=strategy,
                                                                      config=ServerConfig(num_rounds=ROUNDS)))
     client = ClientApp(client_fn=lambda context: FixedStepClient(int(context.node_config["partition-id"])).to_client())
@@ -94,4 +95,4 @@ def test_key_names_travel_with_the_arrays():
     with pytest.raises(ValueError, match="2 arrays for 3 names"):
         named_arrays({KEYS: "a,b,c"}, [np.zeros(1), np.zeros(1)])
     with pytest.raises(ValueError, match="initial_state lacks"):
-        LegacyResIST(layout, {})
+        LegacyResIST(layout, {}, capacity_measure="blocks")

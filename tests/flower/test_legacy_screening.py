@@ -49,8 +49,8 @@ def initial_state(seed: int = 0) -> dict[str, np.ndarray]:
 
 def configured(num_clients: int, seed: int = 0):
     """A LegacyResIST that has sent round 1 to ``num_clients`` clients: (strategy, {cid: FitIns})."""
-    strategy = LegacyResIST(LAYOUT, initial_state(seed), min_fit_clients=num_clients,
-                            min_available_clients=num_clients, seed=seed, max_num_examples=CAP)
+    strategy = LegacyResIST(LAYOUT, initial_state(seed), min_train_nodes=num_clients,
+                            min_available_nodes=num_clients, seed=seed, max_num_examples=CAP, capacity_measure="blocks")
     manager = SimpleClientManager()
     for i in range(num_clients):
         manager.register(FakeProxy(str(100 + i)))
@@ -261,7 +261,8 @@ def hostile_client(partition: int) -> Client:
 
 def test_a_legacy_run_survives_hostile_clients_every_round(caplog):
     rounds, nodes = 3, 3
-    strategy = LegacyResIST(LAYOUT, initial_state(), min_fit_clients=nodes, min_available_clients=nodes, seed=0)
+    strategy = LegacyResIST(LAYOUT, initial_state(), min_train_nodes=nodes, min_available_nodes=nodes, seed=0,
+                            capacity_measure="blocks")
     history = []
     real = strategy.aggregate_fit
 

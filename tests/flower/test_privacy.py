@@ -22,6 +22,7 @@ from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.holders import exposure, holder_counts, whole
 from resist_fl.core.model import ModelSpec, build_model
 from resist_fl.core.validation import ReplyError
+from resist_fl.flower.central_dp_strategy import CentrallyPrivate
 from resist_fl.flower.central_dp import CentralDP, clip_update, get_norm
 from resist_fl.flower.resist import ResIST
 from resist_fl.run.outputs import NODES_FILE, SUMMARY_FILE, read_metrics
@@ -136,14 +137,17 @@ def test_flowers_server_side_dp_wrapper_raises_on_a_resist_round_and_ours_does_n
     spec = RunSettings.from_run_config(tiny_config).model_spec(num_classes=10, in_channels=3)
     layout = BlockLayout.from_spec(spec, (3,))
     initial = ArrayRecord({k: v for k, v in build_model(spec).state_dict().items() if k in layout.payload_keys()})
-    wrapped = DifferentialPrivacyServerSideFixedClipping(ResIST(layout, weighting="uniform"), 1.0, 1.0, 2)
+    settings = RunSettings.from_run_config(tiny_config)
+    wrapped = DifferentialPrivacyServerSideFixedClipping(ResIST(layout, settings, capacity_measure="blocks"), 1.0,
+                                                         1.0, 2)
     config = {"num-classes": 10, "in-channels": 3}
     # its clipping pairs reply and global arrays by list position (zip strict=True): a partial reply misaligns
     with pytest.raises(ValueError, match="broadcast|shorter|longer"):
         wrapped.start(grid=grid, initial_arrays=initial, num_rounds=1, train_config=ConfigRecord(config))
-    ours = ResIST(layout, weighting="uniform", dp=CentralDP(1.0, 1.0))
+    inner = ResIST(layout, settings, capacity_measure="blocks", dp="central")
+    ours = CentrallyPrivate(inner, CentralDP(1.0, 1.0))
     result = ours.start(grid=grid, initial_arrays=initial, num_rounds=1, train_config=ConfigRecord(config))
-    assert ours.last_round_metrics["replies-accepted"] == 2 and result.arrays is not None
+    assert inner.last_round_metrics["replies-accepted"] == 2 and result.arrays is not None
 
 
 # --------------------------------------------------------------------------- central DP end to end
@@ -202,7 +206,8 @@ def test_a_node_that_does_not_clip_is_rejected_and_counts_as_a_zero_update(tiny_
 @pytest.mark.parametrize("changes, message", [
     ({"dp": "central"}, "weighting = 'examples': dp='central' needs 'uniform'"),
     ({"dp": "local"}, "norm = 'batchnorm': dp='local'"),
-    ({"dp": "central", "weighting": "uniform", "strategy": "heterofl"}, "dp = 'central': supported with strategy"),
+    ({"dp": "local", "norm": "groupnorm", "strategy": "fjord", "model": "preact_resnet18"},
+     "dp = 'local': supported with strategy"),
     ({"dp": "central", "weighting": "uniform", "transport-dtype": "uint8"}, "transport-dtype = 'uint8'"),
     ({"dp": "central", "weighting": "uniform", "allocation": "speed"}, "allocation = 'speed'"),
     ({"dp-target-epsilon": 4.0}, "dp-target-epsilon = 4.0: needs dp='central'"),

@@ -251,7 +251,7 @@ def test_settings_refuse_what_would_bypass_the_mechanism(tiny_config, changes, m
 def test_the_resist_constructor_refuses_speed_allocation_under_dp():
     layout = BlockLayout.from_spec(ModelSpec(depths=(1, 1, 4, 1), base_width=4))
     with pytest.raises(ValueError, match="allocation = 'speed'"):
-        ResIST(layout, weighting="uniform", allocation="speed", dp=CentralDP(1.0, 1.0))
+        ResIST(layout, weighting="uniform", allocation="speed", dp="central", capacity_measure="blocks")
 
 
 # --------------------------------------------------------------------------- local-DP ledger

@@ -113,7 +113,8 @@ def run_rounds(claims: list[list[float]], bad: set[int], rounds: int):
     the new global model equal to the merge of the valid replies. Returns the strategy."""
     nodes = make_node_ids(len(claims[0]))
     grid = MeteredGrid(InProcessGrid(speed_app, num_nodes=len(nodes)))
-    strategy = ResIST(LAYOUT, min_train_nodes=len(nodes), min_available_nodes=len(nodes), allocation="speed")
+    strategy = ResIST(LAYOUT, min_train_nodes=len(nodes), min_available_nodes=len(nodes), allocation="speed",
+                      capacity_measure="blocks")
     arrays = global_record()
     for r in range(rounds):
         PLAN.clear()
@@ -124,7 +125,7 @@ def run_rounds(claims: list[list[float]], bad: set[int], rounds: int):
             node = m.metadata.dst_node_id
             held = m.content["config"]["blocks"]
             assert 1 <= len(held) <= max_depth(strategy.sampler.capacity(node), P)
-        sampled = sorted(strategy.last_blocks, key=strategy.sampler.rank)
+        sampled = sorted(strategy.plans, key=strategy.sampler.rank)
         weights = strategy.depth_weights(sampled)
         if strategy.speeds:  # the bound, computed independently from the recorded speeds
             known = [strategy.speeds[n] for n in sampled if n in strategy.speeds]
@@ -173,7 +174,7 @@ def test_configure_train_never_raises_under_adversarial_speed_claims():
 
 def _depths_after_two_rounds(first_claim: float) -> tuple[dict[int, int], ResIST]:
     nodes = make_node_ids(4)
-    strategy = ResIST(LAYOUT, min_train_nodes=4, min_available_nodes=4, allocation="speed")
+    strategy = ResIST(LAYOUT, min_train_nodes=4, min_available_nodes=4, allocation="speed", capacity_measure="blocks")
     grid = MeteredGrid(InProcessGrid(speed_app, num_nodes=4))
     PLAN.clear()
     PLAN.update({n: {"sleep": 0.05, "shift": 0.0, "claim": first_claim if i == 0 else 0.05}
@@ -182,7 +183,7 @@ def _depths_after_two_rounds(first_claim: float) -> tuple[dict[int, int], ResIST
     for r in range(1, 4):
         messages = list(strategy.configure_train(r, arrays, ConfigRecord({}), grid))
         strategy.aggregate_train(r, list(grid.send_and_receive(messages)))
-    return {n: len(b) for n, b in strategy.last_blocks.items()}, strategy
+    return {n: p.blocks for n, p in strategy.plans.items()}, strategy
 
 
 def test_a_node_claiming_1e_9_seconds_gets_no_more_than_an_honest_one():
@@ -201,7 +202,7 @@ def test_observed_seconds_are_the_push_to_pull_time():
     PLAN.clear()
     PLAN.update({nodes[0]: {"sleep": 0.0, "shift": 0.0, "claim": 0.01},
                  nodes[1]: {"sleep": 0.2, "shift": 0.0, "claim": 1e-9}})
-    strategy = ResIST(LAYOUT, min_train_nodes=2, min_available_nodes=2, allocation="speed")
+    strategy = ResIST(LAYOUT, min_train_nodes=2, min_available_nodes=2, allocation="speed", capacity_measure="blocks")
     grid = MeteredGrid(InProcessGrid(speed_app, num_nodes=2))
     messages = list(strategy.configure_train(1, global_record(), ConfigRecord({}), grid))
     grid.send_and_receive(messages)
@@ -227,7 +228,8 @@ def test_duplicate_partition_ids_are_ordered_by_node_id(caplog):
     for reverse in (False, True):
         grid = ShuffledGrid(speed_app, num_nodes=4, node_configs=configs)
         grid.order = list(reversed(nodes)) if reverse else list(nodes)
-        strategy = ResIST(LAYOUT, min_train_nodes=3, min_available_nodes=4, fraction_train=0.75, seed=3)
+        strategy = ResIST(LAYOUT, min_train_nodes=3, min_available_nodes=4, fraction_train=0.75, seed=3,
+                          capacity_measure="blocks")
         messages = strategy.configure_train(1, global_record(), ConfigRecord({}), grid)
         sent[reverse] = [(m.metadata.dst_node_id, tuple(m.content["config"]["blocks"])) for m in messages]
         assert [strategy.sampler.rank(n) for n in nodes] == sorted(strategy.sampler.rank(n) for n in nodes)

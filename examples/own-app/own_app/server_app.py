@@ -28,11 +28,14 @@ def main(grid: Grid, context: Context) -> None:
     torch.manual_seed(seed)
     model = OwnResNet()
     layout = BlockLayout.from_model(model, example_batch(), stages=STAGES)  # adds the residual scales
+    # the strategies' values are RunSettings fields (their defaults live there); a node's budget is
+    # a share of the blocks here, since this app measures no FLOPs
+    settings = {"min_train_nodes": min_nodes, "min_available_nodes": min_nodes, "seed": seed,
+                "capacity_measure": "blocks"}
     if config["strategy"] == "resist":
-        strategy = ResIST(layout, min_train_nodes=min_nodes, min_available_nodes=min_nodes, seed=seed)
-    else:  # the baseline: Flower's FedAvg behind the same reply checks and node sampling
-        strategy = ScreenedFedAvg(min_train_nodes=min_nodes, min_available_nodes=min_nodes, seed=seed,
-                                  fraction_evaluate=0.0, min_evaluate_nodes=0)  # central evaluation only
+        strategy = ResIST(layout, **settings)
+    else:  # the baseline: FedAvg behind the same reply checks and node sampling (central evaluation only)
+        strategy = ScreenedFedAvg(**settings)
 
     test_data, evaluated = load_test_data(), copy.deepcopy(model)
 

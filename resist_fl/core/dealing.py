@@ -1,0 +1,54 @@
+"""How a ResIST-family strategy deals the partitionable blocks to a round's nodes.
+
+A dealing turns every sampled node's maximum depth (what its budget allows) into the blocks it
+trains this round (:class:`~resist_fl.core.allocation.Decomposition`):
+
+- :class:`RandomDealing`: ResIST's random decomposition (depths by an allocation policy, each
+  block dealt to ``copies`` nodes where the maxima allow, the dealing drawn from the round's
+  generator);
+- :class:`PrefixDealing`: static depth tiers (InclusiveFL / DepthFL's split): a node always
+  trains the first blocks that fit its budget.
+
+Pure; nothing imports Flower.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from resist_fl.core.allocation import Decomposition, allocate_depths, deal_blocks, prefix_blocks
+
+
+class Dealing(Protocol):
+    """Blocks per node from the nodes' maximum depths."""
+
+    def deal(self, blocks: Sequence[str], maxima: Sequence[int], weights: Sequence[float] | None,
+             rng: np.random.Generator) -> Decomposition:
+        """One group of blocks per node (in the order of ``maxima``), and the blocks nobody holds."""
+
+
+@dataclass(frozen=True)
+class RandomDealing:
+    """ResIST: depths by the allocation weights (None: equal), at least ``min_blocks`` where the
+    maximum allows, every block to ``copies`` nodes where the maxima allow, dealt at random."""
+
+    min_blocks: int = 0
+    copies: int = 1
+
+    def deal(self, blocks: Sequence[str], maxima: Sequence[int], weights: Sequence[float] | None,
+             rng: np.random.Generator) -> Decomposition:
+        depths = allocate_depths(len(blocks), maxima, weights, self.min_blocks, copies=self.copies)
+        return deal_blocks(blocks, depths, rng)
+
+
+@dataclass(frozen=True)
+class PrefixDealing:
+    """Depth tiers: every node the first blocks within its maximum (no draw, no weights)."""
+
+    def deal(self, blocks: Sequence[str], maxima: Sequence[int], weights: Sequence[float] | None,
+             rng: np.random.Generator) -> Decomposition:
+        return prefix_blocks(blocks, maxima)

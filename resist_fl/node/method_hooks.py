@@ -1,0 +1,58 @@
+"""What a node does differently per method: the model it builds for a message, and what it runs
+before each local step.
+
+The method table names each method's hook (:attr:`resist_fl.run.methods.Method.node_hook`); the
+ClientApp looks it up by the run's ``strategy`` and never branches on message keys. What shapes the
+model (``blocks``, ``width-rate``, ``width-scaler``, ``fjord-rates``) travels in every message that
+carries arrays, set by the strategy that sent it; a hook reads it from there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from resist_fl.core.decomposition import BlockLayout
+from resist_fl.core.model import ModelSpec, build_model
+from resist_fl.core.width_slicing import sliced_spec
+from resist_fl.flower.message_keys import BLOCKS, FJORD_RATES, WIDTH_RATE, WIDTH_SCALER
+from resist_fl.node.ordered_dropout import OrderedDropout
+from resist_fl.node.width_scaler import attach_width_scaler
+
+
+class SubNetwork:
+    """ResIST, depth tiers, FedAvg: the sub-network of the message's ``blocks`` (the full model
+    without), trained by plain local SGD."""
+
+    def build(self, spec: ModelSpec, layout: BlockLayout, config: Mapping[str, Any]) -> torch.nn.Module:
+        """The (untrained) model the message's arrays load into."""
+        return build_model(spec) if BLOCKS not in config else layout.build_subnetwork(spec, list(config[BLOCKS]))
+
+    def before_step(self, model: torch.nn.Module, spec: ModelSpec, config: Mapping[str, Any],
+                    seed: int) -> Callable[[], object] | None:
+        """What runs before every local step (None: nothing)."""
+        return None
+
+
+class WidthSlice(SubNetwork):
+    """HeteroFL, FedRolex, fedavg-small: the model of the message's ``width-rate``, built at that width
+    directly; with ``width-scaler`` its convolutions' outputs are divided by the rate while training
+    (HeteroFL's scaler)."""
+
+    def build(self, spec: ModelSpec, layout: BlockLayout, config: Mapping[str, Any]) -> torch.nn.Module:
+        rate = float(config[WIDTH_RATE])
+        model = build_model(sliced_spec(spec, rate))
+        if bool(config.get(WIDTH_SCALER, False)):
+            attach_width_scaler(model, rate)
+        return model
+
+
+class OrderedDropoutWidths(WidthSlice):
+    """FjORD: the node's largest nested sub-model, and before every local step a width drawn from
+    the message's ``fjord-rates`` (ordered dropout, :mod:`resist_fl.node.ordered_dropout`)."""
+
+    def before_step(self, model: torch.nn.Module, spec: ModelSpec, config: Mapping[str, Any],
+                    seed: int) -> Callable[[], object] | None:
+        return OrderedDropout(model, spec, float(config[WIDTH_RATE]), list(config[FJORD_RATES]), seed=seed).sample
