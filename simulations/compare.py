@@ -42,7 +42,6 @@ from omegaconf import DictConfig, OmegaConf
 from resist_fl.run.outputs import CONFIG_FILE, SUMMARY_FILE, write_json
 from resist_fl.run.timing import format_seconds
 from simulations import report
-from simulations.digits import write_digits_npz
 from simulations.label_plot import LABEL_PLOT, write_label_distribution
 from simulations.launcher import LaunchResult, run_flwr
 from simulations.machine import describe_machine
@@ -57,8 +56,6 @@ from simulations.presets import (
 )
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
-DIGITS_FILE = "digits.npz"
-"""Where a ``data: digits`` preset's image set is written, in its output directory."""
 MANIFEST_FILE = report.MANIFEST_FILE
 MAIN_VARIANT = report.MAIN_VARIANT
 Launcher = Callable[..., LaunchResult]
@@ -126,10 +123,6 @@ def plan_runs(config: DictConfig, seeds: Sequence[int], ablations: Sequence[str]
               defaults: dict[str, Any]) -> list[PlannedRun]:
     """Every run of the comparison, seeds outermost so early results cover all variants."""
     base = coerce_run_config(to_dict(config["run-config"]), defaults)
-    if config.get("data") == "digits":  # a real image set that ships with scikit-learn (written by main)
-        base.update({"dataset": "npz", "data-path": str(out_dir / DIGITS_FILE)})
-    elif config.get("data"):
-        raise PresetError(f"data = {config.get('data')!r}: expected 'digits' or null")
     plan = []
     for seed in seeds:
         for variant, strategies, changes in variants(config, ablations, defaults):
@@ -348,8 +341,6 @@ def main(argv: Sequence[str] | None = None, launch: Launcher = run_flwr) -> int:
             print(f"{run.name}: {run.run_config}")
         return 0
     out_dir.mkdir(parents=True, exist_ok=True)
-    if config.get("data") == "digits" and not (out_dir / DIGITS_FILE).exists():
-        write_digits_npz(out_dir / DIGITS_FILE)
     manifest = new_manifest(config, argv, out_dir)
     try:
         outcomes = execute(plan, config, args.project.resolve(), out_dir, jobs, manifest, launch)

@@ -303,7 +303,7 @@ def run_flwr(project_dir: str | os.PathLike, run_config: Mapping[str, Any], *, n
         off by default, so the run uses this environment.
     ray_address : str, optional
         An existing Ray cluster for the simulation to join (``RAY_ADDRESS`` of the SuperLink it
-        starts; :class:`simulations.ray_cluster.LocalRayCluster`); None: Ray starts its own.
+        starts; :class:`deploy.ray_cluster.LocalRayCluster`); None: Ray starts its own.
 
     Returns
     -------

@@ -54,9 +54,7 @@ def data_config(data: str, workdir: Path) -> dict:
     if data == "synthetic":
         return {"dataset": "synthetic"}
     if data == "digits":
-        from simulations.digits import write_digits_npz
-
-        return {"dataset": "npz", "data-path": write_digits_npz(workdir / "digits.npz")}
+        return {"dataset": "digits"}
     return {"dataset": "npz", "data-path": str(Path(data).resolve())}
 
 

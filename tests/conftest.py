@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.digits import write_digits_npz
+from tests.digits_files import write_digits_npz
 
 ROOT = Path(__file__).resolve().parents[1]
 

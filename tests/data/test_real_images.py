@@ -83,7 +83,7 @@ def test_an_unusable_data_set_stops_before_round_1_with_the_reason_last(tiny_con
 @pytest.fixture(scope="module")
 def digits_folder(tmp_path_factory) -> str:
     """The same digits as PNG files in an ImageFolder directory (train/<digit>, val/<digit>)."""
-    from simulations.digits import write_digits_imagefolder
+    from tests.digits_files import write_digits_imagefolder
 
     return write_digits_imagefolder(tmp_path_factory.mktemp("digits-folder") / "digits")
 

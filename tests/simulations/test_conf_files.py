@@ -1,4 +1,4 @@
-"""conf/*.toml (derived from the presets), run configs as TOML files, stopping the local SuperLink."""
+"""Presets written as run-config files at launch, run configs as TOML files, stopping the local SuperLink."""
 
 from __future__ import annotations
 
@@ -12,27 +12,21 @@ import psutil
 from flwr.common.config import parse_config_args
 
 from resist_fl.run.cli_config import write_run_config
-from simulations import conf_files, local_superlink
+from deploy import local_superlink
+from simulations import conf_files
 from simulations.presets import list_presets
 
 
-def test_every_preset_has_its_conf_file_and_they_are_equal():
-    assert sorted(p.stem for p in conf_files.CONF_DIR.glob("*.toml")) == sorted(list_presets())
-    assert conf_files.stale_files() == []
+def test_a_preset_is_written_as_a_run_config_file_at_launch(tmp_path):
+    """One preset format: no TOML copy is committed; a preset becomes a run-config file on demand."""
+    assert not (conf_files.PROJECT_DIR / "conf").exists()
     for name in list_presets():
-        path = conf_files.CONF_DIR / f"{name}.toml"
-        expected, _ = conf_files.preset_run_config(name)
+        path = tmp_path / f"{name}.toml"
+        assert conf_files.main([name, "--out", str(path)]) == 0
+        expected, resources = conf_files.preset_run_config(name)
         assert parse_config_args([str(path)]) == expected == tomllib.loads(path.read_text())
-        assert f"--run-config conf/{name}.toml" in path.read_text()  # the command is in the header
-
-
-def test_a_changed_preset_makes_its_conf_file_stale(tmp_path):
-    conf_files.write_all(tmp_path)
-    assert conf_files.main(["--check", "--dir", str(tmp_path)]) == 0
-    (tmp_path / "quick-cpu.toml").write_text('lr = 0.5\n')
-    (tmp_path / "quick-hetero.toml").unlink()
-    assert conf_files.stale_files(tmp_path) == ["quick-cpu", "quick-hetero"]
-    assert conf_files.main(["--check", "--dir", str(tmp_path)]) == 1
+        assert f"--run-config {path} --federation-config \"{resources}\"" in path.read_text()  # the command
+    assert conf_files.main(["no-such-preset", "--out", str(tmp_path / "x.toml")]) == 2
 
 
 def test_awkward_strings_survive_the_toml_run_config(tmp_path):

@@ -91,13 +91,13 @@ def test_plan_has_variants_strategies_and_seeds(tmp_path):
 
 
 def test_the_baselines_preset_plans_every_method_on_the_real_digits(tmp_path):
-    """hetero-baselines: seven strategies x three seeds, one FLOP budget per node, the digits the
-    runner writes into the output directory (``data: digits``)."""
+    """hetero-baselines: seven strategies x three seeds, one FLOP budget per node, the built-in real
+    digits (``dataset='digits'``)."""
     _, plan, out_dir = compare.resolve(compare.parse_args(["hetero-baselines", "--out", str(tmp_path)]))
     assert len(plan) == 21 and {r.strategy for r in plan} == {"resist", "depth-tiers", "heterofl", "fedrolex",
                                                              "fjord", "fedavg-small", "fedavg"}
     for run in plan:
-        assert (run.run_config["dataset"], run.run_config["data-path"]) == ("npz", str(out_dir / compare.DIGITS_FILE))
+        assert (run.run_config["dataset"], run.run_config["data-path"]) == ("digits", "")
         assert run.run_config["capacity-measure"] == "flops"
         assert run.run_config["capacity-profile"] == "1.0,0.5,0.25,0.25"
 

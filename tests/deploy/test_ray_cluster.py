@@ -7,7 +7,7 @@ import pytest
 
 from resist_fl.run.outputs import read_metrics
 from simulations.launcher import run_flwr
-from simulations.ray_cluster import LocalRayCluster, RayUnavailable
+from deploy.ray_cluster import LocalRayCluster, RayUnavailable
 from tests.apps.test_flwr_run import ROOT, TINY
 
 pytestmark = pytest.mark.slow  # two Ray nodes and the real flwr run engine

@@ -1,14 +1,12 @@
-"""scikit-learn's bundled 8x8 handwritten digits as a user's ``.npz``: a real image set offline.
+"""Test data: scikit-learn's bundled 8x8 handwritten digits written as a user's own files.
 
-1797 grayscale images of 10 classes, written uint8 NHW (pixel values 0..16 scaled to 0..255)
-with the fixed 1437 / 360 train / test split of :mod:`resist_fl.data.digits` (``dataset='digits'``)::
-
-    python -m simulations.digits /abs/path/digits.npz
+The same 1797 images and 1437 / 360 split as the built-in ``dataset='digits'``
+(:mod:`resist_fl.data.digits`), written uint8 NHW as an ``.npz`` or as an ImageFolder tree, so the
+tests train on a real image set through the path a user's own files take.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +35,3 @@ def write_digits_imagefolder(root: Path | str) -> str:
                 folder.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(image).save(folder / f"{index}.png")
     return str(root)
-
-
-if __name__ == "__main__":
-    print(write_digits_npz(Path(sys.argv[1]).resolve()))

@@ -6,8 +6,8 @@ environment it was started with (e.g. ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLA
 whose ``FLWR_HOME`` is the given one (``~/.flwr`` when unset), and stops them with SIGTERM
 (SIGKILL after a grace period), as the experiment launcher stops its own.
 
-    python -m simulations.local_superlink status
-    python -m simulations.local_superlink stop
+    python -m deploy.local_superlink status
+    python -m deploy.local_superlink stop
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def superlink_pids(flwr_home: Path = DEFAULT_FLWR_HOME) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.local_superlink", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m deploy.local_superlink", description=__doc__.split("\n")[0])
     parser.add_argument("action", choices=("status", "stop"))
     parser.add_argument("--flwr-home", type=Path, default=Path(os.environ.get("FLWR_HOME", DEFAULT_FLWR_HOME)),
                         help="the FLWR_HOME the SuperLink serves (default: $FLWR_HOME or ~/.flwr)")
