@@ -80,14 +80,18 @@ def node_summary(run_dirs: Sequence[Path]) -> dict[str, Any] | None:
         return spread_of([float(r[key]) for r in rows if r.get(key) is not None])
 
     by_capacity: dict[float, list[int]] = defaultdict(list)
+    budget: dict[float, list[float]] = defaultdict(list)  # what was sent over the node's budget (1: all of it)
     for r in rows:
         by_capacity[float(r["capacity"])].append(int(r["blocks"]))
+        if r.get("budget-used") is not None:
+            budget[float(r["capacity"])].append(float(r["budget-used"]))
     measures = sorted({r["memory-measure"] for r in rows if r.get("memory-measure")})
     return {"node-rounds": len(rows), "train-seconds": spread("train-seconds"),
             "simulated-seconds": spread("simulated-seconds"), "peak-memory-mb": spread("peak-memory-mb"),
             "mb-per-node-round": spread_of([(r["bytes-down"] + r["bytes-up"]) / 1e6 for r in rows]),
             "over-capacity": sum(int(r.get("over-capacity") or 0) for r in rows),
             "blocks-by-capacity": {c: float(np.mean(b)) for c, b in sorted(by_capacity.items(), reverse=True)},
+            "budget-by-capacity": {c: float(np.mean(b)) for c, b in sorted(budget.items(), reverse=True)},
             "memory-measure": ", ".join(measures) or "-"}
 
 
@@ -105,16 +109,20 @@ def _fmt(values: tuple[float, float, float], digits: int = 2) -> str:
 
 
 def node_cost_lines(groups: Mapping[str, dict[str, Any]]) -> list[str]:
-    """Markdown: per group, the distribution of the per-node costs (min / median / max)."""
+    """Markdown: per group, the distribution of the per-node costs (min / median / max), and, where
+    the runs recorded it, the mean budget used per capacity class (what was sent over the node's
+    budget under the run's ``capacity-measure``: 1.00 is all of it, above 1 over capacity)."""
+    budgets = any(s.get("budget-by-capacity") for s in groups.values())
     head = ["group", "node-rounds", "train s (min / median / max)", "of it simulated s",
             "peak memory MB", "memory measure", "MB down+up per node-round", "mean blocks by capacity",
-            "node-rounds over capacity"]
+            *(["mean budget used by capacity"] if budgets else []), "node-rounds over capacity"]
     rows = []
     for name, s in groups.items():
         blocks = ", ".join(f"{c:g}: {b:.1f}" for c, b in s["blocks-by-capacity"].items())
+        used = [", ".join(f"{c:g}: {b:.2f}" for c, b in s.get("budget-by-capacity", {}).items()) or "-"]
         rows.append([name, str(s["node-rounds"]), _fmt(s["train-seconds"]), _fmt(s["simulated-seconds"]),
                      _fmt(s["peak-memory-mb"], 1), s["memory-measure"], _fmt(s["mb-per-node-round"], 3), blocks,
-                     str(s["over-capacity"])])
+                     *(used if budgets else []), str(s["over-capacity"])])
     return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|",
             *["| " + " | ".join(r) + " |" for r in rows]]
 

@@ -71,6 +71,18 @@ def fits(capacity: float, measure_name: str, share: float, cost: Cost | None = N
     return cost.of(measure_name) <= capacity * full.of(measure_name) * (1 + BUDGET_TOLERANCE)
 
 
+def budget_used(capacity: float, measure_name: str, share: float, cost: Cost | None = None,
+                full: Cost | None = None) -> float | None:
+    """What a sub-model costs as a fraction of a node's budget (the quantity :func:`fits` bounds by
+    1): ``share / capacity`` under ``blocks``, else ``cost / (capacity * full)``; None when the
+    costs are not measured."""
+    if measure_name == "blocks":
+        return share / capacity
+    if cost is None or full is None:
+        return None
+    return cost.of(measure_name) / (capacity * full.of(measure_name))
+
+
 def measure(model: torch.nn.Module, image_size: int | tuple[int, int], in_channels: int) -> Cost:
     """FLOPs (forward + backward, per sample, in training mode) and parameters of ``model``,
     counted on the meta device (``model`` should live there: nothing is computed)."""
@@ -138,11 +150,20 @@ class CostModel:
         return _cost(sliced_spec(self.spec, rate), self.image_size)
 
     def max_rate(self, capacity: float, measure_name: str, rates: Sequence[float] = WIDTH_RATES) -> float:
-        """The largest of ``rates`` whose sliced model fits the budget (at least the smallest);
-        ``blocks``: the largest rate not above the capacity."""
-        ordered = sorted(rates, reverse=True)
-        for rate in ordered:
-            cost = None if measure_name == "blocks" else self.width_cost(rate)
-            if fits(capacity, measure_name, rate, cost, self.full):
-                return rate
-        return ordered[-1]
+        """The largest of ``rates`` whose sliced model fits the budget (:func:`fits`; at least the
+        smallest); ``blocks``: the largest rate not above the capacity. A bisection: the cost grows
+        with the width, so a long list (every channel count) costs a few measurements."""
+        ordered = sorted(set(rates), reverse=True)
+
+        def fit(rate: float) -> bool:
+            return fits(capacity, measure_name, rate, None if measure_name == "blocks" else self.width_cost(rate),
+                        self.full)
+
+        low, high = 0, len(ordered) - 1  # the first rate that fits is in ordered[low..high], else the last
+        while low < high:
+            middle = (low + high) // 2
+            if fit(ordered[middle]):
+                high = middle
+            else:
+                low = middle + 1
+        return ordered[low]

@@ -18,6 +18,7 @@ generator handed on for dealing stays seeded.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from logging import INFO, WARNING
 
 import numpy as np
@@ -41,6 +42,10 @@ def sample_positions(count: int, fraction: float, min_nodes: int, rng: np.random
     return sorted(int(i) for i in rng.choice(count, size=size, replace=False))
 
 
+DYNAMIC_STREAM = 104_729
+"""Dynamic capacities are drawn from their own stream of the seed (not the sampling draw's)."""
+
+
 class NodeSampler:
     """Sample ``max(int(n * fraction), min_nodes)`` of the n connected nodes per round.
 
@@ -58,11 +63,19 @@ class NodeSampler:
         Seconds to wait for nodes to report their partition id.
     secret : bool
         Draw the sample from OS entropy (not from the seed): a secret sample.
+    dynamic_profile : sequence of float, optional
+        ``capacity-mode='dynamic'``: every round, each sampled node's capacity is drawn anew from
+        these values (each equally likely), from a generator of (seed, round, the node's stable key)
+        alone, so it does not depend on which other nodes were sampled. None: each node keeps the
+        capacity it reported.
     """
 
     def __init__(self, *, fraction: float, min_nodes: int, min_available_nodes: int, seed: int,
-                 query_timeout: float = 120.0, secret: bool = False) -> None:
+                 query_timeout: float = 120.0, secret: bool = False,
+                 dynamic_profile: Sequence[float] | None = None) -> None:
         self.secret = secret
+        self.dynamic_profile = tuple(dynamic_profile) if dynamic_profile else None
+        self._round_capacity: dict[int, float] = {}
         self._secret_rng = secure_numpy_generator() if secret else None
         self.fraction = fraction
         self.min_nodes = min_nodes
@@ -81,10 +94,22 @@ class NodeSampler:
         ordered = self.stable_order(grid, self._wait_for_nodes(grid))
         rng = round_rng(self.seed, run_round)
         picked = sample_positions(len(ordered), self.fraction, self.min_nodes, self._secret_rng or rng)
-        return [ordered[i] for i in picked], len(ordered), rng
+        sampled = [ordered[i] for i in picked]
+        if self.dynamic_profile:
+            self._round_capacity = {n: self.drawn_capacity(n, run_round) for n in sampled}
+        return sampled, len(ordered), rng
+
+    def drawn_capacity(self, node_id: int, run_round: int) -> float:
+        """``capacity-mode='dynamic'``: ``node_id``'s capacity in ``run_round``, drawn from the profile."""
+        key = self.key(node_id).encode()
+        draw = np.random.default_rng([int(self.seed), int(run_round), DYNAMIC_STREAM, *key])
+        return float(self.dynamic_profile[int(draw.integers(len(self.dynamic_profile)))])
 
     def capacity(self, node_id: int) -> float:
-        """The capacity a node reported (the fraction of the blocks it can train), else 1.0."""
+        """The capacity of a node this round: drawn for the round (``capacity-mode='dynamic'``), else
+        the one it reported (the fraction of its budget it can train), else 1.0."""
+        if node_id in self._round_capacity:
+            return self._round_capacity[node_id]
         return self._capacity.get(node_id, 1.0)
 
     def key(self, node_id: int) -> str:

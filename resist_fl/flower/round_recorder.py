@@ -306,7 +306,7 @@ class RoundRecorder:
             rows.append({
                 "round": run_round, "strategy": self.label, "node": node,
                 "partition": sampler.partition(node), "capacity": capacity,
-                "max-blocks": limit, "blocks": blocks, "over-capacity": int(over),
+                "max-blocks": limit, "blocks": blocks, "over-capacity": int(over), "budget-used": sent.budget_used,
                 "flops-per-sample": sent.flops_per_sample, "params": sent.params, "width-rate": sent.width_rate,
                 "bytes-down": traffic.bytes_down.get(node, 0), "bytes-up": traffic.bytes_up.get(node, 0),
                 "status": "accepted" if reply else "no-valid-reply",

@@ -42,6 +42,9 @@ class NodeReport:
     """The share of its update merged over fewer than the exposure threshold of nodes."""
     epsilon: float | None = None
     """Under central DP: its epsilon so far (the rounds it was sent a model in)."""
+    budget_used: float | None = None
+    """What it was sent costs, as a fraction of its budget under ``capacity-measure`` (above 1:
+    over capacity)."""
 
 
 @dataclass(frozen=True)

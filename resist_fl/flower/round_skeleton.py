@@ -39,7 +39,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from resist_fl.core.aggregation import merge_partial, server_step, update_weights
 from resist_fl.core.decomposition import round_rng
 from resist_fl.core.holders import exposure, too_few_holders
-from resist_fl.core.model_cost import Cost, CostModel, fits
+from resist_fl.core.model_cost import Cost, CostModel, budget_used, fits
 from resist_fl.core.transport import encode_array
 from resist_fl.flower.array_codec import array_of, array_view, with_arrays
 from resist_fl.flower.message_keys import RUN_ROUND, SERVER_ROUND, TRANSPORT
@@ -54,7 +54,7 @@ from resist_fl.flower.reply_screening import (
     too_few_replies,
 )
 from resist_fl.flower.round_report import NodeReport, RoundReport
-from resist_fl.run.settings import RunSettings
+from resist_fl.run.settings import RunSettings, parse_profile
 
 MIN_TRAIN_SECONDS = 1e-3
 """Shortest training time a speed is computed from (a subnormal claim cannot make it infinite)."""
@@ -148,9 +148,12 @@ class SubModelStrategy(Strategy):
                              "model); pass costs or set capacity_measure='blocks'")
         self.settings, self.costs = settings, costs
         self.keys = None if keys is None else tuple(keys)
+        dynamic = settings.capacity_mode == "dynamic"
         self.sampler = NodeSampler(fraction=settings.fraction_train, min_nodes=settings.min_train_nodes,
                                    min_available_nodes=settings.min_available_nodes, seed=settings.seed,
-                                   secret=settings.dp == "central" and settings.dp_sampling == "secret")
+                                   secret=settings.dp == "central" and settings.dp_sampling == "secret",
+                                   dynamic_profile=parse_profile("capacity-profile", settings.capacity_profile,
+                                                                 low=0.0, high=1.0) if dynamic else None)
         self.transport = settings.transport_dtype
         self.private = settings.dp != "none"  # DP replies carry no loss or times
         self.min_holders = settings.privacy_min_holders
@@ -361,15 +364,15 @@ class SubModelStrategy(Strategy):
     def node_report(self, node: int) -> NodeReport:
         """What ``node`` was sent, its reply, what that cost and whether it fit its budget."""
         plan = self.plans[node]
-        capacity = self.sampler.capacity(node)
-        measured = self.settings.capacity_measure != "blocks"
-        over = None if measured and plan.cost is None else \
-            not fits(capacity, self.settings.capacity_measure, plan.share, plan.cost,
-                     self.costs.full if self.costs is not None else None)
+        capacity, measure = self.sampler.capacity(node), self.settings.capacity_measure
+        full = self.costs.full if self.costs is not None else None
+        over = None if measure != "blocks" and plan.cost is None else \
+            not fits(capacity, measure, plan.share, plan.cost, full)
         low, share = self.last_exposure.get(node, (None, None))
         return NodeReport(plan.blocks, self.last_replies.get(node, {}), self.speeds.get(node), self.max_blocks(node),
                           over, plan.cost.flops if plan.cost else None, plan.cost.params if plan.cost else None,
-                          plan.width_rate, min_holders=low, exposed_fraction=share)
+                          plan.width_rate, min_holders=low, exposed_fraction=share,
+                          budget_used=budget_used(capacity, measure, plan.share, plan.cost, full))
 
     # -- federated evaluation ---------------------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

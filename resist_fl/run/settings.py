@@ -38,6 +38,9 @@ LR_SCHEDULES = ("step", "cosine", "constant")
 DP_MODES = ("none", "central", "local")
 DP_SAMPLING = ("public", "secret")
 DEVICES = ("auto", "cpu", "cuda")
+CAPACITY_MODES = ("fixed", "dynamic")
+CHANNELS = "channels"
+"""``width-rates``: every channel count (each node's largest width within its budget)."""
 MODELS = (*PRESET_DEPTHS, *TORCHVISION_DEPTHS)
 
 
@@ -125,10 +128,12 @@ class RunSettings(BaseModel):
         description="blocks per node: `uniform` (equal depths, the paper), `capacity` (in proportion to node capacity), `speed` (in proportion to measured blocks per second); always within each node's capacity ([Heterogeneous clients](heterogeneous.md#heterogeneous-clients-capacities-stragglers-link-speeds))")
     capacity_measure: Literal[CAPACITY_MEASURES] = Field('flops',
         description="what a node's capacity is a fraction of: `flops` (forward + backward FLOPs per sample of what it is sent, measured), `params`, or `blocks` (ResIST's partitionable blocks); every method gives a node the largest sub-model of its kind within it")
-    width_rates: Str = Field('1,0.5,0.25,0.125,0.0625',
-        description="`heterofl` / `fedrolex` / `fjord`: the width rates a node may get (the largest that fits its capacity; FjORD samples among those at or below it)")
+    width_rates: Str = Field('channels',
+        description="`heterofl` / `fedrolex` / `fjord` / `fedavg-small`: the widths a node may get, the largest whose measured cost fits its capacity (FjORD samples among those at or below it): `channels` (every channel count of the first stage, 1 .. `base-width`: each node's full budget, within a relative tolerance of 1e-9) or rates in (0, 1] separated by commas (HeteroFL's grid: `1,0.5,0.25,0.125,0.0625`)")
     capacity_profile: Str = Field('',
         description="simulation: node capacities in (0, 1] by partition id, cycled, e.g. `\"1.0,0.5,0.25,0.25\"` (a node's own `capacity` node config wins; none: 1.0)")
+    capacity_mode: Literal[CAPACITY_MODES] = Field('fixed',
+        description="`fixed`: a node keeps its capacity (node config, else its `capacity-profile` entry); `dynamic`: the server draws every sampled node's capacity anew each round from `capacity-profile` (each entry equally likely; reproducible from `seed`, round and partition), HeteroFL's and FedRolex's dynamic setting")
     slowdown_profile: Str = Field('',
         description="simulation: training slowdown factors >= 1 by partition id, cycled (a simulated straggler sleeps the extra time, reported as `simulated-seconds`)")
     eval_depths: Str = Field('',
@@ -224,6 +229,9 @@ class RunSettings(BaseModel):
     @model_validator(mode="after")
     def _cross_key_rules(self) -> "RunSettings":
         parse_profile("capacity-profile", self.capacity_profile, low=0.0, high=1.0)
+        if self.capacity_mode == "dynamic" and not self.capacity_profile:
+            raise SettingsError("capacity-mode = 'dynamic': the server draws capacities from capacity-profile, which is "
+                                "empty; set capacity-profile, e.g. \"1.0,0.5,0.25\"")
         parse_profile("slowdown-profile", self.slowdown_profile, low=1.0)
         self.depth_percents()
         if self.min_train_nodes > self.min_available_nodes:
@@ -324,14 +332,16 @@ class RunSettings(BaseModel):
                          base_width=self.base_width, norm=self.norm, stem=self.stem)
 
     def rates(self) -> tuple[float, ...]:
-        """``width-rates`` as numbers in (0, 1], largest first."""
+        """``width-rates`` as numbers in (0, 1], largest first (``channels``: every ``w / base-width``)."""
+        if self.width_rates == CHANNELS:
+            return tuple(width / self.base_width for width in range(self.base_width, 0, -1))
         try:
             rates = tuple(sorted({float(r) for r in self.width_rates.split(",")}, reverse=True))
         except ValueError:
             rates = ()
         if not rates or any(not 0 < r <= 1 for r in rates):
-            raise SettingsError(f"width-rates = {self.width_rates!r}: expected numbers in (0, 1] separated by commas, "
-                                "e.g. '1,0.5,0.25'")
+            raise SettingsError(f"width-rates = {self.width_rates!r}: expected {CHANNELS!r} or numbers in (0, 1] "
+                                "separated by commas, e.g. '1,0.5,0.25'")
         return rates
 
     def depth_percents(self) -> tuple[int, ...]:

@@ -1,0 +1,100 @@
+"""Issue 33 item 3: every width method at its full budget (the largest channel count that fits), the
+budget each node used in nodes.jsonl, and dynamic capacities (HeteroFL's / FedRolex's setting)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from resist_fl.core.decomposition import BlockLayout
+from resist_fl.core.model import ModelSpec
+from resist_fl.core.model_cost import CostModel
+from resist_fl.run.outputs import read_metrics
+from resist_fl.run.settings import RunSettings, SettingsError
+from simulations.inprocess import run_inprocess
+
+SPEC = ModelSpec(depths=(1, 1, 2, 1), base_width=8, num_classes=10, in_channels=1)
+COSTS = CostModel(SPEC, BlockLayout.from_spec(SPEC), 8)
+CHANNELS = RunSettings(width_rates="channels", base_width=8).rates()
+
+
+@settings(max_examples=40, deadline=None)
+@given(capacity=st.floats(0.001, 1.0), measure=st.sampled_from(["flops", "params", "blocks"]))
+def test_the_width_chosen_for_a_budget_is_the_largest_channel_count_that_fits(capacity, measure):
+    """Against a brute-force search over every channel count of the first stage (1 .. 8)."""
+    assert CHANNELS == tuple(w / 8 for w in range(8, 0, -1))
+    chosen = COSTS.max_rate(capacity, measure, CHANNELS)
+    if measure == "blocks":
+        fitting = [r for r in CHANNELS if r <= capacity + 1e-9]
+    else:
+        budget = capacity * COSTS.full.of(measure) * (1 + 1e-9)
+        fitting = [r for r in CHANNELS if COSTS.width_cost(r).of(measure) <= budget]
+    assert chosen == (max(fitting) if fitting else min(CHANNELS))
+
+
+def test_width_rates_channels_and_its_errors():
+    assert RunSettings(width_rates="1,0.5").rates() == (1.0, 0.5)
+    with pytest.raises(SettingsError, match="width-rates = 'all': expected 'channels' or numbers"):
+        RunSettings.from_run_config({"width-rates": "all"})
+
+
+def _nodes(config: dict, num_nodes: int) -> list[dict]:
+    run_inprocess(config, num_nodes=num_nodes)
+    return read_metrics(Path(config["output-dir"]) / config["run-name"], "nodes.jsonl")
+
+
+def test_budget_used_in_nodes_jsonl_is_the_flops_sent_over_the_nodes_budget(tiny_config):
+    tiny_config.update({"strategy": "heterofl", "model": "preact_resnet18", "capacity-profile": "1.0,0.5,0.3",
+                        "capacity-measure": "flops", "width-rates": "channels", "num-server-rounds": 1,
+                        "local-steps": 1})
+    rows = _nodes(tiny_config, 3)
+    run_dir = Path(tiny_config["output-dir"]) / tiny_config["run-name"]
+    recorded = json.loads((run_dir / "run_config.json").read_text())
+    spec = ModelSpec.from_dict(recorded["model_spec"])
+    costs = CostModel(spec, BlockLayout.from_spec(spec, (3,)), tuple(recorded["data"]["image-shape"][1:]))
+    assert len(rows) == 3
+    for row in rows:
+        assert row["budget-used"] == pytest.approx(row["flops-per-sample"] / (row["capacity"] * costs.full.flops))
+        assert row["budget-used"] <= 1 + 1e-9 and row["over-capacity"] == 0
+        wider = round(row["width-rate"] * spec.base_width) + 1  # one more channel would not fit
+        if wider <= spec.base_width:
+            assert costs.width_cost(wider / spec.base_width).flops > row["capacity"] * costs.full.flops
+
+
+def test_dynamic_capacities_change_per_round_and_follow_the_seed(tiny_config):
+    tiny_config.update({"strategy": "resist", "capacity-profile": "1.0,0.5,0.25", "capacity-mode": "dynamic",
+                        "capacity-measure": "blocks", "num-server-rounds": 4, "local-steps": 1, "eval-every": 4})
+    first = [(r["round"], r["partition"], r["capacity"]) for r in _nodes(tiny_config, 3)]
+    again = [(r["round"], r["partition"], r["capacity"]) for r in _nodes({**tiny_config, "run-name": "again"}, 3)]
+    other = [(r["round"], r["partition"], r["capacity"]) for r in _nodes({**tiny_config, "run-name": "other",
+                                                                          "seed": 5}, 3)]
+    assert first == again and first != other
+    by_partition = {}
+    for _, partition, capacity in first:
+        by_partition.setdefault(partition, set()).add(capacity)
+    assert any(len(c) > 1 for c in by_partition.values())  # redrawn across rounds
+    assert {c for _, _, c in first} <= {1.0, 0.5, 0.25}
+    with pytest.raises(SettingsError, match="capacity-mode = 'dynamic'"):
+        RunSettings.from_run_config({"capacity-mode": "dynamic"})
+
+
+def test_the_report_gives_the_budget_used_per_capacity_class_where_runs_recorded_it(tmp_path):
+    from simulations.node_costs import node_cost_lines, node_summary
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"round": 1, "capacity": c, "blocks": 4, "bytes-down": 10, "bytes-up": 10, "budget-used": b,
+             "over-capacity": int(b > 1)} for c, b in ((1.0, 0.98), (0.25, 0.9), (0.25, 0.7), (0.1, 2.25))]
+    (run / "nodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = node_summary([run])
+    assert summary["budget-by-capacity"] == pytest.approx({1.0: 0.98, 0.25: 0.8, 0.1: 2.25})
+    lines = node_cost_lines({"heterofl": summary})
+    assert "mean budget used by capacity" in lines[0] and "1: 0.98, 0.25: 0.80, 0.1: 2.25" in lines[2]
+    for row in rows:
+        del row["budget-used"]
+    (run / "nodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert "budget used" not in node_cost_lines({"heterofl": node_summary([run])})[0]  # older runs: as before
