@@ -56,6 +56,7 @@ def baselines_block(name: str) -> list[str]:
     """Final accuracy, traffic, time to the preset's target and node-rounds over capacity per method."""
     runs_dir, manifest, groups = _groups(name)
     target, _ = report.preset_target(groups, manifest)
+    paired = {(r["variant"], r["strategy"]): r for r in report.paired_rows(groups)}
     rows = []
     for (variant, strategy), runs in groups.items():
         stats = report.group_stats(variant, strategy, runs, target)
@@ -64,6 +65,11 @@ def baselines_block(name: str) -> list[str]:
                      f"{stats.reached}/{stats.seeds}", report.num(stats.rounds[0], 1),
                      report.num(stats.bytes_per_round / 1e6, 2),
                      f"{costs.get('over-capacity', 0)} / {costs.get('node-rounds', 0)}"])
+        if paired:
+            found = paired.get((variant, strategy))
+            interval = "" if found is None else f"[{found['low']:+.4f}, {found['high']:+.4f}]"
+            rows[-1].append("reference (its variant)" if strategy == report.REFERENCE else "-" if found is None else
+                            f"**{found['verdict']}** ({found['mean']:+.4f}, {interval})")
     rows.sort(key=lambda r: -float(r[1].split(" ")[0]))
     first = report.read_json(runs_dir / next(iter(groups.values()))[0].name / CONFIG_FILE)
     seeds = len(next(iter(groups.values())))
@@ -78,9 +84,12 @@ def baselines_block(name: str) -> list[str]:
         source = (f"Stage depths {'-'.join(map(str, spec.depths))}, partitioned stage(s) {','.join(map(str, stages))}: "
                   f"ResIST's smallest sub-network costs {100 * costs.floor_fraction():.1f} % of the full model's "
                   f"training FLOPs (the smallest budget is {100 * min(capacities):g} %). " + source)
-    return [source, "",
-            *report.table(["method", "final accuracy", "reached target", "rounds to target", "MB / round",
-                           "node-rounds over capacity"], rows)]
+    head = ["method", "final accuracy", "reached target", "rounds to target", "MB / round", "node-rounds over capacity",
+            *(["vs ResIST: paired difference, 95 % interval"] if paired else [])]
+    note = ["", "The last column is the report's paired rule (method minus ResIST of the same variant per seed, "
+            "paired-t 95 % interval: wins above 0, loses below, ties across; simulations/paired_stats.py)."] \
+        if paired else []
+    return [source, "", *report.table(head, rows), *note]
 
 
 def allocation_block(name: str, bandwidths: Sequence[float] = (10, 100)) -> list[str]:

@@ -46,6 +46,7 @@ from resist_fl.run.outputs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_
 from resist_fl.run.methods import LABELS  # the method table's labels
 from simulations.machine import describe_machine, machine_line
 from simulations.privacy_report import privacy_lines
+from simulations.paired_stats import LEVEL, paired
 from simulations.node_costs import (
     DEFAULT_BANDWIDTHS,
     link_time_lines,
@@ -346,6 +347,37 @@ def ratio_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
                          num(r["rounds"]), num(r["gb"]), num(r["seconds"])] for r in rows])
 
 
+REFERENCE = "resist"
+"""The method every other is compared with, seed by seed, in the report's paired table."""
+
+
+def paired_rows(groups: dict[tuple[str, str], list[Run]]) -> list[dict[str, Any]]:
+    """Each method of each variant against ResIST of that variant, paired by seed
+    (:func:`simulations.paired_stats.paired`); empty when no pair has two seeds."""
+    rows = []
+    for (variant, strategy), runs in groups.items():
+        reference = groups.get((variant, REFERENCE))
+        if strategy == REFERENCE or reference is None:
+            continue
+        found = paired({r.seed: r.curve.final_accuracy for r in runs},
+                       {r.seed: r.curve.final_accuracy for r in reference})
+        rows.append({"variant": variant, "strategy": strategy, **asdict(found)})
+    return rows if any(r["seeds"] >= 2 for r in rows) else []
+
+
+def paired_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    head = ["variant", "method", "paired seeds", "mean difference in final accuracy (method - ResIST)",
+            f"{LEVEL:.0%} interval (paired t)", "method vs ResIST"]
+    body = [[r["variant"], LABELS.get(r["strategy"], r["strategy"]), str(r["seeds"]), f"{r['mean']:+.4f}",
+             "-" if math.isnan(r["low"]) else f"[{r['low']:+.4f}, {r['high']:+.4f}]", f"**{r['verdict']}**"]
+            for r in rows]
+    return ["## Paired comparison with ResIST", "", *table(head, body), "",
+            "Per seed, the method's final accuracy minus ResIST's on the same seed (same partition, initial "
+            "model and node sampling); the interval is mean ± t(0.975, n - 1) x sd / sqrt(n). The word follows "
+            "from it alone: **wins** when the whole interval is above 0, **loses** when below, **ties** when it "
+            "contains 0, **n/a** with fewer than two paired seeds (simulations/paired_stats.py).", ""]
+
+
 def paper_lines(paper: dict[str, float], stats: Sequence[GroupStats]) -> list[str]:
     measured = {s.strategy: s for s in stats if s.variant == MAIN_VARIANT}
     rows = []
@@ -465,7 +497,7 @@ def distinct_label_plots(runs_dir: Path) -> list[Path]:
 
 def render(manifest: dict[str, Any], stats: Sequence[GroupStats], ratio_rows: Sequence[dict[str, Any]],
            target: float | None, target_text: str, plots: Sequence[Path], extra: Sequence[str] = (),
-           label_plots: Sequence[Path] = ()) -> str:
+           label_plots: Sequence[Path] = (), paired_table: Sequence[dict[str, Any]] = ()) -> str:
     """The whole ``report.md``."""
     machine = manifest.get("machine") or describe_machine()
     strategies = sorted({s.strategy for s in stats})
@@ -494,6 +526,8 @@ def render(manifest: dict[str, Any], stats: Sequence[GroupStats], ratio_rows: Se
     if ratio_rows:
         lines += ["## ResIST / FedAvg", "", *ratio_lines(ratio_rows), "",
                   "Below 1 means ResIST needs less (or, for accuracy, reaches less).", ""]
+    if paired_table:
+        lines += paired_lines(paired_table)
     if manifest.get("paper"):
         lines += paper_lines(manifest["paper"], stats)
     lines += list(extra)
@@ -519,6 +553,7 @@ def build_report(runs_dir: Path, target_accuracy_value: float | None = None,
     target, target_text = preset_target(groups, manifest, target_accuracy_value, target_fraction)
     stats = [group_stats(v, s, runs, target) for (v, s), runs in groups.items()]
     ratio_rows = ratios(stats)
+    paired_table = paired_rows(groups)
     title = f"{manifest.get('preset', runs_dir.name)}: mean ± std over seeds"
     plots = [plot(groups, x, runs_dir / name, title, target) for x, (name, _) in PLOTS.items()] if groups else []
     extra, extra_plots, extra_json = node_lines(runs_dir, groups, bandwidths, target)
@@ -527,11 +562,11 @@ def build_report(runs_dir: Path, target_accuracy_value: float | None = None,
     extra_plots, extra_json = extra_plots + privacy_plots, {**extra_json, **privacy_json}
     write_json(runs_dir / REPORT_JSON, finite({"target": target, "target-rule": target_text,
                                                "groups": [asdict(s) for s in stats], "ratios": ratio_rows,
-                                               **extra_json}))
+                                               **({"paired": paired_table} if paired_table else {}), **extra_json}))
     path = runs_dir / REPORT_FILE
     label_plots = distinct_label_plots(runs_dir)
-    path.write_text(render(manifest, stats, ratio_rows, target, target_text, plots + extra_plots, extra, label_plots),
-                    encoding="utf-8")
+    path.write_text(render(manifest, stats, ratio_rows, target, target_text, plots + extra_plots, extra, label_plots,
+                           paired_table), encoding="utf-8")
     return path
 
 

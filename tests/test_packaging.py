@@ -11,7 +11,7 @@ from pathlib import Path
 from flwr.cli import build
 
 ROOT = Path(__file__).resolve().parents[1]
-NOT_THE_PRODUCT = ("docs/", "tests/", "simulations/", "benchmarks/", "deploy/", "examples/", "conf/")
+NOT_THE_PRODUCT = ("docs/", "tests/", "simulations/", "benchmarks/", "deploy/", "examples/")
 
 
 def test_the_fab_holds_the_apps_and_not_the_results_docs_or_tests():
