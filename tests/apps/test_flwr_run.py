@@ -14,6 +14,7 @@ from flwr.common.config import parse_config_args
 
 from resist_fl.flower.round_recorder import PRIVATE_DROPPED
 from resist_fl.run.cli_config import render_config, toml_value
+from resist_fl.run.methods import METHODS
 from resist_fl.run.outputs import SUMMARY_FILE, read_metrics
 from simulations.launcher import LaunchResult, marked_pids, run_flwr
 
@@ -25,17 +26,17 @@ TINY = {"dataset": "synthetic", "stage-depths": "1,1,4,1", "base-width": 8, "loc
         "lr-schedule": "constant", "batch-size": 32, "num-server-rounds": ROUNDS, "eval-batch-size": 250,
         "min-train-nodes": 3, "min-available-nodes": 3}
 HETERO = {"capacity-profile": "1.0,0.5,0.25"}
-CASES = {"resist": {"strategy": "resist"}, "fedavg": {"strategy": "fedavg"}, "bad": {"strategy": "fedprox"},
-         "heterofl": {"strategy": "heterofl", **HETERO}, "depth-tiers": {"strategy": "depth-tiers", **HETERO},
-         "fedrolex": {"strategy": "fedrolex", **HETERO}, "fjord": {"strategy": "fjord", **HETERO},
-         "fedavg-small": {"strategy": "fedavg-small", **HETERO},
+METHOD_NAMES = list(METHODS)  # every method of the registry runs through the real engine
+CASES = {**{name: {"strategy": name, **({} if name in ("resist", "fedavg") else HETERO)} for name in METHOD_NAMES},
+         "bad": {"strategy": "fedprox"},
+         "heterofl-central-dp": {"strategy": "heterofl", **HETERO, "dp": "central", "weighting": "uniform",
+                                 "dp-clip": 0.5, "dp-noise-multiplier": 0.5},
          "resist-central-dp": {"strategy": "resist", "dp": "central", "weighting": "uniform", "dp-clip": 0.5,
                                "dp-noise-multiplier": 0.5, "privacy-min-holders": 2, "dp-clip-quantile": 0.5,
                                "dp-clip-count-noise": 5.0},
          "fedavg-central-secret": {"strategy": "fedavg", "dp": "central", "weighting": "uniform", "dp-clip": 0.5,
                                    "dp-noise-multiplier": 0.5, "dp-sampling": "secret"},
          "fedavg-local-dp": {"strategy": "fedavg", "dp": "local", "norm": "groupnorm", "local-steps": 4}}
-SUB_MODELS = ["heterofl", "depth-tiers", "fedrolex", "fjord", "fedavg-small"]
 RUN_NAMES = {"fedavg": "fedavg it's \"quoted\""}  # both quote kinds: the launcher's TOML file carries them
 
 pytestmark = pytest.mark.slow  # the real flwr run engine (about 45 s)
@@ -54,7 +55,7 @@ def launches(tmp_path_factory) -> dict[str, LaunchResult]:
         return {case: future.result() for case, future in futures.items()}
 
 
-@pytest.mark.parametrize("strategy", ["resist", "fedavg", *SUB_MODELS])
+@pytest.mark.parametrize("strategy", METHOD_NAMES)
 def test_run_finishes_with_every_round(launches, strategy):
     result = launches[strategy]
     assert result.success, f"{result.reason}\n{result.log_path.read_text()[-3000:]}"
@@ -122,23 +123,26 @@ def test_unrenderable_values_are_refused():
 
 
 def test_the_sub_model_baselines_respect_every_nodes_budget(launches):
-    """Through the real engine: HeteroFL's widths and the depth tiers follow the capacities."""
+    """Through the real engine: HeteroFL's widths (the largest channel count within each budget) and
+    the depth tiers follow the capacities."""
     heterofl = read_metrics(launches["heterofl"].run_dir, "nodes.jsonl")
-    assert sorted({(n["partition"], n["width-rate"]) for n in heterofl}) == [(0, 1.0), (1, 0.5), (2, 0.25)]
-    assert all(n["over-capacity"] == 0 and n["flops-per-sample"] > 0 for n in heterofl)
+    widths = sorted({(n["partition"], n["width-rate"]) for n in heterofl})
+    assert [p for p, _ in widths] == [0, 1, 2] and widths[0][1] == 1.0 > widths[1][1] > widths[2][1]
+    assert all(n["over-capacity"] == 0 and n["flops-per-sample"] > 0 and n["budget-used"] <= 1 for n in heterofl)
     tiers = read_metrics(launches["depth-tiers"].run_dir, "nodes.jsonl")
     assert {n["strategy"] for n in tiers} == {"depth-tiers"} and all(n["status"] == "accepted" for n in tiers)
     for strategy in ("fedrolex", "fjord"):
         rows = read_metrics(launches[strategy].run_dir, "nodes.jsonl")
-        assert sorted({(n["partition"], n["width-rate"]) for n in rows}) == [(0, 1.0), (1, 0.5), (2, 0.25)]
-    small = read_metrics(launches["fedavg-small"].run_dir, "nodes.jsonl")
-    assert {n["width-rate"] for n in small} == {0.25} and all(n["over-capacity"] == 0 for n in small)
+        assert sorted({(n["partition"], n["width-rate"]) for n in rows}) == widths
+    small = read_metrics(launches["fedavg-small"].run_dir, "nodes.jsonl")  # the weakest node's width, for all
+    assert {n["width-rate"] for n in small} == {widths[2][1]} and all(n["over-capacity"] == 0 for n in small)
 
 
 def test_central_and_local_dp_through_the_real_engine(launches):
     """Central DP with two holders per block and adaptive clipping (ResIST), with a secret sample
-    (FedAvg), and Opacus DP-SGD (FedAvg) under flwr run: epsilon accounted, nothing unnoised written."""
-    for case in ("resist-central-dp", "fedavg-central-secret", "fedavg-local-dp"):
+    (FedAvg), over a width method (HeteroFL, through the same wrapper), and Opacus DP-SGD (FedAvg)
+    under flwr run: epsilon accounted, nothing unnoised written."""
+    for case in ("resist-central-dp", "fedavg-central-secret", "fedavg-local-dp", "heterofl-central-dp"):
         assert launches[case].success, f"{launches[case].reason}\n{launches[case].log_path.read_text()[-3000:]}"
     rows = read_metrics(launches["resist-central-dp"].run_dir)
     assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
@@ -153,6 +157,9 @@ def test_central_and_local_dp_through_the_real_engine(launches):
     assert read_metrics(secret)[-1]["epsilon"] > 0
     local = read_metrics(launches["fedavg-local-dp"].run_dir, "nodes.jsonl")
     assert len(local) == 3 * ROUNDS and all(n["status"] == "accepted" and n["dp-epsilon"] > 0 for n in local)
-    for case in ("resist-central-dp", "fedavg-central-secret", "fedavg-local-dp"):
+    hetero = read_metrics(launches["heterofl-central-dp"].run_dir)
+    assert [r["round"] for r in hetero] == list(range(1, ROUNDS + 1)) and hetero[-1]["epsilon"] > 0
+    assert {n["width-rate"] for n in read_metrics(launches["heterofl-central-dp"].run_dir, "nodes.jsonl")} != {1.0}
+    for case in ("resist-central-dp", "fedavg-central-secret", "fedavg-local-dp", "heterofl-central-dp"):
         for row in read_metrics(launches[case].run_dir):
             assert not set(PRIVATE_DROPPED) & set(row), case
