@@ -49,6 +49,7 @@ def test_a_batch_at_width_p_is_the_nested_sub_model(rate):
 @pytest.mark.slow  # six rounds of 20 steps on three nodes
 def test_fjord_end_to_end_on_real_digits(tiny_config, digits_npz):
     tiny_config.update({"strategy": "fjord", "capacity-profile": "1.0,0.5,0.25", "min-train-nodes": 3,
+                        "width-rates": "1,0.5,0.25,0.125,0.0625",  # HeteroFL's grid: the widths below
                         "min-available-nodes": 3, "dataset": "npz", "data-path": digits_npz, "local-steps": 20,
                         "batch-size": 32, "num-server-rounds": 6, "eval-batch-size": 360})
     grid = run_inprocess(tiny_config, num_nodes=3)

@@ -20,7 +20,8 @@ from resist_fl.flower.width_sliced import WIDTH_RATE, WIDTH_SCALER
 from resist_fl.run.outputs import read_metrics
 from simulations.inprocess import run_inprocess
 
-HETERO = {"capacity-profile": "1.0,0.5,0.25", "min-train-nodes": 3, "min-available-nodes": 3}
+GRID = "1,0.5,0.25,0.125,0.0625"  # HeteroFL's own width grid (the full-budget default: tests/flower/test_budgets.py)
+HETERO = {"capacity-profile": "1.0,0.5,0.25", "min-train-nodes": 3, "min-available-nodes": 3, "width-rates": GRID}
 SPEC = ModelSpec(depths=(1, 1, 4, 1), base_width=8, num_classes=10)  # the tiny config's model
 
 
