@@ -8,6 +8,7 @@ knows (blocks, transport, run round) and the data shape the server's data set gi
 
 from __future__ import annotations
 
+import os
 import time
 from functools import lru_cache
 from logging import INFO
@@ -172,8 +173,10 @@ def train_handler(msg: Message, context: Context) -> Message:
 
 @lru_cache(maxsize=4)
 def _announce_precision(device: torch.device, amp: bool) -> None:
-    """Log once per process what this node trains in (``bf16 autocast`` or ``fp32``) and where."""
-    log(INFO, "resist-fl node: training on %s in %s", device, precision(amp))
+    """Log once per process what this node trains in (``bf16 autocast`` or ``fp32``), where, and with
+    how many CPU threads (a simulation's Ray actor is given as many as ``client-resources-num-cpus``)."""
+    log(INFO, "resist-fl node: training on %s in %s, %d torch CPU thread(s) (OMP_NUM_THREADS=%s)", device,
+        precision(amp), torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS", "unset"))
 
 
 @app.evaluate()
