@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from logging import ERROR, INFO
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context
 from flwr.common import log
@@ -40,8 +41,9 @@ class CentralEvaluation:
     global model's first ``r x C`` channels, as HeteroFL evaluates its tiers."""
 
     def __init__(self, settings: RunSettings, spec: ModelSpec, layout: BlockLayout, test_loader: EvalBatches,
-                 width_rates: set[float] | None = None) -> None:
+                 width_rates: set[float] | None = None, subset_loader: EvalBatches | None = None) -> None:
         self.settings, self.spec, self.layout, self.test_loader = settings, spec, layout, test_loader
+        self.subset_loader = subset_loader  # eval-subset: intermediate rounds (None: the whole test set)
         self.width_rates = width_rates if width_rates is not None else set()
         self.sliced: dict[float, torch.nn.Module] = {}  # width-tier evaluation models, by rate
         self.device = resolve_device(settings.device)
@@ -50,8 +52,10 @@ class CentralEvaluation:
 
     def __call__(self, run_round: int, state: dict[str, torch.Tensor]) -> dict[str, float]:
         self.model.load_state_dict(state)
-        loss, accuracy = evaluate(self.model, self.test_loader, self.device, self.settings.amp)
-        metrics = {"loss": loss, "accuracy": accuracy}
+        final = run_round >= self.settings.num_server_rounds or self.subset_loader is None
+        loader = self.test_loader if final else self.subset_loader
+        loss, accuracy = evaluate(self.model, loader, self.device, self.settings.amp)
+        metrics = {"loss": loss, "accuracy": accuracy, "eval-images": len(loader.data)}
         for percent in self.settings.depth_percents():
             metrics[f"accuracy-depth-{percent}"] = self.evaluate_truncated(state, percent)
         for rate in sorted(r for r in self.width_rates if r < 1):
@@ -84,9 +88,10 @@ class CentralEvaluation:
         return evaluate(model, self.test_loader, self.device, self.settings.amp)[1]
 
 
-def prepare_data(settings: RunSettings) -> tuple[ModelSpec, BlockLayout, EvalBatches, dict]:
-    """Model spec and layout (classes and channels from the data), the central test loader, and
-    what the data pipeline chose (logged, and recorded in ``run_config.json``).
+def prepare_data(settings: RunSettings) -> tuple[ModelSpec, BlockLayout, EvalBatches, dict, EvalBatches | None]:
+    """Model spec and layout (classes and channels from the data), the central test loader, what the
+    data pipeline chose (logged, and recorded in ``run_config.json``), and the loader of the
+    ``eval-subset`` images (None without one).
 
     A data set that cannot be loaded stops the run here, before round 1 and before a run
     directory exists, with the reason and what to do as the last lines the app logs.
@@ -106,7 +111,13 @@ def prepare_data(settings: RunSettings) -> tuple[ModelSpec, BlockLayout, EvalBat
         [round(m, 4) for m in stats.mean], [round(s, 4) for s in stats.std])
     loader = EvalBatches(test, settings.eval_batch_size, normalization=stats,
                               device=resolve_device(settings.device))
-    return spec, layout, loader, data
+    subset = None
+    if 0 < settings.eval_subset < len(test):  # a fixed random subset, the same every round
+        chosen = np.sort(np.random.default_rng(settings.seed).choice(len(test), settings.eval_subset, replace=False))
+        subset = EvalBatches(test.subset(chosen), settings.eval_batch_size, normalization=stats,
+                             device=resolve_device(settings.device))
+        data["eval-subset"] = settings.eval_subset
+    return spec, layout, loader, data, subset
 
 
 @app.main()
@@ -114,7 +125,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run the strategy the run config names; write everything under the run directory."""
     settings = RunSettings.from_run_config(context.run_config)
     settings.check_tracker_installed()  # a missing extra stops the run before its directory is made
-    spec, layout, test_loader, data = prepare_data(settings)
+    spec, layout, test_loader, data, subset_loader = prepare_data(settings)
     costs = CostModel(spec, layout, tuple(data["image-shape"][1:]))
     built = build(settings, ModelParts(spec, layout, costs))  # the method table's factory for `strategy`
     strategy, spec, layout = built.strategy, built.model.spec, built.model.layout
@@ -126,7 +137,8 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = run_directory(settings.output_dir, settings.run_name, settings.strategy)
     recorder = RoundRecorder(strategy, layout, run_dir, run_config=settings.to_run_config(),
                              num_rounds=settings.num_server_rounds,
-                             evaluation=CentralEvaluation(settings, spec, layout, test_loader, strategy.rates_seen),
+                             evaluation=CentralEvaluation(settings, spec, layout, test_loader, strategy.rates_seen,
+                                                          subset_loader),
                              eval_every=settings.eval_every, inference_scaling=settings.inference_scaling,
                              resume=settings.resume, label=settings.strategy,
                              target_accuracy=settings.target_accuracy, dp=settings.dp,

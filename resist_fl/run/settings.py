@@ -162,6 +162,8 @@ class RunSettings(BaseModel):
         description="evaluate the global model every N rounds (and after the last)")
     eval_batch_size: Int = Field(500, ge=1,
         description="central evaluation batch size")
+    eval_subset: Int = Field(0, ge=0,
+        description="if > 0, every evaluated round but the last evaluates the global model on this many test images (a fixed random subset drawn from `seed`), the last on the whole test set; each row's `eval-images` says which; `0`: the whole test set every time")
     target_accuracy: Float = Field(0.0, ge=0, le=1,
         description="if > 0, stop after the first evaluated round whose accuracy reaches it (`target-reached-round` in `summary.json`): time-to-target studies stop paying for rounds after the answer")
     seed: Int = Field(0, ge=0,

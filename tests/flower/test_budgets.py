@@ -98,3 +98,14 @@ def test_the_report_gives_the_budget_used_per_capacity_class_where_runs_recorded
         del row["budget-used"]
     (run / "nodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert "budget used" not in node_cost_lines({"heterofl": node_summary([run])})[0]  # older runs: as before
+
+
+def test_eval_subset_evaluates_intermediate_rounds_on_a_fixed_subset_and_the_last_on_all(tiny_config):
+    """Issue 33 item 6: per-round evaluation of a large test set costs; intermediate rounds use a fixed
+    random subset, the last round the whole test set (each row says how many images)."""
+    tiny_config.update({"eval-subset": 100, "num-server-rounds": 3, "local-steps": 1})
+    run_inprocess(tiny_config, num_nodes=2)
+    run_dir = Path(tiny_config["output-dir"]) / tiny_config["run-name"]
+    rows = read_metrics(run_dir)
+    test_size = json.loads((run_dir / "run_config.json").read_text())["data"]["test-size"]
+    assert [r["eval-images"] for r in rows] == [100, 100, test_size] and test_size > 100
