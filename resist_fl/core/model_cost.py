@@ -64,18 +64,17 @@ def fits(capacity: float, measure_name: str, share: float, cost: Cost | None = N
     rate; 1 for the full model) is at most ``capacity``; ``flops`` / ``params``: its ``cost`` is at
     most ``capacity`` times the ``full`` model's.
     """
-    if measure_name == "blocks":
-        return share <= capacity + BUDGET_TOLERANCE
-    if cost is None or full is None:
+    used = budget_used(capacity, measure_name, share, cost, full)
+    if used is None:
         raise ValueError(f"capacity-measure = {measure_name!r}: needs the measured costs (a CostModel)")
-    return cost.of(measure_name) <= capacity * full.of(measure_name) * (1 + BUDGET_TOLERANCE)
+    return used <= 1 + BUDGET_TOLERANCE
 
 
 def budget_used(capacity: float, measure_name: str, share: float, cost: Cost | None = None,
                 full: Cost | None = None) -> float | None:
-    """What a sub-model costs as a fraction of a node's budget (the quantity :func:`fits` bounds by
-    1): ``share / capacity`` under ``blocks``, else ``cost / (capacity * full)``; None when the
-    costs are not measured."""
+    """What a sub-model costs as a fraction of a node's budget (what :func:`fits` bounds by 1):
+    ``share / capacity`` under ``blocks``, else ``cost / (capacity * full)``; None when the costs are
+    not measured."""
     if measure_name == "blocks":
         return share / capacity
     if cost is None or full is None:
