@@ -3,7 +3,8 @@
 Usage::
 
     python -m simulations.compare PRESET [KEY=VALUE ...] [--seeds 0 1] [--ablations NAME ...]
-                                  [--out DIR] [--jobs N] [--dry-run]
+                                  [--out DIR] [--jobs N] [--backend flwr|inprocess] [--dry-run]
+    python -m simulations.compare PRESET --report-only [--out DIR]
     python -m simulations.compare --list
 
 ``KEY=VALUE`` items are omegaconf dotlist overrides of the preset
@@ -14,8 +15,13 @@ before the options. Ablations are names from the preset's ``ablation-variants``
 ``local-steps-10``, ...) or ``KEY=VALUE`` run-config changes run for both
 strategies (``--ablations local-steps=25``).
 
-Every run goes through :func:`simulations.launcher.run_flwr` (isolated, cleaned
-up). Results: ``DIR/<variant>-<strategy>-seed<N>/`` per run, ``DIR/logs/``,
+Every run goes through the preset's backend (``--backend`` overrides it): ``flwr``,
+:func:`simulations.launcher.run_flwr` (the real ``flwr run``, isolated, cleaned up), or
+``inprocess``, :func:`simulations.inprocess_launcher.run_inprocess_launch` (the same ServerApp and
+ClientApp on the in-process grid in a child process: no SuperLink or Ray start-up, nodes one after
+another). A preset with a ``grid`` section (label skew x norms, :mod:`simulations.noniid`) runs its
+cells on the in-process grid and writes the grid's report.
+Results: ``DIR/<variant>-<strategy>-seed<N>/`` per run, ``DIR/logs/``,
 ``DIR/compare.json`` (what ran, how long, why a run failed), and the report
 (``DIR/report.md`` and PNGs, see :mod:`simulations.report`). A failed run is
 listed with its reason and makes the command exit 1. Run directories that
@@ -42,6 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 from resist_fl.run.outputs import CONFIG_FILE, SUMMARY_FILE, write_json
 from resist_fl.run.timing import format_seconds
 from simulations import report
+from simulations.inprocess_launcher import run_inprocess_launch
 from simulations.label_plot import LABEL_PLOT, write_label_distribution
 from simulations.launcher import LaunchResult, run_flwr
 from simulations.machine import describe_machine
@@ -59,6 +66,8 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 MANIFEST_FILE = report.MANIFEST_FILE
 MAIN_VARIANT = report.MAIN_VARIANT
 Launcher = Callable[..., LaunchResult]
+BACKENDS: dict[str, Launcher] = {"flwr": run_flwr, "inprocess": run_inprocess_launch}
+"""How a run is launched: ``flwr run`` (the real runtime) or the in-process grid."""
 
 
 @dataclass(frozen=True)
@@ -278,10 +287,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--ablations", nargs="*", help="ablation names or KEY=VALUE (default: the preset's)")
     parser.add_argument("--out", type=Path, help="results directory (default: outputs/compare/<preset>)")
     parser.add_argument("--jobs", type=int, help="runs at a time (default: the preset's)")
+    parser.add_argument("--backend", choices=sorted(BACKENDS), help="how each run is launched (default: the preset's)")
     parser.add_argument("--project", type=Path, default=PROJECT_DIR, help="the Flower app (default: this repo)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the report from the results in --out")
     parser.add_argument("--list", action="store_true", help="list the presets and exit")
-    args = parser.parse_args(list(argv))
+    args = parser.parse_intermixed_args(list(argv))
     if not args.list and not args.preset:
         parser.error("a preset is required (see --list)")
     return args
@@ -293,16 +304,13 @@ def resolve(args: argparse.Namespace) -> tuple[DictConfig, list[PlannedRun], Pat
     top_level = list(load_preset(args.preset).keys())
     config = load_preset(args.preset, expand_overrides(args.overrides, top_level, list(defaults)))
     validate_preset(config, args.project)
-    if config.get("grid"):
-        raise PresetError(f"preset {config.name!r} is a label-skew grid: run it with "
-                          f"python -m simulations.noniid {args.preset}")
     out_dir = (args.out or Path("outputs") / "compare" / config.name).expanduser().resolve()
     seeds = args.seeds if args.seeds is not None else list(config.seeds)
     ablations = args.ablations if args.ablations is not None else list(config.ablations)
     return config, plan_runs(config, seeds, ablations, out_dir, defaults), out_dir
 
 
-def new_manifest(config: DictConfig, argv: Sequence[str], out_dir: Path) -> dict[str, Any]:
+def new_manifest(config: DictConfig, argv: Sequence[str], out_dir: Path, backend: str = "flwr") -> dict[str, Any]:
     """What the report needs besides the run directories."""
     old = out_dir / MANIFEST_FILE
     previous_runs = report.read_json(old).get("runs", []) if old.exists() else []
@@ -310,7 +318,7 @@ def new_manifest(config: DictConfig, argv: Sequence[str], out_dir: Path) -> dict
             "paper": to_dict(config.paper) if config.paper is not None else None,
             "target": to_dict(config.target), "federation": to_dict(config.federation),
             "command": "python -m simulations.compare " + shlex.join(argv).replace(str(out_dir), "<this directory>"),
-            "paths": "relative to this directory",
+            "paths": "relative to this directory", "backend": backend,
             "machine": describe_machine(), "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "runs": previous_runs}
 
@@ -322,18 +330,37 @@ def print_failures(outcomes: Sequence[dict[str, Any]]) -> None:
         print(f"  {outcome['name']}: {outcome['reason']} (log: {outcome.get('log')})", file=sys.stderr)
 
 
-def main(argv: Sequence[str] | None = None, launch: Launcher = run_flwr) -> int:
-    """Run a comparison; 0 when every run finished, 1 when one failed, 2 on a bad preset."""
+def main(argv: Sequence[str] | None = None, launch: Launcher | None = None) -> int:
+    """Run a comparison; 0 when every run finished, 1 when one failed, 2 on a bad preset.
+
+    ``launch`` replaces the backend's launcher (tests)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.list:
         print("\n".join(list_presets()))
         return 0
     try:
+        if load_preset(args.preset).get("grid"):
+            from simulations import noniid  # a label-skew grid: its cells and its report
+
+            return noniid.main(args, argv)
         config, plan, out_dir = resolve(args)
+        backend = args.backend or str(config.backend)
+        if backend not in BACKENDS:
+            raise PresetError(f"backend = {backend!r}: expected one of {', '.join(BACKENDS)}")
+        if backend == "inprocess" and float(config.federation["num-gpus-per-client"]):
+            raise PresetError(f"federation.num-gpus-per-client = {config.federation['num-gpus-per-client']}: the "
+                              "in-process backend does not reserve GPUs; use --backend flwr")
     except (PresetError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.report_only:
+        if not (out_dir / MANIFEST_FILE).exists():
+            print(f"error: {out_dir / MANIFEST_FILE} does not exist: nothing to report", file=sys.stderr)
+            return 1
+        print(f"report: {report.build_report(out_dir)}")
+        return 0
+    launch = launch or BACKENDS[backend]
     jobs = args.jobs or int(config.jobs)
     print(f"{config.name}: {len(plan)} runs ({', '.join(r.name for r in plan)}) -> {out_dir}", flush=True)
     if args.dry_run:
@@ -341,7 +368,7 @@ def main(argv: Sequence[str] | None = None, launch: Launcher = run_flwr) -> int:
             print(f"{run.name}: {run.run_config}")
         return 0
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = new_manifest(config, argv, out_dir)
+    manifest = new_manifest(config, argv, out_dir, backend)
     try:
         outcomes = execute(plan, config, args.project.resolve(), out_dir, jobs, manifest, launch)
     except PresetError as err:

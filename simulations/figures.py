@@ -8,7 +8,7 @@ A block in a markdown file::
 
 is regenerated from committed raw files — a comparison's ``docs/results/<name>/`` (each run's
 ``metrics.jsonl`` / ``nodes.jsonl`` and ``compare.json``, read as :mod:`simulations.report` reads them),
-result lines (``*.jsonl`` of :mod:`simulations.probe` and :mod:`simulations.noniid`, see
+result lines (``*.jsonl`` of label-skew grids, :mod:`simulations.noniid`, see
 :mod:`simulations.probe_figures`) or a benchmark's printed output (``docs/performance/*.txt``, see
 :mod:`simulations.benchmark_figures`) — by::
 

@@ -1,7 +1,7 @@
 """Run the real ServerApp main with the real ClientApp in-process: no SuperLink, no Ray.
 
-What the tests and :mod:`simulations.probe` use to run whole federations fast on one
-machine; ``flwr run .`` (and :mod:`simulations.compare`) remains the real thing.
+What the tests and the runner's in-process backend (:mod:`simulations.inprocess_launcher`) use to
+run whole federations fast on one machine; ``flwr run .`` remains the real thing.
 """
 
 from __future__ import annotations
@@ -27,8 +27,16 @@ def run_inprocess(run_config: dict, num_nodes: int = 3, client: ClientApp = clie
     return grid
 
 
-if __name__ == "__main__":  # used by the kill-and-resume test: python -m simulations.inprocess CONFIG.json N
+def read_config(path: str) -> dict:
+    """A run config from a ``.json`` file or a TOML run-config file (what the launchers write)."""
     import json
+    import tomllib
+
+    with open(path, "rb") as f:
+        return json.load(f) if path.endswith(".json") else tomllib.load(f)
+
+
+if __name__ == "__main__":  # python -m simulations.inprocess CONFIG.{json,toml} NUM_NODES
     import sys
 
-    run_inprocess(json.loads(open(sys.argv[1]).read()), num_nodes=int(sys.argv[2]))
+    run_inprocess(read_config(sys.argv[1]), num_nodes=int(sys.argv[2]))

@@ -1,9 +1,9 @@
-"""ResIST vs FedAvg over label skew: one command for the whole grid, its table and its plot.
+"""Label-skew grids: ResIST vs FedAvg over Dirichlet alphas and norms, their table and their plot.
 
-Usage::
+Run through the one runner::
 
-    python -m simulations.noniid PRESET [KEY=VALUE ...] [--seeds 0 1 2] [--out DIR] [--dry-run]
-    python -m simulations.noniid PRESET --report-only --out DIR
+    python -m simulations.compare PRESET [KEY=VALUE ...] [--seeds 0 1 2] [--out DIR] [--dry-run]
+    python -m simulations.compare PRESET --report-only --out DIR
 
 ``PRESET`` is a preset with a ``grid`` section (``noniid-digits``, ``noniid-synthetic``; see
 ``presets/_noniid.yaml``). Every cell of strategies x ``grid.norms`` x ``grid.alphas`` x seeds
@@ -34,6 +34,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,9 @@ from typing import Any
 from omegaconf import DictConfig
 
 from resist_fl.run.methods import LABELS  # the method table's labels
+from resist_fl.run.outputs import read_metrics
 from simulations.compare import PROJECT_DIR, expand_overrides
+from simulations.inprocess import run_inprocess
 from simulations.presets import (
     PresetError,
     app_config_keys,
@@ -50,7 +53,6 @@ from simulations.presets import (
     to_dict,
     validate_preset,
 )
-from simulations.probe import data_config, run_cell
 
 RESULTS_FILE = "results.jsonl"
 REPORT_FILE = "report.md"
@@ -121,6 +123,33 @@ def read_results(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def data_config(data: str) -> dict[str, Any]:
+    """``grid.data`` as run-config keys: ``digits``, ``synthetic`` or an ``.npz`` path."""
+    if data in ("digits", "synthetic"):
+        return {"dataset": data}
+    return {"dataset": "npz", "data-path": str(Path(data).resolve())}
+
+
+def run_cell(base: dict[str, Any], strategy: str, norm: str, alpha: str, seed: int, nodes: int,
+             out: Path) -> dict[str, Any]:
+    """One cell, run in this process on the in-process grid; its result line (curves from ``metrics.jsonl``)."""
+    name = f"{strategy}-{norm}-{alpha}-seed{seed}"
+    skew = {"partitioner": "iid"} if alpha == "iid" else {"partitioner": "dirichlet", "dirichlet-alpha": float(alpha)}
+    config = {**base, **skew, "strategy": strategy, "norm": norm, "seed": seed, "output-dir": str(out),
+              "run-name": name}
+    started = time.perf_counter()
+    run_inprocess(config, num_nodes=nodes)
+    rows = read_metrics(out / name)
+    effective = json.loads((out / name / "run_config.json").read_text())["run_config"]  # what the run used
+    return {"strategy": strategy, "norm": norm, "alpha": alpha, "seed": seed,
+            "clip-grad-norm": effective["clip-grad-norm"], "lr": effective["lr"],
+            "final-accuracy": rows[-1]["accuracy"], "diverging-rounds": [r["round"] for r in rows if r["diverging"]],
+            "accuracy": [r["accuracy"] for r in rows], "train-loss": [r["train-loss"] for r in rows],
+            "mb-per-round": sum(r["bytes-down"] + r["bytes-up"] for r in rows) / len(rows) / 1e6,
+            "mb-cumulative": [r["cumulative-bytes"] / 1e6 for r in rows],
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
 def run_grid(config: DictConfig, out: Path, seeds: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """Run the cells not yet in ``out/results.jsonl`` (same configuration); return all results."""
     out.mkdir(parents=True, exist_ok=True)
@@ -130,7 +159,7 @@ def run_grid(config: DictConfig, out: Path, seeds: Sequence[int] | None = None) 
     cells = plan(config, seeds)
     nodes = int(config.federation["num-supernodes"])
     with tempfile.TemporaryDirectory(prefix="resist-noniid-") as work:
-        base = {**app_config_keys(PROJECT_DIR), **settings, **data_config(str(config.grid.data), Path(work))}
+        base = {**app_config_keys(PROJECT_DIR), **settings, **data_config(str(config.grid.data))}
         base.update({"min-available-nodes": nodes, "min-train-nodes": nodes})
         for i, cell in enumerate(cells, 1):
             if cell_key(cell) in done:
@@ -272,17 +301,17 @@ def write_report(config: DictConfig, results: Sequence[dict[str, Any]], out: Pat
     return out / REPORT_FILE
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m simulations.noniid", description=__doc__.split("\n")[0])
-    parser.add_argument("preset", help="a preset with a grid section: noniid-digits, noniid-synthetic")
-    parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. local-steps=50 grid.alphas=[0.3]")
-    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the preset's)")
-    parser.add_argument("--out", type=Path, help="results directory (default: outputs/noniid/<preset>)")
-    parser.add_argument("--dry-run", action="store_true", help="print the cells and exit")
-    parser.add_argument("--report-only", action="store_true", help="rebuild report.md and the plot from results.jsonl")
-    args = parser.parse_intermixed_args(argv)
+def main(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``python -m simulations.compare GRID-PRESET ...``: run (or with ``--report-only`` rebuild) a grid.
+
+    ``args`` are :func:`simulations.compare.parse_args`'s; a grid runs its cells in this process on
+    the in-process grid, one at a time, so ``--backend flwr``, ``--jobs`` and ``--ablations`` are refused.
+    """
     try:
+        if args.backend not in (None, "inprocess") or args.jobs not in (None, 1) or args.ablations:
+            raise PresetError(f"preset {args.preset!r} is a label-skew grid: its cells run on the in-process grid, "
+                              "one at a time, without ablations (drop --backend flwr, --jobs, --ablations; vary "
+                              "the grid with grid.alphas=[...] grid.norms=[...] or KEY=VALUE)")
         config = load_grid_preset(args.preset, args.overrides)
     except PresetError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -294,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{cell['strategy']} {cell['norm']} alpha={cell['alpha']} seed {cell['seed']}")
         print(f"{len(cells)} cells -> {out}")
         return 0
-    command = "python -m simulations.noniid " + " ".join(argv)
+    command = "python -m simulations.compare " + " ".join(argv)
     if args.report_only:
         settings = run_settings(config)
         wanted = set(map(cell_key, cells))
@@ -306,7 +335,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = run_grid(config, out, args.seeds)
     print(f"report: {write_report(config, results, out, command)}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Tables written from committed result lines (``simulations.probe`` / ``simulations.noniid`` JSON lines)
+"""Tables written from committed result lines (label-skew grid cells, ``simulations.noniid``'s JSON lines)
 and from the divergence traces, for :mod:`simulations.figures`.
 
 A result line is one whole run: strategy, norm, alpha, seed, its final accuracy, the rounds flagged
@@ -45,7 +45,8 @@ def _groups(lines: Sequence[dict[str, Any]], key: Callable[[dict[str, Any]], str
 def _effective(group: Sequence[dict[str, Any]], name: str) -> str:
     values = sorted({str(line[name]) for line in group if name in line})
     if not values:
-        raise ValueError(f"{name!r}: these result lines do not record it (re-run them with today's simulations.probe)")
+        raise ValueError(f"{name!r}: these result lines do not record it "
+                         "(re-run them with today's simulations.compare GRID-PRESET)")
     return " / ".join(values)
 
 

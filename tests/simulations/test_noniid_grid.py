@@ -35,11 +35,14 @@ def test_bad_grids_are_refused(overrides, match):
         noniid.load_grid_preset("noniid-digits", overrides)
 
 
-def test_presets_without_a_grid_and_the_compare_runner_point_to_each_other(capsys):
+def test_the_one_runner_runs_grids_in_process_and_refuses_what_a_grid_cannot_do(capsys):
     with pytest.raises(PresetError, match="no grid"):
         noniid.load_grid_preset("quick-cpu")
-    assert compare.main(["noniid-digits", "--dry-run"]) == 2
-    assert "python -m simulations.noniid noniid-digits" in capsys.readouterr().err
+    assert compare.main(["noniid-digits", "--dry-run"]) == 0
+    assert "48 cells" in capsys.readouterr().out
+    for extra in (["--backend", "flwr"], ["--jobs", "2"], ["--ablations", "no-scaling"]):
+        assert compare.main(["noniid-digits", "--dry-run", *extra]) == 2
+        assert "is a label-skew grid" in capsys.readouterr().err
 
 
 def test_mb_to_target_and_the_summary():
@@ -57,7 +60,7 @@ def test_mb_to_target_and_the_summary():
 def test_a_tiny_grid_runs_resumes_and_reports(tmp_path, capsys):
     out = tmp_path / "grid"
     argv = ["noniid-synthetic", *TINY, "--seeds", "0", "--out", str(out)]
-    assert noniid.main(argv) == 0
+    assert compare.main(argv) == 0
     lines = [json.loads(line) for line in (out / noniid.RESULTS_FILE).read_text().splitlines()]
     assert sorted((r["strategy"], r["alpha"]) for r in lines) == [
         ("fedavg", "0.3"), ("fedavg", "iid"), ("resist", "0.3"), ("resist", "iid")]
@@ -70,8 +73,8 @@ def test_a_tiny_grid_runs_resumes_and_reports(tmp_path, capsys):
     assert "`clip-grad-norm=1.0`" in report  # the app defaults the cells ran with are named
     assert (out / noniid.PLOT_FILE).stat().st_size > 10_000
     capsys.readouterr()
-    assert noniid.main(argv) == 0  # every cell is done: nothing runs again
+    assert compare.main(argv) == 0  # every cell is done: nothing runs again
     assert "final accuracy" not in capsys.readouterr().out
     assert len((out / noniid.RESULTS_FILE).read_text().splitlines()) == 4
-    assert noniid.main([*argv, "--report-only"]) == 0
-    assert noniid.main(["noniid-synthetic", "--report-only", "--out", str(tmp_path / "empty")]) == 1
+    assert compare.main([*argv, "--report-only"]) == 0
+    assert compare.main(["noniid-synthetic", "--report-only", "--out", str(tmp_path / "empty")]) == 1

@@ -226,6 +226,31 @@ def test_runner_on_a_tiny_preset_produces_runs_plots_and_report(tmp_path, capsys
     assert all(r["seconds-to-round1"] > 0 for r in manifest["runs"])  # kept from the first call
 
 
+def test_the_inprocess_backend_runs_a_preset_as_flwr_run_would_and_reports_it(tmp_path, capsys):
+    argv = ["quick-cpu", "num-server-rounds=2", "stage-depths=1,1,4,1", "local-steps=2", "--seeds", "0",
+            "--backend", "inprocess", "--jobs", "2", "--out", str(tmp_path)]
+    assert compare.main(argv) == 0, capsys.readouterr().err
+    manifest = json.loads((tmp_path / compare.MANIFEST_FILE).read_text())
+    assert manifest["backend"] == "inprocess"
+    assert [(r["name"], r["status"]) for r in manifest["runs"]] == [("main-resist-seed0", "ok"),
+                                                                     ("main-fedavg-seed0", "ok")]
+    for run in manifest["runs"]:
+        rows = read_metrics(tmp_path / run["name"])
+        assert [r["round"] for r in rows] == [1, 2] and run["command"].split()[1:3] == ["-m", "simulations.inprocess"]
+        assert str(tmp_path) not in json.dumps(run)
+        saved = json.loads((tmp_path / run["name"] / "run_config.json").read_text())["run_config"]
+        assert saved["local-steps"] == 2 and saved["lr-schedule"] == "step"  # the app's defaults merged under it
+    resist, fedavg = (read_metrics(tmp_path / f"main-{s}-seed0") for s in ("resist", "fedavg"))
+    assert resist[-1]["bytes-down"] < fedavg[-1]["bytes-down"]  # sub-networks travel, not the whole model
+    assert "| main | ResIST | 1 |" in (tmp_path / report.REPORT_FILE).read_text()
+    (tmp_path / report.REPORT_FILE).unlink()
+    assert compare.main(["quick-cpu", "--report-only", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / report.REPORT_FILE).exists()
+    assert compare.main(["quick-cpu", "--backend", "inprocess", "federation.num-gpus-per-client=1", "--seeds", "0",
+                         "--out", str(tmp_path / "gpu")]) == 2
+    assert "does not reserve GPUs" in capsys.readouterr().err
+
+
 def fake_launch(project_dir, run_config, **kwargs) -> LaunchResult:
     """ResIST 'finishes' (fixture metrics); FedAvg fails like a ServerApp error would."""
     run_dir = Path(run_config["output-dir"]) / run_config["run-name"]

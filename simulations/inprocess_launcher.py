@@ -1,0 +1,78 @@
+"""The runner's second backend: one run of the real ServerApp and ClientApp on the in-process grid.
+
+:func:`run_inprocess_launch` has the signature and the :class:`~simulations.launcher.LaunchResult`
+of :func:`simulations.launcher.run_flwr`, so ``python -m simulations.compare PRESET --backend
+inprocess`` plans, reuses, reports and resumes exactly as through ``flwr run``. The run happens in
+a child process (``python -m simulations.inprocess CONFIG N``: its own memory, a timeout that
+holds, ``--jobs`` in parallel) on :class:`simulations.inprocess_grid.InProcessGrid`: the same
+ServerApp ``main`` and ClientApp code as ``flwr run``, every node's reply serialised as on the
+wire, but no SuperLink, SuperExec or Ray, and the sampled nodes train one after another in that
+one process. What it does not exercise: Flower's transport, Ray's actors and their start-up, and
+nodes running at the same time (a round's wall time is the sum of its nodes' times, not the
+slowest node's). The run config is the app's ``[tool.flwr.app.config]`` defaults with the run's
+keys over them, as Flower merges them.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from resist_fl.run.cli_config import write_run_config
+from resist_fl.run.outputs import METRICS_FILE, SUMMARY_FILE
+from simulations.launcher import LaunchResult, _stop_process_group, error_lines, run_dir_of, wait_for_exit
+from simulations.presets import app_config_keys
+
+
+def run_inprocess_launch(project_dir: str | os.PathLike, run_config: Mapping[str, Any], *, num_supernodes: int,
+                         num_gpus_per_client: float = 0.0, num_cpus_per_client: int = 1, timeout_s: float,
+                         workdir: str | os.PathLike) -> LaunchResult:
+    """Run one federation in-process in a child process; the result as :func:`run_flwr` gives it.
+
+    ``num_cpus_per_client`` becomes the child's torch threads (``OMP_NUM_THREADS``, as Ray sets it
+    for an actor); a GPU request is refused (the in-process grid runs on this process's devices).
+    """
+    if num_gpus_per_client:
+        raise ValueError(f"num-gpus-per-client = {num_gpus_per_client}: the in-process backend does not "
+                         "reserve GPUs; use the flwr backend (--backend flwr)")
+    project_dir = Path(project_dir).resolve()
+    run_dir = run_dir_of(run_config)
+    if (run_dir / METRICS_FILE).exists() and not run_config.get("resume"):
+        raise FileExistsError(f"{run_dir} already holds a run (the ServerApp would refuse it); "
+                              "choose another run-name or remove it")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    name = str(run_config["run-name"])
+    log_path = workdir / f"{name}.log"
+    config_path = write_run_config({**app_config_keys(project_dir), **run_config},
+                                   workdir / f"{name}.run-config.toml",
+                                   header=f"run config of {name} (the app's defaults merged), in-process backend")
+    command = [sys.executable, "-m", "simulations.inprocess", str(config_path), str(int(num_supernodes))]
+    env = {**os.environ, "OMP_NUM_THREADS": str(int(num_cpus_per_client)), "PYTHONPATH": str(project_dir)}
+    started, started_epoch = time.monotonic(), time.time()
+    with open(log_path, "w", encoding="utf-8") as log:
+        log.write(f"$ {shlex.join(command)}\n")
+        log.flush()
+        proc = subprocess.Popen(command, cwd=project_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            timed_out, round1 = wait_for_exit(proc, run_dir, started_epoch, timeout_s)
+        finally:
+            _stop_process_group(proc)
+    wall = time.monotonic() - started
+    errors = "; ".join(error_lines(log_path.read_text(encoding="utf-8", errors="replace")))
+    if timed_out:
+        reason = f"timed out after {timeout_s:.0f} s" + (f"; {errors}" if errors else "")
+    elif proc.returncode != 0 or not (run_dir / SUMMARY_FILE).exists():
+        written = "written" if (run_dir / SUMMARY_FILE).exists() else "missing"
+        reason = f"exit status {proc.returncode}, {SUMMARY_FILE} {written}: " + (errors or "see the log")
+    else:
+        reason = ""
+    return LaunchResult(success=not reason, reason=reason, run_dir=run_dir, log_path=log_path, wall_seconds=wall,
+                        seconds_to_round1=round1, status=f"exit {proc.returncode}", command=command)
