@@ -206,9 +206,10 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
 
 @app.query()
 def identity_handler(msg: Message, context: Context) -> Message:
-    """Tell the server this node's ``partition-id`` (for reproducible node sampling) and its
-    ``capacity``: the node config's, else the run config's ``capacity-profile`` entry for the
-    partition id, else 1.0."""
+    """Tell the server this node's ``partition-id`` (for reproducible node sampling), its
+    ``capacity`` (the node config's, else the run config's ``capacity-profile`` entry for the
+    partition id, else 1.0) and, when it trains on the run's split of the data set (no node-config
+    ``data-path``), ``num-partitions``."""
     node = context.node_config
     partition_id = node.get("partition-id")
     if not isinstance(partition_id, int) or isinstance(partition_id, bool):
@@ -220,4 +221,7 @@ def identity_handler(msg: Message, context: Context) -> Message:
         profile = parse_profile("capacity-profile", str(context.run_config.get("capacity-profile", "")),
                                 low=0.0, high=1.0)
         capacity = profile_value(profile, partition_id)
-    return identity_reply(msg, partition_id, capacity)
+    num_partitions = node.get("num-partitions") if "data-path" not in node else None
+    if not isinstance(num_partitions, int) or isinstance(num_partitions, bool):
+        num_partitions = None
+    return identity_reply(msg, partition_id, capacity, num_partitions)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from logging import ERROR, INFO
 
 import numpy as np
@@ -10,10 +11,12 @@ from flwr.app import ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from resist_fl.core.client_accuracy import client_accuracies, fairness_summary
 from resist_fl.core.decomposition import BlockLayout, scale_key
 from resist_fl.core.model import ModelSpec, build_model
 from resist_fl.core.residual_nets import set_residual_scales
 from resist_fl.data import DataError, EvalBatches, load_test_set, normalization
+from resist_fl.data.partitioning import partition_label_counts
 from resist_fl.core.model_cost import CostModel
 from resist_fl.core.width_slicing import key_groups, prefix_indices, slice_state, sliced_spec
 from resist_fl.flower.method_factory import ModelParts, build
@@ -21,7 +24,7 @@ from resist_fl.flower.round_recorder import RoundRecorder
 from resist_fl.run.outputs import CONFIG_FILE, run_directory, write_json
 from resist_fl.run.settings import RunSettings, resolve_model
 from resist_fl.run.tracking import open_tracker
-from resist_fl.node.training import evaluate, precision, resolve_device
+from resist_fl.node.training import evaluate, evaluate_by_class, precision, resolve_device
 
 app = ServerApp()
 
@@ -38,12 +41,16 @@ class CentralEvaluation:
     the global model on the central test set, plus ``accuracy-depth-<pct>`` for every
     ``eval-depths`` percentage and ``accuracy-width-<pct>`` for every width rate below 1 in
     ``width_rates`` (a live set: the rates a width-sliced strategy has sent so far), each the
-    global model's first ``r x C`` channels, as HeteroFL evaluates its tiers."""
+    global model's first ``r x C`` channels, as HeteroFL evaluates its tiers. With
+    ``client_labels`` (``client-eval``), rounds on the whole test set also give the per-client
+    figures ``client-accuracy-{mean,worst10,min,std}`` (:mod:`resist_fl.core.client_accuracy`)."""
 
     def __init__(self, settings: RunSettings, spec: ModelSpec, layout: BlockLayout, test_loader: EvalBatches,
-                 width_rates: set[float] | None = None, subset_loader: EvalBatches | None = None) -> None:
+                 width_rates: set[float] | None = None, subset_loader: EvalBatches | None = None,
+                 client_labels: ClientLabels | None = None) -> None:
         self.settings, self.spec, self.layout, self.test_loader = settings, spec, layout, test_loader
         self.subset_loader = subset_loader  # eval-subset: intermediate rounds (None: the whole test set)
+        self.client_labels = client_labels
         self.width_rates = width_rates if width_rates is not None else set()
         self.sliced: dict[float, torch.nn.Module] = {}  # width-tier evaluation models, by rate
         self.device = resolve_device(settings.device)
@@ -54,8 +61,12 @@ class CentralEvaluation:
         self.model.load_state_dict(state)
         final = run_round >= self.settings.num_server_rounds or self.subset_loader is None
         loader = self.test_loader if final else self.subset_loader
-        loss, accuracy = evaluate(self.model, loader, self.device, self.settings.amp)
-        metrics = {"loss": loss, "accuracy": accuracy, "eval-images": len(loader.data)}
+        result = evaluate_by_class(self.model, loader, self.device, self.settings.amp)
+        metrics = {"loss": result.loss, "accuracy": result.accuracy, "eval-images": len(loader.data)}
+        counts = self.client_labels() if self.client_labels is not None and loader is self.test_loader else None
+        if counts is not None:
+            summary = fairness_summary(client_accuracies(counts, result.correct, result.count))
+            metrics.update({f"client-accuracy-{k}": v for k, v in summary.items()})
         for percent in self.settings.depth_percents():
             metrics[f"accuracy-depth-{percent}"] = self.evaluate_truncated(state, percent)
         for rate in sorted(r for r in self.width_rates if r < 1):
@@ -86,6 +97,28 @@ class CentralEvaluation:
         model.load_state_dict({k: state[k] for k in self.layout.subnetwork_keys(kept)})
         set_residual_scales(model, {b: min(1.0, full_scale * len(blocks) / len(kept)) for b in kept})
         return evaluate(model, self.test_loader, self.device, self.settings.amp)[1]
+
+
+class ClientLabels:
+    """``client-eval``: the label counts of every partition of the run's split, once the nodes
+    have said how many partitions there are (None before, or when they train on data of their own).
+    The server splits the data set exactly as the nodes do (same partitioner, alpha, seed)."""
+
+    def __init__(self, settings: RunSettings, num_classes: int, num_partitions: Callable[[], int | None]) -> None:
+        self.settings, self.num_classes, self.num_partitions = settings, num_classes, num_partitions
+        self.counts: np.ndarray | None = None
+
+    def __call__(self) -> np.ndarray | None:
+        parts = self.num_partitions()
+        if parts is None:
+            return None
+        if self.counts is None or len(self.counts) != parts:
+            s = self.settings
+            self.counts = partition_label_counts(
+                s.dataset, parts, self.num_classes, partitioner=s.partitioner, alpha=s.dirichlet_alpha, seed=s.seed,
+                data_path=s.data_path, image_size=s.image_size, shards_per_partition=s.shards_per_partition)
+            log(INFO, "resist-fl: client-eval over the %d partitions of the split", parts)
+        return self.counts
 
 
 def prepare_data(settings: RunSettings) -> tuple[ModelSpec, BlockLayout, EvalBatches, dict, EvalBatches | None]:
@@ -137,8 +170,10 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = run_directory(settings.output_dir, settings.run_name, settings.strategy)
     recorder = RoundRecorder(strategy, layout, run_dir, run_config=settings.to_run_config(),
                              num_rounds=settings.num_server_rounds,
-                             evaluation=CentralEvaluation(settings, spec, layout, test_loader, strategy.rates_seen,
-                                                          subset_loader),
+                             evaluation=CentralEvaluation(
+                                 settings, spec, layout, test_loader, strategy.rates_seen, subset_loader,
+                                 ClientLabels(settings, spec.num_classes, strategy.sampler.num_partitions)
+                                 if settings.client_eval else None),
                              eval_every=settings.eval_every, inference_scaling=settings.inference_scaling,
                              resume=settings.resume, label=settings.strategy,
                              target_accuracy=settings.target_accuracy, dp=settings.dp,

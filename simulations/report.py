@@ -47,6 +47,7 @@ from resist_fl.run.methods import LABELS  # the method table's labels
 from simulations.machine import describe_machine, machine_line
 from simulations.privacy_report import privacy_lines
 from simulations.paired_stats import LEVEL, paired
+from simulations.client_report import client_lines
 from simulations.node_costs import (
     DEFAULT_BANDWIDTHS,
     link_time_lines,
@@ -558,8 +559,10 @@ def build_report(runs_dir: Path, target_accuracy_value: float | None = None,
     plots = [plot(groups, x, runs_dir / name, title, target) for x, (name, _) in PLOTS.items()] if groups else []
     extra, extra_plots, extra_json = node_lines(runs_dir, groups, bandwidths, target)
     privacy, privacy_plots, privacy_json = privacy_lines(runs_dir, groups, group_label)
-    extra = tier_lines(runs_dir, groups, "depth") + tier_lines(runs_dir, groups, "width") + privacy + extra
-    extra_plots, extra_json = extra_plots + privacy_plots, {**extra_json, **privacy_json}
+    clients, clients_json = client_lines(runs_dir, groups, group_label)
+    extra = (tier_lines(runs_dir, groups, "depth") + tier_lines(runs_dir, groups, "width") + clients + privacy
+             + extra)
+    extra_plots, extra_json = extra_plots + privacy_plots, {**extra_json, **privacy_json, **clients_json}
     write_json(runs_dir / REPORT_JSON, finite({"target": target, "target-rule": target_text,
                                                "groups": [asdict(s) for s in stats], "ratios": ratio_rows,
                                                **({"paired": paired_table} if paired_table else {}), **extra_json}))

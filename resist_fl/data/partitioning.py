@@ -87,6 +87,21 @@ def load_partition(
     return train.subset(indices)
 
 
+def partition_label_counts(dataset: str, num_partitions: int, num_classes: int, **partitioning: object) -> np.ndarray:
+    """Training images of each label in every partition, a ``(num_partitions, num_classes)`` int64 array.
+
+    ``partitioning`` are :func:`load_partition`'s keyword arguments (the same split the nodes
+    load, so the same partitioner, alpha, seed and data).
+    """
+    counts = np.zeros((num_partitions, num_classes), dtype=np.int64)
+    for pid in range(num_partitions):
+        labels = np.asarray(load_partition(dataset, pid, num_partitions, **partitioning).labels, dtype=np.int64)
+        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"partition {pid} has labels outside [0, {num_classes})")
+        counts[pid] = np.bincount(labels, minlength=num_classes)
+    return counts
+
+
 def make_partitioner(
     partitioner: str, num_partitions: int, label_column: str, alpha: float, seed: int, shards_per_partition: int = 2
 ) -> Partitioner:

@@ -133,13 +133,18 @@ def train_reply(message: Message, model: torch.nn.Module, *, num_examples: int, 
     return Message(RecordDict({"arrays": arrays, "metrics": record}), reply_to=message)
 
 
-def identity_reply(message: Message, partition_id: int | None = None, capacity: float | None = None) -> Message:
+def identity_reply(message: Message, partition_id: int | None = None, capacity: float | None = None,
+                   num_partitions: int | None = None) -> Message:
     """The answer to the strategies' node-identity query: the node's ``partition_id`` (nodes are
-    sampled in partition order, so a seed trains the same partitions in every run) and its
-    ``capacity`` in (0, 1] (the fraction of the partitionable blocks it can train)."""
+    sampled in partition order, so a seed trains the same partitions in every run), its
+    ``capacity`` in (0, 1] (the fraction of the partitionable blocks it can train) and, when it
+    trains on the run's own split of the data set, ``num_partitions`` (the server can then
+    evaluate per client, ``client-eval``)."""
     identity = ConfigRecord()
     if partition_id is not None:
         identity["partition-id"] = int(partition_id)
+    if num_partitions is not None:
+        identity["num-partitions"] = int(num_partitions)
     if capacity is not None:
         identity["capacity"] = check_capacity(capacity, "capacity")
     return Message(RecordDict({IDENTITY_RECORD: identity}), reply_to=message)

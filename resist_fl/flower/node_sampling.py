@@ -30,6 +30,8 @@ from resist_fl.core.allocation import check_capacity
 from resist_fl.core.decomposition import round_rng
 from resist_fl.core.secure_random import secure_numpy_generator
 
+MAX_PARTITIONS = 100_000
+"""A node reporting more partitions than this is not believed (the server would split the data that often)."""
 IDENTITY_RECORD = "node"
 """ConfigRecord of a query reply holding the node's ``partition-id`` and ``capacity`` (if any)."""
 
@@ -84,6 +86,7 @@ class NodeSampler:
         self.query_timeout = query_timeout
         self._rank_key: dict[int, tuple[int, int, int]] = {}
         self._capacity: dict[int, float] = {}
+        self._num_partitions: dict[int, int] = {}
 
     def sample(self, grid: Grid, run_round: int) -> tuple[list[int], int, np.random.Generator]:
         """The sampled node ids (in stable order), the number connected, and the round's generator.
@@ -118,6 +121,14 @@ class NodeSampler:
         partition = self.partition(node_id)
         return f"partition-{partition}" if partition is not None else f"node-{node_id}"
 
+    def num_partitions(self) -> int | None:
+        """The number of partitions of the run's data split, when every identified node trains on one
+        and they agree (and it is at most :data:`MAX_PARTITIONS`); otherwise None."""
+        values = set(self._num_partitions.values())
+        if len(values) != 1 or len(self._num_partitions) != len(self._rank_key):
+            return None
+        return values.pop()
+
     def partition(self, node_id: int) -> int | None:
         """The partition id a node reported, else None."""
         kind, value, _ = self.rank(node_id)
@@ -147,6 +158,9 @@ class NodeSampler:
                 pid = identity.get("partition-id")
                 if isinstance(pid, int) and not isinstance(pid, bool):
                     self._rank_key[node] = (0, pid, node)
+                    parts = identity.get("num-partitions")
+                    if isinstance(parts, int) and not isinstance(parts, bool) and 0 <= pid < parts <= MAX_PARTITIONS:
+                        self._num_partitions[node] = parts
                 capacity = identity.get("capacity", 1.0)
                 try:
                     self._capacity[node] = check_capacity(capacity)

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -128,22 +129,46 @@ def steps_for(num_examples: int, batch_size: int, local_steps: int, local_epochs
     return local_steps
 
 
+@dataclass(frozen=True)
+class ClassEvaluation:
+    """Mean cross-entropy ``loss`` and, per label, the test images classified correctly and in all."""
+
+    loss: float
+    correct: np.ndarray
+    count: np.ndarray
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.sum() / self.count.sum())
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Batches, device: torch.device,
-             amp: bool = False) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy of ``model`` on ``loader``."""
+def evaluate_by_class(model: nn.Module, loader: Batches, device: torch.device, amp: bool = False) -> ClassEvaluation:
+    """Loss of ``model`` on ``loader`` and its correct / total predictions per label (the label
+    count is the model's number of outputs)."""
     on_device(model, device).eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    count = 0
+    correct = count = None
     for images, labels in loader:
         images, labels = _to_device(images, labels, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(images)
         logits = logits.float()  # loss and argmax in fp32: bf16 logits tie and round
+        classes = logits.shape[1]
+        if correct is None:
+            correct = torch.zeros(classes, device=device, dtype=torch.int64)
+            count = torch.zeros(classes, device=device, dtype=torch.int64)
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
-        correct += (logits.argmax(1) == labels).sum()
-        count += labels.numel()
-    if count == 0:
+        count += torch.bincount(labels, minlength=classes)[:classes]
+        correct += torch.bincount(labels[logits.argmax(1) == labels], minlength=classes)[:classes]
+    if count is None or int(count.sum()) == 0:
         raise ValueError("the evaluation set is empty")
-    return loss_sum.item() / count, correct.item() / count
+    total = int(count.sum())
+    return ClassEvaluation(loss_sum.item() / total, correct.cpu().numpy(), count.cpu().numpy())
+
+
+def evaluate(model: nn.Module, loader: Batches, device: torch.device,
+             amp: bool = False) -> tuple[float, float]:
+    """Mean cross-entropy loss and accuracy of ``model`` on ``loader``."""
+    result = evaluate_by_class(model, loader, device, amp)
+    return result.loss, result.accuracy

@@ -164,6 +164,8 @@ class RunSettings(BaseModel):
         description="central evaluation batch size")
     eval_subset: Int = Field(0, ge=0,
         description="if > 0, every evaluated round but the last evaluates the global model on this many test images (a fixed random subset drawn from `seed`), the last on the whole test set; each row's `eval-images` says which; `0`: the whole test set every time")
+    client_eval: Bool = Field(False,
+        description="simulation: at every round evaluated on the whole test set, also each client's accuracy on its label distribution's share of the test set (its partition's label mix weighting the global model's per-label test accuracy), every client of the run's split, sampled or not; rows gain `client-accuracy-mean`, `-worst10` (mean of the lowest 10 %), `-min`, `-std` ([Heterogeneous clients](heterogeneous.md#per-client-accuracy))")
     target_accuracy: Float = Field(0.0, ge=0, le=1,
         description="if > 0, stop after the first evaluated round whose accuracy reaches it (`target-reached-round` in `summary.json`): time-to-target studies stop paying for rounds after the answer")
     seed: Int = Field(0, ge=0,
@@ -279,6 +281,9 @@ class RunSettings(BaseModel):
         if self.dp == "central" and self.transport_dtype != "float32":
             raise SettingsError(f"transport-dtype = {self.transport_dtype!r}: dp='central' needs 'float32' "
                                 "(a quantised update would not keep its clipped norm)")
+        if self.dp != "none" and self.client_eval:
+            raise SettingsError("client-eval = true: it releases every client's accuracy on its own label mix, "
+                                "which the privacy guarantee does not cover; expected false under dp")
         if self.dp != "none" and self.allocation == "speed":
             raise SettingsError("allocation = 'speed': under dp the dealing must not depend on what nodes report; "
                                 "expected 'uniform' or 'capacity'")

@@ -1,0 +1,61 @@
+"""The report's per-client section: the fairness figures ``client-eval`` records, over seeds.
+
+Each run's last fully evaluated round gives the clients' mean accuracy, the mean of the worst
+10 % of clients, the worst client and the spread across clients (population std), computed by the
+ServerApp over every client of the run's split (:mod:`resist_fl.core.client_accuracy`); the
+section gives each figure's mean ± sample std over the group's seeds. Runs without ``client-eval``
+add nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from resist_fl.run.outputs import read_metrics
+
+FIGURES = ("mean", "worst10", "min", "std")
+HEADERS = {"mean": "client mean", "worst10": "worst 10 % of clients", "min": "worst client",
+           "std": "spread (std across clients)"}
+
+
+def last_client_row(rows: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
+    """The client figures of the last row that has them (None: the run did not record any)."""
+    for row in reversed(rows):
+        if row.get("client-accuracy-mean") is not None:
+            return {f: float(row[f"client-accuracy-{f}"]) for f in FIGURES}
+    return None
+
+
+def client_lines(runs_dir: Path, groups: Mapping[tuple[str, str], Sequence[Any]],
+                 label: Callable[[str, str], str]) -> tuple[list[str], dict[str, Any]]:
+    """Markdown lines of the section and its ``report.json`` entry ({} when no run has client figures)."""
+    table: dict[str, dict[str, list[float]]] = {}
+    for (variant, strategy), runs in groups.items():
+        for run in runs:
+            figures = last_client_row(read_metrics(Path(runs_dir) / run.name))
+            if figures is not None:
+                for f in FIGURES:
+                    table.setdefault(label(variant, strategy), {}).setdefault(f, []).append(figures[f])
+    if not table:
+        return [], {}
+
+    def cell(values: list[float]) -> str:
+        spread = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        return f"{np.mean(values):.4f} ± {spread:.4f}"
+
+    lines = ["## Per-client accuracy", "",
+             "| group | seeds | " + " | ".join(HEADERS[f] for f in FIGURES) + " |",
+             "|---|---|" + "---|" * len(FIGURES)]
+    for name, by_figure in table.items():
+        lines.append(f"| {name} | {len(by_figure['mean'])} | " + " | ".join(cell(by_figure[f]) for f in FIGURES)
+                     + " |")
+    lines += ["", "The global model's accuracy on each client's label distribution's share of the test set "
+              "(`client-eval`: the client's label mix weighting the per-label test accuracy), every client of "
+              "the split, at the last round evaluated on the whole test set; worst 10 %: mean over the "
+              "lowest-scoring tenth of the clients (at least one). Mean ± sample std over seeds.", ""]
+    summary = {name: {f: float(np.mean(v)) for f, v in by_figure.items()} for name, by_figure in table.items()}
+    return lines, {"clients": summary}
