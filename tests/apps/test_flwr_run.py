@@ -16,7 +16,9 @@ from resist_fl.flower.round_recorder import PRIVATE_DROPPED
 from resist_fl.run.cli_config import render_config, toml_value
 from resist_fl.run.methods import METHODS
 from resist_fl.run.outputs import SUMMARY_FILE, read_metrics
+from resist_fl.data.idx import IDX_DATASETS
 from simulations.launcher import LaunchResult, marked_pids, run_flwr
+from simulations.presets import load_preset, to_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 ROUNDS = 2
@@ -35,6 +37,12 @@ CASES = {**{name: {"strategy": name, **({} if name in ("resist", "fedavg") else 
          "heterofl-central-secret": {"strategy": "heterofl", **HETERO, "dp": "central", "weighting": "uniform",
                                      "dp-clip": 0.5, "dp-noise-multiplier": 0.5, "dp-sampling": "secret"},
          "fedavg-local-dp": {"strategy": "fedavg", "dp": "local", "norm": "groupnorm", "local-steps": 4}}
+FMNIST = Path(IDX_DATASETS["fashion-mnist"].debian_dir).is_dir()  # .ci/run installs it (as root)
+if FMNIST:  # the Fashion-MNIST preset's federation (100 SuperNodes, 10 per round), a few small rounds
+    CASES["fmnist-preset-100"] = {**to_dict(load_preset("fmnist-dirichlet05"))["run-config"], "strategy": "resist",
+                                  "num-server-rounds": ROUNDS, "local-steps": 2,
+                                  "base-width": 4, "eval-subset": 500}
+NODES = {"fmnist-preset-100": 100}
 RUN_NAMES = {"fedavg": "fedavg it's \"quoted\""}  # both quote kinds: the launcher's TOML file carries them
 
 pytestmark = pytest.mark.slow  # the real flwr run engine (about 45 s)
@@ -42,7 +50,7 @@ pytestmark = pytest.mark.slow  # the real flwr run engine (about 45 s)
 
 def launch(case: str, out: Path) -> LaunchResult:
     config = {**TINY, **CASES[case], "output-dir": str(out / "runs dir"), "run-name": RUN_NAMES.get(case, case)}
-    return run_flwr(ROOT, config, num_supernodes=3, timeout_s=300, workdir=out / "logs")
+    return run_flwr(ROOT, config, num_supernodes=NODES.get(case, 3), timeout_s=420, workdir=out / "logs")
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +84,20 @@ def test_resist_sends_fewer_bytes_per_round_than_fedavg(launches):
     resist, fedavg = (read_metrics(launches[s].run_dir) for s in ("resist", "fedavg"))
     for r, f in zip(resist, fedavg, strict=True):
         assert 0 < r["bytes-down"] + r["bytes-up"] < f["bytes-down"] + f["bytes-up"]
+
+
+@pytest.mark.skipif(not FMNIST, reason="apt-get install dataset-fashion-mnist (.ci/run does)")
+def test_the_fashion_mnist_preset_runs_100_supernodes_with_per_client_accuracy(launches):
+    result = launches["fmnist-preset-100"]
+    assert result.success, f"{result.reason}\n{result.log_path.read_text()[-3000:]}"
+    rows = read_metrics(result.run_dir)
+    assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1)) and all(r["nodes"] == 10 for r in rows)
+    assert [r["eval-images"] for r in rows] == [500] * (ROUNDS - 1) + [10_000]  # a subset, then the test set
+    last = rows[-1]
+    assert 0 <= last["client-accuracy-min"] <= last["client-accuracy-worst10"] <= last["client-accuracy-mean"] <= 1
+    nodes = read_metrics(result.run_dir, "nodes.jsonl")
+    assert all(sum(n["round"] == r for n in nodes) == 10 for r in range(1, ROUNDS + 1))  # 10 % per round
+    assert all(n["budget-used"] <= 1 and n["over-capacity"] == 0 for n in nodes)  # the floor fits 0.25
 
 
 @pytest.mark.parametrize("strategy", ["resist", "fedavg"])
