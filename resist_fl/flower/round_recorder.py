@@ -234,8 +234,10 @@ class RoundRecorder:
         nodes = self.node_rows(run_round, traffic, report)
         evaluated: dict[str, float | int | None] = {}
         if self.evaluation is not None and (run_round % self.eval_every == 0 or run_round == self.num_rounds):
+            started = time.perf_counter()
             evaluated = _numbers(self.evaluation(run_round, self.final_state()))
             row.update(evaluated)
+            row["eval-seconds"] = time.perf_counter() - started  # the server's evaluation of the global model
         reason = divergence_reason((r.get("train-loss") for r in self.rows), row.get("train-loss"),
                                    row.get("replies-non-finite", 0))
         row["diverging"] = int(reason is not None)
