@@ -140,7 +140,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     steps = steps_for(num_examples, settings.batch_size, settings.local_steps, settings.local_epochs)
     lr = scheduled_lr(settings.lr, settings.lr_schedule, run_round, settings.num_server_rounds)
     torch.manual_seed(round_seed)
-    before_step = node_hook(settings.strategy).before_step(model, spec, config, round_seed)
+    local = node_hook(settings.strategy).local_training(model, spec, config, round_seed)
     private = settings.dp != "none"
     with PeakMemory(device) as peak:
         if settings.dp == "local":  # DP-SGD (Opacus); the accountant's history is the node's ledger on disk
@@ -153,7 +153,8 @@ def train_handler(msg: Message, context: Context) -> Message:
         else:
             result = train(model, loader, steps=steps, lr=lr, momentum=settings.momentum,
                            weight_decay=settings.weight_decay, device=device,
-                           amp=settings.amp, clip_grad_norm=settings.clip_grad_norm, before_step=before_step)
+                           amp=settings.amp, clip_grad_norm=settings.clip_grad_norm, before_step=local.before_step,
+                           loss_fn=local.loss)
     slowdown = profile_value(parse_profile("slowdown-profile", settings.slowdown_profile, low=1.0), partition_id)
     simulated = (slowdown - 1.0) * result.seconds  # a simulated straggler: sleeps, labelled as such
     time.sleep(simulated)

@@ -11,6 +11,8 @@ NORMS = ("batchnorm", "batchnorm-running", "groupnorm")
 """Normalisation layers: the paper's BatchNorm without running statistics
 (batch statistics also at test time), BatchNorm with running statistics, and
 GroupNorm (no batch statistics at all)."""
+NORM_LAYERS = (nn.BatchNorm2d, nn.GroupNorm)
+"""The module classes :func:`make_norm` builds."""
 
 
 def make_norm(norm: str, channels: int) -> nn.Module:

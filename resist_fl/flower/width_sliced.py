@@ -10,11 +10,17 @@ the same node sampling, reply screening, metering, transport, central-DP wrapper
   every convolution's output by r while training (HeteroFL's *scaler*);
 - ``fedrolex`` (Alam et al., NeurIPS 2022): the same rates, but the kept channels are a window
   whose start advances by one channel every round (wrapping around); no scaler;
-- ``fjord`` (Horváth et al., NeurIPS 2021): the node gets its largest nested sub-model (prefix,
-  like HeteroFL, no scaler) and trains, for every local batch, the nested sub-model of a width
-  drawn uniformly from the rates at or below its own (ordered dropout,
-  :mod:`resist_fl.node.ordered_dropout`; the variant without self-distillation); it returns its
-  largest sub-model.
+- ``fjord`` (Horváth et al., NeurIPS 2021): FjORD's own width levels (``fjord-levels``, 0.2 .. 1.0
+  as in its code, ``baselines/fjord/fjord/conf/common.yaml`` lines 33-38 of adap/flower); the node
+  gets the largest level its budget fits (its code assigns the maximum level by client id,
+  ``main.py`` lines 189-190: here the budget decides) as a nested sub-model (prefix, like HeteroFL,
+  no scaler) and trains, for every local batch, the nested sub-model of a level drawn uniformly from
+  those at or below its own (ordered dropout, :mod:`resist_fl.node.ordered_dropout`); it returns its
+  largest sub-model. ``fjord-kd`` adds the paper's self-distillation (``models.py`` lines 251-258):
+  each batch also trains the node's largest level on the labels, whose detached softmax is the
+  sampled level's target. A level's sub-model has ``round(p x base-width)`` channels in the first
+  stage and the stages' ratios after it (FjORD's code takes ``ceil(p x C)`` of each layer,
+  ``od/layers/conv.py`` lines 28-36: at base width 8 its levels keep 2/4/5/7/8 channels, these 2/3/5/6/8).
 
 Every element of every global tensor becomes the weighted mean over the nodes whose sub-model held
 it (:func:`~resist_fl.core.width_slicing.merge_sliced`); elements nobody held stay. The message
@@ -42,7 +48,7 @@ from resist_fl.core.width_slicing import (
     prefix_indices,
     rolling_indices,
 )
-from resist_fl.flower.message_keys import FJORD_RATES, WIDTH_RATE, WIDTH_SCALER
+from resist_fl.flower.message_keys import FJORD_DISTILL, FJORD_RATES, WIDTH_RATE, WIDTH_SCALER
 from resist_fl.flower.method_factory import Built, ModelParts
 from resist_fl.flower.round_skeleton import Plan, SubModelStrategy, Update, settings_of
 from resist_fl.run.settings import RunSettings
@@ -80,7 +86,7 @@ class WidthSliced(SubModelStrategy):
                  **overrides: Any) -> None:
         settings = settings_of(settings, overrides)
         super().__init__(tuple(keys), settings, costs)
-        self.rates = tuple(sorted({actual_rate(spec, r) for r in settings.rates()}, reverse=True))
+        self.rates = tuple(sorted({actual_rate(spec, r) for r in self.candidate_rates(settings)}, reverse=True))
         self.spec = spec
         self.label = self.mode
         self.groups = key_groups(spec, self.keys)
@@ -91,6 +97,11 @@ class WidthSliced(SubModelStrategy):
         return self.costs.max_rate(self.sampler.capacity(node), self.settings.capacity_measure, self.rates)
 
     # -- what a method changes -----------------------------------------------------------------
+    @staticmethod
+    def candidate_rates(settings: RunSettings) -> tuple[float, ...]:
+        """The widths a node may get (``width-rates``); the largest that fits its budget is its own."""
+        return settings.rates()
+
     def indices_for(self, rate: float, run_round: int) -> dict[str, np.ndarray]:
         """The channels a sub-model of ``rate`` keeps in ``run_round``: the first ``r x C`` (a prefix)."""
         return prefix_indices(self.spec, rate)
@@ -148,9 +159,22 @@ class FedRolex(WidthSliced):
 
 
 class FjORD(WidthSliced):
-    """FjORD: the largest nested sub-model; per local batch a width at or below the node's own."""
+    """FjORD: the largest nested level that fits; per local batch a level at or below the node's own."""
 
     mode = "fjord"
+    distill = False
+
+    @staticmethod
+    def candidate_rates(settings: RunSettings) -> tuple[float, ...]:
+        return settings.fjord_rates()
 
     def node_config(self, rate: float) -> dict[str, Any]:
-        return {WIDTH_SCALER: False, FJORD_RATES: sorted(r for r in self.rates if r <= rate)}
+        return {WIDTH_SCALER: False, FJORD_RATES: sorted(r for r in self.rates if r <= rate),
+                FJORD_DISTILL: self.distill}
+
+
+class FjORDDistilled(FjORD):
+    """FjORD with self-distillation (``fjord-kd``): the node's largest level teaches the sampled one."""
+
+    mode = "fjord-kd"
+    distill = True

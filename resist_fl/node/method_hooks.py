@@ -10,6 +10,7 @@ carries arrays, set by the strategy that sent it; a hook reads it from there.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,9 +18,21 @@ import torch
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.model import ModelSpec, build_model
 from resist_fl.core.width_slicing import sliced_spec
-from resist_fl.flower.message_keys import BLOCKS, FJORD_RATES, WIDTH_RATE, WIDTH_SCALER
+from resist_fl.flower.message_keys import BLOCKS, FJORD_DISTILL, FJORD_RATES, WIDTH_RATE, WIDTH_SCALER
 from resist_fl.node.ordered_dropout import OrderedDropout
 from resist_fl.node.width_scaler import attach_width_scaler
+
+
+Loss = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``loss(model, images, labels)``: a step's loss, forward passes included (default: cross-entropy of one pass)."""
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """How a method's node trains differently from plain SGD on cross-entropy (None: it does not)."""
+
+    before_step: Callable[[int], object] | None = None
+    loss: Loss | None = None
 
 
 class SubNetwork:
@@ -30,10 +43,10 @@ class SubNetwork:
         """The (untrained) model the message's arrays load into."""
         return build_model(spec) if BLOCKS not in config else layout.build_subnetwork(spec, list(config[BLOCKS]))
 
-    def before_step(self, model: torch.nn.Module, spec: ModelSpec, config: Mapping[str, Any],
-                    seed: int) -> Callable[[], object] | None:
-        """What runs before every local step (None: nothing)."""
-        return None
+    def local_training(self, model: torch.nn.Module, spec: ModelSpec, config: Mapping[str, Any],
+                       seed: int) -> LocalTraining:
+        """What runs before every local step and the step's loss (plain SGD on cross-entropy here)."""
+        return LocalTraining()
 
 
 class WidthSlice(SubNetwork):
@@ -51,8 +64,10 @@ class WidthSlice(SubNetwork):
 
 class OrderedDropoutWidths(WidthSlice):
     """FjORD: the node's largest nested sub-model, and before every local step a width drawn from
-    the message's ``fjord-rates`` (ordered dropout, :mod:`resist_fl.node.ordered_dropout`)."""
+    the message's ``fjord-rates`` (ordered dropout, :mod:`resist_fl.node.ordered_dropout`); with
+    ``fjord-distill`` the step's loss is self-distillation's."""
 
-    def before_step(self, model: torch.nn.Module, spec: ModelSpec, config: Mapping[str, Any],
-                    seed: int) -> Callable[[], object] | None:
-        return OrderedDropout(model, spec, float(config[WIDTH_RATE]), list(config[FJORD_RATES]), seed=seed).sample
+    def local_training(self, model: torch.nn.Module, spec: ModelSpec, config: Mapping[str, Any],
+                       seed: int) -> LocalTraining:
+        od = OrderedDropout(model, spec, float(config[WIDTH_RATE]), list(config[FJORD_RATES]), seed=seed)
+        return LocalTraining(od.sample, od.distillation_loss if bool(config.get(FJORD_DISTILL, False)) else None)

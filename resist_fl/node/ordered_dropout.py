@@ -1,11 +1,14 @@
-"""FjORD's ordered dropout on a node (Horváth et al., NeurIPS 2021), the variant without
-self-distillation: the node holds its largest sub-model (width ``p_max``: the first ``p_max * C``
-channels of every layer) and, for every local batch, samples a width ``p`` uniformly from the
-discrete set at or below ``p_max`` and trains the nested sub-model ``p`` — the first ``p * C``
-channels of every channel group — by zeroing the outputs of every convolution and normalisation
-layer beyond them. With BatchNorm this is exactly the nested sub-model's forward pass (a zeroed
-channel stays zero through the block); with GroupNorm the kept channels' groups see zeros, an
-approximation. The sampled widths are nested and never above ``p_max``.
+"""FjORD's ordered dropout on a node (Horváth et al., NeurIPS 2021), with or without its
+self-distillation (:meth:`OrderedDropout.distillation_loss`): the node holds its largest sub-model
+(width ``p_max``: the first ``p_max * C`` channels of every layer) and, for every local batch,
+samples a width ``p`` uniformly from the discrete set at or below ``p_max`` and trains the nested
+sub-model ``p`` — the first ``p * C`` channels of every channel group — by zeroing the outputs of
+every convolution and normalisation layer beyond them. With BatchNorm this is exactly the nested
+sub-model's forward pass (a zeroed channel stays zero through the block); with GroupNorm the kept
+channels' groups see zeros, an approximation. The sampled widths are nested and never above
+``p_max``. FjORD's code keeps separate BatchNorm running statistics per width with shared affine
+parameters (``od/layers/batch_norm.py`` lines 32-45 of adap/flower's ``baselines/fjord``); here one
+BatchNorm's running statistics see every width's batches.
 """
 
 from __future__ import annotations
@@ -50,6 +53,20 @@ class OrderedDropout:
         self.rate = float(self.rng.choice(self.rates))
         self.drawn.append(self.rate)
         return self.rate
+
+    def distillation_loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """FjORD's self-distillation step (its code, ``baselines/fjord/fjord/models.py`` lines 251-258 of
+        adap/flower): cross-entropy of the node's largest width on the labels, plus cross-entropy of
+        the width drawn for this step against the largest width's detached softmax (temperature 1, no
+        weight; the drawn width gets no label loss). One backward of the sum is the code's two
+        backward passes before one step."""
+        drawn = self.rate
+        self.rate = self.max_rate
+        teacher = model(images).float()
+        self.rate = drawn
+        student = model(images).float()
+        return (nn.functional.cross_entropy(teacher, labels)
+                + nn.functional.cross_entropy(student, teacher.detach().softmax(dim=1)))
 
     def _hook(self, group: str):
         def mask_output(module: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor:

@@ -90,7 +90,8 @@ def _batches(loader: Batches, steps: int) -> Iterator:
 
 def train(model: nn.Module, loader: Batches, *, steps: int, lr: float, momentum: float,
           weight_decay: float, device: torch.device, amp: bool = False,
-          clip_grad_norm: float = 0.0, before_step: Callable[[int], None] | None = None) -> TrainResult:
+          clip_grad_norm: float = 0.0, before_step: Callable[[int], None] | None = None,
+          loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> TrainResult:
     """Train ``model`` in place for ``steps`` SGD steps with a fresh optimiser.
 
     A fresh SGD optimiser (no momentum carried between rounds) matches the
@@ -98,7 +99,8 @@ def train(model: nn.Module, loader: Batches, *, steps: int, lr: float, momentum:
     forward pass runs under bfloat16 autocast (CUDA or CPU) and the loss is computed in fp32.
     ``clip_grad_norm > 0`` rescales each step's gradient to at most that L2 norm (over all
     parameters). ``before_step(step)`` is called before each step's forward pass (FjORD samples
-    that step's width there: :mod:`resist_fl.node.ordered_dropout`). The step loop never waits
+    that step's width there: :mod:`resist_fl.node.ordered_dropout`); ``loss_fn(model, images, labels)``
+    replaces the step's loss, forward passes included (FjORD's self-distillation). The step loop never waits
     for the device: the loss is summed on it and read once at the end.
     """
     start = time.perf_counter()
@@ -109,9 +111,13 @@ def train(model: nn.Module, loader: Batches, *, steps: int, lr: float, momentum:
         if before_step is not None:
             before_step(step)
         images, labels = _to_device(images, labels, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(images)
-        loss = nn.functional.cross_entropy(logits.float(), labels)  # the loss in fp32 under amp
+        if loss_fn is None:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(images)
+            loss = nn.functional.cross_entropy(logits.float(), labels)  # the loss in fp32 under amp
+        else:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = loss_fn(model, images, labels)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         if clip_grad_norm > 0:

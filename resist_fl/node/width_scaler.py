@@ -1,26 +1,38 @@
-"""HeteroFL's *scaler*: while training, a width-``r`` sub-model divides the output of every
-convolution by ``r``, so its activations keep the full model's scale (Diao et al., ICLR 2021);
-at evaluation the outputs are left alone."""
+"""HeteroFL's *scaler* (Diao, Ding, Tarokh, ICLR 2021): while training, a width-``r`` sub-model divides
+the input of every normalisation layer by ``r``; at evaluation it does nothing.
+
+Where, as its code applies it (``src/models/resnet.py`` of diaoenmao/HeteroFL-Computation-and-
+Communication-Efficient-Federated-Learning-for-Heterogeneous-Clients, lines 45 and 48:
+``self.n1(self.scaler(x))``, ``self.n2(self.scaler(out))``; ``Scaler`` in ``src/modules/modules.py``
+lines 9-10: ``input / self.rate if self.training else input``): in front of each block's two norms,
+and in front of the final norm before the head (line 148). The pre-activation ResNet here has no norm
+before the head (the ResIST paper's model), so that third position has no counterpart: the logits are
+never scaled. In front of a BatchNorm or GroupNorm with batch statistics the division cancels (up to
+the norm's epsilon), as it does in HeteroFL's code, where every BatchNorm trains on batch statistics
+(``track_running_stats=False``, ``resnet.py`` lines 16-17).
+"""
 
 from __future__ import annotations
 
 from torch import nn
+
+from resist_fl.core.norms import NORM_LAYERS
 
 
 class _Scale:
     def __init__(self, rate: float) -> None:
         self.rate = rate
 
-    def __call__(self, module: nn.Module, _inputs, output):
-        return output / self.rate if module.training else output
+    def __call__(self, module: nn.Module, inputs: tuple):
+        return (inputs[0] / self.rate, *inputs[1:]) if module.training else None
 
 
 def attach_width_scaler(model: nn.Module, rate: float) -> nn.Module:
-    """Divide every ``nn.Conv2d`` output of ``model`` by ``rate`` in training mode (in place)."""
+    """Divide the input of every normalisation layer of ``model`` by ``rate`` in training mode (in place)."""
     if not 0 < rate <= 1:
         raise ValueError(f"width rate = {rate!r}: expected a number in (0, 1]")
     if rate < 1:
         for module in model.modules():
-            if isinstance(module, nn.Conv2d):
-                module.register_forward_hook(_Scale(rate))
+            if isinstance(module, NORM_LAYERS):
+                module.register_forward_pre_hook(_Scale(rate))
     return model

@@ -59,6 +59,8 @@ class Method:
 SERVER_STEP = ("server-lr",)
 WIDTH_SLICE = "resist_fl.node.method_hooks:WidthSlice"
 CENTRAL_ONLY = ("central",)
+ORDERED_DROPOUT = "resist_fl.node.method_hooks:OrderedDropoutWidths"
+FJORD_LEVELS = ("fjord-levels",)
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("resist", "ResIST", "resist_fl.flower.resist:from_settings", reads=SERVER_STEP),
@@ -69,8 +71,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("fedrolex", "FedRolex", "resist_fl.flower.width_sliced:FedRolex.from_settings", width_sliced=True,
            node_hook=WIDTH_SLICE),
     Method("fjord", "FjORD", "resist_fl.flower.width_sliced:FjORD.from_settings", width_sliced=True,
-           node_hook="resist_fl.node.method_hooks:OrderedDropoutWidths",
+           node_hook=ORDERED_DROPOUT, reads=FJORD_LEVELS,
            dp=CENTRAL_ONLY),  # ordered dropout per batch is not what Opacus' DP-SGD trains
+    Method("fjord-kd", "FjORD (KD)", "resist_fl.flower.width_sliced:FjORDDistilled.from_settings",
+           width_sliced=True, node_hook=ORDERED_DROPOUT, reads=FJORD_LEVELS, dp=CENTRAL_ONLY),
     Method("depth-tiers", "depth tiers", "resist_fl.flower.resist:depth_tiers_from_settings",
            reads=SERVER_STEP),
     Method("fedavg-small", "FedAvg-small", "resist_fl.flower.fedavg:small_from_settings", federated_evaluation=True,

@@ -129,7 +129,9 @@ class RunSettings(BaseModel):
     capacity_measure: Literal[CAPACITY_MEASURES] = Field('flops',
         description="what a node's capacity is a fraction of: `flops` (forward + backward FLOPs per sample of what it is sent, measured), `params`, or `blocks` (ResIST's partitionable blocks); every method gives a node the largest sub-model of its kind within it")
     width_rates: Str = Field('channels',
-        description="`heterofl` / `fedrolex` / `fjord` / `fedavg-small`: the widths a node may get, the largest whose measured cost fits its capacity (FjORD samples among those at or below it): `channels` (every channel count of the first stage, 1 .. `base-width`: each node's full budget, within a relative tolerance of 1e-9) or rates in (0, 1] separated by commas (HeteroFL's grid: `1,0.5,0.25,0.125,0.0625`)")
+        description="`heterofl` / `fedrolex` / `fedavg-small`: the widths a node may get, the largest whose measured cost fits its capacity: `channels` (every channel count of the first stage, 1 .. `base-width`: each node's full budget, within a relative tolerance of 1e-9) or rates in (0, 1] separated by commas (HeteroFL's grid: `1,0.5,0.25,0.125,0.0625`)")
+    fjord_levels: Str = Field('0.2,0.4,0.6,0.8,1.0',
+        description="`fjord` / `fjord-kd`: FjORD's width levels p in (0, 1] (its paper's and code's 0.2 .. 1.0); a node's maximum level is the largest whose measured cost fits its capacity, and every local batch trains a level drawn uniformly from those at or below it")
     capacity_profile: Str = Field('',
         description="simulation: node capacities in (0, 1] by partition id, cycled, e.g. `\"1.0,0.5,0.25,0.25\"` (a node's own `capacity` node config wins; none: 1.0)")
     capacity_mode: Literal[CAPACITY_MODES] = Field('fixed',
@@ -255,6 +257,7 @@ class RunSettings(BaseModel):
             raise SettingsError(f"fraction-evaluate = {self.fraction_evaluate!r}: {method.label} evaluates "
                                 "centrally only (its clients hold sub-networks); expected 0.0")
         self.rates()
+        self.fjord_rates()
         if self.dataset == "npz" and not self.data_path:
             raise SettingsError("data-path = '': dataset 'npz' needs the absolute path of a .npz file")
         if self.dataset == "imagefolder" and not self.data_path:
@@ -350,6 +353,17 @@ class RunSettings(BaseModel):
             raise SettingsError(f"width-rates = {self.width_rates!r}: expected {CHANNELS!r} or numbers in (0, 1] "
                                 "separated by commas, e.g. '1,0.5,0.25'")
         return rates
+
+    def fjord_rates(self) -> tuple[float, ...]:
+        """``fjord-levels`` as numbers in (0, 1], largest first."""
+        try:
+            levels = tuple(sorted({float(r) for r in self.fjord_levels.split(",")}, reverse=True))
+        except ValueError:
+            levels = ()
+        if not levels or any(not 0 < r <= 1 for r in levels):
+            raise SettingsError(f"fjord-levels = {self.fjord_levels!r}: expected numbers in (0, 1] separated by "
+                                "commas, e.g. '0.2,0.4,0.6,0.8,1.0'")
+        return levels
 
     def depth_percents(self) -> tuple[int, ...]:
         """``eval-depths`` as sorted integer percentages of the partitionable blocks."""
