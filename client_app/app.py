@@ -140,7 +140,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     steps = steps_for(num_examples, settings.batch_size, settings.local_steps, settings.local_epochs)
     lr = scheduled_lr(settings.lr, settings.lr_schedule, run_round, settings.num_server_rounds)
     torch.manual_seed(round_seed)
-    local = node_hook(settings.strategy).local_training(model, spec, config, round_seed)
+    local = node_hook(settings.strategy).local_training(model, spec, config, round_seed, partition.labels)
     private = settings.dp != "none"
     with PeakMemory(device) as peak:
         if settings.dp == "local":  # DP-SGD (Opacus); the accountant's history is the node's ledger on disk
@@ -166,7 +166,8 @@ def train_handler(msg: Message, context: Context) -> Message:
             metrics["dp-epsilon"] = trained.epsilon
     else:
         metrics = {"blocks": blocks_trained, "peak-memory-mb": peak.megabytes, "memory-measure": peak.measure,
-                   "simulated-seconds": simulated, "device-cache-mb": cache.device_bytes / 2**20}
+                   "simulated-seconds": simulated, "device-cache-mb": cache.device_bytes / 2**20,
+                   **local.reply_metrics}
     return train_reply(msg, model, num_examples=num_examples, train_loss=result.loss,
                        train_seconds=result.seconds + simulated, local_steps=result.steps, metrics=metrics,
                        private=private)

@@ -15,7 +15,7 @@ from resist_fl.core.client_accuracy import client_accuracies, fairness_summary
 from resist_fl.core.decomposition import BlockLayout, scale_key
 from resist_fl.core.model import ModelSpec, build_model
 from resist_fl.core.residual_nets import set_residual_scales
-from resist_fl.data import DataError, EvalBatches, load_test_set, normalization
+from resist_fl.data import DataError, EvalBatches, load_partition, load_test_set, normalization
 from resist_fl.data.partitioning import partition_label_counts
 from resist_fl.core.model_cost import CostModel
 from resist_fl.core.width_slicing import key_groups, prefix_indices, slice_state, sliced_spec
@@ -24,6 +24,7 @@ from resist_fl.flower.round_recorder import RoundRecorder
 from resist_fl.run.outputs import CONFIG_FILE, run_directory, write_json
 from resist_fl.run.settings import RunSettings, resolve_model
 from resist_fl.run.tracking import open_tracker
+from resist_fl.node.batchnorm_statistics import with_training_statistics
 from resist_fl.node.training import evaluate, evaluate_by_class, precision, resolve_device
 
 app = ServerApp()
@@ -43,7 +44,10 @@ class CentralEvaluation:
     ``width_rates`` (a live set: the rates a width-sliced strategy has sent so far), each the
     global model's first ``r x C`` channels, as HeteroFL evaluates its tiers. With
     ``client_labels`` (``client-eval``), rounds on the whole test set also give the per-client
-    figures ``client-accuracy-{mean,worst10,min,std}`` (:mod:`resist_fl.core.client_accuracy`)."""
+    figures ``client-accuracy-{mean,worst10,min,std}`` (:mod:`resist_fl.core.client_accuracy`).
+    With ``bn-statistics='training-data'`` the global model is evaluated with BatchNorm statistics
+    re-estimated over the whole training set first (HeteroFL's static BatchNorm,
+    :mod:`resist_fl.node.batchnorm_statistics`; the tiers keep batch statistics)."""
 
     def __init__(self, settings: RunSettings, spec: ModelSpec, layout: BlockLayout, test_loader: EvalBatches,
                  width_rates: set[float] | None = None, subset_loader: EvalBatches | None = None,
@@ -56,12 +60,12 @@ class CentralEvaluation:
         self.device = resolve_device(settings.device)
         self.model = build_model(spec)  # built once, loaded with the global state at each evaluation
         self.truncated: dict[int, torch.nn.Module] = {}  # any-depth evaluation models, by percent
+        self.training_set = None  # bn-statistics='training-data': the whole training set, loaded once
 
     def __call__(self, run_round: int, state: dict[str, torch.Tensor]) -> dict[str, float]:
-        self.model.load_state_dict(state)
         final = run_round >= self.settings.num_server_rounds or self.subset_loader is None
         loader = self.test_loader if final else self.subset_loader
-        result = evaluate_by_class(self.model, loader, self.device, self.settings.amp)
+        result = evaluate_by_class(self.global_model(state), loader, self.device, self.settings.amp)
         metrics = {"loss": result.loss, "accuracy": result.accuracy, "eval-images": len(loader.data)}
         counts = self.client_labels() if self.client_labels is not None and loader is self.test_loader else None
         if counts is not None:
@@ -72,6 +76,20 @@ class CentralEvaluation:
         for rate in sorted(r for r in self.width_rates if r < 1):
             metrics[f"accuracy-width-{round(100 * rate, 2):g}"] = self.evaluate_width(state, rate)
         return metrics
+
+    def global_model(self, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """The model evaluated: the global state, with statistics re-estimated on the training data
+        under ``bn-statistics='training-data'``."""
+        if self.settings.bn_statistics == "training-data":
+            s = self.settings
+            if self.training_set is None:
+                self.training_set = load_partition(s.dataset, 0, 1, partitioner="iid", seed=s.seed,
+                                                   data_path=s.data_path, image_size=s.image_size)
+            batches = EvalBatches(self.training_set, s.batch_size, device=self.device,
+                                  normalization=normalization(s.dataset, s.data_path, s.image_size))
+            return with_training_statistics(self.spec, state, batches, self.device)
+        self.model.load_state_dict(state)
+        return self.model
 
     def evaluate_width(self, state: dict[str, torch.Tensor], rate: float) -> float:
         """Accuracy of the global model's width-``rate`` prefix sub-model (no scaler at evaluation)."""

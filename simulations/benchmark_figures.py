@@ -163,6 +163,40 @@ ROWS: dict[str, tuple[str, Callable[[Path], str], Path, str, str]] = {
 """Per row: what it measures, the row's reader, the committed output it reads, the target, the command."""
 
 
+FEDERATION_SPEED = PERFORMANCE / "federation_speed_benchmark.json"
+"""What ``benchmarks/federation_speed_benchmark.py --json`` wrote (read as JSON, not parsed from print)."""
+
+
+def federation_speed_block(path: Path = FEDERATION_SPEED) -> list[str]:
+    """The 100-node Fashion-MNIST run's figures: start-up, round / training / evaluation seconds, and a
+    node's step inside the simulation against the same steps outside Flower, with the ratios computed here."""
+    import json
+
+    figures = json.loads(_read(path))
+    args, inside = figures["args"], figures["inside"]
+    later = slice(1, None)  # round 1 carries the actors' start-up
+
+    def median(values: list) -> float:
+        return statistics.median(v for v in values[later] if v is not None)
+
+    rows = [["start-up (launch to round 1's row)", f"{inside['startup-seconds']:.1f} s"],
+            ["round (messages out to merged model), median of rounds 2..", f"{median(inside['round-seconds']):.2f} s"],
+            ["sampled nodes' training seconds (sum), median", f"{median(inside['node-train-seconds']):.2f} s"],
+            ["server evaluation of the global model, median", f"{median(inside['eval-seconds']):.2f} s"],
+            ["a node's step inside the simulation", f"{inside['step-ms']:.1f} ms"],
+            ["the same steps outside Flower, train(), 1 thread", f"{figures['outside-1-thread-ms']:.1f} ms"],
+            [f"the same steps outside Flower, train(), {figures['threads']} threads",
+             f"{figures['outside-all-threads-ms']:.1f} ms"],
+            ["a bare PyTorch step, 1 thread", f"{figures['bare-ms']:.1f} ms"],
+            ["inside / outside, 1 thread", f"**{inside['step-ms'] / figures['outside-1-thread-ms']:.3f}**"],
+            [f"inside / outside, {figures['threads']} threads",
+             f"**{inside['step-ms'] / figures['outside-all-threads-ms']:.3f}**"]]
+    setting = (f"`flwr run`, {args['model']} width {args['width']}, {args['dataset']}, {args['supernodes']} "
+               f"SuperNodes, {args['fraction']:g} of them per round, {args['local_steps']} local steps of "
+               f"{args['batch_size']}, {args['rounds']} rounds; {_link(path)}")
+    return [setting, "", "| figure | value |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)]
+
+
 def summary_block() -> list[str]:
     """The summary table: what, the benchmark's setting line, the figure, the target, command and output."""
     lines = ["| what | setting (the benchmark's first line) | figure | target | command |",

@@ -26,11 +26,14 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.model import ModelSpec
 from resist_fl.core.model_cost import CostModel
 from resist_fl.run.outputs import CONFIG_FILE, read_metrics
 from simulations import benchmark_figures, probe_figures, report
+from simulations.client_report import last_client_row
 from simulations.node_costs import link_time_lines, node_summary
 from simulations.privacy_report import run_privacy
 
@@ -90,6 +93,49 @@ def baselines_block(name: str) -> list[str]:
             "paired-t 95 % interval: wins above 0, loses below, ties across; simulations/paired_stats.py)."] \
         if paired else []
     return [source, "", *report.table(head, rows), *note]
+
+
+def training_flops(run_dir: Path) -> float:
+    """The run's training FLOPs: every node-round's measured FLOPs per sample x the samples it was sent to
+    train (local steps x batch size), from ``nodes.jsonl`` and the run config."""
+    config = report.read_json(run_dir / CONFIG_FILE)["run_config"]
+    samples = int(config["local-steps"]) * int(config["batch-size"])
+    return float(sum(n["flops-per-sample"] * samples for n in read_metrics(run_dir, "nodes.jsonl")
+                     if n.get("flops-per-sample") is not None))
+
+
+def headline_block(name: str) -> list[str]:
+    """The study's headline table: accuracy with the paired rule's verdict against ResIST, the per-client
+    figures, the budget each capacity class used, and the bytes and training FLOPs spent."""
+    runs_dir, _, groups = _groups(name)
+    paired = {(r["variant"], r["strategy"]): r for r in report.paired_rows(groups)}
+    rows = []
+    for (variant, strategy), runs in groups.items():
+        stats = report.group_stats(variant, strategy, runs, None)
+        dirs = [runs_dir / r.name for r in runs]
+        clients = [c for c in (last_client_row(read_metrics(d)) for d in dirs) if c is not None]
+        budgets = (node_summary(dirs) or {}).get("budget-by-capacity", {})
+        found = paired.get((variant, strategy))
+        verdict = ("reference" if strategy == report.REFERENCE else "-" if found is None else
+                   f"**{found['verdict']}** ({found['mean']:+.4f}, [{found['low']:+.4f}, {found['high']:+.4f}])")
+        rows.append([report.group_label(variant, strategy), _pm(*stats.final), verdict,
+                     report.num(float(np.mean([c["mean"] for c in clients])), 4) if clients else "-",
+                     report.num(float(np.mean([c["worst10"] for c in clients])), 4) if clients else "-",
+                     ", ".join(f"{c:g}: {b:.2f}" for c, b in budgets.items()) or "-",
+                     report.num(float(np.mean([r.curve.gb[-1] for r in runs])), 3),
+                     report.num(float(np.mean([training_flops(d) for d in dirs])) / 1e12, 2)])
+    rows.sort(key=lambda r: -float(r[1].split(" ")[0]))
+    seeds = sorted({len(runs) for runs in groups.values()})
+    head = ["method", "final accuracy", "vs ResIST: paired difference, 95 % interval", "client mean",
+            "worst 10 % of clients", "budget used by capacity", "GB", "training TFLOPs"]
+    return [f"{'/'.join(map(str, seeds))} seeds per method; from [docs/results/{name}](results/{name}/report.md).",
+            "", *report.table(head, rows), "",
+            "Final accuracy: mean ± sample std over seeds on the 10,000 test images. The verdict is the report's "
+            "paired rule (method minus ResIST per seed, paired-t 95 % interval: wins above 0, loses below, ties "
+            "across; simulations/paired_stats.py). Client mean and worst 10 %: the global model on every client's "
+            "label mix (client-eval), mean over seeds. Budget used: mean training FLOPs sent over the node's "
+            "budget, per capacity class (1.00: all of it). GB: bytes sent and received by the server; training "
+            "TFLOPs: the nodes' measured FLOPs per sample x the samples trained, summed over the run."]
 
 
 def allocation_block(name: str, bandwidths: Sequence[float] = (10, 100)) -> list[str]:
@@ -171,6 +217,7 @@ TRACE_CODE = "with the code of commit 9508bb9 (2026-11-25), before the batched l
 BLOCKS: dict[str, Callable[[], list[str]]] = {
     "hetero-baselines": lambda: baselines_block("hetero-baselines"),
     "hetero-baselines-synthetic": lambda: baselines_block("hetero-baselines-synthetic"),
+    "fmnist-dirichlet05": lambda: headline_block("fmnist-dirichlet05"),
     "privacy-digits": lambda: privacy_block("privacy-digits"),
     "quick-cpu": lambda: baselines_block("quick-cpu"),
     "quick-warmup": lambda: baselines_block("quick-warmup"),
@@ -179,6 +226,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
                                             ("pre-activation", "quick-preact64"))),
     "round-line": lambda: round_line_block("quick-warmup", "no-warmup-resist-seed0", 3),
     "performance-summary": benchmark_figures.summary_block,
+    "federation-speed": benchmark_figures.federation_speed_block,
     "transport-digits": probe_figures.transport_block,
     "noniid-digits": lambda: probe_figures.grid_block("noniid-digits", "digits"),
     "noniid-synthetic": lambda: probe_figures.grid_block("noniid-synthetic", "synthetic"),

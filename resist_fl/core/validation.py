@@ -114,6 +114,22 @@ def check_metric(name: str, value: Any, high: float = MAX_METRIC) -> float | int
     return number
 
 
+MAX_LABELS = 100_000
+"""Most labels a reply may say its node holds (``labels-held``)."""
+
+
+def check_labels(value: Any) -> tuple[int, ...]:
+    """A reply's ``labels-held``: distinct non-negative integers, at most :data:`MAX_LABELS` of them,
+    else :class:`ReplyError` (the merge also ignores labels beyond the model's classes)."""
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_LABELS:
+        raise ReplyError(f"labels-held = {_short(value)}: expected a list of at most {MAX_LABELS} integers")
+    if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0 for v in value):
+        raise ReplyError(f"labels-held = {_short(value)}: expected non-negative integers")
+    if len(set(value)) != len(value):
+        raise ReplyError(f"labels-held = {_short(value)}: a label is repeated")
+    return tuple(sorted(int(v) for v in value))
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."

@@ -121,6 +121,29 @@ def rolling_indices(spec: ModelSpec, rate: float, server_round: int) -> dict[str
     return {group: np.sort((int(server_round) + np.arange(small[group])) % size) for group, size in full.items()}
 
 
+def overlapping_windows(spec: ModelSpec, rates: Sequence[float], overlap: float,
+                        rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
+    """FedRolex's ``overlap`` option, one index set per node of the round in order (its code,
+    ``resnet_server.py`` lines 98-110 of AIoT-MLSys-Lab/FedRolex): every channel group gets a random
+    permutation for the round; each node in turn advances the group's offset by
+    ``floor(L x (1 - overlap)) + 1`` modulo ``L`` (its own window size ``L``) and keeps ``L`` channels of
+    the permutation rolled by that offset, so the nodes of one round get shifted windows."""
+    if not 0 <= overlap <= 1:
+        raise ValueError(f"fedrolex-overlap = {overlap!r}: expected a number in [0, 1]")
+    full = channel_groups(spec)
+    permutation = {group: rng.permutation(size) for group, size in full.items()}
+    offset = dict.fromkeys(full, 0)
+    windows = []
+    for rate in rates:
+        small = channel_groups(sliced_spec(spec, rate))
+        kept = {}
+        for group, size in small.items():
+            offset[group] = (offset[group] + int(size * (1 - overlap)) + 1) % size
+            kept[group] = np.sort(np.roll(permutation[group], offset[group])[:size])
+        windows.append(kept)
+    return windows
+
+
 def slice_state(state: Mapping[str, np.ndarray], groups: Mapping[str, tuple[str | None, ...]],
                 indices: IndexSets) -> dict[str, np.ndarray]:
     """Every array of ``state`` cut to the index sets (the sub-model's ``state_dict``, global names)."""

@@ -95,7 +95,7 @@ def received_subnetwork(model: torch.nn.Module, layout: BlockLayout, message: Me
 
 def train_reply(message: Message, model: torch.nn.Module, *, num_examples: int, train_loss: float,
                 train_seconds: float, local_steps: int,
-                metrics: Mapping[str, int | float] | None = None, private: bool = False) -> Message:
+                metrics: Mapping[str, int | float | list[int]] | None = None, private: bool = False) -> Message:
     """The reply to a training message: ``model``'s arrays under the keys the message carried
     (encoded as they arrived), and the training metrics (plus ``metrics``, numbers only).
 

@@ -25,6 +25,8 @@ WIDTH_SCALER = "width-scaler"
 """Whether the node divides its convolutions' outputs by the rate while training (HeteroFL)."""
 FJORD_RATES = "fjord-rates"
 """FjORD: the widths a node samples from for each local batch (those at or below its own)."""
+LABEL_SPLIT = "label-split"
+"""HeteroFL / FedRolex: mask the logits of labels the node lacks and report the labels it holds."""
 FJORD_DISTILL = "fjord-distill"
 """FjORD with self-distillation: each batch also trains the node's largest width, whose output teaches
 the sampled width."""

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import WARNING
 
+from typing import Any
+
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common import log
@@ -34,6 +36,7 @@ from resist_fl.core.validation import (
     TRAIN_METRICS,
     NonFiniteError,
     ReplyError,
+    check_labels,
     check_metric,
     check_num_examples,
     check_update,
@@ -49,7 +52,7 @@ class Accepted:
     node_id: int
     """The node it came from."""
     update: dict[str, np.ndarray]
-    metrics: dict[str, float | int]
+    metrics: dict[str, Any]
 
     @property
     def num_examples(self) -> int:
@@ -270,6 +273,8 @@ def check_reply_metrics(reported: Mapping[str, object], max_num_examples: int, *
     for name in (*TRAIN_METRICS[1:], *CLIENT_COST_METRICS):
         if name in required or name in reported:
             metrics[name] = check_metric(name, reported.get(name))
+    if "labels-held" in reported:  # label-split: the labels of the node's data (HeteroFL / FedRolex)
+        metrics["labels-held"] = check_labels(reported["labels-held"])
     return metrics
 
 

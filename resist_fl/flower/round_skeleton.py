@@ -109,6 +109,8 @@ class Update:
     plan: Plan
     arrays: Mapping[str, np.ndarray]
     num_examples: int
+    labels: tuple[int, ...] | None = None
+    """The labels its node's data holds, when it said (``labels-held``: HeteroFL's label split)."""
 
 
 @dataclass
@@ -312,10 +314,10 @@ class SubModelStrategy(Strategy):
         self.last_privacy.update({"min-holders": found.min_holders, "exposed-fraction": found.exposed_fraction})
         self.last_exposure = dict(found.nodes)
         self.last_round_metrics = metrics
-        self.last_replies = {a.node_id: dict(a.metrics) for a in accepted}
+        self.last_replies = {a.node_id: {k: v for k, v in a.metrics.items() if k != "labels-held"} for a in accepted}
         self.record_speeds(accepted)
         updates = [Update(a.node_id, self.plans[a.node_id], {k: v for k, v in a.update.items() if k not in withheld},
-                          a.num_examples) for a in accepted]
+                          a.num_examples, a.metrics.get("labels-held")) for a in accepted]
         return Settled(metrics, updates, withheld, accepted)
 
     def finish(self, server_round: int, settled: Settled, current: Mapping[str, np.ndarray],

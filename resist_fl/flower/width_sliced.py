@@ -9,7 +9,11 @@ the same node sampling, reply screening, metering, transport, central-DP wrapper
   (:meth:`~resist_fl.core.model_cost.CostModel.max_rate`) — static tiers; its ClientApp divides
   every convolution's output by r while training (HeteroFL's *scaler*);
 - ``fedrolex`` (Alam et al., NeurIPS 2022): the same rates, but the kept channels are a window
-  whose start advances by one channel every round (wrapping around); no scaler;
+  whose start advances by one channel every round (wrapping around; its code rolls the other way,
+  ``resnet_server.py`` lines 98-110 of AIoT-MLSys-Lab/FedRolex, the same windows in another order);
+  no scaler (its code has one: ``models/resnet.py`` lines 45, 48, 151, which before BatchNorm with
+  batch statistics cancels); with ``fedrolex-overlap`` its code's ``overlap`` option (shifted windows
+  per node over a random channel order per round); the label split as HeteroFL's;
 - ``fjord`` (Horváth et al., NeurIPS 2021): FjORD's own width levels (``fjord-levels``, 0.2 .. 1.0
   as in its code, ``baselines/fjord/fjord/conf/common.yaml`` lines 33-38 of adap/flower); the node
   gets the largest level its budget fits (its code assigns the maximum level by client id,
@@ -45,13 +49,31 @@ from resist_fl.core.width_slicing import (
     element_index,
     key_groups,
     merge_sliced,
+    overlapping_windows,
     prefix_indices,
     rolling_indices,
 )
-from resist_fl.flower.message_keys import FJORD_DISTILL, FJORD_RATES, WIDTH_RATE, WIDTH_SCALER
+from resist_fl.flower.message_keys import FJORD_DISTILL, FJORD_RATES, LABEL_SPLIT, WIDTH_RATE, WIDTH_SCALER
 from resist_fl.flower.method_factory import Built, ModelParts
 from resist_fl.flower.round_skeleton import Plan, SubModelStrategy, Update, settings_of
 from resist_fl.run.settings import RunSettings
+
+
+ROLEX_STREAM = 0x0_5011E
+"""Seeds the per-round channel order of ``fedrolex-overlap`` apart from every other draw of a round."""
+CLASSIFIER = ("linear.weight", "linear.bias")
+"""The classifier's keys in the pre-activation family (rows: one per label)."""
+LABELS = "labels"
+"""The index group of the classifier's rows in a label-split merge."""
+
+
+def label_rows(update: Update, classes: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``update``'s arrays and index sets for a label-split merge: its classifier rows cut to the labels
+    its node holds (all of them when it did not say; labels beyond ``classes`` ignored)."""
+    held = np.arange(classes) if update.labels is None else np.array([c for c in update.labels if c < classes],
+                                                                        dtype=np.int64)
+    arrays = {k: np.take(v, held, axis=0) if k in CLASSIFIER else v for k, v in update.arrays.items()}
+    return arrays, {**update.plan.indices, LABELS: held}
 
 
 class WidthSliced(SubModelStrategy):
@@ -111,26 +133,41 @@ class WidthSliced(SubModelStrategy):
         return {WIDTH_SCALER: False}
 
     # -- the plan and the merge -------------------------------------------------------------------
+    def node_windows(self, rates: Sequence[float], run_round: int) -> list[dict[str, np.ndarray]] | None:
+        """Index sets of each sampled node in order, when the method gives nodes of one rate different
+        channels in a round (None: :meth:`indices_for` by rate)."""
+        return None
+
     def plan(self, sampled: list[int], run_round: int, rng: np.random.Generator, server_round: int) -> dict[int, Plan]:
         shapes = {k: tuple(self._global[k].shape) for k in self.keys}
-        by_rate: dict[float, Plan] = {}  # nodes of one rate share one plan (the same indices this round)
+        rates = [self.rate_of(node) for node in sampled]
+        windows = self.node_windows(rates, run_round)
+        shared: dict[Any, Plan] = {}  # nodes holding the same indices share one plan (arrays cut once)
         plans = {}
-        for node in sampled:
-            rate = self.rate_of(node)
-            if rate not in by_rate:
-                indices = self.indices_for(rate, run_round)
+        for position, (node, rate) in enumerate(zip(sampled, rates)):
+            group = rate if windows is None else (rate, position)
+            if group not in shared:
+                indices = self.indices_for(rate, run_round) if windows is None else windows[position]
                 holding = {k: element_index(shapes[k], self.groups[k], indices) for k in self.keys}
-                by_rate[rate] = Plan(holding, {WIDTH_RATE: rate, **self.node_config(rate)}, share=rate,
+                shared[group] = Plan(holding, {WIDTH_RATE: rate, **self.node_config(rate)}, share=rate,
                                      cost=self.costs.width_cost(rate), blocks=self.blocks, width_rate=rate,
-                                     group=rate, indices=indices)
-            plans[node] = by_rate[rate]
-        self.rates_seen |= set(by_rate)
+                                     group=group, indices=indices)
+            plans[node] = shared[group]
+        self.rates_seen |= set(rates)
         return plans
 
+    label_split = False
+    """Whether the method uses its code's label split (masked cross-entropy, per-label classifier rows)."""
+
     def merge(self, current: Mapping[str, np.ndarray], updates: Sequence[Update]) -> dict[str, np.ndarray]:
-        """HeteroFL's merge: every element the weighted mean over the updates that held it."""
+        """HeteroFL's merge: every element the weighted mean over the updates that held it; with the
+        label split, a classifier row only over the updates whose node holds that label."""
         weights = update_weights([u.num_examples for u in updates], self.settings.weighting)
-        return merge_sliced(current, [(u.arrays, u.plan.indices) for u in updates], self.groups, weights)
+        if not (self.label_split and self.settings.label_split):
+            return merge_sliced(current, [(u.arrays, u.plan.indices) for u in updates], self.groups, weights)
+        classes = len(current[CLASSIFIER[1]])
+        groups = {**self.groups, CLASSIFIER[0]: (LABELS, *self.groups[CLASSIFIER[0]][1:]), CLASSIFIER[1]: (LABELS,)}
+        return merge_sliced(current, [label_rows(u, classes) for u in updates], groups, weights)
 
     def max_blocks(self, node: int) -> int | None:
         return self.blocks
@@ -144,18 +181,32 @@ class HeteroFL(WidthSliced):
     """HeteroFL: static width tiers (the first ``r x C`` channels); its nodes apply the scaler."""
 
     mode = "heterofl"
+    label_split = True
 
     def node_config(self, rate: float) -> dict[str, Any]:
-        return {WIDTH_SCALER: True}
+        return {WIDTH_SCALER: True, LABEL_SPLIT: self.settings.label_split}
 
 
 class FedRolex(WidthSliced):
     """FedRolex: the kept channels are a window whose start advances one channel per round."""
 
     mode = "fedrolex"
+    label_split = True
+
+    def node_config(self, rate: float) -> dict[str, Any]:
+        return {WIDTH_SCALER: False, LABEL_SPLIT: self.settings.label_split}
 
     def indices_for(self, rate: float, run_round: int) -> dict[str, np.ndarray]:
         return rolling_indices(self.spec, rate, run_round)
+
+    def node_windows(self, rates: Sequence[float], run_round: int) -> list[dict[str, np.ndarray]] | None:
+        """With ``fedrolex-overlap``: its code's shifted windows over a random channel order per round
+        (:func:`~resist_fl.core.width_slicing.overlapping_windows`), drawn from ``seed`` and the round."""
+        overlap = self.settings.rolex_overlap()
+        if overlap is None:
+            return None
+        rng = np.random.default_rng([int(self.settings.seed), int(run_round), ROLEX_STREAM])
+        return overlapping_windows(self.spec, rates, overlap, rng)
 
 
 class FjORD(WidthSliced):

@@ -10,7 +10,7 @@ carries arrays, set by the strategy that sent it; a hook reads it from there.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,7 +18,7 @@ import torch
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.model import ModelSpec, build_model
 from resist_fl.core.width_slicing import sliced_spec
-from resist_fl.flower.message_keys import BLOCKS, FJORD_DISTILL, FJORD_RATES, WIDTH_RATE, WIDTH_SCALER
+from resist_fl.flower.message_keys import BLOCKS, FJORD_DISTILL, FJORD_RATES, LABEL_SPLIT, WIDTH_RATE, WIDTH_SCALER
 from resist_fl.node.ordered_dropout import OrderedDropout
 from resist_fl.node.width_scaler import attach_width_scaler
 
@@ -33,6 +33,19 @@ class LocalTraining:
 
     before_step: Callable[[int], object] | None = None
     loss: Loss | None = None
+    reply_metrics: dict[str, Any] = field(default_factory=dict)
+    """What the training reply says besides the training figures (``labels-held``)."""
+
+
+def masked_cross_entropy(present: torch.Tensor) -> Loss:
+    """HeteroFL's and FedRolex's masked loss: the logits of labels absent from the node's data set to 0
+    before the cross-entropy (``out.masked_fill(label_mask == 0, 0)``, ``src/models/resnet.py`` lines
+    152-157 of diaoenmao's HeteroFL code; lines 155-158 of FedRolex's)."""
+    def loss(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = model(images).float()
+        return torch.nn.functional.cross_entropy(logits.masked_fill(~present.to(logits.device), 0.0), labels)
+
+    return loss
 
 
 class SubNetwork:
@@ -44,15 +57,27 @@ class SubNetwork:
         return build_model(spec) if BLOCKS not in config else layout.build_subnetwork(spec, list(config[BLOCKS]))
 
     def local_training(self, model: torch.nn.Module, spec: ModelSpec, config: Mapping[str, Any],
-                       seed: int) -> LocalTraining:
-        """What runs before every local step and the step's loss (plain SGD on cross-entropy here)."""
+                       seed: int, labels: torch.Tensor) -> LocalTraining:
+        """What runs before every local step, the step's loss and what the reply adds (plain SGD on
+        cross-entropy here); ``labels`` are the node's training labels."""
         return LocalTraining()
+
+
+def label_split(spec: ModelSpec, config: Mapping[str, Any], labels: torch.Tensor) -> LocalTraining:
+    """With the message's ``label-split``: the masked loss over the labels ``labels`` hold, and
+    ``labels-held`` in the reply; otherwise nothing."""
+    if not bool(config.get(LABEL_SPLIT, False)):
+        return LocalTraining()
+    present = torch.zeros(spec.num_classes, dtype=torch.bool)
+    present[torch.unique(labels.cpu())] = True
+    held = [int(c) for c in torch.nonzero(present).flatten()]
+    return LocalTraining(loss=masked_cross_entropy(present), reply_metrics={"labels-held": held})
 
 
 class WidthSlice(SubNetwork):
     """HeteroFL, FedRolex, fedavg-small: the model of the message's ``width-rate``, built at that width
-    directly; with ``width-scaler`` its convolutions' outputs are divided by the rate while training
-    (HeteroFL's scaler)."""
+    directly; with ``width-scaler`` the input of its norms is divided by the rate while training
+    (HeteroFL's scaler); with ``label-split`` the masked loss (:func:`label_split`)."""
 
     def build(self, spec: ModelSpec, layout: BlockLayout, config: Mapping[str, Any]) -> torch.nn.Module:
         rate = float(config[WIDTH_RATE])
@@ -61,6 +86,10 @@ class WidthSlice(SubNetwork):
             attach_width_scaler(model, rate)
         return model
 
+    def local_training(self, model: torch.nn.Module, spec: ModelSpec, config: Mapping[str, Any],
+                       seed: int, labels: torch.Tensor) -> LocalTraining:
+        return label_split(spec, config, labels)
+
 
 class OrderedDropoutWidths(WidthSlice):
     """FjORD: the node's largest nested sub-model, and before every local step a width drawn from
@@ -68,6 +97,6 @@ class OrderedDropoutWidths(WidthSlice):
     ``fjord-distill`` the step's loss is self-distillation's."""
 
     def local_training(self, model: torch.nn.Module, spec: ModelSpec, config: Mapping[str, Any],
-                       seed: int) -> LocalTraining:
+                       seed: int, labels: torch.Tensor) -> LocalTraining:
         od = OrderedDropout(model, spec, float(config[WIDTH_RATE]), list(config[FJORD_RATES]), seed=seed)
         return LocalTraining(od.sample, od.distillation_loss if bool(config.get(FJORD_DISTILL, False)) else None)

@@ -61,15 +61,16 @@ WIDTH_SLICE = "resist_fl.node.method_hooks:WidthSlice"
 CENTRAL_ONLY = ("central",)
 ORDERED_DROPOUT = "resist_fl.node.method_hooks:OrderedDropoutWidths"
 FJORD_LEVELS = ("fjord-levels",)
+LABEL_SPLIT = ("label-split",)
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("resist", "ResIST", "resist_fl.flower.resist:from_settings", reads=SERVER_STEP),
     Method("fedavg", "FedAvg", "resist_fl.flower.fedavg:from_settings", federated_evaluation=True,
            reads=SERVER_STEP),
     Method("heterofl", "HeteroFL", "resist_fl.flower.width_sliced:HeteroFL.from_settings", width_sliced=True,
-           node_hook=WIDTH_SLICE),
+           node_hook=WIDTH_SLICE, reads=LABEL_SPLIT),
     Method("fedrolex", "FedRolex", "resist_fl.flower.width_sliced:FedRolex.from_settings", width_sliced=True,
-           node_hook=WIDTH_SLICE),
+           node_hook=WIDTH_SLICE, reads=(*LABEL_SPLIT, "fedrolex-overlap")),
     Method("fjord", "FjORD", "resist_fl.flower.width_sliced:FjORD.from_settings", width_sliced=True,
            node_hook=ORDERED_DROPOUT, reads=FJORD_LEVELS,
            dp=CENTRAL_ONLY),  # ordered dropout per batch is not what Opacus' DP-SGD trains

@@ -10,6 +10,8 @@ the key, the bad value and what is allowed, so a ServerApp can stop before round
 
 from __future__ import annotations
 
+import math
+
 import argparse
 import re
 import sys
@@ -35,6 +37,7 @@ from resist_fl.run.settings_error import SettingsError
 from resist_fl.run.tracking import TRACKERS, TrackerUnavailable, require_tracker
 
 LR_SCHEDULES = ("step", "cosine", "constant")
+BN_STATISTICS = ("batch", "training-data")
 DP_MODES = ("none", "central", "local")
 DP_SAMPLING = ("public", "secret")
 DEVICES = ("auto", "cpu", "cuda")
@@ -130,6 +133,10 @@ class RunSettings(BaseModel):
         description="what a node's capacity is a fraction of: `flops` (forward + backward FLOPs per sample of what it is sent, measured), `params`, or `blocks` (ResIST's partitionable blocks); every method gives a node the largest sub-model of its kind within it")
     width_rates: Str = Field('channels',
         description="`heterofl` / `fedrolex` / `fedavg-small`: the widths a node may get, the largest whose measured cost fits its capacity: `channels` (every channel count of the first stage, 1 .. `base-width`: each node's full budget, within a relative tolerance of 1e-9) or rates in (0, 1] separated by commas (HeteroFL's grid: `1,0.5,0.25,0.125,0.0625`)")
+    label_split: Bool = Field(True,
+        description="`heterofl` / `fedrolex`: their codes' label split (on in both by default): a node masks the logits of the labels its data lacks (set to 0, as their code does, before the cross-entropy) and says which labels it holds, and each classifier row is merged over the nodes holding that label only; refused under `dp` (the label sets would be released and steer the merge)")
+    fedrolex_overlap: Str = Field('',
+        description="`fedrolex`: its code's `overlap` option: `\"\"` (its default: one window for every node, advancing one channel per round) or a number in [0, 1]: a random channel order per round, and each node's window shifted from the previous node's by `floor(L x (1 - overlap)) + 1` of its `L` channels")
     fjord_levels: Str = Field('0.2,0.4,0.6,0.8,1.0',
         description="`fjord` / `fjord-kd`: FjORD's width levels p in (0, 1] (its paper's and code's 0.2 .. 1.0); a node's maximum level is the largest whose measured cost fits its capacity, and every local batch trains a level drawn uniformly from those at or below it")
     capacity_profile: Str = Field('',
@@ -166,6 +173,8 @@ class RunSettings(BaseModel):
         description="central evaluation batch size")
     eval_subset: Int = Field(0, ge=0,
         description="if > 0, every evaluated round but the last evaluates the global model on this many test images (a fixed random subset drawn from `seed`), the last on the whole test set; each row's `eval-images` says which; `0`: the whole test set every time")
+    bn_statistics: Literal[BN_STATISTICS] = Field('batch',
+        description="central evaluation with `norm='batchnorm'`: `batch` (each test batch's own statistics, the paper's model) or `training-data` (HeteroFL's static BatchNorm: before each evaluation the global model's statistics are re-estimated over the whole training set, a cumulative average; the report says which)")
     client_eval: Bool = Field(False,
         description="simulation: at every round evaluated on the whole test set, also each client's accuracy on its label distribution's share of the test set (its partition's label mix weighting the global model's per-label test accuracy), every client of the run's split, sampled or not; rows gain `client-accuracy-mean`, `-worst10` (mean of the lowest 10 %), `-min`, `-std` ([Heterogeneous clients](heterogeneous.md#per-client-accuracy))")
     target_accuracy: Float = Field(0.0, ge=0, le=1,
@@ -258,6 +267,7 @@ class RunSettings(BaseModel):
                                 "centrally only (its clients hold sub-networks); expected 0.0")
         self.rates()
         self.fjord_rates()
+        self.rolex_overlap()
         if self.dataset == "npz" and not self.data_path:
             raise SettingsError("data-path = '': dataset 'npz' needs the absolute path of a .npz file")
         if self.dataset == "imagefolder" and not self.data_path:
@@ -284,6 +294,15 @@ class RunSettings(BaseModel):
         if self.dp == "central" and self.transport_dtype != "float32":
             raise SettingsError(f"transport-dtype = {self.transport_dtype!r}: dp='central' needs 'float32' "
                                 "(a quantised update would not keep its clipped norm)")
+        if self.dp != "none" and self.label_split and "label-split" in METHODS[self.strategy].reads:
+            raise SettingsError(f"label-split = true: under dp the nodes' label sets would be released and steer "
+                                f"the merge; set label-split = false for strategy {self.strategy!r}")
+        if self.bn_statistics != "batch" and self.norm != "batchnorm":
+            raise SettingsError(f"bn-statistics = {self.bn_statistics!r}: re-estimating statistics is for "
+                                f"norm = 'batchnorm' (batch statistics while training), not {self.norm!r}")
+        if self.dp != "none" and self.bn_statistics != "batch":
+            raise SettingsError(f"bn-statistics = {self.bn_statistics!r}: the server would compute statistics of "
+                                "the nodes' training data, which the privacy guarantee does not cover; expected 'batch'")
         if self.dp != "none" and self.client_eval:
             raise SettingsError("client-eval = true: it releases every client's accuracy on its own label mix, "
                                 "which the privacy guarantee does not cover; expected false under dp")
@@ -353,6 +372,18 @@ class RunSettings(BaseModel):
             raise SettingsError(f"width-rates = {self.width_rates!r}: expected {CHANNELS!r} or numbers in (0, 1] "
                                 "separated by commas, e.g. '1,0.5,0.25'")
         return rates
+
+    def rolex_overlap(self) -> float | None:
+        """``fedrolex-overlap`` as a number in [0, 1], None when unset."""
+        if self.fedrolex_overlap == "":
+            return None
+        try:
+            value = float(self.fedrolex_overlap)
+        except ValueError:
+            value = math.nan
+        if not 0 <= value <= 1:
+            raise SettingsError(f"fedrolex-overlap = {self.fedrolex_overlap!r}: expected '' or a number in [0, 1]")
+        return value
 
     def fjord_rates(self) -> tuple[float, ...]:
         """``fjord-levels`` as numbers in (0, 1], largest first."""

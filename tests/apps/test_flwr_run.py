@@ -35,6 +35,7 @@ CASES = {**{name: {"strategy": name, **({} if name in ("resist", "fedavg") else 
                                "dp-noise-multiplier": 0.5, "privacy-min-holders": 2, "dp-clip-quantile": 0.5,
                                "dp-clip-count-noise": 5.0},
          "heterofl-central-secret": {"strategy": "heterofl", **HETERO, "dp": "central", "weighting": "uniform",
+                                     "label-split": False,
                                      "dp-clip": 0.5, "dp-noise-multiplier": 0.5, "dp-sampling": "secret"},
          "fedavg-local-dp": {"strategy": "fedavg", "dp": "local", "norm": "groupnorm", "local-steps": 4}}
 FMNIST = Path(IDX_DATASETS["fashion-mnist"].debian_dir).is_dir()  # .ci/run installs it (as root)

@@ -3,6 +3,8 @@ them; settings a method does not read are refused; the ClientApp's behaviour com
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -42,7 +44,8 @@ def _identity(msg: Message, context) -> Message:
 def private_settings(name: str) -> RunSettings:
     return RunSettings(strategy=name, dp="central", weighting="uniform", model="preact_resnet18", base_width=8,
                        capacity_measure="blocks", capacity_profile=PROFILE, min_train_nodes=NODES,
-                       min_available_nodes=NODES, dp_clip=1.0, dp_noise_multiplier=1.0)
+                       min_available_nodes=NODES, dp_clip=1.0, dp_noise_multiplier=1.0,
+                       **({"label_split": False} if "label-split" in METHODS[name].reads else {}))
 
 
 def built_for(settings: RunSettings):
@@ -105,13 +108,13 @@ def test_width_methods_hold_elements_by_capacity_and_noise_follows_the_element_h
 
 @pytest.mark.parametrize("key", keys_read_by_some())
 def test_a_setting_a_method_does_not_read_is_refused_for_every_such_method(key):
-    value = {"server-lr": 0.5}[key]
+    value = {"server-lr": 0.5, "fjord-levels": "0.5,1.0", "label-split": False, "fedrolex-overlap": "0.5"}[key]
     for name in METHODS:
         config = {"strategy": name, key: value, **({"model": "preact_resnet18"} if METHODS[name].width_sliced else {})}
         if name in readers(key):
             RunSettings.from_run_config(config)
         else:
-            with pytest.raises(SettingsError, match=f"{key} = {value}: strategy '{name}' does not use it"):
+            with pytest.raises(SettingsError, match=re.escape(f"{key} = {value!r}: strategy '{name}' does not use it")):
                 RunSettings.from_run_config(config)
 
 

@@ -17,7 +17,7 @@ from resist_fl.core.model import ModelSpec, build_model
 from resist_fl.core.model_cost import CostModel
 from resist_fl.core.width_slicing import sliced_spec
 from resist_fl.flower.width_sliced import WIDTH_RATE, WIDTH_SCALER
-from resist_fl.run.outputs import read_metrics
+from resist_fl.run.outputs import load_model, read_metrics
 from simulations.inprocess import run_inprocess
 
 GRID = "1,0.5,0.25,0.125,0.0625"  # HeteroFL's own width grid (the full-budget default: tests/flower/test_budgets.py)
@@ -123,6 +123,10 @@ def test_depth_tiers_always_train_the_first_blocks_that_fit(tiny_config):
     assert all(r["strategy"] == "depth-tiers" and r["replies-accepted"] == 3 for r in rows)
     nodes = read_metrics(run_dir(tiny_config), "nodes.jsonl")
     assert [(n["blocks"], n["max-blocks"], n["over-capacity"]) for n in nodes] == [(8, 8, 0), (4, 4, 0), (2, 2, 0)] * 2
+    # evaluated as a depth method evaluates: every block at the residual scale it trained with, not ResIST's
+    assert all(r["inference-scale"] == 1.0 for r in rows)
+    model = load_model(run_dir(tiny_config) / "model.pt")
+    assert {float(model.get_submodule(b).residual_scale) for b in blocks} == {1.0}
 
 
 def test_resists_floor_is_flagged_under_a_flop_budget(tiny_config):
