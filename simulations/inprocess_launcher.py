@@ -10,7 +10,9 @@ wire, but no SuperLink, SuperExec or Ray, and the sampled nodes train one after 
 one process. What it does not exercise: Flower's transport, Ray's actors and their start-up, and
 nodes running at the same time (a round's wall time is the sum of its nodes' times, not the
 slowest node's). The run config is the app's ``[tool.flwr.app.config]`` defaults with the run's
-keys over them, as Flower merges them.
+keys over them, as Flower merges them. One torch thread per run (``num-cpus-per-client=1``) and
+``--jobs`` for the cores: with 2 threads a Fashion-MNIST run here aborted in oneDNN's backward pass
+("double free or corruption") when the partition was decoded in the same process (see the README).
 """
 
 from __future__ import annotations
