@@ -213,7 +213,7 @@ class Progress:
 
 def portable(value: Any, out_dir: Path) -> Any:
     """``value`` (a manifest entry) with no machine-local path: a path under ``out_dir`` relative to
-    it, the flwr executable by its name; lists and mappings recursively."""
+    it, the flwr executable and this Python by their names; lists and mappings recursively."""
     if isinstance(value, dict):
         return {k: portable(v, out_dir) for k, v in value.items()}
     if isinstance(value, list):
@@ -221,7 +221,8 @@ def portable(value: Any, out_dir: Path) -> Any:
     if not isinstance(value, str):
         return value
     flwr = str(Path(sys.executable).with_name("flwr"))
-    return value.replace(flwr, "flwr").replace(f"{out_dir}/", "").replace(str(out_dir), ".")
+    return (value.replace(flwr, "flwr").replace(sys.executable, "python").replace(f"{out_dir}/", "")
+            .replace(str(out_dir), "."))
 
 
 def outcome_of(run: PlannedRun, result: LaunchResult | None, previous: dict[str, Any] | None) -> dict[str, Any]:

@@ -152,3 +152,5 @@ def test_portable_makes_paths_relative_to_the_output_directory(tmp_path):
              "run-config": {"output-dir": str(tmp_path), "data-path": f"{tmp_path}/digits.npz", "lr": 0.1}}
     assert portable(entry, tmp_path) == {"log": "logs/a.log", "command": "flwr run . --run-config logs/a.toml",
                                          "run-config": {"output-dir": ".", "data-path": "digits.npz", "lr": 0.1}}
+    inprocess = f"{sys.executable} -m simulations.inprocess {tmp_path}/logs/a.run-config.toml 100"
+    assert portable(inprocess, tmp_path) == "python -m simulations.inprocess logs/a.run-config.toml 100"
