@@ -364,14 +364,8 @@ class RunSettings(BaseModel):
         """``width-rates`` as numbers in (0, 1], largest first (``channels``: every ``w / base-width``)."""
         if self.width_rates == CHANNELS:
             return tuple(width / self.base_width for width in range(self.base_width, 0, -1))
-        try:
-            rates = tuple(sorted({float(r) for r in self.width_rates.split(",")}, reverse=True))
-        except ValueError:
-            rates = ()
-        if not rates or any(not 0 < r <= 1 for r in rates):
-            raise SettingsError(f"width-rates = {self.width_rates!r}: expected {CHANNELS!r} or numbers in (0, 1] "
-                                "separated by commas, e.g. '1,0.5,0.25'")
-        return rates
+        return parse_rates("width-rates", self.width_rates, f"{CHANNELS!r} or numbers in (0, 1] separated by "
+                           "commas, e.g. '1,0.5,0.25'")
 
     def rolex_overlap(self) -> float | None:
         """``fedrolex-overlap`` as a number in [0, 1], None when unset."""
@@ -387,14 +381,8 @@ class RunSettings(BaseModel):
 
     def fjord_rates(self) -> tuple[float, ...]:
         """``fjord-levels`` as numbers in (0, 1], largest first."""
-        try:
-            levels = tuple(sorted({float(r) for r in self.fjord_levels.split(",")}, reverse=True))
-        except ValueError:
-            levels = ()
-        if not levels or any(not 0 < r <= 1 for r in levels):
-            raise SettingsError(f"fjord-levels = {self.fjord_levels!r}: expected numbers in (0, 1] separated by "
-                                "commas, e.g. '0.2,0.4,0.6,0.8,1.0'")
-        return levels
+        return parse_rates("fjord-levels", self.fjord_levels,
+                           "numbers in (0, 1] separated by commas, e.g. '0.2,0.4,0.6,0.8,1.0'")
 
     def depth_percents(self) -> tuple[int, ...]:
         """``eval-depths`` as sorted integer percentages of the partitionable blocks."""
@@ -502,6 +490,18 @@ def run_config_table() -> str:
     for name, field in RunSettings.model_fields.items():
         lines.append(f"| `{kebab(name)}` | `{_toml(field.default)}` | {field.description} |")
     return "\n".join(lines)
+
+
+def parse_rates(key: str, text: str, expected: str) -> tuple[float, ...]:
+    """Width rates written ``'1,0.5,...'`` as distinct numbers in (0, 1], largest first, else
+    :class:`SettingsError` naming ``key`` and what was ``expected``."""
+    try:
+        rates = tuple(sorted({float(r) for r in text.split(",")}, reverse=True))
+    except ValueError:
+        rates = ()
+    if not rates or any(not 0 < r <= 1 for r in rates):
+        raise SettingsError(f"{key} = {text!r}: expected {expected}")
+    return rates
 
 
 def with_table(text: str) -> str:
