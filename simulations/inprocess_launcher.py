@@ -18,8 +18,6 @@ keys over them, as Flower merges them. One torch thread per run (``num-cpus-per-
 from __future__ import annotations
 
 import os
-import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Mapping
@@ -28,7 +26,7 @@ from typing import Any
 
 from resist_fl.run.cli_config import write_run_config
 from resist_fl.run.outputs import METRICS_FILE, SUMMARY_FILE
-from simulations.launcher import LaunchResult, _stop_process_group, error_lines, run_dir_of, wait_for_exit
+from simulations.launcher import LaunchResult, error_lines, run_dir_of, run_logged
 from simulations.presets import app_config_keys
 
 
@@ -58,15 +56,7 @@ def run_inprocess_launch(project_dir: str | os.PathLike, run_config: Mapping[str
     command = [sys.executable, "-m", "simulations.inprocess", str(config_path), str(int(num_supernodes))]
     env = {**os.environ, "OMP_NUM_THREADS": str(int(num_cpus_per_client)), "PYTHONPATH": str(project_dir)}
     started, started_epoch = time.monotonic(), time.time()
-    with open(log_path, "w", encoding="utf-8") as log:
-        log.write(f"$ {shlex.join(command)}\n")
-        log.flush()
-        proc = subprocess.Popen(command, cwd=project_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-        try:
-            timed_out, round1 = wait_for_exit(proc, run_dir, started_epoch, timeout_s)
-        finally:
-            _stop_process_group(proc)
+    proc, timed_out, round1 = run_logged(command, project_dir, env, log_path, "", run_dir, started_epoch, timeout_s)
     wall = time.monotonic() - started
     errors = "; ".join(error_lines(log_path.read_text(encoding="utf-8", errors="replace")))
     if timed_out:

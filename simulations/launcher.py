@@ -229,6 +229,23 @@ def wait_for_exit(proc: subprocess.Popen, run_dir: Path, started_epoch: float,
     return False, round1 if round1 is not None else _round1_seconds(run_dir, started_epoch)
 
 
+def run_logged(command: list[str], cwd: Path, env: Mapping[str, str], log_path: Path, preamble: str, run_dir: Path,
+               started_epoch: float, timeout_s: float) -> tuple[subprocess.Popen, bool, float | None]:
+    """Run ``command`` in its own session, its output (after ``preamble`` and the command line) in
+    ``log_path``, until it exits or ``timeout_s`` passes (then it is stopped); the process, whether
+    it timed out, and the seconds to round 1's row (:func:`wait_for_exit`)."""
+    with open(log_path, "w", encoding="utf-8") as log:
+        log.write(f"{preamble}$ {shlex.join(command)}\n")
+        log.flush()
+        proc = subprocess.Popen(command, cwd=cwd, env=dict(env), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            timed_out, round1 = wait_for_exit(proc, run_dir, started_epoch, timeout_s)
+        finally:
+            _stop_process_group(proc)
+    return proc, timed_out, round1
+
+
 def parse_run_id(log_text: str) -> str | None:
     """The run id ``flwr run`` printed ("Successfully started run <id>")."""
     match = RUN_ID_PATTERN.search(log_text)
@@ -328,17 +345,10 @@ def run_flwr(project_dir: str | os.PathLike, run_config: Mapping[str, Any], *, n
     started, started_epoch = time.monotonic(), time.time()
     status, details, stopped, leftovers = None, "", [], []
     try:
-        with open(log_path, "w", encoding="utf-8") as log:
-            isolation = {k: env[k] for k in ("FLWR_HOME", "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT",
-                                              "FLWR_LOCAL_CONTROL_API_PORT", MARKER_ENV)}
-            log.write(f"# launcher: {isolation}\n$ {shlex.join(command)}\n")
-            log.flush()
-            proc = subprocess.Popen(command, cwd=project_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
-            try:
-                timed_out, round1 = wait_for_exit(proc, run_dir, started_epoch, timeout_s)
-            finally:
-                _stop_process_group(proc)
+        isolation = {k: env[k] for k in ("FLWR_HOME", "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT",
+                                          "FLWR_LOCAL_CONTROL_API_PORT", MARKER_ENV)}
+        _, timed_out, round1 = run_logged(command, project_dir, env, log_path, f"# launcher: {isolation}\n",
+                                          run_dir, started_epoch, timeout_s)
         wall = time.monotonic() - started
         log_text = log_path.read_text(encoding="utf-8", errors="replace")
         run_id = parse_run_id(log_text)
