@@ -25,7 +25,7 @@ from resist_fl.run.outputs import CONFIG_FILE, run_directory, write_json
 from resist_fl.run.settings import RunSettings, resolve_model
 from resist_fl.run.tracking import open_tracker
 from resist_fl.node.batchnorm_statistics import with_training_statistics
-from resist_fl.node.training import evaluate, evaluate_by_class, precision, resolve_device
+from resist_fl.node.training import ClassEvaluation, evaluate, evaluate_by_class, precision, resolve_device
 
 app = ServerApp()
 
@@ -51,10 +51,11 @@ class CentralEvaluation:
 
     def __init__(self, settings: RunSettings, spec: ModelSpec, layout: BlockLayout, test_loader: EvalBatches,
                  width_rates: set[float] | None = None, subset_loader: EvalBatches | None = None,
-                 client_labels: ClientLabels | None = None) -> None:
+                 client_labels: ClientLabels | None = None,
+                 client_tiers: Callable[[], dict[int, float]] | None = None) -> None:
         self.settings, self.spec, self.layout, self.test_loader = settings, spec, layout, test_loader
         self.subset_loader = subset_loader  # eval-subset: intermediate rounds (None: the whole test set)
-        self.client_labels = client_labels
+        self.client_labels, self.client_tiers = client_labels, client_tiers
         self.width_rates = width_rates if width_rates is not None else set()
         self.sliced: dict[float, torch.nn.Module] = {}  # width-tier evaluation models, by rate
         self.device = resolve_device(settings.device)
@@ -71,11 +72,24 @@ class CentralEvaluation:
         if counts is not None:
             summary = fairness_summary(client_accuracies(counts, result.correct, result.count))
             metrics.update({f"client-accuracy-{k}": v for k, v in summary.items()})
+            metrics.update(self.tier_figures(state, counts, result))
         for percent in self.settings.depth_percents():
             metrics[f"accuracy-depth-{percent}"] = self.evaluate_truncated(state, percent)
         for rate in sorted(r for r in self.width_rates if r < 1):
             metrics[f"accuracy-width-{round(100 * rate, 2):g}"] = self.evaluate_width(state, rate)
         return metrics
+
+    def tier_figures(self, state: dict[str, torch.Tensor], counts: np.ndarray, full: ClassEvaluation) -> dict:
+        """``client-tier-accuracy-*``: each client on its label mix with the sub-model its node would run
+        (a width method's tier for the node's capacity: the prefix of that width, as HeteroFL evaluates
+        its tiers), over the clients whose node said its capacity."""
+        tiers = {p: r for p, r in (self.client_tiers() if self.client_tiers else {}).items() if p < len(counts)}
+        if not tiers:
+            return {}
+        by_rate = {rate: full if rate >= 1 else self.width_by_class(state, rate) for rate in set(tiers.values())}
+        accuracy = [client_accuracies(counts[p:p + 1], by_rate[r].correct, by_rate[r].count)[0]
+                    for p, r in sorted(tiers.items())]
+        return {f"client-tier-accuracy-{k}": v for k, v in fairness_summary(np.array(accuracy)).items()}
 
     def global_model(self, state: dict[str, torch.Tensor]) -> torch.nn.Module:
         """The model evaluated: the global state, with statistics re-estimated on the training data
@@ -93,13 +107,17 @@ class CentralEvaluation:
 
     def evaluate_width(self, state: dict[str, torch.Tensor], rate: float) -> float:
         """Accuracy of the global model's width-``rate`` prefix sub-model (no scaler at evaluation)."""
+        return self.width_by_class(state, rate).accuracy
+
+    def width_by_class(self, state: dict[str, torch.Tensor], rate: float) -> ClassEvaluation:
+        """Per-label results of the global model's width-``rate`` prefix sub-model on the test set."""
         if rate not in self.sliced:
             self.sliced[rate] = build_model(sliced_spec(self.spec, rate))
         model = self.sliced[rate]
         numpy_state = {k: v.numpy() for k, v in state.items()}
         cut = slice_state(numpy_state, key_groups(self.spec, list(numpy_state)), prefix_indices(self.spec, rate))
         model.load_state_dict({k: torch.from_numpy(v) for k, v in cut.items()})
-        return evaluate(model, self.test_loader, self.device, self.settings.amp)[1]
+        return evaluate_by_class(model, self.test_loader, self.device, self.settings.amp)
 
     def evaluate_truncated(self, state: dict[str, torch.Tensor], percent: int) -> float:
         """Accuracy of the global model keeping only the first ``percent`` % of the partitionable
@@ -191,7 +209,8 @@ def main(grid: Grid, context: Context) -> None:
                              evaluation=CentralEvaluation(
                                  settings, spec, layout, test_loader, strategy.rates_seen, subset_loader,
                                  ClientLabels(settings, spec.num_classes, strategy.sampler.num_partitions)
-                                 if settings.client_eval else None),
+                                 if settings.client_eval else None,
+                                 strategy.tier_rates if settings.client_eval else None),
                              eval_every=settings.eval_every, inference_scaling=settings.inference_scaling,
                              resume=settings.resume, label=settings.strategy,
                              target_accuracy=settings.target_accuracy, dp=settings.dp,

@@ -22,11 +22,12 @@ HEADERS = {"mean": "client mean", "worst10": "worst 10 % of clients", "min": "wo
            "std": "spread (std across clients)"}
 
 
-def last_client_row(rows: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
-    """The client figures of the last row that has them (None: the run did not record any)."""
+def last_client_row(rows: Sequence[Mapping[str, Any]], prefix: str = "client-accuracy-") -> dict[str, float] | None:
+    """The client figures (``prefix``: the global model's; ``client-tier-accuracy-``: each node's own
+    tier) of the last row that has them (None: the run did not record any)."""
     for row in reversed(rows):
-        if row.get("client-accuracy-mean") is not None:
-            return {f: float(row[f"client-accuracy-{f}"]) for f in FIGURES}
+        if row.get(f"{prefix}mean") is not None:
+            return {f: float(row[f"{prefix}{f}"]) for f in FIGURES}
     return None
 
 
@@ -36,10 +37,12 @@ def client_lines(runs_dir: Path, groups: Mapping[tuple[str, str], Sequence[Any]]
     table: dict[str, dict[str, list[float]]] = {}
     for (variant, strategy), runs in groups.items():
         for run in runs:
-            figures = last_client_row(read_metrics(Path(runs_dir) / run.name))
-            if figures is not None:
-                for f in FIGURES:
-                    table.setdefault(label(variant, strategy), {}).setdefault(f, []).append(figures[f])
+            rows = read_metrics(Path(runs_dir) / run.name)
+            for prefix, suffix in (("client-accuracy-", ""), ("client-tier-accuracy-", ", each node's own tier")):
+                figures = last_client_row(rows, prefix)
+                if figures is not None:
+                    for f in FIGURES:
+                        table.setdefault(label(variant, strategy) + suffix, {}).setdefault(f, []).append(figures[f])
     if not table:
         return [], {}
 
@@ -55,7 +58,8 @@ def client_lines(runs_dir: Path, groups: Mapping[tuple[str, str], Sequence[Any]]
                      + " |")
     lines += ["", "The global model's accuracy on each client's label distribution's share of the test set "
               "(`client-eval`: the client's label mix weighting the per-label test accuracy), every client of "
-              "the split, at the last round evaluated on the whole test set; worst 10 %: mean over the "
+              "the split, at the last round evaluated on the whole test set (\"each node's own tier\": a width "
+              "method's sub-model at the width the client's node gets, its prefix); worst 10 %: mean over the "
               "lowest-scoring tenth of the clients (at least one). Mean ± sample std over seeds.", ""]
     summary = {name: {f: float(np.mean(v)) for f, v in by_figure.items()} for name, by_figure in table.items()}
     return lines, {"clients": summary}

@@ -129,6 +129,10 @@ class NodeSampler:
             return None
         return values.pop()
 
+    def partition_capacities(self) -> dict[int, float]:
+        """The capacity each identified partition's node reported (its fixed one), by partition id."""
+        return {key[1]: self._capacity.get(node, 1.0) for node, key in self._rank_key.items() if key[0] == 0}
+
     def partition(self, node_id: int) -> int | None:
         """The partition id a node reported, else None."""
         kind, value, _ = self.rank(node_id)

@@ -330,6 +330,11 @@ class SubModelStrategy(Strategy):
             return None, MetricRecord(metrics)
         return with_arrays(self._global, merged), MetricRecord(metrics)
 
+    def tier_rates(self) -> dict[int, float]:
+        """The width of the sub-model each identified partition's node would run, by partition id
+        (width methods; ``{}``: its nodes run the global model)."""
+        return {}
+
     def plan_metrics(self) -> dict[str, float | int]:
         """Round metrics a method adds about its plans (ResIST: ``untrained-blocks``)."""
         return {}

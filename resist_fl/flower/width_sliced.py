@@ -114,6 +114,10 @@ class WidthSliced(SubModelStrategy):
         self.groups = key_groups(spec, self.keys)
         self.blocks = len(costs.layout.partitionable)
 
+    def tier_rates(self) -> dict[int, float]:
+        measure = self.settings.capacity_measure
+        return {p: self.costs.max_rate(c, measure, self.rates) for p, c in self.sampler.partition_capacities().items()}
+
     def rate_of(self, node: int) -> float:
         """The width rate of ``node``: the largest of the rates its capacity allows."""
         return self.costs.max_rate(self.sampler.capacity(node), self.settings.capacity_measure, self.rates)

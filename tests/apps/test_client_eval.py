@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from resist_fl.core.model import ModelSpec, build_model
+from resist_fl.core.width_slicing import key_groups, prefix_indices, slice_state, sliced_spec
 from resist_fl.data import EvalBatches, load_partition, load_test_set, normalization
 from resist_fl.run.outputs import load_model, read_metrics, run_directory
 from resist_fl.run.settings import RunSettings, SettingsError
@@ -52,3 +54,38 @@ def test_per_client_accuracy_equals_a_direct_evaluation_on_each_clients_share(ti
 def test_client_eval_is_refused_under_dp(tiny_config):
     with pytest.raises(SettingsError, match="client-eval = true: .* the privacy guarantee does not cover"):
         RunSettings.from_run_config({**tiny_config, "dp": "central", "weighting": "uniform", "client-eval": True})
+
+
+def test_per_client_accuracy_of_the_tier_each_node_would_run(tiny_config):
+    """HeteroFL: each client on its label mix with the width its node's capacity gets (the prefix)."""
+    profile = (1.0, 0.5, 0.25)
+    config = {**tiny_config, "strategy": "heterofl", "dataset": "digits", "partitioner": "dirichlet",
+              "dirichlet-alpha": 0.3, "client-eval": True, "fraction-train": 0.5, "min-train-nodes": 3,
+              "min-available-nodes": 6, "capacity-profile": ",".join(map(str, profile)),
+              "capacity-measure": "blocks", "width-rates": "1,0.5,0.25", "eval-batch-size": 360,
+              "num-server-rounds": 1, "local-steps": 4, "augment": "none", "base-width": 8}
+    run_inprocess(config, num_nodes=6)
+    run_dir = run_directory(config["output-dir"], config["run-name"], "")
+    last = read_metrics(run_dir)[-1]
+    saved = torch.load(run_dir / "model.pt", weights_only=True)
+    full = ModelSpec.from_dict({**saved["model_spec"], "depths": tuple(saved["model_spec"]["depths"])})
+    state = {k: v.numpy() for k, v in saved["state_dict"].items()}
+    test = load_test_set("digits")
+    per_label = np.bincount(test.labels, minlength=10)
+    direct = []
+    for pid in range(6):  # capacity-measure 'blocks' with rates = the capacities: a node's tier is its capacity
+        rate = profile[pid % 3]
+        model = build_model(sliced_spec(full, rate)).eval()
+        cut = slice_state(state, key_groups(full, list(state)), prefix_indices(full, rate))
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in cut.items()})
+        with torch.no_grad():
+            predicted = torch.cat([model(x).argmax(1) for x, _ in EvalBatches(test, 360,
+                                                                               normalization=normalization("digits"))])
+        right = predicted.numpy() == np.asarray(test.labels)
+        mix = np.bincount(load_partition("digits", pid, 6, partitioner="dirichlet", alpha=0.3, seed=0).labels,
+                          minlength=10)
+        weight = mix[test.labels] / per_label[test.labels]
+        direct.append((weight * right).sum() / weight.sum())
+    assert last["client-tier-accuracy-mean"] == pytest.approx(np.mean(direct))
+    assert last["client-tier-accuracy-min"] == pytest.approx(np.min(direct))
+    assert last["client-tier-accuracy-worst10"] == pytest.approx(np.sort(direct)[0])  # 10 % of 6 clients: one
