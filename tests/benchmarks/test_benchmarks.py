@@ -149,11 +149,12 @@ def test_round_time_benchmark_runs_both_strategies(capsys, launch):
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="dataset-fashion-mnist (.ci/run)")
 def test_federation_speed_benchmark_computes_its_ratios_from_its_own_figures(capsys, launch, tmp_path):
     out = tmp_path / "speed.json"
-    assert launch("federation_speed_benchmark").main(["--supernodes", "20", "--rounds", "2", "--width", "4",
-                                                      "--local-steps", "2", "--repeats", "1", "--json", str(out)]) == 0
+    assert launch("federation_speed_benchmark").main(["--supernodes", "10", "--fraction", "0.2", "--rounds", "2",
+                                                      "--width", "4", "--local-steps", "2", "--repeats", "1",
+                                                      "--json", str(out)]) == 0
     printed, figures = capsys.readouterr().out, json.loads(out.read_text())
     inside = figures["inside"]
-    assert len(inside["round-seconds"]) == 2 and inside["nodes-per-round"] == 2  # 10 % of 20
+    assert len(inside["round-seconds"]) == 2 and inside["nodes-per-round"] == 2  # 20 % of 10
     assert all(s > 0 for s in inside["node-train-seconds"]) and all(s > 0 for s in inside["eval-seconds"])
     ratio = inside["step-ms"] / figures["outside-1-thread-ms"]
     assert f"inside / outside (1 thread): {ratio:.3f}" in printed
