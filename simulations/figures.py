@@ -135,7 +135,8 @@ def headline_block(name: str) -> list[str]:
             "across; simulations/paired_stats.py). Client mean and worst 10 %: the global model on every client's "
             "label mix (client-eval), mean over seeds. Budget used: mean training FLOPs sent over the node's "
             "budget, per capacity class (1.00: all of it). GB: bytes sent and received by the server; training "
-            "TFLOPs: the nodes' measured FLOPs per sample x the samples trained, summed over the run."]
+            "TFLOPs: the nodes' measured FLOPs per sample of what they were sent x the samples trained, summed over "
+            "the run (for FjORD an upper bound: its batches at a smaller drawn width cost less)."]
 
 
 def allocation_block(name: str, bandwidths: Sequence[float] = (10, 100)) -> list[str]:

@@ -510,6 +510,10 @@ def render(manifest: dict[str, Any], stats: Sequence[GroupStats], ratio_rows: Se
     lines += [f"- Data: {manifest.get('data-label') or 'see the run configs'}",
               f"- Command: `{manifest.get('command', 'unknown (no compare.json)')}`",
               f"- Machine: {machine_line(machine)}"]
+    if manifest.get("backend") == "inprocess":
+        lines.append("- Backend: the in-process grid (`--backend inprocess`): the real ServerApp and ClientApp in one "
+                     "process per run, no SuperLink or Ray, the sampled nodes one after another; s to round 1 and run "
+                     "wall s below are that process's")
     if manifest.get("started"):
         lines.append(f"- Ran: {manifest['started']} to {manifest.get('finished', '?')} (UTC)")
     lines.append("")
