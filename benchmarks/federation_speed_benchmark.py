@@ -151,9 +151,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         figures = {"inside": inside(args, work)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    threads = os.cpu_count() or 1
-    figures.update({"threads": threads, "outside-1-thread-ms": outside(args, 1),
-                    "outside-all-threads-ms": outside(args, threads), "bare-ms": bare(args)})
+    threads, before = os.cpu_count() or 1, torch.get_num_threads()
+    try:
+        figures.update({"threads": threads, "outside-1-thread-ms": outside(args, 1),
+                        "outside-all-threads-ms": outside(args, threads), "bare-ms": bare(args)})
+    finally:
+        torch.set_num_threads(before)  # the caller's process keeps its thread count
     print(report(args, figures))
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, **figures}, indent=1) + "\n")

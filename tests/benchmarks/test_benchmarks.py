@@ -20,6 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from deploy.local_cluster import RunResult
 from resist_fl.run.outputs import read_metrics
@@ -148,7 +149,7 @@ def test_round_time_benchmark_runs_both_strategies(capsys, launch):
 
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="dataset-fashion-mnist (.ci/run)")
 def test_federation_speed_benchmark_computes_its_ratios_from_its_own_figures(capsys, launch, tmp_path):
-    out = tmp_path / "speed.json"
+    out, threads = tmp_path / "speed.json", torch.get_num_threads()
     assert launch("federation_speed_benchmark").main(["--supernodes", "10", "--fraction", "0.2", "--rounds", "2",
                                                       "--width", "4", "--local-steps", "2", "--repeats", "1",
                                                       "--json", str(out)]) == 0
@@ -159,6 +160,7 @@ def test_federation_speed_benchmark_computes_its_ratios_from_its_own_figures(cap
     ratio = inside["step-ms"] / figures["outside-1-thread-ms"]
     assert f"inside / outside (1 thread): {ratio:.3f}" in printed
     assert f"a node's step inside the simulation: {inside['step-ms']:.1f} ms" in printed
+    assert torch.get_num_threads() == threads  # the test process keeps its threads (later runs compare bits)
 
 
 def test_deploy_overhead_benchmark_measures_a_cluster(capsys, launch):
