@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from resist_fl.run.cli_config import write_run_config
-from resist_fl.run.outputs import METRICS_FILE, SUMMARY_FILE
-from simulations.launcher import LaunchResult, error_lines, run_dir_of, run_logged
+from resist_fl.run.outputs import SUMMARY_FILE
+from simulations.launcher import LaunchResult, error_lines, prepare_launch, run_logged
 from simulations.presets import app_config_keys
 
 
@@ -42,14 +42,8 @@ def run_inprocess_launch(project_dir: str | os.PathLike, run_config: Mapping[str
         raise ValueError(f"num-gpus-per-client = {num_gpus_per_client}: the in-process backend does not "
                          "reserve GPUs; use the flwr backend (--backend flwr)")
     project_dir = Path(project_dir).resolve()
-    run_dir = run_dir_of(run_config)
-    if (run_dir / METRICS_FILE).exists() and not run_config.get("resume"):
-        raise FileExistsError(f"{run_dir} already holds a run (the ServerApp would refuse it); "
-                              "choose another run-name or remove it")
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    run_dir, workdir, log_path = prepare_launch(run_config, workdir)
     name = str(run_config["run-name"])
-    log_path = workdir / f"{name}.log"
     config_path = write_run_config({**app_config_keys(project_dir), **run_config},
                                    workdir / f"{name}.run-config.toml",
                                    header=f"run config of {name} (the app's defaults merged), in-process backend")

@@ -229,6 +229,18 @@ def wait_for_exit(proc: subprocess.Popen, run_dir: Path, started_epoch: float,
     return False, round1 if round1 is not None else _round1_seconds(run_dir, started_epoch)
 
 
+def prepare_launch(run_config: Mapping[str, Any], workdir: str | os.PathLike) -> tuple[Path, Path, Path]:
+    """The run directory (refused when it already holds a run and ``resume`` is off), the created
+    ``workdir`` and the log path of one launch."""
+    run_dir = run_dir_of(run_config)
+    if (run_dir / METRICS_FILE).exists() and not run_config.get("resume"):
+        raise FileExistsError(f"{run_dir} already holds a run (the ServerApp would refuse it); "
+                              "choose another run-name or remove it")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    return run_dir, workdir, workdir / f"{run_config['run-name']}.log"
+
+
 def run_logged(command: list[str], cwd: Path, env: Mapping[str, str], log_path: Path, preamble: str, run_dir: Path,
                started_epoch: float, timeout_s: float) -> tuple[subprocess.Popen, bool, float | None]:
     """Run ``command`` in its own session, its output (after ``preamble`` and the command line) in
@@ -327,13 +339,7 @@ def run_flwr(project_dir: str | os.PathLike, run_config: Mapping[str, Any], *, n
     LaunchResult
     """
     project_dir = Path(project_dir).resolve()
-    run_dir = run_dir_of(run_config)
-    if (run_dir / METRICS_FILE).exists() and not run_config.get("resume"):
-        raise FileExistsError(f"{run_dir} already holds a run (the ServerApp would refuse it); "
-                              "choose another run-name or remove it")
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    log_path = workdir / f"{run_config['run-name']}.log"
+    run_dir, workdir, log_path = prepare_launch(run_config, workdir)
     config_path = write_run_config(run_config, workdir / f"{run_config['run-name']}.run-config.toml",
                                    header=f"run config of {run_config['run-name']}, written by the launcher")
     command = [flwr_executable(), "run", ".", "--stream", "--run-config", str(config_path),
