@@ -100,7 +100,7 @@ def build_local_model(settings: RunSettings, spec: ModelSpec, layout: BlockLayou
     method table: a sub-network of ``blocks``, a width-sliced model, ...), loaded from the arrays
     (:func:`~resist_fl.flower.client_side.load_received`: keys checked, arrays decoded)."""
     model = node_hook(settings.strategy).build(spec, layout, msg.content["config"])
-    return load_received(model, layout, msg.content["arrays"], message_blocks(msg), message_transport(msg))
+    return load_received(model, msg.content["arrays"], message_blocks(msg), message_transport(msg))
 
 
 @lru_cache(maxsize=16)

@@ -16,7 +16,7 @@ CORE_LAYERS = [
     {"npy_bytes", "validation", "transport", "aggregation", "allocation", "holders", "norms", "residual_nets",
      "secure_random", "client_accuracy"},
     {"preact_resnet"},
-    {"torchvision_resnets"},
+    {"torchvision_resnets", "early_exits"},
     {"model"},
     {"decomposition", "width_slicing", "dealing"},
     {"model_cost"},

@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from resist_fl.core.early_exits import MultiExitResNet
 from resist_fl.core.norms import NORMS
 from resist_fl.core.preact_resnet import PreActResNet
 from resist_fl.core.torchvision_resnets import TORCHVISION_DEPTHS, build_torchvision_resnet
@@ -57,6 +58,13 @@ class ModelSpec:
         whose depths and width (64) are torchvision's.
     stem : str
         One of :data:`STEMS`.
+    head_norm : bool
+        A norm and a ReLU between the last stage and the pooling (the pre-activation ResNet of
+        HeteroFL's code, ``n4``; the ResIST paper's model has none): the ``preact`` family only.
+    exits : int
+        0: one classifier after the last stage. 1-4: DepthFL's multi-exit model cut after that many
+        stages, one classifier (exit) after each (:mod:`resist_fl.core.early_exits`); the ``preact``
+        family only.
     """
 
     depths: tuple[int, ...] = PRESET_DEPTHS["preact_resnet18"]
@@ -66,6 +74,8 @@ class ModelSpec:
     norm: str = "batchnorm"
     arch: str = "preact"
     stem: str = "cifar"
+    head_norm: bool = False
+    exits: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
@@ -80,6 +90,10 @@ class ModelSpec:
             raise ValueError(f"unknown arch {self.arch!r}; expected one of {', '.join(ARCHS)}")
         if self.stem not in STEMS:
             raise ValueError(f"unknown stem {self.stem!r}; expected one of {', '.join(STEMS)}")
+        if not 0 <= int(self.exits) <= 4:
+            raise ValueError(f"exits must be 0 (one classifier) or 1-4 (DepthFL's exits), got {self.exits}")
+        if (self.head_norm or self.exits) and self.arch != "preact":
+            raise ValueError(f"head_norm and exits are defined for the pre-activation family, not {self.arch!r}")
         if self.arch in TORCHVISION_DEPTHS and (self.depths, self.base_width) != (TORCHVISION_DEPTHS[self.arch], 64):
             raise ValueError(f"{self.arch} has depths {TORCHVISION_DEPTHS[self.arch]} and width 64, "
                              f"got {self.depths} and {self.base_width}")
@@ -103,8 +117,9 @@ class ModelSpec:
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
-    """The full model of ``spec``: a :class:`~resist_fl.core.preact_resnet.PreActResNet`, or a
-    torchvision ResNet with residual scales."""
+    """The full model of ``spec``: a :class:`~resist_fl.core.preact_resnet.PreActResNet` (with
+    ``exits``: DepthFL's :class:`~resist_fl.core.early_exits.MultiExitResNet`), or a torchvision
+    ResNet with residual scales."""
     if spec.arch in TORCHVISION_DEPTHS:
         return build_torchvision_resnet(spec)
-    return PreActResNet(spec)
+    return MultiExitResNet(spec) if spec.exits else PreActResNet(spec)

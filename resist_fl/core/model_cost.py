@@ -11,7 +11,9 @@ original meaning). Each method gives a node the largest sub-model of its kind wi
   one: the shared layers (stem, unpartitioned stages, strided blocks, classifier) are a floor no
   ResIST sub-network goes below (:meth:`CostModel.floor_fraction`);
 - width methods (HeteroFL, FedRolex, FjORD): the largest rate of :data:`WIDTH_RATES` whose
-  sliced model fits, at least the smallest.
+  sliced model fits, at least the smallest;
+- DepthFL: the most stages (each with its exit) whose model fits, at least one. Its budget is a
+  fraction of its own global model, exits included (:meth:`CostModel.max_exits`).
 
 Pure PyTorch; nothing imports Flower.
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -166,3 +168,18 @@ class CostModel:
             else:
                 low = middle + 1
         return ordered[low]
+
+    # -- DepthFL ------------------------------------------------------------------------------------
+    def exit_cost(self, stages: int) -> Cost:
+        """Cost of DepthFL's model of the first ``stages`` stages and their exits (``spec.exits``: 4)."""
+        return _cost(replace(self.spec, exits=stages), self.image_size)
+
+    def max_exits(self, capacity: float, measure_name: str) -> int:
+        """The most stages (each with its exit, :meth:`exit_cost`) within ``capacity`` of the full
+        multi-exit model (:func:`fits`; ``blocks``: ``stages / 4``), at least one."""
+        if not self.spec.exits:
+            raise ValueError("max_exits needs DepthFL's multi-exit model (a spec with exits = 4)")
+        fitting = [d for d in range(1, self.spec.exits + 1)
+                   if fits(capacity, measure_name, d / self.spec.exits,
+                           None if measure_name == "blocks" else self.exit_cost(d), self.full)]
+        return max(fitting, default=1)

@@ -35,6 +35,8 @@ class ResNetShape(Protocol):
     base_width: int
     norm: str
     stem: str
+    head_norm: bool
+    exits: int
 
 
 class PreActBlock(nn.Module):
@@ -91,23 +93,40 @@ class PreActResNet(nn.Module):
     def __init__(self, spec: ResNetShape) -> None:
         super().__init__()
         self.spec = spec
-        width = [spec.base_width * c // 64 for c in STAGE_CHANNELS]
-        if spec.stem == "imagenet":  # 224x224 -> 56x56 before the first stage
-            self.conv1 = nn.Conv2d(spec.in_channels, width[0], 7, stride=2, padding=3, bias=False)
-            self.stem = nn.Sequential(make_norm(spec.norm, width[0]), nn.ReLU(inplace=True),
-                                      nn.MaxPool2d(3, stride=2, padding=1))
-        else:
-            self.conv1 = nn.Conv2d(spec.in_channels, width[0], 3, stride=1, padding=1, bias=False)
-            self.stem = nn.Identity()
-        in_planes = width[0]
-        for s in range(4):
-            stage = make_stage(in_planes, width[s], spec.depths[s], STAGE_STRIDES[s], spec.norm)
-            self.add_module(f"layer{s + 1}", stage)
-            in_planes = width[s]
-        self.linear = nn.Linear(width[3], spec.num_classes)
+        self.widths = stage_widths(spec.base_width)
+        add_trunk(self, spec, 4)
+        self.head_norm = make_norm(spec.norm, self.widths[3]) if spec.head_norm else None
+        self.linear = nn.Linear(self.widths[3], spec.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.stem(self.conv1(x))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-        return self.linear(out)
+        return self.linear(pooled(out, self.head_norm))
+
+
+def add_trunk(model: nn.Module, spec: ResNetShape, stages: int) -> None:
+    """Give ``model`` the stem and the first ``stages`` stages (``conv1``, ``stem``, ``layer1`` ...)."""
+    width = stage_widths(spec.base_width)
+    if spec.stem == "imagenet":  # 224x224 -> 56x56 before the first stage
+        model.conv1 = nn.Conv2d(spec.in_channels, width[0], 7, stride=2, padding=3, bias=False)
+        model.stem = nn.Sequential(make_norm(spec.norm, width[0]), nn.ReLU(inplace=True),
+                                   nn.MaxPool2d(3, stride=2, padding=1))
+    else:
+        model.conv1 = nn.Conv2d(spec.in_channels, width[0], 3, stride=1, padding=1, bias=False)
+        model.stem = nn.Identity()
+    in_planes = width[0]
+    for s in range(stages):
+        model.add_module(f"layer{s + 1}", make_stage(in_planes, width[s], spec.depths[s], STAGE_STRIDES[s], spec.norm))
+        in_planes = width[s]
+
+
+def stage_widths(base_width: int) -> tuple[int, ...]:
+    """Channels of the four stages for a first-stage width ``base_width``."""
+    return tuple(base_width * c // 64 for c in STAGE_CHANNELS)
+
+
+def pooled(out: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+    """The classifier's input: ``norm`` and a ReLU when given (``head_norm``), then global average pooling."""
+    if norm is not None:
+        out = F.relu(norm(out))
+    return F.adaptive_avg_pool2d(out, 1).flatten(1)

@@ -79,6 +79,8 @@ def key_groups(spec: ModelSpec, keys: Sequence[str]) -> dict[str, tuple[str | No
             out[key] = ("trunk1", None)
         elif key.startswith("stem."):
             out[key] = () if name == "num_batches_tracked" else ("trunk1",)
+        elif key.startswith("head_norm."):
+            out[key] = () if name == "num_batches_tracked" else ("trunk4",)
         elif key == "linear.weight":
             out[key] = (None, "trunk4")
         elif key == "linear.bias":

@@ -24,7 +24,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from resist_fl.core.allocation import check_capacity
-from resist_fl.core.decomposition import BlockLayout
+from resist_fl.core.decomposition import BlockLayout, is_scale_key
 from resist_fl.core.residual_nets import subnetwork_of
 from resist_fl.core.transport import decode_state, encode_array
 from resist_fl.core.validation import TRAIN_METRICS
@@ -54,24 +54,26 @@ def message_run_round(message: Message) -> int:
     return int(config[RUN_ROUND] if RUN_ROUND in config else config[SERVER_ROUND])
 
 
-def load_received(model: torch.nn.Module, layout: BlockLayout, arrays: ArrayRecord,
+def load_received(model: torch.nn.Module, arrays: ArrayRecord,
                   blocks: list[str] | None, transport: str = "float32") -> torch.nn.Module:
     """Load ``arrays`` into ``model``, the sub-network named by ``blocks`` (the full model when
     None); return it.
 
-    The received keys must be exactly that sub-network's payload keys (the residual scales are
-    not sent: the model keeps its own); float arrays arrive encoded under ``transport`` and are
-    decoded to the model's dtypes.
+    The received keys must be exactly the payload keys of ``model`` as the method's node hook built
+    it for the message (its ``state_dict`` without the residual scales, which are not sent: the model
+    keeps its own; for ResIST the sub-network of ``blocks``); float arrays arrive encoded under
+    ``transport`` and are decoded to the model's dtypes.
 
     Raises
     ------
     ValueError
         The keys differ; the message counts the unexpected and the missing ones.
     """
-    expected = set(layout.payload_keys(blocks))
+    expected = {k for k in model.state_dict() if not is_scale_key(k)}
     if set(arrays) != expected:
         extra, missing = sorted(set(arrays) - expected), sorted(expected - set(arrays))
-        raise ValueError(f"received keys do not match blocks {blocks}: {len(extra)} unexpected {extra[:3]}, "
+        what = f"blocks {blocks}" if blocks is not None else "the model the message describes"
+        raise ValueError(f"received keys do not match {what}: {len(extra)} unexpected {extra[:3]}, "
                          f"{len(missing)} missing {missing[:3]}")
     if transport == "float32":
         state = arrays.to_torch_state_dict()
@@ -90,7 +92,7 @@ def received_subnetwork(model: torch.nn.Module, layout: BlockLayout, message: Me
     the message's arrays. ``model`` itself is not changed."""
     blocks = message_blocks(message)
     cut = copy.deepcopy(model) if blocks is None else subnetwork_of(model, layout.dropped_blocks(blocks))
-    return load_received(cut, layout, message.content["arrays"], blocks, message_transport(message))
+    return load_received(cut, message.content["arrays"], blocks, message_transport(message))
 
 
 def train_reply(message: Message, model: torch.nn.Module, *, num_examples: int, train_loss: float,

@@ -30,3 +30,7 @@ LABEL_SPLIT = "label-split"
 FJORD_DISTILL = "fjord-distill"
 """FjORD with self-distillation: each batch also trains the node's largest width, whose output teaches
 the sampled width."""
+DEPTH_EXITS = "depth-exits"
+"""DepthFL: how many stages (each with its exit) the message's model holds."""
+DISTILL_WEIGHT = "distill-weight"
+"""DepthFL: the weight of mutual self-distillation between the exits this round (0: none)."""

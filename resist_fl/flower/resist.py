@@ -1,9 +1,9 @@
-"""ResIST and depth tiers as Flower strategies (Message API): thin classes over the shared round.
+"""ResIST and the static depth prefix as Flower strategies (Message API): thin classes over the shared round.
 
 :class:`ResIST` plans the round (:class:`~resist_fl.flower.round_skeleton.SubModelStrategy`): each
 sampled node gets the blocks a dealing (:mod:`resist_fl.core.dealing`) gives it within its budget,
 and only its sub-network's arrays; everything else (sampling, screening, the merge over each
-tensor's holders, exposure, the report) is the shared round's. :class:`DepthTiers` overrides one
+tensor's holders, exposure, the report) is the shared round's. :class:`DepthPrefix` overrides one
 hook, the dealing.
 """
 
@@ -69,7 +69,7 @@ class ResIST(SubModelStrategy):
         self.last_untrained: tuple[str, ...] = ()
 
     def make_dealing(self) -> Dealing:
-        """ResIST's random decomposition (what :class:`DepthTiers` overrides)."""
+        """ResIST's random decomposition (what :class:`DepthPrefix` overrides)."""
         return RandomDealing(self.settings.min_blocks_per_site, self.settings.privacy_min_holders)
 
     # -- the plan ------------------------------------------------------------------------------
@@ -185,12 +185,13 @@ class ResIST(SubModelStrategy):
         super().summary()
 
 
-class DepthTiers(ResIST):
-    """Static depth tiers, a static prefix of ResIST's blocks: a node always trains the first blocks of
-    the partitionable stages that fit its budget. Not DepthFL (no classifier per depth, no mutual
-    distillation, no ensemble of exits) nor InclusiveFL."""
+class DepthPrefix(ResIST):
+    """A static prefix of ResIST's blocks (``depth-prefix``, formerly ``depth-tiers``): a node always
+    trains the first blocks of the partitionable stages that fit its budget, with the one classifier.
+    Not DepthFL (no classifier per depth, no mutual distillation, no ensemble of exits:
+    :mod:`resist_fl.flower.depthfl`) nor InclusiveFL."""
 
-    label = "depth-tiers"
+    label = "depth-prefix"
 
     def make_dealing(self) -> Dealing:
         return PrefixDealing()
@@ -207,6 +208,6 @@ def from_settings(settings: RunSettings, model: ModelParts) -> Built:
     return Built(ResIST(model.layout, settings, costs=model.costs), model)
 
 
-def depth_tiers_from_settings(settings: RunSettings, model: ModelParts) -> Built:
-    """``strategy='depth-tiers'``: every node the first blocks its budget allows (the method table's factory)."""
-    return Built(DepthTiers(model.layout, settings, costs=model.costs), model)
+def depth_prefix_from_settings(settings: RunSettings, model: ModelParts) -> Built:
+    """``strategy='depth-prefix'``: every node the first blocks its budget allows (the method table's factory)."""
+    return Built(DepthPrefix(model.layout, settings, costs=model.costs), model)

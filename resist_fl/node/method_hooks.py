@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -18,7 +19,17 @@ import torch
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.model import ModelSpec, build_model
 from resist_fl.core.width_slicing import sliced_spec
-from resist_fl.flower.message_keys import BLOCKS, FJORD_DISTILL, FJORD_RATES, LABEL_SPLIT, WIDTH_RATE, WIDTH_SCALER
+from resist_fl.flower.message_keys import (
+    BLOCKS,
+    DEPTH_EXITS,
+    DISTILL_WEIGHT,
+    FJORD_DISTILL,
+    FJORD_RATES,
+    LABEL_SPLIT,
+    WIDTH_RATE,
+    WIDTH_SCALER,
+)
+from resist_fl.node.mutual_distillation import mutual_distillation
 from resist_fl.node.ordered_dropout import OrderedDropout
 from resist_fl.node.width_scaler import attach_width_scaler
 
@@ -100,3 +111,16 @@ class OrderedDropoutWidths(WidthSlice):
                        seed: int, labels: torch.Tensor) -> LocalTraining:
         od = OrderedDropout(model, spec, float(config[WIDTH_RATE]), list(config[FJORD_RATES]), seed=seed)
         return LocalTraining(od.sample, od.distillation_loss if bool(config.get(FJORD_DISTILL, False)) else None)
+
+
+class DepthExits(SubNetwork):
+    """DepthFL: the first ``depth-exits`` stages with their exits
+    (:class:`~resist_fl.core.early_exits.MultiExitResNet`), trained on cross-entropy at every exit plus
+    mutual self-distillation weighted by the message's ``distill-weight``."""
+
+    def build(self, spec: ModelSpec, layout: BlockLayout, config: Mapping[str, Any]) -> torch.nn.Module:
+        return build_model(replace(spec, exits=int(config[DEPTH_EXITS])))
+
+    def local_training(self, model: torch.nn.Module, spec: ModelSpec, config: Mapping[str, Any],
+                       seed: int, labels: torch.Tensor) -> LocalTraining:
+        return LocalTraining(loss=mutual_distillation(float(config[DISTILL_WEIGHT])))

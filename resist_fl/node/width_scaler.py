@@ -5,9 +5,9 @@ Where, as its code applies it (``src/models/resnet.py`` of diaoenmao/HeteroFL-Co
 Communication-Efficient-Federated-Learning-for-Heterogeneous-Clients, lines 45 and 48:
 ``self.n1(self.scaler(x))``, ``self.n2(self.scaler(out))``; ``Scaler`` in ``src/modules/modules.py``
 lines 9-10: ``input / self.rate if self.training else input``): in front of each block's two norms,
-and in front of the final norm before the head (line 148). The pre-activation ResNet here has no norm
-before the head (the ResIST paper's model), so that third position has no counterpart: the logits are
-never scaled. In front of a BatchNorm or GroupNorm with batch statistics the division cancels (up to
+and in front of the final norm before the head (line 148), which the pre-activation ResNet here has
+with ``head-norm = true`` (``head_norm``; the ResIST paper's model has none, and then that third
+position has no counterpart). Either way the logits are never scaled. In front of a BatchNorm or GroupNorm with batch statistics the division cancels (up to
 the norm's epsilon), as it does in HeteroFL's code, where every BatchNorm trains on batch statistics
 (``track_running_stats=False``, ``resnet.py`` lines 16-17).
 """

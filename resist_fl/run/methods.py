@@ -36,8 +36,9 @@ class Method:
         (DP-SGD on the node) where its node-side training is plain SGD on the model it receives.
     federated_evaluation : bool
         Evaluates on the nodes (``fraction-evaluate`` > 0): its nodes hold the global model.
-    width_sliced : bool
-        Slices channels: needs the pre-activation family (``model = 'preact_resnet*'``).
+    preact_only : bool
+        Builds on the pre-activation family (slices its channels, or adds exits to it): needs
+        ``model = 'preact_resnet*'``.
     node_hook : str
         ``module:class`` of what its nodes do differently (:mod:`resist_fl.node.method_hooks`: the
         model a node builds for a message, what runs before each local step).
@@ -51,7 +52,7 @@ class Method:
     factory: str
     dp: tuple[str, ...] = ("central", "local")
     federated_evaluation: bool = False
-    width_sliced: bool = False
+    preact_only: bool = False
     node_hook: str = "resist_fl.node.method_hooks:SubNetwork"
     reads: tuple[str, ...] = ()
 
@@ -67,20 +68,27 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("resist", "ResIST", "resist_fl.flower.resist:from_settings", reads=SERVER_STEP),
     Method("fedavg", "FedAvg", "resist_fl.flower.fedavg:from_settings", federated_evaluation=True,
            reads=SERVER_STEP),
-    Method("heterofl", "HeteroFL", "resist_fl.flower.width_sliced:HeteroFL.from_settings", width_sliced=True,
+    Method("heterofl", "HeteroFL", "resist_fl.flower.width_sliced:HeteroFL.from_settings", preact_only=True,
            node_hook=WIDTH_SLICE, reads=LABEL_SPLIT),
-    Method("fedrolex", "FedRolex", "resist_fl.flower.width_sliced:FedRolex.from_settings", width_sliced=True,
+    Method("fedrolex", "FedRolex", "resist_fl.flower.width_sliced:FedRolex.from_settings", preact_only=True,
            node_hook=WIDTH_SLICE, reads=(*LABEL_SPLIT, "fedrolex-overlap")),
-    Method("fjord", "FjORD", "resist_fl.flower.width_sliced:FjORD.from_settings", width_sliced=True,
+    Method("fjord", "FjORD", "resist_fl.flower.width_sliced:FjORD.from_settings", preact_only=True,
            node_hook=ORDERED_DROPOUT, reads=FJORD_LEVELS,
            dp=CENTRAL_ONLY),  # ordered dropout per batch is not what Opacus' DP-SGD trains
     Method("fjord-kd", "FjORD (KD)", "resist_fl.flower.width_sliced:FjORDDistilled.from_settings",
-           width_sliced=True, node_hook=ORDERED_DROPOUT, reads=FJORD_LEVELS, dp=CENTRAL_ONLY),
-    Method("depth-tiers", "depth tiers", "resist_fl.flower.resist:depth_tiers_from_settings",
+           preact_only=True, node_hook=ORDERED_DROPOUT, reads=FJORD_LEVELS, dp=CENTRAL_ONLY),
+    Method("depth-prefix", "depth prefix", "resist_fl.flower.resist:depth_prefix_from_settings",
            reads=SERVER_STEP),
+    Method("depthfl", "DepthFL", "resist_fl.flower.depthfl:from_settings", preact_only=True,
+           node_hook="resist_fl.node.method_hooks:DepthExits", reads=(*SERVER_STEP, "depthfl-distill"),
+           dp=CENTRAL_ONLY),  # its loss is several exits' and their distillation, not one model's cross-entropy
     Method("fedavg-small", "FedAvg-small", "resist_fl.flower.fedavg:small_from_settings", federated_evaluation=True,
-           width_sliced=True, node_hook=WIDTH_SLICE, reads=SERVER_STEP),
+           preact_only=True, node_hook=WIDTH_SLICE, reads=SERVER_STEP),
 )}
+
+FORMER_NAMES = {"depth-tiers": "depth-prefix"}
+"""Names a method had in runs committed before a rename: their records are read (and labelled) under
+the method's current name; a new run config naming one is refused with the new name."""
 
 STRATEGIES = tuple(METHODS)
 """The ``strategy`` values, in the order the docs list them."""
@@ -89,7 +97,9 @@ LABELS = {name: m.label for name, m in METHODS.items()}
 
 
 def method(name: str) -> Method:
-    """The method called ``name``; ValueError naming the choices otherwise."""
+    """The method called ``name`` (or formerly called so, :data:`FORMER_NAMES`); ValueError naming the
+    choices otherwise."""
+    name = FORMER_NAMES.get(name, name)
     if name not in METHODS:
         raise ValueError(f"strategy = {name!r}: expected one of {', '.join(METHODS)}")
     return METHODS[name]
@@ -106,7 +116,7 @@ def load(path: str):
 
 def label(name: str) -> str:
     """How reports name the method ``name`` (the name itself for one not in the table)."""
-    return LABELS.get(name, name)
+    return LABELS.get(FORMER_NAMES.get(name, name), name)
 
 
 def readers(key: str) -> tuple[str, ...]:

@@ -74,7 +74,7 @@ class RunSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, alias_generator=kebab, populate_by_name=True)
 
     strategy: Literal[STRATEGIES] = Field('resist',
-        description="`resist`, `fedavg` (Flower's FedAvg; the paper's local-SGD baseline when all clients train), or a width-sliced sub-model baseline: `heterofl` (static width tiers, the first r x C channels, scaler), `fedrolex` (a rolling window of r x C channels), `fjord` (ordered dropout: per batch a nested width at or below the node's), `depth-tiers` (a node always trains the first blocks its budget allows: the static counterpart of ResIST's random decomposition), or `fedavg-small` (FedAvg of the one width that fits the weakest capacity of `capacity-profile`) ([Heterogeneous clients](heterogeneous.md#heterogeneous-clients-capacities-stragglers-link-speeds))")
+        description="`resist`, `fedavg` (Flower's FedAvg; the paper's local-SGD baseline when all clients train), a width-sliced sub-model baseline: `heterofl` (static width tiers, the first r x C channels, scaler), `fedrolex` (a rolling window of r x C channels), `fjord` / `fjord-kd` (ordered dropout: per batch a nested width at or below the node's; `-kd` with self-distillation), `fedavg-small` (FedAvg of the one width that fits the weakest capacity of `capacity-profile`), or a depth baseline: `depthfl` (the first stages that fit, an exit after each, mutual self-distillation, the ensemble of exits at test) or `depth-prefix` (a node always trains the first partitionable blocks its budget allows: the static counterpart of ResIST's random decomposition; formerly `depth-tiers`) ([Heterogeneous clients](heterogeneous.md#heterogeneous-clients-capacities-stragglers-link-speeds))")
     num_server_rounds: Int = Field(5, ge=1,
         description="rounds")
     model: Literal[MODELS] = Field('preact_resnet34',
@@ -85,6 +85,8 @@ class RunSettings(BaseModel):
         description="channels of the first stage (the paper: 64)")
     norm: Literal[NORMS] = Field('batchnorm',
         description="`batchnorm` (the paper: batch statistics also at test time), `batchnorm-running`, `groupnorm`")
+    head_norm: Bool = Field(False,
+        description="`preact_resnet*`: a norm and a ReLU between the last stage and the pooling (HeteroFL's pre-activation ResNet has them; the ResIST paper's model has none); every method trains the same model")
     stem: Literal[STEMS] = Field('cifar',
         description="`cifar`: 3x3 stride-1 stem for 32x32 inputs; `imagenet`: 7x7 stride-2 conv + norm + ReLU + 3x3 max-pool for 224x224 inputs (both families; see [ImageNet-sized runs](imagenet.md#imagenet-sized-runs-warm-up-and-the-imagenet-stem))")
     dataset: Literal[DATASETS] = Field('digits',
@@ -120,7 +122,7 @@ class RunSettings(BaseModel):
     clip_grad_norm: Float = Field(1.0, ge=0,
         description="if > 0, each local step's gradient is rescaled to at most this L2 norm (every strategy); keeps label-skewed runs from diverging ([Non-IID](noniid.md#non-iid-data-label-skew)); `0`: off, as in the paper presets")
     server_lr: Float = Field(1.0, gt=0,
-        description="server step: the global model moves this fraction of the way to the merge (`1.0`: the plain merge; `resist`, `depth-tiers`, `fedavg`, `fedavg-small`; the width-sliced baselines merge as their code does and refuse it)")
+        description="server step: the global model moves this fraction of the way to the merge (`1.0`: the plain merge; `resist`, `depth-prefix`, `depthfl`, `fedavg`, `fedavg-small`; the width-sliced baselines merge as their code does and refuse it)")
     transport_dtype: Literal[TRANSPORT_DTYPES] = Field('float32',
         description="how float arrays travel in training messages and replies, every strategy: `float32`, `float16` (saturating), `uint8` (per-tensor affine 8-bit); the server decodes, merges and keeps the global model in float32")
     min_blocks_per_site: Int = Field(0, ge=0,
@@ -139,6 +141,8 @@ class RunSettings(BaseModel):
         description="`fedrolex`: its code's `overlap` option: `\"\"` (its default: one window for every node, advancing one channel per round) or a number in [0, 1]: a random channel order per round, and each node's window shifted from the previous node's by `floor(L x (1 - overlap)) + 1` of its `L` channels")
     fjord_levels: Str = Field('0.2,0.4,0.6,0.8,1.0',
         description="`fjord` / `fjord-kd`: FjORD's width levels p in (0, 1] (its paper's and code's 0.2 .. 1.0); a node's maximum level is the largest whose measured cost fits its capacity, and every local batch trains a level drawn uniformly from those at or below it")
+    depthfl_distill: Bool = Field(True,
+        description="`depthfl`: mutual self-distillation between the exits a node holds (its code's `kd`, on by default; the weight ramps up over the first 30 % of the rounds, as its code over 300 of 1000); `false`: cross-entropy on every exit only")
     capacity_profile: Str = Field('',
         description="simulation: node capacities in (0, 1] by partition id, cycled, e.g. `\"1.0,0.5,0.25,0.25\"` (a node's own `capacity` node config wins; none: 1.0)")
     capacity_mode: Literal[CAPACITY_MODES] = Field('fixed',
@@ -275,9 +279,9 @@ class RunSettings(BaseModel):
                                 "holding train/<class>/... and val/<class>/...")
         if self.resume and not self.run_name:
             raise SettingsError("resume = True: needs run-name, the name of the run directory to continue")
-        if METHODS[self.strategy].width_sliced and self.model in TORCHVISION_DEPTHS:
-            raise SettingsError(f"model = {self.model!r}: {self.strategy} slices the pre-activation family's "
-                                "channels; expected a preact_resnet* model")
+        if METHODS[self.strategy].preact_only and self.model in TORCHVISION_DEPTHS:
+            raise SettingsError(f"model = {self.model!r}: {self.strategy} builds on the pre-activation family "
+                                "(slices its channels or adds exits); expected a preact_resnet* model")
         self.model_spec(num_classes=10, in_channels=3)
         self.stages()
         self._privacy_rules()
@@ -358,7 +362,7 @@ class RunSettings(BaseModel):
                 raise SettingsError(f"stage-depths = {self.stage_depths!r}: expected four positive "
                                     "integers separated by commas, e.g. '1,1,4,1'")
         return ModelSpec(depths=depths, num_classes=num_classes, in_channels=in_channels,
-                         base_width=self.base_width, norm=self.norm, stem=self.stem)
+                         base_width=self.base_width, norm=self.norm, stem=self.stem, head_norm=self.head_norm)
 
     def rates(self) -> tuple[float, ...]:
         """``width-rates`` as numbers in (0, 1], largest first (``channels``: every ``w / base-width``)."""

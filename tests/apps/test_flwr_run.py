@@ -75,7 +75,7 @@ def test_run_finishes_with_every_round(launches, strategy):
 
 
 # (not fedavg-small: on this tiny setting it trains a width-2 model, near chance by design)
-@pytest.mark.parametrize("strategy", ["resist", "fedavg", "heterofl", "depth-tiers", "fedrolex", "fjord"])
+@pytest.mark.parametrize("strategy", ["resist", "fedavg", "heterofl", "depth-prefix", "fedrolex", "fjord"])
 def test_accuracy_beats_chance(launches, strategy):
     final = read_metrics(launches[strategy].run_dir)[-1]["accuracy"]
     assert final > 1 / NUM_CLASSES
@@ -150,8 +150,8 @@ def test_the_sub_model_baselines_respect_every_nodes_budget(launches):
     widths = sorted({(n["partition"], n["width-rate"]) for n in heterofl})
     assert [p for p, _ in widths] == [0, 1, 2] and widths[0][1] == 1.0 > widths[1][1] > widths[2][1]
     assert all(n["over-capacity"] == 0 and n["flops-per-sample"] > 0 and n["budget-used"] <= 1 for n in heterofl)
-    tiers = read_metrics(launches["depth-tiers"].run_dir, "nodes.jsonl")
-    assert {n["strategy"] for n in tiers} == {"depth-tiers"} and all(n["status"] == "accepted" for n in tiers)
+    tiers = read_metrics(launches["depth-prefix"].run_dir, "nodes.jsonl")
+    assert {n["strategy"] for n in tiers} == {"depth-prefix"} and all(n["status"] == "accepted" for n in tiers)
     for strategy in ("fedrolex", "fjord"):
         rows = read_metrics(launches[strategy].run_dir, "nodes.jsonl")
         assert sorted({(n["partition"], n["width-rate"]) for n in rows}) == widths

@@ -146,3 +146,16 @@ def test_untouched_elements_stay_and_bad_input_is_refused():
         sliced_spec(SPEC, 0)
     with pytest.raises(ValueError, match="pre-activation family"):
         sliced_spec(ModelSpec(depths=(2, 2, 2, 2), arch="torchvision_resnet18"), 0.5)
+
+
+def test_the_head_norm_is_sliced_with_the_last_stages_trunk():
+    from resist_fl.core.model import ModelSpec, build_model
+    from resist_fl.core.width_slicing import key_groups, prefix_indices, slice_state, sliced_spec
+
+    spec = ModelSpec(depths=(1, 1, 2, 1), base_width=8, num_classes=10, head_norm=True)
+    state = {k: v.numpy() for k, v in build_model(spec).state_dict().items()}
+    groups = key_groups(spec, list(state))
+    assert groups["head_norm.weight"] == groups["head_norm.bias"] == ("trunk4",)
+    cut = slice_state(state, groups, prefix_indices(spec, 0.5))
+    small = build_model(sliced_spec(spec, 0.5)).state_dict()
+    assert {k: v.shape for k, v in cut.items()} == {k: tuple(v.shape) for k, v in small.items()}

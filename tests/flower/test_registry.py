@@ -19,7 +19,7 @@ from resist_fl.flower.array_codec import array_view
 from resist_fl.flower.central_dp_strategy import CentrallyPrivate
 from resist_fl.flower.method_factory import ModelParts, build
 from resist_fl.flower.round_skeleton import SubModelStrategy
-from resist_fl.node.method_hooks import OrderedDropoutWidths, SubNetwork, WidthSlice
+from resist_fl.node.method_hooks import DepthExits, OrderedDropoutWidths, SubNetwork, WidthSlice
 from resist_fl.run.methods import METHODS, keys_read_by_some, readers
 from resist_fl.run.settings import RunSettings, SettingsError
 from simulations.inprocess_grid import InProcessGrid
@@ -108,9 +108,10 @@ def test_width_methods_hold_elements_by_capacity_and_noise_follows_the_element_h
 
 @pytest.mark.parametrize("key", keys_read_by_some())
 def test_a_setting_a_method_does_not_read_is_refused_for_every_such_method(key):
-    value = {"server-lr": 0.5, "fjord-levels": "0.5,1.0", "label-split": False, "fedrolex-overlap": "0.5"}[key]
+    value = {"server-lr": 0.5, "fjord-levels": "0.5,1.0", "label-split": False, "fedrolex-overlap": "0.5",
+             "depthfl-distill": False}[key]
     for name in METHODS:
-        config = {"strategy": name, key: value, **({"model": "preact_resnet18"} if METHODS[name].width_sliced else {})}
+        config = {"strategy": name, key: value, **({"model": "preact_resnet18"} if METHODS[name].preact_only else {})}
         if name in readers(key):
             RunSettings.from_run_config(config)
         else:
@@ -120,9 +121,10 @@ def test_a_setting_a_method_does_not_read_is_refused_for_every_such_method(key):
 
 def test_the_client_apps_node_behaviour_comes_from_the_method_table():
     hooks = {name: type(node_hook(name)) for name in METHODS}
-    assert hooks["resist"] is hooks["depth-tiers"] is hooks["fedavg"] is SubNetwork
+    assert hooks["resist"] is hooks["depth-prefix"] is hooks["fedavg"] is SubNetwork
     assert hooks["heterofl"] is hooks["fedrolex"] is hooks["fedavg-small"] is WidthSlice
     assert hooks["fjord"] is OrderedDropoutWidths
+    assert hooks["depthfl"] is DepthExits
 
 
 def test_no_strategy_module_branches_on_dp_or_a_method_name():

@@ -62,7 +62,7 @@ def test_fedrolex_rolls_its_window_and_heterofl_keeps_its_prefix(tiny_config):
 
 
 @pytest.mark.slow  # five strategies x two runs each
-@pytest.mark.parametrize("strategy", ["heterofl", "fedrolex", "fjord", "depth-tiers", "fedavg-small"])
+@pytest.mark.parametrize("strategy", ["heterofl", "fedrolex", "fjord", "depth-prefix", "fedavg-small"])
 def test_a_stopped_sub_model_run_resumes_bit_identically(tiny_config, monkeypatch, strategy):
     base = {**tiny_config, **HETERO, "strategy": strategy, "num-server-rounds": 3, "lr-schedule": "constant",
             "local-steps": 2}
@@ -103,16 +103,17 @@ def test_width_methods_learn_the_real_digits(tiny_config, digits_npz, strategy, 
 def test_width_methods_need_the_pre_activation_family():
     from resist_fl.run.settings import RunSettings, SettingsError
 
-    with pytest.raises(SettingsError, match="heterofl slices the pre-activation family"):
-        RunSettings.from_run_config({"strategy": "heterofl", "model": "torchvision_resnet18"})
+    for name in ("heterofl", "depthfl"):
+        with pytest.raises(SettingsError, match=f"{name} builds on the pre-activation family"):
+            RunSettings.from_run_config({"strategy": name, "model": "torchvision_resnet18"})
     with pytest.raises(SettingsError, match="width-rates = '0,1'"):
         RunSettings.from_run_config({"strategy": "fedrolex", "width-rates": "0,1"})
 
 
 # -- depth tiers: the static counterpart of ResIST's random decomposition ---------------------------
 
-def test_depth_tiers_always_train_the_first_blocks_that_fit(tiny_config):
-    tiny_config.update(HETERO, strategy="depth-tiers", **{"stage-depths": "1,1,9,1", "base-width": 8,
+def test_depth_prefix_always_train_the_first_blocks_that_fit(tiny_config):
+    tiny_config.update(HETERO, strategy="depth-prefix", **{"stage-depths": "1,1,9,1", "base-width": 8,
                                                           "capacity-measure": "blocks", "num-server-rounds": 2})
     grid = run_inprocess(tiny_config, num_nodes=3)
     blocks = [f"layer3.{i}" for i in range(1, 9)]
@@ -120,7 +121,7 @@ def test_depth_tiers_always_train_the_first_blocks_that_fit(tiny_config):
             for m in grid.sent if m.metadata.message_type == "train"}
     assert sorted(sent.values(), key=len) == [blocks[:2], blocks[:4], blocks]  # 0.25 / 0.5 / 1.0 of 8 blocks
     rows = read_metrics(run_dir(tiny_config))
-    assert all(r["strategy"] == "depth-tiers" and r["replies-accepted"] == 3 for r in rows)
+    assert all(r["strategy"] == "depth-prefix" and r["replies-accepted"] == 3 for r in rows)
     nodes = read_metrics(run_dir(tiny_config), "nodes.jsonl")
     assert [(n["blocks"], n["max-blocks"], n["over-capacity"]) for n in nodes] == [(8, 8, 0), (4, 4, 0), (2, 2, 0)] * 2
     # evaluated as a depth method evaluates: every block at the residual scale it trained with, not ResIST's

@@ -14,9 +14,11 @@ from resist_fl.core.width_slicing import sliced_spec
 from resist_fl.node.width_scaler import attach_width_scaler
 
 
+@pytest.mark.parametrize("head_norm", [False, True])
 @pytest.mark.parametrize("norm", ["batchnorm", "groupnorm"])
-def test_the_scaler_cancels_in_front_of_a_norm_and_leaves_the_logits_unscaled(norm):
-    spec = sliced_spec(ModelSpec(depths=(1, 1, 2, 1), base_width=16, num_classes=10, norm=norm), 0.25)
+def test_the_scaler_cancels_in_front_of_a_norm_and_leaves_the_logits_unscaled(norm, head_norm):
+    spec = sliced_spec(ModelSpec(depths=(1, 1, 2, 1), base_width=16, num_classes=10, norm=norm,
+                                 head_norm=head_norm), 0.25)
     torch.manual_seed(0)
     plain = build_model(spec).train()
     scaled = attach_width_scaler(copy.deepcopy(plain), 0.25)
@@ -26,6 +28,7 @@ def test_the_scaler_cancels_in_front_of_a_norm_and_leaves_the_logits_unscaled(no
     assert out_scaled.abs().mean() < 1.5 * out_plain.abs().mean()  # not x 1/r = 4
     hooked = [m for m in scaled.modules() if m._forward_pre_hooks]
     assert hooked and all(isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)) for m in hooked)
+    assert (plain.head_norm is not None) == head_norm and (not head_norm or scaled.head_norm._forward_pre_hooks)
     scaled.eval(), plain.eval()
     torch.testing.assert_close(scaled(x), plain(x))  # evaluation: no scaling at all
 

@@ -94,7 +94,7 @@ def test_the_baselines_preset_plans_every_method_on_the_real_digits(tmp_path):
     """hetero-baselines: seven strategies x three seeds, one FLOP budget per node, the built-in real
     digits (``dataset='digits'``)."""
     _, plan, out_dir = compare.resolve(compare.parse_args(["hetero-baselines", "--out", str(tmp_path)]))
-    assert len(plan) == 21 and {r.strategy for r in plan} == {"resist", "depth-tiers", "heterofl", "fedrolex",
+    assert len(plan) == 21 and {r.strategy for r in plan} == {"resist", "depth-prefix", "heterofl", "fedrolex",
                                                              "fjord", "fedavg-small", "fedavg"}
     for run in plan:
         assert (run.run_config["dataset"], run.run_config.get("data-path", "")) == ("digits", "")
