@@ -41,7 +41,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from resist_fl.run.methods import LABELS  # the method table's labels
+from resist_fl.run.methods import label  # the method table's labels (former names read too)
 from resist_fl.run.outputs import read_metrics
 from simulations.compare import PROJECT_DIR, expand_overrides
 from simulations.inprocess import run_inprocess
@@ -231,7 +231,7 @@ def render(config: DictConfig, rows: Sequence[dict[str, Any]], target: float | N
              "| MB to target (reached) | s / run |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         to_target = "-" if math.isnan(r["mb-to-target"]) else f"{r['mb-to-target']:.0f}"
-        lines.append(f"| {LABELS.get(r['strategy'], r['strategy'])} | {r['norm']} | {r['alpha']} | {r['seeds']} "
+        lines.append(f"| {label(r['strategy'])} | {r['norm']} | {r['alpha']} | {r['seeds']} "
                      f"| {r['mean']:.3f} ± {r['std']:.3f} | {r['min']:.3f} | {r['diverging']}/{r['seeds']} "
                      f"| {r['mb-per-round']:.1f} | {to_target} ({r['reached']}/{r['seeds']}) | {r['seconds']:.0f} |")
     lines += ["", f"![final accuracy and MB to target against alpha]({PLOT_FILE})", "",
@@ -257,14 +257,14 @@ def plot(config: DictConfig, rows: Sequence[dict[str, Any]], target: float | Non
             xs = [i for i, a in enumerate(alphas) if a in mine]
             if not xs:
                 continue
-            label = f"{LABELS.get(strategy, strategy)}, {norm}"
+            name = f"{label(strategy)}, {norm}"
             style = "-" if strategy == "resist" else "--"
             mean = [mine[alphas[i]]["mean"] for i in xs]
             std = [mine[alphas[i]]["std"] for i in xs]
-            (line,) = left.plot(xs, mean, style, marker="o", label=label)
+            (line,) = left.plot(xs, mean, style, marker="o", label=name)
             left.errorbar(xs, mean, yerr=std, fmt="none", ecolor=line.get_color(), capsize=3)
             right.plot(xs, [mine[alphas[i]]["mb-to-target"] for i in xs], style, marker="o",
-                       color=line.get_color(), label=label)
+                       color=line.get_color(), label=name)
     for ax in (left, right):
         ax.set_xticks(range(len(alphas)), [a if a == "iid" else f"α={a}" for a in alphas])
         ax.set_xlabel("label skew (Dirichlet alpha per node; iid: none)")

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from resist_fl.run.methods import LABELS  # the method table's labels
+from resist_fl.run.methods import label  # the method table's labels (former names read too)
 from simulations import noniid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,18 +58,18 @@ def seeds_table(paths: Path | Sequence[Path], key: Callable[[dict[str, Any]], st
     lines = [line for path in paths for line in read_lines(path) if keep(line)]
     rows = [f"| {what} | final accuracy by seed | mean ± std | min | runs diverging | clip-grad-norm | lr |",
             "|---|---|---|---|---|---|---|"]
-    for label, group in _groups(lines, key).items():
+    for name, group in _groups(lines, key).items():
         group = sorted(group, key=lambda line: line["seed"])
         accuracy = [line["final-accuracy"] for line in group]
         seeds = ", ".join(f"{line['seed']}: {line['final-accuracy']:.3f}" for line in group)
         diverging = sum(bool(line["diverging-rounds"]) for line in group)
-        rows.append(f"| {label} | {seeds} | {_mean_std(accuracy)} | {min(accuracy):.3f} | {diverging}/{len(group)} "
+        rows.append(f"| {name} | {seeds} | {_mean_std(accuracy)} | {min(accuracy):.3f} | {diverging}/{len(group)} "
                     f"| {_effective(group, 'clip-grad-norm')} | {_effective(group, 'lr')} |")
     return [f"From {', '.join(f'`{_rel(path)}`' for path in paths)}.", "", *rows]
 
 
 def strategy_norm(line: dict[str, Any]) -> str:
-    return f"{LABELS.get(line['strategy'], line['strategy'])}, {line['norm']}"
+    return f"{label(line['strategy'])}, {line['norm']}"
 
 
 def change(line: dict[str, Any]) -> str:
@@ -130,7 +130,7 @@ def grid_block(name: str, folder: str) -> list[str]:
     alphas = [str(a) for a in config.grid.alphas]
     summary = {(r["strategy"], r["norm"], r["alpha"]): r for r in
                noniid.summarize(lines, target, [(s, n, a) for a in alphas for s, n in columns])}
-    rows = ["| alpha | " + " | ".join(f"{LABELS.get(s, s)} {n}" for s, n in columns) + " |",
+    rows = ["| alpha | " + " | ".join(f"{label(s)} {n}" for s, n in columns) + " |",
             "|---" * (len(columns) + 1) + "|"]
     for alpha in alphas:
         rows.append(f"| {alpha} | " + " | ".join(
@@ -167,7 +167,7 @@ def transport_block() -> list[str]:
     for strategy in ("resist", "fedavg"):
         cells = {d: [line for line in lines if line["strategy"] == strategy and line["set"]["transport-dtype"] == d]
                  for d in dtypes}
-        rows.append(f"| {LABELS[strategy]} | " + " | ".join(_mean_std([c["final-accuracy"] for c in cells[d]])
+        rows.append(f"| {label(strategy)} | " + " | ".join(_mean_std([c["final-accuracy"] for c in cells[d]])
                                                          for d in dtypes)
                     + " | " + " / ".join(f"{statistics.mean(c['mb-per-round'] for c in cells[d]):.2f}" for d in dtypes)
                     + " |")

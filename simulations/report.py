@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from resist_fl.run.outputs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_json, read_metrics, write_json
-from resist_fl.run.methods import LABELS  # the method table's labels
+from resist_fl.run.methods import label  # the method table's labels (former names read too)
 from simulations.machine import describe_machine, machine_line
 from simulations.privacy_report import privacy_lines
 from simulations.paired_stats import LEVEL, paired
@@ -280,9 +280,9 @@ def plot(groups: dict[tuple[str, str], list[Run]], x: str, path: Path, title: st
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for (variant, strategy), runs in groups.items():
         mx, my, sd = mean_curve(runs, x)
-        label = group_label(variant, strategy)
+        name = group_label(variant, strategy)
         style = "-" if strategy == "resist" else "--"
-        (line,) = ax.plot(mx, my, style, marker="o", markersize=3, label=f"{label}, n={len(runs)}")
+        (line,) = ax.plot(mx, my, style, marker="o", markersize=3, label=f"{name}, n={len(runs)}")
         ax.fill_between(mx, my - sd, my + sd, color=line.get_color(), alpha=0.2, linewidth=0)
     if target is not None:
         ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:.3f}")
@@ -333,7 +333,7 @@ def results_lines(stats: Sequence[GroupStats], target: float | None) -> list[str
     head = ["variant", "strategy", "seeds", "final accuracy", "MB / round", "reached target",
             "rounds to target", "GB to target", "seconds to target", "s to round 1", "run wall s",
             "runs diverging"]
-    rows = [[s.variant, LABELS.get(s.strategy, s.strategy), str(s.seeds), pm(s.final),
+    rows = [[s.variant, label(s.strategy), str(s.seeds), pm(s.final),
              num(s.bytes_per_round / 1e6, 2), f"{s.reached}/{s.seeds}" if target is not None else "-",
              pm(s.rounds, 1), pm(s.gb, 4), pm(s.seconds, 1), num(s.startup, 1), num(s.wall, 1),
              f"{s.diverged}/{s.seeds}"]
@@ -369,7 +369,7 @@ def paired_rows(groups: dict[tuple[str, str], list[Run]]) -> list[dict[str, Any]
 def paired_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     head = ["variant", "method", "paired seeds", "mean difference in final accuracy (method - ResIST)",
             f"{LEVEL:.0%} interval (paired t)", "method vs ResIST"]
-    body = [[r["variant"], LABELS.get(r["strategy"], r["strategy"]), str(r["seeds"]), f"{r['mean']:+.4f}",
+    body = [[r["variant"], label(r["strategy"]), str(r["seeds"]), f"{r['mean']:+.4f}",
              "-" if math.isnan(r["low"]) else f"[{r['low']:+.4f}, {r['high']:+.4f}]", f"**{r['verdict']}**"]
             for r in rows]
     return ["## Paired comparison with ResIST", "", *table(head, body), "",
@@ -382,13 +382,13 @@ def paired_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
 def paper_lines(paper: dict[str, float], stats: Sequence[GroupStats]) -> list[str]:
     measured = {s.strategy: s for s in stats if s.variant == MAIN_VARIANT}
     rows = []
-    for strategy, label in (("resist", "ResIST"), ("fedavg", "FedAvg (paper: local SGD)")):
+    for strategy, name in (("resist", "ResIST"), ("fedavg", "FedAvg (paper: local SGD)")):
         if strategy not in paper:
             continue
         s = measured.get(strategy)
         ours = pm(s.final, 2, 100.0) if s else "-"
         diff = num(s.final[0] * 100 - paper[strategy], 2) if s else "-"
-        rows.append([label, f"{paper[strategy]:.2f}", ours, diff])
+        rows.append([name, f"{paper[strategy]:.2f}", ours, diff])
     return ["## Paper vs measured (final test accuracy, %)", "",
             *table(["strategy", "paper", "measured", "measured - paper"], rows), ""]
 
@@ -401,7 +401,7 @@ def failed_lines(manifest: dict[str, Any]) -> list[str]:
 
 
 def group_label(variant: str, strategy: str) -> str:
-    return LABELS.get(strategy, strategy) + ("" if variant == MAIN_VARIANT else f" ({variant})")
+    return label(strategy) + ("" if variant == MAIN_VARIANT else f" ({variant})")
 
 
 def group_projections(runs_dir: Path, groups: dict[tuple[str, str], list[Run]], bandwidths: Sequence[float],
@@ -503,7 +503,7 @@ def render(manifest: dict[str, Any], stats: Sequence[GroupStats], ratio_rows: Se
     machine = manifest.get("machine") or describe_machine()
     strategies = sorted({s.strategy for s in stats})
     title = "ResIST vs FedAvg" if set(strategies) <= {"resist", "fedavg"} else \
-        "ResIST vs " + ", ".join(LABELS.get(s, s) for s in strategies if s != "resist")
+        "ResIST vs " + ", ".join(label(s) for s in strategies if s != "resist")
     lines = [f"# {title}: {manifest.get('preset', 'runs')}", ""]
     if manifest.get("description"):
         lines += [manifest["description"], ""]

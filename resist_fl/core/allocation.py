@@ -202,7 +202,7 @@ def deal_blocks(blocks: Sequence[str], depths: Sequence[int], rng: np.random.Gen
 
 
 def prefix_blocks(blocks: Sequence[str], maxima: Sequence[int]) -> Decomposition:
-    """Static depth tiers: each node holds the first ``maximum`` blocks (its budget's most);
+    """Static depth prefix: each node holds the first ``maximum`` blocks (its budget's most);
     blocks past the largest maximum are untrained."""
     num_blocks = len(blocks)
     depths = [max(1, min(int(m), num_blocks)) for m in maxima]

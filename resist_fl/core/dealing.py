@@ -6,7 +6,7 @@ trains this round (:class:`~resist_fl.core.allocation.Decomposition`):
 - :class:`RandomDealing`: ResIST's random decomposition (depths by an allocation policy, each
   block dealt to ``copies`` nodes where the maxima allow, the dealing drawn from the round's
   generator);
-- :class:`PrefixDealing`: static depth tiers (InclusiveFL / DepthFL's split): a node always
+- :class:`PrefixDealing`: the static depth prefix (``depth-prefix``): a node always
   trains the first blocks that fit its budget.
 
 Pure; nothing imports Flower.

@@ -6,7 +6,7 @@ A node's ``capacity`` in (0, 1] is a fraction of the full model's training cost 
 ``params`` (parameters), or ``blocks`` (the fraction of the partitionable blocks: ResIST's
 original meaning). Each method gives a node the largest sub-model of its kind within its budget:
 
-- ResIST / depth tiers: the most blocks d with ``shared + d * block <= budget`` (the most
+- ResIST / depth prefix: the most blocks d with ``shared + d * block <= budget`` (the most
   expensive partitionable block counts for every block, since the dealing is random), at least
   one: the shared layers (stem, unpartitioned stages, strided blocks, classifier) are a floor no
   ResIST sub-network goes below (:meth:`CostModel.floor_fraction`);
@@ -123,7 +123,7 @@ class CostModel:
                 per_stage[stage] = Cost(alone.flops - without_all.flops, alone.params - without_all.params)
         self.block = {b: per_stage[b.rsplit(".", 1)[0]] for b in blocks}
 
-    # -- ResIST and depth tiers ---------------------------------------------------------------
+    # -- ResIST and depth prefix --------------------------------------------------------------
     def depth_cost(self, blocks: Sequence[str]) -> Cost:
         """Cost of the sub-network holding ``blocks`` (shared layers plus those blocks)."""
         return Cost(self.shared.flops + sum(self.block[b].flops for b in blocks),

@@ -3,7 +3,7 @@
 Flower's ``DifferentialPrivacyServerSideFixedClipping`` zips every reply against the full global
 arrays and adds noise of standard deviation ``z * C / n`` to the mean of the ``n`` sampled
 clients; under ResIST a parameter may be held by one node, and its mean then needs ``n`` times
-that noise. Here (``dp='central'``, one code path for ResIST, depth tiers and FedAvg):
+that noise. Here (``dp='central'``, one code path for every method):
 
 - each node clips its update (trained arrays minus the arrays it received, over everything it
   holds) to L2 norm ``C`` (:func:`clip_update`, Flower's ``clip_inputs_inplace``); the server

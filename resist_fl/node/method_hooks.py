@@ -60,7 +60,7 @@ def masked_cross_entropy(present: torch.Tensor) -> Loss:
 
 
 class SubNetwork:
-    """ResIST, depth tiers, FedAvg: the sub-network of the message's ``blocks`` (the full model
+    """ResIST, depth prefix, FedAvg: the sub-network of the message's ``blocks`` (the full model
     without), trained by plain local SGD."""
 
     def build(self, spec: ModelSpec, layout: BlockLayout, config: Mapping[str, Any]) -> torch.nn.Module:

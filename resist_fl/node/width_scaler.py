@@ -7,9 +7,10 @@ Communication-Efficient-Federated-Learning-for-Heterogeneous-Clients, lines 45 a
 lines 9-10: ``input / self.rate if self.training else input``): in front of each block's two norms,
 and in front of the final norm before the head (line 148), which the pre-activation ResNet here has
 with ``head-norm = true`` (``head_norm``; the ResIST paper's model has none, and then that third
-position has no counterpart). Either way the logits are never scaled. In front of a BatchNorm or GroupNorm with batch statistics the division cancels (up to
-the norm's epsilon), as it does in HeteroFL's code, where every BatchNorm trains on batch statistics
-(``track_running_stats=False``, ``resnet.py`` lines 16-17).
+position has no counterpart). Either way the logits are never scaled. In front of a BatchNorm or
+GroupNorm with batch statistics the division cancels (up to the norm's epsilon), as it does in
+HeteroFL's code, where every BatchNorm trains on batch statistics (``track_running_stats=False``,
+``resnet.py`` lines 16-17).
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ def test_run_finishes_with_every_round(launches, strategy):
 
 
 # (not fedavg-small: on this tiny setting it trains a width-2 model, near chance by design)
-@pytest.mark.parametrize("strategy", ["resist", "fedavg", "heterofl", "depth-prefix", "fedrolex", "fjord"])
+@pytest.mark.parametrize("strategy", ["resist", "fedavg", "heterofl", "depth-prefix", "fedrolex", "fjord", "depthfl"])
 def test_accuracy_beats_chance(launches, strategy):
     final = read_metrics(launches[strategy].run_dir)[-1]["accuracy"]
     assert final > 1 / NUM_CLASSES
@@ -145,7 +145,7 @@ def test_unrenderable_values_are_refused():
 
 def test_the_sub_model_baselines_respect_every_nodes_budget(launches):
     """Through the real engine: HeteroFL's widths (the largest channel count within each budget) and
-    the depth tiers follow the capacities."""
+    the depth prefix follows the capacities."""
     heterofl = read_metrics(launches["heterofl"].run_dir, "nodes.jsonl")
     widths = sorted({(n["partition"], n["width-rate"]) for n in heterofl})
     assert [p for p, _ in widths] == [0, 1, 2] and widths[0][1] == 1.0 > widths[1][1] > widths[2][1]
@@ -155,6 +155,9 @@ def test_the_sub_model_baselines_respect_every_nodes_budget(launches):
     for strategy in ("fedrolex", "fjord"):
         rows = read_metrics(launches[strategy].run_dir, "nodes.jsonl")
         assert sorted({(n["partition"], n["width-rate"]) for n in rows}) == widths
+    depthfl = read_metrics(launches["depthfl"].run_dir, "nodes.jsonl")  # the most stages (with exits) that fit
+    flops = {n["partition"]: n["flops-per-sample"] for n in depthfl}
+    assert flops[0] > flops[1] >= flops[2] > 0 and all(n["budget-used"] <= 1 for n in depthfl if n["partition"] < 2)
     small = read_metrics(launches["fedavg-small"].run_dir, "nodes.jsonl")  # the weakest node's width, for all
     assert {n["width-rate"] for n in small} == {widths[2][1]} and all(n["over-capacity"] == 0 for n in small)
 

@@ -117,7 +117,8 @@ def test_a_round_sends_each_node_its_depths_keys_and_merges_each_tensor_over_its
     layout = BlockLayout.from_spec(SPEC)
     costs = CostModel(SPEC, layout, 16)
     settings = RunSettings.from_run_config({"strategy": "depthfl", "capacity-profile": profile, "min-train-nodes": 3,
-                                            "min-available-nodes": 3, "num-server-rounds": 10, "model": "preact_resnet18"})
+                                            "min-available-nodes": 3, "num-server-rounds": 10,
+                                            "model": "preact_resnet18"})
     strategy = DepthFL(layout, settings, costs=costs)
     state = build_model(SPEC).state_dict()
     initial = ArrayRecord({k: state[k] for k in layout.payload_keys()})

@@ -39,7 +39,8 @@ def test_each_entry_names_a_factory_beside_its_strategy(name):
 
 def test_the_settings_and_the_reports_read_the_table():
     assert STRATEGIES == tuple(METHODS)
-    assert report.LABELS == {name: m.label for name, m in METHODS.items()}
+    assert report.label is label
     assert label("resist") == "ResIST" and label("unknown") == "unknown"
+    assert label("depth-tiers") == label("depth-prefix") == "depth prefix"  # a former name keeps its records
     with pytest.raises(Exception, match="strategy"):
         RunSettings.from_run_config({"strategy": "fedprox"})

@@ -110,7 +110,7 @@ def test_width_methods_need_the_pre_activation_family():
         RunSettings.from_run_config({"strategy": "fedrolex", "width-rates": "0,1"})
 
 
-# -- depth tiers: the static counterpart of ResIST's random decomposition ---------------------------
+# -- depth prefix: the static counterpart of ResIST's random decomposition ---------------------------
 
 def test_depth_prefix_always_train_the_first_blocks_that_fit(tiny_config):
     tiny_config.update(HETERO, strategy="depth-prefix", **{"stage-depths": "1,1,9,1", "base-width": 8,
