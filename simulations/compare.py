@@ -52,6 +52,7 @@ from simulations.inprocess_launcher import run_inprocess_launch
 from simulations.label_plot import LABEL_PLOT, write_label_distribution
 from simulations.launcher import LaunchResult, run_flwr
 from simulations.machine import describe_machine
+from simulations.tuning import grid_of, is_tuning, picks, tuning_results, tuning_variant
 from simulations.presets import (
     PresetError,
     app_config_keys,
@@ -126,6 +127,33 @@ def variants(config: DictConfig, ablations: Sequence[str],
 def run_name(variant: str, strategy: str, seed: int) -> str:
     """Directory name of a run: ``<variant>-<strategy>-seed<N>`` with safe characters."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{variant}-{strategy}-seed{seed}")
+
+
+def plan_tuning(config: DictConfig, out_dir: Path, defaults: dict[str, Any]) -> list[PlannedRun]:
+    """The tuning runs of the preset's ``tuning`` grid (:mod:`simulations.tuning`): every strategy at every
+    rate, on the tuning seed, for the tuning rounds ([] without a grid)."""
+    try:
+        grid = grid_of(to_dict(config.tuning) if config.get("tuning") is not None else None)
+    except ValueError as err:
+        raise PresetError(str(err)) from None
+    if grid is None:
+        return []
+    rates, seed, rounds = grid
+    base = coerce_run_config(to_dict(config["run-config"]), defaults)
+    plan = []
+    for rate in rates:
+        for strategy in config.strategies:
+            name = run_name(tuning_variant(rate), strategy, seed)
+            run_config = {**base, "lr": rate, "num-server-rounds": rounds, "strategy": strategy, "seed": seed,
+                          "run-name": name, "output-dir": str(out_dir)}
+            plan.append(PlannedRun(name, tuning_variant(rate), strategy, seed, run_config))
+    return plan
+
+
+def with_picked_rates(plan: Sequence[PlannedRun], rates: dict[str, float]) -> list[PlannedRun]:
+    """``plan`` with each strategy's picked learning rate (the tuning runs keep theirs)."""
+    return [PlannedRun(r.name, r.variant, r.strategy, r.seed, {**r.run_config, "lr": rates[r.strategy]})
+            if r.strategy in rates and not is_tuning(r.variant) else r for r in plan]
 
 
 def plan_runs(config: DictConfig, seeds: Sequence[int], ablations: Sequence[str], out_dir: Path,
@@ -300,7 +328,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def resolve(args: argparse.Namespace) -> tuple[DictConfig, list[PlannedRun], Path]:
-    """Preset + overrides -> validated config, plan and output directory."""
+    """Preset + overrides -> validated config, plan (its tuning runs first, when it has a grid) and
+    output directory."""
     defaults = app_config_keys(args.project)
     top_level = list(load_preset(args.preset).keys())
     config = load_preset(args.preset, expand_overrides(args.overrides, top_level, list(defaults)))
@@ -308,7 +337,8 @@ def resolve(args: argparse.Namespace) -> tuple[DictConfig, list[PlannedRun], Pat
     out_dir = (args.out or Path("outputs") / "compare" / config.name).expanduser().resolve()
     seeds = args.seeds if args.seeds is not None else list(config.seeds)
     ablations = args.ablations if args.ablations is not None else list(config.ablations)
-    return config, plan_runs(config, seeds, ablations, out_dir, defaults), out_dir
+    return config, plan_tuning(config, out_dir, defaults) + plan_runs(config, seeds, ablations, out_dir, defaults), \
+        out_dir
 
 
 def new_manifest(config: DictConfig, argv: Sequence[str], out_dir: Path, backend: str = "flwr") -> dict[str, Any]:
@@ -317,6 +347,7 @@ def new_manifest(config: DictConfig, argv: Sequence[str], out_dir: Path, backend
     previous_runs = report.read_json(old).get("runs", []) if old.exists() else []
     return {"preset": config.name, "description": config.description, "data-label": config["data-label"],
             "paper": to_dict(config.paper) if config.paper is not None else None,
+            "tuning": to_dict(config.tuning) if config.get("tuning") is not None else None,
             "target": to_dict(config.target), "federation": to_dict(config.federation),
             "command": "python -m simulations.compare " + shlex.join(argv).replace(str(out_dir), "<this directory>"),
             "paths": "relative to this directory", "backend": backend,
@@ -371,8 +402,14 @@ def main(argv: Sequence[str] | None = None, launch: Launcher | None = None) -> i
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = new_manifest(config, argv, out_dir, backend)
     try:
+        tuning = [r for r in plan if is_tuning(r.variant)]
+        if tuning:  # the grid first: each strategy's reported seeds run at its pick
+            tuned = execute(tuning, config, args.project.resolve(), out_dir, jobs, manifest, launch)
+            rates = picks(tuning_results(tuned, out_dir))
+            print(f"learning rates picked on the tuning seed: {rates}", flush=True)
+            plan = with_picked_rates(plan, rates) if rates else plan
         outcomes = execute(plan, config, args.project.resolve(), out_dir, jobs, manifest, launch)
-    except PresetError as err:
+    except (PresetError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     manifest["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")

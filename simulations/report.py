@@ -44,6 +44,7 @@ import numpy as np
 
 from resist_fl.run.outputs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_json, read_metrics, write_json
 from resist_fl.run.methods import label  # the method table's labels (former names read too)
+from simulations.tuning import is_tuning, tuning_lines
 from simulations.machine import describe_machine, machine_line
 from simulations.privacy_report import privacy_lines
 from simulations.paired_stats import LEVEL, paired
@@ -553,7 +554,7 @@ def build_report(runs_dir: Path, target_accuracy_value: float | None = None,
     """Write ``report.md``, ``report.json`` and the PNGs into ``runs_dir``; return the report's path."""
     runs_dir = Path(runs_dir)
     manifest = read_json(runs_dir / MANIFEST_FILE) if (runs_dir / MANIFEST_FILE).exists() else None
-    groups = group_runs(discover_runs(runs_dir, manifest))
+    groups = group_runs([r for r in discover_runs(runs_dir, manifest) if not is_tuning(r.variant)])
     manifest = manifest or {"preset": runs_dir.name}
     target, target_text = preset_target(groups, manifest, target_accuracy_value, target_fraction)
     stats = [group_stats(v, s, runs, target) for (v, s), runs in groups.items()]
@@ -564,8 +565,8 @@ def build_report(runs_dir: Path, target_accuracy_value: float | None = None,
     extra, extra_plots, extra_json = node_lines(runs_dir, groups, bandwidths, target)
     privacy, privacy_plots, privacy_json = privacy_lines(runs_dir, groups, group_label)
     clients, clients_json = client_lines(runs_dir, groups, group_label)
-    extra = (tier_lines(runs_dir, groups, "depth") + tier_lines(runs_dir, groups, "width") + clients + privacy
-             + extra)
+    extra = (tuning_lines(manifest, runs_dir) + tier_lines(runs_dir, groups, "depth")
+             + tier_lines(runs_dir, groups, "width") + clients + privacy + extra)
     extra_plots, extra_json = extra_plots + privacy_plots, {**extra_json, **privacy_json, **clients_json}
     write_json(runs_dir / REPORT_JSON, finite({"target": target, "target-rule": target_text,
                                                "groups": [asdict(s) for s in stats], "ratios": ratio_rows,

@@ -330,3 +330,54 @@ def test_the_privacy_section_reports_epsilon_holders_and_exposure(tmp_path):
     assert "| ResIST (local) | 1 | local | 1.8 | 0.7000 ± 0.0000 | - | - | 1.40 | 1 | 0.400 | 2.000 |" in text
     assert result["privacy"]["ResIST (eps4)"][0]["curve"] == [[1, 0.2, 1.5], [2, 0.3, 2.0]]
     assert (tmp_path / "accuracy_vs_epsilon.png").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------- the learning-rate grid
+
+TUNED = {("resist", 0.01): 0.6, ("resist", 0.1): 0.8, ("fedavg", 0.01): 0.9, ("fedavg", 0.1): 0.9}
+
+
+def tuned_launch(project_dir, run_config, **kwargs) -> LaunchResult:
+    """A run whose final accuracy depends on its strategy and learning rate (TUNED; main runs: 0.5)."""
+    name = run_config["run-name"]
+    run_dir = Path(run_config["output-dir"]) / name
+    accuracy = TUNED.get((run_config["strategy"], run_config["lr"]), 0.5) if name.startswith("tune-") else 0.5
+    append_metrics(run_dir, {"round": 1, "strategy": run_config["strategy"], "accuracy": accuracy, "loss": None,
+                             "bytes-down": 1, "bytes-up": 1, "cumulative-bytes": 2, "round-seconds": 1.0})
+    write_json(run_dir / CONFIG_FILE, {"run_config": run_config})
+    write_json(run_dir / SUMMARY_FILE, {"final-accuracy": accuracy})
+    log = Path(kwargs["workdir"]) / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("fake\n")
+    return LaunchResult(True, "", run_dir, log, 1.0, 0.5, status="finished:completed")
+
+
+def test_every_method_runs_its_seeds_at_its_best_rate_of_one_grid(tmp_path):
+    argv = ["quick-cpu", "tuning.lr=[0.1,0.01]", "tuning.seed=100", "tuning.num-server-rounds=1", "--seeds", "0",
+            "1", "--out", str(tmp_path)]
+    calls = []
+
+    def launch(project_dir, run_config, **kwargs):
+        calls.append(run_config["run-name"])
+        return tuned_launch(project_dir, run_config, **kwargs)
+
+    assert compare.main(argv, launch=launch) == 0
+    assert sorted(calls[:4]) == sorted(f"tune-lr{r:g}-{s}-seed100" for r in (0.01, 0.1) for s in ("resist", "fedavg"))
+    manifest = json.loads((tmp_path / compare.MANIFEST_FILE).read_text())
+    lr = {r["name"]: r["run-config"]["lr"] for r in manifest["runs"]}
+    assert lr["main-resist-seed0"] == lr["main-resist-seed1"] == 0.1  # its best
+    assert lr["main-fedavg-seed0"] == 0.01  # a tie: the smaller rate
+    assert all(r["run-config"]["num-server-rounds"] == 1 for r in manifest["runs"] if r["variant"].startswith("tune"))
+    text = (tmp_path / report.REPORT_FILE).read_text()
+    grid = text[text.index("## Learning-rate grid"):]
+    assert "| ResIST | 0.6000 | **0.8000** | 0.1 |" in grid and "| FedAvg | **0.9000** | 0.9000 | 0.01 |" in grid
+    results = text[text.index("## Results"):text.index("## Learning-rate grid")]
+    assert "tune-" not in results
+    calls.clear()
+    assert compare.main(argv, launch=launch) == 0 and calls == []  # a rerun reuses the grid and the seeds
+
+
+def test_a_malformed_grid_is_refused_before_anything_runs(tmp_path, capsys):
+    assert compare.main(["quick-cpu", "tuning.lr=[0.1,-1]", "tuning.seed=1", "tuning.num-server-rounds=1",
+                         "--out", str(tmp_path)], launch=tuned_launch) == 2
+    assert "tuning.lr = [0.1, -1]: expected distinct positive learning rates" in capsys.readouterr().err

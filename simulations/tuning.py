@@ -1,0 +1,103 @@
+"""One learning-rate grid for every method: tuning runs, each method's pick, and the report's table.
+
+A preset's ``tuning`` section (``{lr: [0.02, 0.05, 0.1], seed: 100, num-server-rounds: 30}``) makes
+the runner first train every strategy at every learning rate of the grid on the tuning seed (a seed
+the comparison does not report), for ``num-server-rounds`` rounds; each strategy then runs its
+reported seeds at the rate whose tuning run ended with the highest final accuracy (ties: the smaller
+rate). The tuning runs are variants ``tune-lr<rate>`` in the same output directory; the report gives
+the grid, every tuning run's final accuracy and each pick, and keeps them out of its main tables.
+
+The final accuracy is the central test set's (the project's data sets have no validation split): the
+pick is made on other partitions, node samples and initialisations than the reported seeds', but on
+the same test images, which the report states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from resist_fl.run.methods import label
+from resist_fl.run.outputs import SUMMARY_FILE
+
+TUNING_PREFIX = "tune-lr"
+"""Variant names of the tuning runs: ``tune-lr0.05``."""
+
+
+def is_tuning(variant: str) -> bool:
+    """Whether ``variant`` is a tuning run's."""
+    return variant.startswith(TUNING_PREFIX)
+
+
+def tuning_variant(lr: float) -> str:
+    return f"{TUNING_PREFIX}{lr:g}"
+
+
+def grid_of(tuning: Mapping[str, Any] | None) -> tuple[list[float], int, int] | None:
+    """``(rates, seed, rounds)`` of a preset's ``tuning`` section (None without one); ValueError when
+    it is malformed."""
+    if not tuning:
+        return None
+    if set(tuning) != {"lr", "seed", "num-server-rounds"}:
+        raise ValueError(f"tuning = {dict(tuning)!r}: expected the keys lr (a list of rates), seed and "
+                         "num-server-rounds")
+    rates = [float(r) for r in tuning["lr"]]
+    if not rates or any(not r > 0 for r in rates) or len(set(rates)) != len(rates):
+        raise ValueError(f"tuning.lr = {tuning['lr']!r}: expected distinct positive learning rates")
+    return sorted(rates), int(tuning["seed"]), int(tuning["num-server-rounds"])
+
+
+def final_accuracy(run_dir: Path) -> float | None:
+    """A finished run's final accuracy (None when it did not finish)."""
+    import json
+
+    summary = run_dir / SUMMARY_FILE
+    if not summary.exists():
+        return None
+    value = json.loads(summary.read_text(encoding="utf-8")).get("final-accuracy")
+    return None if value is None else float(value)
+
+
+def picks(results: Mapping[str, Mapping[float, float | None]]) -> dict[str, float]:
+    """Per strategy, the rate of its best final accuracy (ties: the smaller rate; unfinished runs never win)."""
+    chosen = {}
+    for strategy, by_rate in results.items():
+        finished = {r: a for r, a in by_rate.items() if a is not None}
+        if not finished:
+            raise ValueError(f"strategy {strategy!r}: no tuning run finished; nothing to pick a learning rate from")
+        chosen[strategy] = min(finished, key=lambda r: (-finished[r], r))
+    return chosen
+
+
+def tuning_results(runs: Sequence[Mapping[str, Any]], out_dir: Path) -> dict[str, dict[float, float | None]]:
+    """Per strategy, each tuning rate's final accuracy, from the manifest's run entries."""
+    results: dict[str, dict[float, float | None]] = {}
+    for run in runs:
+        if is_tuning(run["variant"]):
+            rate = float(run["run-config"]["lr"])
+            results.setdefault(run["strategy"], {})[rate] = final_accuracy(out_dir / run["name"])
+    return results
+
+
+def tuning_lines(manifest: Mapping[str, Any], out_dir: Path) -> list[str]:
+    """The report's section on the learning-rate grid ([] without tuning runs)."""
+    results = tuning_results(manifest.get("runs", []), out_dir)
+    if not results:
+        return []
+    tuning = manifest.get("tuning") or {}
+    rates = sorted({r for by_rate in results.values() for r in by_rate})
+    chosen = picks(results)
+    rows = []
+    for strategy, by_rate in results.items():
+        cells = [("-" if by_rate.get(r) is None else
+                  (f"**{by_rate[r]:.4f}**" if r == chosen[strategy] else f"{by_rate[r]:.4f}")) for r in rates]
+        rows.append(f"| {label(strategy)} | " + " | ".join(cells) + f" | {chosen[strategy]:g} |")
+    return ["## Learning-rate grid", "",
+            f"Every method trained at every rate of the same grid on tuning seed {tuning.get('seed', '?')} "
+            f"({tuning.get('num-server-rounds', '?')} rounds), and runs its reported seeds at the rate with the "
+            "highest final accuracy (bold; ties: the smaller rate). The tuning seed's partitions, node samples "
+            "and initialisation are not the reported seeds', but its accuracy is measured on the same test set "
+            "(no validation split).", "",
+            "| method | " + " | ".join(f"lr {r:g}" for r in rates) + " | picked |",
+            "|---|" + "---|" * (len(rates) + 1), *rows, ""]
