@@ -44,6 +44,7 @@ import numpy as np
 
 from resist_fl.run.outputs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_json, read_metrics, write_json
 from resist_fl.run.methods import label  # the method table's labels (former names read too)
+from simulations.equal_cost import cost_curve, equal_cost_lines, plot_accuracy_vs_flops
 from simulations.tuning import is_tuning, tuning_lines
 from simulations.machine import describe_machine, machine_line
 from simulations.privacy_report import privacy_lines
@@ -549,6 +550,21 @@ def render(manifest: dict[str, Any], stats: Sequence[GroupStats], ratio_rows: Se
 # --------------------------------------------------------------------------- entry points
 
 
+def equal_cost_section(runs_dir: Path, groups: dict[tuple[str, str], list[Run]],
+                       title: str) -> tuple[list[str], dict[str, Any], list[Path]]:
+    """The methods of the main comparison at equal training FLOPs and bytes, FedAvg's plateau check and the
+    FLOPs plot (:mod:`simulations.equal_cost`; nothing when no run recorded its nodes' costs)."""
+    curves = {group_label(v, s): [c for c in (cost_curve(runs_dir / r.name) for r in runs) if c is not None]
+              for (v, s), runs in groups.items() if v == MAIN_VARIANT}
+    curves = {name: runs for name, runs in curves.items() if runs}
+    if not curves:
+        return [], {}, []
+    reference = group_label(MAIN_VARIANT, "fedavg")
+    rounds = max(int(c.round[-1]) for runs in curves.values() for c in runs if len(c.round))
+    lines, table = equal_cost_lines(curves, reference, rounds)
+    return lines, table, [plot_accuracy_vs_flops(curves, runs_dir / "accuracy_vs_tflops.png", title)]
+
+
 def build_report(runs_dir: Path, target_accuracy_value: float | None = None,
                  target_fraction: float | None = None, bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS) -> Path:
     """Write ``report.md``, ``report.json`` and the PNGs into ``runs_dir``; return the report's path."""
@@ -565,9 +581,11 @@ def build_report(runs_dir: Path, target_accuracy_value: float | None = None,
     extra, extra_plots, extra_json = node_lines(runs_dir, groups, bandwidths, target)
     privacy, privacy_plots, privacy_json = privacy_lines(runs_dir, groups, group_label)
     clients, clients_json = client_lines(runs_dir, groups, group_label)
-    extra = (tuning_lines(manifest, runs_dir) + tier_lines(runs_dir, groups, "depth")
+    equal, equal_json, equal_plots = equal_cost_section(runs_dir, groups, title)
+    extra = (equal + tuning_lines(manifest, runs_dir) + tier_lines(runs_dir, groups, "depth")
              + tier_lines(runs_dir, groups, "width") + clients + privacy + extra)
-    extra_plots, extra_json = extra_plots + privacy_plots, {**extra_json, **privacy_json, **clients_json}
+    extra_plots = equal_plots + extra_plots + privacy_plots
+    extra_json = {**extra_json, **privacy_json, **clients_json, **({"equal-cost": equal_json} if equal_json else {})}
     write_json(runs_dir / REPORT_JSON, finite({"target": target, "target-rule": target_text,
                                                "groups": [asdict(s) for s in stats], "ratios": ratio_rows,
                                                **({"paired": paired_table} if paired_table else {}), **extra_json}))

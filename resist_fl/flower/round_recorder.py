@@ -37,7 +37,7 @@ from resist_fl.run.timing import eta
 from resist_fl.run.tracking import SafeTracker
 
 PRIVATE_DROPPED = ("train-loss", "client-seconds", "train-seconds", "simulated-seconds", "peak-memory-mb",
-                   "memory-measure", "blocks-per-second", "device-cache-mb", "num-examples")
+                   "memory-measure", "blocks-per-second", "device-cache-mb", "num-examples", "local-steps")
 """Figures of the nodes' training that no DP noise covers: under DP neither the nodes send them
 (:func:`resist_fl.flower.client_side.train_reply` with ``private``) nor does the recorder write
 them (``blocks-per-second`` is the server's own timing of a node: a side channel as well)."""
@@ -313,7 +313,7 @@ class RoundRecorder:
                 "bytes-down": traffic.bytes_down.get(node, 0), "bytes-up": traffic.bytes_up.get(node, 0),
                 "status": "accepted" if reply else "no-valid-reply",
                 "train-seconds": reply.get("train-seconds"), "simulated-seconds": reply.get("simulated-seconds"),
-                "peak-memory-mb": reply.get("peak-memory-mb"),
+                "local-steps": reply.get("local-steps"), "peak-memory-mb": reply.get("peak-memory-mb"),
                 "memory-measure": MEASURES.get(int(reply.get("memory-measure", 0))),
                 "blocks-per-second": sent.blocks_per_second,
                 "min-holders": sent.min_holders, "exposed-fraction": sent.exposed_fraction,

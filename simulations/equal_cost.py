@@ -1,0 +1,180 @@
+"""Accuracy at equal cost: each method against the training FLOPs and the bytes it has spent, and
+whether the reference run (FedAvg) has converged.
+
+A round's training FLOPs are, over the nodes that replied, ``flops-per-sample`` (what the sub-model it
+was sent costs per sample, forward + backward, ``nodes.jsonl``) x its local steps x the batch size. For
+FjORD that is its largest level (each batch trains a level at or below it, so it spends less), and
+FjORD with distillation spends a second pass per batch that is not counted; both are stated in the
+report. The bytes are the arrays sent and received (``cumulative-bytes``).
+
+At a budget B, a run's accuracy is that of its last evaluated round whose cumulative cost is at most B
+(none: it had not evaluated within B). The budgets are fractions of the smallest mean total of the
+methods, so that every method reaches each of them.
+
+Convergence: the reference method's mean accuracy over the evaluated rounds of the last
+:data:`PLATEAU_WINDOW` of the rounds, against the same span before it; it has plateaued when the gain
+is below :data:`PLATEAU_GAIN`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from resist_fl.run.outputs import CONFIG_FILE, NODES_FILE, read_metrics
+
+BUDGET_FRACTIONS = (0.25, 0.5, 1.0)
+"""The budgets of the equal-cost table, as fractions of the smallest mean total over the methods."""
+PLATEAU_WINDOW = 0.2
+PLATEAU_GAIN = 0.01
+"""Plateau: the mean accuracy of the last 20 % of the rounds is less than 1 point above the 20 % before."""
+
+
+@dataclass(frozen=True)
+class CostCurve:
+    """One run's evaluated rounds with their accuracy and the cumulative FLOPs and bytes spent by then."""
+
+    round: np.ndarray
+    accuracy: np.ndarray
+    flops: np.ndarray
+    bytes: np.ndarray
+
+    def at(self, kind: str, budget: float) -> float:
+        """Accuracy of the last evaluated round whose cumulative ``kind`` cost is within ``budget`` (NaN: none)."""
+        within = np.nonzero(getattr(self, kind) <= budget * (1 + 1e-12))[0]
+        return float(self.accuracy[within[-1]]) if len(within) else math.nan
+
+
+def round_flops(nodes: Sequence[Mapping[str, Any]], run_config: Mapping[str, Any]) -> dict[int, float] | None:
+    """Training FLOPs of each round (None when a node's cost or steps are not known)."""
+    batch = int(run_config.get("batch-size", 0))
+    default_steps = int(run_config["local-steps"]) if not run_config.get("local-epochs") else None
+    totals: dict[int, float] = {}
+    for row in nodes:
+        if row.get("status") != "accepted":
+            continue
+        steps = row.get("local-steps") if row.get("local-steps") is not None else default_steps
+        if row.get("flops-per-sample") is None or steps is None or not batch:
+            return None
+        totals[int(row["round"])] = totals.get(int(row["round"]), 0.0) + row["flops-per-sample"] * steps * batch
+    return totals
+
+
+def cost_curve(run_dir: Path) -> CostCurve | None:
+    """The run's :class:`CostCurve` (None without the per-node costs)."""
+    import json
+
+    config_path = run_dir / CONFIG_FILE
+    run_config = json.loads(config_path.read_text(encoding="utf-8")).get("run_config", {}) if config_path.exists() \
+        else {}
+    per_round = round_flops(read_metrics(run_dir, NODES_FILE), run_config)
+    rows = sorted(read_metrics(run_dir), key=lambda r: r["round"])
+    if not per_round or not rows:
+        return None
+    cumulative = np.cumsum([per_round.get(int(r["round"]), 0.0) for r in rows])
+    keep = [i for i, r in enumerate(rows) if r.get("accuracy") is not None]
+    return CostCurve(round=np.array([rows[i]["round"] for i in keep], dtype=int),
+                     accuracy=np.array([rows[i]["accuracy"] for i in keep], dtype=float),
+                     flops=cumulative[keep],
+                     bytes=np.array([float(rows[i]["cumulative-bytes"]) for i in keep]))
+
+
+def budgets(curves: Mapping[str, Sequence[CostCurve]], kind: str) -> list[float]:
+    """:data:`BUDGET_FRACTIONS` of the smallest mean final cumulative ``kind`` cost over the groups."""
+    totals = [float(np.mean([getattr(c, kind)[-1] for c in runs])) for runs in curves.values() if runs]
+    smallest = min(totals, default=math.nan)
+    return [fraction * smallest for fraction in BUDGET_FRACTIONS]
+
+
+def plateau(curves: Sequence[CostCurve], num_rounds: int) -> tuple[float, bool] | None:
+    """The reference's gain (mean accuracy over the last :data:`PLATEAU_WINDOW` of the rounds minus the
+    window before, averaged over its seeds) and whether it is below :data:`PLATEAU_GAIN`."""
+    span = max(1, round(PLATEAU_WINDOW * num_rounds))
+    gains = []
+    for curve in curves:
+        last = curve.accuracy[curve.round > num_rounds - span]
+        before = curve.accuracy[(curve.round > num_rounds - 2 * span) & (curve.round <= num_rounds - span)]
+        if len(last) and len(before):
+            gains.append(float(last.mean() - before.mean()))
+    if not gains:
+        return None
+    gain = float(np.mean(gains))
+    return gain, gain < PLATEAU_GAIN
+
+
+def _cell(values: Sequence[float]) -> str:
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return "-"
+    mean = float(np.mean(finite))
+    spread = float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
+    return f"{mean:.4f} ± {spread:.4f}" + ("" if len(finite) == len(values) else f" ({len(finite)}/{len(values)})")
+
+
+def equal_cost_lines(curves: Mapping[str, Sequence[CostCurve]], reference: str | None,
+                     num_rounds: int | None) -> tuple[list[str], dict[str, Any]]:
+    """The report's section: accuracy at fixed FLOP and byte budgets, and the reference's plateau check."""
+    curves = {name: runs for name, runs in curves.items() if runs}
+    if not curves:
+        return [], {}
+    flop_budgets, byte_budgets = budgets(curves, "flops"), budgets(curves, "bytes")
+    head = ([f"{b / 1e12:.3g} TFLOP" for b in flop_budgets] + [f"{b / 1e9:.3g} GB" for b in byte_budgets])
+    rows = []
+    table: dict[str, Any] = {}
+    for name, runs in curves.items():
+        at_flops = [_cell([c.at("flops", b) for c in runs]) for b in flop_budgets]
+        at_bytes = [_cell([c.at("bytes", b) for c in runs]) for b in byte_budgets]
+        total = float(np.mean([c.flops[-1] for c in runs]))
+        rows.append(f"| {name} | {total / 1e12:.3g} | " + " | ".join(at_flops + at_bytes) + " |")
+        table[name] = {"total-tflop": total / 1e12, "at-tflop": dict(zip([b / 1e12 for b in flop_budgets], at_flops)),
+                       "at-gb": dict(zip([b / 1e9 for b in byte_budgets], at_bytes))}
+    lines = ["## Accuracy at equal cost", "",
+             "Accuracy (mean ± std over seeds) of the last evaluated round within each budget of cumulative training "
+             "FLOPs (over the nodes that replied: the sub-model's FLOPs per sample x local steps x batch size) and "
+             "of cumulative bytes (arrays down and up); the budgets are 25 / 50 / 100 % of the smallest total "
+             "among the methods. FjORD's FLOPs are its largest level's (its batches train that level or a smaller "
+             "one, so it spends less), and FjORD with distillation's second pass per batch is not counted.", "",
+             "| method | total TFLOP | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head), *rows, ""]
+    if reference in curves and num_rounds:
+        found = plateau(curves[reference], num_rounds)
+        if found is not None:
+            gain, flat = found
+            lines += [f"Convergence ({reference}, the reference): its mean accuracy over the last "
+                      f"{PLATEAU_WINDOW:.0%} of the {num_rounds} rounds is {gain:+.4f} above the {PLATEAU_WINDOW:.0%} "
+                      f"before; the rule (a gain below {PLATEAU_GAIN}) says it has "
+                      f"{'**plateaued**' if flat else '**not plateaued**: longer runs would change the comparison'}.",
+                      ""]
+            table["plateau"] = {"method": reference, "gain": gain, "plateaued": flat}
+    return lines, table
+
+
+def plot_accuracy_vs_flops(curves: Mapping[str, Sequence[CostCurve]], path: Path, title: str) -> Path:
+    """Accuracy against cumulative training TFLOPs: per method the mean over seeds on their shared rounds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for name, runs in curves.items():
+        if not runs:
+            continue
+        common = sorted(set.intersection(*(set(c.round.tolist()) for c in runs)))
+        xs = np.mean([c.flops[np.searchsorted(c.round, common)] for c in runs], axis=0) / 1e12
+        ys = np.mean([c.accuracy[np.searchsorted(c.round, common)] for c in runs], axis=0)
+        ax.plot(xs, ys, "-" if name.startswith("ResIST") else "--", marker="o", markersize=3,
+                label=f"{name}, n={len(runs)}")
+    ax.set_xlabel("cumulative training TFLOPs (nodes that replied)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
