@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from logging import ERROR, INFO
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -18,8 +19,9 @@ from resist_fl.core.residual_nets import set_residual_scales
 from resist_fl.data import DataError, EvalBatches, load_partition, load_test_set, normalization
 from resist_fl.data.partitioning import partition_label_counts
 from resist_fl.core.model_cost import CostModel
-from resist_fl.core.width_slicing import key_groups, prefix_indices, slice_state, sliced_spec
+from resist_fl.core.width_slicing import sliced_spec
 from resist_fl.flower.method_factory import ModelParts, build
+from resist_fl.flower.width_sliced import prefix_state
 from resist_fl.flower.round_recorder import RoundRecorder
 from resist_fl.run.outputs import CONFIG_FILE, run_directory, write_json
 from resist_fl.run.settings import RunSettings, resolve_model
@@ -37,6 +39,14 @@ def model_config(spec: ModelSpec) -> ConfigRecord:
     return ConfigRecord({"num-classes": spec.num_classes, "in-channels": spec.in_channels})
 
 
+class ClientTiers(Protocol):
+    """What a strategy says of the sub-models its nodes would run (:meth:`SubModelStrategy.client_tiers`)."""
+
+    def client_tiers(self) -> dict[int, Hashable]: ...
+
+    def tier_model(self, tier: Hashable, state: dict[str, torch.Tensor]) -> torch.nn.Module: ...
+
+
 class CentralEvaluation:
     """The project's evaluation (a :class:`RoundRecorder` ``evaluation``): loss and accuracy of
     the global model on the central test set, plus ``accuracy-depth-<pct>`` for every
@@ -51,11 +61,10 @@ class CentralEvaluation:
 
     def __init__(self, settings: RunSettings, spec: ModelSpec, layout: BlockLayout, test_loader: EvalBatches,
                  width_rates: set[float] | None = None, subset_loader: EvalBatches | None = None,
-                 client_labels: ClientLabels | None = None,
-                 client_tiers: Callable[[], dict[int, float]] | None = None) -> None:
+                 client_labels: ClientLabels | None = None, tiers: ClientTiers | None = None) -> None:
         self.settings, self.spec, self.layout, self.test_loader = settings, spec, layout, test_loader
         self.subset_loader = subset_loader  # eval-subset: intermediate rounds (None: the whole test set)
-        self.client_labels, self.client_tiers = client_labels, client_tiers
+        self.client_labels, self.tiers = client_labels, tiers
         self.width_rates = width_rates if width_rates is not None else set()
         self.sliced: dict[float, torch.nn.Module] = {}  # width-tier evaluation models, by rate
         self.device = resolve_device(settings.device)
@@ -81,14 +90,16 @@ class CentralEvaluation:
 
     def tier_figures(self, state: dict[str, torch.Tensor], counts: np.ndarray, full: ClassEvaluation) -> dict:
         """``client-tier-accuracy-*``: each client on its label mix with the sub-model its node would run
-        (a width method's tier for the node's capacity: the prefix of that width, as HeteroFL evaluates
-        its tiers), over the clients whose node said its capacity."""
-        tiers = {p: r for p, r in (self.client_tiers() if self.client_tiers else {}).items() if p < len(counts)}
+        (the strategy's tier for the node's capacity: a width method's prefix of that width, as HeteroFL
+        evaluates its tiers; DepthFL's first stages and their exits; the depth prefix's first blocks),
+        over the clients whose node said its capacity."""
+        tiers = {p: t for p, t in (self.tiers.client_tiers() if self.tiers else {}).items() if p < len(counts)}
         if not tiers:
             return {}
-        by_rate = {rate: full if rate >= 1 else self.width_by_class(state, rate) for rate in set(tiers.values())}
-        accuracy = [client_accuracies(counts[p:p + 1], by_rate[r].correct, by_rate[r].count)[0]
-                    for p, r in sorted(tiers.items())]
+        by_tier = {tier: evaluate_by_class(self.tiers.tier_model(tier, state).to(self.device), self.test_loader,
+                                           self.device, self.settings.amp) for tier in set(tiers.values())}
+        accuracy = [client_accuracies(counts[p:p + 1], by_tier[t].correct, by_tier[t].count)[0]
+                    for p, t in sorted(tiers.items())]
         return {f"client-tier-accuracy-{k}": v for k, v in fairness_summary(np.array(accuracy)).items()}
 
     def global_model(self, state: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -114,9 +125,7 @@ class CentralEvaluation:
         if rate not in self.sliced:
             self.sliced[rate] = build_model(sliced_spec(self.spec, rate))
         model = self.sliced[rate]
-        numpy_state = {k: v.numpy() for k, v in state.items()}
-        cut = slice_state(numpy_state, key_groups(self.spec, list(numpy_state)), prefix_indices(self.spec, rate))
-        model.load_state_dict({k: torch.from_numpy(v) for k, v in cut.items()})
+        model.load_state_dict(prefix_state(self.spec, state, rate))
         return evaluate_by_class(model, self.test_loader, self.device, self.settings.amp)
 
     def evaluate_truncated(self, state: dict[str, torch.Tensor], percent: int) -> float:
@@ -210,7 +219,7 @@ def main(grid: Grid, context: Context) -> None:
                                  settings, spec, layout, test_loader, strategy.rates_seen, subset_loader,
                                  ClientLabels(settings, spec.num_classes, strategy.sampler.num_partitions)
                                  if settings.client_eval else None,
-                                 strategy.tier_rates if settings.client_eval else None),
+                                 strategy if settings.client_eval else None),
                              eval_every=settings.eval_every, inference_scaling=settings.inference_scaling,
                              resume=settings.resume, label=settings.strategy,
                              target_accuracy=settings.target_accuracy, dp=settings.dp,

@@ -58,8 +58,10 @@ def client_lines(runs_dir: Path, groups: Mapping[tuple[str, str], Sequence[Any]]
                      + " |")
     lines += ["", "The global model's accuracy on each client's label distribution's share of the test set "
               "(`client-eval`: the client's label mix weighting the per-label test accuracy), every client of "
-              "the split, at the last round evaluated on the whole test set (\"each node's own tier\": a width "
-              "method's sub-model at the width the client's node gets, its prefix); worst 10 %: mean over the "
+              "the split, at the last round evaluated on the whole test set "
+              "(\"each node's own tier\": the sub-model the client's node would run at its capacity: a width "
+              "method's prefix at the node's width, DepthFL's first stages that fit with their exits, the depth "
+              "prefix's first blocks that fit); worst 10 %: mean over the "
               "lowest-scoring tenth of the clients (at least one). Mean ± sample std over seeds.", ""]
     summary = {name: {f: float(np.mean(v)) for f, v in by_figure.items()} for name, by_figure in table.items()}
     return lines, {"clients": summary}

@@ -19,13 +19,16 @@ the run's rounds (theirs: over 300 of 1000).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
+import torch
 
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.holders import whole
+from resist_fl.core.model import build_model
 from resist_fl.core.model_cost import CostModel
 from resist_fl.flower.message_keys import DEPTH_EXITS, DISTILL_WEIGHT
 from resist_fl.flower.method_factory import Built, ModelParts
@@ -60,7 +63,10 @@ class DepthFL(SubModelStrategy):
 
     def exits_of(self, node: int) -> int:
         """The most stages (with their exits) within ``node``'s budget, at least one."""
-        capacity = self.sampler.capacity(node)
+        return self.exits_for(self.sampler.capacity(node))
+
+    def exits_for(self, capacity: float) -> int:
+        """The most stages (with their exits) within ``capacity``, at least one."""
         if self.costs is None:  # capacity-measure='blocks': the fraction of the stages
             return max(1, min(self.stages, int(capacity * self.stages + 1e-9)))
         return self.costs.max_exits(capacity, self.settings.capacity_measure)
@@ -75,6 +81,19 @@ class DepthFL(SubModelStrategy):
                                share=d / self.stages, cost=self.costs.exit_cost(d) if self.costs else None,
                                group=d)
         return plans
+
+    def client_tiers(self) -> dict[int, int]:
+        """Each partition's number of stages (and exits): the most its node's capacity allows."""
+        if self.costs is None:
+            return {}
+        capacities = self.sampler.partition_capacities()
+        return {p: self.exits_for(c) for p, c in capacities.items()}
+
+    def tier_model(self, tier: int, state: Mapping[str, Any]) -> torch.nn.Module:
+        """The first ``tier`` stages and their exits: it predicts with the mean of those exits."""
+        model = build_model(replace(self.costs.spec, exits=tier))
+        model.load_state_dict({k: state[k] for k in self._keys_of[tier]}, strict=False)
+        return model
 
     def describe(self, sampled: list[int]) -> str:
         return f"stages (exits) {[self.plans[n].config[DEPTH_EXITS] for n in sampled if n in self.plans]}"

@@ -14,6 +14,7 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.common import log
 
 from resist_fl.core.allocation import SPEED_WEIGHT_BOUND, bounded_weights, max_depth
@@ -195,6 +196,20 @@ class DepthPrefix(ResIST):
 
     def make_dealing(self) -> Dealing:
         return PrefixDealing()
+
+    def client_tiers(self) -> dict[int, int]:
+        """Each partition's number of blocks: the most its node's capacity allows (its prefix is what it runs)."""
+        if self.costs is None:
+            return {}
+        measure = self.settings.capacity_measure
+        return {p: self.costs.max_depth(c, measure) for p, c in self.sampler.partition_capacities().items()}
+
+    def tier_model(self, tier: int, state: Mapping[str, Any]) -> torch.nn.Module:
+        """The sub-network of the first ``tier`` blocks, its blocks at residual scale 1 (as trained)."""
+        kept = self.layout.partitionable[:tier]
+        model = self.layout.build_subnetwork(self.costs.spec, kept)
+        model.load_state_dict({k: state[k] for k in self.layout.payload_keys(kept)}, strict=False)
+        return model
 
     def inference_scales(self) -> dict[str, float]:
         """None: a depth method evaluates its global model as its blocks were trained (residual scale 1),

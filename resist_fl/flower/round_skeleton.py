@@ -330,10 +330,16 @@ class SubModelStrategy(Strategy):
             return None, MetricRecord(metrics)
         return with_arrays(self._global, merged), MetricRecord(metrics)
 
-    def tier_rates(self) -> dict[int, float]:
-        """The width of the sub-model each identified partition's node would run, by partition id
-        (width methods; ``{}``: its nodes run the global model)."""
+    def client_tiers(self) -> dict[int, Hashable]:
+        """The sub-model each identified partition's node would run, by partition id, as a tier that
+        :meth:`tier_model` builds (a width method's rate, DepthFL's exits, the depth prefix's blocks;
+        ``{}``: its nodes run the global model)."""
         return {}
+
+    def tier_model(self, tier: Hashable, state: Mapping[str, Any]) -> Any:
+        """The sub-model of ``tier`` (a value of :meth:`client_tiers`) with the global ``state``'s values
+        (a ``torch.nn.Module`` on the CPU, in evaluation as its node would run it)."""
+        raise NotImplementedError(f"{self.label} has no client tiers")
 
     def plan_metrics(self) -> dict[str, float | int]:
         """Round metrics a method adds about its plans (ResIST: ``untrained-blocks``)."""

@@ -39,10 +39,11 @@ from logging import INFO
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.common import log
 
 from resist_fl.core.aggregation import update_weights
-from resist_fl.core.model import ModelSpec
+from resist_fl.core.model import ModelSpec, build_model
 from resist_fl.core.model_cost import CostModel
 from resist_fl.core.width_slicing import (
     actual_rate,
@@ -52,6 +53,8 @@ from resist_fl.core.width_slicing import (
     overlapping_windows,
     prefix_indices,
     rolling_indices,
+    slice_state,
+    sliced_spec,
 )
 from resist_fl.flower.message_keys import FJORD_DISTILL, FJORD_RATES, LABEL_SPLIT, WIDTH_RATE, WIDTH_SCALER
 from resist_fl.flower.method_factory import Built, ModelParts
@@ -114,9 +117,15 @@ class WidthSliced(SubModelStrategy):
         self.groups = key_groups(spec, self.keys)
         self.blocks = len(costs.layout.partitionable)
 
-    def tier_rates(self) -> dict[int, float]:
+    def client_tiers(self) -> dict[int, float]:
+        """Each partition's width rate: the largest its node's capacity allows (its prefix is what it runs)."""
         measure = self.settings.capacity_measure
         return {p: self.costs.max_rate(c, measure, self.rates) for p, c in self.sampler.partition_capacities().items()}
+
+    def tier_model(self, tier: float, state: Mapping[str, Any]) -> torch.nn.Module:
+        model = build_model(sliced_spec(self.spec, tier))
+        model.load_state_dict(prefix_state(self.spec, state, tier))
+        return model
 
     def rate_of(self, node: int) -> float:
         """The width rate of ``node``: the largest of the rates its capacity allows."""
@@ -233,3 +242,10 @@ class FjORDDistilled(FjORD):
 
     mode = "fjord-kd"
     distill = True
+
+
+def prefix_state(spec: ModelSpec, state: Mapping[str, torch.Tensor], rate: float) -> dict[str, torch.Tensor]:
+    """The first ``r x C`` channels of every tensor of the global ``state`` (HeteroFL's tier of ``rate``)."""
+    arrays = {k: v.numpy() for k, v in state.items()}
+    cut = slice_state(arrays, key_groups(spec, list(arrays)), prefix_indices(spec, rate))
+    return {k: torch.from_numpy(v) for k, v in cut.items()}

@@ -89,3 +89,60 @@ def test_per_client_accuracy_of_the_tier_each_node_would_run(tiny_config):
     assert last["client-tier-accuracy-mean"] == pytest.approx(np.mean(direct))
     assert last["client-tier-accuracy-min"] == pytest.approx(np.min(direct))
     assert last["client-tier-accuracy-worst10"] == pytest.approx(np.sort(direct)[0])  # 10 % of 6 clients: one
+
+
+def clients_accuracy(model_of_partition, num_partitions: int) -> list[float]:
+    """Each client's accuracy on its label mix with the model ``model_of_partition(pid)`` (digits, alpha 0.3)."""
+    test = load_test_set("digits")
+    per_label = np.bincount(test.labels, minlength=10)
+    accuracy = []
+    for pid in range(num_partitions):
+        model = model_of_partition(pid).eval()
+        with torch.no_grad():
+            predicted = torch.cat([model(x).argmax(1) for x, _ in EvalBatches(test, 360,
+                                                                               normalization=normalization("digits"))])
+        right = predicted.numpy() == np.asarray(test.labels)
+        mix = np.bincount(load_partition("digits", pid, num_partitions, partitioner="dirichlet", alpha=0.3,
+                                         seed=0).labels, minlength=10)
+        weight = mix[test.labels] / per_label[test.labels]
+        accuracy.append((weight * right).sum() / weight.sum())
+    return accuracy
+
+
+@pytest.mark.parametrize("strategy", ["depthfl", "depth-prefix"])
+def test_per_client_accuracy_of_the_depth_methods_tiers(tiny_config, strategy):
+    """DepthFL: a client runs the first stages its node's capacity allows with their exits (the mean of
+    those exits); the depth prefix: the first blocks it allows, as trained (residual scale 1)."""
+    from dataclasses import replace
+
+    from resist_fl.core.allocation import max_depth
+    from resist_fl.core.decomposition import BlockLayout
+
+    profile = (1.0, 0.5, 0.25)
+    config = {**tiny_config, "strategy": strategy, "dataset": "digits", "partitioner": "dirichlet",
+              "dirichlet-alpha": 0.3, "client-eval": True, "fraction-train": 0.5, "min-train-nodes": 3,
+              "min-available-nodes": 6, "capacity-profile": ",".join(map(str, profile)),
+              "capacity-measure": "blocks", "eval-batch-size": 360, "num-server-rounds": 1, "local-steps": 4,
+              "augment": "none", "base-width": 8, "stage-depths": "1,1,4,1"}
+    run_inprocess(config, num_nodes=6)
+    run_dir = run_directory(config["output-dir"], config["run-name"], "")
+    last = read_metrics(run_dir)[-1]
+    saved = torch.load(run_dir / "model.pt", weights_only=True)
+    full = ModelSpec.from_dict({**saved["model_spec"], "depths": tuple(saved["model_spec"]["depths"])})
+    state = saved["state_dict"]
+    layout = BlockLayout.from_spec(full)
+
+    def model_of(pid: int) -> torch.nn.Module:
+        capacity = profile[pid % 3]
+        if strategy == "depthfl":  # capacity 'blocks': the fraction of the four stages
+            model = build_model(replace(full, exits=int(capacity * 4)))
+        else:
+            model = layout.build_subnetwork(full, layout.partitionable[:max_depth(capacity, len(layout.partitionable))])
+        own = model.state_dict()
+        model.load_state_dict({k: state[k] if not k.endswith("residual_scale") else own[k] for k in own})
+        return model
+
+    direct = clients_accuracy(model_of, 6)
+    assert last["client-tier-accuracy-mean"] == pytest.approx(np.mean(direct))
+    assert last["client-tier-accuracy-min"] == pytest.approx(np.min(direct))
+    assert last["client-accuracy-mean"] != pytest.approx(last["client-tier-accuracy-mean"])  # the tiers differ
