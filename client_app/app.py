@@ -9,7 +9,6 @@ knows (blocks, transport, run round) and the data shape the server's data set gi
 from __future__ import annotations
 
 import os
-import time
 from functools import lru_cache
 from logging import INFO
 
@@ -34,6 +33,7 @@ from resist_fl.flower.client_side import (
     message_transport,
     train_reply,
 )
+from resist_fl.flower.straggler_mod import simulated_straggler
 from resist_fl.node.device_cache import DeviceCache
 from resist_fl.node.dp_ledger import ledger_path, read_history, write_history
 from resist_fl.node.local_dp import train_private
@@ -43,7 +43,7 @@ from resist_fl.node.training import evaluate, precision, resolve_device, schedul
 from resist_fl.run.methods import load, method
 from resist_fl.run.settings import RunSettings, parse_profile, profile_value
 
-app = ClientApp()
+app = ClientApp(mods=[simulated_straggler])  # slowdown-profile: a simulated straggler sleeps after training
 
 
 _DEVICE_CACHES: dict[tuple[str, int], DeviceCache] = {}  # (device, bound) -> this process's decoded partitions
@@ -155,9 +155,6 @@ def train_handler(msg: Message, context: Context) -> Message:
                            weight_decay=settings.weight_decay, device=device,
                            amp=settings.amp, clip_grad_norm=settings.clip_grad_norm, before_step=local.before_step,
                            loss_fn=local.loss)
-    slowdown = profile_value(parse_profile("slowdown-profile", settings.slowdown_profile, low=1.0), partition_id)
-    simulated = (slowdown - 1.0) * result.seconds  # a simulated straggler: sleeps, labelled as such
-    time.sleep(simulated)
 
     blocks_trained = len(blocks) if blocks is not None else len(layout.partitionable)
     if private:  # under DP nothing but the privatised update and data-independent figures leaves the node
@@ -166,10 +163,10 @@ def train_handler(msg: Message, context: Context) -> Message:
             metrics["dp-epsilon"] = trained.epsilon
     else:
         metrics = {"blocks": blocks_trained, "peak-memory-mb": peak.megabytes, "memory-measure": peak.measure,
-                   "simulated-seconds": simulated, "device-cache-mb": cache.device_bytes / 2**20,
+                   "device-cache-mb": cache.device_bytes / 2**20,
                    **local.reply_metrics}
     return train_reply(msg, model, num_examples=num_examples, train_loss=result.loss,
-                       train_seconds=result.seconds + simulated, local_steps=result.steps, metrics=metrics,
+                       train_seconds=result.seconds, local_steps=result.steps, metrics=metrics,
                        private=private)
 
 

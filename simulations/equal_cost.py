@@ -53,7 +53,8 @@ class CostCurve:
 def round_flops(nodes: Sequence[Mapping[str, Any]], run_config: Mapping[str, Any]) -> dict[int, float] | None:
     """Training FLOPs of each round (None when a node's cost or steps are not known)."""
     batch = int(run_config.get("batch-size", 0))
-    default_steps = int(run_config["local-steps"]) if not run_config.get("local-epochs") else None
+    steps = run_config.get("local-steps")
+    default_steps = int(steps) if steps is not None and not run_config.get("local-epochs") else None
     totals: dict[int, float] = {}
     for row in nodes:
         if row.get("status") != "accepted":

@@ -114,3 +114,37 @@ def test_an_invalid_node_capacity_is_named_and_the_node_still_trains(tiny_config
         _, nodes = _run(tiny_config, num_nodes=2, node_configs=node_configs, raise_client_errors=False)
     assert "did not answer the identity query" in caplog.text and "capacity = 1.5" in caplog.text
     assert {(r["partition"], r["capacity"]) for r in nodes} == {(None, 1.0), (1, 1.0)}
+
+
+def test_the_straggler_mod_sleeps_the_extra_time_and_says_so_and_is_the_client_apps_only_delay(monkeypatch):
+    """The slowdown lives in a ClientApp mod (simulation only): a node at factor 3 sleeps 2x its training
+    seconds, reported in train-seconds and apart as simulated-seconds; other messages pass untouched."""
+    from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
+
+    import client_app.app as client
+    from resist_fl.flower import straggler_mod
+
+    slept = []
+    monkeypatch.setattr(straggler_mod.time, "sleep", slept.append)
+
+    def handler(msg, context):
+        return Message(RecordDict({"metrics": MetricRecord({"train-seconds": 1.5, "num-examples": 3})}), reply_to=msg)
+
+    def message(kind):
+        return Message(RecordDict(), dst_node_id=1, message_type=kind)
+
+    def context(partition):
+        return Context(run_id=1, node_id=1, node_config={"partition-id": partition}, state=RecordDict(),
+                       run_config={"slowdown-profile": "1,3"})
+
+    reply = straggler_mod.simulated_straggler(message(MessageType.TRAIN), context(1), handler)
+    assert slept == [pytest.approx(3.0)]
+    assert reply.content["metrics"]["train-seconds"] == pytest.approx(4.5)
+    assert reply.content["metrics"]["simulated-seconds"] == pytest.approx(3.0)
+    reply = straggler_mod.simulated_straggler(message(MessageType.TRAIN), context(0), handler)
+    assert reply.content["metrics"]["simulated-seconds"] == 0.0 and slept[-1] == 0.0
+    slept.clear()
+    straggler_mod.simulated_straggler(message(MessageType.EVALUATE), context(1), handler)
+    assert slept == []
+    assert straggler_mod.simulated_straggler in client.app._mods
+    assert "time.sleep" not in Path(client.__file__).read_text()
