@@ -8,7 +8,7 @@ ratio ResIST / FedAvg is printed beside the analytic sub-network fraction: the p
 round's sub-networks hold (shared layers once per node, each block once per holder) over S
 full models. Uplink equals downlink (every node returns what it was sent).
 
-    python benchmarks/bytes_benchmark.py [--model preact_resnet101] [--width 64] [--sites 2 4 8]
+    python benchmarks/bytes_benchmark.py [--model preact_resnet101] [--width 64] [--sites 2 4 8] [--json PATH]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from resist_fl.flower.fedavg import ScreenedFedAvg
 from resist_fl.flower.metering import array_bytes
 from resist_fl.flower.resist import ResIST
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the root holds the tooling
+from benchmarks.figures_json import markdown_row, write_figures
 from simulations.inprocess_grid import InProcessGrid
 
 
@@ -59,17 +60,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--sites", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--min-blocks", type=int, default=4, help="the minimum depth compared with none")
+    parser.add_argument("--json", type=Path, help="also write the figures here (benchmarks/figures_json.py)")
     args = parser.parse_args(argv)
     spec = ModelSpec(depths=PRESET_DEPTHS[args.model], base_width=args.width, num_classes=10)
     layout = BlockLayout.from_spec(spec)
     state = build_model(spec).state_dict()
     arrays = ArrayRecord({k: state[k] for k in layout.payload_keys()})
     sizes = {k: int(np.prod(state[k].shape)) * state[k].element_size() for k in layout.payload_keys()}
-    print(f"{args.model} width {args.width}: {sum(sizes.values()) / 1e6:.1f} MB float32, "
-          f"{len(layout.partitionable)} partitionable blocks")
-    print("| S | min depth | transport | ResIST MB | FedAvg MB | ResIST / FedAvg | analytic | deviation "
-          "| ResIST bytes / float32's |")
+    setting = (f"{args.model} width {args.width}: {sum(sizes.values()) / 1e6:.1f} MB float32, "
+               f"{len(layout.partitionable)} partitionable blocks")
+    columns = ["S", "min depth", "transport", "ResIST MB", "FedAvg MB", "ResIST / FedAvg", "analytic", "deviation",
+               "ResIST bytes / float32's"]
+    print(setting)
+    print(markdown_row(columns))
     print("|---|---|---|---|---|---|---|---|---|")
+    rows = []
     for sites in args.sites:
         for min_blocks in sorted({0, min(args.min_blocks, len(layout.partitionable))}):
             float32 = None
@@ -80,9 +85,12 @@ def main(argv: list[str] | None = None) -> int:
                 fedavg, _ = round_bytes(ScreenedFedAvg(**common), arrays, sites)
                 ratio, analytic = resist / fedavg, analytic_fraction(layout, sizes, messages, sites)
                 float32 = float32 or resist
-                print(f"| {sites} | {min_blocks} | {transport} | {resist / 1e6:.4f} | {fedavg / 1e6:.4f} "
-                      f"| {ratio:.4f} | {analytic:.4f} | {100 * (ratio / analytic - 1):+.2f} % "
-                      f"| {resist / float32:.4f} |", flush=True)
+                cells = [str(sites), str(min_blocks), transport, f"{resist / 1e6:.4f}", f"{fedavg / 1e6:.4f}",
+                         f"{ratio:.4f}", f"{analytic:.4f}", f"{100 * (ratio / analytic - 1):+.2f} %",
+                         f"{resist / float32:.4f}"]
+                print(markdown_row(cells), flush=True)
+                rows.append(dict(zip(columns, cells)))
+    write_figures(args.json, setting, rows=rows)
     return 0
 
 

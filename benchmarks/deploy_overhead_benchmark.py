@@ -11,7 +11,7 @@ process start, imports, data load, model build and the messages. Round 1 is show
 after app fills its partition cache there); the median over rounds 2..R is compared.
 
     python benchmarks/deploy_overhead_benchmark.py [--before 4b3429b] [--rounds 4] [--supernodes 2]
-                                                   [--only-after]
+                                                   [--only-after] [--json PATH]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the root holds the tooling
+from benchmarks.figures_json import write_figures
 from deploy.local_cluster import LocalCluster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dataset", default="synthetic", choices=("synthetic", "npz"))
     parser.add_argument("--data-path", default="")
     parser.add_argument("--only-after", action="store_true", help="measure the working tree only")
+    parser.add_argument("--json", type=Path, help="also write the figures here (benchmarks/figures_json.py)")
     args = parser.parse_args(argv)
     if args.rounds < 2:
         parser.error("--rounds must be >= 2 (round 1 is shown apart)")
@@ -74,17 +76,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         measured = {name: overheads(app, work / name, cfg, args.supernodes) for name, (app, cfg) in apps.items()}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"deployed (local cluster, TLS + auth), {args.supernodes} SuperNodes, {args.dataset}, tiny PreActResNet, "
-          f"{args.rounds} rounds; overhead = round seconds - mean node training seconds")
-    steady = {}
+    setting = (f"deployed (local cluster, TLS + auth), {args.supernodes} SuperNodes, {args.dataset}, tiny "
+               f"PreActResNet, {args.rounds} rounds; overhead = round seconds - mean node training seconds")
+    print(setting)
+    steady, figures = {}, {}
     for name, values in measured.items():
         steady[name] = statistics.median(values[1:])
+        figures[name] = {"round1": values[0], "later": values[1:], "median": steady[name]}
         label = f"{name} ({args.before})" if name == "before" else f"{name} (working tree)"
         print(f"  {label:<22} round 1: {values[0]:5.2f} s; rounds 2..{args.rounds}: "
               f"{' '.join(f'{v:.4f}' for v in values[1:])}; median {steady[name]:.4f} s")
     if "before" in steady:
-        print(f"  overhead after / before: {steady['after'] / steady['before']:.3f} "
-              f"({steady['before'] - steady['after']:+.2f} s per round saved)")
+        figures.update(ratio=steady["after"] / steady["before"], saved=steady["before"] - steady["after"])
+        print(f"  overhead after / before: {figures['ratio']:.3f} ({figures['saved']:+.2f} s per round saved)")
+    write_figures(args.json, setting, **figures)
     return 0
 
 

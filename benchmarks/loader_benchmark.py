@@ -6,7 +6,7 @@ CIFAR-shaped uint8 images (3x32x32, random pixels: the cost does not depend on t
 batched path keeps the images on the GPU; the per-sample path then also copies each batch there.
 
     python benchmarks/loader_benchmark.py [--images 10000] [--batch-size 128] [--batches 200]
-                                          [--device cpu|cuda] [--threads 1]
+                                          [--device cpu|cuda] [--threads 1] [--json PATH]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from resist_fl.data import ImageArrays, Normalization
 from resist_fl.data.batches import TrainBatches
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the root holds the tooling
+from benchmarks.figures_json import write_figures
 from benchmarks.per_sample_loader import make_per_sample_loader
 
 STATS = Normalization((0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
@@ -52,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--augment", default="crop-flip", choices=("none", "crop", "flip", "crop-flip"))
+    parser.add_argument("--json", type=Path, help="also write the figures here (benchmarks/figures_json.py)")
     args = parser.parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
@@ -65,11 +67,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         images_per_second(new, 5, device)  # warm-up (CUDA context, kernels)
         rates = {"per-sample (old)": images_per_second(old, args.batches, device),
                  "batched (new)": images_per_second(new, args.batches, device)}
-        print(f"loader, {args.images} images 3x32x32, batch {args.batch_size}, augment={args.augment}, "
-              f"{args.batches} batches, device {device}, {args.threads} thread(s)")
+        setting = (f"loader, {args.images} images 3x32x32, batch {args.batch_size}, augment={args.augment}, "
+                   f"{args.batches} batches, device {device}, {args.threads} thread(s)")
+        ratio = rates["batched (new)"] / rates["per-sample (old)"]
+        print(setting)
         for name, rate in rates.items():
             print(f"  {name:<18} {rate:12,.0f} images/s  ({1e3 * args.batch_size / rate:7.3f} ms per batch)")
-        print(f"  ratio new / old: {rates['batched (new)'] / rates['per-sample (old)']:.1f}x")
+        print(f"  ratio new / old: {ratio:.1f}x")
+        write_figures(args.json, setting, rates={name: [rate, 1e3 * args.batch_size / rate]
+                                                 for name, rate in rates.items()}, ratio=ratio)
     finally:
         torch.set_num_threads(threads)  # the caller's setting (a test process) is left as it was
     return 0

@@ -4,13 +4,16 @@ Prints the merge time as a ratio to a plain NumPy copy of the same bytes (the
 updates' arrays), both measured in this run (best of several alternating repeats).
 
     python benchmarks/merge_benchmark.py [--subnetworks 8] [--repeats 7] [--model preact_resnet101] [--width 64]
+                                         [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,6 +21,8 @@ import torch
 from resist_fl.core.aggregation import merge_partial
 from resist_fl.core.decomposition import BlockLayout, round_rng, sample_subnetworks
 from resist_fl.core.model import PRESET_DEPTHS, ModelSpec, build_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the root holds `benchmarks`
+from benchmarks.figures_json import write_figures
 
 
 def best_interleaved(repeats: int, *fns) -> list[float]:
@@ -38,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--model", default="preact_resnet101", choices=sorted(PRESET_DEPTHS))
     parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--json", type=Path, help="also write the figures here (benchmarks/figures_json.py)")
     args = parser.parse_args(argv)
 
     spec = ModelSpec(depths=PRESET_DEPTHS[args.model], base_width=args.width, num_classes=10)
@@ -54,12 +60,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t_copy, t_merge = best_interleaved(args.repeats, lambda: [np.copy(a) for a in flat],
                                        lambda: merge_partial(global_state, updates, weights))
-    print(f"model: {args.model} width {args.width}, {len(layout.partitionable)} partitionable blocks, "
-          f"{args.subnetworks} sub-networks (blocks each: {[len(g) for g in groups]})")
+    setting = (f"model: {args.model} width {args.width}, {len(layout.partitionable)} partitionable blocks, "
+               f"{args.subnetworks} sub-networks (blocks each: {[len(g) for g in groups]})")
+    print(setting)
     print(f"update bytes: {nbytes / 2**20:.1f} MiB; torch threads: {torch.get_num_threads()}")
     print(f"numpy copy of the same bytes: {t_copy * 1e3:.4f} ms")
     print(f"merge_partial:                {t_merge * 1e3:.4f} ms")
     print(f"ratio merge / copy: {t_merge / t_copy:.3f} (target <= 2.0)")
+    write_figures(args.json, setting, mib=nbytes / 2**20, copy_ms=t_copy * 1e3, merge_ms=t_merge * 1e3,
+                  ratio=t_merge / t_copy)
     return 0
 
 

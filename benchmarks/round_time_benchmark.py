@@ -8,6 +8,7 @@ messages to the merged model; the central evaluation is not included): the media
 
     python benchmarks/round_time_benchmark.py [--rounds 4] [--supernodes 4] [--width 16]
                                               [--model preact_resnet101] [--local-steps 10] [--batch-size 32]
+                                              [--json PATH]
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from resist_fl.run.outputs import read_metrics
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the root holds the tooling
+from benchmarks.figures_json import write_figures
 from simulations.launcher import run_flwr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--local-steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--json", type=Path, help="also write the figures here (benchmarks/figures_json.py)")
     args = parser.parse_args(argv)
     if args.rounds < 2:
         parser.error("--rounds must be >= 2 (round 1 carries the start-up and is not used)")
@@ -58,14 +61,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds = {strategy: round_seconds(work, strategy, args) for strategy in ("resist", "fedavg")}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"flwr run, {args.model} width {args.width}, {args.supernodes} SuperNodes, {args.local_steps} local "
-          f"steps of batch {args.batch_size}, synthetic data, {args.rounds} rounds")
+    setting = (f"flwr run, {args.model} width {args.width}, {args.supernodes} SuperNodes, {args.local_steps} local "
+               f"steps of batch {args.batch_size}, synthetic data, {args.rounds} rounds")
+    print(setting)
     steady = {}
     for strategy, values in seconds.items():
         steady[strategy] = statistics.median(values[1:])
         print(f"  {strategy:<7} round seconds {' '.join(f'{v:.4f}' for v in values)}; "
               f"median of rounds 2..{args.rounds}: {steady[strategy]:.4f} s")
-    print(f"  round time ResIST / FedAvg: {steady['resist'] / steady['fedavg']:.3f}")
+    ratio = steady["resist"] / steady["fedavg"]
+    print(f"  round time ResIST / FedAvg: {ratio:.3f}")
+    write_figures(args.json, setting, seconds=seconds, median=steady, ratio=ratio)
     return 0
 
 

@@ -10,7 +10,7 @@ measured here as step time x steps (``--timed-steps`` steps timed). Nodes train 
     round = configure + slowest node's training + aggregate      (transfer time not included)
 
     python benchmarks/server_benchmark.py [--model preact_resnet101] [--width 64] [--nodes 8]
-                                          [--local-steps 50] [--batch-size 32] [--timed-steps 2]
+                                          [--local-steps 50] [--batch-size 32] [--timed-steps 2] [--json PATH]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the root holds `benchmarks`
+from benchmarks.figures_json import markdown_row, write_figures
 from benchmarks.step_benchmark import step_seconds  # noqa: E402
 from client_app.app import identity_handler
 from resist_fl.core.decomposition import BlockLayout
@@ -77,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--timed-steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write the figures here (benchmarks/figures_json.py)")
     args = parser.parse_args(argv)
     spec = ModelSpec(depths=PRESET_DEPTHS[args.model], base_width=args.width, num_classes=10)
     layout = BlockLayout.from_spec(spec)
@@ -88,10 +90,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "resist": ResIST(layout, min_train_nodes=args.nodes, min_available_nodes=args.nodes, capacity_measure="blocks"),
         "fedavg": ScreenedFedAvg(min_train_nodes=args.nodes, min_available_nodes=args.nodes, capacity_measure="blocks"),
     }
-    print(f"{args.model} width {args.width}, {args.nodes} nodes, {args.local_steps} local steps of batch "
-          f"{args.batch_size} (CPU, {torch.get_num_threads()} threads); median of {args.repeats} rounds")
-    print("| strategy | configure s | aggregate s | slowest node's training s | round s | server share |")
+    setting = (f"{args.model} width {args.width}, {args.nodes} nodes, {args.local_steps} local steps of batch "
+               f"{args.batch_size} (CPU, {torch.get_num_threads()} threads); median of {args.repeats} rounds")
+    columns = ["strategy", "configure s", "aggregate s", "slowest node's training s", "round s", "server share"]
+    print(setting)
+    print(markdown_row(columns))
     print("|---|---:|---:|---:|---:|---:|")
+    rows = []
     for name, strategy in strategies.items():
         configure, aggregate, messages = server_seconds(strategy, arrays, args.nodes, args.repeats)
         if name == "resist":
@@ -101,8 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             model = build_model(spec)
         training = args.local_steps * step_seconds(model.train(), images, labels, args.timed_steps, amp=False)
         server = configure + aggregate
-        print(f"| {name} | {configure:.4f} | {aggregate:.4f} | {training:.3f} | {server + training:.3f} "
-              f"| {100 * server / (server + training):.2f} % |", flush=True)
+        cells = [name, f"{configure:.4f}", f"{aggregate:.4f}", f"{training:.3f}", f"{server + training:.3f}",
+                 f"{100 * server / (server + training):.2f} %"]
+        print(markdown_row(cells), flush=True)
+        rows.append(dict(zip(columns, cells)))
+    write_figures(args.json, setting, rows=rows)
     return 0
 
 

@@ -10,14 +10,17 @@ of the full model's forward FLOPs (torch's FLOP counter).
 
     python benchmarks/step_benchmark.py [--model preact_resnet101] [--width 64] [--batch-size 32]
                                         [--sites 2 4 8] [--steps 3] [--repeats 3] [--device cpu] [--amp]
+                                        [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,6 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from resist_fl.core.decomposition import BlockLayout, round_rng, sample_subnetworks
 from resist_fl.core.model import PRESET_DEPTHS, ModelSpec, build_model
 from resist_fl.node.training import on_device
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the root holds `benchmarks`
+from benchmarks.figures_json import markdown_row, write_figures
 
 
 def step_seconds(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int, amp: bool) -> float:
@@ -70,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the figures here (benchmarks/figures_json.py)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     spec = ModelSpec(depths=PRESET_DEPTHS[args.model], base_width=args.width, num_classes=10)
@@ -92,15 +98,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     full = statistics.median(times["full"])
     flops = {name: forward_flops(model, images) for name, (model, _) in models.items()}
     blocks = len(layout.partitionable)
-    print(f"{args.model} width {args.width}, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
-          f"device {device}{' bf16' if args.amp else ''}, {torch.get_num_threads()} thread(s); "
-          f"median of {args.repeats} x {args.steps} steps")
-    print("| model | partitioned blocks kept | FLOP share | step ms | step time / full |")
+    setting = (f"{args.model} width {args.width}, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
+               f"device {device}{' bf16' if args.amp else ''}, {torch.get_num_threads()} thread(s); "
+               f"median of {args.repeats} x {args.steps} steps")
+    columns = ["model", "partitioned blocks kept", "FLOP share", "step ms", "step time / full"]
+    print(setting)
+    print(markdown_row(columns))
     print("|---|---:|---:|---:|---:|")
+    rows = []
     for name, (_, kept) in models.items():
         median = statistics.median(times[name])
         share = flops[name] / flops["full"]
-        print(f"| {name} | {kept}/{blocks} | {share:.3f} | {1e3 * median:.3f} | {median / full:.3f} |")
+        cells = [name, f"{kept}/{blocks}", f"{share:.3f}", f"{1e3 * median:.3f}", f"{median / full:.3f}"]
+        print(markdown_row(cells))
+        rows.append(dict(zip(columns, cells)))
+    write_figures(args.json, setting, rows=rows)
     return 0
 
 

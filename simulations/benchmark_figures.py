@@ -1,37 +1,39 @@
-"""The performance page's summary table, written from the benchmarks' committed printed output.
+"""The performance page's summary table, written from the figures the benchmarks wrote as JSON.
 
-Each row reads one committed file (``docs/performance/<script>.txt`` or, for the bytes benchmark,
-``docs/results/transport/bytes_benchmark.txt``) with :mod:`simulations.benchmark_outputs`,
-recomputes the ratio it quotes from the raw figures printed beside it, and refuses a file whose
-printed ratio disagrees with them (so a hand edit of one number is caught). The setting column
-is the benchmark's own first line. :mod:`simulations.figures` places the table in
-``docs/performance.md``.
+Each row reads the JSON a script in ``benchmarks/`` wrote with ``--json`` (see
+``benchmarks/figures_json.py``), committed beside what it printed (``docs/performance/<script>.json``
+or, for the bytes benchmark, ``docs/results/transport/bytes_benchmark.json``; the JSON of the runs
+committed before ``--json`` existed was converted once from the printed output of the same run),
+recomputes the ratio it quotes from the raw figures beside it, and refuses a file whose ratio
+disagrees with them (so a hand edit of one number is caught). The setting column is the
+benchmark's ``"setting"``, its own first printed line. :mod:`simulations.figures` places the table
+in ``docs/performance.md``.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Callable
 from pathlib import Path
-
-from simulations import benchmark_outputs as outputs
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PERFORMANCE = ROOT / "docs" / "performance"
-BYTES_OUTPUT = ROOT / "docs" / "results" / "transport" / "bytes_benchmark.txt"
+BYTES_OUTPUT = ROOT / "docs" / "results" / "transport" / "bytes_benchmark.json"
 
 
-def _read(path: Path) -> str:
+def _figures(path: Path) -> dict[str, Any]:
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no committed benchmark output (run the command in its row and save "
-                                "what it prints there)")
-    return path.read_text(encoding="utf-8")
+        raise FileNotFoundError(f"{path}: no committed benchmark figures (run the command in its row with "
+                                f"`--json {path.name}` and commit what it writes there)")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _agree(quoted: float, computed: float, tolerance: float, what: str) -> float:
     if abs(quoted - computed) > tolerance:
-        raise ValueError(f"{what}: the printed figure {quoted} disagrees with {computed:.4f} computed from the raw "
-                         "figures printed beside it")
+        raise ValueError(f"{what}: the quoted figure {quoted} disagrees with {computed:.4f} computed from the raw "
+                         "figures beside it")
     return computed
 
 
@@ -40,7 +42,7 @@ def _link(path: Path) -> str:
 
 
 def bytes_row(path: Path) -> str:
-    rows = outputs.table(_read(path), "bytes_benchmark")
+    rows = _figures(path)["rows"]
     plain = [r for r in rows if r["transport"] == "float32"]
     sites = sorted({int(r["S"]) for r in plain})
     depth0 = {int(r["S"]): r for r in plain if r["min depth"] == "0"}
@@ -59,7 +61,7 @@ def bytes_row(path: Path) -> str:
 
 
 def step_row(path: Path) -> str:
-    rows = outputs.table(_read(path), "step_benchmark")
+    rows = _figures(path)["rows"]
     full = float(rows[0]["step ms"])
     subs = rows[1:]
     ratios = [_agree(float(r["step time / full"]), float(r["step ms"]) / full, 0.002, f"step_benchmark {r['model']}")
@@ -71,7 +73,7 @@ def step_row(path: Path) -> str:
 
 
 def loader_row(path: Path) -> str:
-    figures = outputs.loader(_read(path))
+    figures = _figures(path)
     old, new = figures["rates"]["per-sample (old)"], figures["rates"]["batched (new)"]
     ratio = _agree(figures["ratio"], new[0] / old[0], 0.06, "loader_benchmark")
     figure = (f"per-sample torchvision `DataLoader` {old[0]:,.0f} vs device-resident batched path {new[0]:,.0f} "
@@ -80,7 +82,7 @@ def loader_row(path: Path) -> str:
 
 
 def server_row(path: Path) -> str:
-    rows = outputs.table(_read(path), "server_benchmark")
+    rows = _figures(path)["rows"]
     parts = []
     for r in rows:
         configure, aggregate, total = float(r["configure s"]), float(r["aggregate s"]), float(r["round s"])
@@ -91,7 +93,7 @@ def server_row(path: Path) -> str:
 
 
 def round_time_row(path: Path) -> str:
-    figures = outputs.round_time(_read(path))
+    figures = _figures(path)
     median = {s: statistics.median(v[1:]) for s, v in figures["seconds"].items()}
     for strategy, value in median.items():
         _agree(figures["median"][strategy], value, 0.005, f"round_time_benchmark {strategy} median")
@@ -102,7 +104,7 @@ def round_time_row(path: Path) -> str:
 
 
 def deploy_row(path: Path) -> str:
-    figures = outputs.deploy_overhead(_read(path))
+    figures = _figures(path)
     before, after = figures["before"], figures["after"]
     ratio = _agree(figures["ratio"], after["median"] / before["median"], 0.002, "deploy_overhead_benchmark")
     saved = _agree(figures["saved"], before["median"] - after["median"], 0.01, "deploy_overhead_benchmark saving")
@@ -113,7 +115,7 @@ def deploy_row(path: Path) -> str:
 
 
 def merge_row(path: Path) -> str:
-    figures = outputs.merge(_read(path))
+    figures = _figures(path)
     ratio = _agree(figures["ratio"], figures["merge_ms"] / figures["copy_ms"], 0.002, "merge_benchmark")
     figure = (f"merging {figures['mib']:.1f} MiB of updates: {figures['merge_ms']:.1f} ms against "
               f"{figures['copy_ms']:.1f} ms for a NumPy copy of the same bytes: **{ratio:.2f}x**")
@@ -123,7 +125,7 @@ def merge_row(path: Path) -> str:
 def load_row(path: Path) -> str:
     parts = []
     for each in (path, path.with_name(f"{path.stem}_fedavg{path.suffix}")):  # ResIST's run, then FedAvg's
-        figures = outputs.load(_read(each))
+        figures = _figures(each)
         ratio = _agree(figures["ratio"], figures["rss_late"] / figures["rss_early"], 0.001,
                        f"load_benchmark ({each.name})")
         parts.append(f"{figures['strategy']}: {figures['rss_early']:.1f} → {figures['rss_late']:.1f} MiB, "
@@ -132,7 +134,7 @@ def load_row(path: Path) -> str:
 
 
 def startup_row(path: Path) -> str:
-    ways = outputs.startup(_read(path))
+    ways = {name: w for name, w in _figures(path).items() if name != "setting"}
     parts = [f"{name}: {w['round1']:.1f} s to round 1, {w['whole']:.1f} s in all ({w['status']})"
              for name, w in ways.items()]
     return "; ".join(parts)
@@ -141,26 +143,27 @@ def startup_row(path: Path) -> str:
 ROWS: dict[str, tuple[str, Callable[[Path], str], Path, str, str]] = {
     "bytes": ("bytes of one round's training messages, ResIST / FedAvg", bytes_row, BYTES_OUTPUT,
               "0.529 at S = 4, within 0.5 %", "python benchmarks/bytes_benchmark.py"),
-    "step": ("local step time, largest sub-network / full model", step_row, PERFORMANCE / "step_benchmark.txt",
+    "step": ("local step time, largest sub-network / full model", step_row, PERFORMANCE / "step_benchmark.json",
              "keep 0.66 / 0.53 / 0.45", "python benchmarks/step_benchmark.py"),
-    "loader": ("training images per second, new / old loader", loader_row, PERFORMANCE / "loader_benchmark.txt",
+    "loader": ("training images per second, new / old loader", loader_row, PERFORMANCE / "loader_benchmark.json",
                "not slower on CPU", "python benchmarks/loader_benchmark.py"),
     "server": ("server time (`configure_train` + `aggregate_train`) as a share of a round", server_row,
-               PERFORMANCE / "server_benchmark.txt", "≤ 5 %", "python benchmarks/server_benchmark.py"),
+               PERFORMANCE / "server_benchmark.json", "≤ 5 %", "python benchmarks/server_benchmark.py"),
     "round-time": ("simulated round time through `flwr run`, ResIST / FedAvg", round_time_row,
-                   PERFORMANCE / "round_time_benchmark.txt", "≤ 0.6", "python benchmarks/round_time_benchmark.py"),
+                   PERFORMANCE / "round_time_benchmark.json", "≤ 0.6", "python benchmarks/round_time_benchmark.py"),
     "deploy": ("deployed round overhead, after / before the lazy imports and the partition cache", deploy_row,
-               PERFORMANCE / "deploy_overhead_benchmark.txt", "cut what the project controls",
+               PERFORMANCE / "deploy_overhead_benchmark.json", "cut what the project controls",
                "python benchmarks/deploy_overhead_benchmark.py"),
     "merge": ("merge of the round's sub-network updates / a copy of their bytes", merge_row,
-              PERFORMANCE / "merge_benchmark.txt", "≤ 2.0", "python benchmarks/merge_benchmark.py"),
+              PERFORMANCE / "merge_benchmark.json", "≤ 2.0", "python benchmarks/merge_benchmark.py"),
     "load": ("100 SuperNodes, 10 sampled per round: server memory growth", load_row,
-             PERFORMANCE / "load_benchmark.txt", "within 10 %",
+             PERFORMANCE / "load_benchmark.json", "within 10 %",
              "python benchmarks/load_benchmark.py [--strategy fedavg]"),
-    "startup": ("`flwr run` to the end of round 1", startup_row, PERFORMANCE / "startup_benchmark.txt",
+    "startup": ("`flwr run` to the end of round 1", startup_row, PERFORMANCE / "startup_benchmark.json",
                 "context", "python benchmarks/startup_benchmark.py --no-install-only"),
 }
-"""Per row: what it measures, the row's reader, the committed output it reads, the target, the command."""
+"""Per row: what it measures, the row's reader, the committed JSON it reads (what the command wrote with
+``--json``), the target, the command."""
 
 
 FEDERATION_SPEED = PERFORMANCE / "federation_speed_benchmark.json"
@@ -170,9 +173,7 @@ FEDERATION_SPEED = PERFORMANCE / "federation_speed_benchmark.json"
 def federation_speed_block(path: Path = FEDERATION_SPEED) -> list[str]:
     """The 100-node Fashion-MNIST run's figures: start-up, round / training / evaluation seconds, and a
     node's step inside the simulation against the same steps outside Flower, with the ratios computed here."""
-    import json
-
-    figures = json.loads(_read(path))
+    figures = _figures(path)
     args, inside = figures["args"], figures["inside"]
     later = slice(1, None)  # round 1 carries the actors' start-up
 
@@ -202,6 +203,6 @@ def summary_block() -> list[str]:
     lines = ["| what | setting (the benchmark's first line) | figure | target | command |",
              "|---|---|---|---|---|"]
     for what, row, path, target, command in ROWS.values():
-        setting = outputs.header(_read(path)).replace("|", "/")
+        setting = _figures(path)["setting"].replace("|", "/")
         lines.append(f"| {what} | {setting} | {row(path)} | {target} | `{command}` ({_link(path)}) |")
     return lines

@@ -9,8 +9,8 @@ A block in a markdown file::
 is regenerated from committed raw files — a comparison's ``docs/results/<name>/`` (each run's
 ``metrics.jsonl`` / ``nodes.jsonl`` and ``compare.json``, read as :mod:`simulations.report` reads them),
 result lines (``*.jsonl`` of label-skew grids, :mod:`simulations.noniid`, see
-:mod:`simulations.probe_figures`) or a benchmark's printed output (``docs/performance/*.txt``, see
-:mod:`simulations.benchmark_figures`) — by::
+:mod:`simulations.probe_figures`) or the figures a benchmark wrote with ``--json``
+(``docs/performance/*.json``, see :mod:`simulations.benchmark_figures`) — by::
 
     python -m simulations.figures --write    # every markdown file under README.md and docs/ with a block
     python -m simulations.figures --check    # exit 1 when a block is stale

@@ -1,6 +1,6 @@
 """Smoke tests: the benchmark scripts keep working (on tiny settings; speed is not asserted), and
 each figure a script computes agrees with an independent computation from the raw timings or
-bytes it printed (an inverted or mislabelled ratio fails).
+bytes it wrote beside it (``--json``; an inverted or mislabelled ratio fails).
 
 The scripts that launch ``flwr run`` or a deployed cluster run here on the in-process grid
 instead (the same run configs, validated and trained by the real ServerApp and ClientApp):
@@ -24,7 +24,6 @@ import torch
 
 from deploy.local_cluster import RunResult
 from resist_fl.run.outputs import read_metrics
-from simulations import benchmark_outputs as outputs
 from simulations.inprocess import run_inprocess
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -35,6 +34,13 @@ def load(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_json(module, argv: list[str], tmp_path: Path) -> dict:
+    """``module.main(argv + ["--json", ...])`` must succeed; the figures it wrote (with its first printed line)."""
+    out = tmp_path / "figures.json"
+    assert module.main([*argv, "--json", str(out)]) == 0
+    return json.loads(out.read_text())
 
 
 def inprocess_flwr_run(project_dir, run_config, *, num_supernodes, workdir, **_):
@@ -80,10 +86,11 @@ def fixture_launch():
     return launch
 
 
-def test_bytes_benchmark_matches_the_analytic_fraction(capsys):
-    assert load("bytes_benchmark").main(["--model", "preact_resnet34", "--width", "4", "--sites", "2", "4",
-                                         "--min-blocks", "1"]) == 0
-    rows = outputs.table(capsys.readouterr().out)
+def test_bytes_benchmark_matches_the_analytic_fraction(capsys, tmp_path):
+    figures = run_json(load("bytes_benchmark"), ["--model", "preact_resnet34", "--width", "4", "--sites", "2", "4",
+                                                 "--min-blocks", "1"], tmp_path)
+    out, rows = capsys.readouterr().out, figures["rows"]
+    assert out.splitlines()[0] == figures["setting"] and all(" | ".join(r.values()) in out for r in rows)
     assert len(rows) == 2 * 2 * 3  # sites x min depth x transport
     float32 = {(r["S"], r["min depth"]): float(r["ResIST MB"]) for r in rows if r["transport"] == "float32"}
     for row in rows:
@@ -98,23 +105,21 @@ def test_bytes_benchmark_matches_the_analytic_fraction(capsys):
             "float32": 1.0, "float16": 0.53, "uint8": 0.29}[row["transport"]]
 
 
-def test_loader_benchmark_compares_both_paths(capsys):
-    import torch
-
+def test_loader_benchmark_compares_both_paths(capsys, tmp_path):
     threads = torch.get_num_threads()
-    assert load("loader_benchmark").main(["--images", "300", "--batch-size", "32", "--batches", "12"]) == 0
+    figures = run_json(load("loader_benchmark"), ["--images", "300", "--batch-size", "32", "--batches", "12"],
+                       tmp_path)
     assert torch.get_num_threads() == threads  # a changed thread count would change later tests' numerics
-    figures = outputs.loader(capsys.readouterr().out)
+    assert f"ratio new / old: {figures['ratio']:.1f}x" in capsys.readouterr().out
     for rate, ms in figures["rates"].values():  # the two figures of a path are one measurement: 32 images a batch
         assert ms == pytest.approx(1000 * 32 / rate, rel=0.01)
     rates = {name: rate for name, (rate, _) in figures["rates"].items()}
     assert figures["ratio"] == pytest.approx(rates["batched (new)"] / rates["per-sample (old)"], abs=0.06)
 
 
-def test_step_benchmark_times_the_full_model_and_each_subnetwork(capsys):
-    assert load("step_benchmark").main(["--model", "preact_resnet34", "--width", "4", "--batch-size", "4",
-                                        "--sites", "2", "4", "--steps", "1", "--repeats", "1"]) == 0
-    rows = outputs.table(capsys.readouterr().out)
+def test_step_benchmark_times_the_full_model_and_each_subnetwork(tmp_path):
+    rows = run_json(load("step_benchmark"), ["--model", "preact_resnet34", "--width", "4", "--batch-size", "4",
+                                             "--sites", "2", "4", "--steps", "1", "--repeats", "1"], tmp_path)["rows"]
     assert [row["model"] for row in rows] == ["full", "S=2", "S=4"]
     assert [row["partitioned blocks kept"] for row in rows] == ["5/5", "3/5", "2/5"]  # each round's largest
     flop_shares = [float(row["FLOP share"]) for row in rows]
@@ -124,11 +129,10 @@ def test_step_benchmark_times_the_full_model_and_each_subnetwork(capsys):
         assert float(row["step time / full"]) == pytest.approx(float(row["step ms"]) / full, abs=0.002)
 
 
-def test_server_benchmark_times_both_strategies(capsys):
-    assert load("server_benchmark").main(["--model", "preact_resnet34", "--width", "4", "--nodes", "3",
-                                          "--local-steps", "2", "--batch-size", "4", "--timed-steps", "1",
-                                          "--repeats", "1"]) == 0
-    rows = outputs.table(capsys.readouterr().out)
+def test_server_benchmark_times_both_strategies(tmp_path):
+    rows = run_json(load("server_benchmark"), ["--model", "preact_resnet34", "--width", "4", "--nodes", "3",
+                                               "--local-steps", "2", "--batch-size", "4", "--timed-steps", "1",
+                                               "--repeats", "1"], tmp_path)["rows"]
     assert [row["strategy"] for row in rows] == ["resist", "fedavg"]
     for row in rows:  # the share is the server's two calls over the round, all three printed
         share = float(row["server share"].rstrip(" %"))
@@ -136,10 +140,10 @@ def test_server_benchmark_times_both_strategies(capsys):
         assert 0 < share < 100 and share == pytest.approx(100 * server / float(row["round s"]), rel=0.05, abs=0.1)
 
 
-def test_round_time_benchmark_runs_both_strategies(capsys, launch):
-    assert launch("round_time_benchmark").main(["--model", "preact_resnet18", "--width", "4", "--supernodes", "2",
-                                              "--rounds", "2", "--local-steps", "1", "--batch-size", "8"]) == 0
-    figures = outputs.round_time(capsys.readouterr().out)
+def test_round_time_benchmark_runs_both_strategies(launch, tmp_path):
+    figures = run_json(launch("round_time_benchmark"), ["--model", "preact_resnet18", "--width", "4", "--supernodes",
+                                                        "2", "--rounds", "2", "--local-steps", "1", "--batch-size",
+                                                        "8"], tmp_path)
     for strategy, seconds in figures["seconds"].items():
         assert len(seconds) == 2 and figures["median"][strategy] == pytest.approx(statistics.median(seconds[1:]),
                                                                                  abs=1e-4)
@@ -163,9 +167,10 @@ def test_federation_speed_benchmark_computes_its_ratios_from_its_own_figures(cap
     assert torch.get_num_threads() == threads  # the test process keeps its threads (later runs compare bits)
 
 
-def test_deploy_overhead_benchmark_measures_a_cluster(capsys, launch):
-    assert launch("deploy_overhead_benchmark").main(["--only-after", "--rounds", "3"]) == 0
-    after = outputs.deploy_overhead(capsys.readouterr().out)["after"]
+def test_deploy_overhead_benchmark_measures_a_cluster(launch, tmp_path):
+    figures = run_json(launch("deploy_overhead_benchmark"), ["--only-after", "--rounds", "3"], tmp_path)
+    after = figures["after"]
+    assert "before" not in figures and "ratio" not in figures
     assert len(after["later"]) == 2 and after["median"] == pytest.approx(statistics.median(after["later"]), abs=1e-4)
 
 
@@ -173,7 +178,8 @@ def test_gpu_benchmark_runs_on_the_cpu(capsys):
     assert load("gpu_benchmark").main(["--device", "cpu", "--model", "preact_resnet18", "--width", "4",
                                        "--batch-size", "8", "--steps", "1", "--images", "64"]) == 0
     out = capsys.readouterr().out
-    rows = [list(row.values()) for row in outputs.table(out)]
+    table = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("|")]
+    rows = [[cell.strip() for cell in row] for row in table[2:]]  # below the header and the rule
     assert len(rows) == 2 and "data share" in out
     for row in rows:  # bf16 / fp32 = the bf16 images per second over the true-fp32 ones beside it
         fp32, fast, ratio = (float(row[i].replace(",", "")) for i in (1, 3, 5))
@@ -181,22 +187,19 @@ def test_gpu_benchmark_runs_on_the_cpu(capsys):
         assert row[2] == "n/a (CPU)" and row[4] == "n/a"  # no TF32 figure is claimed on a CPU
 
 
-def test_merge_benchmark_compares_the_merge_with_a_copy(capsys):
-    assert load("merge_benchmark").main(["--model", "preact_resnet34", "--width", "4", "--subnetworks", "3",
-                                         "--repeats", "1"]) == 0
-    figures = outputs.merge(capsys.readouterr().out)
+def test_merge_benchmark_compares_the_merge_with_a_copy(tmp_path):
+    figures = run_json(load("merge_benchmark"), ["--model", "preact_resnet34", "--width", "4", "--subnetworks", "3",
+                                                 "--repeats", "1"], tmp_path)
     assert figures["mib"] > 0
     assert figures["ratio"] == pytest.approx(figures["merge_ms"] / figures["copy_ms"], rel=0.01)
 
 
-def test_load_benchmark_reads_the_servers_memory_from_the_metrics(capsys, launch, monkeypatch):
+def test_load_benchmark_reads_the_servers_memory_from_the_metrics(capsys, launch, monkeypatch, tmp_path):
     runs = []
     module = launch("load_benchmark")
     monkeypatch.setattr(module, "run_flwr", lambda *a, **k: runs.append(inprocess_flwr_run(*a, **k)) or runs[-1])
-    assert module.main(["--nodes", "3", "--sampled", "2", "--rounds", "6"]) == 0
-    out = capsys.readouterr().out
-    assert "nodes per round: [2]" in out
-    figures = outputs.load(out)
+    figures = run_json(module, ["--nodes", "3", "--sampled", "2", "--rounds", "6"], tmp_path)
+    assert "nodes per round: [2]" in capsys.readouterr().out
     rows = {r["round"]: r for r in read_metrics(runs[0].run_dir)}  # what the ServerApp itself recorded
     assert (figures["nodes"], figures["sampled"], figures["rounds"]) == (3, 2, 6)
     assert figures["rss_early"] == pytest.approx(rows[5]["server-rss-mb"], abs=0.05)
@@ -204,12 +207,12 @@ def test_load_benchmark_reads_the_servers_memory_from_the_metrics(capsys, launch
     assert figures["ratio"] == pytest.approx(rows[6]["server-rss-mb"] / rows[5]["server-rss-mb"], abs=0.001)
 
 
-def test_startup_benchmark_times_a_run_to_round_1(capsys, launch, monkeypatch):
+def test_startup_benchmark_times_a_run_to_round_1(launch, monkeypatch, tmp_path):
     runs = []
     module = launch("startup_benchmark")
     monkeypatch.setattr(module, "run_flwr", lambda *a, **k: runs.append(inprocess_flwr_run(*a, **k)) or runs[-1])
-    assert module.main(["--no-install-only", "--quick"]) == 0
-    ways = outputs.startup(capsys.readouterr().out)
+    ways = run_json(module, ["--no-install-only", "--quick"], tmp_path)
+    assert ways.pop("setting").startswith("flwr run . to the end of round 1")
     assert list(ways) == ["no-runtime-install"] and ways["no-runtime-install"]["status"] == "ok"
     assert ways["no-runtime-install"]["round1"] == pytest.approx(runs[0].seconds_to_round1, abs=0.05)
     assert ways["no-runtime-install"]["whole"] == pytest.approx(runs[0].wall_seconds, abs=0.05)

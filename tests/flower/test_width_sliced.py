@@ -61,8 +61,8 @@ def test_fedrolex_rolls_its_window_and_heterofl_keeps_its_prefix(tiny_config):
     assert not np.array_equal(first, second)  # round 2's window starts one channel later
 
 
-@pytest.mark.slow  # five strategies x two runs each
-@pytest.mark.parametrize("strategy", ["heterofl", "fedrolex", "fjord", "depth-prefix", "fedavg-small"])
+@pytest.mark.slow  # six strategies x two runs each
+@pytest.mark.parametrize("strategy", ["heterofl", "fedrolex", "fjord", "depth-prefix", "fedavg-small", "depthfl"])
 def test_a_stopped_sub_model_run_resumes_bit_identically(tiny_config, monkeypatch, strategy):
     base = {**tiny_config, **HETERO, "strategy": strategy, "num-server-rounds": 3, "lr-schedule": "constant",
             "local-steps": 2}

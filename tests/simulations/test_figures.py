@@ -79,19 +79,19 @@ def test_the_results_index_lists_every_committed_results_folder():
 def test_a_benchmark_output_whose_ratio_was_edited_is_refused(tmp_path):
     from simulations import benchmark_figures
 
-    committed = benchmark_figures.PERFORMANCE / "loader_benchmark.txt"
+    committed = benchmark_figures.PERFORMANCE / "loader_benchmark.json"
     assert "images/s" in benchmark_figures.loader_row(committed)
-    edited = re.sub(r"ratio new / old: [\d.]+x", "ratio new / old: 99.0x", committed.read_text(encoding="utf-8"))
-    (tmp_path / "loader_benchmark.txt").write_text(edited, encoding="utf-8")
-    with pytest.raises(ValueError, match="loader_benchmark: the printed figure 99.0 disagrees"):
-        benchmark_figures.loader_row(tmp_path / "loader_benchmark.txt")
+    edited = json.loads(committed.read_text(encoding="utf-8")) | {"ratio": 99.0}
+    (tmp_path / "loader_benchmark.json").write_text(json.dumps(edited), encoding="utf-8")
+    with pytest.raises(ValueError, match="loader_benchmark: the quoted figure 99.0 disagrees"):
+        benchmark_figures.loader_row(tmp_path / "loader_benchmark.json")
 
 
 def test_the_summary_quotes_the_ratio_recomputed_from_the_raw_figures():
-    from simulations import benchmark_figures, benchmark_outputs
+    from simulations import benchmark_figures
 
-    committed = benchmark_figures.PERFORMANCE / "round_time_benchmark.txt"
-    raw = benchmark_outputs.round_time(committed.read_text())
+    committed = benchmark_figures.PERFORMANCE / "round_time_benchmark.json"
+    raw = json.loads(committed.read_text())
     medians = {s: sorted(v[1:])[len(v[1:]) // 2] for s, v in raw["seconds"].items()}  # 3 later rounds: the middle
     figure = benchmark_figures.round_time_row(committed)
     assert f"**{medians['resist'] / medians['fedavg']:.3f}**" in figure
