@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from resist_fl.core.client_accuracy import client_accuracies, fairness_summary
 from resist_fl.core.decomposition import BlockLayout, scale_key
+from resist_fl.core.early_exits import MultiExitResNet, SingleExit
 from resist_fl.core.model import ModelSpec, build_model
 from resist_fl.core.residual_nets import set_residual_scales
 from resist_fl.data import DataError, EvalBatches, load_partition, load_test_set, normalization
@@ -54,7 +55,9 @@ class CentralEvaluation:
     ``width_rates`` (a live set: the rates a width-sliced strategy has sent so far), each the
     global model's first ``r x C`` channels, as HeteroFL evaluates its tiers. With
     ``client_labels`` (``client-eval``), rounds on the whole test set also give the per-client
-    figures ``client-accuracy-{mean,worst10,min,std}`` (:mod:`resist_fl.core.client_accuracy`).
+    figures ``client-accuracy-{mean,worst10,min,std}`` (:mod:`resist_fl.core.client_accuracy`). A
+    multi-exit model (DepthFL's) also gives ``accuracy-exit-<k>``: each exit alone (``accuracy`` is the
+    mean of the exits).
     With ``bn-statistics='training-data'`` the global model is evaluated with BatchNorm statistics
     re-estimated over the whole training set first (HeteroFL's static BatchNorm,
     :mod:`resist_fl.node.batchnorm_statistics`; the tiers keep batch statistics)."""
@@ -75,8 +78,13 @@ class CentralEvaluation:
     def __call__(self, run_round: int, state: dict[str, torch.Tensor]) -> dict[str, float]:
         final = run_round >= self.settings.num_server_rounds or self.subset_loader is None
         loader = self.test_loader if final else self.subset_loader
-        result = evaluate_by_class(self.global_model(state), loader, self.device, self.settings.amp)
+        model = self.global_model(state)
+        result = evaluate_by_class(model, loader, self.device, self.settings.amp)
         metrics = {"loss": result.loss, "accuracy": result.accuracy, "eval-images": len(loader.data)}
+        if isinstance(model, MultiExitResNet):  # DepthFL: each exit alone, beside the ensemble (`accuracy`)
+            for i in range(len(model.exits)):
+                metrics[f"accuracy-exit-{i + 1}"] = evaluate(SingleExit(model, i), loader, self.device,
+                                                             self.settings.amp)[1]
         counts = self.client_labels() if self.client_labels is not None and loader is self.test_loader else None
         if counts is not None:
             summary = fairness_summary(client_accuracies(counts, result.correct, result.count))

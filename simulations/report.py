@@ -447,6 +447,9 @@ TIERS = {
               "The global model keeping only the first share of the partitionable blocks (at least one), the "
               "kept blocks scaled as a sub-network of the trained depth would be: what a device that keeps part "
               "of the model gets. 100 % is the full model (equal to `accuracy`)."),
+    "exit": ("## Accuracy per exit (final round)", "(exit)",
+             "DepthFL's global model predicting with each exit alone (exit 1 after the first stage ... exit 4 "
+             "after the last); its `accuracy` is the mean of the four exits' logits, as its authors' test."),
     "width": ("## Accuracy per width tier (final round)", "% of the channels",
               "The global model's first r x C channels of every layer (width-sliced methods: HeteroFL, FedRolex, "
               "FjORD), as HeteroFL and FjORD report what each device class gets; FedRolex trains rolling windows, "
@@ -464,8 +467,9 @@ def tier_lines(runs_dir: Path, groups: dict[tuple[str, str], list[Run]], kind: s
 
 
 def tier_table(runs_dir: Path, groups: dict[tuple[str, str], list[Run]], kind: str) -> list[str]:
-    """Final-round accuracy of the global model at each depth (``accuracy-depth-<pct>``) or width
-    tier (``accuracy-width-<pct>``), mean over seeds; empty when no run evaluated such tiers."""
+    """Final-round accuracy of the global model at each depth (``accuracy-depth-<pct>``), width tier
+    (``accuracy-width-<pct>``) or exit (``accuracy-exit-<k>``), mean over seeds; empty when no run
+    evaluated such tiers."""
     prefix = f"accuracy-{kind}-"
     finals: dict[str, dict[float, list[float]]] = {}
     for (variant, strategy), runs in groups.items():
@@ -583,7 +587,8 @@ def build_report(runs_dir: Path, target_accuracy_value: float | None = None,
     clients, clients_json = client_lines(runs_dir, groups, group_label)
     equal, equal_json, equal_plots = equal_cost_section(runs_dir, groups, title)
     extra = (equal + tuning_lines(manifest, runs_dir) + tier_lines(runs_dir, groups, "depth")
-             + tier_lines(runs_dir, groups, "width") + clients + privacy + extra)
+             + tier_lines(runs_dir, groups, "width") + tier_lines(runs_dir, groups, "exit") + clients + privacy
+             + extra)
     extra_plots = equal_plots + extra_plots + privacy_plots
     extra_json = {**extra_json, **privacy_json, **clients_json, **({"equal-cost": equal_json} if equal_json else {})}
     write_json(runs_dir / REPORT_JSON, finite({"target": target, "target-rule": target_text,

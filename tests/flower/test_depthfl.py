@@ -156,7 +156,14 @@ def test_depthfl_end_to_end_on_real_digits(tiny_config):
     sent = [m for m in grid.sent if m.metadata.message_type == "train"]
     assert {int(m.content["config"][DEPTH_EXITS]) for m in sent} >= {4}
     rows = read_metrics(Path(tiny_config["output-dir"]) / "depthfl")
-    print(f"\ndigits depthfl: accuracy {[round(r['accuracy'], 3) for r in rows]}")
+    print(f"\ndigits depthfl: accuracy {[round(r['accuracy'], 3) for r in rows]}, exits "
+          f"{[round(rows[-1][f'accuracy-exit-{k}'], 3) for k in range(1, 5)]}")
     assert rows[-1]["accuracy"] >= 0.8
+    assert all(0.1 < rows[-1][f"accuracy-exit-{k}"] <= 1 for k in range(1, 5))  # every exit learns
+    from simulations import report
+
+    lines = report.tier_lines(Path(tiny_config["output-dir"]), {("main", "depthfl"): [
+        report.Run("depthfl", "main", "depthfl", 0, report.Curve.from_rows(rows))]}, "exit")
+    assert lines[0] == "## Accuracy per exit (final round)" and "| 1 (exit) | 2 (exit) |" in "\n".join(lines)
     assert all(r["strategy"] == "depthfl" and r["replies-accepted"] == 3 for r in rows)
     assert np.isfinite([r["train-loss"] for r in rows]).all()
