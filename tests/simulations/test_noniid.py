@@ -44,20 +44,18 @@ def test_fifty_local_steps_under_skew_do_not_diverge_with_the_defaults(tiny_conf
     """The harder setting of docs/results/noniid: PreActResNet-101 width 16, 50 local steps, Dirichlet 0.3,
     seed 1. Without gradient clipping (the earlier default) ResIST + BatchNorm blew up there in round 5 with
     the code of commit 9508bb9 (its trace is committed there). Its first 6 rounds are run here with a constant
-    lr, which is what the 15-round step schedule uses in those rounds."""
-    accuracy, diverging = {}, {}
-    for strategy in ("resist", "fedavg"):
-        name = f"hard-{strategy}"
-        config = {**tiny_config, "dataset": "npz", "data-path": digits_npz, "partitioner": "dirichlet",
-                  "dirichlet-alpha": 0.3, "model": "preact_resnet101", "stage-depths": "", "base-width": 16,
-                  "local-steps": 50, "batch-size": 32, "lr": 0.05, "lr-schedule": "constant",
-                  "num-server-rounds": 6, "eval-batch-size": 360, "min-available-nodes": 4, "min-train-nodes": 4,
-                  "strategy": strategy, "seed": 1, "run-name": name}
-        run_inprocess(config, num_nodes=4)
-        rows = read_metrics(Path(config["output-dir"]) / name)
-        accuracy[strategy] = rows[-1]["accuracy"]
-        diverging[strategy] = [r["round"] for r in rows if r["diverging"]]
-        print(f"\n50 steps, dirichlet 0.3, {strategy} seed 1: accuracy {[round(r['accuracy'], 3) for r in rows]}, "
-              f"train loss {[round(r['train-loss'], 3) for r in rows]}")
-    assert diverging == {"resist": [], "fedavg": []}
-    assert accuracy["resist"] >= 0.9 and accuracy["resist"] >= accuracy["fedavg"] - 0.03, accuracy
+    lr, which is what the 15-round step schedule uses in those rounds. (FedAvg, which never diverged there, is
+    compared with ResIST under the same skew by the test above.)"""
+    name = "hard-resist"
+    config = {**tiny_config, "dataset": "npz", "data-path": digits_npz, "partitioner": "dirichlet",
+              "dirichlet-alpha": 0.3, "model": "preact_resnet101", "stage-depths": "", "base-width": 16,
+              "local-steps": 50, "batch-size": 32, "lr": 0.05, "lr-schedule": "constant",
+              "num-server-rounds": 6, "eval-batch-size": 360, "min-available-nodes": 4, "min-train-nodes": 4,
+              "strategy": "resist", "seed": 1, "run-name": name}
+    run_inprocess(config, num_nodes=4)
+    rows = read_metrics(Path(config["output-dir"]) / name)
+    print(f"\n50 steps, dirichlet 0.3, resist seed 1: accuracy {[round(r['accuracy'], 3) for r in rows]}, "
+          f"train loss {[round(r['train-loss'], 3) for r in rows]}")
+    assert [r["round"] for r in rows if r["diverging"]] == []
+    assert max(r["train-loss"] for r in rows[1:]) < 2 * rows[0]["train-loss"]  # no blow-up
+    assert rows[-1]["accuracy"] >= 0.9
