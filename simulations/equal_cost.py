@@ -153,29 +153,3 @@ def equal_cost_lines(curves: Mapping[str, Sequence[CostCurve]], reference: str |
             table["plateau"] = {"method": reference, "gain": gain, "plateaued": flat}
     return lines, table
 
-
-def plot_accuracy_vs_flops(curves: Mapping[str, Sequence[CostCurve]], path: Path, title: str) -> Path:
-    """Accuracy against cumulative training TFLOPs: per method the mean over seeds on their shared rounds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for name, runs in curves.items():
-        if not runs:
-            continue
-        common = sorted(set.intersection(*(set(c.round.tolist()) for c in runs)))
-        xs = np.mean([c.flops[np.searchsorted(c.round, common)] for c in runs], axis=0) / 1e12
-        ys = np.mean([c.accuracy[np.searchsorted(c.round, common)] for c in runs], axis=0)
-        ax.plot(xs, ys, "-" if name.startswith("ResIST") else "--", marker="o", markersize=3,
-                label=f"{name}, n={len(runs)}")
-    ax.set_xlabel("cumulative training TFLOPs (nodes that replied)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path

@@ -36,7 +36,7 @@ import math
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ import numpy as np
 
 from resist_fl.run.outputs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_json, read_metrics, write_json
 from resist_fl.run.methods import label  # the method table's labels (former names read too)
-from simulations.equal_cost import cost_curve, equal_cost_lines, plot_accuracy_vs_flops
+from simulations.equal_cost import cost_curve, equal_cost_lines
 from simulations.tuning import is_tuning, tuning_lines
 from simulations.machine import describe_machine, machine_line
 from simulations.privacy_report import privacy_lines
@@ -66,7 +66,8 @@ MAIN_VARIANT = "main"
 DEFAULT_TARGET_FRACTION = 0.9
 PLOTS = {"round": ("accuracy_vs_round.png", "round"),
          "gb": ("accuracy_vs_gb.png", "cumulative communication (GB)"),
-         "seconds": ("accuracy_vs_seconds.png", "wall-clock seconds (sum of round-seconds)")}
+         "seconds": ("accuracy_vs_seconds.png", "wall-clock seconds (sum of round-seconds)"),
+         "tflops": ("accuracy_vs_tflops.png", "cumulative training TFLOPs (nodes that replied)")}
 NAME_PATTERN = re.compile(r"^(?P<variant>.+)-(?P<strategy>resist|fedavg)-seed(?P<seed>\d+)$")
 
 
@@ -94,6 +95,8 @@ class Curve:
     seconds: np.ndarray
     bytes_per_round: float
     diverging_rounds: int = 0
+    tflops: np.ndarray | None = None
+    """Cumulative training TFLOPs at each evaluated round (:mod:`simulations.equal_cost`; None: not recorded)."""
 
     @classmethod
     def from_rows(cls, rows: Sequence[dict[str, Any]]) -> "Curve":
@@ -273,7 +276,8 @@ def mean_curve(runs: Sequence[Run], x: str) -> tuple[np.ndarray, np.ndarray, np.
 
 def plot(groups: dict[tuple[str, str], list[Run]], x: str, path: Path, title: str,
          target: float | None) -> Path:
-    """Accuracy against ``x`` (round, gb, seconds): mean line and ± std band per group."""
+    """Accuracy against ``x`` (round, gb, seconds, tflops): mean line and ± std band per group (a group
+    whose runs did not all record ``x`` is left out)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -281,6 +285,8 @@ def plot(groups: dict[tuple[str, str], list[Run]], x: str, path: Path, title: st
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for (variant, strategy), runs in groups.items():
+        if any(getattr(r.curve, x) is None for r in runs):  # a cost some run did not record
+            continue
         mx, my, sd = mean_curve(runs, x)
         name = group_label(variant, strategy)
         style = "-" if strategy == "resist" else "--"
@@ -554,19 +560,26 @@ def render(manifest: dict[str, Any], stats: Sequence[GroupStats], ratio_rows: Se
 # --------------------------------------------------------------------------- entry points
 
 
-def equal_cost_section(runs_dir: Path, groups: dict[tuple[str, str], list[Run]],
-                       title: str) -> tuple[list[str], dict[str, Any], list[Path]]:
-    """The methods of the main comparison at equal training FLOPs and bytes, FedAvg's plateau check and the
-    FLOPs plot (:mod:`simulations.equal_cost`; nothing when no run recorded its nodes' costs)."""
+def with_training_flops(runs_dir: Path, runs: Sequence[Run]) -> list[Run]:
+    """``runs`` with their curves' cumulative training TFLOPs, where their nodes' costs were recorded."""
+    for run in runs:
+        costs = cost_curve(runs_dir / run.name)
+        if costs is not None:
+            run.curve = replace(run.curve, tflops=costs.flops / 1e12)
+    return list(runs)
+
+
+def equal_cost_section(runs_dir: Path, groups: dict[tuple[str, str], list[Run]]) -> tuple[list[str], dict[str, Any]]:
+    """The methods of the main comparison at equal training FLOPs and bytes, and FedAvg's plateau check
+    (:mod:`simulations.equal_cost`; nothing when no run recorded its nodes' costs)."""
     curves = {group_label(v, s): [c for c in (cost_curve(runs_dir / r.name) for r in runs) if c is not None]
               for (v, s), runs in groups.items() if v == MAIN_VARIANT}
     curves = {name: runs for name, runs in curves.items() if runs}
     if not curves:
-        return [], {}, []
+        return [], {}
     reference = group_label(MAIN_VARIANT, "fedavg")
     rounds = max(int(c.round[-1]) for runs in curves.values() for c in runs if len(c.round))
-    lines, table = equal_cost_lines(curves, reference, rounds)
-    return lines, table, [plot_accuracy_vs_flops(curves, runs_dir / "accuracy_vs_tflops.png", title)]
+    return equal_cost_lines(curves, reference, rounds)
 
 
 def build_report(runs_dir: Path, target_accuracy_value: float | None = None,
@@ -574,22 +587,25 @@ def build_report(runs_dir: Path, target_accuracy_value: float | None = None,
     """Write ``report.md``, ``report.json`` and the PNGs into ``runs_dir``; return the report's path."""
     runs_dir = Path(runs_dir)
     manifest = read_json(runs_dir / MANIFEST_FILE) if (runs_dir / MANIFEST_FILE).exists() else None
-    groups = group_runs([r for r in discover_runs(runs_dir, manifest) if not is_tuning(r.variant)])
+    groups = group_runs(with_training_flops(runs_dir, [r for r in discover_runs(runs_dir, manifest)
+                                                       if not is_tuning(r.variant)]))
     manifest = manifest or {"preset": runs_dir.name}
     target, target_text = preset_target(groups, manifest, target_accuracy_value, target_fraction)
     stats = [group_stats(v, s, runs, target) for (v, s), runs in groups.items()]
     ratio_rows = ratios(stats)
     paired_table = paired_rows(groups)
     title = f"{manifest.get('preset', runs_dir.name)}: mean ± std over seeds"
-    plots = [plot(groups, x, runs_dir / name, title, target) for x, (name, _) in PLOTS.items()] if groups else []
+    plots = [plot(groups, x, runs_dir / name, title, target) for x, (name, _) in PLOTS.items()
+             if any(r.curve.tflops is not None for runs in groups.values() for r in runs) or x != "tflops"] \
+        if groups else []
     extra, extra_plots, extra_json = node_lines(runs_dir, groups, bandwidths, target)
     privacy, privacy_plots, privacy_json = privacy_lines(runs_dir, groups, group_label)
     clients, clients_json = client_lines(runs_dir, groups, group_label)
-    equal, equal_json, equal_plots = equal_cost_section(runs_dir, groups, title)
+    equal, equal_json = equal_cost_section(runs_dir, groups)
     extra = (equal + tuning_lines(manifest, runs_dir) + tier_lines(runs_dir, groups, "depth")
              + tier_lines(runs_dir, groups, "width") + tier_lines(runs_dir, groups, "exit") + clients + privacy
              + extra)
-    extra_plots = equal_plots + extra_plots + privacy_plots
+    extra_plots = extra_plots + privacy_plots
     extra_json = {**extra_json, **privacy_json, **clients_json, **({"equal-cost": equal_json} if equal_json else {})}
     write_json(runs_dir / REPORT_JSON, finite({"target": target, "target-rule": target_text,
                                                "groups": [asdict(s) for s in stats], "ratios": ratio_rows,
