@@ -15,13 +15,15 @@ global model itself is that narrower model, and every message (evaluation includ
 
 from __future__ import annotations
 
+from logging import WARNING
 from typing import Any
 
 import numpy as np
+from flwr.common import log
 
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.holders import whole
-from resist_fl.core.model_cost import CostModel
+from resist_fl.core.model_cost import CostModel, fits
 from resist_fl.core.width_slicing import sliced_spec
 from resist_fl.flower.message_keys import WIDTH_RATE
 from resist_fl.flower.method_factory import Built, ModelParts
@@ -73,10 +75,29 @@ class FedAvgSmall(ScreenedFedAvg):
                  **overrides: Any) -> None:
         super().__init__(settings, costs=costs, **overrides)
         self.width_rate = width_rate
+        self.warned: set[int] = set()  # nodes told they cannot afford the width
 
     def evaluate_config(self) -> dict[str, Any]:
         """Every message that carries the global arrays names their width (training and evaluation)."""
         return {WIDTH_RATE: self.width_rate}
+
+    def plan(self, sampled: list[int], run_round: int, rng: np.random.Generator, server_round: int) -> dict[int, Plan]:
+        """FedAvg's plan at the global width; a sampled node whose capacity (the sampler's: its own node
+        config or its profile entry) cannot afford that width is warned about once (its nodes.jsonl rows
+        say over-capacity): the width was fixed when the global model was built, from the weakest
+        capacity of ``capacity-profile``."""
+        plans = super().plan(sampled, run_round, rng, server_round)
+        cost, measure = self.model_cost(), self.settings.capacity_measure
+        full = self.costs.full if self.costs is not None else None
+        for node in sampled:
+            capacity = self.sampler.capacity(node)
+            if node not in self.warned and (measure == "blocks" or cost is not None) and \
+                    not fits(capacity, measure, self.width_rate, cost, full):
+                self.warned.add(node)
+                log(WARNING, "fedavg-small: node %d has capacity %g, below what its width %g costs (the width was "
+                    "chosen for the weakest capacity of capacity-profile); it trains over its budget", node,
+                    capacity, self.width_rate)
+        return plans
 
     def model_cost(self):
         return self.costs.width_cost(self.width_rate) if self.costs is not None else None

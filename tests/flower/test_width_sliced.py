@@ -164,3 +164,15 @@ def test_fedavg_small_trains_the_one_width_the_weakest_node_fits(tiny_config):
         assert {k: tuple(a.shape) for k, a in message.content["arrays"].items()} == \
             {k: tuple(v.shape) for k, v in small.items() if not k.endswith("residual_scale")}
     assert read_metrics(run_dir(tiny_config))[-1]["strategy"] == "fedavg-small"
+
+
+def test_fedavg_small_flags_a_node_whose_own_capacity_is_below_the_profiles(tiny_config, caplog):
+    """The width comes from capacity-profile when the model is built; a node whose own node config says
+    less (the sampler's capacity) is warned about and its rows say over-capacity."""
+    tiny_config.update(HETERO, strategy="fedavg-small", **{"num-server-rounds": 1})
+    nodes = [{"partition-id": i, "num-partitions": 3, **({"capacity": 0.05} if i == 2 else {})} for i in range(3)]
+    run_inprocess(tiny_config, num_nodes=3, node_configs=nodes)
+    rows = {n["partition"]: n for n in read_metrics(run_dir(tiny_config), "nodes.jsonl")}
+    assert rows[2]["capacity"] == 0.05 and rows[2]["over-capacity"] == 1
+    assert rows[0]["over-capacity"] == rows[1]["over-capacity"] == 0
+    assert "has capacity 0.05, below what its width 0.25 costs" in caplog.text
