@@ -13,8 +13,13 @@ Deviations from the authors' code, each stated: nodes get their depth from their
 from the client id, 25 clients per depth, ``client.py`` line 158 onwards); the merge weighs by the
 run's ``weighting`` (theirs: an unweighted mean, ``strategy.py`` lines 106-115; ``weighting='uniform'``
 reproduces it); FedDyn's dynamic regularisation (their default, ``conf/config.yaml`` line 25) is not
-applied: DepthFL here is their ``feddyn: false`` variant; the distillation weight ramps over 30 % of
-the run's rounds (theirs: over 300 of 1000).
+applied. Their README runs DepthFL both ways (``README.md`` lines 91 and 117: "DepthFL (FedAvg)" is
+``feddyn=false kd=false``, and their HeteroFL row runs without FedDyn too): here every method merges
+by the same FedAvg rule, so ``depthfl`` is their FedAvg variant with self-distillation on (``kd``), and
+``depthfl-distill=false`` is exactly their "DepthFL (FedAvg)". FedDyn is a server optimiser (stateful
+clients, a server-side correction) that would need to be given to every method for a fair comparison;
+it is not implemented. The distillation weight ramps over 30 % of the run's rounds (theirs: over 300
+of 1000).
 """
 
 from __future__ import annotations
