@@ -374,6 +374,32 @@ def paired_rows(groups: dict[tuple[str, str], list[Run]]) -> list[dict[str, Any]
     return rows if any(r["seeds"] >= 2 for r in rows) else []
 
 
+def ablation_rows(groups: dict[tuple[str, str], list[Run]]) -> list[dict[str, Any]]:
+    """Each ablation variant of each method against the same method's main variant, paired by seed (what
+    the variant's change costs or gains, e.g. ``amp``'s bf16); empty when no pair has two seeds."""
+    rows = []
+    for (variant, strategy), runs in groups.items():
+        main = groups.get((MAIN_VARIANT, strategy))
+        if variant == MAIN_VARIANT or main is None:
+            continue
+        found = paired({r.seed: r.curve.final_accuracy for r in runs}, {r.seed: r.curve.final_accuracy for r in main})
+        rows.append({"variant": variant, "strategy": strategy, **asdict(found)})
+    return rows if any(r["seeds"] >= 2 for r in rows) else []
+
+
+def ablation_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    head = ["variant", "method", "paired seeds", "mean difference in final accuracy (variant - main)",
+            f"{LEVEL:.0%} interval (paired t)", "variant vs main"]
+    body = [[r["variant"], label(r["strategy"]), str(r["seeds"]), f"{r['mean']:+.4f}",
+             "-" if math.isnan(r["low"]) else f"[{r['low']:+.4f}, {r['high']:+.4f}]", f"**{r['verdict']}**"]
+            for r in rows]
+    return ["## Each variant against the main run of its method", "", *table(head, body), "",
+            "Per seed, the variant's final accuracy minus the same method's main run on that seed; interval and "
+            "words by the rule of the paired comparison above (simulations/paired_stats.py).", ""]
+
+
 def paired_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     head = ["variant", "method", "paired seeds", "mean difference in final accuracy (method - ResIST)",
             f"{LEVEL:.0%} interval (paired t)", "method vs ResIST"]
@@ -602,14 +628,16 @@ def build_report(runs_dir: Path, target_accuracy_value: float | None = None,
     privacy, privacy_plots, privacy_json = privacy_lines(runs_dir, groups, group_label)
     clients, clients_json = client_lines(runs_dir, groups, group_label)
     equal, equal_json = equal_cost_section(runs_dir, groups)
-    extra = (equal + tuning_lines(manifest, runs_dir) + tier_lines(runs_dir, groups, "depth")
-             + tier_lines(runs_dir, groups, "width") + tier_lines(runs_dir, groups, "exit") + clients + privacy
-             + extra)
+    ablations = ablation_rows(groups)
+    extra = (ablation_lines(ablations) + equal + tuning_lines(manifest, runs_dir)
+             + tier_lines(runs_dir, groups, "depth") + tier_lines(runs_dir, groups, "width")
+             + tier_lines(runs_dir, groups, "exit") + clients + privacy + extra)
     extra_plots = extra_plots + privacy_plots
     extra_json = {**extra_json, **privacy_json, **clients_json, **({"equal-cost": equal_json} if equal_json else {})}
     write_json(runs_dir / REPORT_JSON, finite({"target": target, "target-rule": target_text,
                                                "groups": [asdict(s) for s in stats], "ratios": ratio_rows,
-                                               **({"paired": paired_table} if paired_table else {}), **extra_json}))
+                                               **({"paired": paired_table} if paired_table else {}),
+                                               **({"ablations": ablations} if ablations else {}), **extra_json}))
     path = runs_dir / REPORT_FILE
     label_plots = distinct_label_plots(runs_dir)
     path.write_text(render(manifest, stats, ratio_rows, target, target_text, plots + extra_plots, extra, label_plots,

@@ -42,3 +42,26 @@ def test_the_word_follows_from_the_interval_alone(differences, verdict):
         assert found.high < 0
     if verdict == "ties" and found.seeds >= 2:
         assert found.low <= 0 <= found.high
+
+
+def test_each_variant_is_compared_with_its_methods_main_run_seed_by_seed():
+    """The report's ablation table (e.g. amp's bf16 against fp32): variant minus main per seed, the same rule."""
+    from simulations import report
+
+    def runs(variant, strategy, finals):
+        return [report.Run(f"{variant}-{strategy}-seed{s}", variant, strategy, s,
+                           report.Curve.from_rows([{"round": 1, "accuracy": a, "bytes-down": 1, "bytes-up": 1,
+                                                    "cumulative-bytes": 2}]))
+                for s, a in enumerate(finals)]
+
+    groups = {("main", "resist"): runs("main", "resist", [0.80, 0.82, 0.81]),
+              ("main", "fedavg"): runs("main", "fedavg", [0.85, 0.86, 0.84]),
+              ("amp", "resist"): runs("amp", "resist", [0.70, 0.71, 0.69]),
+              ("amp", "fedavg"): runs("amp", "fedavg", [0.851, 0.858, 0.842]),
+              ("amp", "heterofl"): runs("amp", "heterofl", [0.5, 0.5, 0.5])}  # no main run: not compared
+    rows = {(r["variant"], r["strategy"]): r for r in report.ablation_rows(groups)}
+    assert set(rows) == {("amp", "resist"), ("amp", "fedavg")}
+    assert rows[("amp", "resist")]["mean"] == pytest.approx(-0.11) and rows[("amp", "resist")]["verdict"] == "loses"
+    assert rows[("amp", "fedavg")]["verdict"] == "ties"
+    text = "\n".join(report.ablation_lines(list(rows.values())))
+    assert "| amp | ResIST | 3 | -0.1100 |" in text
