@@ -73,7 +73,7 @@ class CentralEvaluation:
         self.device = resolve_device(settings.device)
         self.model = build_model(spec)  # built once, loaded with the global state at each evaluation
         self.truncated: dict[int, torch.nn.Module] = {}  # any-depth evaluation models, by percent
-        self.training_set = None  # bn-statistics='training-data': the whole training set, loaded once
+        self.training_set: EvalBatches | None = None  # bn-statistics='training-data': the training set's batches
 
     def __call__(self, run_round: int, state: dict[str, torch.Tensor]) -> dict[str, float]:
         final = run_round >= self.settings.num_server_rounds or self.subset_loader is None
@@ -115,12 +115,12 @@ class CentralEvaluation:
         under ``bn-statistics='training-data'``."""
         if self.settings.bn_statistics == "training-data":
             s = self.settings
-            if self.training_set is None:
-                self.training_set = load_partition(s.dataset, 0, 1, partitioner="iid", seed=s.seed,
-                                                   data_path=s.data_path, image_size=s.image_size)
-            batches = EvalBatches(self.training_set, s.batch_size, device=self.device,
-                                  normalization=normalization(s.dataset, s.data_path, s.image_size))
-            return with_training_statistics(self.spec, state, batches, self.device)
+            if self.training_set is None:  # loaded and batched once, re-used at every evaluation
+                whole = load_partition(s.dataset, 0, 1, partitioner="iid", seed=s.seed, data_path=s.data_path,
+                                       image_size=s.image_size)
+                self.training_set = EvalBatches(whole, s.batch_size, device=self.device,
+                                                normalization=normalization(s.dataset, s.data_path, s.image_size))
+            return with_training_statistics(self.spec, state, self.training_set, self.device)
         self.model.load_state_dict(state)
         return self.model
 
