@@ -81,10 +81,17 @@ def load_partition(
         split = make_partitioner(partitioner, num_partitions, spec.label_column, alpha, seed, shards_per_partition)
         key = (partitioner, num_partitions, float(alpha), shards_per_partition)
         return hub_partition(dataset, partition_id, split, key, seed)
+    train, split = local_split(dataset, num_partitions, partitioner, alpha, seed, data_path, image_size,
+                               shards_per_partition)
+    return train.subset(split.load_partition(partition_id).with_format("numpy")[:]["idx"])
+
+
+def local_split(dataset: str, num_partitions: int, partitioner: str, alpha: float, seed: int, data_path: str,
+                image_size: int, shards_per_partition: int) -> tuple[ImageArrays, Partitioner]:
+    """A local training set and its (cached) split over sample indices: what :func:`load_partition` cuts."""
     train, source = local_train_set(dataset, data_path, image_size)
-    split = index_partitioner(source, train.labels, num_partitions, partitioner, alpha, seed, shards_per_partition)
-    indices = split.load_partition(partition_id).with_format("numpy")[:]["idx"]
-    return train.subset(indices)
+    return train, index_partitioner(source, train.labels, num_partitions, partitioner, alpha, seed,
+                                    shards_per_partition)
 
 
 def partition_label_counts(dataset: str, num_partitions: int, num_classes: int, **partitioning: object) -> np.ndarray:
@@ -94,8 +101,18 @@ def partition_label_counts(dataset: str, num_partitions: int, num_classes: int, 
     load, so the same partitioner, alpha, seed and data).
     """
     counts = np.zeros((num_partitions, num_classes), dtype=np.int64)
+    split = None
+    if dataset in DATASETS and dataset not in HUB_DATASETS:  # a local set: its labels by index, no image copied
+        options = {"partitioner": "iid", "alpha": 0.5, "seed": 0, "data_path": "", "image_size": 224,
+                   "shards_per_partition": 2, **partitioning}
+        check_choice("partitioner", str(options["partitioner"]), PARTITIONERS)
+        train, split = local_split(dataset, num_partitions, **options)
+        all_labels = np.asarray(train.labels, dtype=np.int64)
     for pid in range(num_partitions):
-        labels = np.asarray(load_partition(dataset, pid, num_partitions, **partitioning).labels, dtype=np.int64)
+        if split is not None:
+            labels = all_labels[split.load_partition(pid).with_format("numpy")[:]["idx"]]
+        else:
+            labels = np.asarray(load_partition(dataset, pid, num_partitions, **partitioning).labels, dtype=np.int64)
         if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
             raise ValueError(f"partition {pid} has labels outside [0, {num_classes})")
         counts[pid] = np.bincount(labels, minlength=num_classes)

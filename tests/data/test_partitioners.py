@@ -57,3 +57,15 @@ def test_nodes_train_on_shard_partitions(tiny_config):
     run_inprocess(config, num_nodes=2)
     nodes = read_metrics(Path(config["output-dir"]) / "test", "nodes.jsonl")
     assert [n["status"] for n in nodes] == ["accepted", "accepted"]
+
+
+@pytest.mark.parametrize("partitioner", ["iid", "dirichlet", "shard"])
+def test_label_counts_equal_the_labels_of_every_loaded_partition(partitioner):
+    """The server's label counts (client-eval) come from the split's indices, with no image copied: they
+    equal the labels of the partitions the nodes load."""
+    from resist_fl.data.partitioning import partition_label_counts
+
+    options = {"partitioner": partitioner, "alpha": 0.3, "seed": 3, "shards_per_partition": 2}
+    counts = partition_label_counts("digits", 7, 10, **options)
+    expected = [np.bincount(load_partition("digits", p, 7, **options).labels, minlength=10) for p in range(7)]
+    assert counts.tolist() == np.array(expected).tolist()
