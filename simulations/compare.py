@@ -129,6 +129,14 @@ def run_name(variant: str, strategy: str, seed: int) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{variant}-{strategy}-seed{seed}")
 
 
+def strategy_run_config(config: DictConfig, strategy: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The preset's ``run-config`` with its ``strategy-config`` entry for ``strategy`` over it (keys only
+    that method reads, e.g. ResIST's ``allocation``: the others would refuse them)."""
+    every = config.get("strategy-config")
+    own = to_dict(every).get(strategy, {}) if every else {}
+    return coerce_run_config({**to_dict(config["run-config"]), **own}, defaults)
+
+
 def plan_tuning(config: DictConfig, out_dir: Path, defaults: dict[str, Any]) -> list[PlannedRun]:
     """The tuning runs of the preset's ``tuning`` grid (:mod:`simulations.tuning`): every strategy at every
     rate, on the tuning seed, for the tuning rounds ([] without a grid)."""
@@ -139,13 +147,12 @@ def plan_tuning(config: DictConfig, out_dir: Path, defaults: dict[str, Any]) -> 
     if grid is None:
         return []
     rates, seed, rounds = grid
-    base = coerce_run_config(to_dict(config["run-config"]), defaults)
     plan = []
     for rate in rates:
         for strategy in config.strategies:
             name = run_name(tuning_variant(rate), strategy, seed)
-            run_config = {**base, "lr": rate, "num-server-rounds": rounds, "strategy": strategy, "seed": seed,
-                          "run-name": name, "output-dir": str(out_dir)}
+            run_config = {**strategy_run_config(config, strategy, defaults), "lr": rate, "num-server-rounds": rounds,
+                          "strategy": strategy, "seed": seed, "run-name": name, "output-dir": str(out_dir)}
             plan.append(PlannedRun(name, tuning_variant(rate), strategy, seed, run_config))
     return plan
 
@@ -159,13 +166,13 @@ def with_picked_rates(plan: Sequence[PlannedRun], rates: dict[str, float]) -> li
 def plan_runs(config: DictConfig, seeds: Sequence[int], ablations: Sequence[str], out_dir: Path,
               defaults: dict[str, Any]) -> list[PlannedRun]:
     """Every run of the comparison, seeds outermost so early results cover all variants."""
-    base = coerce_run_config(to_dict(config["run-config"]), defaults)
     plan = []
     for seed in seeds:
         for variant, strategies, changes in variants(config, ablations, defaults):
             for strategy in strategies:
                 name = run_name(variant, strategy, seed)
-                run_config = {**base, **coerce_run_config(changes, defaults), "strategy": strategy,
+                run_config = {**strategy_run_config(config, strategy, defaults),
+                              **coerce_run_config(changes, defaults), "strategy": strategy,
                               "seed": int(seed), "run-name": name, "output-dir": str(out_dir)}
                 plan.append(PlannedRun(name, variant, strategy, int(seed), run_config))
     if len({run.name for run in plan}) != len(plan):

@@ -103,6 +103,10 @@ def validate_preset(config: DictConfig, project_dir: Path) -> None:
                           "(app keys go under run-config.)")
     known = app_config_keys(project_dir)
     variants = {"main": config.get("run-config", {})}
+    own = config.get("strategy-config") or {}
+    if bad := sorted(set(own) - set(STRATEGIES)):
+        raise PresetError(f"strategy-config names unknown strategies {bad}; expected some of {', '.join(STRATEGIES)}")
+    variants.update({f"strategy-config.{name}": keys for name, keys in own.items()})
     variants.update({k: v.get("run-config", {}) for k, v in config.get("ablation-variants", {}).items()})
     for variant, run_config in variants.items():
         if unknown := sorted(set(run_config) - set(known)):

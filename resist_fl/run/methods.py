@@ -58,6 +58,10 @@ class Method:
 
 
 SERVER_STEP = ("server-lr",)
+RESIST_ONLY = ("allocation", "min-blocks-per-site", "inference-scaling")
+"""ResIST's random decomposition: how depths are allocated, its minimum depth, its inference scale."""
+WARMUP = ("warmup-rounds",)
+"""Full-model FedAvg rounds before the decomposition (ResIST and the depth prefix, which share its round)."""
 WIDTH_SLICE = "resist_fl.node.method_hooks:WidthSlice"
 CENTRAL_ONLY = ("central",)
 ORDERED_DROPOUT = "resist_fl.node.method_hooks:OrderedDropoutWidths"
@@ -65,7 +69,7 @@ FJORD_LEVELS = ("fjord-levels",)
 LABEL_SPLIT = ("label-split",)
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("resist", "ResIST", "resist_fl.flower.resist:from_settings", reads=SERVER_STEP),
+    Method("resist", "ResIST", "resist_fl.flower.resist:from_settings", reads=(*SERVER_STEP, *RESIST_ONLY, *WARMUP)),
     Method("fedavg", "FedAvg", "resist_fl.flower.fedavg:from_settings", federated_evaluation=True,
            reads=SERVER_STEP),
     Method("heterofl", "HeteroFL", "resist_fl.flower.width_sliced:HeteroFL.from_settings", preact_only=True,
@@ -78,7 +82,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("fjord-kd", "FjORD (KD)", "resist_fl.flower.width_sliced:FjORDDistilled.from_settings",
            preact_only=True, node_hook=ORDERED_DROPOUT, reads=FJORD_LEVELS, dp=CENTRAL_ONLY),
     Method("depth-prefix", "depth prefix", "resist_fl.flower.resist:depth_prefix_from_settings",
-           reads=SERVER_STEP),
+           reads=(*SERVER_STEP, *WARMUP)),
     Method("depthfl", "DepthFL", "resist_fl.flower.depthfl:from_settings", preact_only=True,
            node_hook="resist_fl.node.method_hooks:DepthExits", reads=(*SERVER_STEP, "depthfl-distill"),
            dp=CENTRAL_ONLY),  # its loss is several exits' and their distillation, not one model's cross-entropy

@@ -126,11 +126,11 @@ class RunSettings(BaseModel):
     transport_dtype: Literal[TRANSPORT_DTYPES] = Field('float32',
         description="how float arrays travel in training messages and replies, every strategy: `float32`, `float16` (saturating), `uint8` (per-tensor affine 8-bit); the server decodes, merges and keeps the global model in float32")
     min_blocks_per_site: Int = Field(0, ge=0,
-        description="minimum depth *m* of a sub-ResNet (blocks are then shared by several clients)")
+        description="`resist`: minimum depth *m* of a sub-ResNet (blocks are then shared by several clients)")
     warmup_rounds: Int = Field(0, ge=0,
-        description="ResIST: the first k rounds train the full model as FedAvg (full model to every sampled node, weighted mean), then sub-ResNets from round k+1 (the paper's ImageNet recipe; `phase` column); ignored by `strategy='fedavg'`")
+        description="ResIST: the first k rounds train the full model as FedAvg (full model to every sampled node, weighted mean), then sub-ResNets from round k+1 (the paper's ImageNet recipe; `phase` column); `resist` and `depth-prefix` only (the other methods refuse it)")
     allocation: Literal[ALLOCATIONS] = Field('uniform',
-        description="blocks per node: `uniform` (equal depths, the paper), `capacity` (in proportion to node capacity), `speed` (in proportion to measured blocks per second); always within each node's capacity ([Heterogeneous clients](heterogeneous.md#heterogeneous-clients-capacities-stragglers-link-speeds))")
+        description="`resist`: blocks per node: `uniform` (equal depths, the paper), `capacity` (in proportion to node capacity), `speed` (in proportion to measured blocks per second); always within each node's capacity ([Heterogeneous clients](heterogeneous.md#heterogeneous-clients-capacities-stragglers-link-speeds))")
     capacity_measure: Literal[CAPACITY_MEASURES] = Field('flops',
         description="what a node's capacity is a fraction of: `flops` (forward + backward FLOPs per sample of what it is sent, measured), `params`, or `blocks` (ResIST's partitionable blocks); every method gives a node the largest sub-model of its kind within it")
     width_rates: Str = Field('channels',
@@ -152,7 +152,7 @@ class RunSettings(BaseModel):
     eval_depths: Str = Field('',
         description="e.g. `\"25,50,100\"`: also evaluate the global model truncated to these percentages of the partitionable blocks (`accuracy-depth-<pct>`; one more test-set evaluation each); `\"\"`: off")
     inference_scaling: Bool = Field(True,
-        description="scale partitioned blocks by the fraction a sub-ResNet holds at test time (max(1/S, m/P))")
+        description="`resist`: scale partitioned blocks by the fraction a sub-ResNet holds at test time (max(1/S, m/P))")
     partitioned_stages: Str = Field('3',
         description="stages whose blocks (after the first, strided one) are dealt out, e.g. `\"2,3,4\"`")
     weighting: Literal[WEIGHTINGS] = Field('examples',

@@ -75,7 +75,8 @@ def test_warmup_rounds_are_fedavg(warmup_config):
     full models; float sums in another order, hence the tolerance: the difference of round 1's
     merges, ~1e-7, is trained on in round 2 and reaches ~6e-5 on this machine's CPU kernels)."""
     resist = {**warmup_config, "num-server-rounds": WARMUP, "run-name": "resist"}
-    fedavg = {**warmup_config, "num-server-rounds": WARMUP, "run-name": "fedavg", "strategy": "fedavg"}
+    fedavg = {**warmup_config, "num-server-rounds": WARMUP, "run-name": "fedavg", "strategy": "fedavg",
+              "warmup-rounds": 0}  # FedAvg refuses a setting it does not read
     run_inprocess(resist, num_nodes=3)
     run_inprocess(fedavg, num_nodes=3)
     rows = read_metrics(Path(resist["output-dir"]) / "resist"), read_metrics(Path(fedavg["output-dir"]) / "fedavg")

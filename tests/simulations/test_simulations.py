@@ -400,4 +400,14 @@ def test_the_study_presets_plan_one_lr_grid_then_every_method_at_every_seed(tmp_
         config = run.run_config
         assert (config["fraction-train"], config["min-train-nodes"], config["min-available-nodes"]) == (0.1, 10, 100)
         assert config["capacity-profile"] == "1.0,0.5,0.25,0.125,0.0625" and config["head-norm"] is True
+        assert config.get("allocation") == ("capacity" if run.strategy == "resist" else None)  # strategy-config
         RunSettings.from_run_config({**default_run_config(), **config})
+
+
+def test_a_strategy_config_key_reaches_only_its_strategy_and_an_unknown_strategy_is_refused(tmp_path, capsys):
+    _, plan, _ = compare.resolve(compare.parse_args(["quick-warmup", "--out", str(tmp_path)]))
+    by_name = {r.name: r.run_config for r in plan}
+    assert by_name["main-resist-seed0"]["warmup-rounds"] == 2 and "warmup-rounds" not in by_name["main-fedavg-seed0"]
+    assert by_name["no-warmup-resist-seed0"]["warmup-rounds"] == 0  # a variant's change wins over strategy-config
+    assert compare.main(["quick-cpu", "strategy-config.fedprox.lr=0.1", "--dry-run", "--out", str(tmp_path)]) == 2
+    assert "strategy-config names unknown strategies ['fedprox']" in capsys.readouterr().err
