@@ -67,15 +67,17 @@ CENTRAL_ONLY = ("central",)
 ORDERED_DROPOUT = "resist_fl.node.method_hooks:OrderedDropoutWidths"
 FJORD_LEVELS = ("fjord-levels",)
 LABEL_SPLIT = ("label-split",)
+WIDTHS = ("width-rates",)
+"""The widths a node may get (HeteroFL, FedRolex, fedavg-small; FjORD has its own levels)."""
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("resist", "ResIST", "resist_fl.flower.resist:from_settings", reads=(*SERVER_STEP, *RESIST_ONLY, *WARMUP)),
     Method("fedavg", "FedAvg", "resist_fl.flower.fedavg:from_settings", federated_evaluation=True,
            reads=SERVER_STEP),
     Method("heterofl", "HeteroFL", "resist_fl.flower.width_sliced:HeteroFL.from_settings", preact_only=True,
-           node_hook=WIDTH_SLICE, reads=LABEL_SPLIT),
+           node_hook=WIDTH_SLICE, reads=(*LABEL_SPLIT, *WIDTHS)),
     Method("fedrolex", "FedRolex", "resist_fl.flower.width_sliced:FedRolex.from_settings", preact_only=True,
-           node_hook=WIDTH_SLICE, reads=(*LABEL_SPLIT, "fedrolex-overlap")),
+           node_hook=WIDTH_SLICE, reads=(*LABEL_SPLIT, *WIDTHS, "fedrolex-overlap")),
     Method("fjord", "FjORD", "resist_fl.flower.width_sliced:FjORD.from_settings", preact_only=True,
            node_hook=ORDERED_DROPOUT, reads=FJORD_LEVELS,
            dp=CENTRAL_ONLY),  # ordered dropout per batch is not what Opacus' DP-SGD trains
@@ -87,7 +89,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            node_hook="resist_fl.node.method_hooks:DepthExits", reads=(*SERVER_STEP, "depthfl-distill"),
            dp=CENTRAL_ONLY),  # its loss is several exits' and their distillation, not one model's cross-entropy
     Method("fedavg-small", "FedAvg-small", "resist_fl.flower.fedavg:small_from_settings", federated_evaluation=True,
-           preact_only=True, node_hook=WIDTH_SLICE, reads=SERVER_STEP),
+           preact_only=True, node_hook=WIDTH_SLICE, reads=(*SERVER_STEP, *WIDTHS)),
 )}
 
 FORMER_NAMES = {"depth-tiers": "depth-prefix"}

@@ -37,9 +37,9 @@ def test_the_width_chosen_for_a_budget_is_the_largest_channel_count_that_fits(ca
 
 
 def test_width_rates_channels_and_its_errors():
-    assert RunSettings(width_rates="1,0.5").rates() == (1.0, 0.5)
+    assert RunSettings(strategy="heterofl", width_rates="1,0.5").rates() == (1.0, 0.5)
     with pytest.raises(SettingsError, match="width-rates = 'all': expected 'channels' or numbers"):
-        RunSettings.from_run_config({"width-rates": "all"})
+        RunSettings.from_run_config({"strategy": "heterofl", "width-rates": "all"})
 
 
 def _nodes(config: dict, num_nodes: int) -> list[dict]:

@@ -51,7 +51,7 @@ def test_the_node_hook_masks_and_reports_its_labels_only_when_the_message_says_s
 def test_the_classifier_rows_merge_over_the_nodes_holding_each_label_only():
     layout = BlockLayout.from_spec(SPEC)
     strategy = HeteroFL(SPEC, CostModel(SPEC, layout, 16), layout.payload_keys(),
-                        RunSettings(width_rates="1,0.5", base_width=8, capacity_profile="1.0,0.5"))
+                        RunSettings(strategy="heterofl", width_rates="1,0.5", base_width=8, capacity_profile="1.0,0.5"))
     rng = np.random.default_rng(0)
     current = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in build_model(SPEC).state_dict().items()
                if k in layout.payload_keys()}

@@ -17,11 +17,17 @@ from resist_fl.core.model import ModelSpec, build_model
 from resist_fl.core.model_cost import CostModel
 from resist_fl.core.width_slicing import sliced_spec
 from resist_fl.flower.width_sliced import WIDTH_RATE, WIDTH_SCALER
+from resist_fl.run.methods import METHODS
 from resist_fl.run.outputs import load_model, read_metrics
 from simulations.inprocess import run_inprocess
 
 GRID = "1,0.5,0.25,0.125,0.0625"  # HeteroFL's own width grid (the full-budget default: tests/flower/test_budgets.py)
-HETERO = {"capacity-profile": "1.0,0.5,0.25", "min-train-nodes": 3, "min-available-nodes": 3, "width-rates": GRID}
+HETERO = {"capacity-profile": "1.0,0.5,0.25", "min-train-nodes": 3, "min-available-nodes": 3}
+
+
+def widths(strategy: str) -> dict:
+    """HeteroFL's grid for a method that reads ``width-rates`` (the others refuse the key)."""
+    return {"width-rates": GRID} if "width-rates" in METHODS[strategy].reads else {}
 SPEC = ModelSpec(depths=(1, 1, 4, 1), base_width=8, num_classes=10)  # the tiny config's model
 
 
@@ -31,7 +37,7 @@ def run_dir(config: dict) -> Path:
 
 @pytest.mark.parametrize("strategy", ["heterofl", "fedrolex"])
 def test_each_node_trains_the_widest_slice_its_budget_allows(tiny_config, strategy):
-    tiny_config.update(HETERO, strategy=strategy, **{"num-server-rounds": 2})
+    tiny_config.update(HETERO, strategy=strategy, **widths(strategy), **{"num-server-rounds": 2})
     grid = run_inprocess(tiny_config, num_nodes=3)
     costs = CostModel(SPEC, BlockLayout.from_spec(SPEC), 32)
     nodes = read_metrics(run_dir(tiny_config), "nodes.jsonl")
@@ -54,7 +60,7 @@ def test_each_node_trains_the_widest_slice_its_budget_allows(tiny_config, strate
 
 
 def test_fedrolex_rolls_its_window_and_heterofl_keeps_its_prefix(tiny_config):
-    tiny_config.update(HETERO, strategy="fedrolex", **{"num-server-rounds": 2})
+    tiny_config.update(HETERO, strategy="fedrolex", **widths("fedrolex"), **{"num-server-rounds": 2})
     grid = run_inprocess(tiny_config, num_nodes=3)
     half = [m for m in grid.sent if m.metadata.message_type == "train" and m.content["config"][WIDTH_RATE] == 0.5]
     first, second = (m.content["arrays"]["linear.weight"].numpy() for m in half)
@@ -64,7 +70,8 @@ def test_fedrolex_rolls_its_window_and_heterofl_keeps_its_prefix(tiny_config):
 @pytest.mark.slow  # six strategies x two runs each
 @pytest.mark.parametrize("strategy", ["heterofl", "fedrolex", "fjord", "depth-prefix", "fedavg-small", "depthfl"])
 def test_a_stopped_sub_model_run_resumes_bit_identically(tiny_config, monkeypatch, strategy):
-    base = {**tiny_config, **HETERO, "strategy": strategy, "num-server-rounds": 3, "lr-schedule": "constant",
+    base = {**tiny_config, **HETERO, **widths(strategy), "strategy": strategy, "num-server-rounds": 3,
+            "lr-schedule": "constant",
             "local-steps": 2}
     whole = {**base, "run-name": "whole"}
     run_inprocess(whole, num_nodes=3)
@@ -152,7 +159,7 @@ def test_target_accuracy_stops_the_run_and_is_recorded(tiny_config):
 
 
 def test_fedavg_small_trains_the_one_width_the_weakest_node_fits(tiny_config):
-    tiny_config.update(HETERO, strategy="fedavg-small", **{"num-server-rounds": 2})
+    tiny_config.update(HETERO, strategy="fedavg-small", **widths("fedavg-small"), **{"num-server-rounds": 2})
     grid = run_inprocess(tiny_config, num_nodes=3)
     nodes = read_metrics(run_dir(tiny_config), "nodes.jsonl")
     assert {n["width-rate"] for n in nodes} == {0.25} and all(n["over-capacity"] == 0 for n in nodes)
@@ -169,7 +176,7 @@ def test_fedavg_small_trains_the_one_width_the_weakest_node_fits(tiny_config):
 def test_fedavg_small_flags_a_node_whose_own_capacity_is_below_the_profiles(tiny_config, caplog):
     """The width comes from capacity-profile when the model is built; a node whose own node config says
     less (the sampler's capacity) is warned about and its rows say over-capacity."""
-    tiny_config.update(HETERO, strategy="fedavg-small", **{"num-server-rounds": 1})
+    tiny_config.update(HETERO, strategy="fedavg-small", **widths("fedavg-small"), **{"num-server-rounds": 1})
     nodes = [{"partition-id": i, "num-partitions": 3, **({"capacity": 0.05} if i == 2 else {})} for i in range(3)]
     run_inprocess(tiny_config, num_nodes=3, node_configs=nodes)
     rows = {n["partition"]: n for n in read_metrics(run_dir(tiny_config), "nodes.jsonl")}
