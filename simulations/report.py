@@ -35,7 +35,7 @@ import argparse
 import math
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -360,13 +360,14 @@ REFERENCE = "resist"
 """The method every other is compared with, seed by seed, in the report's paired table."""
 
 
-def paired_rows(groups: dict[tuple[str, str], list[Run]]) -> list[dict[str, Any]]:
-    """Each method of each variant against ResIST of that variant, paired by seed
-    (:func:`simulations.paired_stats.paired`); empty when no pair has two seeds."""
+def paired_against(groups: dict[tuple[str, str], list[Run]],
+                   against: Callable[[str, str], tuple[str, str] | None]) -> list[dict[str, Any]]:
+    """Each group against the group ``against(variant, strategy)`` names (None: not compared), paired by
+    seed (:func:`simulations.paired_stats.paired`); empty when no pair has two seeds."""
     rows = []
     for (variant, strategy), runs in groups.items():
-        reference = groups.get((variant, REFERENCE))
-        if strategy == REFERENCE or reference is None:
+        reference = groups.get(against(variant, strategy) or ("", ""))
+        if reference is None:
             continue
         found = paired({r.seed: r.curve.final_accuracy for r in runs},
                        {r.seed: r.curve.final_accuracy for r in reference})
@@ -374,39 +375,39 @@ def paired_rows(groups: dict[tuple[str, str], list[Run]]) -> list[dict[str, Any]
     return rows if any(r["seeds"] >= 2 for r in rows) else []
 
 
+def paired_rows(groups: dict[tuple[str, str], list[Run]]) -> list[dict[str, Any]]:
+    """Each method of each variant against ResIST of that variant."""
+    return paired_against(groups, lambda variant, strategy: None if strategy == REFERENCE else (variant, REFERENCE))
+
+
 def ablation_rows(groups: dict[tuple[str, str], list[Run]]) -> list[dict[str, Any]]:
-    """Each ablation variant of each method against the same method's main variant, paired by seed (what
-    the variant's change costs or gains, e.g. ``amp``'s bf16); empty when no pair has two seeds."""
-    rows = []
-    for (variant, strategy), runs in groups.items():
-        main = groups.get((MAIN_VARIANT, strategy))
-        if variant == MAIN_VARIANT or main is None:
-            continue
-        found = paired({r.seed: r.curve.final_accuracy for r in runs}, {r.seed: r.curve.final_accuracy for r in main})
-        rows.append({"variant": variant, "strategy": strategy, **asdict(found)})
-    return rows if any(r["seeds"] >= 2 for r in rows) else []
+    """Each ablation variant of each method against the same method's main variant (what the variant's
+    change costs or gains, e.g. ``amp``'s bf16)."""
+    return paired_against(groups, lambda variant, strategy: None if variant == MAIN_VARIANT
+                          else (MAIN_VARIANT, strategy))
+
+
+def paired_markdown(rows: Sequence[dict[str, Any]], difference: str, verdict: str) -> list[str]:
+    """The rows of a paired comparison as a markdown table (``difference``: what minus what)."""
+    head = ["variant", "method", "paired seeds", f"mean difference in final accuracy ({difference})",
+            f"{LEVEL:.0%} interval (paired t)", verdict]
+    body = [[r["variant"], label(r["strategy"]), str(r["seeds"]), f"{r['mean']:+.4f}",
+             "-" if math.isnan(r["low"]) else f"[{r['low']:+.4f}, {r['high']:+.4f}]", f"**{r['verdict']}**"]
+            for r in rows]
+    return table(head, body)
 
 
 def ablation_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
-    head = ["variant", "method", "paired seeds", "mean difference in final accuracy (variant - main)",
-            f"{LEVEL:.0%} interval (paired t)", "variant vs main"]
-    body = [[r["variant"], label(r["strategy"]), str(r["seeds"]), f"{r['mean']:+.4f}",
-             "-" if math.isnan(r["low"]) else f"[{r['low']:+.4f}, {r['high']:+.4f}]", f"**{r['verdict']}**"]
-            for r in rows]
-    return ["## Each variant against the main run of its method", "", *table(head, body), "",
+    return ["## Each variant against the main run of its method", "",
+            *paired_markdown(rows, "variant - main", "variant vs main"), "",
             "Per seed, the variant's final accuracy minus the same method's main run on that seed; interval and "
             "words by the rule of the paired comparison above (simulations/paired_stats.py).", ""]
 
 
 def paired_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
-    head = ["variant", "method", "paired seeds", "mean difference in final accuracy (method - ResIST)",
-            f"{LEVEL:.0%} interval (paired t)", "method vs ResIST"]
-    body = [[r["variant"], label(r["strategy"]), str(r["seeds"]), f"{r['mean']:+.4f}",
-             "-" if math.isnan(r["low"]) else f"[{r['low']:+.4f}, {r['high']:+.4f}]", f"**{r['verdict']}**"]
-            for r in rows]
-    return ["## Paired comparison with ResIST", "", *table(head, body), "",
+    return ["## Paired comparison with ResIST", "", *paired_markdown(rows, "method - ResIST", "method vs ResIST"), "",
             "Per seed, the method's final accuracy minus ResIST's on the same seed (same partition, initial "
             "model and node sampling); the interval is mean ± t(0.975, n - 1) x sd / sqrt(n). The word follows "
             "from it alone: **wins** when the whole interval is above 0, **loses** when below, **ties** when it "
