@@ -386,14 +386,14 @@ def test_a_malformed_grid_is_refused_before_anything_runs(tmp_path, capsys):
 @pytest.mark.parametrize("preset, methods, seeds", [("fmnist-study", 9, 5), ("fmnist-study-resnet18", 6, 3),
                                                     ("fmnist-study-iid", 7, 3), ("fmnist-study-dynamic", 7, 3)])
 def test_the_study_presets_plan_one_lr_grid_then_every_method_at_every_seed(tmp_path, preset, methods, seeds):
-    """Issue 34's study: the lr grid (4 rates on seed 100, 30 rounds) for every method, then each method's
+    """Issue 34's study: the lr grid (5 rates on seed 100, 30 rounds) for every method, then each method's
     seeds at 80 rounds; 100 nodes, 10 per round, capacities 1 .. 1/16; every run config is valid."""
     _, plan, _ = compare.resolve(compare.parse_args([preset, "--out", str(tmp_path)]))
     tuning = [r for r in plan if r.variant.startswith("tune-lr")]
     main = [r for r in plan if r.variant == "main"]
-    assert len(tuning) == 4 * methods and {r.seed for r in tuning} == {100}
+    assert len(tuning) == 5 * methods and {r.seed for r in tuning} == {100}
     assert len(main) == methods * seeds and len(plan) == len(tuning) + len(main)
-    assert {r.run_config["lr"] for r in tuning} == {0.02, 0.05, 0.1, 0.2}
+    assert {r.run_config["lr"] for r in tuning} == {0.02, 0.05, 0.1, 0.2, 0.4}
     assert {r.run_config["num-server-rounds"] for r in tuning} == {30}
     assert {r.run_config["num-server-rounds"] for r in main} == {80}
     for run in plan:
