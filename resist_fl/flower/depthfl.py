@@ -52,15 +52,16 @@ class DepthFL(SubModelStrategy):
     settings : RunSettings, optional
         The run's values; DepthFL reads, besides the shared round's, ``depthfl-distill`` (mutual
         self-distillation on or off).
-    costs : CostModel, optional
-        The measured costs of the multi-exit model (needed unless ``capacity-measure='blocks'``).
+    costs : CostModel
+        The measured costs of the multi-exit model (its spec is the global model's; under
+        ``capacity-measure='blocks'`` a node's share is its stages over four).
     stages : int
         The stages (and exits) of the full model.
     """
 
     label = "depthfl"
 
-    def __init__(self, layout: BlockLayout, settings: RunSettings | None = None, *, costs: CostModel | None = None,
+    def __init__(self, layout: BlockLayout, settings: RunSettings | None = None, *, costs: CostModel,
                  stages: int = 4, **overrides: Any) -> None:
         super().__init__(layout.payload_keys(), settings_of(settings, overrides), costs)
         self.layout, self.stages = layout, stages
@@ -72,8 +73,6 @@ class DepthFL(SubModelStrategy):
 
     def exits_for(self, capacity: float) -> int:
         """The most stages (with their exits) within ``capacity``, at least one."""
-        if self.costs is None:  # capacity-measure='blocks': the fraction of the stages
-            return max(1, min(self.stages, int(capacity * self.stages + 1e-9)))
         return self.costs.max_exits(capacity, self.settings.capacity_measure)
 
     def plan(self, sampled: list[int], run_round: int, rng: np.random.Generator, server_round: int) -> dict[int, Plan]:
@@ -83,14 +82,12 @@ class DepthFL(SubModelStrategy):
         for node in sampled:
             d = self.exits_of(node)
             plans[node] = Plan(whole(self._keys_of[d]), {DEPTH_EXITS: d, DISTILL_WEIGHT: weight},
-                               share=d / self.stages, cost=self.costs.exit_cost(d) if self.costs else None,
+                               share=d / self.stages, cost=self.costs.exit_cost(d),
                                group=d)
         return plans
 
     def client_tiers(self) -> dict[int, int]:
         """Each partition's number of stages (and exits): the most its node's capacity allows."""
-        if self.costs is None:
-            return {}
         capacities = self.sampler.partition_capacities()
         return {p: self.exits_for(c) for p, c in capacities.items()}
 
