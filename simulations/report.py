@@ -44,7 +44,7 @@ import numpy as np
 
 from resist_fl.run.outputs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_json, read_metrics, write_json
 from resist_fl.run.methods import label  # the method table's labels (former names read too)
-from simulations.equal_cost import cost_curve, equal_cost_lines
+from simulations.equal_cost import CostCurve, cost_curve, equal_cost_lines
 from simulations.tuning import is_tuning, tuning_lines
 from simulations.machine import describe_machine, machine_line
 from simulations.privacy_report import privacy_lines
@@ -135,6 +135,8 @@ class Run:
     seed: int
     curve: Curve
     launch: dict[str, Any] = field(default_factory=dict)
+    costs: CostCurve | None = None
+    """Its cumulative training FLOPs and bytes (:mod:`simulations.equal_cost`; None: not recorded)."""
 
 
 def discover_runs(runs_dir: Path, manifest: dict[str, Any] | None) -> list[Run]:
@@ -588,18 +590,19 @@ def render(manifest: dict[str, Any], stats: Sequence[GroupStats], ratio_rows: Se
 
 
 def with_training_flops(runs_dir: Path, runs: Sequence[Run]) -> list[Run]:
-    """``runs`` with their curves' cumulative training TFLOPs, where their nodes' costs were recorded."""
+    """``runs`` with their cost curves (read once) and their curves' cumulative training TFLOPs, where their
+    nodes' costs were recorded."""
     for run in runs:
-        costs = cost_curve(runs_dir / run.name)
-        if costs is not None:
-            run.curve = replace(run.curve, tflops=costs.flops / 1e12)
+        run.costs = cost_curve(runs_dir / run.name)
+        if run.costs is not None:
+            run.curve = replace(run.curve, tflops=run.costs.flops / 1e12)
     return list(runs)
 
 
-def equal_cost_section(runs_dir: Path, groups: dict[tuple[str, str], list[Run]]) -> tuple[list[str], dict[str, Any]]:
+def equal_cost_section(groups: dict[tuple[str, str], list[Run]]) -> tuple[list[str], dict[str, Any]]:
     """The methods of the main comparison at equal training FLOPs and bytes, and FedAvg's plateau check
     (:mod:`simulations.equal_cost`; nothing when no run recorded its nodes' costs)."""
-    curves = {group_label(v, s): [c for c in (cost_curve(runs_dir / r.name) for r in runs) if c is not None]
+    curves = {group_label(v, s): [r.costs for r in runs if r.costs is not None]
               for (v, s), runs in groups.items() if v == MAIN_VARIANT}
     curves = {name: runs for name, runs in curves.items() if runs}
     if not curves:
@@ -628,7 +631,7 @@ def build_report(runs_dir: Path, target_accuracy_value: float | None = None,
     extra, extra_plots, extra_json = node_lines(runs_dir, groups, bandwidths, target)
     privacy, privacy_plots, privacy_json = privacy_lines(runs_dir, groups, group_label)
     clients, clients_json = client_lines(runs_dir, groups, group_label)
-    equal, equal_json = equal_cost_section(runs_dir, groups)
+    equal, equal_json = equal_cost_section(groups)
     ablations = ablation_rows(groups)
     extra = (ablation_lines(ablations) + equal + tuning_lines(manifest, runs_dir)
              + tier_lines(runs_dir, groups, "depth") + tier_lines(runs_dir, groups, "width")
