@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from resist_fl.run.outputs import CONFIG_FILE, NODES_FILE, read_metrics
+from resist_fl.run.outputs import CONFIG_FILE, NODES_FILE, read_json, read_metrics
 
 BUDGET_FRACTIONS = (0.25, 0.5, 1.0)
 """The budgets of the equal-cost table, as fractions of the smallest mean total over the methods."""
@@ -68,11 +68,8 @@ def round_flops(nodes: Sequence[Mapping[str, Any]], run_config: Mapping[str, Any
 
 def cost_curve(run_dir: Path) -> CostCurve | None:
     """The run's :class:`CostCurve` (None without the per-node costs)."""
-    import json
-
     config_path = run_dir / CONFIG_FILE
-    run_config = json.loads(config_path.read_text(encoding="utf-8")).get("run_config", {}) if config_path.exists() \
-        else {}
+    run_config = read_json(config_path).get("run_config", {}) if config_path.exists() else {}
     per_round = round_flops(read_metrics(run_dir, NODES_FILE), run_config)
     rows = sorted(read_metrics(run_dir), key=lambda r: r["round"])
     if not per_round or not rows:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from resist_fl.run.methods import label
-from resist_fl.run.outputs import SUMMARY_FILE
+from resist_fl.run.outputs import SUMMARY_FILE, read_json
 
 TUNING_PREFIX = "tune-lr"
 """Variant names of the tuning runs: ``tune-lr0.05``."""
@@ -50,12 +50,10 @@ def grid_of(tuning: Mapping[str, Any] | None) -> tuple[list[float], int, int] | 
 
 def final_accuracy(run_dir: Path) -> float | None:
     """A finished run's final accuracy (None when it did not finish)."""
-    import json
-
     summary = run_dir / SUMMARY_FILE
     if not summary.exists():
         return None
-    value = json.loads(summary.read_text(encoding="utf-8")).get("final-accuracy")
+    value = read_json(summary).get("final-accuracy")
     return None if value is None else float(value)
 
 
