@@ -26,6 +26,7 @@ from resist_fl.data import DataError, EvalBatches, TrainBatches, load_partition,
 from resist_fl.data.batches import DeviceImages
 from resist_fl.data.partition_cache import cached_partition, partition_key
 from resist_fl.flower.client_side import (
+    ContextMemory,
     identity_reply,
     load_received,
     message_blocks,
@@ -140,7 +141,8 @@ def train_handler(msg: Message, context: Context) -> Message:
     steps = steps_for(num_examples, settings.batch_size, settings.local_steps, settings.local_epochs)
     lr = scheduled_lr(settings.lr, settings.lr_schedule, run_round, settings.num_server_rounds)
     torch.manual_seed(round_seed)
-    local = node_hook(settings.strategy).local_training(model, spec, config, round_seed, partition.labels)
+    local = node_hook(settings.strategy).local_training(model, spec, config, round_seed, partition.labels,
+                                                        ContextMemory(context.state))
     private = settings.dp != "none"
     with PeakMemory(device) as peak:
         if settings.dp == "local":  # DP-SGD (Opacus); the accountant's history is the node's ledger on disk
@@ -155,6 +157,8 @@ def train_handler(msg: Message, context: Context) -> Message:
                            weight_decay=settings.weight_decay, device=device,
                            amp=settings.amp, clip_grad_norm=settings.clip_grad_norm, before_step=local.before_step,
                            loss_fn=local.loss)
+    if local.after_training is not None:
+        local.after_training()
 
     blocks_trained = len(blocks) if blocks is not None else len(layout.partitionable)
     if private:  # under DP nothing but the privatised update and data-independent figures leaves the node

@@ -14,7 +14,7 @@ PACKAGE = ROOT / "resist_fl"
 
 CORE_LAYERS = [
     {"npy_bytes", "validation", "transport", "aggregation", "allocation", "holders", "norms", "residual_nets",
-     "secure_random", "client_accuracy"},
+     "secure_random", "client_accuracy", "feddyn"},
     {"preact_resnet"},
     {"torchvision_resnets", "early_exits"},
     {"model"},

@@ -34,6 +34,20 @@ from resist_fl.flower.message_keys import BLOCKS, DP_CLIP, RUN_ROUND, SERVER_ROU
 from resist_fl.flower.node_sampling import IDENTITY_RECORD
 
 
+class ContextMemory:
+    """A node's memory across rounds (:class:`~resist_fl.node.method_hooks.NodeMemory`) in Flower's
+    ``context.state``: each name an ``ArrayRecord``. It lives as long as the SuperNode does."""
+
+    def __init__(self, state: RecordDict) -> None:
+        self.state = state
+
+    def load(self, name: str) -> dict[str, np.ndarray]:
+        return {k: v.numpy() for k, v in self.state[name].items()} if name in self.state else {}
+
+    def save(self, name: str, arrays: Mapping[str, np.ndarray]) -> None:
+        self.state[name] = ArrayRecord(array_dict={k: array_of(np.asarray(v)) for k, v in arrays.items()})
+
+
 def message_blocks(message: Message) -> list[str] | None:
     """The partitionable blocks a training message's sub-network holds (None: the full model)."""
     config = message.content["config"]

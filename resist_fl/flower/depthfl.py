@@ -12,19 +12,22 @@ with the mean of its four exits.
 Deviations from the authors' code, each stated: nodes get their depth from their capacity (theirs:
 from the client id, 25 clients per depth, ``client.py`` line 158 onwards); the merge weighs by the
 run's ``weighting`` (theirs: an unweighted mean, ``strategy.py`` lines 106-115; ``weighting='uniform'``
-reproduces it); FedDyn's dynamic regularisation (their default, ``conf/config.yaml`` line 25) is not
-applied. Their README runs DepthFL both ways (``README.md`` lines 91 and 117: "DepthFL (FedAvg)" is
-``feddyn=false kd=false``, and their HeteroFL row runs without FedDyn too): here every method merges
-by the same FedAvg rule, so ``depthfl`` is their FedAvg variant with self-distillation on (``kd``), and
-``depthfl-distill=false`` is exactly their "DepthFL (FedAvg)". FedDyn is a server optimiser (stateful
-clients, a server-side correction) that would need to be given to every method for a fair comparison;
-it is not implemented. The distillation weight ramps over 30 % of the run's rounds (theirs: over 300
-of 1000).
+reproduces it). FedDyn's dynamic regularisation, their default (``conf/config.yaml`` line 25), is the
+option ``feddyn-alpha`` (their ``alpha`` 0.1, line 27; off by default): the node side is
+:mod:`resist_fl.node.feddyn_regularizer`, the server's correction of the merge
+:class:`~resist_fl.core.feddyn.FedDynServer`, with the number of clients the nodes connected when the
+round was sampled (theirs: ``num_clients``). Their README runs DepthFL both ways (``README.md`` lines 91
+and 117: "DepthFL (FedAvg)" is ``feddyn=false kd=false``, and their HeteroFL row runs without FedDyn
+too): here every method merges by the same FedAvg rule by default, so ``depthfl`` is their FedAvg
+variant with self-distillation on (``kd``), and ``depthfl-distill=false`` is exactly their "DepthFL
+(FedAvg)"; FedDyn is a server optimiser (stateful clients, a server-side correction) that the other
+methods do not get, so a comparison with it on says so. The distillation weight ramps over 30 % of the
+run's rounds (theirs: over 300 of 1000).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -32,12 +35,13 @@ import numpy as np
 import torch
 
 from resist_fl.core.decomposition import BlockLayout
+from resist_fl.core.feddyn import FedDynServer
 from resist_fl.core.holders import whole
 from resist_fl.core.model import build_model
 from resist_fl.core.model_cost import CostModel
-from resist_fl.flower.message_keys import DEPTH_EXITS, DISTILL_WEIGHT
+from resist_fl.flower.message_keys import DEPTH_EXITS, DISTILL_WEIGHT, FEDDYN_ALPHA
 from resist_fl.flower.method_factory import Built, ModelParts
-from resist_fl.flower.round_skeleton import Plan, SubModelStrategy, settings_of
+from resist_fl.flower.round_skeleton import Plan, SubModelStrategy, Update, settings_of
 from resist_fl.node.mutual_distillation import distillation_weight
 from resist_fl.run.settings import RunSettings
 
@@ -51,7 +55,7 @@ class DepthFL(SubModelStrategy):
         The layout of the full multi-exit model (``spec.exits == 4``).
     settings : RunSettings, optional
         The run's values; DepthFL reads, besides the shared round's, ``depthfl-distill`` (mutual
-        self-distillation on or off).
+        self-distillation on or off) and ``feddyn-alpha`` (FedDyn's coefficient; 0: the FedAvg merge).
     costs : CostModel
         The measured costs of the multi-exit model (its spec is the global model's; under
         ``capacity-measure='blocks'`` a node's share is its stages over four).
@@ -66,6 +70,9 @@ class DepthFL(SubModelStrategy):
         super().__init__(layout.payload_keys(), settings_of(settings, overrides), costs)
         self.layout, self.stages = layout, stages
         self._keys_of = {d: tuple(k for k in layout.payload_keys() if held_by(k, d)) for d in range(1, stages + 1)}
+        alpha = self.settings.feddyn_alpha
+        self.feddyn = FedDynServer(alpha, [k for k, _ in build_model(costs.spec).named_parameters()]) \
+            if alpha > 0 else None
 
     def exits_of(self, node: int) -> int:
         """The most stages (with their exits) within ``node``'s budget, at least one."""
@@ -78,13 +85,21 @@ class DepthFL(SubModelStrategy):
     def plan(self, sampled: list[int], run_round: int, rng: np.random.Generator, server_round: int) -> dict[int, Plan]:
         weight = distillation_weight(run_round, self.settings.num_server_rounds) if self.settings.depthfl_distill \
             else 0.0
-        plans = {}
+        plans, feddyn = {}, {FEDDYN_ALPHA: self.feddyn.alpha} if self.feddyn else {}
         for node in sampled:
             d = self.exits_of(node)
-            plans[node] = Plan(whole(self._keys_of[d]), {DEPTH_EXITS: d, DISTILL_WEIGHT: weight},
+            plans[node] = Plan(whole(self._keys_of[d]), {DEPTH_EXITS: d, DISTILL_WEIGHT: weight, **feddyn},
                                share=d / self.stages, cost=self.costs.exit_cost(d),
                                group=d)
         return plans
+
+    def merge(self, current: Mapping[str, np.ndarray], updates: Sequence[Update]) -> dict[str, np.ndarray]:
+        """The shared mean over each tensor's holders; with FedDyn, corrected by the server's state."""
+        merged = super().merge(current, updates)
+        if self.feddyn is None:
+            return merged
+        holders = {k: sum(k in u.arrays for u in updates) for k in merged}
+        return self.feddyn.correct(current, merged, holders, max(self.connected, 1))
 
     def client_tiers(self) -> dict[int, int]:
         """Each partition's number of stages (and exits): the most its node's capacity allows."""

@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from resist_fl.core.decomposition import BlockLayout
@@ -23,12 +24,14 @@ from resist_fl.flower.message_keys import (
     BLOCKS,
     DEPTH_EXITS,
     DISTILL_WEIGHT,
+    FEDDYN_ALPHA,
     FJORD_DISTILL,
     FJORD_RATES,
     LABEL_SPLIT,
     WIDTH_RATE,
     WIDTH_SCALER,
 )
+from resist_fl.node.feddyn_regularizer import STATE_KEY, FedDynRegularizer
 from resist_fl.node.mutual_distillation import mutual_distillation
 from resist_fl.node.ordered_dropout import OrderedDropout
 from resist_fl.node.width_scaler import attach_width_scaler
@@ -36,6 +39,18 @@ from resist_fl.node.width_scaler import attach_width_scaler
 
 Loss = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 """``loss(model, images, labels)``: a step's loss, forward passes included (default: cross-entropy of one pass)."""
+
+
+class NodeMemory(Protocol):
+    """What a node keeps across the rounds of a run (the ClientApp's is Flower's ``context.state``)."""
+
+    def load(self, name: str) -> dict[str, np.ndarray]:
+        """The arrays kept under ``name`` ({} before the first :meth:`save`)."""
+        ...
+
+    def save(self, name: str, arrays: Mapping[str, np.ndarray]) -> None:
+        """Keep ``arrays`` under ``name`` for the node's next rounds."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -46,6 +61,8 @@ class LocalTraining:
     loss: Loss | None = None
     reply_metrics: dict[str, Any] = field(default_factory=dict)
     """What the training reply says besides the training figures (``labels-held``)."""
+    after_training: Callable[[], object] | None = None
+    """Called once the round's local steps are done (FedDyn keeps its state there)."""
 
 
 def masked_cross_entropy(present: torch.Tensor) -> Loss:
@@ -68,9 +85,10 @@ class SubNetwork:
         return build_model(spec) if BLOCKS not in config else layout.build_subnetwork(spec, list(config[BLOCKS]))
 
     def local_training(self, model: torch.nn.Module, spec: ModelSpec, config: Mapping[str, Any],
-                       seed: int, labels: torch.Tensor) -> LocalTraining:
+                       seed: int, labels: torch.Tensor, memory: NodeMemory | None = None) -> LocalTraining:
         """What runs before every local step, the step's loss and what the reply adds (plain SGD on
-        cross-entropy here); ``labels`` are the node's training labels."""
+        cross-entropy here); ``labels`` are the node's training labels, ``memory`` what the node keeps
+        across rounds (None: nothing)."""
         return LocalTraining()
 
 
@@ -98,7 +116,7 @@ class WidthSlice(SubNetwork):
         return model
 
     def local_training(self, model: torch.nn.Module, spec: ModelSpec, config: Mapping[str, Any],
-                       seed: int, labels: torch.Tensor) -> LocalTraining:
+                       seed: int, labels: torch.Tensor, memory: NodeMemory | None = None) -> LocalTraining:
         return label_split(spec, config, labels)
 
 
@@ -108,7 +126,7 @@ class OrderedDropoutWidths(WidthSlice):
     ``fjord-distill`` the step's loss is self-distillation's."""
 
     def local_training(self, model: torch.nn.Module, spec: ModelSpec, config: Mapping[str, Any],
-                       seed: int, labels: torch.Tensor) -> LocalTraining:
+                       seed: int, labels: torch.Tensor, memory: NodeMemory | None = None) -> LocalTraining:
         od = OrderedDropout(model, spec, float(config[WIDTH_RATE]), list(config[FJORD_RATES]), seed=seed)
         return LocalTraining(od.sample, od.distillation_loss if bool(config.get(FJORD_DISTILL, False)) else None)
 
@@ -116,11 +134,21 @@ class OrderedDropoutWidths(WidthSlice):
 class DepthExits(SubNetwork):
     """DepthFL: the first ``depth-exits`` stages with their exits
     (:class:`~resist_fl.core.early_exits.MultiExitResNet`), trained on cross-entropy at every exit plus
-    mutual self-distillation weighted by the message's ``distill-weight``."""
+    mutual self-distillation weighted by the message's ``distill-weight``; with the message's
+    ``feddyn-alpha`` (> 0) plus FedDyn's dynamic regulariser, whose state the node keeps in ``memory``
+    (:mod:`resist_fl.node.feddyn_regularizer`)."""
 
     def build(self, spec: ModelSpec, layout: BlockLayout, config: Mapping[str, Any]) -> torch.nn.Module:
         return build_model(replace(spec, exits=int(config[DEPTH_EXITS])))
 
     def local_training(self, model: torch.nn.Module, spec: ModelSpec, config: Mapping[str, Any],
-                       seed: int, labels: torch.Tensor) -> LocalTraining:
-        return LocalTraining(loss=mutual_distillation(float(config[DISTILL_WEIGHT])))
+                       seed: int, labels: torch.Tensor, memory: NodeMemory | None = None) -> LocalTraining:
+        loss = mutual_distillation(float(config[DISTILL_WEIGHT]))
+        alpha = float(config.get(FEDDYN_ALPHA, 0.0))
+        if alpha <= 0:
+            return LocalTraining(loss=loss)
+        if memory is None:
+            raise ValueError(f"{FEDDYN_ALPHA} = {alpha}: FedDyn needs the node's memory across rounds")
+        regularizer = FedDynRegularizer(model, alpha, memory.load(STATE_KEY))
+        return LocalTraining(loss=regularizer.loss(loss),
+                             after_training=lambda: memory.save(STATE_KEY, regularizer.updated_state()))

@@ -86,7 +86,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("depth-prefix", "depth prefix", "resist_fl.flower.resist:depth_prefix_from_settings",
            reads=(*SERVER_STEP, *WARMUP)),
     Method("depthfl", "DepthFL", "resist_fl.flower.depthfl:from_settings", preact_only=True,
-           node_hook="resist_fl.node.method_hooks:DepthExits", reads=(*SERVER_STEP, "depthfl-distill"),
+           node_hook="resist_fl.node.method_hooks:DepthExits", reads=(*SERVER_STEP, "depthfl-distill", "feddyn-alpha"),
            dp=CENTRAL_ONLY),  # its loss is several exits' and their distillation, not one model's cross-entropy
     Method("fedavg-small", "FedAvg-small", "resist_fl.flower.fedavg:small_from_settings", federated_evaluation=True,
            preact_only=True, node_hook=WIDTH_SLICE, reads=(*SERVER_STEP, *WIDTHS)),

@@ -143,6 +143,8 @@ class RunSettings(BaseModel):
         description="`fjord` / `fjord-kd`: FjORD's width levels p in (0, 1] (its paper's and code's 0.2 .. 1.0); a node's maximum level is the largest whose measured cost fits its capacity, and every local batch trains a level drawn uniformly from those at or below it")
     depthfl_distill: Bool = Field(True,
         description="`depthfl`: mutual self-distillation between the exits a node holds (its code's `kd`, on by default; the weight ramps up over the first 30 % of the rounds, as its code over 300 of 1000); `false`: cross-entropy on every exit only")
+    feddyn_alpha: float = Field(0.0, ge=0,
+        description="`depthfl`: FedDyn's coefficient alpha, the server optimiser DepthFL's code runs by default (its `feddyn=true`, `alpha=0.1`): each node adds FedDyn's dynamic regulariser to its loss and keeps its state across rounds, and the server corrects the merge with its own; `0` (the default): the FedAvg merge every method here uses (their \"DepthFL (FedAvg)\"). Not with `dp`, `resume` or a `server-lr` other than 1 (its state is in the nodes' and the server's memory, not in the checkpoint)")
     capacity_profile: Str = Field('',
         description="simulation: node capacities in (0, 1] by partition id, cycled, e.g. `\"1.0,0.5,0.25,0.25\"` (a node's own `capacity` node config wins; none: 1.0)")
     capacity_mode: Literal[CAPACITY_MODES] = Field('fixed',
@@ -277,6 +279,11 @@ class RunSettings(BaseModel):
         if self.dataset == "imagefolder" and not self.data_path:
             raise SettingsError("data-path = '': dataset 'imagefolder' needs the absolute path of a directory "
                                 "holding train/<class>/... and val/<class>/...")
+        if self.feddyn_alpha > 0 and (self.dp != "none" or self.resume or self.server_lr != 1.0):
+            bad = next(k for k, on in (("dp", self.dp != "none"), ("resume", self.resume), ("server-lr", True)) if on)
+            raise SettingsError(f"{bad} = {self.value(bad)!r} with feddyn-alpha = {self.feddyn_alpha}: FedDyn keeps "
+                                "state in the nodes' and the server's memory (not in a checkpoint) and is its own server "
+                                "step; expected dp='none', resume=false and server-lr=1.0, or feddyn-alpha=0")
         if self.resume and not self.run_name:
             raise SettingsError("resume = True: needs run-name, the name of the run directory to continue")
         if METHODS[self.strategy].preact_only and self.model in TORCHVISION_DEPTHS:

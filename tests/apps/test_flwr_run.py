@@ -33,11 +33,12 @@ CASES = {**{name: {"strategy": name, **({} if name in ("resist", "fedavg") else 
          "bad": {"strategy": "fedprox"},
          "resist-central-dp": {"strategy": "resist", "dp": "central", "weighting": "uniform", "dp-clip": 0.5,
                                "dp-noise-multiplier": 0.5, "privacy-min-holders": 2, "dp-clip-quantile": 0.5,
-                               "dp-clip-count-noise": 5.0},
-         "heterofl-central-secret": {"strategy": "heterofl", **HETERO, "dp": "central", "weighting": "uniform",
-                                     "label-split": False,
-                                     "dp-clip": 0.5, "dp-noise-multiplier": 0.5, "dp-sampling": "secret"},
-         "fedavg-local-dp": {"strategy": "fedavg", "dp": "local", "norm": "groupnorm", "local-steps": 4}}
+                               "dp-clip-count-noise": 5.0}}
+# features ride on a method's own launch (each launch costs about 45 CPU-seconds of start-up)
+CASES["depthfl"]["feddyn-alpha"] = 0.1  # FedDyn, DepthFL's server optimiser
+CASES["fjord-kd"].update({"dp": "central", "weighting": "uniform", "dp-clip": 0.5, "dp-noise-multiplier": 0.5,
+                          "dp-sampling": "secret"})  # a width method under the central-DP wrapper, secret sample
+CASES["fedavg-small"].update({"dp": "local", "norm": "groupnorm", "local-steps": 4})  # Opacus DP-SGD
 FMNIST = Path(IDX_DATASETS["fashion-mnist"].debian_dir).is_dir()  # .ci/run installs it (as root)
 if FMNIST:  # the Fashion-MNIST preset's federation (100 SuperNodes, 10 per round), a few small rounds
     CASES["fmnist-preset-100"] = {**to_dict(load_preset("fmnist-dirichlet05"))["run-config"], "strategy": "resist",
@@ -164,9 +165,9 @@ def test_the_sub_model_baselines_respect_every_nodes_budget(launches):
 
 def test_central_and_local_dp_through_the_real_engine(launches):
     """Central DP with two holders per block and adaptive clipping (ResIST), a width method with a secret
-    sample (HeteroFL, through the same wrapper), and Opacus DP-SGD (FedAvg) under flwr run: epsilon
-    accounted, nothing unnoised written."""
-    for case in ("resist-central-dp", "heterofl-central-secret", "fedavg-local-dp"):
+    sample (FjORD with distillation, through the same wrapper), and Opacus DP-SGD (FedAvg-small) under flwr
+    run: epsilon accounted, nothing unnoised written."""
+    for case in ("resist-central-dp", "fjord-kd", "fedavg-small"):
         assert launches[case].success, f"{launches[case].reason}\n{launches[case].log_path.read_text()[-3000:]}"
     rows = read_metrics(launches["resist-central-dp"].run_dir)
     assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
@@ -176,12 +177,12 @@ def test_central_and_local_dp_through_the_real_engine(launches):
     assert all(r["exposed-fraction"] == 0 and r["replies-accepted"] == 3 for r in rows)
     nodes = read_metrics(launches["resist-central-dp"].run_dir, "nodes.jsonl")
     assert [n["epsilon"] for n in nodes if n["round"] == ROUNDS] == [rows[1]["epsilon"]] * 3
-    secret = launches["heterofl-central-secret"].run_dir
+    secret = launches["fjord-kd"].run_dir
     assert read_metrics(secret, "nodes.jsonl") == [] if (secret / "nodes.jsonl").exists() else True
     assert read_metrics(secret)[-1]["epsilon"] > 0
-    local = read_metrics(launches["fedavg-local-dp"].run_dir, "nodes.jsonl")
+    local = read_metrics(launches["fedavg-small"].run_dir, "nodes.jsonl")
     assert len(local) == 3 * ROUNDS and all(n["status"] == "accepted" and n["dp-epsilon"] > 0 for n in local)
     assert [r["round"] for r in read_metrics(secret)] == list(range(1, ROUNDS + 1))
-    for case in ("resist-central-dp", "heterofl-central-secret", "fedavg-local-dp"):
+    for case in ("resist-central-dp", "fjord-kd", "fedavg-small"):
         for row in read_metrics(launches[case].run_dir):
             assert not set(PRIVATE_DROPPED) & set(row), case

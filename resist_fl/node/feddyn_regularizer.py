@@ -1,0 +1,71 @@
+"""FedDyn's node side (Acar et al., ICLR 2021), as DepthFL's authors run it.
+
+The authors' code (Flower's ``baselines/depthfl/depthfl/models.py``, adap/flower at fdef7af): every
+local step adds, for each trainable parameter ``w`` of the node's model with ``w0`` its value as
+received and ``h`` the node's own state,
+
+    - <w, h> + alpha / 2 * ||w - w0||^2                       (lines 165-176)
+
+to the loss, and after the round's training the node updates ``h <- h - alpha (w - w0)`` (lines
+94-101). ``h`` starts at zero (their ``strategy.py`` lines 40-43) and is kept by the node across
+rounds: theirs in a file per client, here in the node's memory (the ClientApp keeps it in Flower's
+``context.state`` under :data:`STATE_KEY`), one array per parameter name (a node whose sub-model
+changes keeps the state of the parameters it no longer holds). That state lives in the SuperNode's
+memory: a restarted SuperNode starts again from zero, which is why a FedDyn run cannot be resumed
+(its settings refuse it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+
+STATE_KEY = "feddyn-h"
+"""The name of a node's FedDyn state in its memory."""
+
+Loss = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class FedDynRegularizer:
+    """The dynamic regulariser of one round's training of ``model`` (loaded with what the node received)."""
+
+    def __init__(self, model: torch.nn.Module, alpha: float, stored: Mapping[str, np.ndarray]) -> None:
+        if not alpha > 0:
+            raise ValueError(f"alpha = {alpha!r}: expected a number > 0")
+        self.alpha, self.stored = float(alpha), dict(stored)
+        self.params = dict(model.named_parameters())
+        self.received = {k: p.detach().clone().float() for k, p in self.params.items()}
+        self.h = {k: (torch.as_tensor(np.asarray(stored[k], dtype=np.float32), device=p.device) if k in stored
+                      else torch.zeros_like(self.received[k])) for k, p in self.params.items()}
+        for key, p in self.params.items():
+            if self.h[key].shape != p.shape:
+                raise ValueError(f"{STATE_KEY}[{key!r}] has shape {tuple(self.h[key].shape)}; the parameter has "
+                                 f"{tuple(p.shape)}")
+
+    def penalty(self) -> torch.Tensor:
+        """``sum over parameters of -<w, h> + alpha / 2 ||w - w0||^2`` (in fp32)."""
+        total = torch.zeros((), device=next(iter(self.received.values())).device)
+        for key, w in self.params.items():
+            w = w.float()
+            total = total - (w * self.h[key]).sum() + self.alpha / 2 * (w - self.received[key]).square().sum()
+        return total
+
+    def loss(self, inner: Loss | None) -> Loss:
+        """``inner``'s step loss (cross-entropy of one pass when None) plus :meth:`penalty`."""
+        def loss(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            base = inner(model, images, labels) if inner is not None else \
+                torch.nn.functional.cross_entropy(model(images).float(), labels)
+            return base + self.penalty()
+
+        return loss
+
+    def updated_state(self) -> dict[str, np.ndarray]:
+        """After training: the state to keep, ``h <- h - alpha (w - w0)`` for every parameter of this
+        round's model, and the stored entries of the parameters it did not hold unchanged."""
+        kept = dict(self.stored)
+        with torch.no_grad():
+            for key, w in self.params.items():
+                kept[key] = (self.h[key] - self.alpha * (w.detach().float() - self.received[key])).cpu().numpy()
+        return kept
