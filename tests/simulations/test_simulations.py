@@ -391,9 +391,9 @@ def test_the_study_presets_plan_one_lr_grid_then_every_method_at_every_seed(tmp_
     _, plan, _ = compare.resolve(compare.parse_args([preset, "--out", str(tmp_path)]))
     tuning = [r for r in plan if r.variant.startswith("tune-lr")]
     main = [r for r in plan if r.variant == "main"]
-    assert len(tuning) == 5 * methods and {r.seed for r in tuning} == {100}
+    assert len(tuning) == 6 * methods and {r.seed for r in tuning} == {100}
     assert len(main) == methods * seeds and len(plan) == len(tuning) + len(main)
-    assert {r.run_config["lr"] for r in tuning} == {0.02, 0.05, 0.1, 0.2, 0.4}
+    assert {r.run_config["lr"] for r in tuning} == {0.02, 0.05, 0.1, 0.2, 0.4, 0.8}
     assert {r.run_config["num-server-rounds"] for r in tuning} == {30}
     assert {r.run_config["num-server-rounds"] for r in main} == {80}
     for run in plan:
