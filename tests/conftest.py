@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.digits_files import write_digits_npz
 
 ROOT = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one torch thread each, no oversubscription
+    torch.set_num_threads(1)
 
 TINY_OVERRIDES = {
     "dataset": "synthetic", "stage-depths": "1,1,4,1", "base-width": 8, "local-steps": 8,
@@ -33,6 +38,15 @@ def tiny_config(tmp_path):
 def digits_npz(tmp_path_factory) -> str:
     """Path of the real digits image set written as a user's ``.npz``."""
     return write_digits_npz(tmp_path_factory.mktemp("digits") / "digits.npz")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _server_task_identity():
+    """Building a Flower ``Message`` outside a running app needs the ServerApp's task identity
+    (FLOWER_NOTES.md); set it once, so that no test depends on another having run first."""
+    from simulations.inprocess_grid import set_server_task_identity
+
+    set_server_task_identity()
 
 
 @pytest.fixture(autouse=True)
