@@ -8,8 +8,10 @@ FjORD with distillation spends a second pass per batch that is not counted; both
 report. The bytes are the arrays sent and received (``cumulative-bytes``).
 
 At a budget B, a run's accuracy is that of its last evaluated round whose cumulative cost is at most B
-(none: it had not evaluated within B). The budgets are fractions of the smallest mean total of the
-methods, so that every method reaches each of them.
+(none: it had not evaluated within B); a run that spent less than B in all is at its final accuracy
+there, which the table marks. The budgets are fractions of the median of the methods' mean totals:
+the smallest total would put the budgets below the first evaluation of every method but the cheapest
+(a width-1/16 FedAvg-small spends 2 % of FedAvg's FLOPs).
 
 Convergence: the reference method's mean accuracy over the evaluated rounds of the last
 :data:`PLATEAU_WINDOW` of the rounds, against the same span before it; it has plateaued when the gain
@@ -29,7 +31,9 @@ import numpy as np
 from resist_fl.run.outputs import CONFIG_FILE, NODES_FILE, read_json, read_metrics
 
 BUDGET_FRACTIONS = (0.25, 0.5, 1.0)
-"""The budgets of the equal-cost table, as fractions of the smallest mean total over the methods."""
+"""The budgets of the equal-cost table, as fractions of the median of the methods' mean totals."""
+SPENT_MARK = " (all)"
+"""Marks a cell whose method spent less than the budget in all: its final accuracy."""
 PLATEAU_WINDOW = 0.2
 PLATEAU_GAIN = 0.01
 """Plateau: the mean accuracy of the last 20 % of the rounds is less than 1 point above the 20 % before."""
@@ -83,10 +87,10 @@ def cost_curve(run_dir: Path) -> CostCurve | None:
 
 
 def budgets(curves: Mapping[str, Sequence[CostCurve]], kind: str) -> list[float]:
-    """:data:`BUDGET_FRACTIONS` of the smallest mean final cumulative ``kind`` cost over the groups."""
+    """:data:`BUDGET_FRACTIONS` of the median over the groups of their mean final cumulative ``kind`` cost."""
     totals = [float(np.mean([getattr(c, kind)[-1] for c in runs])) for runs in curves.values() if runs]
-    smallest = min(totals, default=math.nan)
-    return [fraction * smallest for fraction in BUDGET_FRACTIONS]
+    middle = float(np.median(totals)) if totals else math.nan
+    return [fraction * middle for fraction in BUDGET_FRACTIONS]
 
 
 def plateau(curves: Sequence[CostCurve], num_rounds: int) -> tuple[float, bool] | None:
@@ -105,13 +109,16 @@ def plateau(curves: Sequence[CostCurve], num_rounds: int) -> tuple[float, bool] 
     return gain, gain < PLATEAU_GAIN
 
 
-def _cell(values: Sequence[float]) -> str:
+def _cell(runs: Sequence[CostCurve], kind: str, budget: float) -> str:
+    values = [c.at(kind, budget) for c in runs]
     finite = [v for v in values if not math.isnan(v)]
     if not finite:
         return "-"
     mean = float(np.mean(finite))
     spread = float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
-    return f"{mean:.4f} ± {spread:.4f}" + ("" if len(finite) == len(values) else f" ({len(finite)}/{len(values)})")
+    spent = all(getattr(c, kind)[-1] <= budget * (1 + 1e-12) for c in runs)
+    return f"{mean:.4f} ± {spread:.4f}" + ("" if len(finite) == len(values) else f" ({len(finite)}/{len(values)})") \
+        + (SPENT_MARK if spent else "")
 
 
 def equal_cost_lines(curves: Mapping[str, Sequence[CostCurve]], reference: str | None,
@@ -125,8 +132,8 @@ def equal_cost_lines(curves: Mapping[str, Sequence[CostCurve]], reference: str |
     rows = []
     table: dict[str, Any] = {}
     for name, runs in curves.items():
-        at_flops = [_cell([c.at("flops", b) for c in runs]) for b in flop_budgets]
-        at_bytes = [_cell([c.at("bytes", b) for c in runs]) for b in byte_budgets]
+        at_flops = [_cell(runs, "flops", b) for b in flop_budgets]
+        at_bytes = [_cell(runs, "bytes", b) for b in byte_budgets]
         total = float(np.mean([c.flops[-1] for c in runs]))
         rows.append(f"| {name} | {total / 1e12:.3g} | " + " | ".join(at_flops + at_bytes) + " |")
         table[name] = {"total-tflop": total / 1e12, "at-tflop": dict(zip([b / 1e12 for b in flop_budgets], at_flops)),
@@ -134,8 +141,9 @@ def equal_cost_lines(curves: Mapping[str, Sequence[CostCurve]], reference: str |
     lines = ["## Accuracy at equal cost", "",
              "Accuracy (mean ± std over seeds) of the last evaluated round within each budget of cumulative training "
              "FLOPs (over the nodes that replied: the sub-model's FLOPs per sample x local steps x batch size) and "
-             "of cumulative bytes (arrays down and up); the budgets are 25 / 50 / 100 % of the smallest total "
-             "among the methods. FjORD's FLOPs are its largest level's (its batches train that level or a smaller "
+             "of cumulative bytes (arrays down and up); the budgets are 25 / 50 / 100 % of the median of the "
+             "methods' totals. \"(all)\": the method spent less than the budget in the whole run, and its cell is "
+             "its final accuracy. FjORD's FLOPs are its largest level's (its batches train that level or a smaller "
              "one, so it spends less), and FjORD with distillation's second pass per batch is not counted.", "",
              "| method | total TFLOP | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head), *rows, ""]
     if reference in curves and num_rounds:

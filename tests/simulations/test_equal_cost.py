@@ -31,7 +31,9 @@ def test_accuracy_within_a_budget_is_the_last_evaluated_round_within_it():
     assert curve.at("flops", 25.0) == 0.5 and curve.at("flops", 30.0) == 0.7 and math.isnan(curve.at("flops", 9.0))
     assert curve.at("bytes", 1.0) == 0.3
     cheap = CostCurve(np.array([6]), np.array([0.6]), np.array([12.0]), np.array([6.0]))
-    assert budgets({"a": [curve], "b": [cheap]}, "flops") == [3.0, 6.0, 12.0]
+    dear = CostCurve(np.array([6]), np.array([0.6]), np.array([90.0]), np.array([6.0]))
+    assert budgets({"a": [curve], "b": [cheap], "c": [dear]}, "flops") == [7.5, 15.0, 30.0]  # the median's
+    assert budgets({"a": [curve], "b": [cheap]}, "flops") == [5.25, 10.5, 21.0]
 
 
 def test_the_plateau_rule_compares_the_last_fifth_of_the_rounds_with_the_fifth_before():
@@ -55,5 +57,9 @@ def test_a_run_directory_gives_its_cost_curve_and_the_report_section(tmp_path):
     assert curve.round.tolist() == [1, 3] and curve.flops.tolist() == [320e9, 960e9]
     lines, table = equal_cost_lines({"FedAvg": [curve]}, "FedAvg", 3)
     text = "\n".join(lines)
-    assert "| FedAvg | 0.96 | - | 0.2000 ± 0.0000 | 0.6000 ± 0.0000 | - | 0.2000 ± 0.0000 | 0.6000 ± 0.0000 |" in text
+    cells = "- | 0.2000 ± 0.0000 | 0.6000 ± 0.0000 (all)"
+    assert f"| FedAvg | 0.96 | {cells} | {cells} |" in text
+    cheap = CostCurve(np.array([3]), np.array([0.5]), np.array([100e9]), np.array([300.0]))
+    text = "\n".join(equal_cost_lines({"FedAvg": [curve], "small": [cheap]}, "FedAvg", 3)[0])
+    assert "| small | 0.1 | 0.5000 ± 0.0000 (all) |" in text  # spent less than every budget: its final accuracy
     assert "Convergence" not in text and "plateau" not in table  # round 2 was not evaluated: no window before
