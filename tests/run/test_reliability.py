@@ -70,8 +70,11 @@ def test_too_few_replies_leave_the_model_unchanged(tiny_config):
 
 def _start_driver(config: dict, path: Path) -> subprocess.Popen:
     path.write_text(json.dumps(config))
+    # the driver computes with this process's torch threads (a thread count changes a conv's sums: the
+    # resumed half runs here, and must continue the killed half's numbers bit for bit)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     return subprocess.Popen([sys.executable, "-m", "simulations.inprocess", str(path), "2"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
 
 
 def _checkpoint_round(run_dir: Path) -> int:
