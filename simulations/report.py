@@ -368,7 +368,8 @@ def paired_against(groups: dict[tuple[str, str], list[Run]],
     seed (:func:`simulations.paired_stats.paired`); empty when no pair has two seeds."""
     rows = []
     for (variant, strategy), runs in groups.items():
-        reference = groups.get(against(variant, strategy) or ("", ""))
+        key = against(variant, strategy)
+        reference = groups.get(key) if key is not None else None
         if reference is None:
             continue
         found = paired({r.seed: r.curve.final_accuracy for r in runs},

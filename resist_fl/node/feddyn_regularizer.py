@@ -17,15 +17,16 @@ memory: a restarted SuperNode starts again from zero, which is why a FedDyn run 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 
+from resist_fl.node.training import Loss
+
 STATE_KEY = "feddyn-h"
 """The name of a node's FedDyn state in its memory."""
 
-Loss = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class FedDynRegularizer:
@@ -52,12 +53,10 @@ class FedDynRegularizer:
             total = total - (w * self.h[key]).sum() + self.alpha / 2 * (w - self.received[key]).square().sum()
         return total
 
-    def loss(self, inner: Loss | None) -> Loss:
-        """``inner``'s step loss (cross-entropy of one pass when None) plus :meth:`penalty`."""
+    def loss(self, inner: Loss) -> Loss:
+        """``inner``'s step loss plus :meth:`penalty`."""
         def loss(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            base = inner(model, images, labels) if inner is not None else \
-                torch.nn.functional.cross_entropy(model(images).float(), labels)
-            return base + self.penalty()
+            return inner(model, images, labels) + self.penalty()
 
         return loss
 

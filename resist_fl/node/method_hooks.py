@@ -34,11 +34,8 @@ from resist_fl.flower.message_keys import (
 from resist_fl.node.feddyn_regularizer import STATE_KEY, FedDynRegularizer
 from resist_fl.node.mutual_distillation import mutual_distillation
 from resist_fl.node.ordered_dropout import OrderedDropout
+from resist_fl.node.training import Loss
 from resist_fl.node.width_scaler import attach_width_scaler
-
-
-Loss = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-"""``loss(model, images, labels)``: a step's loss, forward passes included (default: cross-entropy of one pass)."""
 
 
 class NodeMemory(Protocol):

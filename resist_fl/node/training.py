@@ -14,6 +14,9 @@ from torch import nn
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 """One pass of ``(images, labels)`` batches (e.g. :class:`resist_fl.data.batches.TrainBatches`)."""
 
+Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``loss(model, images, labels)``: a step's loss, forward passes included (default: cross-entropy of one pass)."""
+
 
 def resolve_device(device: str) -> torch.device:
     """``auto`` picks CUDA when a GPU is visible to this process, else the CPU."""
@@ -91,7 +94,7 @@ def _batches(loader: Batches, steps: int) -> Iterator:
 def train(model: nn.Module, loader: Batches, *, steps: int, lr: float, momentum: float,
           weight_decay: float, device: torch.device, amp: bool = False,
           clip_grad_norm: float = 0.0, before_step: Callable[[int], None] | None = None,
-          loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> TrainResult:
+          loss_fn: Loss | None = None) -> TrainResult:
     """Train ``model`` in place for ``steps`` SGD steps with a fresh optimiser.
 
     A fresh SGD optimiser (no momentum carried between rounds) matches the
