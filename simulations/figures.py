@@ -51,6 +51,11 @@ def _groups(name: str) -> tuple[Path, dict, dict]:
     return runs_dir, manifest, report.group_runs(report.discover_runs(runs_dir, manifest))
 
 
+PAIRED_HEAD = "vs ResIST: paired difference in late accuracy, 95 % interval"
+LATE_NOTE = ("the mean of each run's evaluations in the last fifth of its rounds, then mean ± sample std over "
+             "seeds.")
+
+
 def _pm(mean: float, std: float) -> str:
     return f"{mean:.4f} ± {std:.4f}"
 
@@ -64,7 +69,7 @@ def baselines_block(name: str) -> list[str]:
     for (variant, strategy), runs in groups.items():
         stats = report.group_stats(variant, strategy, runs, target)
         costs = node_summary([runs_dir / r.name for r in runs]) or {}
-        rows.append([report.group_label(variant, strategy), _pm(*stats.final),
+        rows.append([report.group_label(variant, strategy), _pm(*stats.final), _pm(*stats.late),
                      f"{stats.reached}/{stats.seeds}", report.num(stats.rounds[0], 1),
                      report.num(stats.bytes_per_round / 1e6, 2),
                      f"{costs.get('over-capacity', 0)} / {costs.get('node-rounds', 0)}"])
@@ -73,7 +78,7 @@ def baselines_block(name: str) -> list[str]:
             interval = "" if found is None else f"[{found['low']:+.4f}, {found['high']:+.4f}]"
             rows[-1].append("reference (its variant)" if strategy == report.REFERENCE else "-" if found is None else
                             f"**{found['verdict']}** ({found['mean']:+.4f}, {interval})")
-    rows.sort(key=lambda r: -float(r[1].split(" ")[0]))
+    rows.sort(key=lambda r: -float(r[2].split(" ")[0]))
     first = report.read_json(runs_dir / next(iter(groups.values()))[0].name / CONFIG_FILE)
     seeds = len(next(iter(groups.values())))
     source = (f"Target accuracy {target:.4f}; {seeds} seed{'s' if seeds != 1 else ''}; "
@@ -87,11 +92,11 @@ def baselines_block(name: str) -> list[str]:
         source = (f"Stage depths {'-'.join(map(str, spec.depths))}, partitioned stage(s) {','.join(map(str, stages))}: "
                   f"ResIST's smallest sub-network costs {100 * costs.floor_fraction():.1f} % of the full model's "
                   f"training FLOPs (the smallest budget is {100 * min(capacities):g} %). " + source)
-    head = ["method", "final accuracy", "reached target", "rounds to target", "MB / round", "node-rounds over capacity",
-            *(["vs ResIST: paired difference, 95 % interval"] if paired else [])]
-    note = ["", "The last column is the report's paired rule (method minus ResIST of the same variant per seed, "
-            "paired-t 95 % interval: wins above 0, loses below, ties across; simulations/paired_stats.py)."] \
-        if paired else []
+    head = ["method", "final accuracy", "late accuracy", "reached target", "rounds to target", "MB / round",
+            "node-rounds over capacity", *([PAIRED_HEAD] if paired else [])]
+    note = ["", f"Late accuracy: {LATE_NOTE} The last column is the report's paired rule on it (method minus ResIST "
+            "of the same variant per seed, paired-t 95 % interval: wins above 0, loses below, ties across; "
+            "simulations/paired_stats.py)."] if paired else []
     return [source, "", *report.table(head, rows), *note]
 
 
@@ -118,21 +123,22 @@ def headline_block(name: str) -> list[str]:
         found = paired.get((variant, strategy))
         verdict = ("reference" if strategy == report.REFERENCE else "-" if found is None else
                    f"**{found['verdict']}** ({found['mean']:+.4f}, [{found['low']:+.4f}, {found['high']:+.4f}])")
-        rows.append([report.group_label(variant, strategy), _pm(*stats.final), verdict,
+        rows.append([report.group_label(variant, strategy), _pm(*stats.final), _pm(*stats.late), verdict,
                      report.num(float(np.mean([c["mean"] for c in clients])), 4) if clients else "-",
                      report.num(float(np.mean([c["worst10"] for c in clients])), 4) if clients else "-",
                      ", ".join(f"{c:g}: {b:.2f}" for c, b in budgets.items()) or "-",
                      report.num(float(np.mean([r.curve.gb[-1] for r in runs])), 3),
                      report.num(float(np.mean([training_flops(d) for d in dirs])) / 1e12, 2)])
-    rows.sort(key=lambda r: -float(r[1].split(" ")[0]))
+    rows.sort(key=lambda r: -float(r[2].split(" ")[0]))
     seeds = sorted({len(runs) for runs in groups.values()})
-    head = ["method", "final accuracy", "vs ResIST: paired difference, 95 % interval", "client mean",
+    head = ["method", "final accuracy", "late accuracy", PAIRED_HEAD, "client mean",
             "worst 10 % of clients", "budget used by capacity", "GB", "training TFLOPs"]
     return [f"{'/'.join(map(str, seeds))} seeds per method; from [docs/results/{name}](results/{name}/report.md).",
             "", *report.table(head, rows), "",
-            "Final accuracy: mean ± sample std over seeds on the 10,000 test images. The verdict is the report's "
-            "paired rule (method minus ResIST per seed, paired-t 95 % interval: wins above 0, loses below, ties "
-            "across; simulations/paired_stats.py). Client mean and worst 10 %: the global model on every client's "
+            "Final accuracy: mean ± sample std over seeds on the 10,000 test images after the last round. Late "
+            f"accuracy: {LATE_NOTE} The verdict is the report's paired rule on it (method minus ResIST per seed, "
+            "paired-t 95 % interval: wins above 0, loses below, ties across; simulations/paired_stats.py). "
+            "Client mean and worst 10 %: the global model on every client's "
             "label mix (client-eval), mean over seeds. Budget used: mean training FLOPs sent over the node's "
             "budget, per capacity class (1.00: all of it). GB: bytes sent and received by the server; training "
             "TFLOPs: the nodes' measured FLOPs per sample of what they were sent x the samples trained, summed over "

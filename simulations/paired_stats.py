@@ -2,14 +2,17 @@
 
 Every method of a comparison runs on the same seeds, and a seed fixes the data partition, the
 initial model and the node sampling, so the runs pair by seed. For a method M against the reference
-R, the paired differences are ``d_s = final accuracy(M, s) - final accuracy(R, s)`` over the seeds
-both finished; the report gives their mean and the paired-t 95 % interval
+R, the paired differences are ``d_s = a(M, s) - a(R, s)`` over the seeds both finished, where ``a`` is
+the report's late accuracy (the mean of a run's evaluations in its last fifth of rounds,
+:mod:`simulations.report`); the report gives their mean and the paired-t 95 % interval
 ``mean ± t(0.975, n - 1) * sd / sqrt(n)`` (Student's t, scipy). The word is generated from it:
 
 - **wins**: the whole interval is above 0;
 - **loses**: the whole interval is below 0;
 - **ties**: the interval contains 0 (the seeds cannot tell the two apart);
-- **n/a**: fewer than two paired seeds (no interval).
+- **n/a**: fewer than three paired seeds (with two, the interval is shown but gives no word: its
+  t quantile is 12.7, and test accuracies are multiples of 1/n_test, so two equal differences give a
+  zero-width interval that would read as a verdict).
 
 Nothing else decides a verdict: the report's prose quotes these words, it does not make its own.
 """
@@ -17,7 +20,7 @@ Nothing else decides a verdict: the report's prose quotes these words, it does n
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +28,21 @@ from scipy import stats
 
 LEVEL = 0.95
 """The confidence level of the interval."""
+MIN_SEEDS = 3
+"""The fewest paired seeds that give a word (module docstring)."""
+LATE_FRACTION = 0.2
+"""The late accuracy averages the evaluations of this last share of a run's rounds."""
+
+
+def late_accuracy(rounds: Sequence[int], accuracy: Sequence[float]) -> float:
+    """The mean accuracy of a run's evaluations in the last fifth of its rounds (rounds above 0.8 x the last;
+    the last alone when no other falls there); ``nan`` without evaluations. Under a constant learning rate the
+    global model's accuracy moves by several points between neighbouring evaluations: the rule and the
+    learning-rate picks compare this mean, not one round's draw."""
+    if not len(accuracy):
+        return math.nan
+    rounds_, accuracy_ = np.asarray(rounds, dtype=float), np.asarray(accuracy, dtype=float)
+    return float(accuracy_[rounds_ > (1.0 - LATE_FRACTION) * rounds_[-1]].mean())
 
 
 @dataclass(frozen=True)
@@ -39,7 +57,7 @@ class Paired:
 
 
 def paired(method: Mapping[int, float], reference: Mapping[int, float]) -> Paired:
-    """The paired comparison of ``method`` against ``reference`` (seed -> final accuracy)."""
+    """The paired comparison of ``method`` against ``reference`` (seed -> accuracy)."""
     common = sorted(set(method) & set(reference))
     differences = np.array([method[s] - reference[s] for s in common], dtype=float)
     if len(differences) < 2:
@@ -49,5 +67,5 @@ def paired(method: Mapping[int, float], reference: Mapping[int, float]) -> Paire
     half = float(stats.t.ppf(0.5 + LEVEL / 2, len(differences) - 1) * differences.std(ddof=1)
                  / math.sqrt(len(differences)))
     low, high = mean - half, mean + half
-    verdict = "wins" if low > 0 else "loses" if high < 0 else "ties"
+    verdict = "n/a" if len(differences) < MIN_SEEDS else "wins" if low > 0 else "loses" if high < 0 else "ties"
     return Paired(len(differences), mean, low, high, verdict)

@@ -13,6 +13,11 @@ Definitions (also printed in the report):
 
 - final accuracy: test accuracy of the global model after the last round;
   mean ± sample standard deviation (ddof 1) over seeds.
+- late accuracy: the mean of a run's evaluations in the last fifth of its
+  rounds (rounds above 0.8 x the last; the last round alone when no other
+  falls there). Under a constant learning rate the global model's accuracy
+  moves by several points between neighbouring evaluations; the paired rule
+  compares this mean, not one round's draw.
 - target accuracy: ``--target-accuracy`` / the preset's ``target.accuracy`` if
   set; otherwise ``fraction`` (default 0.9) x the best mean final accuracy of a
   FedAvg group (the highest over variants of the mean over seeds).
@@ -48,7 +53,7 @@ from simulations.equal_cost import CostCurve, cost_curve, equal_cost_lines
 from simulations.tuning import is_tuning, tuning_lines
 from simulations.machine import describe_machine, machine_line
 from simulations.privacy_report import privacy_lines
-from simulations.paired_stats import LEVEL, paired
+from simulations.paired_stats import LEVEL, late_accuracy, paired
 from simulations.client_report import client_lines
 from simulations.node_costs import (
     DEFAULT_BANDWIDTHS,
@@ -115,6 +120,11 @@ class Curve:
     @property
     def final_accuracy(self) -> float:
         return float(self.accuracy[-1]) if len(self.accuracy) else math.nan
+
+    @property
+    def late_accuracy(self) -> float:
+        """The mean accuracy of the evaluations in the last fifth of the rounds (module docstring)."""
+        return late_accuracy(self.round, self.accuracy)
 
     def to_target(self, target: float) -> dict[str, float] | None:
         """Rounds, GB and seconds at the first evaluated round with accuracy >= ``target``."""
@@ -211,6 +221,7 @@ class GroupStats:
     strategy: str
     seeds: int
     final: tuple[float, float]
+    late: tuple[float, float]
     bytes_per_round: float
     reached: int
     rounds: tuple[float, float]
@@ -228,6 +239,7 @@ def group_stats(variant: str, strategy: str, runs: Sequence[Run], target: float 
     return GroupStats(
         variant=variant, strategy=strategy, seeds=len(runs),
         final=mean_std([r.curve.final_accuracy for r in runs]),
+        late=mean_std([r.curve.late_accuracy for r in runs]),
         bytes_per_round=mean_std([r.curve.bytes_per_round for r in runs])[0],
         reached=len(hits),
         rounds=mean_std([h["rounds"] for h in hits]), gb=mean_std([h["gb"] for h in hits]),
@@ -340,10 +352,10 @@ def setup_lines(manifest: dict[str, Any]) -> list[str]:
 
 
 def results_lines(stats: Sequence[GroupStats], target: float | None) -> list[str]:
-    head = ["variant", "strategy", "seeds", "final accuracy", "MB / round", "reached target",
+    head = ["variant", "strategy", "seeds", "final accuracy", "late accuracy", "MB / round", "reached target",
             "rounds to target", "GB to target", "seconds to target", "s to round 1", "run wall s",
             "runs diverging"]
-    rows = [[s.variant, label(s.strategy), str(s.seeds), pm(s.final),
+    rows = [[s.variant, label(s.strategy), str(s.seeds), pm(s.final), pm(s.late),
              num(s.bytes_per_round / 1e6, 2), f"{s.reached}/{s.seeds}" if target is not None else "-",
              pm(s.rounds, 1), pm(s.gb, 4), pm(s.seconds, 1), num(s.startup, 1), num(s.wall, 1),
              f"{s.diverged}/{s.seeds}"]
@@ -372,8 +384,8 @@ def paired_against(groups: dict[tuple[str, str], list[Run]],
         reference = groups.get(key) if key is not None else None
         if reference is None:
             continue
-        found = paired({r.seed: r.curve.final_accuracy for r in runs},
-                       {r.seed: r.curve.final_accuracy for r in reference})
+        found = paired({r.seed: r.curve.late_accuracy for r in runs},
+                       {r.seed: r.curve.late_accuracy for r in reference})
         rows.append({"variant": variant, "strategy": strategy, **asdict(found)})
     return rows if any(r["seeds"] >= 2 for r in rows) else []
 
@@ -392,7 +404,7 @@ def ablation_rows(groups: dict[tuple[str, str], list[Run]]) -> list[dict[str, An
 
 def paired_markdown(rows: Sequence[dict[str, Any]], difference: str, verdict: str) -> list[str]:
     """The rows of a paired comparison as a markdown table (``difference``: what minus what)."""
-    head = ["variant", "method", "paired seeds", f"mean difference in final accuracy ({difference})",
+    head = ["variant", "method", "paired seeds", f"mean difference in late accuracy ({difference})",
             f"{LEVEL:.0%} interval (paired t)", verdict]
     body = [[r["variant"], label(r["strategy"]), str(r["seeds"]), f"{r['mean']:+.4f}",
              "-" if math.isnan(r["low"]) else f"[{r['low']:+.4f}, {r['high']:+.4f}]", f"**{r['verdict']}**"]
@@ -405,16 +417,16 @@ def ablation_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
         return []
     return ["## Each variant against the main run of its method", "",
             *paired_markdown(rows, "variant - main", "variant vs main"), "",
-            "Per seed, the variant's final accuracy minus the same method's main run on that seed; interval and "
+            "Per seed, the variant's late accuracy minus the same method's main run on that seed; interval and "
             "words by the rule of the paired comparison above (simulations/paired_stats.py).", ""]
 
 
 def paired_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     return ["## Paired comparison with ResIST", "", *paired_markdown(rows, "method - ResIST", "method vs ResIST"), "",
-            "Per seed, the method's final accuracy minus ResIST's on the same seed (same partition, initial "
+            "Per seed, the method's late accuracy minus ResIST's on the same seed (same partition, initial "
             "model and node sampling); the interval is mean ± t(0.975, n - 1) x sd / sqrt(n). The word follows "
             "from it alone: **wins** when the whole interval is above 0, **loses** when below, **ties** when it "
-            "contains 0, **n/a** with fewer than two paired seeds (simulations/paired_stats.py).", ""]
+            "contains 0, **n/a** with fewer than three paired seeds (simulations/paired_stats.py).", ""]
 
 
 def paper_lines(paper: dict[str, float], stats: Sequence[GroupStats]) -> list[str]:

@@ -3,11 +3,13 @@
 A preset's ``tuning`` section (``{lr: [0.02, 0.05, 0.1], seed: 100, num-server-rounds: 30}``) makes
 the runner first train every strategy at every learning rate of the grid on the tuning seed (a seed
 the comparison does not report), for ``num-server-rounds`` rounds; each strategy then runs its
-reported seeds at the rate whose tuning run ended with the highest final accuracy (ties: the smaller
-rate). The tuning runs are variants ``tune-lr<rate>`` in the same output directory; the report gives
-the grid, every tuning run's final accuracy and each pick, and keeps them out of its main tables.
+reported seeds at the rate whose tuning run has the highest late accuracy (the mean of its evaluations
+in the last fifth of its rounds, :func:`simulations.paired_stats.late_accuracy`, the quantity the
+paired rule compares; ties: the smaller rate). The tuning runs are variants ``tune-lr<rate>`` in the
+same output directory; the report gives the grid, every tuning run's late accuracy and each pick, and
+keeps them out of its main tables.
 
-The final accuracy is the central test set's (the project's data sets have no validation split): the
+The accuracy is the central test set's (the project's data sets have no validation split): the
 pick is made on other partitions, node samples and initialisations than the reported seeds', but on
 the same test images, which the report states.
 """
@@ -19,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from resist_fl.run.methods import label
-from resist_fl.run.outputs import SUMMARY_FILE, read_json
+from resist_fl.run.outputs import SUMMARY_FILE, read_metrics
+from simulations.paired_stats import late_accuracy
 
 TUNING_PREFIX = "tune-lr"
 """Variant names of the tuning runs: ``tune-lr0.05``."""
@@ -48,17 +51,18 @@ def grid_of(tuning: Mapping[str, Any] | None) -> tuple[list[float], int, int] | 
     return sorted(rates), int(tuning["seed"]), int(tuning["num-server-rounds"])
 
 
-def final_accuracy(run_dir: Path) -> float | None:
-    """A finished run's final accuracy (None when it did not finish)."""
-    summary = run_dir / SUMMARY_FILE
-    if not summary.exists():
+def run_late_accuracy(run_dir: Path) -> float | None:
+    """A finished run's late accuracy (None when it did not finish or never evaluated)."""
+    if not (run_dir / SUMMARY_FILE).exists():
         return None
-    value = read_json(summary).get("final-accuracy")
-    return None if value is None else float(value)
+    rows = sorted((r for r in read_metrics(run_dir) if r.get("accuracy") is not None), key=lambda r: r["round"])
+    if not rows:
+        return None
+    return late_accuracy([r["round"] for r in rows], [r["accuracy"] for r in rows])
 
 
 def picks(results: Mapping[str, Mapping[float, float | None]]) -> dict[str, float]:
-    """Per strategy, the rate of its best final accuracy (ties: the smaller rate; unfinished runs never win)."""
+    """Per strategy, the rate of its best late accuracy (ties: the smaller rate; unfinished runs never win)."""
     chosen = {}
     for strategy, by_rate in results.items():
         finished = {r: a for r, a in by_rate.items() if a is not None}
@@ -69,12 +73,12 @@ def picks(results: Mapping[str, Mapping[float, float | None]]) -> dict[str, floa
 
 
 def tuning_results(runs: Sequence[Mapping[str, Any]], out_dir: Path) -> dict[str, dict[float, float | None]]:
-    """Per strategy, each tuning rate's final accuracy, from the manifest's run entries."""
+    """Per strategy, each tuning rate's late accuracy, from the manifest's run entries."""
     results: dict[str, dict[float, float | None]] = {}
     for run in runs:
         if is_tuning(run["variant"]):
             rate = float(run["run-config"]["lr"])
-            results.setdefault(run["strategy"], {})[rate] = final_accuracy(out_dir / run["name"])
+            results.setdefault(run["strategy"], {})[rate] = run_late_accuracy(out_dir / run["name"])
     return results
 
 
@@ -94,7 +98,8 @@ def tuning_lines(manifest: Mapping[str, Any], out_dir: Path) -> list[str]:
     return ["## Learning-rate grid", "",
             f"Every method trained at every rate of the same grid on tuning seed {tuning.get('seed', '?')} "
             f"({tuning.get('num-server-rounds', '?')} rounds), and runs its reported seeds at the rate with the "
-            "highest final accuracy (bold; ties: the smaller rate). The tuning seed's partitions, node samples "
+            "highest late accuracy (shown; the mean of its evaluations in the last fifth of its rounds, bold: the "
+            "pick; ties: the smaller rate). The tuning seed's partitions, node samples "
             "and initialisation are not the reported seeds', but its accuracy is measured on the same test set "
             "(no validation split).", "",
             "| method | " + " | ".join(f"lr {r:g}" for r in rates) + " | picked |",

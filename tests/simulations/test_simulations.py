@@ -411,3 +411,22 @@ def test_a_strategy_config_key_reaches_only_its_strategy_and_an_unknown_strategy
     assert by_name["no-warmup-resist-seed0"]["warmup-rounds"] == 0  # a variant's change wins over strategy-config
     assert compare.main(["quick-cpu", "strategy-config.fedprox.lr=0.1", "--dry-run", "--out", str(tmp_path)]) == 2
     assert "strategy-config names unknown strategies ['fedprox']" in capsys.readouterr().err
+
+
+def test_a_learning_rate_is_picked_by_its_late_accuracy_not_its_last_evaluation(tmp_path):
+    """Rate 0.2 ends on a lucky evaluation (0.70 after 0.60, 0.61); rate 0.1 is steadily at 0.66: 0.1 is picked."""
+    from simulations.tuning import picks, tuning_results
+
+    runs = []
+    for rate, curve in ((0.1, [0.40, 0.66, 0.66, 0.66]), (0.2, [0.40, 0.60, 0.61, 0.70])):
+        name = f"tune-lr{rate:g}-resist-seed100"
+        for i, accuracy in enumerate(curve):  # rounds 5, 10, 15, 20: the last fifth is rounds 17-20 (one evaluation)
+            append_metrics(tmp_path / name, {"round": 5 * (i + 1), "accuracy": accuracy})
+        write_json(tmp_path / name / SUMMARY_FILE, {"final-accuracy": curve[-1]})
+        runs.append({"name": name, "variant": f"tune-lr{rate:g}", "strategy": "resist", "run-config": {"lr": rate}})
+    assert picks(tuning_results(runs, tmp_path)) == {"resist": 0.2}  # one late evaluation: the last decides
+    for run in runs:  # with rounds 17, 18, 19 evaluated too, the late mean decides
+        rate = run["run-config"]["lr"]
+        for r in (17, 18, 19):
+            append_metrics(tmp_path / run["name"], {"round": r, "accuracy": 0.66 if rate == 0.1 else 0.60})
+    assert picks(tuning_results(runs, tmp_path)) == {"resist": 0.1}
