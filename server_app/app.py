@@ -51,9 +51,9 @@ class ClientTiers(Protocol):
 class CentralEvaluation:
     """The project's evaluation (a :class:`RoundRecorder` ``evaluation``): loss and accuracy of
     the global model on the central test set, plus ``accuracy-depth-<pct>`` for every
-    ``eval-depths`` percentage and ``accuracy-width-<pct>`` for every width rate below 1 in
-    ``width_rates`` (a live set: the rates a width-sliced strategy has sent so far), each the
-    global model's first ``r x C`` channels, as HeteroFL evaluates its tiers. With
+    ``eval-depths`` percentage and ``accuracy-width-<pct>`` for every width below 1 in ``widths``
+    (the recorder's: the shares of the global model nodes have held so far, from the round reports),
+    each the global model's first ``r x C`` channels, as HeteroFL evaluates its tiers. With
     ``client_labels`` (``client-eval``), rounds on the whole test set also give the per-client
     figures ``client-accuracy-{mean,worst10,min,std}`` (:mod:`resist_fl.core.client_accuracy`). A
     multi-exit model (DepthFL's) also gives ``accuracy-exit-<k>``: each exit alone (``accuracy`` is the
@@ -63,19 +63,18 @@ class CentralEvaluation:
     :mod:`resist_fl.node.batchnorm_statistics`; the tiers keep batch statistics)."""
 
     def __init__(self, settings: RunSettings, spec: ModelSpec, layout: BlockLayout, test_loader: EvalBatches,
-                 width_rates: set[float] | None = None, subset_loader: EvalBatches | None = None,
+                 subset_loader: EvalBatches | None = None,
                  client_labels: ClientLabels | None = None, tiers: ClientTiers | None = None) -> None:
         self.settings, self.spec, self.layout, self.test_loader = settings, spec, layout, test_loader
         self.subset_loader = subset_loader  # eval-subset: intermediate rounds (None: the whole test set)
         self.client_labels, self.tiers = client_labels, tiers
-        self.width_rates = width_rates if width_rates is not None else set()
         self.sliced: dict[float, torch.nn.Module] = {}  # width-tier evaluation models, by rate
         self.device = resolve_device(settings.device)
         self.model = build_model(spec)  # built once, loaded with the global state at each evaluation
         self.truncated: dict[int, torch.nn.Module] = {}  # any-depth evaluation models, by percent
         self.training_set: EvalBatches | None = None  # bn-statistics='training-data': the training set's batches
 
-    def __call__(self, run_round: int, state: dict[str, torch.Tensor]) -> dict[str, float]:
+    def __call__(self, run_round: int, state: dict[str, torch.Tensor], widths: frozenset[float]) -> dict[str, float]:
         final = run_round >= self.settings.num_server_rounds or self.subset_loader is None
         loader = self.test_loader if final else self.subset_loader
         model = self.global_model(state)
@@ -92,7 +91,7 @@ class CentralEvaluation:
             metrics.update(self.tier_figures(state, counts, result))
         for percent in self.settings.depth_percents():
             metrics[f"accuracy-depth-{percent}"] = self.evaluate_truncated(state, percent)
-        for rate in sorted(r for r in self.width_rates if r < 1):
+        for rate in sorted(r for r in widths if r < 1):
             metrics[f"accuracy-width-{round(100 * rate, 2):g}"] = self.evaluate_width(state, rate)
         return metrics
 
@@ -224,7 +223,7 @@ def main(grid: Grid, context: Context) -> None:
     recorder = RoundRecorder(strategy, layout, run_dir, run_config=settings.to_run_config(),
                              num_rounds=settings.num_server_rounds,
                              evaluation=CentralEvaluation(
-                                 settings, spec, layout, test_loader, strategy.rates_seen, subset_loader,
+                                 settings, spec, layout, test_loader, subset_loader,
                                  ClientLabels(settings, spec.num_classes, strategy.sampler.num_partitions)
                                  if settings.client_eval else None,
                                  strategy if settings.client_eval else None),

@@ -67,10 +67,10 @@ def crash_at_round(monkeypatch):
     evaluate = server_app.CentralEvaluation.__call__
 
     def crash(config: dict, num_nodes: int, run_round: int) -> None:
-        def stop(self, this_round, state):
+        def stop(self, this_round, state, widths):
             if this_round == run_round:
                 raise RuntimeError("stopped")
-            return evaluate(self, this_round, state)
+            return evaluate(self, this_round, state, widths)
 
         monkeypatch.setattr(server_app.CentralEvaluation, "__call__", stop)
         try:

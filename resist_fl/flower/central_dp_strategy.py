@@ -65,10 +65,6 @@ class CentrallyPrivate(Strategy):
     def label(self) -> str:
         return self.strategy.label
 
-    @property
-    def rates_seen(self) -> set[float]:
-        return self.strategy.rates_seen
-
     def inference_scales(self) -> dict[str, float]:
         return self.strategy.inference_scales()
 

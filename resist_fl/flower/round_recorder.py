@@ -32,7 +32,8 @@ from resist_fl.flower.round_report import NodeReport, RecordedStrategy, RoundRep
 from resist_fl.node.peak_memory import MEASURES, resident_memory_mb
 from resist_fl.run.checkpoint import Checkpoint, capture_rngs, open_run_directory
 from resist_fl.run.divergence import DIVERGENCE_HINT, divergence_reason
-from resist_fl.run.outputs import MODEL_FILE, NODES_FILE, SUMMARY_FILE, append_metrics, save_model, write_json
+from resist_fl.run.outputs import (MODEL_FILE, NODES_FILE, SUMMARY_FILE, append_metrics, read_metrics, save_model,
+                                   write_json)
 from resist_fl.run.timing import eta
 from resist_fl.run.tracking import SafeTracker
 
@@ -48,9 +49,11 @@ class TargetReached(Exception):
     (Flower 1.42's ``start`` has no stop condition); caught by :meth:`RoundRecorder.start`."""
 
 
-Evaluation = Callable[[int, dict[str, torch.Tensor]], Mapping[str, float]]
-"""``evaluation(run_round, state)``: metrics of the global model whose ``state_dict`` is ``state``
-(residual scales included), e.g. ``{"loss": 0.41, "accuracy": 0.88}``; numbers only."""
+Evaluation = Callable[[int, dict[str, torch.Tensor], frozenset[float]], Mapping[str, float]]
+"""``evaluation(run_round, state, widths)``: metrics of the global model whose ``state_dict`` is ``state``
+(residual scales included), e.g. ``{"loss": 0.41, "accuracy": 0.88}``; numbers only. ``widths``: every
+share below 1 of the global model's channels that a node has held so far, from the round reports (a width
+method's rates; empty for the others), for an evaluation of the global model at those widths."""
 
 
 def full_state(arrays: ArrayRecord, layout: BlockLayout, scales: Mapping[str, float]) -> dict[str, torch.Tensor]:
@@ -85,8 +88,8 @@ class RoundRecorder:
     num_rounds : int
         Rounds of the whole run (a resumed run does only those left); the last is always evaluated.
     evaluation : callable, optional
-        ``evaluation(run_round, state) -> {name: number}``, called on every ``eval_every``-th
-        round and the last; its metrics go into the round's row (``accuracy`` and ``loss`` are
+        ``evaluation(run_round, state, widths) -> {name: number}`` (:data:`Evaluation`), called on
+        every ``eval_every``-th round and the last; its metrics go into the round's row (``accuracy`` and ``loss`` are
         ``null`` in rows without them).
     eval_every : int
         Evaluate every this many rounds.
@@ -134,6 +137,9 @@ class RoundRecorder:
         self.completed_rounds = self.resumed.server_round if self.resumed else 0
         self.rows: list[dict] = list(self.resumed.metrics) if self.resumed else []
         strategy.resume_after(self.completed_rounds, self.rows[-1] if self.rows else None)
+        self.widths_held: set[float] = {  # the evaluation's `widths`; on resume, from the rows kept
+            float(r["global-width"]) for r in read_metrics(self.run_dir, NODES_FILE)
+            if r.get("global-width") is not None and r["global-width"] < 1} if self.resumed else set()
         self.grid: MeteredGrid | None = None
         self.arrays: ArrayRecord | None = None  # the global arrays after the last round seen
         self.seconds = 0.0
@@ -230,12 +236,14 @@ class RoundRecorder:
         run_round = self.completed_rounds + server_round
         traffic = self.grid.take_round()
         report = self.strategy.round_report()
+        self.widths_held |= {n.global_width for n in report.nodes.values()
+                             if n.global_width is not None and n.global_width < 1}
         row = self._round_row(run_round, traffic, report)
         nodes = self.node_rows(run_round, traffic, report)
         evaluated: dict[str, float | int | None] = {}
         if self.evaluation is not None and (run_round % self.eval_every == 0 or run_round == self.num_rounds):
             started = time.perf_counter()
-            evaluated = _numbers(self.evaluation(run_round, self.final_state()))
+            evaluated = _numbers(self.evaluation(run_round, self.final_state(), frozenset(self.widths_held)))
             row.update(evaluated)
             row["eval-seconds"] = time.perf_counter() - started  # the server's evaluation of the global model
         reason = divergence_reason((r.get("train-loss") for r in self.rows), row.get("train-loss"),
@@ -310,6 +318,7 @@ class RoundRecorder:
                 "partition": sampler.partition(node), "capacity": capacity,
                 "max-blocks": limit, "blocks": blocks, "over-capacity": int(over), "budget-used": sent.budget_used,
                 "flops-per-sample": sent.flops_per_sample, "params": sent.params, "width-rate": sent.width_rate,
+                "global-width": sent.global_width,
                 "bytes-down": traffic.bytes_down.get(node, 0), "bytes-up": traffic.bytes_up.get(node, 0),
                 "status": "accepted" if reply else "no-valid-reply",
                 "train-seconds": reply.get("train-seconds"), "simulated-seconds": reply.get("simulated-seconds"),

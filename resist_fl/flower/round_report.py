@@ -45,6 +45,8 @@ class NodeReport:
     budget_used: float | None = None
     """What it was sent costs, as a fraction of its budget under ``capacity-measure`` (above 1:
     over capacity)."""
+    global_width: float | None = None
+    """The share of the global model's channels it held (a width method's rate; None: all of them)."""
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,10 @@ class Plan:
     blocks: int | None = None
     """Partitionable blocks it holds (None: the full model)."""
     width_rate: float | None = None
-    """Its width rate (width-sliced methods)."""
+    """Its width rate (width-sliced methods; FedAvg-small's relative to the configured model)."""
+    global_width: float | None = None
+    """The share of the global model's channels it holds (a width method's rate; None: all of them). The
+    server evaluates the global model at every such width below 1 that nodes have held."""
     group: Hashable = None
     """Plans of one group hold the same elements this round: their arrays are cut and encoded once."""
     indices: Any = None
@@ -161,7 +164,6 @@ class SubModelStrategy(Strategy):
         self.min_holders = settings.privacy_min_holders
         self.exposure_threshold = max(2, settings.privacy_min_holders)
         self.round_offset = 0  # rounds done before this start() (resume_after)
-        self.rates_seen: set[float] = set()  # widths to evaluate the global model at (a width method's)
         self.connected = 0
         self.sampled: list[int] = []
         self.plans: dict[int, Plan] = {}
@@ -384,7 +386,7 @@ class SubModelStrategy(Strategy):
         low, share = self.last_exposure.get(node, (None, None))
         return NodeReport(plan.blocks, self.last_replies.get(node, {}), self.speeds.get(node), self.max_blocks(node),
                           over, plan.cost.flops if plan.cost else None, plan.cost.params if plan.cost else None,
-                          plan.width_rate, min_holders=low, exposed_fraction=share,
+                          plan.width_rate, min_holders=low, exposed_fraction=share, global_width=plan.global_width,
                           budget_used=budget_used(capacity, measure, plan.share, plan.cost, full))
 
     # -- federated evaluation ---------------------------------------------------------------------

@@ -164,9 +164,8 @@ class WidthSliced(SubModelStrategy):
                 holding = {k: element_index(shapes[k], self.groups[k], indices) for k in self.keys}
                 shared[group] = Plan(holding, {WIDTH_RATE: rate, **self.node_config(rate)}, share=rate,
                                      cost=self.costs.width_cost(rate), blocks=self.blocks, width_rate=rate,
-                                     group=group, indices=indices)
+                                     global_width=rate, group=group, indices=indices)
             plans[node] = shared[group]
-        self.rates_seen |= set(rates)
         return plans
 
     label_split = False

@@ -77,10 +77,10 @@ def test_a_stopped_sub_model_run_resumes_bit_identically(tiny_config, monkeypatc
     run_inprocess(whole, num_nodes=3)
     evaluate = server_app.CentralEvaluation.__call__
 
-    def stop(self, run_round, state):
+    def stop(self, run_round, state, widths):
         if run_round == 2:
             raise RuntimeError("stopped")
-        return evaluate(self, run_round, state)
+        return evaluate(self, run_round, state, widths)
 
     stopped = {**base, "run-name": "stopped"}
     monkeypatch.setattr(server_app.CentralEvaluation, "__call__", stop)
@@ -91,6 +91,15 @@ def test_a_stopped_sub_model_run_resumes_bit_identically(tiny_config, monkeypatc
     a, b = (torch.load(run_dir(c) / "model.pt", weights_only=True)["state_dict"] for c in (whole, stopped))
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    # the widths the global model is evaluated at come from the round reports, kept in nodes.jsonl across
+    # the stop: the resumed run's last evaluation is the whole run's, tier by tier
+    last = [{k: v for k, v in read_metrics(run_dir(c))[-1].items() if k.startswith("accuracy")}
+            for c in (whole, stopped)]
+    assert last[0] == last[1]
+    held = {r["global-width"] for r in read_metrics(run_dir(whole), "nodes.jsonl")}
+    assert (held == {None}) == (strategy in ("depth-prefix", "fedavg-small", "depthfl"))
+    assert {f"accuracy-width-{round(100 * w, 2):g}" for w in held if w is not None and w < 1} \
+        == {k for k in last[0] if k.startswith("accuracy-width-")}
 
 
 @pytest.mark.slow  # six rounds of 20 steps on three nodes, per method

@@ -39,7 +39,7 @@ def main(grid: Grid, context: Context) -> None:
 
     test_data, evaluated = load_test_data(), copy.deepcopy(model)
 
-    def evaluation(run_round: int, state: dict[str, torch.Tensor]) -> dict[str, float]:
+    def evaluation(run_round: int, state: dict[str, torch.Tensor], widths: frozenset[float]) -> dict[str, float]:
         evaluated.load_state_dict(state)  # the global model, ResIST's inference scales included
         loss, accuracy = test(evaluated, test_data)
         return {"loss": loss, "accuracy": accuracy}
