@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from resist_fl.run.outputs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_json, read_metrics, write_json
-from resist_fl.run.methods import label  # the method table's labels (former names read too)
+from resist_fl.run.methods import METHODS, label  # the method table's labels (former names read too)
 from simulations.equal_cost import CostCurve, cost_curve, equal_cost_lines
 from simulations.tuning import is_tuning, tuning_lines
 from simulations.machine import describe_machine, machine_line
@@ -73,7 +73,8 @@ PLOTS = {"round": ("accuracy_vs_round.png", "round"),
          "gb": ("accuracy_vs_gb.png", "cumulative communication (GB)"),
          "seconds": ("accuracy_vs_seconds.png", "wall-clock seconds (sum of round-seconds)"),
          "tflops": ("accuracy_vs_tflops.png", "cumulative training TFLOPs (nodes that replied)")}
-NAME_PATTERN = re.compile(r"^(?P<variant>.+)-(?P<strategy>resist|fedavg)-seed(?P<seed>\d+)$")
+NAME_PATTERN = re.compile(rf"^(?P<variant>.+)-(?P<strategy>{'|'.join(map(re.escape, METHODS))})-seed(?P<seed>\d+)$")
+"""``<variant>-<strategy>-seed<N>``, for every registered method (:data:`resist_fl.run.methods.METHODS`)."""
 
 
 def finite(obj: Any) -> Any:
