@@ -95,6 +95,11 @@ class NodeSampler:
         (ResIST deals its blocks with it).
         """
         ordered = self.stable_order(grid, self._wait_for_nodes(grid))
+        if self.secret and len(capacities := sorted({self.capacity(n) for n in ordered})) > 1:
+            raise RuntimeError(f"dp-sampling = 'secret': the connected nodes declare capacities {capacities}; what a "
+                               "node is sent depends on its capacity and each round's bytes and sub-models are "
+                               "released, so the sample would not stay secret. Give every node one capacity "
+                               "(node config `capacity`), or run with dp-sampling = 'public'")
         rng = round_rng(self.seed, run_round)
         picked = sample_positions(len(ordered), self.fraction, self.min_nodes, self._secret_rng or rng)
         sampled = [ordered[i] for i in picked]

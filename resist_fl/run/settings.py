@@ -336,6 +336,14 @@ class RunSettings(BaseModel):
             raise SettingsError("norm = 'batchnorm-running': under dp='central' the running statistics are noised "
                                 "like any parameter and a variance can turn negative; set norm='groupnorm' or "
                                 "'batchnorm' (batch statistics, no running buffers)")
+        if self.dp_sampling == "secret" and (self.capacity_mode == "dynamic" or len(set(
+                parse_profile("capacity-profile", self.capacity_profile, low=0.0, high=1.0))) > 1):
+            raise SettingsError(f"dp-sampling = 'secret' with capacity-profile = {self.capacity_profile!r} and "
+                                f"capacity-mode = {self.capacity_mode!r}: what a node is sent depends on its capacity, "
+                                "and each round's bytes, sub-models and evaluated widths are released, so they would "
+                                "tell which capacities were sampled and the sample would not stay secret (the "
+                                "amplified accountant assumes it does); expected one capacity for every node, or "
+                                "dp-sampling = 'public'")
         if self.dp_target_epsilon > 0 and self.dp != "central":
             raise SettingsError(f"dp-target-epsilon = {self.dp_target_epsilon!r}: needs dp='central' (got dp = {self.dp!r})")
         if self.privacy_min_holders > 1 and self.strategy != "resist":

@@ -37,7 +37,8 @@ CASES = {**{name: {"strategy": name, **({} if name in ("resist", "fedavg") else 
 # features ride on a method's own launch (each launch costs about 45 CPU-seconds of start-up)
 CASES["depthfl"]["feddyn-alpha"] = 0.1  # FedDyn, DepthFL's server optimiser
 CASES["fjord-kd"].update({"dp": "central", "weighting": "uniform", "dp-clip": 0.5, "dp-noise-multiplier": 0.5,
-                          "dp-sampling": "secret"})  # a width method under the central-DP wrapper, secret sample
+                          "dp-sampling": "secret",  # a width method under the central-DP wrapper, secret sample
+                          "capacity-profile": "0.5"})  # (a secret sample needs one capacity for every node)
 CASES["fedavg-small"].update({"dp": "local", "norm": "groupnorm", "local-steps": 4})  # Opacus DP-SGD
 FMNIST = Path(IDX_DATASETS["fashion-mnist"].debian_dir).is_dir()  # .ci/run installs it (as root)
 if FMNIST:  # the Fashion-MNIST preset's federation (100 SuperNodes, 10 per round), a few small rounds

@@ -191,6 +191,23 @@ def test_a_secret_sample_is_not_the_seeded_one():
     assert len(draws) > 1  # the same seed, other samples
 
 
+def test_a_secret_sample_over_nodes_of_different_capacities_is_refused():
+    """What a node is sent follows its capacity and each round's bytes and sub-models are released: with two
+    capacities among the connected nodes they would tell which were sampled, so a secret sample is refused."""
+    from types import SimpleNamespace
+
+    sampler = NodeSampler(fraction=0.5, min_nodes=2, min_available_nodes=4, seed=0, secret=True)
+    grid = SimpleNamespace(get_node_ids=lambda: [10, 11, 12, 13])
+    for node in range(10, 14):  # identified (no identity query needed), two capacities
+        sampler._rank_key[node] = (0, node - 10, node)
+        sampler._capacity[node] = 1.0 if node < 12 else 0.5
+    with pytest.raises(RuntimeError, match=r"declare capacities \[0.5, 1.0\]"):
+        sampler.sample(grid, 1)
+    sampler._capacity.update({node: 0.5 for node in range(10, 14)})  # one capacity: the sample stays secret
+    sampled, connected, _ = sampler.sample(grid, 1)
+    assert connected == 4 and len(sampled) == 2
+
+
 def test_the_target_plans_against_a_node_in_every_round(tiny_config, caplog):
     one, two = _reference(1.0, 1), _reference(1.0, 2)
     _central(tiny_config, **{"num-server-rounds": 5, "strategy": "fedavg", "dp-noise-multiplier": 1.0,
@@ -242,6 +259,10 @@ def test_under_dp_no_unnoised_figure_leaves_a_node_or_the_server(tiny_config, mo
     ({"dp": "central", "weighting": "uniform", "norm": "batchnorm-running"}, "norm = 'batchnorm-running'"),
     ({"dp-sampling": "secret"}, "dp-sampling = 'secret': needs dp='central'"),
     ({"dp-clip-quantile": 0.5, "dp": "local", "norm": "groupnorm"}, "dp-clip-quantile = 0.5: needs dp='central'"),
+    ({"dp": "central", "weighting": "uniform", "dp-sampling": "secret", "capacity-profile": "1.0,0.5"},
+     "the sample would not stay secret"),
+    ({"dp": "central", "weighting": "uniform", "dp-sampling": "secret", "capacity-profile": "0.5",
+      "capacity-mode": "dynamic"}, "capacity-mode = 'dynamic': what a node is sent depends on its capacity"),
 ])
 def test_settings_refuse_what_would_bypass_the_mechanism(tiny_config, changes, message):
     with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
