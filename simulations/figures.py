@@ -36,6 +36,7 @@ from simulations import benchmark_figures, probe_figures, report
 from simulations.client_report import last_client_row
 from simulations.node_costs import link_time_lines, node_summary
 from simulations.privacy_report import run_privacy
+from simulations.tuning import is_tuning
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
@@ -48,7 +49,8 @@ def _groups(name: str) -> tuple[Path, dict, dict]:
     if not manifest_path.exists():
         raise FileNotFoundError(f"{manifest_path}: no committed comparison named {name!r}")
     manifest = report.read_json(manifest_path)
-    return runs_dir, manifest, report.group_runs(report.discover_runs(runs_dir, manifest))
+    runs = [r for r in report.discover_runs(runs_dir, manifest) if not is_tuning(r.variant)]  # the grid: its own table
+    return runs_dir, manifest, report.group_runs(runs)
 
 
 PAIRED_HEAD = "vs ResIST: paired difference in late accuracy, 95 % interval"
@@ -225,6 +227,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "hetero-baselines": lambda: baselines_block("hetero-baselines"),
     "hetero-baselines-synthetic": lambda: baselines_block("hetero-baselines-synthetic"),
     "fmnist-dirichlet05": lambda: headline_block("fmnist-dirichlet05"),
+    "fmnist-study": lambda: headline_block("fmnist-study"),
     "privacy-digits": lambda: privacy_block("privacy-digits"),
     "quick-cpu": lambda: baselines_block("quick-cpu"),
     "quick-warmup": lambda: baselines_block("quick-warmup"),
