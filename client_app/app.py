@@ -42,7 +42,7 @@ from resist_fl.node.method_hooks import SubNetwork
 from resist_fl.node.peak_memory import PeakMemory
 from resist_fl.node.training import evaluate, precision, resolve_device, scheduled_lr, steps_for, train
 from resist_fl.run.methods import load, method
-from resist_fl.run.settings import RunSettings, parse_profile, profile_value
+from resist_fl.run.settings import RunSettings, profile_value
 
 app = ClientApp(mods=[simulated_straggler])  # slowdown-profile: a simulated straggler sleeps after training
 
@@ -221,9 +221,7 @@ def identity_handler(msg: Message, context: Context) -> Message:
     if "capacity" in node:
         capacity = check_capacity(node["capacity"], "node config capacity")
     elif partition_id is not None:
-        profile = parse_profile("capacity-profile", str(context.run_config.get("capacity-profile", "")),
-                                low=0.0, high=1.0)
-        capacity = profile_value(profile, partition_id)
+        capacity = profile_value(RunSettings.from_run_config(dict(context.run_config)).capacities(), partition_id)
     num_partitions = node.get("num-partitions") if "data-path" not in node else None
     if not isinstance(num_partitions, int) or isinstance(num_partitions, bool):
         num_partitions = None

@@ -28,7 +28,7 @@ from resist_fl.core.width_slicing import sliced_spec
 from resist_fl.flower.message_keys import WIDTH_RATE
 from resist_fl.flower.method_factory import Built, ModelParts
 from resist_fl.flower.round_skeleton import Plan, SubModelStrategy, settings_of
-from resist_fl.run.settings import RunSettings, parse_profile
+from resist_fl.run.settings import RunSettings
 
 
 class ScreenedFedAvg(SubModelStrategy):
@@ -111,8 +111,7 @@ def from_settings(settings: RunSettings, model: ModelParts) -> Built:
 def small_from_settings(settings: RunSettings, model: ModelParts) -> Built:
     """``strategy='fedavg-small'``: FedAvg of the one width that fits the weakest capacity of
     ``capacity-profile`` (1.0 without one); that narrower model becomes the global model."""
-    profile = parse_profile("capacity-profile", settings.capacity_profile, low=0.0, high=1.0)
-    rate = model.costs.max_rate(min(profile, default=1.0), settings.capacity_measure, settings.rates())
+    rate = model.costs.max_rate(min(settings.capacities(), default=1.0), settings.capacity_measure, settings.rates())
     spec = sliced_spec(model.spec, rate)
     layout = BlockLayout.from_spec(spec, settings.stages())
     return Built(FedAvgSmall(rate, settings, costs=model.costs), ModelParts(spec, layout, model.costs))

@@ -54,7 +54,7 @@ from resist_fl.flower.reply_screening import (
     too_few_replies,
 )
 from resist_fl.flower.round_report import NodeReport, RoundReport
-from resist_fl.run.settings import RunSettings, parse_profile
+from resist_fl.run.settings import RunSettings
 
 MIN_TRAIN_SECONDS = 1e-3
 """Shortest training time a speed is computed from (a subnormal claim cannot make it infinite)."""
@@ -157,8 +157,7 @@ class SubModelStrategy(Strategy):
         self.sampler = NodeSampler(fraction=settings.fraction_train, min_nodes=settings.min_train_nodes,
                                    min_available_nodes=settings.min_available_nodes, seed=settings.seed,
                                    secret=settings.dp == "central" and settings.dp_sampling == "secret",
-                                   dynamic_profile=parse_profile("capacity-profile", settings.capacity_profile,
-                                                                 low=0.0, high=1.0) if dynamic else None)
+                                   dynamic_profile=settings.capacities() if dynamic else None)
         self.transport = settings.transport_dtype
         self.private = settings.dp != "none"  # DP replies carry no loss or times
         self.min_holders = settings.privacy_min_holders

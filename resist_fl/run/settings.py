@@ -249,7 +249,7 @@ class RunSettings(BaseModel):
 
     @model_validator(mode="after")
     def _cross_key_rules(self) -> "RunSettings":
-        parse_profile("capacity-profile", self.capacity_profile, low=0.0, high=1.0)
+        self.capacities()
         if self.capacity_mode == "dynamic" and not self.capacity_profile:
             raise SettingsError("capacity-mode = 'dynamic': the server draws capacities from capacity-profile, which is "
                                 "empty; set capacity-profile, e.g. \"1.0,0.5,0.25\"")
@@ -336,8 +336,7 @@ class RunSettings(BaseModel):
             raise SettingsError("norm = 'batchnorm-running': under dp='central' the running statistics are noised "
                                 "like any parameter and a variance can turn negative; set norm='groupnorm' or "
                                 "'batchnorm' (batch statistics, no running buffers)")
-        if self.dp_sampling == "secret" and (self.capacity_mode == "dynamic" or len(set(
-                parse_profile("capacity-profile", self.capacity_profile, low=0.0, high=1.0))) > 1):
+        if self.dp_sampling == "secret" and (self.capacity_mode == "dynamic" or len(set(self.capacities())) > 1):
             raise SettingsError(f"dp-sampling = 'secret' with capacity-profile = {self.capacity_profile!r} and "
                                 f"capacity-mode = {self.capacity_mode!r}: what a node is sent depends on its capacity, "
                                 "and each round's bytes, sub-models and evaluated widths are released, so they would "
@@ -378,6 +377,11 @@ class RunSettings(BaseModel):
                                     "integers separated by commas, e.g. '1,1,4,1'")
         return ModelSpec(depths=depths, num_classes=num_classes, in_channels=in_channels,
                          base_width=self.base_width, norm=self.norm, stem=self.stem, head_norm=self.head_norm)
+
+    def capacities(self) -> tuple[float, ...]:
+        """``capacity-profile`` as numbers in [0, 1] in its order (empty: every node says its own, else 1.0):
+        the one reading of it (a simulated node's capacity, the dynamic draws, FedAvg-small's width)."""
+        return parse_profile("capacity-profile", self.capacity_profile, low=0.0, high=1.0)
 
     def rates(self) -> tuple[float, ...]:
         """``width-rates`` as numbers in (0, 1], largest first (``channels``: every ``w / base-width``)."""
