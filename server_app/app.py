@@ -213,6 +213,7 @@ def main(grid: Grid, context: Context) -> None:
     spec, layout, test_loader, data, subset_loader = prepare_data(settings)
     costs = CostModel(spec, layout, tuple(data["image-shape"][1:]))
     built = build(settings, ModelParts(spec, layout, costs))  # the method table's factory for `strategy`
+    built = built.for_federation(grid)  # a model shaped by the nodes' capacities (fedavg-small) waits for them
     strategy, spec, layout = built.strategy, built.model.spec, built.model.layout
     log(INFO, "resist-fl: nodes train in %s (amp=%s, device=%s); central evaluation in %s on %s",
         precision(settings.amp), settings.amp, settings.device, precision(settings.amp),
@@ -237,7 +238,7 @@ def main(grid: Grid, context: Context) -> None:
                                        "data": data})
 
     torch.manual_seed(settings.seed)
-    recorder.start(grid, None if recorder.resumed else build_model(spec).state_dict(),
+    recorder.start(grid, build_model(spec).state_dict(),  # resuming: the checkpoint's arrays, checked against it
                    timeout=settings.round_timeout, train_config=model_config(spec),
                    evaluate_config=model_config(spec))
     recorder.finish(spec.to_dict())

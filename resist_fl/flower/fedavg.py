@@ -15,7 +15,8 @@ global model itself is that narrower model, and every message (evaluation includ
 
 from __future__ import annotations
 
-from logging import WARNING
+from collections.abc import Mapping
+from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
@@ -77,6 +78,17 @@ class FedAvgSmall(ScreenedFedAvg):
         self.width_rate = width_rate
         self.warned: set[int] = set()  # nodes told they cannot afford the width
 
+    def fit_to(self, capacities: Mapping[int, float], model: ModelParts) -> ModelParts:
+        """Set the width to the largest that fits the weakest capacity among ``capacity-profile`` (a simulated
+        node's, or every one's under ``capacity-mode='dynamic'``) and the connected nodes' ``capacities``
+        (what each declared); the global model is that narrower model."""
+        weakest = min((*self.settings.capacities(), *capacities.values()), default=1.0)
+        self.width_rate = self.costs.max_rate(weakest, self.settings.capacity_measure, self.settings.rates())
+        log(INFO, "fedavg-small: the weakest capacity is %g (capacity-profile and the %d nodes connected): "
+            "every node trains the width-%g model", weakest, len(capacities), self.width_rate)
+        spec = sliced_spec(model.spec, self.width_rate)
+        return ModelParts(spec, BlockLayout.from_spec(spec, self.settings.stages()), model.costs)
+
     def evaluate_config(self) -> dict[str, Any]:
         """Every message that carries the global arrays names their width (training and evaluation)."""
         return {WIDTH_RATE: self.width_rate}
@@ -84,8 +96,7 @@ class FedAvgSmall(ScreenedFedAvg):
     def plan(self, sampled: list[int], run_round: int, rng: np.random.Generator, server_round: int) -> dict[int, Plan]:
         """FedAvg's plan at the global width; a sampled node whose capacity (the sampler's: its own node
         config or its profile entry) cannot afford that width is warned about once (its nodes.jsonl rows
-        say over-capacity): the width was fixed when the global model was built, from the weakest
-        capacity of ``capacity-profile``."""
+        say over-capacity): the width was fixed when the global model was built (:meth:`fit_to`)."""
         plans = super().plan(sampled, run_round, rng, server_round)
         cost, measure = self.model_cost(), self.settings.capacity_measure
         full = self.costs.full if self.costs is not None else None
@@ -95,8 +106,8 @@ class FedAvgSmall(ScreenedFedAvg):
                     not fits(capacity, measure, self.width_rate, cost, full):
                 self.warned.add(node)
                 log(WARNING, "fedavg-small: node %d has capacity %g, below what its width %g costs (the width was "
-                    "chosen for the weakest capacity of capacity-profile); it trains over its budget", node,
-                    capacity, self.width_rate)
+                    "chosen for the weakest capacity of capacity-profile and the nodes connected at the start); "
+                    "it trains over its budget", node, capacity, self.width_rate)
         return plans
 
     def model_cost(self):
@@ -109,9 +120,8 @@ def from_settings(settings: RunSettings, model: ModelParts) -> Built:
 
 
 def small_from_settings(settings: RunSettings, model: ModelParts) -> Built:
-    """``strategy='fedavg-small'``: FedAvg of the one width that fits the weakest capacity of
-    ``capacity-profile`` (1.0 without one); that narrower model becomes the global model."""
-    rate = model.costs.max_rate(min(settings.capacities(), default=1.0), settings.capacity_measure, settings.rates())
-    spec = sliced_spec(model.spec, rate)
-    layout = BlockLayout.from_spec(spec, settings.stages())
-    return Built(FedAvgSmall(rate, settings, costs=model.costs), ModelParts(spec, layout, model.costs))
+    """``strategy='fedavg-small'``: FedAvg of the one width that fits the weakest capacity, from
+    ``capacity-profile`` and the capacities the nodes connected at the start declared
+    (:meth:`FedAvgSmall.fit_to`, once they are there); that narrower model becomes the global model."""
+    strategy = FedAvgSmall(1.0, settings, costs=model.costs)
+    return Built(strategy, model, for_nodes=lambda capacities: strategy.fit_to(capacities, model))

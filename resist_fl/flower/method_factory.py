@@ -9,7 +9,10 @@ Under ``dp='central'`` the strategy is wrapped in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+
+from flwr.serverapp import Grid
 
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.model import ModelSpec
@@ -32,17 +35,28 @@ class ModelParts:
 
 @dataclass(frozen=True)
 class Built:
-    """A strategy and the global model it trains (a method may narrow it: fedavg-small)."""
+    """A strategy and the global model it trains (a method may narrow it to its nodes: fedavg-small)."""
 
     strategy: RecordedStrategy
     model: ModelParts
+    for_nodes: Callable[[Mapping[int, float]], ModelParts] | None = None
+    """Given the connected nodes' capacities (the sampler's), the global model the method trains, the
+    strategy set up for it (None: :attr:`model`, whoever connects)."""
+
+    def for_federation(self, grid: Grid) -> "Built":
+        """This method's global model for the nodes connected to ``grid`` (their capacities from the
+        strategy's sampler; it waits for ``min-available-nodes``); itself when the model does not
+        depend on them."""
+        if self.for_nodes is None:
+            return self
+        return replace(self, model=self.for_nodes(self.strategy.sampler.identify(grid)), for_nodes=None)
 
 
 def build(settings: RunSettings, model: ModelParts) -> Built:
     """The run's strategy, from its method's factory."""
     built = load(method(settings.strategy).factory)(settings, model)  # a function, or a class's from_settings
     dp = central_dp(settings)
-    return built if dp is None else Built(CentrallyPrivate(built.strategy, dp), built.model)
+    return built if dp is None else replace(built, strategy=CentrallyPrivate(built.strategy, dp))
 
 
 def central_dp(settings: RunSettings) -> CentralDP | None:

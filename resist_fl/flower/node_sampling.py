@@ -107,6 +107,13 @@ class NodeSampler:
             self._round_capacity = {n: self.drawn_capacity(n, run_round) for n in sampled}
         return sampled, len(ordered), rng
 
+    def identify(self, grid: Grid) -> dict[int, float]:
+        """Wait for ``min_available_nodes``, ask the nodes not seen before who they are, and give every
+        connected node's capacity (what :meth:`sample` does first; the ServerApp calls it before it
+        builds a model that depends on the nodes, FedAvg-small's)."""
+        ordered = self.stable_order(grid, self._wait_for_nodes(grid))
+        return {node: self._capacity.get(node, 1.0) for node in ordered}
+
     def drawn_capacity(self, node_id: int, run_round: int) -> float:
         """``capacity-mode='dynamic'``: ``node_id``'s capacity in ``run_round``, drawn from the profile."""
         key = self.key(node_id).encode()

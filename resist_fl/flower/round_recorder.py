@@ -152,11 +152,19 @@ class RoundRecorder:
         """Run the rounds left with ``strategy.start`` on a metered ``grid``, this recorder as its
         ``evaluate_fn``; return the final global state (:meth:`final_state`).
 
-        ``initial_state`` is the model's ``state_dict`` (only its payload keys are sent; not
-        needed when resuming: the checkpoint's arrays are used). ``start_kwargs`` go to
+        ``initial_state`` is the model's ``state_dict`` (only its payload keys are sent; when
+        resuming the checkpoint's arrays are used, and, if given, must have its keys' shapes: a model
+        shaped by the nodes, FedAvg-small's, may not fit the checkpoint). ``start_kwargs`` go to
         ``Strategy.start`` (``train_config``, ``timeout``, ...).
         """
         if self.resumed:
+            if initial_state is not None and (wrong := sorted(
+                    k for k, v in self.resumed.arrays.items()
+                    if k in initial_state and tuple(initial_state[k].shape) != tuple(v.shape))):
+                raise ValueError(f"resume: the checkpoint's {wrong[0]} has shape "
+                                 f"{tuple(self.resumed.arrays[wrong[0]].shape)} but this run's model has "
+                                 f"{tuple(initial_state[wrong[0]].shape)} ({len(wrong)} keys differ); the model "
+                                 "changed since the checkpoint (fedavg-small: a weaker node connected?)")
             initial = ArrayRecord({k: torch.from_numpy(v) for k, v in self.resumed.arrays.items()})
             self.resumed.restore_rngs()
             log(INFO, "resist-fl: resuming after round %d", self.completed_rounds)

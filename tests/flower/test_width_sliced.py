@@ -182,13 +182,32 @@ def test_fedavg_small_trains_the_one_width_the_weakest_node_fits(tiny_config):
     assert read_metrics(run_dir(tiny_config))[-1]["strategy"] == "fedavg-small"
 
 
-def test_fedavg_small_flags_a_node_whose_own_capacity_is_below_the_profiles(tiny_config, caplog):
-    """The width comes from capacity-profile when the model is built; a node whose own node config says
-    less (the sampler's capacity) is warned about and its rows say over-capacity."""
-    tiny_config.update(HETERO, strategy="fedavg-small", **widths("fedavg-small"), **{"num-server-rounds": 1})
-    nodes = [{"partition-id": i, "num-partitions": 3, **({"capacity": 0.05} if i == 2 else {})} for i in range(3)]
+@pytest.mark.parametrize("profile", ["", "1.0,0.5,0.25"])
+def test_fedavg_small_fits_the_weakest_capacity_the_connected_nodes_declare(tiny_config, caplog, profile):
+    """The width comes from the sampler once the nodes are there: the weakest of capacity-profile and the
+    capacities the connected nodes declare (a deployment's node config; no profile needed), so a node that
+    says less than the profile narrows the model instead of training over its budget."""
+    tiny_config.update(HETERO, strategy="fedavg-small", **widths("fedavg-small"),
+                       **{"num-server-rounds": 1, "capacity-profile": profile})
+    declared = [1.0, 0.5, 0.05]
+    nodes = [{"partition-id": i, "num-partitions": 3, "capacity": c} for i, c in enumerate(declared)]
     run_inprocess(tiny_config, num_nodes=3, node_configs=nodes)
     rows = {n["partition"]: n for n in read_metrics(run_dir(tiny_config), "nodes.jsonl")}
-    assert rows[2]["capacity"] == 0.05 and rows[2]["over-capacity"] == 1
-    assert rows[0]["over-capacity"] == rows[1]["over-capacity"] == 0
-    assert "has capacity 0.05, below what its width 0.25 costs" in caplog.text
+    (width,) = {r["width-rate"] for r in rows.values()}  # one width for all, of HeteroFL's grid
+    assert width in (0.125, 0.0625)  # narrower than the profile's weakest (0.25) allows: node 2 said 0.05
+    assert [rows[p]["capacity"] for p in range(3)] == declared and all(r["over-capacity"] == 0 for r in rows.values())
+    assert rows[2]["budget-used"] <= 1.0
+    assert "the weakest capacity is 0.05" in caplog.text
+    saved = torch.load(run_dir(tiny_config) / "model.pt", weights_only=True)
+    assert saved["model_spec"]["base_width"] == max(1, round(SPEC.base_width * width))
+
+
+def test_a_resume_whose_nodes_would_narrow_fedavg_small_further_is_refused(tiny_config, crash_at_round):
+    """The checkpoint holds the width-1/4 model; after the stop a node declaring 0.05 connects: the model the
+    nodes now fit is narrower than the checkpoint's, and the resume says so instead of mixing shapes."""
+    tiny_config.update(HETERO, strategy="fedavg-small", **widths("fedavg-small"), **{"num-server-rounds": 2})
+    crash_at_round(tiny_config, 3, 2)
+    nodes = [{"partition-id": i, "num-partitions": 3, **({"capacity": 0.05} if i == 2 else {})} for i in range(3)]
+    with pytest.raises(ValueError, match=r"the model changed since the checkpoint \(fedavg-small"):
+        run_inprocess({**tiny_config, "resume": True}, num_nodes=3, node_configs=nodes)
+    assert [r["round"] for r in read_metrics(run_dir(tiny_config))] == [1]  # what was written stays
