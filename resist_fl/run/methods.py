@@ -58,8 +58,9 @@ class Method:
 
 
 SERVER_STEP = ("server-lr",)
-RESIST_ONLY = ("allocation", "min-blocks-per-site", "inference-scaling")
-"""ResIST's random decomposition: how depths are allocated, its minimum depth, its inference scale."""
+RESIST_ONLY = ("allocation", "min-blocks-per-site", "inference-scaling", "privacy-min-holders")
+"""ResIST's random decomposition: how depths are allocated, its minimum depth, its inference scale, and
+how many nodes each block is dealt to (the only method that deals a block to several nodes)."""
 WARMUP = ("warmup-rounds",)
 """Full-model FedAvg rounds before the decomposition (ResIST and the depth prefix, which share its round)."""
 WIDTH_SLICE = "resist_fl.node.method_hooks:WidthSlice"

@@ -345,9 +345,6 @@ class RunSettings(BaseModel):
                                 "dp-sampling = 'public'")
         if self.dp_target_epsilon > 0 and self.dp != "central":
             raise SettingsError(f"dp-target-epsilon = {self.dp_target_epsilon!r}: needs dp='central' (got dp = {self.dp!r})")
-        if self.privacy_min_holders > 1 and self.strategy != "resist":
-            raise SettingsError(f"privacy-min-holders = {self.privacy_min_holders}: only strategy 'resist' deals a "
-                                f"block to several nodes; got strategy {self.strategy!r}")
 
     def check_tracker_installed(self) -> None:
         """SettingsError naming the extra to install when the tracker's library is missing (a

@@ -211,7 +211,8 @@ def test_a_node_that_does_not_clip_is_rejected_and_counts_as_a_zero_update(tiny_
     ({"dp": "central", "weighting": "uniform", "transport-dtype": "uint8"}, "transport-dtype = 'uint8'"),
     ({"dp": "central", "weighting": "uniform", "allocation": "speed"}, "allocation = 'speed'"),
     ({"dp-target-epsilon": 4.0}, "dp-target-epsilon = 4.0: needs dp='central'"),
-    ({"privacy-min-holders": 2, "strategy": "fedavg"}, "privacy-min-holders = 2: only strategy 'resist'"),
+    ({"privacy-min-holders": 2, "strategy": "fedavg"},
+     "privacy-min-holders = 2: strategy 'fedavg' does not use it (only resist do)"),
 ])
 def test_privacy_settings_errors_name_the_value_and_the_fix(tiny_config, changes, message):
     with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
