@@ -24,7 +24,7 @@ from resist_fl.core.width_slicing import sliced_spec
 from resist_fl.flower.method_factory import ModelParts, build
 from resist_fl.flower.width_sliced import prefix_state
 from resist_fl.flower.round_recorder import RoundRecorder
-from resist_fl.run.outputs import CONFIG_FILE, run_directory, write_json
+from resist_fl.run.outputs import CONFIG_FILE, read_json, run_directory, write_json
 from resist_fl.run.settings import RunSettings, resolve_model
 from resist_fl.run.tracking import open_tracker
 from resist_fl.node.batchnorm_statistics import with_training_statistics
@@ -213,14 +213,16 @@ def main(grid: Grid, context: Context) -> None:
     spec, layout, test_loader, data, subset_loader = prepare_data(settings)
     costs = CostModel(spec, layout, tuple(data["image-shape"][1:]))
     built = build(settings, ModelParts(spec, layout, costs))  # the method table's factory for `strategy`
-    built = built.for_federation(grid)  # a model shaped by the nodes' capacities (fedavg-small) waits for them
+    run_dir = run_directory(settings.output_dir, settings.run_name, settings.strategy)
+    started = run_dir / CONFIG_FILE  # resuming: the model the run started with, not the nodes connected now
+    built = built.for_federation(grid, read_json(started)["model_spec"] if settings.resume and started.exists()
+                                 else None)  # a model shaped by the nodes' capacities (fedavg-small) waits for them
     strategy, spec, layout = built.strategy, built.model.spec, built.model.layout
     log(INFO, "resist-fl: nodes train in %s (amp=%s, device=%s); central evaluation in %s on %s",
         precision(settings.amp), settings.amp, settings.device, precision(settings.amp),
         resolve_device(settings.device))
     log(INFO, "resist-fl: full model %.3g GFLOP per training sample, %d parameters; the smallest ResIST "
         "sub-network costs %.0f %% of it", costs.full.flops / 1e9, costs.full.params, 100 * costs.floor_fraction())
-    run_dir = run_directory(settings.output_dir, settings.run_name, settings.strategy)
     recorder = RoundRecorder(strategy, layout, run_dir, run_config=settings.to_run_config(),
                              num_rounds=settings.num_server_rounds,
                              evaluation=CentralEvaluation(
@@ -232,13 +234,15 @@ def main(grid: Grid, context: Context) -> None:
                              resume=settings.resume, label=settings.strategy,
                              target_accuracy=settings.target_accuracy, dp=settings.dp,
                              secret_sample=settings.dp == "central" and settings.dp_sampling == "secret")
+    torch.manual_seed(settings.seed)
+    initial = build_model(spec).state_dict()  # the seed's initial model (resuming: only its shapes are used)
+    recorder.check_resumable(initial)  # before anything in the run directory is rewritten
     recorder.tracker = open_tracker(settings.tracker, run_dir, settings.to_run_config(), settings.tracking_uri)
     log(INFO, "resist-fl: writing results to %s", run_dir)
     write_json(run_dir / CONFIG_FILE, {"run_config": settings.to_run_config(), "model_spec": spec.to_dict(),
                                        "data": data})
 
-    torch.manual_seed(settings.seed)
-    recorder.start(grid, build_model(spec).state_dict(),  # resuming: the checkpoint's arrays, checked against it
+    recorder.start(grid, initial,  # resuming: the checkpoint's arrays
                    timeout=settings.round_timeout, train_config=model_config(spec),
                    evaluate_config=model_config(spec))
     recorder.finish(spec.to_dict())

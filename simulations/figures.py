@@ -54,8 +54,9 @@ def _groups(name: str) -> tuple[Path, dict, dict]:
 
 
 PAIRED_HEAD = "vs ResIST: paired difference in late accuracy, 95 % interval"
-LATE_NOTE = ("the mean of each run's evaluations in the last fifth of its rounds, then mean ± sample std over "
-             "seeds.")
+LATE_NOTE = ("the mean of each run's evaluations in the last fifth of its rounds (each weighted alike: with "
+             "eval-subset, the intermediate ones on the fixed subset and the last on the whole test set), then "
+             "mean ± sample std over seeds.")
 
 
 def _pm(mean: float, std: float) -> str:

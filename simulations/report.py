@@ -15,7 +15,9 @@ Definitions (also printed in the report):
   mean ± sample standard deviation (ddof 1) over seeds.
 - late accuracy: the mean of a run's evaluations in the last fifth of its
   rounds (rounds above 0.8 x the last; the last round alone when no other
-  falls there). Under a constant learning rate the global model's accuracy
+  falls there), each evaluation weighted alike (with ``eval-subset`` the
+  intermediate ones are on its fixed subset, the last on the whole test
+  set). Under a constant learning rate the global model's accuracy
   moves by several points between neighbouring evaluations; the paired rule
   compares this mean, not one round's draw.
 - target accuracy: ``--target-accuracy`` / the preset's ``target.accuracy`` if

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from resist_fl.run.methods import label
-from resist_fl.run.outputs import SUMMARY_FILE, read_metrics
+from resist_fl.run.outputs import METRICS_FILE, SUMMARY_FILE, read_metrics
 from simulations.paired_stats import late_accuracy
 
 TUNING_PREFIX = "tune-lr"
@@ -53,7 +53,7 @@ def grid_of(tuning: Mapping[str, Any] | None) -> tuple[list[float], int, int] | 
 
 def run_late_accuracy(run_dir: Path) -> float | None:
     """A finished run's late accuracy (None when it did not finish or never evaluated)."""
-    if not (run_dir / SUMMARY_FILE).exists():
+    if not (run_dir / SUMMARY_FILE).exists() or not (run_dir / METRICS_FILE).exists():
         return None
     rows = sorted((r for r in read_metrics(run_dir) if r.get("accuracy") is not None), key=lambda r: r["round"])
     if not rows:

@@ -15,6 +15,7 @@ global model itself is that narrower model, and every message (evaluation includ
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from logging import INFO, WARNING
 from typing import Any
@@ -78,14 +79,27 @@ class FedAvgSmall(ScreenedFedAvg):
         self.width_rate = width_rate
         self.warned: set[int] = set()  # nodes told they cannot afford the width
 
-    def fit_to(self, capacities: Mapping[int, float], model: ModelParts) -> ModelParts:
+    def fit_to(self, capacities: Mapping[int, float], model: ModelParts,
+               started: Mapping[str, Any] | None = None) -> ModelParts:
         """Set the width to the largest that fits the weakest capacity among ``capacity-profile`` (a simulated
         node's, or every one's under ``capacity-mode='dynamic'``) and the connected nodes' ``capacities``
-        (what each declared); the global model is that narrower model."""
-        weakest = min((*self.settings.capacities(), *capacities.values()), default=1.0)
-        self.width_rate = self.costs.max_rate(weakest, self.settings.capacity_measure, self.settings.rates())
-        log(INFO, "fedavg-small: the weakest capacity is %g (capacity-profile and the %d nodes connected): "
-            "every node trains the width-%g model", weakest, len(capacities), self.width_rate)
+        (what each declared); the global model is that narrower model. Resuming (``started``: the model spec
+        the run started with), the width is the one of ``width-rates`` that gives that spec, whoever
+        connects now."""
+        if started is not None:
+            rates = [r for r in (*self.settings.rates(), 1.0)  # as run_config.json holds it (lists, not tuples)
+                     if json.loads(json.dumps(sliced_spec(model.spec, r).to_dict())) == dict(started)]
+            if not rates:
+                raise ValueError(f"resume: the run started with a model of base width {started.get('base_width')!r} "
+                                 f"that no width of width-rates = {self.settings.width_rates!r} gives; the run "
+                                 "config changed since the checkpoint")
+            self.width_rate = rates[0]
+            log(INFO, "fedavg-small: resuming with the width-%g model the run started with", self.width_rate)
+        else:
+            weakest = min((*self.settings.capacities(), *capacities.values()), default=1.0)
+            self.width_rate = self.costs.max_rate(weakest, self.settings.capacity_measure, self.settings.rates())
+            log(INFO, "fedavg-small: the weakest capacity is %g (capacity-profile and the %d nodes connected): "
+                "every node trains the width-%g model", weakest, len(capacities), self.width_rate)
         spec = sliced_spec(model.spec, self.width_rate)
         return ModelParts(spec, BlockLayout.from_spec(spec, self.settings.stages()), model.costs)
 
@@ -124,4 +138,4 @@ def small_from_settings(settings: RunSettings, model: ModelParts) -> Built:
     ``capacity-profile`` and the capacities the nodes connected at the start declared
     (:meth:`FedAvgSmall.fit_to`, once they are there); that narrower model becomes the global model."""
     strategy = FedAvgSmall(1.0, settings, costs=model.costs)
-    return Built(strategy, model, for_nodes=lambda capacities: strategy.fit_to(capacities, model))
+    return Built(strategy, model, for_nodes=lambda capacities, started: strategy.fit_to(capacities, model, started))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 from flwr.serverapp import Grid
 
@@ -39,17 +40,19 @@ class Built:
 
     strategy: RecordedStrategy
     model: ModelParts
-    for_nodes: Callable[[Mapping[int, float]], ModelParts] | None = None
-    """Given the connected nodes' capacities (the sampler's), the global model the method trains, the
-    strategy set up for it (None: :attr:`model`, whoever connects)."""
+    for_nodes: Callable[[Mapping[int, float], Mapping[str, Any] | None], ModelParts] | None = None
+    """``for_nodes(capacities, started)``: given the connected nodes' capacities (the sampler's), the global
+    model the method trains, the strategy set up for it; ``started``: on resume, the model spec the run
+    started with, which it keeps (None: :attr:`model`, whoever connects)."""
 
-    def for_federation(self, grid: Grid) -> "Built":
+    def for_federation(self, grid: Grid, started: Mapping[str, Any] | None = None) -> "Built":
         """This method's global model for the nodes connected to ``grid`` (their capacities from the
-        strategy's sampler; it waits for ``min-available-nodes``); itself when the model does not
-        depend on them."""
+        strategy's sampler; it waits for ``min-available-nodes``), or, resuming, for the model spec the run
+        started with (``started``: nobody is waited for); itself when the model does not depend on them."""
         if self.for_nodes is None:
             return self
-        return replace(self, model=self.for_nodes(self.strategy.sampler.identify(grid)), for_nodes=None)
+        capacities = {} if started is not None else self.strategy.sampler.identify(grid)
+        return replace(self, model=self.for_nodes(capacities, started), for_nodes=None)
 
 
 def build(settings: RunSettings, model: ModelParts) -> Built:

@@ -158,13 +158,8 @@ class RoundRecorder:
         ``Strategy.start`` (``train_config``, ``timeout``, ...).
         """
         if self.resumed:
-            if initial_state is not None and (wrong := sorted(
-                    k for k, v in self.resumed.arrays.items()
-                    if k in initial_state and tuple(initial_state[k].shape) != tuple(v.shape))):
-                raise ValueError(f"resume: the checkpoint's {wrong[0]} has shape "
-                                 f"{tuple(self.resumed.arrays[wrong[0]].shape)} but this run's model has "
-                                 f"{tuple(initial_state[wrong[0]].shape)} ({len(wrong)} keys differ); the model "
-                                 "changed since the checkpoint (fedavg-small: a weaker node connected?)")
+            if initial_state is not None:
+                self.check_resumable(initial_state)
             initial = ArrayRecord({k: torch.from_numpy(v) for k, v in self.resumed.arrays.items()})
             self.resumed.restore_rngs()
             log(INFO, "resist-fl: resuming after round %d", self.completed_rounds)
@@ -193,6 +188,18 @@ class RoundRecorder:
                 self.stopped_by = str(stop)
         self.seconds = time.perf_counter() - started
         return self.final_state()
+
+    def check_resumable(self, initial_state: Mapping[str, torch.Tensor]) -> None:
+        """On resume, a ValueError naming the first key whose checkpoint shape differs from this run's model
+        (``initial_state``): the model changed since the checkpoint. Nothing to check for a new run."""
+        if not self.resumed:
+            return
+        arrays = self.resumed.arrays
+        if wrong := sorted(k for k, v in arrays.items()
+                           if k in initial_state and tuple(initial_state[k].shape) != tuple(v.shape)):
+            raise ValueError(f"resume: the checkpoint's {wrong[0]} has shape {tuple(arrays[wrong[0]].shape)} but this "
+                             f"run's model has {tuple(initial_state[wrong[0]].shape)} ({len(wrong)} keys differ); the "
+                             "model changed since the checkpoint (a changed run config or data set)")
 
     def final_state(self) -> dict[str, torch.Tensor]:
         """The global model's state_dict after the last round (inference scales included).

@@ -59,13 +59,13 @@ def test_every_method_runs_under_central_dp_through_the_wrapper(name):
     """The wrapper over each method: every message carries dp-clip, and with zero updates each element
     held by h nodes moves by noise of standard deviation z * C / h (z = C = 1), whatever the method."""
     settings = private_settings(name)
-    built = built_for(settings)
+    grid = InProcessGrid(echo_app, num_nodes=NODES, run_config={"capacity-profile": PROFILE})
+    built = built_for(settings).for_federation(grid)  # fedavg-small: the width its nodes fit
     strategy = built.strategy
     assert isinstance(strategy, CentrallyPrivate) and isinstance(strategy.strategy, SubModelStrategy)
     assert strategy.label == name
     state = build_model(built.model.spec).state_dict()
     initial = ArrayRecord({k: state[k] for k in built.model.layout.payload_keys()})
-    grid = InProcessGrid(echo_app, num_nodes=NODES, run_config={"capacity-profile": PROFILE})
     messages = list(strategy.configure_train(1, initial, ConfigRecord({}), grid))
     assert len(messages) == NODES and all(m.content["config"]["dp-clip"] == 1.0 for m in messages)
     merged, metrics = strategy.aggregate_train(1, grid.send_and_receive(messages))

@@ -5,6 +5,7 @@ a stopped run resumes bit-identically, and both learn the real digits."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -202,12 +203,36 @@ def test_fedavg_small_fits_the_weakest_capacity_the_connected_nodes_declare(tiny
     assert saved["model_spec"]["base_width"] == max(1, round(SPEC.base_width * width))
 
 
-def test_a_resume_whose_nodes_would_narrow_fedavg_small_further_is_refused(tiny_config, crash_at_round):
-    """The checkpoint holds the width-1/4 model; after the stop a node declaring 0.05 connects: the model the
-    nodes now fit is narrower than the checkpoint's, and the resume says so instead of mixing shapes."""
+def test_a_resumed_fedavg_small_keeps_its_width_whoever_connects(tiny_config, crash_at_round, caplog):
+    """The checkpoint holds the width-1/4 model; after the stop a node declaring 0.05 connects: the resumed
+    run keeps the model it started with (that node trains over its budget, with a WARNING), and goes on to
+    the model a whole run would give."""
     tiny_config.update(HETERO, strategy="fedavg-small", **widths("fedavg-small"), **{"num-server-rounds": 2})
     crash_at_round(tiny_config, 3, 2)
     nodes = [{"partition-id": i, "num-partitions": 3, **({"capacity": 0.05} if i == 2 else {})} for i in range(3)]
-    with pytest.raises(ValueError, match=r"the model changed since the checkpoint \(fedavg-small"):
-        run_inprocess({**tiny_config, "resume": True}, num_nodes=3, node_configs=nodes)
-    assert [r["round"] for r in read_metrics(run_dir(tiny_config))] == [1]  # what was written stays
+    run_inprocess({**tiny_config, "resume": True}, num_nodes=3, node_configs=nodes)
+    assert "resuming with the width-0.25 model the run started with" in caplog.text
+    assert "has capacity 0.05, below what its width 0.25 costs" in caplog.text
+    rows = read_metrics(run_dir(tiny_config), "nodes.jsonl")
+    assert [r["round"] for r in read_metrics(run_dir(tiny_config))] == [1, 2]
+    assert {r["width-rate"] for r in rows} == {0.25}
+    assert [r["over-capacity"] for r in rows if r["round"] == 2] == [0, 0, 1]
+
+
+def test_a_resume_onto_a_model_of_other_shapes_is_refused_before_anything_is_rewritten(tiny_config, crash_at_round):
+    from resist_fl.flower.fedavg import ScreenedFedAvg
+    from resist_fl.flower.round_recorder import RoundRecorder
+
+    tiny_config.update({"strategy": "fedavg", "num-server-rounds": 2})
+    crash_at_round(tiny_config, 2, 2)
+    directory = run_dir(tiny_config)
+    saved = json.loads((directory / "run_config.json").read_text())
+    layout = BlockLayout.from_spec(SPEC)
+    recorder = RoundRecorder(ScreenedFedAvg(capacity_measure="blocks"), layout, directory,
+                             run_config={**saved["run_config"], "resume": True}, num_rounds=2, resume=True)
+    narrower = build_model(sliced_spec(SPEC, 0.5)).state_dict()
+    before = (directory / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"resume: the checkpoint's .* has shape .* but this run's model has"):
+        recorder.check_resumable(narrower)
+    recorder.check_resumable(build_model(SPEC).state_dict())  # the same model: nothing to say
+    assert (directory / "metrics.jsonl").read_text() == before
