@@ -29,12 +29,13 @@ from typing import Any
 import numpy as np
 
 from resist_fl.run.outputs import CONFIG_FILE, NODES_FILE, read_json, read_metrics
+from simulations.paired_stats import LATE_FRACTION
 
 BUDGET_FRACTIONS = (0.25, 0.5, 1.0)
 """The budgets of the equal-cost table, as fractions of the median of the methods' mean totals."""
 SPENT_MARK = " (all)"
 """Marks a cell whose method spent less than the budget in all: its final accuracy."""
-PLATEAU_WINDOW = 0.2
+PLATEAU_WINDOW = LATE_FRACTION  # the same last fifth as the late accuracy
 PLATEAU_GAIN = 0.01
 """Plateau: the mean accuracy of the last 20 % of the rounds is less than 1 point above the 20 % before."""
 

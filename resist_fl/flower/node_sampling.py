@@ -94,8 +94,9 @@ class NodeSampler:
         The generator has made the sampling draw; callers continue with it
         (ResIST deals its blocks with it).
         """
-        ordered = self.stable_order(grid, self._wait_for_nodes(grid))
-        if self.secret and len(capacities := sorted({self.capacity(n) for n in ordered})) > 1:
+        declared = self.identify(grid)
+        ordered = list(declared)
+        if self.secret and len(capacities := sorted(set(declared.values()))) > 1:
             raise RuntimeError(f"dp-sampling = 'secret': the connected nodes declare capacities {capacities}; what a "
                                "node is sent depends on its capacity and each round's bytes and sub-models are "
                                "released, so the sample would not stay secret. Give every node one capacity "
@@ -109,8 +110,8 @@ class NodeSampler:
 
     def identify(self, grid: Grid) -> dict[int, float]:
         """Wait for ``min_available_nodes``, ask the nodes not seen before who they are, and give every
-        connected node's capacity (what :meth:`sample` does first; the ServerApp calls it before it
-        builds a model that depends on the nodes, FedAvg-small's)."""
+        connected node's declared capacity, in :meth:`stable_order` (what :meth:`sample` does first; the
+        ServerApp calls it before it builds a model that depends on the nodes, FedAvg-small's)."""
         ordered = self.stable_order(grid, self._wait_for_nodes(grid))
         return {node: self._capacity.get(node, 1.0) for node in ordered}
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -137,9 +137,8 @@ class RoundRecorder:
         self.completed_rounds = self.resumed.server_round if self.resumed else 0
         self.rows: list[dict] = list(self.resumed.metrics) if self.resumed else []
         strategy.resume_after(self.completed_rounds, self.rows[-1] if self.rows else None)
-        self.widths_held: set[float] = {  # the evaluation's `widths`; on resume, from the rows kept
-            float(r["global-width"]) for r in read_metrics(self.run_dir, NODES_FILE)
-            if r.get("global-width") is not None and r["global-width"] < 1} if self.resumed else set()
+        self.widths_held: set[float] = _below_one(  # the evaluation's `widths`; on resume, from the rows kept
+            r.get("global-width") for r in read_metrics(self.run_dir, NODES_FILE)) if self.resumed else set()
         self.grid: MeteredGrid | None = None
         self.arrays: ArrayRecord | None = None  # the global arrays after the last round seen
         self.seconds = 0.0
@@ -152,14 +151,11 @@ class RoundRecorder:
         """Run the rounds left with ``strategy.start`` on a metered ``grid``, this recorder as its
         ``evaluate_fn``; return the final global state (:meth:`final_state`).
 
-        ``initial_state`` is the model's ``state_dict`` (only its payload keys are sent; when
-        resuming the checkpoint's arrays are used, and, if given, must have its keys' shapes: a model
-        shaped by the nodes, FedAvg-small's, may not fit the checkpoint). ``start_kwargs`` go to
-        ``Strategy.start`` (``train_config``, ``timeout``, ...).
+        ``initial_state`` is the model's ``state_dict`` (only its payload keys are sent; not
+        needed when resuming: the checkpoint's arrays are used, :meth:`check_resumable` checks a model
+        against them). ``start_kwargs`` go to ``Strategy.start`` (``train_config``, ``timeout``, ...).
         """
         if self.resumed:
-            if initial_state is not None:
-                self.check_resumable(initial_state)
             initial = ArrayRecord({k: torch.from_numpy(v) for k, v in self.resumed.arrays.items()})
             self.resumed.restore_rngs()
             log(INFO, "resist-fl: resuming after round %d", self.completed_rounds)
@@ -251,8 +247,7 @@ class RoundRecorder:
         run_round = self.completed_rounds + server_round
         traffic = self.grid.take_round()
         report = self.strategy.round_report()
-        self.widths_held |= {n.global_width for n in report.nodes.values()
-                             if n.global_width is not None and n.global_width < 1}
+        self.widths_held |= _below_one(n.global_width for n in report.nodes.values())
         row = self._round_row(run_round, traffic, report)
         nodes = self.node_rows(run_round, traffic, report)
         evaluated: dict[str, float | int | None] = {}
@@ -348,6 +343,11 @@ class RoundRecorder:
                 for key in PRIVATE_DROPPED:
                     rows[-1].pop(key, None)
         return rows
+
+
+def _below_one(widths: Iterable[float | None]) -> set[float]:
+    """The shares of the global model's channels below 1 among ``widths`` (None: a node held all of them)."""
+    return {float(w) for w in widths if w is not None and w < 1}
 
 
 def _numbers(metrics: Mapping[str, Any]) -> dict[str, float | int | None]:
