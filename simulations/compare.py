@@ -19,8 +19,8 @@ Every run goes through the preset's backend (``--backend`` overrides it): ``flwr
 :func:`simulations.launcher.run_flwr` (the real ``flwr run``, isolated, cleaned up), or
 ``inprocess``, :func:`simulations.inprocess_launcher.run_inprocess_launch` (the same ServerApp and
 ClientApp on the in-process grid in a child process: no SuperLink or Ray start-up, nodes one after
-another). A preset with a ``grid`` section (label skew x norms, :mod:`simulations.noniid`) runs its
-cells on the in-process grid and writes the grid's report.
+another). A preset with a ``grid`` section (Dirichlet alphas x norms) runs each cell as a variant
+(``<norm>-<alpha>``) in place of ``main``; its ablations change the first cell.
 Results: ``DIR/<variant>-<strategy>-seed<N>/`` per run, ``DIR/logs/``,
 ``DIR/compare.json`` (what ran, how long, why a run failed), and the report
 (``DIR/report.md`` and PNGs, see :mod:`simulations.report`). A failed run is
@@ -57,6 +57,7 @@ from simulations.presets import (
     PresetError,
     app_config_keys,
     coerce_run_config,
+    grid_cells,
     list_presets,
     load_preset,
     to_dict,
@@ -108,16 +109,20 @@ def parse_assignment(item: str, defaults: dict[str, Any]) -> tuple[str, Any]:
 
 def variants(config: DictConfig, ablations: Sequence[str],
              defaults: dict[str, Any]) -> list[tuple[str, list[str], dict[str, Any]]]:
-    """``(variant, strategies, run-config changes)``: the main comparison, then each ablation."""
+    """``(variant, strategies, run-config changes)``: the main comparison (a grid preset: each of its
+    cells, :func:`simulations.presets.grid_cells`), then each ablation (on a grid: of its first cell)."""
     known = to_dict(config.get("ablation-variants", {}))
-    result = [(MAIN_VARIANT, list(config.strategies), {})]
+    cells = grid_cells(config)
+    result = [(variant, list(config.strategies), changes) for variant, changes in cells] \
+        or [(MAIN_VARIANT, list(config.strategies), {})]
+    base = dict(result[0][2])
     for item in ablations:
         if item in known:
             spec = known[item]
-            result.append((item, list(spec.get("strategies", ["resist"])), dict(spec.get("run-config", {}))))
+            result.append((item, list(spec.get("strategies", ["resist"])), {**base, **spec.get("run-config", {})}))
         elif "=" in item:
             key, value = parse_assignment(item, defaults)
-            result.append((item, list(config.strategies), {key: value}))
+            result.append((item, list(config.strategies), {**base, key: value}))
         else:
             raise PresetError(f"unknown ablation {item!r}; the preset defines: {', '.join(known)} "
                               "(or give KEY=VALUE)")
@@ -355,6 +360,7 @@ def new_manifest(config: DictConfig, argv: Sequence[str], out_dir: Path, backend
     return {"preset": config.name, "description": config.description, "data-label": config["data-label"],
             "paper": to_dict(config.paper) if config.paper is not None else None,
             "tuning": to_dict(config.tuning) if config.get("tuning") is not None else None,
+            **({"grid": to_dict(config.grid)} if config.get("grid") else {}),
             "target": to_dict(config.target), "federation": to_dict(config.federation),
             "command": "python -m simulations.compare " + shlex.join(argv).replace(str(out_dir), "<this directory>"),
             "paths": "relative to this directory", "backend": backend,
@@ -379,10 +385,6 @@ def main(argv: Sequence[str] | None = None, launch: Launcher | None = None) -> i
         print("\n".join(list_presets()))
         return 0
     try:
-        if load_preset(args.preset).get("grid"):
-            from simulations import noniid  # a label-skew grid: its cells and its report
-
-            return noniid.main(args, argv)
         config, plan, out_dir = resolve(args)
         backend = args.backend or str(config.backend)
         if backend not in BACKENDS:

@@ -8,8 +8,7 @@ A block in a markdown file::
 
 is regenerated from committed raw files — a comparison's ``docs/results/<name>/`` (each run's
 ``metrics.jsonl`` / ``nodes.jsonl`` and ``compare.json``, read as :mod:`simulations.report` reads them),
-result lines (``*.jsonl`` of label-skew grids, :mod:`simulations.noniid`, see
-:mod:`simulations.probe_figures`) or the figures a benchmark wrote with ``--json``
+a label-skew grid's runs (:mod:`simulations.noniid_figures`) or the figures a benchmark wrote with ``--json``
 (``docs/performance/*.json``, see :mod:`simulations.benchmark_figures`) — by::
 
     python -m simulations.figures --write    # every markdown file under README.md and docs/ with a block
@@ -32,7 +31,7 @@ from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.model import ModelSpec
 from resist_fl.core.model_cost import CostModel
 from resist_fl.run.outputs import CONFIG_FILE, read_metrics
-from simulations import benchmark_figures, probe_figures, report
+from simulations import benchmark_figures, noniid_figures, report
 from simulations.client_report import last_client_row
 from simulations.node_costs import link_time_lines, node_summary
 from simulations.privacy_report import run_privacy
@@ -238,21 +237,21 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "round-line": lambda: round_line_block("quick-warmup", "no-warmup-resist-seed0", 3),
     "performance-summary": benchmark_figures.summary_block,
     "federation-speed": benchmark_figures.federation_speed_block,
-    "transport-digits": probe_figures.transport_block,
-    "noniid-digits": lambda: probe_figures.grid_block("noniid-digits", "digits"),
-    "noniid-synthetic": lambda: probe_figures.grid_block("noniid-synthetic", "synthetic"),
-    "probe-l50": lambda: probe_figures.seeds_table(probe_figures.NONIID / "probe-l50.jsonl",
-                                                   probe_figures.strategy_norm, "strategy, norm"),
-    "remedies-l50": lambda: probe_figures.seeds_table(
-        (probe_figures.NONIID / "probe-l50.jsonl", probe_figures.NONIID / "remedies-l50.jsonl"),
-        probe_figures.change, "change (ResIST, batchnorm, 50 steps, alpha 0.3)", probe_figures.resist_batchnorm),
-    "fedavg-clip-l50": lambda: probe_figures.seeds_table(probe_figures.NONIID / "fedavg-clip-l50.jsonl",
-                                                         probe_figures.strategy_norm, "strategy, norm"),
-    "six-rounds-l50": lambda: probe_figures.curves_table(probe_figures.NONIID / "six-rounds-l50.jsonl"),
-    "trace-l50": lambda: probe_figures.trace_table(probe_figures.NONIID / "trace-resist-batchnorm-seed1-l50.txt",
-                                                   TRACE_CODE),
-    "trace-l50-clip1": lambda: probe_figures.trace_table(
-        probe_figures.NONIID / "trace-resist-batchnorm-seed1-l50-clip1.txt", TRACE_CODE),
+    "transport-digits": noniid_figures.transport_block,
+    "noniid-digits": lambda: noniid_figures.grid_block("noniid-digits"),
+    "noniid-synthetic": lambda: noniid_figures.grid_block("noniid-synthetic"),
+    "probe-l50": lambda: noniid_figures.seeds_table("noniid-digits-l50", noniid_figures.strategy_norm,
+                                                    "strategy, norm", noniid_figures.cells_only),
+    "remedies-l50": lambda: noniid_figures.remedies_table("noniid-digits-l50",
+                                                          "change (ResIST, batchnorm, 50 steps, alpha 0.3)"),
+    "fedavg-clip-l50": lambda: noniid_figures.seeds_table(
+        "noniid-digits-l50", noniid_figures.strategy_norm, "strategy, norm",
+        lambda line: line["strategy"] == "fedavg" and line["variant"] == "clip-1.0"),
+    "six-rounds-l50": lambda: noniid_figures.curves_table("noniid-digits-l50-replay"),
+    "trace-l50": lambda: noniid_figures.trace_table(noniid_figures.NONIID / "trace-resist-batchnorm-seed1-l50.txt",
+                                                    TRACE_CODE),
+    "trace-l50-clip1": lambda: noniid_figures.trace_table(
+        noniid_figures.NONIID / "trace-resist-batchnorm-seed1-l50-clip1.txt", TRACE_CODE),
 }
 
 

@@ -23,6 +23,8 @@ PRESET_DIR = Path(__file__).parent / "presets"
 BASE_PRESET = "_base"
 RUNNER_KEYS = ("strategy", "seed", "run-name", "output-dir")
 """Run-config keys the runner sets for every run; presets must leave them alone."""
+GRID_KEYS = ("norm", "partitioner", "dirichlet-alpha")
+"""Run-config keys a ``grid`` sets per cell; its preset's run-config must leave them alone."""
 
 
 class PresetError(ValueError):
@@ -119,6 +121,50 @@ def validate_preset(config: DictConfig, project_dir: Path) -> None:
     for variant in config.get("ablation-variants", {}).values():
         if bad := sorted(set(variant.get("strategies", ["resist"])) - set(STRATEGIES)):
             raise PresetError(f"unknown strategies {bad} in ablation-variants")
+    grid_cells(config)
+
+
+def grid_cells(config: DictConfig) -> list[tuple[str, dict[str, Any]]]:
+    """A ``grid`` preset's cells, ``(variant, run-config changes)`` for every alpha x norm, alphas outermost;
+    [] without a grid. An alpha ``"iid"`` is ``partitioner='iid'``, a number the Dirichlet partitioner with
+    that ``dirichlet-alpha``. The variant is ``<norm>-<alpha>`` (``batchnorm-0.3``, ``groupnorm-iid``).
+
+    Raises
+    ------
+    PresetError
+        An unknown norm, an alpha that is neither ``"iid"`` nor a positive number, or a run-config
+        that sets a key the grid sets per cell.
+    """
+    grid = config.get("grid")
+    if not grid:
+        return []
+    from resist_fl.core.norms import NORMS
+
+    if unknown := sorted(set(grid) - {"alphas", "norms"}):
+        raise PresetError(f"grid: unknown key(s) {unknown}; expected alphas and norms (the data set is "
+                          "run-config.dataset)")
+    if owned := sorted(set(config.get("run-config", {})) & set(GRID_KEYS)):
+        raise PresetError(f"preset {config.name!r}: run-config sets {owned}, which the grid sets per cell "
+                          "(use grid.norms / grid.alphas)")
+    if bad := sorted(set(grid.norms) - set(NORMS)):
+        raise PresetError(f"grid.norms: unknown {bad}; expected some of {', '.join(NORMS)}")
+    cells = []
+    for alpha in grid.alphas:
+        if str(alpha) == "iid":
+            skew: dict[str, Any] = {"partitioner": "iid"}
+        elif _positive(alpha):
+            skew = {"partitioner": "dirichlet", "dirichlet-alpha": float(alpha)}
+        else:
+            raise PresetError(f"grid.alphas: {alpha!r} is neither 'iid' nor a positive number")
+        cells += [(f"{norm}-{alpha}", {"norm": str(norm), **skew}) for norm in grid.norms]
+    return cells
+
+
+def _positive(value: Any) -> bool:
+    try:
+        return 0 < float(value) < float("inf")
+    except (TypeError, ValueError):
+        return False
 
 
 def coerce_run_config(run_config: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:

@@ -351,7 +351,12 @@ def setup_lines(manifest: dict[str, Any]) -> list[str]:
               if k not in ("strategy", "seed", "run-name", "output-dir")}
     federation = manifest.get("federation", {})
     pairs = [f"{k}={v}" for k, v in federation.items()] + [f"{k}={v}" for k, v in config.items()]
-    return ["## Setup", "", "`" + " ".join(pairs) + "`", ""] if pairs else []
+    grid = manifest.get("grid")
+    cells = [f"A grid: each variant `<norm>-<alpha>` sets `norm`, `partitioner` and `dirichlet-alpha` (alphas "
+             f"{', '.join(map(str, grid['alphas']))}; norms {', '.join(grid['norms'])}; alpha iid: "
+             "`partitioner=iid`). The line above is the first cell's; an ablation changes that cell.", ""] \
+        if grid else []
+    return ["## Setup", "", "`" + " ".join(pairs) + "`", "", *cells] if pairs else []
 
 
 def results_lines(stats: Sequence[GroupStats], target: float | None) -> list[str]:

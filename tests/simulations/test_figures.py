@@ -61,7 +61,7 @@ def test_no_measured_figure_is_typed_outside_a_figures_block():
     typed = []
     for page in pages:
         if page.name == "report.md" and "results" in page.relative_to(figures.ROOT).parts:
-            continue  # a comparison's or grid's own report, written with its runs by simulations.report / .noniid
+            continue  # a comparison's own report, written with its runs by simulations.report
         for number, line in enumerate(_outside_blocks(page.read_text(encoding="utf-8")).splitlines(), 1):
             if MEASURED.search(re.sub(r"`[^`]*`", "", line)) and not any(ok in line for ok in NOT_MEASURED):
                 typed.append(f"{page.relative_to(figures.ROOT)}:{number}: {line.strip()}")
@@ -95,27 +95,6 @@ def test_the_summary_quotes_the_ratio_recomputed_from_the_raw_figures():
     medians = {s: sorted(v[1:])[len(v[1:]) // 2] for s, v in raw["seconds"].items()}  # 3 later rounds: the middle
     figure = benchmark_figures.round_time_row(committed)
     assert f"**{medians['resist'] / medians['fedavg']:.3f}**" in figure
-
-
-def test_result_lines_without_the_effective_clip_norm_are_refused(tmp_path):
-    from simulations import probe_figures
-
-    line = {"strategy": "resist", "norm": "batchnorm", "alpha": "0.3", "seed": 0, "final-accuracy": 0.9,
-            "diverging-rounds": [], "lr": 0.05}
-    (tmp_path / "old.jsonl").write_text(json.dumps(line) + "\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="'clip-grad-norm': these result lines do not record it"):
-        probe_figures.seeds_table(tmp_path / "old.jsonl", probe_figures.strategy_norm, "strategy, norm")
-
-
-@pytest.mark.parametrize("preset, folder", [("noniid-digits", "digits"), ("noniid-synthetic", "synthetic")])
-def test_a_committed_grid_report_is_what_its_result_lines_give(preset, folder):
-    from simulations import noniid
-
-    out = figures.ROOT / "docs" / "results" / "noniid" / folder
-    committed = (out / noniid.REPORT_FILE).read_text(encoding="utf-8")
-    command = re.search(r"^- command: `(.*)`$", committed, re.M).group(1)
-    config = noniid.load_grid_preset(preset)
-    assert noniid.report_text(config, noniid.read_results(out / noniid.RESULTS_FILE), command) == committed
 
 
 COMPARISONS = sorted(p.parent.name for p in (figures.RESULTS).glob("*/compare.json"))

@@ -1,80 +1,109 @@
-"""The label-skew study's one command: presets with a grid, a resumable in-process run, table and plot."""
+"""The label-skew grids go through the one runner: each cell is a variant with run directories, reported
+like any comparison, and the docs' tables are read from those directories."""
 
 from __future__ import annotations
 
-import json
-import math
-
 import pytest
 
-from simulations import compare, noniid
-from simulations.presets import PresetError
+from simulations import compare, noniid_figures, report
+from simulations.presets import PresetError, load_preset, validate_preset
 
 TINY = ["num-server-rounds=2", "local-steps=2", "stage-depths=1,1,5,1", "base-width=4", "eval-batch-size=500",
         "grid.alphas=[0.3,iid]", "grid.norms=[batchnorm]"]
 
 
+def plan_of(*argv: str) -> list[compare.PlannedRun]:
+    return compare.resolve(compare.parse_args(list(argv)))[1]
+
+
 def test_the_presets_cover_the_grid_the_study_needs():
-    for name, data in (("noniid-digits", "digits"), ("noniid-synthetic", "synthetic")):
-        config = noniid.load_grid_preset(name)
-        assert config.grid.data == data
-        assert list(config.grid.alphas) == ["0.1", "0.3", "1.0", "iid"]
-        assert set(config.grid.norms) == {"batchnorm", "groupnorm"}
-        assert list(config.seeds) == [0, 1, 2] and set(config.strategies) == {"resist", "fedavg"}
-        assert len(noniid.plan(config)) == 4 * 2 * 2 * 3
+    for name, dataset in (("noniid-digits", "digits"), ("noniid-synthetic", "synthetic")):
+        plan = plan_of(name)
+        assert len(plan) == 4 * 2 * 2 * 3 and {r.run_config["dataset"] for r in plan} == {dataset}
+        assert {(r.variant, r.strategy, r.seed) for r in plan} == {
+            (f"{n}-{a}", s, seed) for a in ("0.1", "0.3", "1.0", "iid") for n in ("batchnorm", "groupnorm")
+            for s in ("resist", "fedavg") for seed in (0, 1, 2)}
+        cell = next(r.run_config for r in plan if r.variant == "groupnorm-0.1")
+        assert (cell["norm"], cell["partitioner"], cell["dirichlet-alpha"]) == ("groupnorm", "dirichlet", 0.1)
+        assert next(r.run_config for r in plan if r.variant == "batchnorm-iid")["partitioner"] == "iid"
+
+
+def test_a_grids_ablations_change_its_first_cell():
+    plan = plan_of("noniid-digits-l50")
+    cells = {r.variant for r in plan if r.variant.endswith("-0.3")}
+    assert cells == {"batchnorm-0.3", "groupnorm-0.3"}
+    remedies = [r for r in plan if r.variant not in cells]
+    assert {(r.variant, r.strategy) for r in remedies if r.seed == 0} == {
+        ("clip-1.0", "resist"), ("clip-1.0", "fedavg"), ("lr-0.02", "resist"), ("server-lr-0.5", "resist")}
+    first = next(r.run_config for r in plan if r.name == "batchnorm-0.3-resist-seed0")
+    clipped = next(r.run_config for r in plan if r.name == "clip-1.0-resist-seed0")
+    assert first["clip-grad-norm"] == 0.0 and first["local-steps"] == 50
+    assert {k for k in clipped if clipped[k] != first[k]} == {"clip-grad-norm", "run-name"}
+    replay = plan_of("noniid-digits-l50-replay")
+    assert sorted(r.name for r in replay) == ["batchnorm-0.3-resist-seed1", "clip-1.0-fedavg-seed1",
+                                              "clip-1.0-resist-seed1"]
+    assert {r.run_config["num-server-rounds"] for r in replay} == {6}
 
 
 @pytest.mark.parametrize("overrides, match", [
     (["norm=groupnorm"], "grid sets"),
     (["grid.norms=[layernorm]"], "layernorm"),
     (["grid.alphas=[0.3,-1]"], "-1"),
+    (["grid.alphas=[nan]"], "nan"),
+    (["grid.data=digits"], "grid: unknown key"),
     (["no-such-key=1"], "no-such-key"),
 ])
 def test_bad_grids_are_refused(overrides, match):
     with pytest.raises(PresetError, match=match):
-        noniid.load_grid_preset("noniid-digits", overrides)
+        plan_of("noniid-digits", *overrides)
 
 
-def test_the_one_runner_runs_grids_in_process_and_refuses_what_a_grid_cannot_do(capsys):
-    with pytest.raises(PresetError, match="no grid"):
-        noniid.load_grid_preset("quick-cpu")
-    assert compare.main(["noniid-digits", "--dry-run"]) == 0
-    assert "48 cells" in capsys.readouterr().out
-    for extra in (["--backend", "flwr"], ["--jobs", "2"], ["--ablations", "no-scaling"]):
-        assert compare.main(["noniid-digits", "--dry-run", *extra]) == 2
-        assert "is a label-skew grid" in capsys.readouterr().err
+def test_a_bad_grid_is_refused_before_anything_runs(tmp_path, capsys):
+    assert compare.main(["noniid-digits", "grid.norms=[layernorm]", "--out", str(tmp_path / "x")]) == 2
+    assert "layernorm" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    validate_preset(load_preset("quick-cpu"), compare.PROJECT_DIR)  # no grid: nothing to check
 
 
-def test_mb_to_target_and_the_summary():
-    runs = [{"strategy": "resist", "norm": "batchnorm", "alpha": "0.3", "seed": s, "final-accuracy": acc,
-             "accuracy": curve, "mb-cumulative": [10.0, 20.0, 30.0], "mb-per-round": 10.0,
-             "diverging-rounds": div, "seconds": 5.0}
-            for s, acc, curve, div in ((0, 0.9, [0.5, 0.8, 0.9], []), (1, 0.5, [0.2, 0.6, 0.5], [2]))]
-    assert noniid.mb_to_target(runs[0], 0.8) == 20.0
-    assert noniid.mb_to_target(runs[1], 0.8) is None
-    (row,) = noniid.summarize(runs, 0.8, [("resist", "batchnorm", "0.3"), ("fedavg", "batchnorm", "0.3")])
-    assert row["mean"] == pytest.approx(0.7) and row["std"] == pytest.approx(math.sqrt(0.08))
-    assert (row["min"], row["diverging"], row["reached"], row["mb-to-target"]) == (0.5, 1, 1, 20.0)
-
-
-def test_a_tiny_grid_runs_resumes_and_reports(tmp_path, capsys):
-    out = tmp_path / "grid"
+def test_a_tiny_grid_runs_resumes_reports_and_gives_the_docs_tables(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "results" / "tiny-grid"
     argv = ["noniid-synthetic", *TINY, "--seeds", "0", "--out", str(out)]
     assert compare.main(argv) == 0
-    lines = [json.loads(line) for line in (out / noniid.RESULTS_FILE).read_text().splitlines()]
-    assert sorted((r["strategy"], r["alpha"]) for r in lines) == [
-        ("fedavg", "0.3"), ("fedavg", "iid"), ("resist", "0.3"), ("resist", "iid")]
-    assert all(len(r["accuracy"]) == 2 and 0 <= r["final-accuracy"] <= 1 for r in lines)
-    resist, fedavg = (next(r for r in lines if r["strategy"] == s and r["alpha"] == "iid")
-                      for s in ("resist", "fedavg"))
-    assert resist["mb-per-round"] < fedavg["mb-per-round"]  # sub-networks travel, not the whole model
-    report = (out / noniid.REPORT_FILE).read_text()
-    assert report.count("| ResIST | batchnorm |") == 2 and report.count("| FedAvg | batchnorm |") == 2
-    assert "`clip-grad-norm=1.0`" in report  # the app defaults the cells ran with are named
-    assert (out / noniid.PLOT_FILE).stat().st_size > 10_000
+    names = sorted(d.name for d in out.iterdir() if d.is_dir() and d.name != "logs")
+    assert names == ["batchnorm-0.3-fedavg-seed0", "batchnorm-0.3-resist-seed0", "batchnorm-iid-fedavg-seed0",
+                     "batchnorm-iid-resist-seed0"]
+    text = (out / report.REPORT_FILE).read_text()
+    assert "ResIST (batchnorm-0.3)" in text and "FedAvg (batchnorm-iid)" in text
     capsys.readouterr()
     assert compare.main(argv) == 0  # every cell is done: nothing runs again
-    assert "final accuracy" not in capsys.readouterr().out
-    assert len((out / noniid.RESULTS_FILE).read_text().splitlines()) == 4
-    assert compare.main([*argv, "--report-only"]) == 0
-    assert compare.main(["noniid-synthetic", "--report-only", "--out", str(tmp_path / "empty")]) == 1
+    assert "[start" not in capsys.readouterr().out
+
+    monkeypatch.setattr(noniid_figures, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(noniid_figures, "ROOT", tmp_path)
+    _, _, lines = noniid_figures.grid_lines("tiny-grid")
+    assert {(line["strategy"], line["norm"], line["alpha"]) for line in lines} == {
+        (s, "batchnorm", a) for s in ("resist", "fedavg") for a in ("0.3", "iid")}
+    block = noniid_figures.grid_block("tiny-grid")
+    assert block[0].startswith("From the runs in `results/tiny-grid/` (4 runs, 1 seeds per cell")
+    resist = next(line for line in lines if line["name"] == "batchnorm-iid-resist-seed0")
+    assert f"| iid | {resist['final-accuracy']:.3f} ± 0.000 |" in "\n".join(block)
+    table = noniid_figures.seeds_table("tiny-grid", noniid_figures.strategy_norm, "strategy, norm")
+    assert sum(row.startswith("| ResIST, batchnorm |") for row in table) == 1  # both cells, one group
+    assert "| 1.0 | 0.05 |" in table[-1]  # the effective clip norm and lr
+    curves = noniid_figures.curves_table("tiny-grid")
+    assert len(curves) == 2 + 2 + 4 and all(row.count(" / ") == 1 for row in curves[4:])  # 2 rounds of loss each
+
+
+def test_a_change_is_read_from_the_run_configs(tmp_path):
+    lines = [{"variant": "batchnorm-0.3", "norm": "batchnorm", "alpha": "0.3", "strategy": "resist", "seed": 0,
+              "config": {"lr": 0.05, "clip-grad-norm": 0.0, "run-name": "a"}},
+             {"variant": "lr-0.02", "norm": "batchnorm", "alpha": "0.3", "strategy": "resist", "seed": 0,
+              "config": {"lr": 0.02, "clip-grad-norm": 0.0, "run-name": "b"}}]
+    key = noniid_figures.change(lines)
+    assert [key(line) for line in lines] == ["none (the cell)", "`lr=0.02`"]
+
+
+def test_a_missing_comparison_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(noniid_figures, "RESULTS", tmp_path)
+    with pytest.raises(FileNotFoundError, match="no committed comparison named 'nope'"):
+        noniid_figures.grid_lines("nope")
+

@@ -1,0 +1,219 @@
+"""Tables of the label-skew comparisons (``grid`` presets, :func:`simulations.presets.grid_cells`) and of
+the divergence traces, for :mod:`simulations.figures`.
+
+A grid comparison is an ordinary ``python -m simulations.compare`` output directory: one run directory
+per cell, strategy and seed (``<norm>-<alpha>-<strategy>-seed<N>``) and per ablation of the first cell.
+Each run is read here as a *line*: its cell (norm, alpha), its seed, its final accuracy, the rounds its
+``metrics.jsonl`` flags ``diverging``, its train loss per round, and the effective run config (``clip-grad-norm``,
+``lr``, ...) from its ``run_config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from resist_fl.run.methods import label  # the method table's labels (former names read too)
+from resist_fl.run.outputs import CONFIG_FILE, read_metrics
+from simulations import report
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+NONIID = RESULTS / "noniid"
+TRANSPORT = RESULTS / "transport"
+SAME_RUN = ("run-name", "output-dir")
+"""Run-config keys that name a run rather than change it."""
+
+
+def _rel(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
+
+
+def alpha_of(config: dict[str, Any]) -> str:
+    """A run's label skew as the grid names it: ``iid`` or the Dirichlet alpha (``0.3``)."""
+    return "iid" if config["partitioner"] == "iid" else str(float(config["dirichlet-alpha"]))
+
+
+def grid_lines(name: str) -> tuple[Path, dict[str, Any], list[dict[str, Any]]]:
+    """The committed comparison ``docs/results/<name>``: its directory, manifest and one line per finished run."""
+    runs_dir = RESULTS / name
+    if not (runs_dir / report.MANIFEST_FILE).exists():
+        raise FileNotFoundError(f"{runs_dir / report.MANIFEST_FILE}: no committed comparison named {name!r}")
+    manifest = report.read_json(runs_dir / report.MANIFEST_FILE)
+    lines = []
+    for run in report.discover_runs(runs_dir, manifest):
+        config = report.read_json(runs_dir / run.name / CONFIG_FILE)["run_config"]
+        rows = read_metrics(runs_dir / run.name)
+        lines.append({"name": run.name, "variant": run.variant, "strategy": run.strategy, "seed": run.seed,
+                      "norm": config["norm"], "alpha": alpha_of(config), "config": config, "run": run,
+                      "final-accuracy": run.curve.final_accuracy,
+                      "diverging-rounds": [r["round"] for r in rows if r.get("diverging")],
+                      "train-loss": [r["train-loss"] for r in rows]})
+    return runs_dir, manifest, lines
+
+
+def _groups(lines: Sequence[dict[str, Any]], key: Callable[[dict[str, Any]], str]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for line in lines:
+        groups.setdefault(key(line), []).append(line)
+    return groups
+
+
+def seeds_table(name: str, key: Callable[[dict[str, Any]], str], what: str,
+                keep: Callable[[dict[str, Any]], bool] = lambda line: True) -> list[str]:
+    """Per group of the runs ``keep`` accepts, grouped by ``key``: each seed's final accuracy, mean ± std, min,
+    runs diverging, and the effective clip norm and lr."""
+    runs_dir, _, lines = grid_lines(name)
+    rows = [f"| {what} | final accuracy by seed | mean ± std | min | runs diverging | clip-grad-norm | lr |",
+            "|---|---|---|---|---|---|---|"]
+    for group_name, group in _groups([line for line in lines if keep(line)], key).items():
+        group = sorted(group, key=lambda line: line["seed"])
+        accuracy = [line["final-accuracy"] for line in group]
+        seeds = ", ".join(f"{line['seed']}: {line['final-accuracy']:.3f}" for line in group)
+        diverging = sum(bool(line["diverging-rounds"]) for line in group)
+        clip, lr = (" / ".join(sorted({str(line["config"][k]) for line in group})) for k in ("clip-grad-norm", "lr"))
+        rows.append(f"| {group_name} | {seeds} | {_mean_std(accuracy)} | {min(accuracy):.3f} "
+                    f"| {diverging}/{len(group)} | {clip} | {lr} |")
+    return [f"From the runs in `{_rel(runs_dir)}/`.", "", *rows]
+
+
+def strategy_norm(line: dict[str, Any]) -> str:
+    return f"{label(line['strategy'])}, {line['norm']}"
+
+
+def cells_only(line: dict[str, Any]) -> bool:
+    return line["variant"] == f"{line['norm']}-{line['alpha']}"
+
+
+def change(lines: Sequence[dict[str, Any]]) -> Callable[[dict[str, Any]], str]:
+    """What a run changed against the cell run of its strategy and seed (its run config's differences);
+    "none" for the cell run itself."""
+    cells = {(line["strategy"], line["seed"]): line["config"] for line in lines if cells_only(line)}
+
+    def key(line: dict[str, Any]) -> str:
+        base = cells[line["strategy"], line["seed"]]
+        changed = {k: v for k, v in line["config"].items() if k not in SAME_RUN and base.get(k) != v}
+        return ", ".join(f"`{k}={v}`" for k, v in sorted(changed.items())) or "none (the cell)"
+    return key
+
+
+def remedies_table(name: str, what: str) -> list[str]:
+    """ResIST, BatchNorm, the first cell and each of its ablations, one row per change."""
+    _, _, lines = grid_lines(name)
+    return seeds_table(name, change(lines), what, lambda line: line["strategy"] == "resist"
+                       and line["norm"] == "batchnorm")
+
+
+def curves_table(name: str) -> list[str]:
+    """One row per run: its strategy, norm and clip norm, its train loss per round, the rounds flagged, the
+    final accuracy."""
+    runs_dir, _, lines = grid_lines(name)
+    rows = ["| run | train loss per round | rounds flagged | final accuracy |", "|---|---|---|---|"]
+    for line in lines:
+        losses = " / ".join(f"{v:.2f}" for v in line["train-loss"])
+        rows.append(f"| {strategy_norm(line)}, clip-grad-norm {line['config']['clip-grad-norm']} | {losses} "
+                    f"| {', '.join(map(str, line['diverging-rounds'])) or '-'} | {line['final-accuracy']:.3f} |")
+    return [f"From the runs in `{_rel(runs_dir)}/`.", "", *rows]
+
+
+def grid_block(name: str) -> list[str]:
+    """The grid comparison ``name``: final accuracy per alpha and (strategy, norm), then the runs that
+    diverged, the gap to FedAvg, the bytes, and the bytes to the report's target."""
+    runs_dir, manifest, lines = grid_lines(name)
+    lines = [line for line in lines if cells_only(line)]
+    strategies = list(dict.fromkeys(line["strategy"] for line in lines))
+    norms = [str(n) for n in manifest["grid"]["norms"]]
+    alphas = [alpha_of({"partitioner": "iid"} if str(a) == "iid" else {"partitioner": "dirichlet",
+                                                                        "dirichlet-alpha": a})
+              for a in manifest["grid"]["alphas"]]
+    cell = _groups(lines, lambda line: f"{line['strategy']} {line['norm']} {line['alpha']}")
+    target, target_text = report.preset_target(report.group_runs([line["run"] for line in lines]), manifest)
+    columns = [(s, n) for n in norms for s in strategies]
+    rows = ["| alpha | " + " | ".join(f"{label(s)} {n}" for s, n in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for alpha in alphas:
+        rows.append(f"| {alpha} | " + " | ".join(
+            _mean_std([line["final-accuracy"] for line in cell[f"{s} {n} {alpha}"]]) for s, n in columns) + " |")
+
+    def mean(strategy: str, norm: str, alpha: str, value: Callable[[dict[str, Any]], float]) -> float:
+        return statistics.mean(value(line) for line in cell[f"{strategy} {norm} {alpha}"])
+
+    final = lambda line: line["final-accuracy"]  # noqa: E731
+    gaps = " / ".join(f"{mean('resist', norms[0], a, final) - mean('fedavg', norms[0], a, final):+.3f}"
+                      for a in alphas)
+    mb = {s: statistics.mean(line["run"].curve.bytes_per_round / 1e6 for line in lines if line["strategy"] == s)
+          for s in ("resist", "fedavg")}
+    to_target = []
+    for norm in norms:
+        for alpha in alphas:
+            hits = {s: [h["gb"] for line in cell[f"{s} {norm} {alpha}"]
+                        if (h := line["run"].curve.to_target(target)) is not None] for s in ("resist", "fedavg")}
+            if all(hits.values()):
+                to_target.append(statistics.mean(hits["resist"]) / statistics.mean(hits["fedavg"]))
+    reached = (f"{min(to_target):.2f}-{max(to_target):.2f}x FedAvg's bytes to the target in the {len(to_target)} "
+               f"of {len(alphas) * len(norms)} cells where both reached it (in at least one seed)" if to_target
+               else "no cell where both reached it")
+    seeds = len({line["seed"] for line in lines})
+    diverging = sum(bool(line["diverging-rounds"]) for line in lines)
+    return [f"From the runs in `{_rel(runs_dir)}/` ({len(lines)} runs, {seeds} seeds per cell; mean ± sample std).",
+            "", *rows, "",
+            f"Runs diverging: {diverging} of {len(lines)}. ResIST − FedAvg with {norms[0]}, alpha "
+            f"{' / '.join(alphas)}: {gaps}. Bytes per round: ResIST {mb['resist']:.1f} MB, FedAvg "
+            f"{mb['fedavg']:.1f} MB ({mb['resist'] / mb['fedavg']:.2f}x); target accuracy {target:.3f} "
+            f"({target_text}); ResIST needed {reached}."]
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no committed result lines")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def transport_block() -> list[str]:
+    """Final accuracy and MB per round per strategy and ``transport-dtype`` on the digits lines."""
+    path = TRANSPORT / "digits.jsonl"
+    lines = read_lines(path)
+    dtypes = ["float32", "float16", "uint8"]
+    rows = ["| strategy | " + " | ".join(dtypes) + " | MB / round " + " / ".join(dtypes) + " |",
+            "|---" * (len(dtypes) + 2) + "|"]
+    for strategy in ("resist", "fedavg"):
+        cells = {d: [line for line in lines if line["strategy"] == strategy and line["set"]["transport-dtype"] == d]
+                 for d in dtypes}
+        rows.append(f"| {label(strategy)} | " + " | ".join(_mean_std([c["final-accuracy"] for c in cells[d]])
+                                                         for d in dtypes)
+                    + " | " + " / ".join(f"{statistics.mean(c['mb-per-round'] for c in cells[d]):.2f}" for d in dtypes)
+                    + " |")
+    seeds = sorted({line["seed"] for line in lines})
+    return [f"From `{_rel(path)}` ({len(seeds)} seeds; final accuracy, mean ± sample std).", "", *rows]
+
+
+TRACE_LINE = re.compile(r"round\s+(\d+) node (\d+): classes (\d+)\s+n=(\d+) blocks=\s*(\d+) loss=\s*([\d.naninf]+) "
+                        r"update shared=([\d.naninf]+) own=([\d.naninf]+) max\|bn w\| own=([\d.naninf]+)")
+
+
+def trace_table(path: Path, recorded: str, rounds: int = 8) -> list[str]:
+    """Per round of a trace: each node's loss and its update to the shared layers (relative to their norm),
+    and the largest BatchNorm weight any node returned; ``recorded`` says with which code it was recorded."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no committed trace")
+    by_round: dict[int, list[tuple]] = {}
+    for found in TRACE_LINE.finditer(path.read_text(encoding="utf-8")):
+        by_round.setdefault(int(found[1]), []).append(found.groups())
+    if not by_round:
+        raise ValueError(f"{path}: no trace lines (expected 'round R node K: classes ... loss= ...')")
+    rows = ["| round | loss per node 0 / 1 / 2 / 3 | update to the shared layers / their norm, per node "
+            "| largest BatchNorm weight returned |", "|---|---|---|---|"]
+    for number in sorted(by_round)[:rounds]:
+        nodes = sorted(by_round[number], key=lambda g: int(g[1]))
+        rows.append(f"| {number} | {' / '.join(f'{float(g[5]):.2f}' for g in nodes)} "
+                    f"| {' / '.join(f'{float(g[6]):.2f}' for g in nodes)} | {max(float(g[8]) for g in nodes):.2f} |")
+    first = sorted(by_round[min(by_round)], key=lambda g: int(g[1]))
+    holds = "; ".join(f"node {g[1]}: classes {g[2]}, {g[4]} blocks" for g in first)
+    return [f"From `{_rel(path)}`, recorded {recorded} (round 1: {holds}).", "", *rows]
