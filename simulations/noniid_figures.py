@@ -1,5 +1,5 @@
-"""Tables of the label-skew comparisons (``grid`` presets, :func:`simulations.presets.grid_cells`) and of
-the divergence traces, for :mod:`simulations.figures`.
+"""Tables of the comparisons with a ``grid`` (label skew, transport dtypes; :func:`simulations.presets.grid_cells`)
+and of the divergence traces, for :mod:`simulations.figures`.
 
 A grid comparison is an ordinary ``python -m simulations.compare`` output directory: one run directory
 per cell, strategy and seed (``<norm>-<alpha>-<strategy>-seed<N>``) and per ablation of the first cell.
@@ -10,7 +10,6 @@ Each run is read here as a *line*: its cell (norm, alpha), its seed, its final a
 
 from __future__ import annotations
 
-import json
 import re
 import statistics
 from collections.abc import Callable, Sequence
@@ -24,7 +23,6 @@ from simulations import report
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
 NONIID = RESULTS / "noniid"
-TRANSPORT = RESULTS / "transport"
 SAME_RUN = ("run-name", "output-dir")
 """Run-config keys that name a run rather than change it."""
 
@@ -94,14 +92,17 @@ def cells_only(line: dict[str, Any]) -> bool:
 
 
 def change(lines: Sequence[dict[str, Any]]) -> Callable[[dict[str, Any]], str]:
-    """What a run changed against the cell run of its strategy and seed (its run config's differences);
-    "none" for the cell run itself."""
-    cells = {(line["strategy"], line["seed"]): line["config"] for line in lines if cells_only(line)}
+    """What a run changed against the first cell's run of its strategy and seed (its run config's
+    differences; the ablations are of that cell); "none" for that run itself."""
+    cells: dict[tuple[str, int], dict[str, Any]] = {}
+    for line in lines:
+        if cells_only(line):
+            cells.setdefault((line["strategy"], line["seed"]), line["config"])
 
     def key(line: dict[str, Any]) -> str:
         base = cells[line["strategy"], line["seed"]]
         changed = {k: v for k, v in line["config"].items() if k not in SAME_RUN and base.get(k) != v}
-        return ", ".join(f"`{k}={v}`" for k, v in sorted(changed.items())) or "none (the cell)"
+        return ", ".join(f"`{k}={v}`" for k, v in sorted(changed.items())) or "none (the first cell)"
     return key
 
 
@@ -170,28 +171,21 @@ def grid_block(name: str) -> list[str]:
             f"({target_text}); ResIST needed {reached}."]
 
 
-def read_lines(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no committed result lines")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def transport_block() -> list[str]:
-    """Final accuracy and MB per round per strategy and ``transport-dtype`` on the digits lines."""
-    path = TRANSPORT / "digits.jsonl"
-    lines = read_lines(path)
-    dtypes = ["float32", "float16", "uint8"]
+def transport_block(name: str = "transport-digits") -> list[str]:
+    """Final accuracy and MB per round per strategy and ``transport-dtype`` (the cell and its ablations)."""
+    runs_dir, _, lines = grid_lines(name)
+    cell = _groups(lines, lambda line: f"{line['strategy']} {line['config'].get('transport-dtype', 'float32')}")
+    dtypes = [d for d in ("float32", "float16", "uint8") if f"resist {d}" in cell]
     rows = ["| strategy | " + " | ".join(dtypes) + " | MB / round " + " / ".join(dtypes) + " |",
             "|---" * (len(dtypes) + 2) + "|"]
     for strategy in ("resist", "fedavg"):
-        cells = {d: [line for line in lines if line["strategy"] == strategy and line["set"]["transport-dtype"] == d]
-                 for d in dtypes}
-        rows.append(f"| {label(strategy)} | " + " | ".join(_mean_std([c["final-accuracy"] for c in cells[d]])
-                                                         for d in dtypes)
-                    + " | " + " / ".join(f"{statistics.mean(c['mb-per-round'] for c in cells[d]):.2f}" for d in dtypes)
-                    + " |")
-    seeds = sorted({line["seed"] for line in lines})
-    return [f"From `{_rel(path)}` ({len(seeds)} seeds; final accuracy, mean ± sample std).", "", *rows]
+        groups = [cell[f"{strategy} {d}"] for d in dtypes]
+        rows.append(f"| {label(strategy)} | " + " | ".join(_mean_std([line["final-accuracy"] for line in group])
+                                                         for group in groups) + " | "
+                    + " / ".join(f"{statistics.mean(line['run'].curve.bytes_per_round for line in group) / 1e6:.2f}"
+                                 for group in groups) + " |")
+    seeds = len({line["seed"] for line in lines})
+    return [f"From the runs in `{_rel(runs_dir)}/` ({seeds} seeds; final accuracy, mean ± sample std).", "", *rows]
 
 
 TRACE_LINE = re.compile(r"round\s+(\d+) node (\d+): classes (\d+)\s+n=(\d+) blocks=\s*(\d+) loss=\s*([\d.naninf]+) "

@@ -66,11 +66,12 @@ def test_a_bad_grid_is_refused_before_anything_runs(tmp_path, capsys):
 
 def test_a_tiny_grid_runs_resumes_reports_and_gives_the_docs_tables(tmp_path, monkeypatch, capsys):
     out = tmp_path / "results" / "tiny-grid"
-    argv = ["noniid-synthetic", *TINY, "--seeds", "0", "--out", str(out)]
+    argv = ["noniid-synthetic", *TINY, "--seeds", "0", "--out", str(out), "--ablations", "transport-dtype=uint8"]
     assert compare.main(argv) == 0
     names = sorted(d.name for d in out.iterdir() if d.is_dir() and d.name != "logs")
     assert names == ["batchnorm-0.3-fedavg-seed0", "batchnorm-0.3-resist-seed0", "batchnorm-iid-fedavg-seed0",
-                     "batchnorm-iid-resist-seed0"]
+                     "batchnorm-iid-resist-seed0", "transport-dtype_uint8-fedavg-seed0",
+                     "transport-dtype_uint8-resist-seed0"]
     text = (out / report.REPORT_FILE).read_text()
     assert "ResIST (batchnorm-0.3)" in text and "FedAvg (batchnorm-iid)" in text
     capsys.readouterr()
@@ -90,7 +91,15 @@ def test_a_tiny_grid_runs_resumes_reports_and_gives_the_docs_tables(tmp_path, mo
     assert sum(row.startswith("| ResIST, batchnorm |") for row in table) == 1  # both cells, one group
     assert "| 1.0 | 0.05 |" in table[-1]  # the effective clip norm and lr
     curves = noniid_figures.curves_table("tiny-grid")
-    assert len(curves) == 2 + 2 + 4 and all(row.count(" / ") == 1 for row in curves[4:])  # 2 rounds of loss each
+    assert len(curves) == 2 + 2 + 6 and all(row.count(" / ") == 1 for row in curves[4:])  # 2 rounds of loss each
+    transport = noniid_figures.transport_block("tiny-grid")
+    assert transport[2] == "| strategy | float32 | uint8 | MB / round float32 / uint8 |"
+    mb = [float(v) for v in transport[4].rsplit("|", 2)[1].split(" / ")]
+    assert mb[1] < mb[0] / 3  # ResIST: a byte per element instead of four (plus the headers)
+    remedies = noniid_figures.remedies_table("tiny-grid", "change")
+    changes = [row.split(" | ")[0] for row in remedies[4:]]
+    assert changes[0] == "| none (the first cell)" and changes[-1] == "| `transport-dtype=uint8`"
+    assert "`partitioner=iid`" in changes[1]  # the other cell, against the first
 
 
 def test_a_change_is_read_from_the_run_configs(tmp_path):
@@ -99,7 +108,7 @@ def test_a_change_is_read_from_the_run_configs(tmp_path):
              {"variant": "lr-0.02", "norm": "batchnorm", "alpha": "0.3", "strategy": "resist", "seed": 0,
               "config": {"lr": 0.02, "clip-grad-norm": 0.0, "run-name": "b"}}]
     key = noniid_figures.change(lines)
-    assert [key(line) for line in lines] == ["none (the cell)", "`lr=0.02`"]
+    assert [key(line) for line in lines] == ["none (the first cell)", "`lr=0.02`"]
 
 
 def test_a_missing_comparison_is_named(tmp_path, monkeypatch):
