@@ -263,11 +263,14 @@ class RoundRecorder:
             log(WARNING, "[round %d] the run may be diverging: %s. %s", run_round, reason, DIVERGENCE_HINT)
         row["server-rss-mb"] = resident_memory_mb()  # after the round's evaluation
         self.rows.append(row)
+        # nodes.jsonl before the checkpoint, metrics.jsonl after it: a stop between any two leaves files a resume
+        # mends (it cuts nodes.jsonl back to the checkpoint's round and rewrites metrics.jsonl from it), so the
+        # node rows, and the widths the evaluation reads from them, of every round it keeps are there
+        append_metrics(self.run_dir, *nodes, name=NODES_FILE)
         rng_python, rng_torch = capture_rngs()
         Checkpoint(run_round, {k: v.numpy() for k, v in arrays.items()}, self.run_config,
                    self.rows, rng_python, rng_torch).save(self.run_dir)
         append_metrics(self.run_dir, row)
-        append_metrics(self.run_dir, *nodes, name=NODES_FILE)
         if self.tracker is not None:
             self.tracker.log_row(row, run_round)
         acc, loss = (("-" if row.get(k) is None else f"{row[k]:.4f}") for k in ("accuracy", "train-loss"))
