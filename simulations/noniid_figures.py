@@ -19,6 +19,7 @@ from typing import Any
 from resist_fl.run.methods import label  # the method table's labels (former names read too)
 from resist_fl.run.outputs import CONFIG_FILE, read_metrics
 from simulations import report
+from simulations.presets import cell_names
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
@@ -46,12 +47,14 @@ def grid_lines(name: str) -> tuple[Path, dict[str, Any], list[dict[str, Any]]]:
     if not (runs_dir / report.MANIFEST_FILE).exists():
         raise FileNotFoundError(f"{runs_dir / report.MANIFEST_FILE}: no committed comparison named {name!r}")
     manifest = report.read_json(runs_dir / report.MANIFEST_FILE)
+    cells = set(cell_names(manifest.get("grid")))
     lines = []
     for run in report.discover_runs(runs_dir, manifest):
         config = report.read_json(runs_dir / run.name / CONFIG_FILE)["run_config"]
         rows = read_metrics(runs_dir / run.name)
         lines.append({"name": run.name, "variant": run.variant, "strategy": run.strategy, "seed": run.seed,
-                      "norm": config["norm"], "alpha": alpha_of(config), "config": config, "run": run,
+                      "norm": config["norm"], "alpha": alpha_of(config), "cell": run.variant in cells,
+                      "config": config, "run": run,
                       "final-accuracy": run.curve.final_accuracy,
                       "diverging-rounds": [r["round"] for r in rows if r.get("diverging")],
                       "train-loss": [r["train-loss"] for r in rows]})
@@ -88,7 +91,8 @@ def strategy_norm(line: dict[str, Any]) -> str:
 
 
 def cells_only(line: dict[str, Any]) -> bool:
-    return line["variant"] == f"{line['norm']}-{line['alpha']}"
+    """A run of one of the grid's cells (not of an ablation)."""
+    return line["cell"]
 
 
 def change(lines: Sequence[dict[str, Any]]) -> Callable[[dict[str, Any]], str]:

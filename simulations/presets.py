@@ -10,7 +10,7 @@ YAML file outside ``presets/`` works as well.
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -156,8 +156,18 @@ def grid_cells(config: DictConfig) -> list[tuple[str, dict[str, Any]]]:
             skew = {"partitioner": "dirichlet", "dirichlet-alpha": float(alpha)}
         else:
             raise PresetError(f"grid.alphas: {alpha!r} is neither 'iid' nor a positive number")
-        cells += [(f"{norm}-{alpha}", {"norm": str(norm), **skew}) for norm in grid.norms]
+        cells += [(cell_name(norm, alpha), {"norm": str(norm), **skew}) for norm in grid.norms]
     return cells
+
+
+def cell_name(norm: Any, alpha: Any) -> str:
+    """The variant of a grid cell: ``<norm>-<alpha>``."""
+    return f"{norm}-{alpha}"
+
+
+def cell_names(grid: Mapping[str, Any] | None) -> list[str]:
+    """The variants of a ``grid`` section (as a manifest stores it), in :func:`grid_cells`' order."""
+    return [cell_name(norm, alpha) for alpha in grid["alphas"] for norm in grid["norms"]] if grid else []
 
 
 def _positive(value: Any) -> bool:

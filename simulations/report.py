@@ -56,6 +56,7 @@ from simulations.tuning import is_tuning, tuning_lines
 from simulations.machine import describe_machine, machine_line
 from simulations.privacy_report import privacy_lines
 from simulations.paired_stats import LEVEL, late_accuracy, paired
+from simulations.presets import cell_names
 from simulations.client_report import client_lines
 from simulations.node_costs import (
     DEFAULT_BANDWIDTHS,
@@ -403,11 +404,13 @@ def paired_rows(groups: dict[tuple[str, str], list[Run]]) -> list[dict[str, Any]
     return paired_against(groups, lambda variant, strategy: None if strategy == REFERENCE else (variant, REFERENCE))
 
 
-def ablation_rows(groups: dict[tuple[str, str], list[Run]]) -> list[dict[str, Any]]:
+def ablation_rows(groups: dict[tuple[str, str], list[Run]], cells: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Each ablation variant of each method against the same method's main variant (what the variant's
-    change costs or gains, e.g. ``amp``'s bf16)."""
-    return paired_against(groups, lambda variant, strategy: None if variant == MAIN_VARIANT
-                          else (MAIN_VARIANT, strategy))
+    change costs or gains, e.g. ``amp``'s bf16); in a grid (``cells``, its variants) against its first cell,
+    which its ablations change."""
+    base = cells[0] if cells else MAIN_VARIANT
+    return paired_against(groups, lambda variant, strategy: None if variant == base or variant in cells
+                          else (base, strategy))
 
 
 def paired_markdown(rows: Sequence[dict[str, Any]], difference: str, verdict: str) -> list[str]:
@@ -420,13 +423,19 @@ def paired_markdown(rows: Sequence[dict[str, Any]], difference: str, verdict: st
     return table(head, body)
 
 
-def ablation_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+def ablation_lines(rows: Sequence[dict[str, Any]], base: str = MAIN_VARIANT) -> list[str]:
     if not rows:
         return []
-    return ["## Each variant against the main run of its method", "",
-            *paired_markdown(rows, "variant - main", "variant vs main"), "",
-            "Per seed, the variant's late accuracy minus the same method's main run on that seed; interval and "
-            "words by the rule of the paired comparison above (simulations/paired_stats.py).", ""]
+    if base == MAIN_VARIANT:
+        return ["## Each variant against the main run of its method", "",
+                *paired_markdown(rows, "variant - main", "variant vs main"), "",
+                "Per seed, the variant's late accuracy minus the same method's main run on that seed; interval and "
+                "words by the rule of the paired comparison above (simulations/paired_stats.py).", ""]
+    return [f"## Each ablation against the grid's first cell ({base}) of its method", "",
+            *paired_markdown(rows, f"variant - {base}", f"variant vs {base}"), "",
+            f"Per seed, the ablation's late accuracy minus the same method's {base} run on that seed (the cell it "
+            "changes); interval and words by the rule of the paired comparison above (simulations/paired_stats.py).",
+            ""]
 
 
 def paired_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -653,8 +662,9 @@ def build_report(runs_dir: Path, target_accuracy_value: float | None = None,
     privacy, privacy_plots, privacy_json = privacy_lines(runs_dir, groups, group_label)
     clients, clients_json = client_lines(runs_dir, groups, group_label)
     equal, equal_json = equal_cost_section(groups)
-    ablations = ablation_rows(groups)
-    extra = (ablation_lines(ablations) + equal + tuning_lines(manifest, runs_dir)
+    cells = cell_names(manifest.get("grid"))
+    ablations = ablation_rows(groups, cells)
+    extra = (ablation_lines(ablations, cells[0] if cells else MAIN_VARIANT) + equal + tuning_lines(manifest, runs_dir)
              + tier_lines(runs_dir, groups, "depth") + tier_lines(runs_dir, groups, "width")
              + tier_lines(runs_dir, groups, "exit") + clients + privacy + extra)
     extra_plots = extra_plots + privacy_plots

@@ -74,6 +74,7 @@ def test_a_tiny_grid_runs_resumes_reports_and_gives_the_docs_tables(tmp_path, mo
                      "transport-dtype_uint8-resist-seed0"]
     text = (out / report.REPORT_FILE).read_text()
     assert "ResIST (batchnorm-0.3)" in text and "FedAvg (batchnorm-iid)" in text
+    assert "A grid: each variant `<norm>-<alpha>`" in text
     capsys.readouterr()
     assert compare.main(argv) == 0  # every cell is done: nothing runs again
     assert "[start" not in capsys.readouterr().out
@@ -103,9 +104,9 @@ def test_a_tiny_grid_runs_resumes_reports_and_gives_the_docs_tables(tmp_path, mo
 
 
 def test_a_change_is_read_from_the_run_configs(tmp_path):
-    lines = [{"variant": "batchnorm-0.3", "norm": "batchnorm", "alpha": "0.3", "strategy": "resist", "seed": 0,
+    lines = [{"variant": "batchnorm-0.3", "cell": True, "strategy": "resist", "seed": 0,
               "config": {"lr": 0.05, "clip-grad-norm": 0.0, "run-name": "a"}},
-             {"variant": "lr-0.02", "norm": "batchnorm", "alpha": "0.3", "strategy": "resist", "seed": 0,
+             {"variant": "lr-0.02", "cell": False, "strategy": "resist", "seed": 0,
               "config": {"lr": 0.02, "clip-grad-norm": 0.0, "run-name": "b"}}]
     key = noniid_figures.change(lines)
     assert [key(line) for line in lines] == ["none (the first cell)", "`lr=0.02`"]
@@ -116,3 +117,18 @@ def test_a_missing_comparison_is_named(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no committed comparison named 'nope'"):
         noniid_figures.grid_lines("nope")
 
+
+
+def test_a_grids_ablations_are_paired_with_its_first_cell_and_its_cells_are_not():
+    def run(variant: str, seed: int, accuracy: float) -> report.Run:
+        rows = [{"round": 1, "accuracy": accuracy, "bytes-down": 1, "bytes-up": 1, "cumulative-bytes": 2}]
+        return report.Run(f"{variant}-resist-seed{seed}", variant, "resist", seed, report.Curve.from_rows(rows))
+
+    groups = report.group_runs([run(v, seed, acc + 0.01 * seed) for seed in (0, 1, 2)
+                                for v, acc in (("batchnorm-0.3", 0.8), ("groupnorm-0.3", 0.7), ("clip-1.0", 0.9))])
+    rows = report.ablation_rows(groups, ["batchnorm-0.3", "groupnorm-0.3"])
+    assert [(r["variant"], r["seeds"], round(r["mean"], 6), r["verdict"]) for r in rows] == [
+        ("clip-1.0", 3, 0.1, "wins")]
+    assert report.ablation_lines(rows, "batchnorm-0.3")[0] == \
+        "## Each ablation against the grid's first cell (batchnorm-0.3) of its method"
+    assert report.ablation_rows(groups) == []  # no main variant, no grid: nothing to pair with
