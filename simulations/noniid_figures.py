@@ -19,7 +19,7 @@ from typing import Any
 from resist_fl.run.methods import label  # the method table's labels (former names read too)
 from resist_fl.run.outputs import CONFIG_FILE, read_metrics
 from simulations import report
-from simulations.presets import cell_names
+from simulations.presets import alpha_label, cell_names
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
@@ -33,12 +33,12 @@ def _rel(path: Path) -> str:
 
 
 def _mean_std(values: Sequence[float]) -> str:
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
+    return "{:.3f} ± {:.3f}".format(*report.mean_std(values))
 
 
 def alpha_of(config: dict[str, Any]) -> str:
-    """A run's label skew as the grid names it: ``iid`` or the Dirichlet alpha (``0.3``)."""
-    return "iid" if config["partitioner"] == "iid" else str(float(config["dirichlet-alpha"]))
+    """A run's label skew as its grid cell names it (:func:`simulations.presets.alpha_label`)."""
+    return alpha_label("iid" if config["partitioner"] == "iid" else config["dirichlet-alpha"])
 
 
 def grid_lines(name: str) -> tuple[Path, dict[str, Any], list[dict[str, Any]]]:
@@ -70,8 +70,9 @@ def _groups(lines: Sequence[dict[str, Any]], key: Callable[[dict[str, Any]], str
 
 def seeds_table(name: str, key: Callable[[dict[str, Any]], str], what: str,
                 keep: Callable[[dict[str, Any]], bool] = lambda line: True) -> list[str]:
-    """Per group of the runs ``keep`` accepts, grouped by ``key``: each seed's final accuracy, mean ± std, min,
-    runs diverging, and the effective clip norm and lr."""
+    """Per group of the runs ``keep`` accepts, grouped by ``key`` (a group's runs should differ only in their
+    seed: with :func:`strategy_norm`, a grid of one alpha): each seed's final accuracy, mean ± std, min, runs
+    diverging, and the effective clip norm and lr."""
     runs_dir, _, lines = grid_lines(name)
     rows = [f"| {what} | final accuracy by seed | mean ± std | min | runs diverging | clip-grad-norm | lr |",
             "|---|---|---|---|---|---|---|"]
@@ -136,11 +137,9 @@ def grid_block(name: str) -> list[str]:
     lines = [line for line in lines if cells_only(line)]
     strategies = list(dict.fromkeys(line["strategy"] for line in lines))
     norms = [str(n) for n in manifest["grid"]["norms"]]
-    alphas = [alpha_of({"partitioner": "iid"} if str(a) == "iid" else {"partitioner": "dirichlet",
-                                                                        "dirichlet-alpha": a})
-              for a in manifest["grid"]["alphas"]]
+    alphas = [alpha_label(a) for a in manifest["grid"]["alphas"]]
     cell = _groups(lines, lambda line: f"{line['strategy']} {line['norm']} {line['alpha']}")
-    target, target_text = report.preset_target(report.group_runs([line["run"] for line in lines]), manifest)
+    target, target_text = report.preset_target(report.group_runs([line["run"] for line in lines]), manifest)  # cells
     columns = [(s, n) for n in norms for s in strategies]
     rows = ["| alpha | " + " | ".join(f"{label(s)} {n}" for s, n in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for alpha in alphas:

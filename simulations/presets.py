@@ -9,6 +9,7 @@ YAML file outside ``presets/`` works as well.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -127,54 +128,75 @@ def validate_preset(config: DictConfig, project_dir: Path) -> None:
 def grid_cells(config: DictConfig) -> list[tuple[str, dict[str, Any]]]:
     """A ``grid`` preset's cells, ``(variant, run-config changes)`` for every alpha x norm, alphas outermost;
     [] without a grid. An alpha ``"iid"`` is ``partitioner='iid'``, a number the Dirichlet partitioner with
-    that ``dirichlet-alpha``. The variant is ``<norm>-<alpha>`` (``batchnorm-0.3``, ``groupnorm-iid``).
+    that ``dirichlet-alpha``. The variant is ``<norm>-<alpha>`` (:func:`cell_name`: ``batchnorm-0.3``,
+    ``groupnorm-iid``).
 
     Raises
     ------
     PresetError
-        An unknown norm, an alpha that is neither ``"iid"`` nor a positive number, or a run-config
-        that sets a key the grid sets per cell.
+        A grid without non-empty ``alphas`` and ``norms`` lists, an unknown norm, an alpha that is neither
+        ``"iid"`` nor a positive number, a cell twice, a run-config or strategy-config that sets a key the
+        grid sets per cell, or a grid with a ``tuning`` section (its tuning runs would belong to no cell).
     """
     grid = config.get("grid")
-    if not grid:
+    if grid is None:
         return []
     from resist_fl.core.norms import NORMS
 
-    if unknown := sorted(set(grid) - {"alphas", "norms"}):
-        raise PresetError(f"grid: unknown key(s) {unknown}; expected alphas and norms (the data set is "
-                          "run-config.dataset)")
-    if owned := sorted(set(config.get("run-config", {})) & set(GRID_KEYS)):
-        raise PresetError(f"preset {config.name!r}: run-config sets {owned}, which the grid sets per cell "
-                          "(use grid.norms / grid.alphas)")
-    if bad := sorted(set(grid.norms) - set(NORMS)):
+    if not isinstance(grid, DictConfig) or set(grid) != {"alphas", "norms"} or not all(
+            OmegaConf.is_list(grid[k]) and len(grid[k]) for k in ("alphas", "norms")):
+        raise PresetError(f"grid: expected non-empty lists alphas and norms and nothing else, got {to_dict(grid)!r} "
+                          "(the data set is run-config.dataset)")
+    sets = {"run-config": config.get("run-config", {}),
+            **{f"strategy-config.{k}": v for k, v in (config.get("strategy-config") or {}).items()}}
+    for where, keys in sets.items():
+        if owned := sorted(set(keys) & set(GRID_KEYS)):
+            raise PresetError(f"preset {config.name!r}: {where} sets {owned}, which the grid sets per cell "
+                              "(use grid.norms / grid.alphas)")
+    if config.get("tuning") is not None:
+        raise PresetError(f"preset {config.name!r}: a grid has no learning-rate tuning (its tuning runs would "
+                          "belong to no cell); drop tuning or grid")
+    if bad := sorted(set(map(str, grid.norms)) - set(NORMS)):
         raise PresetError(f"grid.norms: unknown {bad}; expected some of {', '.join(NORMS)}")
     cells = []
     for alpha in grid.alphas:
-        if str(alpha) == "iid":
-            skew: dict[str, Any] = {"partitioner": "iid"}
-        elif _positive(alpha):
-            skew = {"partitioner": "dirichlet", "dirichlet-alpha": float(alpha)}
-        else:
-            raise PresetError(f"grid.alphas: {alpha!r} is neither 'iid' nor a positive number")
+        label = alpha_label(alpha)
+        skew = {"partitioner": "iid"} if label == "iid" else {"partitioner": "dirichlet",
+                                                             "dirichlet-alpha": float(label)}
         cells += [(cell_name(norm, alpha), {"norm": str(norm), **skew}) for norm in grid.norms]
+    if len({name for name, _ in cells}) != len(cells):
+        raise PresetError(f"grid: a cell twice (alphas {list(grid.alphas)}, norms {list(grid.norms)})")
     return cells
 
 
+def alpha_label(alpha: Any) -> str:
+    """A grid alpha as cells and tables name it: ``"iid"``, or the Dirichlet alpha as a float (``1`` ->
+    ``"1.0"``).
+
+    Raises
+    ------
+    PresetError
+        Neither ``"iid"`` nor a positive finite number.
+    """
+    if str(alpha) == "iid":
+        return "iid"
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise PresetError(f"grid.alphas: {alpha!r} is neither 'iid' nor a positive number")
+    return str(value)
+
+
 def cell_name(norm: Any, alpha: Any) -> str:
-    """The variant of a grid cell: ``<norm>-<alpha>``."""
-    return f"{norm}-{alpha}"
+    """The variant of a grid cell: ``<norm>-<alpha>`` (:func:`alpha_label`)."""
+    return f"{norm}-{alpha_label(alpha)}"
 
 
 def cell_names(grid: Mapping[str, Any] | None) -> list[str]:
     """The variants of a ``grid`` section (as a manifest stores it), in :func:`grid_cells`' order."""
     return [cell_name(norm, alpha) for alpha in grid["alphas"] for norm in grid["norms"]] if grid else []
-
-
-def _positive(value: Any) -> bool:
-    try:
-        return 0 < float(value) < float("inf")
-    except (TypeError, ValueError):
-        return False
 
 
 def coerce_run_config(run_config: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:

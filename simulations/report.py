@@ -260,12 +260,13 @@ def ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator
 
 
-def ratios(stats: Sequence[GroupStats]) -> list[dict[str, Any]]:
-    """ResIST / FedAvg of every ResIST group, against FedAvg of its variant (else of main)."""
+def ratios(stats: Sequence[GroupStats], base: str = MAIN_VARIANT) -> list[dict[str, Any]]:
+    """ResIST / FedAvg of every ResIST group, against FedAvg of its variant (else of ``base``: main, or a
+    grid's first cell, which its ablations change)."""
     fedavg = {s.variant: s for s in stats if s.strategy == "fedavg"}
     rows = []
     for s in stats:
-        ref = fedavg.get(s.variant) or fedavg.get(MAIN_VARIANT)
+        ref = fedavg.get(s.variant) or fedavg.get(base)
         if s.strategy != "resist" or ref is None:
             continue
         rows.append({"variant": s.variant, "against": ref.variant,
@@ -409,7 +410,7 @@ def ablation_rows(groups: dict[tuple[str, str], list[Run]], cells: Sequence[str]
     change costs or gains, e.g. ``amp``'s bf16); in a grid (``cells``, its variants) against its first cell,
     which its ablations change."""
     base = cells[0] if cells else MAIN_VARIANT
-    return paired_against(groups, lambda variant, strategy: None if variant == base or variant in cells
+    return paired_against(groups, lambda variant, strategy: None if variant in (base, *cells)
                           else (base, strategy))
 
 
@@ -650,9 +651,12 @@ def build_report(runs_dir: Path, target_accuracy_value: float | None = None,
     groups = group_runs(with_training_flops(runs_dir, [r for r in discover_runs(runs_dir, manifest)
                                                        if not is_tuning(r.variant)]))
     manifest = manifest or {"preset": runs_dir.name}
-    target, target_text = preset_target(groups, manifest, target_accuracy_value, target_fraction)
+    cells = cell_names(manifest.get("grid"))  # a grid's variants; its ablations change the first
+    base = cells[0] if cells else MAIN_VARIANT
+    target, target_text = preset_target({k: v for k, v in groups.items() if k[0] in cells} if cells else groups,
+                                        manifest, target_accuracy_value, target_fraction)
     stats = [group_stats(v, s, runs, target) for (v, s), runs in groups.items()]
-    ratio_rows = ratios(stats)
+    ratio_rows = ratios(stats, base)
     paired_table = paired_rows(groups)
     title = f"{manifest.get('preset', runs_dir.name)}: mean ± std over seeds"
     plots = [plot(groups, x, runs_dir / name, title, target) for x, (name, _) in PLOTS.items()
@@ -662,9 +666,8 @@ def build_report(runs_dir: Path, target_accuracy_value: float | None = None,
     privacy, privacy_plots, privacy_json = privacy_lines(runs_dir, groups, group_label)
     clients, clients_json = client_lines(runs_dir, groups, group_label)
     equal, equal_json = equal_cost_section(groups)
-    cells = cell_names(manifest.get("grid"))
     ablations = ablation_rows(groups, cells)
-    extra = (ablation_lines(ablations, cells[0] if cells else MAIN_VARIANT) + equal + tuning_lines(manifest, runs_dir)
+    extra = (ablation_lines(ablations, base) + equal + tuning_lines(manifest, runs_dir)
              + tier_lines(runs_dir, groups, "depth") + tier_lines(runs_dir, groups, "width")
              + tier_lines(runs_dir, groups, "exit") + clients + privacy + extra)
     extra_plots = extra_plots + privacy_plots

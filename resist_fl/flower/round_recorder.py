@@ -263,9 +263,10 @@ class RoundRecorder:
             log(WARNING, "[round %d] the run may be diverging: %s. %s", run_round, reason, DIVERGENCE_HINT)
         row["server-rss-mb"] = resident_memory_mb()  # after the round's evaluation
         self.rows.append(row)
-        # nodes.jsonl before the checkpoint, metrics.jsonl after it: a stop between any two leaves files a resume
-        # mends (it cuts nodes.jsonl back to the checkpoint's round and rewrites metrics.jsonl from it), so the
-        # node rows, and the widths the evaluation reads from them, of every round it keeps are there
+        # nodes.jsonl before the checkpoint, metrics.jsonl after it: a stop between any two leaves files a restart
+        # mends (a resume cuts nodes.jsonl back to the checkpoint's round and rewrites metrics.jsonl from it; a new
+        # start after a first round without a checkpoint drops its node rows), so the node rows, and the widths
+        # the evaluation reads from them, of every round kept are there once
         append_metrics(self.run_dir, *nodes, name=NODES_FILE)
         rng_python, rng_torch = capture_rngs()
         Checkpoint(run_round, {k: v.numpy() for k, v in arrays.items()}, self.run_config,

@@ -171,6 +171,7 @@ def open_run_directory(run_dir: Path, run_config: Mapping[str, Any], resume: boo
             raise FileExistsError(f"{run_dir} already holds a run; set resume=true to continue it, "
                                   "or choose another run-name")
         run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / NODES_FILE).unlink(missing_ok=True)  # rows of a first round that stopped before its checkpoint
         return None
     checkpoint = Checkpoint.load(run_dir)
     check_same_run(checkpoint.run_config, run_config)

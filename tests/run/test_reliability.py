@@ -116,22 +116,25 @@ class Stop(Exception):
     """A stop between two of a round's writes."""
 
 
-@pytest.mark.parametrize("between", ["nodes-and-checkpoint", "checkpoint-and-metrics"])
-def test_a_stop_between_a_rounds_writes_leaves_every_round_recorded_once(tiny_config, monkeypatch, between):
-    """Round 2's three writes are nodes.jsonl, the checkpoint, metrics.jsonl; a stop between any two resumes
-    into files with every round's node rows (the evaluation's widths come from them) and metrics row once."""
+@pytest.mark.parametrize("between, stop_round", [("nodes-and-checkpoint", 2), ("checkpoint-and-metrics", 2),
+                                                 ("nodes-and-checkpoint", 1)])
+def test_a_stop_between_a_rounds_writes_leaves_every_round_recorded_once(tiny_config, monkeypatch, between,
+                                                                         stop_round):
+    """A round's three writes are nodes.jsonl, the checkpoint, metrics.jsonl; a stop between any two restarts
+    (a resume, or a new start when round 1 left no checkpoint) into files with every round's node rows (the
+    evaluation's widths come from them) and metrics row once."""
     import resist_fl.flower.round_recorder as recorder
 
     tiny_config.update({"num-server-rounds": 3, "local-steps": 2})
     save, append = recorder.Checkpoint.save, recorder.append_metrics
 
     def save_or_stop(checkpoint, run_dir):
-        if between == "nodes-and-checkpoint" and checkpoint.server_round == 2:
+        if between == "nodes-and-checkpoint" and checkpoint.server_round == stop_round:
             raise Stop
         return save(checkpoint, run_dir)
 
     def append_or_stop(run_dir, *rows, **kwargs):
-        if between == "checkpoint-and-metrics" and not kwargs and rows[0]["round"] == 2:
+        if between == "checkpoint-and-metrics" and not kwargs and rows[0]["round"] == stop_round:
             raise Stop
         return append(run_dir, *rows, **kwargs)
 
@@ -141,7 +144,8 @@ def test_a_stop_between_a_rounds_writes_leaves_every_round_recorded_once(tiny_co
         run_inprocess(tiny_config, num_nodes=2)
     monkeypatch.undo()
     run_dir = Path(tiny_config["output-dir"]) / tiny_config["run-name"]
-    run_inprocess(dict(tiny_config, resume=True), num_nodes=2)
+    assert (run_dir / "nodes.jsonl").exists()
+    run_inprocess(dict(tiny_config, resume=stop_round > 1), num_nodes=2)
     assert [r["round"] for r in read_metrics(run_dir)] == [1, 2, 3]
     assert sorted(r["round"] for r in read_metrics(run_dir, "nodes.jsonl")) == [1, 1, 2, 2, 3, 3]
 

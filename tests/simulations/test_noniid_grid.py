@@ -50,7 +50,12 @@ def test_a_grids_ablations_change_its_first_cell():
     (["grid.norms=[layernorm]"], "layernorm"),
     (["grid.alphas=[0.3,-1]"], "-1"),
     (["grid.alphas=[nan]"], "nan"),
-    (["grid.data=digits"], "grid: unknown key"),
+    (["grid.alphas=[1,'1.0']"], "a cell twice"),
+    (["grid.alphas=[]"], "non-empty lists"),
+    (["grid.alphas=0.3"], "non-empty lists"),
+    (["grid.data=digits"], "non-empty lists alphas and norms and nothing else"),
+    (["strategy-config.fedavg.norm=groupnorm"], "strategy-config.fedavg sets"),
+    (["tuning={lr: [0.1], seed: 100, num-server-rounds: 2}"], "no learning-rate tuning"),
     (["no-such-key=1"], "no-such-key"),
 ])
 def test_bad_grids_are_refused(overrides, match):
@@ -88,9 +93,11 @@ def test_a_tiny_grid_runs_resumes_reports_and_gives_the_docs_tables(tmp_path, mo
     assert block[0].startswith("From the runs in `results/tiny-grid/` (4 runs, 1 seeds per cell")
     resist = next(line for line in lines if line["name"] == "batchnorm-iid-resist-seed0")
     assert f"| iid | {resist['final-accuracy']:.3f} ± 0.000 |" in "\n".join(block)
-    table = noniid_figures.seeds_table("tiny-grid", noniid_figures.strategy_norm, "strategy, norm")
-    assert sum(row.startswith("| ResIST, batchnorm |") for row in table) == 1  # both cells, one group
-    assert "| 1.0 | 0.05 |" in table[-1]  # the effective clip norm and lr
+    table = noniid_figures.seeds_table("tiny-grid", lambda line: f"{line['strategy']} {line['alpha']}", "cell",
+                                       noniid_figures.cells_only)
+    assert [row.split(" | ")[0] for row in table[4:]] == ["| resist 0.3", "| fedavg 0.3", "| resist iid",
+                                                          "| fedavg iid"]
+    assert all(row.endswith("| 0/1 | 1.0 | 0.05 |") for row in table[4:])  # none diverged; the clip norm and lr
     curves = noniid_figures.curves_table("tiny-grid")
     assert len(curves) == 2 + 2 + 6 and all(row.count(" / ") == 1 for row in curves[4:])  # 2 rounds of loss each
     transport = noniid_figures.transport_block("tiny-grid")
