@@ -52,7 +52,8 @@ from simulations.inprocess_launcher import run_inprocess_launch
 from simulations.label_plot import LABEL_PLOT, write_label_distribution
 from simulations.launcher import LaunchResult, run_flwr
 from simulations.machine import describe_machine
-from simulations.tuning import grid_of, is_tuning, picks, tuning_results, tuning_variant
+from simulations.tuning import (grid_of, is_tuning, picks, reference_of, reference_picks, tuning_results,
+                                tuning_variant)
 from simulations.presets import (
     PresetError,
     app_config_keys,
@@ -349,8 +350,14 @@ def resolve(args: argparse.Namespace) -> tuple[DictConfig, list[PlannedRun], Pat
     out_dir = (args.out or Path("outputs") / "compare" / config.name).expanduser().resolve()
     seeds = args.seeds if args.seeds is not None else list(config.seeds)
     ablations = args.ablations if args.ablations is not None else list(config.ablations)
-    return config, plan_tuning(config, out_dir, defaults) + plan_runs(config, seeds, ablations, out_dir, defaults), \
-        out_dir
+    plan = plan_tuning(config, out_dir, defaults) + plan_runs(config, seeds, ablations, out_dir, defaults)
+    try:
+        reference = reference_of(to_dict(config.tuning) if config.get("tuning") is not None else None)
+        if reference is not None:  # another comparison's picks: no tuning runs here
+            plan = with_picked_rates(plan, reference_picks(reference, sorted({r.strategy for r in plan})))
+    except ValueError as err:
+        raise PresetError(str(err)) from None
+    return config, plan, out_dir
 
 
 def new_manifest(config: DictConfig, argv: Sequence[str], out_dir: Path, backend: str = "flwr") -> dict[str, Any]:

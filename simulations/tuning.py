@@ -12,6 +12,11 @@ keeps them out of its main tables.
 The accuracy is the central test set's (the project's data sets have no validation split): the
 pick is made on other partitions, node samples and initialisations than the reported seeds', but on
 the same test images, which the report states.
+
+``tuning: {picks-from: DIR}`` instead runs no tuning runs: every strategy runs at its pick in the
+finished comparison ``DIR`` (relative paths: to the repository), whose grid must hold every rate of
+every strategy; the report shows that grid. A variant of a study (other data skew, other capacities)
+so shares the study's tuning.
 """
 
 from __future__ import annotations
@@ -21,11 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from resist_fl.run.methods import label
-from resist_fl.run.outputs import METRICS_FILE, SUMMARY_FILE, read_metrics
+from resist_fl.run.outputs import METRICS_FILE, SUMMARY_FILE, read_json, read_metrics
 from simulations.paired_stats import late_accuracy
 
 TUNING_PREFIX = "tune-lr"
 """Variant names of the tuning runs: ``tune-lr0.05``."""
+PICKS_FROM = "picks-from"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def is_tuning(variant: str) -> bool:
@@ -40,7 +47,7 @@ def tuning_variant(lr: float) -> str:
 def grid_of(tuning: Mapping[str, Any] | None) -> tuple[list[float], int, int] | None:
     """``(rates, seed, rounds)`` of a preset's ``tuning`` section (None without one); ValueError when
     it is malformed."""
-    if not tuning:
+    if not tuning or reference_of(tuning) is not None:
         return None
     if set(tuning) != {"lr", "seed", "num-server-rounds"}:
         raise ValueError(f"tuning = {dict(tuning)!r}: expected the keys lr (a list of rates), seed and "
@@ -49,6 +56,42 @@ def grid_of(tuning: Mapping[str, Any] | None) -> tuple[list[float], int, int] | 
     if not rates or any(not r > 0 for r in rates) or len(set(rates)) != len(rates):
         raise ValueError(f"tuning.lr = {tuning['lr']!r}: expected distinct positive learning rates")
     return sorted(rates), int(tuning["seed"]), int(tuning["num-server-rounds"])
+
+
+def reference_of(tuning: Mapping[str, Any] | None) -> Path | None:
+    """The comparison directory of ``tuning: {picks-from: DIR}`` (None without one); ValueError when the
+    section mixes it with a grid's keys."""
+    if not tuning or PICKS_FROM not in tuning:
+        return None
+    if set(tuning) != {PICKS_FROM}:
+        raise ValueError(f"tuning = {dict(tuning)!r}: {PICKS_FROM} takes another comparison's picks, so it "
+                         "stands alone (no lr, seed or num-server-rounds)")
+    path = Path(str(tuning[PICKS_FROM]))
+    return path if path.is_absolute() else ROOT / path
+
+
+def reference_picks(directory: Path, strategies: Sequence[str]) -> dict[str, float]:
+    """Each of ``strategies``' pick in the finished comparison ``directory``'s learning-rate grid.
+
+    Raises
+    ------
+    ValueError
+        ``directory`` holds no comparison, or its grid lacks a strategy or a finished run at one of its rates.
+    """
+    from simulations.report import MANIFEST_FILE  # (the report reads this module)
+
+    if not (directory / MANIFEST_FILE).exists():
+        raise ValueError(f"tuning.{PICKS_FROM} = {directory}: no {MANIFEST_FILE} there; run that comparison "
+                         "(its tuning runs) first, or give its output directory")
+    manifest = read_json(directory / MANIFEST_FILE)
+    grid = grid_of(manifest.get("tuning"))
+    results = tuning_results(manifest.get("runs", []), directory)
+    for strategy in strategies:
+        missing = [r for r in (grid[0] if grid else []) if results.get(strategy, {}).get(r) is None]
+        if grid is None or strategy not in results or missing:
+            raise ValueError(f"tuning.{PICKS_FROM} = {directory}: its learning-rate grid has no finished run of "
+                             f"{strategy!r}" + (f" at lr {missing}" if missing and strategy in results else ""))
+    return picks({s: results[s] for s in strategies})
 
 
 def run_late_accuracy(run_dir: Path) -> float | None:
@@ -83,7 +126,15 @@ def tuning_results(runs: Sequence[Mapping[str, Any]], out_dir: Path) -> dict[str
 
 
 def tuning_lines(manifest: Mapping[str, Any], out_dir: Path) -> list[str]:
-    """The report's section on the learning-rate grid ([] without tuning runs)."""
+    """The report's section on the learning-rate grid ([] without tuning runs); with ``picks-from``, the
+    grid of that comparison."""
+    reference = reference_of(manifest.get("tuning"))
+    if reference is not None:
+        from simulations.report import MANIFEST_FILE
+
+        head, *grid = tuning_lines(read_json(reference / MANIFEST_FILE), reference)
+        return [head, "", f"This comparison ran no tuning runs: every method runs at its pick in the grid of "
+                f"`{manifest['tuning'][PICKS_FROM]}`, below.", *grid]
     results = tuning_results(manifest.get("runs", []), out_dir)
     if not results:
         return []

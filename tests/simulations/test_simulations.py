@@ -377,24 +377,61 @@ def test_every_method_runs_its_seeds_at_its_best_rate_of_one_grid(tmp_path):
     assert compare.main(argv, launch=launch) == 0 and calls == []  # a rerun reuses the grid and the seeds
 
 
+def test_a_comparison_can_run_at_another_comparisons_picks(tmp_path, capsys):
+    reference = tmp_path / "reference"
+    assert compare.main(["quick-cpu", "tuning.lr=[0.1,0.01]", "tuning.seed=100", "tuning.num-server-rounds=1",
+                         "--seeds", "0", "--out", str(reference)], launch=tuned_launch) == 0
+    calls = []
+
+    def launch(project_dir, run_config, **kwargs):
+        calls.append((run_config["run-name"], run_config["lr"]))
+        return tuned_launch(project_dir, run_config, **kwargs)
+
+    out = tmp_path / "variant"
+    argv = ["quick-cpu", f"tuning.picks-from={reference}", "--seeds", "0", "1", "--out", str(out)]
+    assert compare.main(argv, launch=launch) == 0
+    assert sorted(calls) == [("main-fedavg-seed0", 0.01), ("main-fedavg-seed1", 0.01), ("main-resist-seed0", 0.1),
+                             ("main-resist-seed1", 0.1)]  # no tuning runs; the reference's picks
+    text = (out / report.REPORT_FILE).read_text()
+    grid = text[text.index("## Learning-rate grid"):]
+    assert f"every method runs at its pick in the grid of `{reference}`" in grid
+    assert "| ResIST | 0.6000 | **0.8000** | 0.1 |" in grid
+    for bad, message in (([f"tuning.picks-from={tmp_path / 'none'}"], "no compare.json there"),
+                         ([f"tuning.picks-from={reference}", "tuning.lr=[0.1]"], "stands alone")):
+        assert compare.main(["quick-cpu", *bad, "--dry-run"]) == 2
+        assert message in capsys.readouterr().err
+    assert compare.main(["quick-cpu", f"tuning.picks-from={reference}", "strategies=[resist,heterofl]",
+                         "--dry-run"]) == 2
+    assert "its learning-rate grid has no finished run of 'heterofl'" in capsys.readouterr().err
+
+
 def test_a_malformed_grid_is_refused_before_anything_runs(tmp_path, capsys):
     assert compare.main(["quick-cpu", "tuning.lr=[0.1,-1]", "tuning.seed=1", "tuning.num-server-rounds=1",
                          "--out", str(tmp_path)], launch=tuned_launch) == 2
     assert "tuning.lr = [0.1, -1]: expected distinct positive learning rates" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("preset, methods, seeds", [("fmnist-study", 9, 5), ("fmnist-study-resnet18", 6, 3),
-                                                    ("fmnist-study-iid", 7, 3), ("fmnist-study-dynamic", 7, 3)])
-def test_the_study_presets_plan_one_lr_grid_then_every_method_at_every_seed(tmp_path, preset, methods, seeds):
-    """Issue 34's study: the lr grid (5 rates on seed 100, 30 rounds) for every method, then each method's
-    seeds at 80 rounds; 100 nodes, 10 per round, capacities 1 .. 1/16; every run config is valid."""
+@pytest.mark.parametrize("preset, methods, seeds, own_grid", [
+    ("fmnist-study", 9, 5, True), ("fmnist-study-resnet18", 6, 3, True), ("fmnist-study-iid", 7, 3, False),
+    ("fmnist-study-dynamic", 7, 3, False)])
+def test_the_study_presets_plan_one_lr_grid_then_every_method_at_every_seed(tmp_path, preset, methods, seeds,
+                                                                            own_grid):
+    """Issue 34's study: the lr grid (6 rates on seed 100, 30 rounds) for every method, then each method's
+    seeds at 80 rounds; 100 nodes, 10 per round, capacities 1 .. 1/16; every run config is valid. The IID
+    and dynamic variants (same model) run each method at its pick in the committed study's grid."""
+    from simulations.tuning import reference_picks
+
     _, plan, _ = compare.resolve(compare.parse_args([preset, "--out", str(tmp_path)]))
     tuning = [r for r in plan if r.variant.startswith("tune-lr")]
     main = [r for r in plan if r.variant == "main"]
-    assert len(tuning) == 6 * methods and {r.seed for r in tuning} == {100}
+    assert len(tuning) == 6 * methods * own_grid and {r.seed for r in tuning} <= {100}
     assert len(main) == methods * seeds and len(plan) == len(tuning) + len(main)
-    assert {r.run_config["lr"] for r in tuning} == {0.02, 0.05, 0.1, 0.2, 0.4, 0.8}
-    assert {r.run_config["num-server-rounds"] for r in tuning} == {30}
+    if own_grid:
+        assert {r.run_config["lr"] for r in tuning} == {0.02, 0.05, 0.1, 0.2, 0.4, 0.8}
+        assert {r.run_config["num-server-rounds"] for r in tuning} == {30}
+    else:
+        study = reference_picks(ROOT / "docs" / "results" / "fmnist-study", [r.strategy for r in main])
+        assert {r.strategy: r.run_config["lr"] for r in main} == study
     assert {r.run_config["num-server-rounds"] for r in main} == {80}
     for run in plan:
         config = run.run_config
