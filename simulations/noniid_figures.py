@@ -139,7 +139,11 @@ def grid_block(name: str) -> list[str]:
     norms = [str(n) for n in manifest["grid"]["norms"]]
     alphas = [alpha_label(a) for a in manifest["grid"]["alphas"]]
     cell = _groups(lines, lambda line: f"{line['strategy']} {line['norm']} {line['alpha']}")
-    target, target_text = report.preset_target(report.group_runs([line["run"] for line in lines]), manifest)  # cells
+    groups = report.group_runs([line["run"] for line in lines])  # the cells' runs
+    target, target_text = report.preset_target(groups, manifest)
+    words = [row["verdict"] for row in report.paired_rows(groups) if row["strategy"] == "fedavg"]
+    verdicts = (", ".join(f"{word} in {words.count(word)}" for word in dict.fromkeys(words)) + f" of {len(words)} "
+                "cells") if words else "no cell with two paired seeds"
     columns = [(s, n) for n in norms for s in strategies]
     rows = ["| alpha | " + " | ".join(f"{label(s)} {n}" for s, n in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for alpha in alphas:
@@ -168,7 +172,9 @@ def grid_block(name: str) -> list[str]:
     diverging = sum(bool(line["diverging-rounds"]) for line in lines)
     return [f"From the runs in `{_rel(runs_dir)}/` ({len(lines)} runs, {seeds} seeds per cell; mean ± sample std).",
             "", *rows, "",
-            f"Runs diverging: {diverging} of {len(lines)}. ResIST − FedAvg with {norms[0]}, alpha "
+            f"Runs diverging: {diverging} of {len(lines)}. FedAvg vs ResIST by the report's paired rule (late "
+            f"accuracy, paired-t 95 % interval, per cell): {verdicts}. ResIST − FedAvg "
+            f"(final accuracy) with {norms[0]}, alpha "
             f"{' / '.join(alphas)}: {gaps}. Bytes per round: ResIST {mb['resist']:.1f} MB, FedAvg "
             f"{mb['fedavg']:.1f} MB ({mb['resist'] / mb['fedavg']:.2f}x); target accuracy {target:.3f} "
             f"({target_text}); ResIST needed {reached}."]

@@ -93,6 +93,7 @@ def test_a_tiny_grid_runs_resumes_reports_and_gives_the_docs_tables(tmp_path, mo
     assert block[0].startswith("From the runs in `results/tiny-grid/` (4 runs, 1 seeds per cell")
     resist = next(line for line in lines if line["name"] == "batchnorm-iid-resist-seed0")
     assert f"| iid | {resist['final-accuracy']:.3f} ± 0.000 |" in "\n".join(block)
+    assert "per cell): no cell with two paired seeds." in block[-1]  # one seed: no word
     table = noniid_figures.seeds_table("tiny-grid", lambda line: f"{line['strategy']} {line['alpha']}", "cell",
                                        noniid_figures.cells_only)
     assert [row.split(" | ")[0] for row in table[4:]] == ["| resist 0.3", "| fedavg 0.3", "| resist iid",
