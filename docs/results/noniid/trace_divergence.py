@@ -11,6 +11,10 @@ largest BatchNorm weight it returned::
 ``trace-resist-batchnorm-seed1-l50.txt`` is ``1 50 batchnorm 0`` (no clipping, the app's default
 before the study), ``trace-resist-batchnorm-seed1-l50-clip1.txt`` is ``1 50 batchnorm 1.0`` (today's
 default).
+
+Kept as recorded: it runs with the code of commit 9508bb9 (``git worktree add /tmp/t 9508bb9``), whose
+``simulations.probe`` and ``simulations.digits`` it imports; today's runner replays its setting as the
+presets ``noniid-digits-l50`` and ``noniid-digits-l50-replay``.
 """
 
 from __future__ import annotations
