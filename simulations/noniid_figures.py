@@ -74,6 +74,12 @@ def seeds_table(name: str, key: Callable[[dict[str, Any]], str], what: str,
     seed: with :func:`strategy_norm`, a grid of one alpha): each seed's final accuracy, mean ± std, min, runs
     diverging, and the effective clip norm and lr."""
     runs_dir, _, lines = grid_lines(name)
+    return _seeds_rows(runs_dir, lines, key, what, keep)
+
+
+def _seeds_rows(runs_dir: Path, lines: Sequence[dict[str, Any]], key: Callable[[dict[str, Any]], str], what: str,
+                keep: Callable[[dict[str, Any]], bool]) -> list[str]:
+    """:func:`seeds_table` of lines already read."""
     rows = [f"| {what} | final accuracy by seed | mean ± std | min | runs diverging | clip-grad-norm | lr |",
             "|---|---|---|---|---|---|---|"]
     for group_name, group in _groups([line for line in lines if keep(line)], key).items():
@@ -113,8 +119,8 @@ def change(lines: Sequence[dict[str, Any]]) -> Callable[[dict[str, Any]], str]:
 
 def remedies_table(name: str, what: str) -> list[str]:
     """ResIST, BatchNorm, the first cell and each of its ablations, one row per change."""
-    _, _, lines = grid_lines(name)
-    return seeds_table(name, change(lines), what, lambda line: line["strategy"] == "resist"
+    runs_dir, _, lines = grid_lines(name)  # read once: the change of a run is against the lines' first cell
+    return _seeds_rows(runs_dir, lines, change(lines), what, lambda line: line["strategy"] == "resist"
                        and line["norm"] == "batchnorm")
 
 
