@@ -16,6 +16,10 @@ Runs on the CPU too (``--device cpu``, for the smoke test; bf16 autocast on CPU 
 figures mean something on a GPU only.
 
     python benchmarks/gpu_benchmark.py [--device cuda] [--batch-size 128] [--steps 20] [--clients 1 2 4 8]
+                                       [--json PATH]
+
+``--json PATH`` also writes the raw figures (unrounded images/s per model and precision, the data
+share's two rates, the card and torch's version) for :mod:`simulations.benchmark_figures`.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the root holds `benchmarks`
+from benchmarks.figures_json import write_figures  # noqa: E402
 from benchmarks.step_benchmark import step_seconds  # noqa: E402
 from resist_fl.core.decomposition import BlockLayout, round_rng, sample_subnetworks
 from resist_fl.core.model import PRESET_DEPTHS, ModelSpec, build_model
@@ -115,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--images", type=int, default=10_000, help="images in the device-resident partition")
     parser.add_argument("--clients", type=int, nargs="*", default=[], help="clients per GPU to run via flwr run")
+    parser.add_argument("--json", type=Path, help="also write the raw figures here (benchmarks/figures_json.py)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     spec = ModelSpec(depths=PRESET_DEPTHS[args.model], base_width=args.width, num_classes=10)
@@ -125,11 +131,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                          rng.integers(0, 10, args.images))
     batches = TrainBatches(arrays, args.batch_size, normalization=STATS, augment="crop-flip", device=device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"{args.model} width {args.width}, batch {args.batch_size}, {args.steps} steps, on {name}")
+    setting = f"{args.model} width {args.width}, batch {args.batch_size}, {args.steps} steps, on {name}"
+    print(setting)
     print("| model | fp32 (IEEE) images/s | TF32 images/s | bf16 + channels_last images/s | TF32 / fp32 "
           "| bf16 / fp32 |")
     print("|---|---:|---:|---:|---:|---:|")
     images, labels = next(iter(batches))
+    models = []
     for label, make in (("full", lambda: build_model(spec)),
                         (f"S=4 sub-network ({len(largest)} blocks)", lambda: layout.build_subnetwork(spec, largest))):
         with fp32_precision("ieee"):  # NCHW, true fp32
@@ -145,13 +153,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                                               labels, args.steps, amp=True)
         tf32_cells = ("n/a (CPU)", "n/a") if tf32 is None else (f"{tf32:,.1f}", f"{tf32 / fp32:.3f}")
         print(f"| {label} | {fp32:,.1f} | {tf32_cells[0]} | {fast:,.1f} | {tf32_cells[1]} | {fast / fp32:.3f} |")
+        models.append({"model": label, "fp32-ieee": fp32, "tf32": tf32, "bf16-channels-last": fast})
     model = on_device(build_model(spec), device)
     fixed = images_per_second(model, FixedBatch(images, labels), args.steps, device, amp=True)
     fed = images_per_second(model, batches, args.steps, device, amp=True)
     print(f"data share of the fast path's step time (full model): {max(0.0, 1 - fed / fixed):.1%} "
           f"(fixed batch {fixed:,.0f} images/s, device-resident batches {fed:,.0f} images/s)")
-    for line in shared_gpu(args.clients, args) if args.clients else []:
+    shared = shared_gpu(args.clients, args) if args.clients else []
+    for line in shared:
         print(line)
+    write_figures(args.json, setting, device=name, torch=torch.__version__, models=models,
+                  data_share={"fixed-batch": fixed, "device-resident": fed}, shared_gpu=shared)
     return 0
 
 

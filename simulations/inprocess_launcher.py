@@ -48,7 +48,8 @@ def run_inprocess_launch(project_dir: str | os.PathLike, run_config: Mapping[str
                                    workdir / f"{name}.run-config.toml",
                                    header=f"run config of {name} (the app's defaults merged), in-process backend")
     command = [sys.executable, "-m", "simulations.inprocess", str(config_path), str(int(num_supernodes))]
-    env = {**os.environ, "OMP_NUM_THREADS": str(int(num_cpus_per_client)), "PYTHONPATH": str(project_dir)}
+    path = os.pathsep.join(filter(None, (str(project_dir), os.environ.get("PYTHONPATH"))))  # the caller's kept
+    env = {**os.environ, "OMP_NUM_THREADS": str(int(num_cpus_per_client)), "PYTHONPATH": path}
     started, started_epoch = time.monotonic(), time.time()
     proc, timed_out, round1 = run_logged(command, project_dir, env, log_path, "", run_dir, started_epoch, timeout_s)
     wall = time.monotonic() - started

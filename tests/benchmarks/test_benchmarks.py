@@ -174,9 +174,9 @@ def test_deploy_overhead_benchmark_measures_a_cluster(launch, tmp_path):
     assert len(after["later"]) == 2 and after["median"] == pytest.approx(statistics.median(after["later"]), abs=1e-4)
 
 
-def test_gpu_benchmark_runs_on_the_cpu(capsys):
-    assert load("gpu_benchmark").main(["--device", "cpu", "--model", "preact_resnet18", "--width", "4",
-                                       "--batch-size", "8", "--steps", "1", "--images", "64"]) == 0
+def test_gpu_benchmark_runs_on_the_cpu(capsys, tmp_path):
+    figures = run_json(load("gpu_benchmark"), ["--device", "cpu", "--model", "preact_resnet18", "--width", "4",
+                                               "--batch-size", "8", "--steps", "1", "--images", "64"], tmp_path)
     out = capsys.readouterr().out
     table = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("|")]
     rows = [[cell.strip() for cell in row] for row in table[2:]]  # below the header and the rule
@@ -185,6 +185,14 @@ def test_gpu_benchmark_runs_on_the_cpu(capsys):
         fp32, fast, ratio = (float(row[i].replace(",", "")) for i in (1, 3, 5))
         assert ratio == pytest.approx(fast / fp32, rel=0.01, abs=0.002), row
         assert row[2] == "n/a (CPU)" and row[4] == "n/a"  # no TF32 figure is claimed on a CPU
+    # the JSON holds the unrounded rates the table printed, and the card / torch they ran on
+    assert out.splitlines()[0] == figures["setting"] and figures["device"] == "cpu"
+    assert figures["torch"] == torch.__version__ and [m["model"] for m in figures["models"]] == [r[0] for r in rows]
+    for model, row in zip(figures["models"], rows):
+        assert f"{model['fp32-ieee']:,.1f}" == row[1] and f"{model['bf16-channels-last']:,.1f}" == row[3]
+        assert model["tf32"] is None
+    share = figures["data_share"]
+    assert f"{max(0.0, 1 - share['device-resident'] / share['fixed-batch']):.1%}" in out
 
 
 def test_merge_benchmark_compares_the_merge_with_a_copy(tmp_path):
@@ -225,15 +233,36 @@ def test_every_benchmark_script_has_a_smoke_test():
     assert [s for s in scripts if f'load("{s}")' not in source and f'launch("{s}")' not in source] == []
 
 
-def test_the_gpu_check_lists_its_four_steps_without_running_them(tmp_path):
+def gpu_check_dry_run(*args: str):
     import subprocess
 
-    result = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--dry-run", str(tmp_path / "out")],
-                            capture_output=True, text=True, timeout=60)
+    return subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--dry-run", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_the_gpu_check_lists_its_steps_without_running_them(tmp_path):
+    result = gpu_check_dry_run(str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
-    steps = [line.split()[2] for line in result.stdout.splitlines() if line.startswith("step ")]
-    assert steps == ["install", "gpu-tests", "gpu-benchmark", "flwr-run-resnet101"]
+    steps = {line.split()[2]: line for line in result.stdout.splitlines() if line.startswith("step ")}
+    assert list(steps) == ["install", "gpu-tests", "gpu-benchmark", "run-resnet101-resist", "run-resnet101-fedavg"]
+    assert "pip install --quiet -e '.[dev]'" in steps["install"] and "--clients 1 2 4 8" in steps["gpu-benchmark"]
+    assert "--backend flwr --strategy fedavg" in steps["run-resnet101-fedavg"]
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+
+def test_the_offline_gpu_check_installs_carried_wheels_and_runs_without_ray(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    refused = gpu_check_dry_run("--offline", str(wheels), str(tmp_path / "out"))
+    assert refused.returncode == 1 and f"no wheels in {wheels}" in refused.stderr
+    (wheels / "flwr-1.42.0-py3-none-any.whl").write_bytes(b"")
+    result = gpu_check_dry_run("--offline", str(wheels), str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    steps = {line.split()[2]: line for line in result.stdout.splitlines() if line.startswith("step ")}
+    assert "pip install --quiet --no-index --no-deps" in steps["install"] and ".venv-gpu" not in result.stdout
+    assert "--clients" not in steps["gpu-benchmark"]  # clients sharing the GPU need Ray, which is not carried
+    assert "--backend inprocess --strategy resist" in steps["run-resnet101-resist"]
+    assert gpu_check_dry_run("--offline").returncode != 0  # the folder is required
 
 
 def test_the_gpu_flwr_run_step_on_the_cpu(capsys, launch, tmp_path):
@@ -243,6 +272,19 @@ def test_the_gpu_flwr_run_step_on_the_cpu(capsys, launch, tmp_path):
     out = capsys.readouterr().out
     found = re.search(r"round seconds ([\d. ]+); final accuracy ([\d.]+)", out)
     assert found and len(found.group(1).split()) == 2 and 0 <= float(found.group(2)) <= 1
+
+
+def test_the_gpu_run_step_in_process_writes_its_figures(capsys, tmp_path):
+    """``--backend inprocess`` (the GPU check's offline mode): a child process, no flwr run, no Ray."""
+    args = [str(tmp_path), "--device", "cpu", "--model", "preact_resnet18", "--width", "4", "--clients", "2",
+            "--rounds", "2", "--local-steps", "1", "--batch-size", "8", "--backend", "inprocess",
+            "--strategy", "fedavg"]
+    figures = run_json(load("gpu_flwr_run"), args, tmp_path)
+    out = capsys.readouterr().out
+    assert figures["setting"].startswith("preact_resnet18 width 4, fedavg, 2 clients on one cpu (inprocess)")
+    rows = read_metrics(tmp_path / "runs" / "preact_resnet18-fedavg-2-clients-inprocess")
+    assert figures["round_seconds"] == [r["round-seconds"] for r in rows] and len(rows) == 2
+    assert figures["accuracy"] == rows[-1]["accuracy"] and f"final accuracy {figures['accuracy']}" in out
 
 
 def test_every_benchmark_runs_as_the_script_its_docs_name():

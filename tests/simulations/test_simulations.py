@@ -251,6 +251,27 @@ def test_the_inprocess_backend_runs_a_preset_as_flwr_run_would_and_reports_it(tm
     assert "does not reserve GPUs" in capsys.readouterr().err
 
 
+def test_the_inprocess_child_keeps_the_callers_pythonpath_behind_the_project(tmp_path, monkeypatch):
+    """A machine whose extra packages sit on PYTHONPATH (e.g. wheels installed with --target) keeps them."""
+    from simulations import inprocess_launcher
+
+    seen = {}
+
+    def no_child(command, cwd, env, log_path, preamble, run_dir, started_epoch, timeout_s):
+        seen.update(env)
+        Path(log_path).write_text("no child\n")
+        return type("Done", (), {"returncode": 1})(), False, None
+
+    monkeypatch.setattr(inprocess_launcher, "run_logged", no_child)
+    monkeypatch.setenv("PYTHONPATH", "/opt/extra-site")
+    app = Path(inprocess_launcher.__file__).resolve().parents[1]
+    result = inprocess_launcher.run_inprocess_launch(
+        app, {"output-dir": str(tmp_path / "runs"), "run-name": "r"}, num_supernodes=2, timeout_s=5,
+        workdir=tmp_path / "work")
+    assert seen["PYTHONPATH"].split(":") == [str(app), "/opt/extra-site"]
+    assert not result.success and "exit status 1" in result.reason
+
+
 def fake_launch(project_dir, run_config, **kwargs) -> LaunchResult:
     """ResIST 'finishes' (fixture metrics); FedAvg fails like a ServerApp error would."""
     run_dir = Path(run_config["output-dir"]) / run_config["run-name"]
