@@ -111,10 +111,42 @@ def training_flops(run_dir: Path) -> float:
                      if n.get("flops-per-sample") is not None))
 
 
+def _main_groups(name: str) -> tuple[Path, dict, dict]:
+    """The comparison's main variant only (its ablations have their own table in the report)."""
+    runs_dir, manifest, groups = _groups(name)
+    return runs_dir, manifest, {key: runs for key, runs in groups.items() if key[0] == report.MAIN_VARIANT}
+
+
+def verdicts_block(name: str) -> list[str]:
+    """The study's answer in a few lines (README): each method's word against ResIST by the report's paired
+    rule, and the capacity classes whose budget it exceeded (from ``nodes.jsonl``)."""
+    runs_dir, _, groups = _main_groups(name)
+    paired = {r["strategy"]: r for r in report.paired_rows(groups)}
+    seeds = sorted({len(runs) for runs in groups.values()})
+    lines = [f"{'/'.join(map(str, seeds))} seeds per method; the report's paired rule on late accuracy, method minus "
+             f"ResIST per seed, 95 % interval ([docs/results/{name}](docs/results/{name}/report.md)):", ""]
+    for word in ("wins", "ties", "loses"):
+        found = sorted((r for r in paired.values() if r["verdict"] == word), key=lambda r: -r["mean"])
+        entries = []
+        for row in found:
+            budgets = (node_summary([runs_dir / r.name for r in groups[(report.MAIN_VARIANT, row["strategy"])]])
+                       or {}).get("budget-by-capacity", {})
+            over = [f"{c:g}" for c, used in budgets.items() if used > 1 + 1e-6]
+            entries.append(f"{report.group_label(report.MAIN_VARIANT, row['strategy'])} ({row['mean']:+.4f}, "
+                           f"[{row['low']:+.4f}, {row['high']:+.4f}]"
+                           + (f"; over budget at capacity {', '.join(over)}" if over else "") + ")")
+        lines.append(f"- **{word}**: " + ("; ".join(entries) if entries else "none"))
+    resist = node_summary([runs_dir / r.name for r in groups[(report.MAIN_VARIANT, report.REFERENCE)]]) or {}
+    over = [f"{c:g}" for c, used in resist.get("budget-by-capacity", {}).items() if used > 1 + 1e-6]
+    if over:
+        lines.append(f"- ResIST itself is over budget at capacity {', '.join(over)} (its smallest sub-network).")
+    return lines
+
+
 def headline_block(name: str) -> list[str]:
     """The study's headline table: accuracy with the paired rule's verdict against ResIST, the per-client
     figures, the budget each capacity class used, and the bytes and training FLOPs spent."""
-    runs_dir, _, groups = _groups(name)
+    runs_dir, _, groups = _main_groups(name)
     paired = {(r["variant"], r["strategy"]): r for r in report.paired_rows(groups)}
     rows = []
     for (variant, strategy), runs in groups.items():
@@ -228,6 +260,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "hetero-baselines-synthetic": lambda: baselines_block("hetero-baselines-synthetic"),
     "fmnist-dirichlet05": lambda: headline_block("fmnist-dirichlet05"),
     "fmnist-study": lambda: headline_block("fmnist-study"),
+    "fmnist-study-verdicts": lambda: verdicts_block("fmnist-study"),
     "privacy-digits": lambda: privacy_block("privacy-digits"),
     "quick-cpu": lambda: baselines_block("quick-cpu"),
     "quick-warmup": lambda: baselines_block("quick-warmup"),

@@ -38,6 +38,27 @@ def test_the_baselines_block_is_computed_from_the_runs_not_copied():
     assert "smallest sub-network costs" in lines[0]
 
 
+def test_the_verdicts_block_gives_the_paired_rules_words_and_the_budgets_exceeded():
+    from simulations import report
+    from simulations.node_costs import node_summary
+
+    lines = figures.verdicts_block("fmnist-study")
+    _, _, groups = figures._main_groups("fmnist-study")
+    assert {variant for variant, _ in groups} == {report.MAIN_VARIANT}  # ablations stay in the report
+    rows = {r["strategy"]: r for r in report.paired_rows(groups)}
+    by_word = {line.split("**")[1]: line for line in lines if line.startswith("- **")}
+    assert set(by_word) == {"wins", "ties", "loses"}
+    for strategy, row in rows.items():  # every method once, under the word the paired rule gave it
+        label = report.group_label(report.MAIN_VARIANT, strategy)
+        assert f"{label} ({row['mean']:+.4f}, [{row['low']:+.4f}, {row['high']:+.4f}]" in by_word[row["verdict"]]
+        budgets = node_summary([figures.RESULTS / "fmnist-study" / r.name
+                                for r in groups[(report.MAIN_VARIANT, strategy)]])["budget-by-capacity"]
+        line = by_word[row["verdict"]]
+        entry = line[line.index(f"{label} ({row['mean']:+.4f}") + len(label) + 2:].split(")", 1)[0]
+        assert ("over budget" in entry) == any(used > 1 + 1e-6 for used in budgets.values()), (label, budgets)
+    assert "FedAvg (" in by_word["wins"] and "over budget at capacity 0.5, 0.25, 0.125, 0.0625" in by_word["wins"]
+
+
 # A measured-looking number: an accuracy or ratio with 3+ decimals, a size, a rate, a time, a percentage
 # or a speed-up, outside a figures block, a code block and inline code.
 MEASURED = re.compile(r"(?<![\w.=/-])(\d\.\d{3,}|\d[\d,]*(\.\d+)? ?(MB|MiB|GB|GiB|images/s|ms)\b|\d+\.\d+ ?(s|%)(?!\w)"
