@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA or CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the figures here (benchmarks/figures_json.py)")
     args = parser.parse_args(argv)
@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(args.repeats):
         for name, (model, _) in models.items():
-            times[name].append(step_seconds(model, images, labels, args.steps, args.amp and device.type == "cuda"))
+            times[name].append(step_seconds(model, images, labels, args.steps, args.amp))
     full = statistics.median(times["full"])
     flops = {name: forward_flops(model, images) for name, (model, _) in models.items()}
     blocks = len(layout.partitionable)

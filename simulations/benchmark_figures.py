@@ -72,6 +72,16 @@ def step_row(path: Path) -> str:
     return figure
 
 
+def precision_row(path: Path) -> str:
+    figures = _figures(path)
+    parts = []
+    for row, raw in zip(figures["rows"], figures["raw"]):
+        fp32, bf16 = statistics.median(raw["fp32-seconds"]), statistics.median(raw["bf16-seconds"])
+        ratio = _agree(float(row["bf16 / fp32 time"]), bf16 / fp32, 0.002, f"precision_benchmark width {raw['width']}")
+        parts.append(f"width {raw['width']}: **{ratio:.3f}** ({1e3 * bf16:.1f} vs {1e3 * fp32:.1f} ms)")
+    return "bf16 autocast step time / fp32's: " + "; ".join(parts)
+
+
 def loader_row(path: Path) -> str:
     figures = _figures(path)
     old, new = figures["rates"]["per-sample (old)"], figures["rates"]["batched (new)"]

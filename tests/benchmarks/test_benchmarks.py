@@ -195,6 +195,28 @@ def test_gpu_benchmark_runs_on_the_cpu(capsys, tmp_path):
     assert f"{max(0.0, 1 - share['device-resident'] / share['fixed-batch']):.1%}" in out
 
 
+def test_precision_benchmark_times_bf16_against_fp32_side_by_side(capsys, tmp_path):
+    from simulations import benchmark_figures
+
+    figures = run_json(load("precision_benchmark"), ["--widths", "2", "4", "--depths", "1,1,2,1", "--steps", "1",
+                                                     "--repeats", "3", "--image-size", "8"], tmp_path)
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == figures["setting"] and "median of 3 x 1 steps" in figures["setting"]
+    assert [r["width"] for r in figures["raw"]] == [2, 4]
+    for row, raw in zip(figures["rows"], figures["raw"]):  # the ratio is bf16's median over fp32's, not inverted
+        assert len(raw["fp32-seconds"]) == len(raw["bf16-seconds"]) == 3
+        ratio = statistics.median(raw["bf16-seconds"]) / statistics.median(raw["fp32-seconds"])
+        assert float(row["bf16 / fp32 time"]) == pytest.approx(ratio, abs=0.0006)
+        assert float(row["speed-up"].rstrip("x")) == pytest.approx(1 / ratio, abs=0.006)
+    path = tmp_path / "figures.json"
+    assert f"width 4: **{float(figures['rows'][1]['bf16 / fp32 time']):.3f}**" in benchmark_figures.precision_row(path)
+    edited = json.loads(path.read_text())
+    edited["rows"][0]["bf16 / fp32 time"] = f"{float(edited['rows'][0]['bf16 / fp32 time']) + 0.1:.3f}"
+    path.write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match="precision_benchmark width 2"):
+        benchmark_figures.precision_row(path)
+
+
 def test_merge_benchmark_compares_the_merge_with_a_copy(tmp_path):
     figures = run_json(load("merge_benchmark"), ["--model", "preact_resnet34", "--width", "4", "--subnetworks", "3",
                                                  "--repeats", "1"], tmp_path)
