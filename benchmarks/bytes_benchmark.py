@@ -21,6 +21,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the root holds the tooling
 from client_app.app import identity_handler
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.model import PRESET_DEPTHS, ModelSpec, build_model
@@ -28,7 +29,6 @@ from resist_fl.core.transport import TRANSPORT_DTYPES
 from resist_fl.flower.fedavg import ScreenedFedAvg
 from resist_fl.flower.metering import array_bytes
 from resist_fl.flower.resist import ResIST
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the root holds the tooling
 from benchmarks.figures_json import markdown_row, write_figures
 from simulations.inprocess_grid import InProcessGrid
 

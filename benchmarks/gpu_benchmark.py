@@ -87,10 +87,12 @@ def fp32_precision(mode: str):
             setattr(obj, name, value)
 
 
-def shared_gpu(clients: Sequence[int], args: argparse.Namespace) -> list[str]:
+def shared_gpu(clients: Sequence[int], args: argparse.Namespace) -> list[dict]:
+    """Per client count k: one ``flwr run`` with k clients on the GPU at once (``1 / k`` of it each); its median
+    round seconds after round 1 and the images/s of all clients together, or why it failed."""
     from simulations.launcher import run_flwr
 
-    lines = []
+    results = []
     work = Path(tempfile.mkdtemp(prefix="resist-gpu-"))
     try:
         for k in clients:
@@ -101,14 +103,21 @@ def shared_gpu(clients: Sequence[int], args: argparse.Namespace) -> list[str]:
             result = run_flwr(ROOT, config, num_supernodes=k, num_gpus_per_client=1 / k, timeout_s=1800,
                               workdir=work)
             if not result.success:
-                lines.append(f"  {k} client(s) per GPU: FAILED ({result.reason}; log {result.log_path})")
+                results.append({"clients": k, "failed": f"{result.reason}; log {result.log_path}"})
                 continue
             seconds = statistics.median(row["round-seconds"] for row in read_metrics(result.run_dir)[1:])
-            lines.append(f"  {k} client(s) per GPU: round {seconds:.2f} s, "
-                         f"{k * args.steps * args.batch_size / seconds:,.0f} images/s in all")
+            results.append({"clients": k, "round-seconds": seconds,
+                            "images-per-second": k * args.steps * args.batch_size / seconds})
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return lines
+    return results
+
+
+def shared_line(result: dict) -> str:
+    if "failed" in result:
+        return f"  {result['clients']} client(s) per GPU: FAILED ({result['failed']})"
+    return (f"  {result['clients']} client(s) per GPU: round {result['round-seconds']:.2f} s, "
+            f"{result['images-per-second']:,.0f} images/s in all")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -160,8 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"data share of the fast path's step time (full model): {max(0.0, 1 - fed / fixed):.1%} "
           f"(fixed batch {fixed:,.0f} images/s, device-resident batches {fed:,.0f} images/s)")
     shared = shared_gpu(args.clients, args) if args.clients else []
-    for line in shared:
-        print(line)
+    for result in shared:
+        print(shared_line(result))
     write_figures(args.json, setting, device=name, torch=torch.__version__, models=models,
                   data_share={"fixed-batch": fixed, "device-resident": fed}, shared_gpu=shared)
     return 0

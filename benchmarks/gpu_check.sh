@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One device check for a fresh GPU machine, within a short lease (< 8 min):
+# One device check for a fresh GPU machine (not yet timed on one: plan a lease of 15 minutes):
 #   1. install: the project from its own files into a fresh venv; or, with --offline WHEELS (a
 #      machine whose python3 already holds torch and reaches no package index), the wheels in WHEELS
-#      (flwr and the project's other missing dependencies) into that python3, with no index;
+#      (benchmarks/gpu_offline_wheels.txt says which and how to fetch them) into RESULTS_DIR/site,
+#      put on PYTHONPATH with this checkout, then an import of everything the next steps need;
 #   2. the GPU tests (pytest -m gpu);
 #   3. benchmarks/gpu_benchmark.py: true fp32 / TF32 / bf16 + channels_last images/s, the data share
 #      (and, online, 1 / 2 / 4 / 8 clients sharing the GPU through flwr run, which needs Ray);
@@ -15,19 +16,37 @@
 #   bash benchmarks/gpu_check.sh [--dry-run] [--offline WHEELS] [RESULTS_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+usage="usage: bash benchmarks/gpu_check.sh [--dry-run] [--offline WHEELS] [RESULTS_DIR]"
 DRY=0
 WHEELS=""
-while [[ $# -gt 0 && "$1" == --* ]]; do
+OUT=""
+while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry-run) DRY=1; shift ;;
-    --offline) WHEELS="${2:?--offline needs a folder of wheels}"; shift 2 ;;
-    *) echo "unknown option $1 (expected --dry-run or --offline WHEELS)" >&2; exit 2 ;;
+    --offline)
+      if [[ $# -lt 2 || "$2" == --* ]]; then echo "--offline needs a folder of wheels; $usage" >&2; exit 2; fi
+      WHEELS="$2"; shift 2 ;;
+    --*) echo "unknown option $1; $usage" >&2; exit 2 ;;
+    *)
+      if [[ -n "$OUT" ]]; then echo "one results folder, got '$OUT' and '$1'; $usage" >&2; exit 2; fi
+      OUT="$1"; shift ;;
   esac
 done
-OUT="${1:-gpu-check-$(date -u +%Y%m%dT%H%M%SZ)}"
+OUT="${OUT:-gpu-check-$(date -u +%Y%m%dT%H%M%SZ)}"
+if [[ -n "$WHEELS" ]] && ! compgen -G "$WHEELS/*.whl" > /dev/null; then
+  echo "no wheels in $WHEELS (benchmarks/gpu_offline_wheels.txt says how to fetch them)" >&2
+  exit 1
+fi
+q() { printf "%q" "$1"; }  # a path as one shell word, spaces and quotes included
+RUNS_OUT="$(q "$OUT")"
 if [[ -n "$WHEELS" ]]; then
-  INSTALL="python3 -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir '$WHEELS'/*.whl"
-  PY="python3"
+  SITE="$(q "$(pwd)/$OUT/site")"
+  [[ "$OUT" == /* ]] && SITE="$(q "$OUT/site")"
+  INSTALL="python3 -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE \
+$(q "$WHEELS")/*.whl && PYTHONPATH=$SITE:$(q "$(pwd)") python3 -c 'import torch, flwr, pydantic, omegaconf, tomli_w, \
+resist_fl, client_app.app, server_app.app, simulations.inprocess; print(\"torch\", torch.__version__, \"flwr\", \
+flwr.__version__, \"cuda\", torch.cuda.is_available())'"
+  PY="PYTHONPATH=$SITE:$(q "$(pwd)") python3"
   BACKEND="inprocess"
   CLIENTS=""
 else
@@ -36,22 +55,19 @@ else
   BACKEND="flwr"
   CLIENTS="--clients 1 2 4 8"
 fi
-RUN="benchmarks/gpu_flwr_run.py '$OUT' --clients 4 --rounds 3 --backend $BACKEND"
+RUN="benchmarks/gpu_flwr_run.py $RUNS_OUT --clients 4 --rounds 3 --backend $BACKEND --timeout 240"
 STEPS=(
   "$INSTALL"
   "$PY -m pytest -q -p no:cacheprovider -m gpu tests/node/test_gpu.py"
-  "$PY benchmarks/gpu_benchmark.py --device cuda --steps 20 $CLIENTS --json '$OUT/gpu_benchmark.json'"
-  "$PY $RUN --strategy resist --json '$OUT/run-resist.json'"
-  "$PY $RUN --strategy fedavg --json '$OUT/run-fedavg.json'"
+  "$PY benchmarks/gpu_benchmark.py --device cuda --steps 10 $CLIENTS --json $(q "$OUT/gpu_benchmark.json")"
+  "$PY $RUN --strategy resist --json $(q "$OUT/run-resist.json")"
+  "$PY $RUN --strategy fedavg --json $(q "$OUT/run-fedavg.json")"
 )
 NAMES=(install gpu-tests gpu-benchmark run-resnet101-resist run-resnet101-fedavg)
 if [[ $DRY == 1 ]]; then
   for file in pyproject.toml tests/node/test_gpu.py benchmarks/gpu_benchmark.py benchmarks/gpu_flwr_run.py; do
     [[ -f "$file" ]] || { echo "missing $file" >&2; exit 1; }
   done
-  if [[ -n "$WHEELS" ]]; then
-    compgen -G "$WHEELS/*.whl" > /dev/null || { echo "no wheels in $WHEELS" >&2; exit 1; }
-  fi
   for i in "${!STEPS[@]}"; do echo "step $((i + 1)) ${NAMES[$i]} -> $OUT/${NAMES[$i]}.txt: ${STEPS[$i]}"; done
   exit 0
 fi
@@ -62,5 +78,6 @@ for i in "${!STEPS[@]}"; do
   start=$(date +%s)
   if bash -c "${STEPS[$i]}" > "$OUT/${NAMES[$i]}.txt" 2>&1; then result=ok; else result=FAILED; status=1; fi
   echo "${NAMES[$i]}: $result in $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
+  if [[ $i == 0 && $result == FAILED ]]; then break; fi  # nothing after it can run without the install
 done
 exit $status

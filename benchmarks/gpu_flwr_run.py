@@ -11,7 +11,8 @@ the run failed. ``--device cpu --model preact_resnet18 --width 4`` is the CPU sm
 ServerApp and ClientApp in one process (:mod:`simulations.inprocess`), the clients one after the
 other on the GPU; it needs flwr but not Ray (a GPU machine that cannot install Ray can still run
 it), and its round time is the sum of the clients' times, not the time of a concurrent round.
-``--json PATH`` writes the setting, each round's seconds and the final accuracy.
+``--json PATH`` writes the setting, the backend, torch's version, each round's seconds (in-process: the
+sum of the clients' times, not a concurrent round's) and the final accuracy.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from resist_fl.run.outputs import read_metrics
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the root holds the tooling
+from resist_fl.run.outputs import read_metrics
 from benchmarks.figures_json import write_figures
 from simulations.inprocess_launcher import run_inprocess_launch
 from simulations.launcher import run_flwr
@@ -42,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--strategy", default="resist")
     parser.add_argument("--backend", choices=("flwr", "inprocess"), default="flwr")
+    parser.add_argument("--timeout", type=float, default=420, help="seconds before the run is stopped")
     parser.add_argument("--json", type=Path, help="also write the figures here (benchmarks/figures_json.py)")
     args = parser.parse_args(argv)
     out = args.out.resolve()
@@ -52,10 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               "run-name": f"{args.model}-{args.strategy}-{args.clients}-clients-{args.backend}"}
     if args.backend == "flwr":
         gpus = 1 / args.clients if args.device == "cuda" else 0.0
-        result = run_flwr(ROOT, config, num_supernodes=args.clients, num_gpus_per_client=gpus, timeout_s=420,
+        result = run_flwr(ROOT, config, num_supernodes=args.clients, num_gpus_per_client=gpus, timeout_s=args.timeout,
                           workdir=out / "flwr")
     else:
-        result = run_inprocess_launch(ROOT, config, num_supernodes=args.clients, timeout_s=420,
+        result = run_inprocess_launch(ROOT, config, num_supernodes=args.clients, timeout_s=args.timeout,
                                       workdir=out / "inprocess")
     if not result.success:
         print(f"{args.backend} run failed: {result.reason} (log {result.log_path})")
@@ -65,7 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setting = (f"{args.model} width {args.width}, {args.strategy}, {args.clients} clients on one {args.device} "
                f"({args.backend}), {args.rounds} rounds of {args.local_steps} steps at batch {args.batch_size}")
     print(f"{setting}: round seconds {seconds}; final accuracy {rows[-1].get('accuracy')}; {result.run_dir}")
-    write_figures(args.json, setting, round_seconds=[r["round-seconds"] for r in rows],
+    write_figures(args.json, setting, backend=args.backend, strategy=args.strategy, device=args.device,
+                  torch=torch.__version__, round_seconds=[r["round-seconds"] for r in rows],
                   accuracy=rows[-1].get("accuracy"), wall_seconds=result.wall_seconds)
     return 0
 

@@ -17,8 +17,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from resist_fl.run.outputs import read_metrics
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the root holds the tooling
+from resist_fl.run.outputs import read_metrics
 from benchmarks.figures_json import write_figures
 from simulations.launcher import run_flwr
 

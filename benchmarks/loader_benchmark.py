@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the root holds the tooling
 from resist_fl.data import ImageArrays, Normalization
 from resist_fl.data.batches import TrainBatches
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the root holds the tooling
 from benchmarks.figures_json import write_figures
 from benchmarks.per_sample_loader import make_per_sample_loader
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from resist_fl.core.model import ModelSpec, build_model
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the root holds `benchmarks`
+from resist_fl.core.model import ModelSpec, build_model
 from benchmarks.figures_json import markdown_row, write_figures  # noqa: E402
 from benchmarks.step_benchmark import step_seconds  # noqa: E402
 

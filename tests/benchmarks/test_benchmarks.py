@@ -268,23 +268,49 @@ def test_the_gpu_check_lists_its_steps_without_running_them(tmp_path):
     steps = {line.split()[2]: line for line in result.stdout.splitlines() if line.startswith("step ")}
     assert list(steps) == ["install", "gpu-tests", "gpu-benchmark", "run-resnet101-resist", "run-resnet101-fedavg"]
     assert "pip install --quiet -e '.[dev]'" in steps["install"] and "--clients 1 2 4 8" in steps["gpu-benchmark"]
-    assert "--backend flwr --strategy fedavg" in steps["run-resnet101-fedavg"]
+    assert "--backend flwr --timeout 240 --strategy fedavg" in steps["run-resnet101-fedavg"]
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
 
 
 def test_the_offline_gpu_check_installs_carried_wheels_and_runs_without_ray(tmp_path):
-    wheels = tmp_path / "wheels"
+    wheels = tmp_path / "my wheels"
     wheels.mkdir()
     refused = gpu_check_dry_run("--offline", str(wheels), str(tmp_path / "out"))
     assert refused.returncode == 1 and f"no wheels in {wheels}" in refused.stderr
     (wheels / "flwr-1.42.0-py3-none-any.whl").write_bytes(b"")
-    result = gpu_check_dry_run("--offline", str(wheels), str(tmp_path / "out"))
+    result = gpu_check_dry_run("--offline", str(wheels), str(tmp_path / "out dir"))
     assert result.returncode == 0, result.stderr
     steps = {line.split()[2]: line for line in result.stdout.splitlines() if line.startswith("step ")}
-    assert "pip install --quiet --no-index --no-deps" in steps["install"] and ".venv-gpu" not in result.stdout
+    site = str(tmp_path / "out dir" / "site").replace(" ", "\\ ")
+    assert f"pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade --target {site}" in \
+        steps["install"] and ".venv-gpu" not in result.stdout
+    assert "import torch, flwr, pydantic, omegaconf, tomli_w, resist_fl" in steps["install"]  # fails fast there
+    assert all(f"PYTHONPATH={site}:" in steps[name] for name in list(steps)[1:])  # the wheels and the checkout
     assert "--clients" not in steps["gpu-benchmark"]  # clients sharing the GPU need Ray, which is not carried
-    assert "--backend inprocess --strategy resist" in steps["run-resnet101-resist"]
-    assert gpu_check_dry_run("--offline").returncode != 0  # the folder is required
+    assert "--backend inprocess --timeout 240 --strategy resist" in steps["run-resnet101-resist"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--offline", "--dry-run", "out"], "--offline needs a folder of wheels"),  # not taken as the folder
+    (["--offline"], "--offline needs a folder of wheels"),
+    (["out", "--offline", "wheels", "more"], "one results folder, got 'out' and 'more'"),
+    (["--fast"], "unknown option --fast"),
+])
+def test_the_gpu_check_refuses_a_malformed_command_line_before_running_anything(argv, message):
+    result = gpu_check_dry_run(*argv)
+    assert result.returncode == 2 and message in result.stderr and "step " not in result.stdout
+
+
+def test_the_offline_wheel_list_pins_what_the_project_pins():
+    """benchmarks/gpu_offline_wheels.txt carries flwr at the project's own pin (one version of each)."""
+    import tomllib
+
+    pins = [line.strip() for line in (BENCHMARKS / "gpu_offline_wheels.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    names = [pin.split("==")[0] for pin in pins]
+    assert len(names) == len(set(names)) and all("==" in pin for pin in pins)
+    project = tomllib.loads((BENCHMARKS.parent / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert "flwr==1.42.0" in pins and any(dep.startswith("flwr[simulation]==1.42.0") for dep in project)
 
 
 def test_the_gpu_flwr_run_step_on_the_cpu(capsys, launch, tmp_path):
@@ -304,20 +330,28 @@ def test_the_gpu_run_step_in_process_writes_its_figures(capsys, tmp_path):
     figures = run_json(load("gpu_flwr_run"), args, tmp_path)
     out = capsys.readouterr().out
     assert figures["setting"].startswith("preact_resnet18 width 4, fedavg, 2 clients on one cpu (inprocess)")
+    assert (figures["backend"], figures["strategy"], figures["torch"]) == ("inprocess", "fedavg", torch.__version__)
     rows = read_metrics(tmp_path / "runs" / "preact_resnet18-fedavg-2-clients-inprocess")
     assert figures["round_seconds"] == [r["round-seconds"] for r in rows] and len(rows) == 2
     assert figures["accuracy"] == rows[-1]["accuracy"] and f"final accuracy {figures['accuracy']}" in out
 
 
 def test_every_benchmark_runs_as_the_script_its_docs_name():
-    """``python benchmarks/NAME.py`` (how the docs run them) imports: ``sys.path[0]`` is then benchmarks/ itself."""
+    """``python benchmarks/NAME.py`` (how the docs run them) imports: ``sys.path[0]`` is then benchmarks/ itself,
+    and the project is not assumed installed (the offline GPU check runs them from a bare checkout), so the
+    editable install's path entry is dropped before the script runs."""
     import subprocess
     import sys
 
+    root = BENCHMARKS.parent.resolve()
+    bare = ("import runpy, sys; from pathlib import Path; root = Path(sys.argv[1]); script = sys.argv[2]; "
+            "sys.path[:] = [p for p in sys.path[1:] if p and Path(p).resolve() != root]; "
+            "sys.path.insert(0, str(Path(script).parent)); sys.argv = [script, '--help']; "
+            "runpy.run_path(script, run_name='__main__')")
     scripts = sorted(BENCHMARKS.glob("*_benchmark.py")) + [BENCHMARKS / "gpu_flwr_run.py"]
     failed = {}
     for script in scripts:
-        done = subprocess.run([sys.executable, str(script), "--help"], cwd=BENCHMARKS.parent, capture_output=True,
+        done = subprocess.run([sys.executable, "-c", bare, str(root), str(script)], cwd=BENCHMARKS, capture_output=True,
                               text=True, timeout=120)
         if done.returncode != 0:
             failed[script.name] = done.stderr.strip().splitlines()[-1:]
