@@ -20,6 +20,7 @@ so a quoted figure and its source cannot disagree (a test runs ``--check``).
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -34,6 +35,7 @@ from resist_fl.run.outputs import CONFIG_FILE, read_metrics
 from simulations import benchmark_figures, noniid_figures, report
 from simulations.client_report import last_client_row
 from simulations.node_costs import link_time_lines, node_summary
+from simulations.presets import load_preset
 from simulations.privacy_report import run_privacy
 from simulations.tuning import is_tuning
 
@@ -52,7 +54,7 @@ def _groups(name: str) -> tuple[Path, dict, dict]:
     return runs_dir, manifest, report.group_runs(runs)
 
 
-PAIRED_HEAD = "vs ResIST: paired difference in late accuracy, 95 % interval"
+PAIRED_HEAD = "vs ResIST: paired difference in late accuracy, 95 % interval; with Holm's correction"
 LATE_NOTE = ("the mean of each run's evaluations in the last fifth of its rounds (each weighted alike: with "
              "eval-subset, the intermediate ones on the fixed subset and the last on the whole test set), then "
              "mean ± sample std over seeds.")
@@ -79,7 +81,7 @@ def baselines_block(name: str) -> list[str]:
             found = paired.get((variant, strategy))
             interval = "" if found is None else f"[{found['low']:+.4f}, {found['high']:+.4f}]"
             rows[-1].append("reference (its variant)" if strategy == report.REFERENCE else "-" if found is None else
-                            f"**{found['verdict']}** ({found['mean']:+.4f}, {interval})")
+                            f"**{found['verdict']}** ({found['mean']:+.4f}, {interval}); Holm: **{found['holm']}**")
     rows.sort(key=lambda r: -float(r[2].split(" ")[0]))
     first = report.read_json(runs_dir / next(iter(groups.values()))[0].name / CONFIG_FILE)
     seeds = len(next(iter(groups.values())))
@@ -97,7 +99,8 @@ def baselines_block(name: str) -> list[str]:
     head = ["method", "final accuracy", "late accuracy", "reached target", "rounds to target", "MB / round",
             "node-rounds over capacity", *([PAIRED_HEAD] if paired else [])]
     note = ["", f"Late accuracy: {LATE_NOTE} The last column is the report's paired rule on it (method minus ResIST "
-            "of the same variant per seed, paired-t 95 % interval: wins above 0, loses below, ties across; "
+            "of the same variant per seed, paired-t 95 % interval: wins above 0, loses below, ties across; then "
+            "Holm's correction over the table's comparisons, which can only turn a win or a loss into a tie; "
             "simulations/paired_stats.py)."] if paired else []
     return [source, "", *report.table(head, rows), *note]
 
@@ -117,29 +120,47 @@ def _main_groups(name: str) -> tuple[Path, dict, dict]:
     return runs_dir, manifest, {key: runs for key, runs in groups.items() if key[0] == report.MAIN_VARIANT}
 
 
+WORDS = {"wins": "beat ResIST", "ties": "tie with ResIST", "loses": "lose to ResIST",
+         "n/a": "no word yet (fewer than 3 seeds paired with ResIST's)"}
+
+
+def _budget_ratios(budgets: dict[float, float], over_only: bool) -> str:
+    return ", ".join(f"{c:g}: {used:.2f}x" for c, used in budgets.items() if used > 1 + 1e-6 or not over_only)
+
+
 def verdicts_block(name: str) -> list[str]:
-    """The study's answer in a few lines (README): each method's word against ResIST by the report's paired
-    rule, and the capacity classes whose budget it exceeded (from ``nodes.jsonl``)."""
+    """The study's answer in a few lines (README): how many of its planned main runs have finished, the
+    budget ResIST itself used, and each method under the word Holm's correction over the table gives it
+    against ResIST, with its paired difference, interval and seeds, and the capacity classes whose budget
+    it exceeded (from ``nodes.jsonl``)."""
     runs_dir, _, groups = _main_groups(name)
-    paired = {r["strategy"]: r for r in report.paired_rows(groups)}
-    seeds = sorted({len(runs) for runs in groups.values()})
-    lines = [f"{'/'.join(map(str, seeds))} seeds per method; the report's paired rule on late accuracy, method minus "
-             f"ResIST per seed, 95 % interval ([docs/results/{name}](docs/results/{name}/report.md)):", ""]
-    for word in ("wins", "ties", "loses"):
-        found = sorted((r for r in paired.values() if r["verdict"] == word), key=lambda r: -r["mean"])
+    preset = load_preset(name)
+    planned, finished = len(preset.strategies) * len(preset.seeds), sum(len(runs) for runs in groups.values())
+    status = (f"All {planned} main runs finished" if finished >= planned else
+              f"**Interim: {finished} of the {planned} planned main runs have finished**; the words may change")
+    budgets = {strategy: (node_summary([runs_dir / r.name for r in runs]) or {}).get("budget-by-capacity", {})
+               for (_, strategy), runs in groups.items()}
+    rows = report.paired_rows(groups)
+    lines = [f"{status} ([docs/results/{name}](docs/results/{name}/report.md)). Each method's late accuracy "
+             "minus ResIST's on the same seed: the mean over n paired seeds and its 95 % paired-t interval "
+             f"(per comparison); the words hold for the table's {sum(r['verdict'] != 'n/a' for r in rows)} "
+             "comparisons together (Holm's correction). Budget used is the training FLOPs sent over the node's "
+             "budget, per capacity class (above 1.00x: over it).", "",
+             f"- ResIST, the reference, used {_budget_ratios(budgets.get(report.REFERENCE, {}), False) or '-'} of "
+             "its budget."]
+    if not rows:
+        return [*lines, "- No method has two seeds paired with ResIST's yet: no words."]
+    for word in ("wins", "ties", "loses", "n/a"):
         entries = []
-        for row in found:
-            budgets = (node_summary([runs_dir / r.name for r in groups[(report.MAIN_VARIANT, row["strategy"])]])
-                       or {}).get("budget-by-capacity", {})
-            over = [f"{c:g}" for c, used in budgets.items() if used > 1 + 1e-6]
-            entries.append(f"{report.group_label(report.MAIN_VARIANT, row['strategy'])} ({row['mean']:+.4f}, "
-                           f"[{row['low']:+.4f}, {row['high']:+.4f}]"
-                           + (f"; over budget at capacity {', '.join(over)}" if over else "") + ")")
-        lines.append(f"- **{word}**: " + ("; ".join(entries) if entries else "none"))
-    resist = node_summary([runs_dir / r.name for r in groups[(report.MAIN_VARIANT, report.REFERENCE)]]) or {}
-    over = [f"{c:g}" for c, used in resist.get("budget-by-capacity", {}).items() if used > 1 + 1e-6]
-    if over:
-        lines.append(f"- ResIST itself is over budget at capacity {', '.join(over)} (its smallest sub-network).")
+        for row in sorted((r for r in rows if r["holm"] == word), key=lambda r: -r["mean"]):
+            over = _budget_ratios(budgets.get(row["strategy"], {}), True)
+            interval = "" if math.isnan(row["low"]) else f" [{row['low']:+.4f}, {row['high']:+.4f}]"
+            alone = f"; {row['verdict']} without the correction" if row["verdict"] != row["holm"] else ""
+            entries.append(f"{report.group_label(report.MAIN_VARIANT, row['strategy'])} ({row['mean']:+.4f}"
+                           f"{interval}, n = {row['seeds']}{alone}" + (f"; over budget at {over}" if over else "")
+                           + ")")
+        if entries or word != "n/a":
+            lines.append(f"- **{WORDS[word]}**: " + ("; ".join(entries) if entries else "none"))
     return lines
 
 
@@ -156,7 +177,8 @@ def headline_block(name: str) -> list[str]:
         budgets = (node_summary(dirs) or {}).get("budget-by-capacity", {})
         found = paired.get((variant, strategy))
         verdict = ("reference" if strategy == report.REFERENCE else "-" if found is None else
-                   f"**{found['verdict']}** ({found['mean']:+.4f}, [{found['low']:+.4f}, {found['high']:+.4f}])")
+                   f"**{found['verdict']}** ({found['mean']:+.4f}, [{found['low']:+.4f}, {found['high']:+.4f}]); "
+                   f"Holm: **{found['holm']}**")
         rows.append([report.group_label(variant, strategy), _pm(*stats.final), _pm(*stats.late), verdict,
                      report.num(float(np.mean([c["mean"] for c in clients])), 4) if clients else "-",
                      report.num(float(np.mean([c["worst10"] for c in clients])), 4) if clients else "-",
@@ -171,7 +193,8 @@ def headline_block(name: str) -> list[str]:
             "", *report.table(head, rows), "",
             "Final accuracy: mean ± sample std over seeds on the 10,000 test images after the last round. Late "
             f"accuracy: {LATE_NOTE} The verdict is the report's paired rule on it (method minus ResIST per seed, "
-            "paired-t 95 % interval: wins above 0, loses below, ties across; simulations/paired_stats.py). "
+            "paired-t 95 % interval: wins above 0, loses below, ties across; then Holm's correction over the "
+            "table's comparisons, which can only turn a win or a loss into a tie; simulations/paired_stats.py). "
             "Client mean and worst 10 %: the global model on every client's "
             "label mix (client-eval), mean over seeds. Budget used: mean training FLOPs sent over the node's "
             "budget, per capacity class (1.00: all of it). GB: bytes sent and received by the server; training "

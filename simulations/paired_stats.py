@@ -14,6 +14,14 @@ the report's late accuracy (the mean of a run's evaluations in its last fifth of
   t quantile is 12.7, and test accuracies are multiples of 1/n_test, so two equal differences give a
   zero-width interval that would read as a verdict).
 
+A table compares several methods with the same reference, so some per-comparison words would be
+wrong by chance alone (8 comparisons at 95 % each). Each table therefore also gives the word under
+**Holm's** step-down correction over the comparisons that have a word (the family): the paired-t
+p-values (two-sided, the test behind the interval) are sorted, the i-th smallest (of k) must be at
+most 0.05 / (k - i + 1) for it and every smaller one to count, and a comparison that counts keeps its
+sign's word (wins / loses); the others are **ties**. Holm holds the chance of any wrong win or loss
+in the table at 5 % whatever the comparisons' dependence; it can only turn a win or a loss into a tie.
+
 Nothing else decides a verdict: the report's prose quotes these words, it does not make its own.
 """
 
@@ -54,6 +62,8 @@ class Paired:
     low: float
     high: float
     verdict: str
+    p: float = math.nan
+    """Two-sided paired-t p-value of a zero mean difference (``nan`` with fewer than two seeds)."""
 
 
 def paired(method: Mapping[int, float], reference: Mapping[int, float]) -> Paired:
@@ -68,4 +78,21 @@ def paired(method: Mapping[int, float], reference: Mapping[int, float]) -> Paire
                  / math.sqrt(len(differences)))
     low, high = mean - half, mean + half
     verdict = "n/a" if len(differences) < MIN_SEEDS else "wins" if low > 0 else "loses" if high < 0 else "ties"
-    return Paired(len(differences), mean, low, high, verdict)
+    sd = float(differences.std(ddof=1))
+    if sd > 0:
+        p = float(2 * stats.t.sf(abs(mean) / (sd / math.sqrt(len(differences))), len(differences) - 1))
+    else:  # every seed gave the same difference: certain unless that difference is 0
+        p = 1.0 if mean == 0 else 0.0
+    return Paired(len(differences), mean, low, high, verdict, p)
+
+
+def holm(found: Sequence[Paired], level: float = LEVEL) -> list[str]:
+    """The word of each comparison in ``found`` under Holm's step-down correction over those with a word
+    (module docstring); ``n/a`` stays ``n/a``."""
+    family = sorted((i for i, f in enumerate(found) if f.verdict != "n/a"), key=lambda i: found[i].p)
+    words = ["n/a"] * len(found)
+    rejecting = True
+    for rank, i in enumerate(family):
+        rejecting = rejecting and found[i].p <= (1 - level) / (len(family) - rank)
+        words[i] = ("wins" if found[i].mean > 0 else "loses") if rejecting else "ties"
+    return words

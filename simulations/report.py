@@ -55,7 +55,7 @@ from simulations.equal_cost import CostCurve, cost_curve, equal_cost_lines
 from simulations.tuning import is_tuning, tuning_lines
 from simulations.machine import describe_machine, machine_line
 from simulations.privacy_report import privacy_lines
-from simulations.paired_stats import LEVEL, late_accuracy, paired
+from simulations.paired_stats import LEVEL, holm, late_accuracy, paired
 from simulations.presets import cell_names
 from simulations.client_report import client_lines
 from simulations.node_costs import (
@@ -388,15 +388,17 @@ def paired_against(groups: dict[tuple[str, str], list[Run]],
                    against: Callable[[str, str], tuple[str, str] | None]) -> list[dict[str, Any]]:
     """Each group against the group ``against(variant, strategy)`` names (None: not compared), paired by
     seed (:func:`simulations.paired_stats.paired`); empty when no pair has two seeds."""
-    rows = []
+    rows, found = [], []
     for (variant, strategy), runs in groups.items():
         key = against(variant, strategy)
         reference = groups.get(key) if key is not None else None
         if reference is None:
             continue
-        found = paired({r.seed: r.curve.late_accuracy for r in runs},
-                       {r.seed: r.curve.late_accuracy for r in reference})
-        rows.append({"variant": variant, "strategy": strategy, **asdict(found)})
+        found.append(paired({r.seed: r.curve.late_accuracy for r in runs},
+                            {r.seed: r.curve.late_accuracy for r in reference}))
+        rows.append({"variant": variant, "strategy": strategy, **asdict(found[-1])})
+    for row, word in zip(rows, holm(found)):  # the table is the family
+        row["holm"] = word
     return rows if any(r["seeds"] >= 2 for r in rows) else []
 
 
@@ -416,10 +418,12 @@ def ablation_rows(groups: dict[tuple[str, str], list[Run]], cells: Sequence[str]
 
 def paired_markdown(rows: Sequence[dict[str, Any]], difference: str, verdict: str) -> list[str]:
     """The rows of a paired comparison as a markdown table (``difference``: what minus what)."""
+    family = sum(r["verdict"] != "n/a" for r in rows)
     head = ["variant", "method", "paired seeds", f"mean difference in late accuracy ({difference})",
-            f"{LEVEL:.0%} interval (paired t)", verdict]
+            f"{LEVEL:.0%} interval (paired t)", "p (paired t)", verdict, f"{verdict}, Holm over {family}"]
     body = [[r["variant"], label(r["strategy"]), str(r["seeds"]), f"{r['mean']:+.4f}",
-             "-" if math.isnan(r["low"]) else f"[{r['low']:+.4f}, {r['high']:+.4f}]", f"**{r['verdict']}**"]
+             "-" if math.isnan(r["low"]) else f"[{r['low']:+.4f}, {r['high']:+.4f}]",
+             "-" if math.isnan(r["p"]) else f"{r['p']:.4f}", f"**{r['verdict']}**", f"**{r['holm']}**"]
             for r in rows]
     return table(head, body)
 
@@ -444,7 +448,9 @@ def paired_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
             "Per seed, the method's late accuracy minus ResIST's on the same seed (same partition, initial "
             "model and node sampling); the interval is mean ± t(0.975, n - 1) x sd / sqrt(n). The word follows "
             "from it alone: **wins** when the whole interval is above 0, **loses** when below, **ties** when it "
-            "contains 0, **n/a** with fewer than three paired seeds (simulations/paired_stats.py).", ""]
+            "contains 0, **n/a** with fewer than three paired seeds. The last column corrects for the table's "
+            "several comparisons (Holm's step-down on the paired-t p-values, 5 % for the whole table): a win or "
+            "a loss that does not survive it is a tie there (simulations/paired_stats.py).", ""]
 
 
 def paper_lines(paper: dict[str, float], stats: Sequence[GroupStats]) -> list[str]:

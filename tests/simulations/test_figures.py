@@ -38,25 +38,83 @@ def test_the_baselines_block_is_computed_from_the_runs_not_copied():
     assert "smallest sub-network costs" in lines[0]
 
 
-def test_the_verdicts_block_gives_the_paired_rules_words_and_the_budgets_exceeded():
+def _runs(variant, strategy, finals):
     from simulations import report
-    from simulations.node_costs import node_summary
+
+    return [report.Run(f"{variant}-{strategy}-seed{s}", variant, strategy, s,
+                       report.Curve.from_rows([{"round": 1, "accuracy": a, "bytes-down": 1, "bytes-up": 1,
+                                                "cumulative-bytes": 2}]))
+            for s, a in enumerate(finals)]
+
+
+def _verdicts(monkeypatch, groups, budgets, planned=(3, 3)):
+    """verdicts_block over made-up runs: ``budgets`` maps a strategy to its budget used per capacity."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(figures, "_groups", lambda name: (figures.RESULTS / name, {}, groups))
+    monkeypatch.setattr(figures, "load_preset", lambda name: SimpleNamespace(strategies=[0] * planned[0],
+                                                                              seeds=[0] * planned[1]))
+    monkeypatch.setattr(figures, "node_summary", lambda dirs: {"budget-by-capacity": budgets[dirs[0].name.split(
+        "-")[1]]})
+    return figures.verdicts_block("made-up")
+
+
+def test_the_verdicts_block_words_are_holms_with_each_methods_interval_seeds_and_budget_overruns(monkeypatch):
+    groups = {("main", "resist"): _runs("main", "resist", [0.80, 0.82, 0.81, 0.83]),
+              ("main", "fedavg"): _runs("main", "fedavg", [0.85, 0.87, 0.86, 0.88]),  # +0.05 every seed: p = 0
+              ("main", "heterofl"): _runs("main", "heterofl", [0.77, 0.815, 0.79, 0.805]),  # -0.02, p ~ 0.034
+              ("main", "depthfl"): _runs("main", "depthfl", [0.81, 0.81, 0.83, 0.81]),  # +/- 0.01-0.02: a tie
+              ("main", "fjord"): _runs("main", "fjord", [0.81, 0.80]),  # two seeds: no word
+              ("amp", "resist"): _runs("amp", "resist", [0.1, 0.1, 0.1])}  # an ablation: not in the answer
+    budgets = {"resist": {1.0: 0.4, 0.5: 1.5}, "fedavg": {1.0: 1.0, 0.5: 2.0}, "heterofl": {1.0: 1.0, 0.5: 0.78},
+               "depthfl": {1.0: 1.0, 0.5: 0.5}, "fjord": {1.0: 1.0, 0.5: 0.9}}
+    lines = _verdicts(monkeypatch, groups, budgets)
+    from simulations import report
+
+    rows = {r["strategy"]: r for r in report.paired_rows({k: v for k, v in groups.items() if k[0] == "main"})}
+    # Holm over 3: p = 0 passes 0.05/3; HeteroFL's ~0.034 fails 0.05/2 though it is below 0.05 alone
+    assert rows["heterofl"]["verdict"] == "loses" and rows["heterofl"]["holm"] == "ties"
+    assert 0.025 < rows["heterofl"]["p"] < 0.05 and rows["fedavg"]["holm"] == "wins"
+    assert lines[0].startswith("All 9 main runs finished")  # 17 runs here, more than the made-up plan's 9
+    assert "the table's 3 comparisons together" in lines[0]  # FjORD's two seeds give no word: not in the family
+    assert lines[2] == "- ResIST, the reference, used 1: 0.40x, 0.5: 1.50x of its budget."
+    by_word = {line.split("**")[1]: line for line in lines if line.startswith("- **")}
+    assert by_word["beat ResIST"] == ("- **beat ResIST**: FedAvg (+0.0500 [+0.0500, +0.0500], n = 4; over budget at "
+                                      "0.5: 2.00x)")
+    heterofl = rows["heterofl"]
+    assert by_word["tie with ResIST"].startswith("- **tie with ResIST**: DepthFL (+0.0000 [")  # by mean, high first
+    assert by_word["tie with ResIST"].endswith(f"; HeteroFL ({heterofl['mean']:+.4f} [{heterofl['low']:+.4f}, "
+                                               f"{heterofl['high']:+.4f}], n = 4; loses without the correction)")
+    assert by_word["lose to ResIST"] == "- **lose to ResIST**: none"
+    assert by_word["no word yet (fewer than 3 seeds paired with ResIST's)"].startswith("- **no word yet (fewer than "
+                                                                                    "3 seeds paired with ResIST's)**: "
+                                                                                    "FjORD (-0.0050 [")
+    assert not any("amp" in line or "0.1000" in line for line in lines)
+
+
+def test_the_verdicts_block_says_when_the_study_is_interim_or_has_no_pairs(monkeypatch):
+    groups = {("main", "resist"): _runs("main", "resist", [0.80, 0.82, 0.81]),
+              ("main", "fedavg"): _runs("main", "fedavg", [0.85])}
+    lines = _verdicts(monkeypatch, groups, {"resist": {1.0: 0.4}, "fedavg": {1.0: 1.0}}, planned=(2, 3))
+    assert lines[0].startswith("**Interim: 4 of the 6 planned main runs have finished**")
+    assert lines[-1] == "- No method has two seeds paired with ResIST's yet: no words."
+    no_resist = _verdicts(monkeypatch, {("main", "fedavg"): _runs("main", "fedavg", [0.85, 0.86, 0.87])},
+                          {"fedavg": {1.0: 1.0}}, planned=(2, 3))
+    assert "used - of its budget" in no_resist[2] and no_resist[-1].startswith("- No method has two seeds")
+
+
+def test_the_committed_studys_verdicts_block_matches_its_report():
+    """On the committed runs: every method appears once, under its Holm word, with the report's numbers."""
+    from simulations import report
 
     lines = figures.verdicts_block("fmnist-study")
     _, _, groups = figures._main_groups("fmnist-study")
-    assert {variant for variant, _ in groups} == {report.MAIN_VARIANT}  # ablations stay in the report
-    rows = {r["strategy"]: r for r in report.paired_rows(groups)}
-    by_word = {line.split("**")[1]: line for line in lines if line.startswith("- **")}
-    assert set(by_word) == {"wins", "ties", "loses"}
-    for strategy, row in rows.items():  # every method once, under the word the paired rule gave it
-        label = report.group_label(report.MAIN_VARIANT, strategy)
-        assert f"{label} ({row['mean']:+.4f}, [{row['low']:+.4f}, {row['high']:+.4f}]" in by_word[row["verdict"]]
-        budgets = node_summary([figures.RESULTS / "fmnist-study" / r.name
-                                for r in groups[(report.MAIN_VARIANT, strategy)]])["budget-by-capacity"]
-        line = by_word[row["verdict"]]
-        entry = line[line.index(f"{label} ({row['mean']:+.4f}") + len(label) + 2:].split(")", 1)[0]
-        assert ("over budget" in entry) == any(used > 1 + 1e-6 for used in budgets.values()), (label, budgets)
-    assert "FedAvg (" in by_word["wins"] and "over budget at capacity 0.5, 0.25, 0.125, 0.0625" in by_word["wins"]
+    text = "\n".join(lines)
+    for row in report.paired_rows(groups):
+        label = report.group_label(report.MAIN_VARIANT, row["strategy"])
+        entry = f"{label} ({row['mean']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}], n = {row['seeds']}"
+        assert text.count(entry) == 1
+        assert entry in next(line for line in lines if line.startswith(f"- **{figures.WORDS[row['holm']]}**"))
 
 
 # A measured-looking number: an accuracy or ratio with 3+ decimals, a size, a rate, a time, a percentage

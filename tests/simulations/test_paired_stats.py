@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from simulations.paired_stats import paired
+from simulations.paired_stats import Paired, holm, paired
 
 T_975 = {2: 4.302652729911275, 4: 2.7764451051977987}
 """Student's t 0.975 quantiles for 2 and 4 degrees of freedom (published tables)."""
@@ -45,6 +45,45 @@ def test_the_word_follows_from_the_interval_alone(differences, verdict):
         assert found.low <= 0 <= found.high
     if found.seeds == 2:  # the interval is still given
         assert found.low == found.high == pytest.approx(differences[0])
+
+
+@pytest.mark.parametrize("seeds", [3, 4, 5])
+def test_the_p_value_is_scipys_paired_t_test(seeds):
+    from scipy import stats
+
+    rng = np.random.default_rng(10 + seeds)
+    method = {s: 0.8 + 0.02 * rng.normal() for s in range(seeds)}
+    reference = {s: 0.79 + 0.02 * rng.normal() for s in range(seeds)}
+    found = paired(method, reference)
+    expected = stats.ttest_rel([method[s] for s in range(seeds)], [reference[s] for s in range(seeds)]).pvalue
+    assert found.p == pytest.approx(expected, rel=1e-9)
+    assert (found.p < 0.05) == (found.verdict in ("wins", "loses"))  # the interval and the test agree
+
+
+def _comparison(mean: float, p: float, verdict: str | None = None) -> Paired:
+    word = verdict or ("ties" if p > 0.05 else "wins" if mean > 0 else "loses")
+    return Paired(5, mean, math.nan, math.nan, word, p)
+
+
+def test_holm_steps_down_through_the_sorted_p_values_of_the_comparisons_with_a_word():
+    # k = 4 with a word: thresholds 0.05/4, 0.05/3, 0.05/2, 0.05 on the sorted p-values 0.01, 0.02, 0.03, 0.04.
+    # 0.01 <= 0.0125 counts; 0.02 > 0.0167 stops the descent, so 0.03 and 0.04 (each below 0.05) are ties too.
+    found = [_comparison(+0.02, 0.03), _comparison(-0.05, 0.01), _comparison(-0.01, 0.04), _comparison(0.03, 0.02),
+             _comparison(0.01, 0.001, "n/a")]  # too few seeds: outside the family, whatever its p
+    assert holm(found) == ["ties", "loses", "ties", "ties", "n/a"]
+    # the same p-values with a larger budget of evidence: 0.004, 0.006 pass 0.0125, 0.0167; 0.03 > 0.025 stops
+    found = [_comparison(+0.02, 0.006), _comparison(-0.05, 0.004), _comparison(-0.01, 0.03), _comparison(0.03, 0.04)]
+    assert holm(found) == ["wins", "loses", "ties", "ties"]
+    assert holm([_comparison(-0.02, 0.049)]) == ["loses"]  # one comparison: no correction
+    assert holm([]) == []
+
+
+def test_holm_never_turns_a_tie_into_a_win_or_a_loss():
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        found = [_comparison(float(m), float(p)) for m, p in zip(rng.normal(size=6), rng.uniform(0, 0.2, 6))]
+        for comparison, word in zip(found, holm(found)):
+            assert word == comparison.verdict or word == "ties"
 
 
 def test_each_variant_is_compared_with_its_methods_main_run_seed_by_seed():
