@@ -164,6 +164,15 @@ def verdicts_block(name: str) -> list[str]:
     return lines
 
 
+def ablations_block(name: str) -> list[str]:
+    """Each ablation of a comparison against the main run of its method, as its report tables it."""
+    runs_dir, _, groups = _groups(name)
+    rows = report.ablation_rows(groups)
+    return [f"From [docs/results/{name}](results/{name}/report.md): per seed, the variant's late accuracy minus the "
+            "same method's main run on that seed; the paired rule and Holm's correction as in the study's table.",
+            "", *report.paired_markdown(rows, "variant - main", "variant vs main")]
+
+
 def headline_block(name: str) -> list[str]:
     """The study's headline table: accuracy with the paired rule's verdict against ResIST, the per-client
     figures, the budget each capacity class used, and the bytes and training FLOPs spent."""
@@ -284,6 +293,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "fmnist-dirichlet05": lambda: headline_block("fmnist-dirichlet05"),
     "fmnist-study": lambda: headline_block("fmnist-study"),
     "fmnist-study-verdicts": lambda: verdicts_block("fmnist-study"),
+    "fmnist-study-ablations": lambda: ablations_block("fmnist-study"),
     "privacy-digits": lambda: privacy_block("privacy-digits"),
     "quick-cpu": lambda: baselines_block("quick-cpu"),
     "quick-warmup": lambda: baselines_block("quick-warmup"),

@@ -117,6 +117,16 @@ def test_the_committed_studys_verdicts_block_matches_its_report():
         assert entry in next(line for line in lines if line.startswith(f"- **{figures.WORDS[row['holm']]}**"))
 
 
+def test_the_ablations_block_is_the_reports_ablation_table():
+    from simulations import report
+
+    lines = figures.ablations_block("fmnist-study")
+    committed = (figures.RESULTS / "fmnist-study" / report.REPORT_FILE).read_text()
+    table = [line for line in lines if line.startswith("|")]
+    assert len(table) >= 3 and all(line in committed for line in table)  # the same rows, words and Holm column
+    assert "Holm over" in table[0] and all("| amp |" in line for line in table[2:])
+
+
 # A measured-looking number: an accuracy or ratio with 3+ decimals, a size, a rate, a time, a percentage
 # or a speed-up, outside a figures block, a code block and inline code.
 MEASURED = re.compile(r"(?<![\w.=/-])(\d\.\d{3,}|\d[\d,]*(\.\d+)? ?(MB|MiB|GB|GiB|images/s|ms)\b|\d+\.\d+ ?(s|%)(?!\w)"
