@@ -224,7 +224,7 @@ class RunSettings(BaseModel):
     device_cache_mb: Int = Field(2048, ge=0,
         description="most MiB of decoded training partitions a ClientApp process keeps on its training device (several processes may share a GPU); partitions beyond it stay in pinned host memory; `device-cache-mb` in each reply")
     amp: Bool = Field(False,
-        description="bfloat16 autocast on the training device, CUDA or CPU (training and evaluation; loss and argmax in fp32); the start-up logs name the precision (`bf16 autocast` or `fp32`)")
+        description="bfloat16 autocast on the training device, CUDA or CPU (training and evaluation; loss and argmax in fp32); the start-up logs name the precision (`bf16 autocast` or `fp32`); refused with `dp='local'`, whose Opacus steps run in fp32")
 
     # -- parsing ------------------------------------------------------------------------------
     @classmethod
@@ -323,6 +323,9 @@ class RunSettings(BaseModel):
         if self.dp == "local" and self.norm != "groupnorm":
             raise SettingsError(f"norm = {self.norm!r}: dp='local' (Opacus DP-SGD) needs per-sample gradients, "
                                 "which BatchNorm mixes across a batch; set norm='groupnorm'")
+        if self.dp == "local" and self.amp:
+            raise SettingsError("amp = true: dp='local' trains with Opacus' per-sample gradients in fp32 (no bf16 "
+                                "autocast there), so amp would change the evaluation only; expected amp = false")
         central_only = {"dp-sampling": self.dp_sampling != "public", "dp-clip-quantile": self.dp_clip_quantile > 0}
         for key, used in central_only.items():
             if used and self.dp != "central":

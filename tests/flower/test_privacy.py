@@ -206,6 +206,8 @@ def test_a_node_that_does_not_clip_is_rejected_and_counts_as_a_zero_update(tiny_
 @pytest.mark.parametrize("changes, message", [
     ({"dp": "central"}, "weighting = 'examples': dp='central' needs 'uniform'"),
     ({"dp": "local"}, "norm = 'batchnorm': dp='local'"),
+    ({"dp": "local", "norm": "groupnorm", "amp": True}, "amp = true: dp='local' trains with Opacus' per-sample "
+                                                        "gradients in fp32"),  # it would be dropped in training
     ({"dp": "local", "norm": "groupnorm", "strategy": "fjord", "model": "preact_resnet18"},
      "dp = 'local': supported with strategy"),
     ({"dp": "central", "weighting": "uniform", "transport-dtype": "uint8"}, "transport-dtype = 'uint8'"),
