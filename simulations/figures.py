@@ -30,7 +30,7 @@ import numpy as np
 
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.model import ModelSpec
-from resist_fl.core.model_cost import CostModel
+from resist_fl.core.model_cost import BUDGET_TOLERANCE, CostModel
 from resist_fl.run.outputs import CONFIG_FILE, read_metrics
 from simulations import benchmark_figures, noniid_figures, report
 from simulations.client_report import last_client_row
@@ -125,7 +125,9 @@ WORDS = {"wins": "beat ResIST", "ties": "tie with ResIST", "loses": "lose to Res
 
 
 def _budget_ratios(budgets: dict[float, float], over_only: bool) -> str:
-    return ", ".join(f"{c:g}: {used:.2f}x" for c, used in budgets.items() if used > 1 + 1e-6 or not over_only)
+    """Budget used per capacity class (``over_only``: the classes over it, by the capacity rule's own slack)."""
+    return ", ".join(f"{c:g}: {used:.2f}x" for c, used in budgets.items()
+                     if used > 1 + BUDGET_TOLERANCE or not over_only)
 
 
 def verdicts_block(name: str) -> list[str]:
