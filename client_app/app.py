@@ -40,7 +40,8 @@ from resist_fl.node.dp_ledger import ledger_path, read_history, write_history
 from resist_fl.node.local_dp import train_private
 from resist_fl.node.method_hooks import SubNetwork
 from resist_fl.node.peak_memory import PeakMemory
-from resist_fl.node.training import evaluate, precision, resolve_device, scheduled_lr, steps_for, train
+from resist_fl.node.precision import explain, uses_bf16
+from resist_fl.node.training import evaluate, resolve_device, scheduled_lr, steps_for, train
 from resist_fl.run.methods import load, method
 from resist_fl.run.settings import RunSettings, profile_value
 
@@ -130,7 +131,8 @@ def train_handler(msg: Message, context: Context) -> Message:
     if (top := int(partition.labels.max())) >= spec.num_classes:
         raise DataError(f"data-path {data_path!r}: partition {partition_id} has label {top}, but the run's "
                         f"model has {spec.num_classes} classes; expected labels in [0, {spec.num_classes})")
-    _announce_precision(device, settings.amp)
+    bf16 = uses_bf16(settings.amp_wanted(), device)  # amp='auto': this node's own device decides
+    _announce_precision(device, settings.amp_wanted())
     run_round = message_run_round(msg)
     round_seed = settings.seed * 100_003 + run_round * 1_009 + partition_id  # order, crops, flips, dropout
     loader = TrainBatches(partition, settings.batch_size,
@@ -155,7 +157,7 @@ def train_handler(msg: Message, context: Context) -> Message:
         else:
             result = train(model, loader, steps=steps, lr=lr, momentum=settings.momentum,
                            weight_decay=settings.weight_decay, device=device,
-                           amp=settings.amp, clip_grad_norm=settings.clip_grad_norm, before_step=local.before_step,
+                           amp=bf16, clip_grad_norm=settings.clip_grad_norm, before_step=local.before_step,
                            loss_fn=local.loss)
     if local.after_training is not None:
         local.after_training()
@@ -166,8 +168,8 @@ def train_handler(msg: Message, context: Context) -> Message:
         if settings.dp == "local":
             metrics["dp-epsilon"] = trained.epsilon
     else:
-        metrics = {"blocks": blocks_trained, "peak-memory-mb": peak.megabytes, "memory-measure": peak.measure,
-                   "device-cache-mb": cache.device_bytes / 2**20,
+        metrics = {"blocks": blocks_trained, "bf16": int(bf16), "peak-memory-mb": peak.megabytes,
+                   "memory-measure": peak.measure, "device-cache-mb": cache.device_bytes / 2**20,
                    **local.reply_metrics}
     return train_reply(msg, model, num_examples=num_examples, train_loss=result.loss,
                        train_seconds=result.seconds, local_steps=result.steps, metrics=metrics,
@@ -175,11 +177,11 @@ def train_handler(msg: Message, context: Context) -> Message:
 
 
 @lru_cache(maxsize=4)
-def _announce_precision(device: torch.device, amp: bool) -> None:
-    """Log once per process what this node trains in (``bf16 autocast`` or ``fp32``), where, and with
-    how many CPU threads (a simulation's Ray actor is given as many as ``client-resources-num-cpus``)."""
+def _announce_precision(device: torch.device, amp: bool | str) -> None:
+    """Log once per process what this node trains in (``bf16 autocast`` or ``fp32``, and why), where,
+    and with how many CPU threads (a simulation's Ray actor is given as many as ``client-resources-num-cpus``)."""
     log(INFO, "resist-fl node: training on %s in %s, %d torch CPU thread(s) (OMP_NUM_THREADS=%s)", device,
-        precision(amp), torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS", "unset"))
+        explain(amp, device), torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS", "unset"))
 
 
 @app.evaluate()
@@ -202,7 +204,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     device = resolve_device(settings.device)
     stats = normalization(settings.dataset, data_path, settings.image_size)
     loader = EvalBatches(test, settings.eval_batch_size, normalization=stats, device=device)
-    loss, accuracy = evaluate(model, loader, device, settings.amp)
+    loss, accuracy = evaluate(model, loader, device, uses_bf16(settings.amp_wanted(), device))
     metrics = MetricRecord(dict(zip(EVALUATE_METRICS, (len(test), loss, accuracy))))
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 

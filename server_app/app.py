@@ -28,7 +28,8 @@ from resist_fl.run.outputs import CONFIG_FILE, read_json, run_directory, write_j
 from resist_fl.run.settings import RunSettings, resolve_model
 from resist_fl.run.tracking import open_tracker
 from resist_fl.node.batchnorm_statistics import with_training_statistics
-from resist_fl.node.training import ClassEvaluation, evaluate, evaluate_by_class, precision, resolve_device
+from resist_fl.node.precision import explain, precision, uses_bf16
+from resist_fl.node.training import ClassEvaluation, evaluate, evaluate_by_class, resolve_device
 
 app = ServerApp()
 
@@ -70,6 +71,7 @@ class CentralEvaluation:
         self.client_labels, self.tiers = client_labels, tiers
         self.sliced: dict[float, torch.nn.Module] = {}  # width-tier evaluation models, by rate
         self.device = resolve_device(settings.device)
+        self.bf16 = uses_bf16(settings.amp_wanted(), self.device)  # amp, decided for the server's own device
         self.model = build_model(spec)  # built once, loaded with the global state at each evaluation
         self.truncated: dict[int, torch.nn.Module] = {}  # any-depth evaluation models, by percent
         self.training_set: EvalBatches | None = None  # bn-statistics='training-data': the training set's batches
@@ -78,12 +80,12 @@ class CentralEvaluation:
         final = run_round >= self.settings.num_server_rounds or self.subset_loader is None
         loader = self.test_loader if final else self.subset_loader
         model = self.global_model(state)
-        result = evaluate_by_class(model, loader, self.device, self.settings.amp)
+        result = evaluate_by_class(model, loader, self.device, self.bf16)
         metrics = {"loss": result.loss, "accuracy": result.accuracy, "eval-images": len(loader.data)}
         if isinstance(model, MultiExitResNet):  # DepthFL: each exit alone, beside the ensemble (`accuracy`)
             for i in range(len(model.exits)):
                 metrics[f"accuracy-exit-{i + 1}"] = evaluate(SingleExit(model, i), loader, self.device,
-                                                             self.settings.amp)[1]
+                                                             self.bf16)[1]
         counts = self.client_labels() if self.client_labels is not None and loader is self.test_loader else None
         if counts is not None:
             summary = fairness_summary(client_accuracies(counts, result.correct, result.count))
@@ -104,7 +106,7 @@ class CentralEvaluation:
         if not tiers:
             return {}
         by_tier = {tier: evaluate_by_class(self.tiers.tier_model(tier, state).to(self.device), self.test_loader,
-                                           self.device, self.settings.amp) for tier in set(tiers.values())}
+                                           self.device, self.bf16) for tier in set(tiers.values())}
         accuracy = [client_accuracies(counts[p:p + 1], by_tier[t].correct, by_tier[t].count)[0]
                     for p, t in sorted(tiers.items())]
         return {f"client-tier-accuracy-{k}": v for k, v in fairness_summary(np.array(accuracy)).items()}
@@ -133,7 +135,7 @@ class CentralEvaluation:
             self.sliced[rate] = build_model(sliced_spec(self.spec, rate))
         model = self.sliced[rate]
         model.load_state_dict(prefix_state(self.spec, state, rate))
-        return evaluate_by_class(model, self.test_loader, self.device, self.settings.amp)
+        return evaluate_by_class(model, self.test_loader, self.device, self.bf16)
 
     def evaluate_truncated(self, state: dict[str, torch.Tensor], percent: int) -> float:
         """Accuracy of the global model keeping only the first ``percent`` % of the partitionable
@@ -148,7 +150,7 @@ class CentralEvaluation:
         full_scale = float(state[scale_key(blocks[0])])
         model.load_state_dict({k: state[k] for k in self.layout.subnetwork_keys(kept)})
         set_residual_scales(model, {b: min(1.0, full_scale * len(blocks) / len(kept)) for b in kept})
-        return evaluate(model, self.test_loader, self.device, self.settings.amp)[1]
+        return evaluate(model, self.test_loader, self.device, self.bf16)[1]
 
 
 class ClientLabels:
@@ -205,6 +207,14 @@ def prepare_data(settings: RunSettings) -> tuple[ModelSpec, BlockLayout, EvalBat
     return spec, layout, loader, data, subset
 
 
+def nodes_precision(amp: bool | str) -> str:
+    """What the nodes train in, as the server can say it before they answer (each node decides
+    ``auto`` for its own device, logs it and reports it: ``precision`` in ``nodes.jsonl``)."""
+    if amp == "auto":
+        return "bf16 autocast where their device has native bf16, else fp32 (amp='auto'; amp=false to force fp32)"
+    return f"{precision(bool(amp))} (amp={str(amp).lower()})"
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the strategy the run config names; write everything under the run directory."""
@@ -218,9 +228,9 @@ def main(grid: Grid, context: Context) -> None:
     built = built.for_federation(grid, read_json(started)["model_spec"] if settings.resume and started.exists()
                                  else None)  # a model shaped by the nodes' capacities (fedavg-small) waits for them
     strategy, spec, layout = built.strategy, built.model.spec, built.model.layout
-    log(INFO, "resist-fl: nodes train in %s (amp=%s, device=%s); central evaluation in %s on %s",
-        precision(settings.amp), settings.amp, settings.device, precision(settings.amp),
-        resolve_device(settings.device))
+    central = resolve_device(settings.device)
+    log(INFO, "resist-fl: nodes train in %s (device=%s); central evaluation in %s on %s",
+        nodes_precision(settings.amp_wanted()), settings.device, explain(settings.amp_wanted(), central), central)
     log(INFO, "resist-fl: full model %.3g GFLOP per training sample, %d parameters; the smallest ResIST "
         "sub-network costs %.0f %% of it", costs.full.flops / 1e9, costs.full.params, 100 * costs.floor_fraction())
     recorder = RoundRecorder(strategy, layout, run_dir, run_config=settings.to_run_config(),
@@ -240,7 +250,9 @@ def main(grid: Grid, context: Context) -> None:
     recorder.tracker = open_tracker(settings.tracker, run_dir, settings.to_run_config(), settings.tracking_uri)
     log(INFO, "resist-fl: writing results to %s", run_dir)
     write_json(run_dir / CONFIG_FILE, {"run_config": settings.to_run_config(), "model_spec": spec.to_dict(),
-                                       "data": data})
+                                       "data": data, "central-evaluation": {
+                                           "device": str(central),
+                                           "precision": precision(uses_bf16(settings.amp_wanted(), central))}})
 
     recorder.start(grid, initial,  # resuming: the checkpoint's arrays
                    timeout=settings.round_timeout, train_config=model_config(spec),

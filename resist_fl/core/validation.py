@@ -19,11 +19,12 @@ import numpy as np
 TRAIN_METRICS = ("num-examples", "train-loss", "train-seconds", "local-steps")
 """The MetricRecord keys of a training reply (what the ClientApp sends)."""
 CLIENT_COST_METRICS = ("blocks", "peak-memory-mb", "memory-measure", "simulated-seconds", "dp-epsilon",
-                       "device-cache-mb", "dp-below-clip")
+                       "device-cache-mb", "dp-below-clip", "bf16")
 """Optional keys of a training reply: the partitionable blocks trained, the step loop's peak
 memory and how it was measured (:mod:`resist_fl.node.peak_memory`), the seconds of a simulated
 slowdown included in ``train-seconds``, under local DP the node's cumulative epsilon, and the MiB of
-decoded partitions its process keeps on the training device.
+decoded partitions its process keeps on the training device, and whether it trained in bf16 autocast
+(1) or fp32 (0).
 Checked like the others when present."""
 EVALUATE_METRICS = ("num-examples", "eval-loss", "eval-acc")
 """The MetricRecord keys of a federated-evaluation reply."""

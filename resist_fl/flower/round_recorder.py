@@ -30,6 +30,7 @@ from resist_fl.core.decomposition import BlockLayout, scale_key
 from resist_fl.flower.metering import MeteredGrid, RoundTraffic
 from resist_fl.flower.round_report import NodeReport, RecordedStrategy, RoundReport, RunStops
 from resist_fl.node.peak_memory import MEASURES, resident_memory_mb
+from resist_fl.node.precision import PRECISIONS
 from resist_fl.run.checkpoint import Checkpoint, capture_rngs, open_run_directory
 from resist_fl.run.divergence import DIVERGENCE_HINT, divergence_reason
 from resist_fl.run.outputs import (MODEL_FILE, NODES_FILE, SUMMARY_FILE, append_metrics, read_metrics, save_model,
@@ -338,6 +339,7 @@ class RoundRecorder:
                 "train-seconds": reply.get("train-seconds"), "simulated-seconds": reply.get("simulated-seconds"),
                 "local-steps": reply.get("local-steps"), "peak-memory-mb": reply.get("peak-memory-mb"),
                 "memory-measure": MEASURES.get(int(reply.get("memory-measure", 0))),
+                "precision": PRECISIONS.get(reply.get("bf16")),
                 "blocks-per-second": sent.blocks_per_second,
                 "min-holders": sent.min_holders, "exposed-fraction": sent.exposed_fraction,
                 "dp-epsilon": reply.get("dp-epsilon"), "device-cache-mb": reply.get("device-cache-mb"),

@@ -61,6 +61,15 @@ Int = Annotated[int, BeforeValidator(_whole_number), Strict()]
 Float = Annotated[float, BeforeValidator(_number), Strict()]
 Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict()]
+
+
+def _as_given(value: Any) -> Any:
+    """A bool or a string unchanged; anything else (``1``, ``1.0``) as its text, so that a ``Literal``
+    of bools refuses it instead of coercing it."""
+    return value if isinstance(value, (bool, str)) else repr(value)
+
+
+Amp = Annotated[Literal["auto", True, False], BeforeValidator(_as_given)]
 _TYPE_NAMES = {"int_type": "int", "float_type": "float", "bool_type": "bool", "string_type": "str"}
 
 
@@ -223,8 +232,8 @@ class RunSettings(BaseModel):
         description="with `privacy-min-holders` > 1: a round whose capacities cannot meet it is not sent (else it is sent with a WARNING)")
     device_cache_mb: Int = Field(2048, ge=0,
         description="most MiB of decoded training partitions a ClientApp process keeps on its training device (several processes may share a GPU); partitions beyond it stay in pinned host memory; `device-cache-mb` in each reply")
-    amp: Bool = Field(False,
-        description="bfloat16 autocast on the training device, CUDA or CPU (training and evaluation; loss and argmax in fp32); the start-up logs name the precision (`bf16 autocast` or `fp32`); refused with `dp='local'`, whose Opacus steps run in fp32")
+    amp: Amp = Field('auto',
+        description="`auto`: bfloat16 autocast where the device computes bf16 natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else fp32; `true`: bf16 autocast anyway; `false`: fp32. Training and evaluation, on the nodes and in the server's evaluation (loss and argmax in fp32); each node decides for its own device, logs the precision (`bf16 autocast` or `fp32`) and reports it (`precision` in `nodes.jsonl`; not under `dp`, whose replies carry only the update and privacy figures); `dp='local'` trains in fp32 (Opacus), so `auto` means fp32 there and `true` is refused ([Performance](performance.md#notes-on-each-figure))")
 
     # -- parsing ------------------------------------------------------------------------------
     @classmethod
@@ -323,7 +332,7 @@ class RunSettings(BaseModel):
         if self.dp == "local" and self.norm != "groupnorm":
             raise SettingsError(f"norm = {self.norm!r}: dp='local' (Opacus DP-SGD) needs per-sample gradients, "
                                 "which BatchNorm mixes across a batch; set norm='groupnorm'")
-        if self.dp == "local" and self.amp:
+        if self.dp == "local" and self.amp is True:
             raise SettingsError("amp = true: dp='local' trains with Opacus' per-sample gradients in fp32 (no bf16 "
                                 "autocast there), so amp would change the evaluation only; expected amp = false")
         central_only = {"dp-sampling": self.dp_sampling != "public", "dp-clip-quantile": self.dp_clip_quantile > 0}
@@ -407,6 +416,11 @@ class RunSettings(BaseModel):
         return parse_rates("fjord-levels", self.fjord_levels,
                            "numbers in (0, 1] separated by commas, e.g. '0.2,0.4,0.6,0.8,1.0'")
 
+    def amp_wanted(self) -> bool | str:
+        """``amp`` as the nodes and the server's evaluation apply it: ``auto`` is fp32 under
+        ``dp='local'``, whose Opacus steps run in fp32 (bf16 would change the evaluation only)."""
+        return False if self.dp == "local" and self.amp == "auto" else self.amp
+
     def depth_percents(self) -> tuple[int, ...]:
         """``eval-depths`` as sorted integer percentages of the partitionable blocks."""
         try:
@@ -470,7 +484,8 @@ def _explain(error: Mapping[str, Any], run_config: Mapping[str, Any]) -> str:
     field = RunSettings.model_fields[key.replace("-", "_")]
     kind, ctx = error["type"], error.get("ctx", {})
     if kind == "literal_error":
-        expected = f"one of {', '.join(typing.get_args(field.annotation))}"
+        allowed = (str(a).lower() if isinstance(a, bool) else str(a) for a in typing.get_args(field.annotation))
+        expected = f"one of {', '.join(allowed)}"
     elif kind in _TYPE_NAMES:
         expected = f"a value of type {_TYPE_NAMES[kind]}"
     elif kind == "greater_than_equal":

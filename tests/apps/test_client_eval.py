@@ -22,7 +22,8 @@ NODES = 10
 def test_per_client_accuracy_equals_a_direct_evaluation_on_each_clients_share(tiny_config):
     config = {**tiny_config, "dataset": "digits", "partitioner": "dirichlet", "dirichlet-alpha": 0.3,
               "client-eval": True, "fraction-train": 0.3, "min-train-nodes": 3, "min-available-nodes": NODES,
-              "eval-batch-size": 360, "num-server-rounds": 2, "local-steps": 4, "augment": "none"}
+              "eval-batch-size": 360, "num-server-rounds": 2, "local-steps": 4, "augment": "none",
+              "amp": False}  # the direct evaluation below is fp32
     run_inprocess(config, num_nodes=NODES)
     run_dir = run_directory(config["output-dir"], config["run-name"], "")
     rows = read_metrics(run_dir)
@@ -63,7 +64,8 @@ def test_per_client_accuracy_of_the_tier_each_node_would_run(tiny_config):
               "dirichlet-alpha": 0.3, "client-eval": True, "fraction-train": 0.5, "min-train-nodes": 3,
               "min-available-nodes": 6, "capacity-profile": ",".join(map(str, profile)),
               "capacity-measure": "blocks", "width-rates": "1,0.5,0.25", "eval-batch-size": 360,
-              "num-server-rounds": 1, "local-steps": 4, "augment": "none", "base-width": 8}
+              "num-server-rounds": 1, "local-steps": 4, "augment": "none",
+              "amp": False, "base-width": 8}
     run_inprocess(config, num_nodes=6)
     run_dir = run_directory(config["output-dir"], config["run-name"], "")
     last = read_metrics(run_dir)[-1]
@@ -123,7 +125,8 @@ def test_per_client_accuracy_of_the_depth_methods_tiers(tiny_config, strategy):
               "dirichlet-alpha": 0.3, "client-eval": True, "fraction-train": 0.5, "min-train-nodes": 3,
               "min-available-nodes": 6, "capacity-profile": ",".join(map(str, profile)),
               "capacity-measure": "blocks", "eval-batch-size": 360, "num-server-rounds": 1, "local-steps": 4,
-              "augment": "none", "base-width": 8, "stage-depths": "1,1,4,1"}
+              "augment": "none",
+              "amp": False, "base-width": 8, "stage-depths": "1,1,4,1"}
     run_inprocess(config, num_nodes=6)
     run_dir = run_directory(config["output-dir"], config["run-name"], "")
     last = read_metrics(run_dir)[-1]

@@ -1,5 +1,6 @@
 """amp on any device: bf16 autocast trains and evaluates on the CPU, loss and argmax in fp32, the
-logs name the precision, and GPU batches have one shape."""
+logs name the precision, and GPU batches have one shape; ``amp='auto'`` (the default) decides per
+device from its native bf16 support, each node reports what it trained in, and DP-SGD stays fp32."""
 
 from __future__ import annotations
 
@@ -12,8 +13,22 @@ from resist_fl.core.model import ModelSpec, build_model
 from resist_fl.data import EvalBatches, TrainBatches, load_partition, load_test_set, normalization
 from resist_fl.data.arrays import ImageArrays
 from resist_fl.data.transforms import Normalization
-from resist_fl.node.training import evaluate, precision, train
+import json
+from pathlib import Path
+
+import pytest
+
+import client_app.app as client
+from resist_fl.core.validation import ReplyError
+from resist_fl.flower.reply_screening import check_reply_metrics
+from resist_fl.node import precision as precision_module
+from resist_fl.node.precision import PRECISIONS, explain, native_bf16, precision, uses_bf16
+from resist_fl.node.training import evaluate, train
+from resist_fl.run.outputs import read_metrics
+from resist_fl.run.settings import RunSettings, SettingsError
 from simulations.inprocess import run_inprocess
+
+CPU = torch.device("cpu")
 
 
 def _digits_run(amp: bool) -> tuple[float, float, float]:
@@ -56,8 +71,92 @@ def test_the_start_up_logs_name_the_precision(tiny_config, caplog):
     tiny_config.update({"amp": True, "num-server-rounds": 1, "local-steps": 1})
     run_inprocess(tiny_config, num_nodes=2)
     assert precision(True) == "bf16 autocast" and precision(False) == "fp32"
-    assert "nodes train in bf16 autocast" in caplog.text
-    assert "resist-fl node: training on cpu in bf16 autocast" in caplog.text
+    assert "nodes train in bf16 autocast (amp=true)" in caplog.text
+    assert "resist-fl node: training on cpu in bf16 autocast (amp=true)" in caplog.text
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_follows_the_cpus_native_bf16_and_true_or_false_force_it(monkeypatch, native):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert native_bf16(CPU) is native
+    assert uses_bf16("auto", CPU) is native
+    assert uses_bf16(True, CPU) is True and uses_bf16(False, CPU) is False
+    has = "has" if native else "has no"
+    assert explain("auto", CPU) == (f"{precision(native)} (amp='auto': this CPU {has} native bf16; "
+                                    "amp=true / amp=false to force)")
+    assert explain(False, CPU) == "fp32 (amp=false)"
+
+
+def test_amx_alone_counts_as_native_bf16_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert native_bf16(CPU)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_on_cuda_asks_for_native_bf16_not_emulation(monkeypatch, native):
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: asked.append(including_emulation) or native)
+    assert uses_bf16("auto", torch.device("cuda")) is native and asked == [False]
+
+
+def test_amp_is_auto_by_default_and_takes_only_auto_true_or_false():
+    assert RunSettings().amp == "auto"
+    for value in ("auto", True, False):
+        assert RunSettings.from_run_config({"amp": value}).amp == value
+    for bad in (1, 0, 1.0, "true", "bf16"):
+        with pytest.raises(SettingsError, match=f"amp = {bad!r}: expected one of auto, true, false"):
+            RunSettings.from_run_config({"amp": bad})
+
+
+def test_auto_means_fp32_under_local_dp_and_true_is_refused_there():
+    local = {"dp": "local", "norm": "groupnorm"}
+    assert RunSettings.from_run_config(local).amp_wanted() is False
+    assert RunSettings.from_run_config({**local, "amp": False}).amp_wanted() is False
+    assert RunSettings.from_run_config({"dp": "central", "weighting": "uniform"}).amp_wanted() == "auto"
+    with pytest.raises(SettingsError, match="amp = true: dp='local'"):
+        RunSettings.from_run_config({**local, "amp": True})
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_run_trains_and_evaluates_in_what_each_device_supports_and_records_it(tiny_config, caplog,
+                                                                                   monkeypatch, native):
+    """The default (``auto``) end to end: the nodes and the server's evaluation follow the device's
+    native bf16 (here the CPU probe, forced either way), the logs say so, every node row of
+    ``nodes.jsonl`` names the precision its node reported, and ``run_config.json`` the server's."""
+    monkeypatch.setattr(precision_module, "native_bf16", lambda device: native)
+    client._announce_precision.cache_clear()  # it logs once per process and setting
+    calls = []
+    original = client.train
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["amp"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(client, "train", spy)
+    tiny_config.update({"num-server-rounds": 1, "local-steps": 2})
+    assert tiny_config["amp"] == "auto"  # the app's own default, from pyproject.toml
+    run_inprocess(tiny_config, num_nodes=2)
+    run = Path(tiny_config["output-dir"]) / tiny_config["run-name"]
+    assert calls == [native, native]
+    assert {row["precision"] for row in read_metrics(run, "nodes.jsonl")} == {precision(native)}
+    central = json.loads((run / "run_config.json").read_text())["central-evaluation"]
+    assert central == {"device": "cpu", "precision": precision(native)}
+    assert "nodes train in bf16 autocast where their device has native bf16, else fp32 (amp='auto'" in caplog.text
+    has = "has" if native else "has no"
+    assert f"resist-fl node: training on cpu in {precision(native)} (amp='auto': this CPU {has} native bf16" \
+        in caplog.text
+
+
+def test_a_reply_says_its_precision_as_a_bounded_number_and_an_odd_value_names_none():
+    base = {"num-examples": 5, "train-loss": 0.1, "train-seconds": 1.0, "local-steps": 1}
+    assert check_reply_metrics({**base, "bf16": 1}, 100)["bf16"] == 1
+    for bad in (-1, float("nan"), True, "yes"):
+        with pytest.raises(ReplyError, match="bf16"):
+            check_reply_metrics({**base, "bf16": bad}, 100)
+    assert PRECISIONS.get(1) == "bf16 autocast" and PRECISIONS.get(0.0) == "fp32" and PRECISIONS.get(7) is None
 
 
 def test_gpu_batches_have_one_shape():
