@@ -39,7 +39,8 @@ from resist_fl.run.timing import eta
 from resist_fl.run.tracking import SafeTracker
 
 PRIVATE_DROPPED = ("train-loss", "client-seconds", "train-seconds", "simulated-seconds", "peak-memory-mb",
-                   "memory-measure", "blocks-per-second", "device-cache-mb", "num-examples", "local-steps")
+                   "memory-measure", "blocks-per-second", "device-cache-mb", "num-examples", "local-steps",
+                   "precision")
 """Figures of the nodes' training that no DP noise covers: under DP neither the nodes send them
 (:func:`resist_fl.flower.client_side.train_reply` with ``private``) nor does the recorder write
 them (``blocks-per-second`` is the server's own timing of a node: a side channel as well)."""
