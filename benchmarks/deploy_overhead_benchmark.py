@@ -69,7 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = {"dataset": args.dataset, "data-path": args.data_path, "stage-depths": "1,1,2,1", "base-width": 8,
               "local-steps": 5, "batch-size": 32, "num-server-rounds": args.rounds, "eval-every": args.rounds,
               "min-available-nodes": args.supernodes, "min-train-nodes": args.supernodes}
-    apps = {"after": (ROOT, {**config, "partition-cache": str(work / "partition-cache")})}
+    apps = {"after": (ROOT, {**config, "partition-cache": str(work / "partition-cache"),
+                          "amp": False})}  # fp32 like "before" (older revisions know no amp="auto")
     if not args.only_after:
         apps = {"before": (export_revision(args.before, work / "before-app"), config), **apps}
     try:

@@ -50,7 +50,8 @@ def run_config(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             "local-steps": args.local_steps, "batch-size": args.batch_size, "num-server-rounds": args.rounds,
             "fraction-train": args.fraction, "min-train-nodes": max(1, round(args.fraction * args.supernodes)),
             "min-available-nodes": args.supernodes, "partitioner": "iid", "augment": "none",
-            "eval-subset": args.eval_subset, "eval-batch-size": 1000, "output-dir": str(out), "run-name": "speed"}
+            "eval-subset": args.eval_subset, "eval-batch-size": 1000, "output-dir": str(out), "run-name": "speed",
+            "amp": False}  # fp32, as the outside half trains (amp="auto" would pick bf16 on a bf16 CPU)
 
 
 def inside(args: argparse.Namespace, work: Path) -> dict[str, Any]:

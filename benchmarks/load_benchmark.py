@@ -43,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "local-steps": 2, "batch-size": 16, "num-server-rounds": args.rounds, "eval-every": 5,
         "eval-batch-size": 500, "fraction-train": args.sampled / args.nodes, "min-train-nodes": args.sampled,
         "min-available-nodes": args.nodes, "output-dir": str(work / "runs"), "run-name": "load",
+        "amp": False,  # fp32, as the committed figures were measured
     }
     result = run_flwr(ROOT, config, num_supernodes=args.nodes, timeout_s=args.timeout, workdir=work)
     if not result.success:

@@ -36,6 +36,7 @@ def round_seconds(work: Path, strategy: str, args: argparse.Namespace) -> list[f
         "local-steps": args.local_steps, "batch-size": args.batch_size, "num-server-rounds": args.rounds,
         "eval-every": args.rounds, "min-available-nodes": args.supernodes, "min-train-nodes": args.supernodes,
         "output-dir": str(work / "runs"), "run-name": strategy, "partition-cache": str(work / "cache"),
+        "amp": False,  # fp32, as the committed figures were measured
     }
     result = run_flwr(ROOT, config, num_supernodes=args.supernodes, timeout_s=args.timeout, workdir=work)
     if not result.success:

@@ -132,7 +132,7 @@ def train_handler(msg: Message, context: Context) -> Message:
         raise DataError(f"data-path {data_path!r}: partition {partition_id} has label {top}, but the run's "
                         f"model has {spec.num_classes} classes; expected labels in [0, {spec.num_classes})")
     bf16 = uses_bf16(settings.amp_wanted(), device)  # amp='auto': this node's own device decides
-    _announce_precision(device, settings.amp_wanted())
+    _announce_precision(device, settings.amp, settings.dp == "local")
     run_round = message_run_round(msg)
     round_seed = settings.seed * 100_003 + run_round * 1_009 + partition_id  # order, crops, flips, dropout
     loader = TrainBatches(partition, settings.batch_size,
@@ -177,11 +177,11 @@ def train_handler(msg: Message, context: Context) -> Message:
 
 
 @lru_cache(maxsize=4)
-def _announce_precision(device: torch.device, amp: bool | str) -> None:
+def _announce_precision(device: torch.device, amp: bool | str, local_dp: bool) -> None:
     """Log once per process what this node trains in (``bf16 autocast`` or ``fp32``, and why), where,
     and with how many CPU threads (a simulation's Ray actor is given as many as ``client-resources-num-cpus``)."""
     log(INFO, "resist-fl node: training on %s in %s, %d torch CPU thread(s) (OMP_NUM_THREADS=%s)", device,
-        explain(amp, device), torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS", "unset"))
+        explain(amp, device, local_dp), torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS", "unset"))
 
 
 @app.evaluate()

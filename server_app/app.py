@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 from typing import Protocol
 
 import numpy as np
@@ -207,9 +207,11 @@ def prepare_data(settings: RunSettings) -> tuple[ModelSpec, BlockLayout, EvalBat
     return spec, layout, loader, data, subset
 
 
-def nodes_precision(amp: bool | str) -> str:
+def nodes_precision(amp: bool | str, local_dp: bool) -> str:
     """What the nodes train in, as the server can say it before they answer (each node decides
     ``auto`` for its own device, logs it and reports it: ``precision`` in ``nodes.jsonl``)."""
+    if local_dp:
+        return "fp32 (dp='local': Opacus' per-sample steps run in fp32)"
     if amp == "auto":
         return "bf16 autocast where their device has native bf16, else fp32 (amp='auto'; amp=false to force fp32)"
     return f"{precision(bool(amp))} (amp={str(amp).lower()})"
@@ -229,8 +231,15 @@ def main(grid: Grid, context: Context) -> None:
                                  else None)  # a model shaped by the nodes' capacities (fedavg-small) waits for them
     strategy, spec, layout = built.strategy, built.model.spec, built.model.layout
     central = resolve_device(settings.device)
+    evaluated_in = precision(uses_bf16(settings.amp_wanted(), central))
+    local_dp = settings.dp == "local"
     log(INFO, "resist-fl: nodes train in %s (device=%s); central evaluation in %s on %s",
-        nodes_precision(settings.amp_wanted()), settings.device, explain(settings.amp_wanted(), central), central)
+        nodes_precision(settings.amp, local_dp), settings.device, explain(settings.amp, central, local_dp), central)
+    if settings.resume and started.exists() and \
+            (before := read_json(started).get("central-evaluation", {}).get("precision", evaluated_in)) != evaluated_in:
+        log(WARNING, "resist-fl: resuming with the central evaluation in %s where the run started in %s (amp='auto' "
+            "on another device): the result will not be bit-identical to an uninterrupted run; set amp=true or "
+            "amp=false to fix the precision", evaluated_in, before)
     log(INFO, "resist-fl: full model %.3g GFLOP per training sample, %d parameters; the smallest ResIST "
         "sub-network costs %.0f %% of it", costs.full.flops / 1e9, costs.full.params, 100 * costs.floor_fraction())
     recorder = RoundRecorder(strategy, layout, run_dir, run_config=settings.to_run_config(),
@@ -252,7 +261,7 @@ def main(grid: Grid, context: Context) -> None:
     write_json(run_dir / CONFIG_FILE, {"run_config": settings.to_run_config(), "model_spec": spec.to_dict(),
                                        "data": data, "central-evaluation": {
                                            "device": str(central),
-                                           "precision": precision(uses_bf16(settings.amp_wanted(), central))}})
+                                           "precision": evaluated_in}})
 
     recorder.start(grid, initial,  # resuming: the checkpoint's arrays
                    timeout=settings.round_timeout, train_config=model_config(spec),

@@ -46,9 +46,11 @@ def precision(bf16: bool) -> str:
     return PRECISIONS[int(bool(bf16))]
 
 
-def explain(amp: Amp, device: torch.device) -> str:
-    """One phrase for the start-up logs: the precision on ``device`` and why (``amp``'s value, and
-    under ``auto`` whether the device has native bf16), with how to opt out."""
+def explain(amp: Amp, device: torch.device, local_dp: bool = False) -> str:
+    """One phrase for the start-up logs: the precision on ``device`` and why (``amp`` as the user set
+    it; under ``auto`` whether the device has native bf16; ``local_dp``: Opacus' steps are fp32)."""
+    if local_dp:
+        return "fp32 (dp='local': Opacus' per-sample steps run in fp32)"
     chosen = precision(uses_bf16(amp, device))
     if amp != "auto":
         return f"{chosen} (amp={str(amp).lower()})"

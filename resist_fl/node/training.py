@@ -52,11 +52,6 @@ class TrainResult:
     seconds: float
 
 
-def precision(amp: bool) -> str:
-    """What a node computes in: ``bf16 autocast`` (``amp``, on CUDA and on the CPU) or ``fp32``."""
-    return "bf16 autocast" if amp else "fp32"
-
-
 def on_device(model: nn.Module, device: torch.device) -> nn.Module:
     """Move ``model`` to ``device``; on CUDA also to ``channels_last`` memory (what cuDNN's
     fastest convolution kernels, bf16 ones included, read).

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import client_app.app as client
+import server_app.app as server
 from resist_fl.core.validation import ReplyError
 from resist_fl.flower.reply_screening import check_reply_metrics
 from resist_fl.node import precision as precision_module
@@ -136,11 +137,20 @@ def test_auto_run_trains_and_evaluates_in_what_each_device_supports_and_records_
         return original(*args, **kwargs)
 
     monkeypatch.setattr(client, "train", spy)
+    evaluated = []
+    real_evaluate = server.evaluate_by_class
+
+    def evaluate_spy(model, loader, device, amp=False):
+        evaluated.append(amp)
+        return real_evaluate(model, loader, device, amp)
+
+    monkeypatch.setattr(server, "evaluate_by_class", evaluate_spy)
     tiny_config.update({"num-server-rounds": 1, "local-steps": 2})
     assert tiny_config["amp"] == "auto"  # the app's own default, from pyproject.toml
     run_inprocess(tiny_config, num_nodes=2)
     run = Path(tiny_config["output-dir"]) / tiny_config["run-name"]
     assert calls == [native, native]
+    assert evaluated and set(evaluated) == {native}  # the server's evaluation, on its own device
     assert {row["precision"] for row in read_metrics(run, "nodes.jsonl")} == {precision(native)}
     central = json.loads((run / "run_config.json").read_text())["central-evaluation"]
     assert central == {"device": "cpu", "precision": precision(native)}
@@ -148,6 +158,46 @@ def test_auto_run_trains_and_evaluates_in_what_each_device_supports_and_records_
     has = "has" if native else "has no"
     assert f"resist-fl node: training on cpu in {precision(native)} (amp='auto': this CPU {has} native bf16" \
         in caplog.text
+
+
+def test_resuming_where_the_evaluation_precision_differs_warns(tiny_config, caplog, monkeypatch):
+    """amp='auto' resumed on a device with other bf16 support: not bit-identical, and the log says so."""
+    import resist_fl.flower.round_recorder as recorder
+
+    class Stop(Exception):
+        pass
+
+    stop_at, save = [2], recorder.Checkpoint.save
+
+    def save_or_stop(checkpoint, run_dir):
+        if stop_at and checkpoint.server_round == stop_at[0]:
+            raise Stop
+        return save(checkpoint, run_dir)
+
+    monkeypatch.setattr(recorder.Checkpoint, "save", save_or_stop)
+    tiny_config.update({"num-server-rounds": 3, "local-steps": 1})
+    run = Path(tiny_config["output-dir"]) / tiny_config["run-name"]
+    monkeypatch.setattr(precision_module, "native_bf16", lambda device: True)
+    with pytest.raises(Stop):
+        run_inprocess(tiny_config, num_nodes=2)  # stops after round 1's checkpoint
+    tiny_config["resume"] = True
+    stop_at[0] = 3
+    with pytest.raises(Stop):
+        run_inprocess(tiny_config, num_nodes=2)  # the same device: no warning
+    assert "resuming with the central evaluation" not in caplog.text
+    stop_at.clear()
+    monkeypatch.setattr(precision_module, "native_bf16", lambda device: False)
+    run_inprocess(tiny_config, num_nodes=2)
+    assert ("resuming with the central evaluation in fp32 where the run started in bf16 autocast "
+            "(amp='auto' on another device)") in caplog.text
+    assert json.loads((run / "run_config.json").read_text())["central-evaluation"]["precision"] == "fp32"
+    assert [r["round"] for r in read_metrics(run)] == [1, 2, 3]
+
+
+def test_under_local_dp_the_logs_say_fp32_because_of_opacus_not_amp(monkeypatch):
+    assert explain("auto", CPU, local_dp=True) == "fp32 (dp='local': Opacus' per-sample steps run in fp32)"
+    assert server.nodes_precision("auto", local_dp=True).startswith("fp32 (dp='local'")
+    assert server.nodes_precision(True, local_dp=False) == "bf16 autocast (amp=true)"
 
 
 def test_a_reply_says_its_precision_as_a_bounded_number_and_an_odd_value_names_none():
