@@ -296,6 +296,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "fmnist-study": lambda: headline_block("fmnist-study"),
     "fmnist-study-verdicts": lambda: verdicts_block("fmnist-study"),
     "fmnist-study-ablations": lambda: ablations_block("fmnist-study"),
+    "fmnist-study-iid": lambda: headline_block("fmnist-study-iid"),
     "privacy-digits": lambda: privacy_block("privacy-digits"),
     "quick-cpu": lambda: baselines_block("quick-cpu"),
     "quick-warmup": lambda: baselines_block("quick-warmup"),
