@@ -210,11 +210,7 @@ def prepare_data(settings: RunSettings) -> tuple[ModelSpec, BlockLayout, EvalBat
 def nodes_precision(amp: bool | str, local_dp: bool) -> str:
     """What the nodes train in, as the server can say it before they answer (each node decides
     ``auto`` for its own device, logs it and reports it: ``precision`` in ``nodes.jsonl``)."""
-    if local_dp:
-        return "fp32 (dp='local': Opacus' per-sample steps run in fp32)"
-    if amp == "auto":
-        return "bf16 autocast where their device has native bf16, else fp32 (amp='auto'; amp=false to force fp32)"
-    return f"{precision(bool(amp))} (amp={str(amp).lower()})"
+    return explain(amp, None, local_dp)
 
 
 @app.main()

@@ -46,13 +46,16 @@ def precision(bf16: bool) -> str:
     return PRECISIONS[int(bool(bf16))]
 
 
-def explain(amp: Amp, device: torch.device, local_dp: bool = False) -> str:
+def explain(amp: Amp, device: torch.device | None, local_dp: bool = False) -> str:
     """One phrase for the start-up logs: the precision on ``device`` and why (``amp`` as the user set
-    it; under ``auto`` whether the device has native bf16; ``local_dp``: Opacus' steps are fp32)."""
+    it; under ``auto`` whether the device has native bf16; ``local_dp``: Opacus' steps are fp32).
+    ``device=None``: the nodes' devices, which the server does not know (each node decides ``auto``)."""
     if local_dp:
         return "fp32 (dp='local': Opacus' per-sample steps run in fp32)"
-    chosen = precision(uses_bf16(amp, device))
     if amp != "auto":
-        return f"{chosen} (amp={str(amp).lower()})"
+        return f"{precision(bool(amp))} (amp={str(amp).lower()})"
+    if device is None:
+        return "bf16 autocast where their device has native bf16, else fp32 (amp='auto'; amp=false to force fp32)"
     has = "has" if native_bf16(device) else "has no"
-    return f"{chosen} (amp='auto': this {device.type.upper()} {has} native bf16; amp=true / amp=false to force)"
+    return (f"{precision(native_bf16(device))} (amp='auto': this {device.type.upper()} {has} native bf16; "
+            "amp=true / amp=false to force)")
