@@ -286,9 +286,6 @@ def round_line_block(name: str, run: str, number: int) -> list[str]:
             f"({row['round-seconds']:.1f} s, ETA ... s)", "```"]
 
 
-TRACE_CODE = "with the code of commit 9508bb9 (2026-11-25), before the batched loader of d528165"
-"""The divergence traces are not re-run: today's code draws other batches and the run no longer blows up."""
-
 BLOCKS: dict[str, Callable[[], list[str]]] = {
     "hetero-baselines": lambda: baselines_block("hetero-baselines"),
     "hetero-baselines-synthetic": lambda: baselines_block("hetero-baselines-synthetic"),
@@ -317,10 +314,9 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
         "noniid-digits-l50", noniid_figures.strategy_norm, "strategy, norm",
         lambda line: line["strategy"] == "fedavg" and line["variant"] == "clip-1.0"),
     "six-rounds-l50": lambda: noniid_figures.curves_table("noniid-digits-l50-replay"),
-    "trace-l50": lambda: noniid_figures.trace_table(noniid_figures.NONIID / "trace-resist-batchnorm-seed1-l50.txt",
-                                                    TRACE_CODE),
+    "trace-l50": lambda: noniid_figures.trace_table(noniid_figures.NONIID / "trace-resist-batchnorm-seed1-l50.json"),
     "trace-l50-clip1": lambda: noniid_figures.trace_table(
-        noniid_figures.NONIID / "trace-resist-batchnorm-seed1-l50-clip1.txt", TRACE_CODE),
+        noniid_figures.NONIID / "trace-resist-batchnorm-seed1-l50-clip1.json"),
 }
 
 

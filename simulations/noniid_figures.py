@@ -10,7 +10,6 @@ Each run is read here as a *line*: its cell (norm, alpha), its seed, its final a
 
 from __future__ import annotations
 
-import re
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -203,26 +202,23 @@ def transport_block(name: str = "transport-digits") -> list[str]:
     return [f"From the runs in `{_rel(runs_dir)}/` ({seeds} seeds; final accuracy, mean ± sample std).", "", *rows]
 
 
-TRACE_LINE = re.compile(r"round\s+(\d+) node (\d+): classes (\d+)\s+n=(\d+) blocks=\s*(\d+) loss=\s*([\d.naninf]+) "
-                        r"update shared=([\d.naninf]+) own=([\d.naninf]+) max\|bn w\| own=([\d.naninf]+)")
-
-
-def trace_table(path: Path, recorded: str, rounds: int = 8) -> list[str]:
-    """Per round of a trace: each node's loss and its update to the shared layers (relative to their norm),
-    and the largest BatchNorm weight any node returned; ``recorded`` says with which code it was recorded."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no committed trace")
-    by_round: dict[int, list[tuple]] = {}
-    for found in TRACE_LINE.finditer(path.read_text(encoding="utf-8")):
-        by_round.setdefault(int(found[1]), []).append(found.groups())
+def trace_table(path: Path, rounds: int = 8) -> list[str]:
+    """Per round of a committed trace (``docs/results/noniid/trace_divergence.py``'s lines as JSON): each node's
+    loss and its update to the shared layers (relative to their norm), and the largest BatchNorm weight any node
+    returned; the file's ``recorded`` says with which code it was recorded."""
+    trace = report.read_json(path)
+    by_round: dict[int, list[dict[str, Any]]] = {}
+    for row in sorted(trace["rows"], key=lambda r: (r["round"], r["node"])):
+        by_round.setdefault(row["round"], []).append(row)
     if not by_round:
-        raise ValueError(f"{path}: no trace lines (expected 'round R node K: classes ... loss= ...')")
+        raise ValueError(f"{path}: no trace rows")
     rows = ["| round | loss per node 0 / 1 / 2 / 3 | update to the shared layers / their norm, per node "
             "| largest BatchNorm weight returned |", "|---|---|---|---|"]
     for number in sorted(by_round)[:rounds]:
-        nodes = sorted(by_round[number], key=lambda g: int(g[1]))
-        rows.append(f"| {number} | {' / '.join(f'{float(g[5]):.2f}' for g in nodes)} "
-                    f"| {' / '.join(f'{float(g[6]):.2f}' for g in nodes)} | {max(float(g[8]) for g in nodes):.2f} |")
-    first = sorted(by_round[min(by_round)], key=lambda g: int(g[1]))
-    holds = "; ".join(f"node {g[1]}: classes {g[2]}, {g[4]} blocks" for g in first)
-    return [f"From `{_rel(path)}`, recorded {recorded} (round 1: {holds}).", "", *rows]
+        nodes = by_round[number]
+        per_node = {key: " / ".join(f"{r[key]:.2f}" for r in nodes) for key in ("loss", "update-shared")}
+        rows.append(f"| {number} | {per_node['loss']} | {per_node['update-shared']} "
+                    f"| {max(r['max-bn-weight-own'] for r in nodes):.2f} |")
+    first = by_round[min(by_round)]
+    holds = "; ".join(f"node {r['node']}: classes {r['classes']}, {r['blocks']} blocks" for r in first)
+    return [f"From `{_rel(path)}`, recorded {trace['recorded']} (round 1: {holds}).", "", *rows]

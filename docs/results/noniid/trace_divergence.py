@@ -8,9 +8,10 @@ largest BatchNorm weight it returned::
 
     python docs/results/noniid/trace_divergence.py [SEED] [LOCAL_STEPS] [NORM] [CLIP_GRAD_NORM]
 
-``trace-resist-batchnorm-seed1-l50.txt`` is ``1 50 batchnorm 0`` (no clipping, the app's default
-before the study), ``trace-resist-batchnorm-seed1-l50-clip1.txt`` is ``1 50 batchnorm 1.0`` (today's
-default).
+``trace-resist-batchnorm-seed1-l50.json`` holds the lines ``1 50 batchnorm 0`` printed (no clipping, the
+app's default before the study), ``trace-resist-batchnorm-seed1-l50-clip1.json`` those of ``1 50 batchnorm 1.0``
+(today's default): each printed line became one row, its fields unchanged, when the printed traces were
+converted once to JSON (so no figure is parsed from printed text).
 
 Kept as recorded: it runs with the code of commit 9508bb9 (``git worktree add /tmp/t 9508bb9``), whose
 ``simulations.probe`` and ``simulations.digits`` it imports; today's runner replays its setting as the
