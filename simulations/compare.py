@@ -5,6 +5,7 @@ Usage::
     python -m simulations.compare PRESET [KEY=VALUE ...] [--seeds 0 1] [--ablations NAME ...]
                                   [--out DIR] [--jobs N] [--backend flwr|inprocess] [--dry-run]
     python -m simulations.compare PRESET --report-only [--out DIR]
+    python -m simulations.compare PRESET --write-run-config FILE.toml [--run NAME]
     python -m simulations.compare --list
 
 ``KEY=VALUE`` items are omegaconf dotlist overrides of the preset
@@ -25,7 +26,9 @@ Results: ``DIR/<variant>-<strategy>-seed<N>/`` per run, ``DIR/logs/``,
 ``DIR/compare.json`` (what ran, how long, why a run failed), and the report
 (``DIR/report.md`` and PNGs, see :mod:`simulations.report`). A failed run is
 listed with its reason and makes the command exit 1. Run directories that
-already hold a finished run with the same configuration are reused.
+already hold a finished run with the same configuration are reused. ``--write-run-config`` writes one
+planned run (default: the first ResIST run) as a Flower run-config file and prints the plain ``flwr run``
+command that runs it with the preset's federation.
 """
 
 from __future__ import annotations
@@ -45,12 +48,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from resist_fl.run.cli_config import write_run_config
 from resist_fl.run.outputs import CONFIG_FILE, SUMMARY_FILE, write_json
 from resist_fl.run.timing import format_seconds
 from simulations import report
 from simulations.inprocess_launcher import run_inprocess_launch
 from simulations.label_plot import LABEL_PLOT, write_label_distribution
-from simulations.launcher import LaunchResult, run_flwr
+from simulations.launcher import LaunchResult, federation_config, run_flwr
 from simulations.machine import describe_machine
 from simulations.tuning import (grid_of, is_tuning, picks, reference_of, reference_picks, tuning_results,
                                 tuning_variant)
@@ -318,6 +322,28 @@ def execute(plan: Sequence[PlannedRun], config: DictConfig, project_dir: Path, o
     return [outcomes[run.name] for run in plan]
 
 
+def write_run_file(config: DictConfig, plan: Sequence[PlannedRun], path: Path, name: str | None = None) -> str:
+    """Write the planned run ``name`` (default: the first ResIST run, else the first run) as a run-config file
+    for plain ``flwr run``; return the command that runs it with the preset's federation."""
+    runs = [run for run in plan if not is_tuning(run.variant)]
+    run = next((r for r in runs if r.name == name), None) if name else \
+        next((r for r in runs if r.strategy == "resist"), runs[0])
+    if run is None:
+        raise PresetError(f"--run {name!r}: expected one of {', '.join(r.name for r in runs)}")
+    federation = config.federation
+    resources = federation_config(federation["num-supernodes"], federation["num-cpus-per-client"],
+                                  federation["num-gpus-per-client"])
+    command = f"flwr run . --stream --run-config {path} --federation-config \"{resources}\""
+    lr_note = (["Its lr is the preset's: the runner picks each method's by its tuning grid first."]
+               if config.get("tuning") is not None and reference_of(to_dict(config.tuning)) is None else [])
+    header = [f"Run {run.name} of preset {config.name}: {config.get('description') or ''}".rstrip(),
+              "Written by python -m simulations.compare --write-run-config (the runner's own run config).", *lr_note,
+              "Run it with:", f"  {command}"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_run_config(run.run_config, path, header="\n".join(header))
+    return command
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -334,9 +360,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from the results in --out")
     parser.add_argument("--list", action="store_true", help="list the presets and exit")
+    parser.add_argument("--write-run-config", type=Path, metavar="FILE",
+                        help="write one planned run as a run-config file for plain flwr run, print its command, exit")
+    parser.add_argument("--run", help="with --write-run-config: the run's name (default: the first ResIST run)")
     args = parser.parse_intermixed_args(list(argv))
     if not args.list and not args.preset:
         parser.error("a preset is required (see --list)")
+    if args.run and not args.write_run_config:
+        parser.error(f"--run {args.run}: only read with --write-run-config")
     return args
 
 
@@ -402,6 +433,13 @@ def main(argv: Sequence[str] | None = None, launch: Launcher | None = None) -> i
     except (PresetError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.write_run_config:
+        try:
+            print(write_run_file(config, plan, args.write_run_config, args.run))
+        except PresetError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
     if args.report_only:
         if not (out_dir / MANIFEST_FILE).exists():
             print(f"error: {out_dir / MANIFEST_FILE} does not exist: nothing to report", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Presets written as run-config files at launch, run configs as TOML files, stopping the local SuperLink."""
+"""Planned runs written as run-config files, run configs as TOML files, stopping the local SuperLink."""
 
 from __future__ import annotations
 
@@ -13,20 +13,34 @@ from flwr.common.config import parse_config_args
 
 from resist_fl.run.cli_config import write_run_config
 from deploy import local_superlink
-from simulations import conf_files
+from simulations import compare, launcher
 from simulations.presets import list_presets
 
 
-def test_a_preset_is_written_as_a_run_config_file_at_launch(tmp_path):
-    """One preset format: no TOML copy is committed; a preset becomes a run-config file on demand."""
-    assert not (conf_files.PROJECT_DIR / "conf").exists()
+def test_a_preset_is_written_as_a_run_config_file_at_launch(tmp_path, capsys):
+    """One preset format: no TOML copy is committed; the runner writes any planned run as a run-config file,
+    exactly the config it would launch (strategy-config entries, a grid's first cell and ablations included)."""
+    assert not (compare.PROJECT_DIR / "conf").exists()
     for name in list_presets():
         path = tmp_path / f"{name}.toml"
-        assert conf_files.main([name, "--out", str(path)]) == 0
-        expected, resources = conf_files.preset_run_config(name)
-        assert parse_config_args([str(path)]) == expected == tomllib.loads(path.read_text())
-        assert f"--run-config {path} --federation-config \"{resources}\"" in path.read_text()  # the command
-    assert conf_files.main(["no-such-preset", "--out", str(tmp_path / "x.toml")]) == 2
+        assert compare.main([name, "--write-run-config", str(path)]) == 0
+        config, plan, _ = compare.resolve(compare.parse_args([name]))
+        run = next((r for r in plan if r.strategy == "resist" and not r.variant.startswith("tune-")), None) \
+            or next(r for r in plan if not r.variant.startswith("tune-"))
+        assert parse_config_args([str(path)]) == run.run_config == tomllib.loads(path.read_text())
+        resources = launcher.federation_config(*(config.federation[k] for k in (
+            "num-supernodes", "num-cpus-per-client", "num-gpus-per-client")))
+        command = f"flwr run . --stream --run-config {path} --federation-config \"{resources}\""
+        assert command in path.read_text() and command in capsys.readouterr().out
+    # a method's own strategy-config entry reaches the file (a flat copy of run-config alone lost it)
+    path = tmp_path / "warmup.toml"
+    assert compare.main(["quick-warmup", "--write-run-config", str(path)]) == 0
+    assert parse_config_args([str(path)])["warmup-rounds"] == 2
+    assert compare.main(["quick-cpu", "--write-run-config", str(path), "--run", "main-fedavg-seed0"]) == 0
+    assert parse_config_args([str(path)])["strategy"] == "fedavg"
+    assert compare.main(["quick-cpu", "--write-run-config", str(path), "--run", "main-nope-seed0"]) == 2
+    assert "--run 'main-nope-seed0': expected one of main-resist-seed0" in capsys.readouterr().err
+    assert compare.main(["no-such-preset", "--write-run-config", str(tmp_path / "x.toml")]) == 2
 
 
 def test_awkward_strings_survive_the_toml_run_config(tmp_path):
