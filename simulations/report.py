@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -49,8 +48,8 @@ from typing import Any
 
 import numpy as np
 
-from resist_fl.run.outputs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_json, read_metrics, write_json
-from resist_fl.run.methods import METHODS, label  # the method table's labels (former names read too)
+from resist_fl.run.outputs import CONFIG_FILE, read_json, read_metrics, write_json
+from resist_fl.run.methods import label  # the method table's labels (former names read too)
 from simulations.equal_cost import CostCurve, cost_curve, equal_cost_lines
 from simulations.tuning import is_tuning, tuning_lines
 from simulations.machine import describe_machine, machine_line
@@ -76,8 +75,6 @@ PLOTS = {"round": ("accuracy_vs_round.png", "round"),
          "gb": ("accuracy_vs_gb.png", "cumulative communication (GB)"),
          "seconds": ("accuracy_vs_seconds.png", "wall-clock seconds (sum of round-seconds)"),
          "tflops": ("accuracy_vs_tflops.png", "cumulative training TFLOPs (nodes that replied)")}
-NAME_PATTERN = re.compile(rf"^(?P<variant>.+)-(?P<strategy>{'|'.join(map(re.escape, METHODS))})-seed(?P<seed>\d+)$")
-"""``<variant>-<strategy>-seed<N>``, for every registered method (:data:`resist_fl.run.methods.METHODS`)."""
 
 
 def finite(obj: Any) -> Any:
@@ -153,25 +150,11 @@ class Run:
     """Its cumulative training FLOPs and bytes (:mod:`simulations.equal_cost`; None: not recorded)."""
 
 
-def discover_runs(runs_dir: Path, manifest: dict[str, Any] | None) -> list[Run]:
-    """Finished runs: those the manifest lists as ok/reused, or every finished run directory."""
-    if manifest is not None:
-        entries = [e for e in manifest.get("runs", []) if e.get("status") in ("ok", "reused")]
-    else:
-        entries = [_entry_from_directory(d) for d in sorted(runs_dir.iterdir())
-                   if (d / SUMMARY_FILE).exists() and (d / METRICS_FILE).exists()]
+def discover_runs(runs_dir: Path, manifest: dict[str, Any]) -> list[Run]:
+    """The finished runs the manifest lists (status ok or reused)."""
+    entries = [e for e in manifest.get("runs", []) if e.get("status") in ("ok", "reused")]
     return [Run(e["name"], e["variant"], e["strategy"], int(e["seed"]),
                 Curve.from_rows(read_metrics(runs_dir / e["name"])), e) for e in entries]
-
-
-def _entry_from_directory(run_dir: Path) -> dict[str, Any]:
-    """Variant, strategy and seed of a run directory without a manifest."""
-    match = NAME_PATTERN.match(run_dir.name)
-    if match:
-        return {"name": run_dir.name, **match.groupdict()}
-    config = read_json(run_dir / CONFIG_FILE).get("run_config", {}) if (run_dir / CONFIG_FILE).exists() else {}
-    return {"name": run_dir.name, "variant": run_dir.name, "strategy": config.get("strategy", "resist"),
-            "seed": config.get("seed", 0)}
 
 
 def group_runs(runs: Sequence[Run]) -> dict[tuple[str, str], list[Run]]:
@@ -653,10 +636,12 @@ def build_report(runs_dir: Path, target_accuracy_value: float | None = None,
                  target_fraction: float | None = None, bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS) -> Path:
     """Write ``report.md``, ``report.json`` and the PNGs into ``runs_dir``; return the report's path."""
     runs_dir = Path(runs_dir)
-    manifest = read_json(runs_dir / MANIFEST_FILE) if (runs_dir / MANIFEST_FILE).exists() else None
+    if not (runs_dir / MANIFEST_FILE).exists():
+        raise FileNotFoundError(f"{runs_dir / MANIFEST_FILE}: not found (a report reads the manifest that "
+                                "python -m simulations.compare writes beside its runs)")
+    manifest = read_json(runs_dir / MANIFEST_FILE)
     groups = group_runs(with_training_flops(runs_dir, [r for r in discover_runs(runs_dir, manifest)
                                                        if not is_tuning(r.variant)]))
-    manifest = manifest or {"preset": runs_dir.name}
     cells = cell_names(manifest.get("grid"))  # a grid's variants; its ablations change the first
     base = cells[0] if cells else MAIN_VARIANT
     target, target_text = preset_target({k: v for k, v in groups.items() if k[0] in cells} if cells else groups,
@@ -703,7 +688,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if any(not b > 0 for b in args.bandwidth_mbps):
         parser.error(f"--bandwidth-mbps must be > 0, got {args.bandwidth_mbps}")
-    path = build_report(args.runs_dir, args.target_accuracy, args.target_fraction, args.bandwidth_mbps)
+    try:
+        path = build_report(args.runs_dir, args.target_accuracy, args.target_fraction, args.bandwidth_mbps)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(path.read_text(encoding="utf-8"))
     print(f"report: {path}")
     return 0

@@ -100,6 +100,9 @@ def test_report_tables_match_the_hand_computation(tmp_path):
         nodes = [dict(n, strategy="x", capacity=1.0, blocks=1, **{"over-capacity": 0}) for n in NODES]
         (run_dir / NODES_FILE).write_text("".join(json.dumps(n) + "\n" for n in nodes))
         (run_dir / "summary.json").write_text("{}")
+    (tmp_path / "compare.json").write_text(json.dumps({"preset": "links", "runs": [
+        {"name": n, "variant": "main", "strategy": n.split("-")[1], "seed": 0, "status": "ok"}
+        for n in ("main-resist-seed0", "main-fedavg-seed0")]}))
     report = build_report(tmp_path, target_accuracy_value=0.7, bandwidths=[10, 1]).read_text()
     assert "| ResIST | 3.60 | 18.00 | 7.2 (1/1) | 36.0 (1/1) |" in report
     assert "| FedAvg | 3.60 | 18.00 | 7.2 (1/1) | 36.0 (1/1) |" in report

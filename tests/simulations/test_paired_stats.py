@@ -130,16 +130,3 @@ def test_the_rule_compares_the_late_accuracy_not_the_last_rounds_draw():
     assert row["mean"] == pytest.approx(-0.06) and row["verdict"] == "loses"  # by the final round it would "win"
     assert report.Curve.from_rows([{"round": 1, "accuracy": 0.5, "bytes-down": 1, "bytes-up": 1,
                                     "cumulative-bytes": 2}]).late_accuracy == 0.5  # one evaluation: that one
-
-
-@pytest.mark.parametrize("name, expected", [
-    ("main-fedavg-small-seed3", ("main", "fedavg-small", "3")),
-    ("amp-depth-prefix-seed0", ("amp", "depth-prefix", "0")),
-    ("tune-lr0.1-fjord-kd-seed100", ("tune-lr0.1", "fjord-kd", "100")),
-    ("main-depthfl-seed2", ("main", "depthfl", "2")),
-])
-def test_a_run_directory_without_a_manifest_is_named_for_any_registered_method(tmp_path, name, expected):
-    from simulations import report
-
-    entry = report._entry_from_directory(tmp_path / name)
-    assert (entry["variant"], entry["strategy"], entry["seed"]) == expected

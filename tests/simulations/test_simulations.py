@@ -177,13 +177,15 @@ def test_report_computes_time_to_target_and_ratios(fixture_runs):
     assert all((fixture_runs / name).stat().st_size > 0 for name in PLOT_FILES)
 
 
-def test_report_with_a_fixed_target_and_without_a_manifest(fixture_runs):
-    (fixture_runs / report.MANIFEST_FILE).unlink()
+def test_report_with_a_fixed_target_and_without_a_manifest(fixture_runs, capsys):
     assert report.main([str(fixture_runs), "--target-accuracy", "0.5"]) == 0
     result = json.loads((fixture_runs / report.REPORT_JSON).read_text())
     assert result["target"] == 0.5
     assert group(result, "fedavg")["rounds"][0] == pytest.approx((2 + 1) / 2)
     assert group(result, "resist")["rounds"][0] == pytest.approx((3 + 1) / 2)
+    (fixture_runs / report.MANIFEST_FILE).unlink()  # what ran, and as which variant, is the manifest's to say
+    assert report.main([str(fixture_runs)]) == 2
+    assert "compare.json: not found (a report reads the manifest" in capsys.readouterr().err
 
 
 def test_curve_never_reaching_the_target():
