@@ -34,9 +34,8 @@ from resist_fl.core.model_cost import BUDGET_TOLERANCE, CostModel
 from resist_fl.run.outputs import CONFIG_FILE, read_metrics
 from simulations import benchmark_figures, noniid_figures, report
 from simulations.client_report import last_client_row
-from simulations.node_costs import link_time_lines, node_summary
+from simulations.node_costs import node_summary
 from simulations.presets import load_preset
-from simulations.privacy_report import run_privacy
 from simulations.tuning import is_tuning
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,15 +165,6 @@ def verdicts_block(name: str) -> list[str]:
     return lines
 
 
-def ablations_block(name: str) -> list[str]:
-    """Each ablation of a comparison against the main run of its method, as its report tables it."""
-    runs_dir, _, groups = _groups(name)
-    rows = report.ablation_rows(groups)
-    return [f"From [docs/results/{name}](results/{name}/report.md): per seed, the variant's late accuracy minus the "
-            "same method's main run on that seed; the paired rule and Holm's correction as in the study's table.",
-            "", *report.paired_markdown(rows, "variant - main", "variant vs main")]
-
-
 def headline_block(name: str) -> list[str]:
     """The study's headline table: accuracy with the paired rule's verdict against ResIST, the per-client
     figures, the budget each capacity class used, and the bytes and training FLOPs spent."""
@@ -213,42 +203,23 @@ def headline_block(name: str) -> list[str]:
             "the run (for FjORD an upper bound: its batches at a smaller drawn width cost less)."]
 
 
-def allocation_block(name: str, bandwidths: Sequence[float] = (10, 100)) -> list[str]:
-    """The baselines table, then each group's projected round time and time to the target at ``bandwidths``
-    (Mbit/s, from each run's ``nodes.jsonl``) and its any-depth accuracy."""
-    runs_dir, manifest, groups = _groups(name)
-    target, _ = report.preset_target(groups, manifest)
-    return [*baselines_block(name), "", "Projected at link speeds (the slowest node's bytes over its link plus its "
-            "training seconds; seeds that reached the target / seeds):", "",
-            *link_time_lines(report.group_projections(runs_dir, groups, bandwidths, target), bandwidths, target), "",
-            "Any-depth accuracy of the final global model (the first share of the partitionable blocks):", "",
-            *report.tier_table(runs_dir, groups, "depth")]
-
-
-def privacy_block(name: str) -> list[str]:
-    """Final accuracy beside epsilon, fewest holders and exposed fraction per variant."""
-    runs_dir, _, groups = _groups(name)
-    rows = []
-    for (variant, strategy), runs in groups.items():
-        figures = [run_privacy(runs_dir / r.name) for r in runs]
-        accuracy = [f["final-accuracy"] for f in figures]
-        mean, std = report.mean_std(accuracy)
-        central = [f["epsilon"] for f in figures if f["epsilon"] is not None]
-        local = [f["node-epsilon"] for f in figures if f["node-epsilon"] is not None]
-        every = [f["epsilon-every-round"] for f in figures if f.get("epsilon-every-round") is not None]
-        eps = (f"{sum(central) / len(central):.2f}" if central else
-               f"{sum(local) / len(local):.2f} (node, local)" if local else "-")
-        eps_every = f"{sum(every) / len(every):.2f}" if every else "-"
-        exposed = [f["exposed-fraction"] for f in figures if f["exposed-fraction"] is not None]
-        holders = [f["min-holders"] for f in figures if f["min-holders"] is not None]
-        rows.append([report.group_label(variant, strategy), _pm(mean, std), eps, eps_every,
-                     str(min(holders)) if holders else "-",
-                     f"{sum(exposed) / len(exposed):.3f}" if exposed else "-",
-                     f"{sum(f['mb-per-round'] for f in figures) / len(figures):.3f}"])
-    return [f"From [docs/results/{name}](results/{name}/report.md) ({len(next(iter(groups.values())))} "
-            "seeds; epsilon at delta 1e-5: the worst node's, and a node in every round).", "",
-            *report.table(["variant", "final accuracy", "epsilon", "epsilon, every round", "fewest holders",
-                           "exposed fraction", "MB / round"], rows)]
+def report_section(name: str, heading: str, columns: Sequence[str] = ()) -> list[str]:
+    """The section ``## heading`` of the committed report ``docs/results/<name>/report.md`` (a test rebuilds each
+    such report byte for byte from its runs), its table cut to ``columns`` when given, under its source."""
+    path = RESULTS / name / report.REPORT_FILE
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if f"## {heading}" not in lines:
+        raise KeyError(f"{path}: no section '## {heading}'")
+    start = lines.index(f"## {heading}") + 1
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
+    body = "\n".join(lines[start:end]).strip().splitlines()
+    if columns:  # the table alone: the section's notes may speak of the columns left out
+        table = [line.strip("|").split("|") for line in body if line.startswith("|")]
+        header = [cell.strip() for cell in table[0]]
+        keep = [header.index(c) for c in columns]  # (a missing column is an error naming it)
+        body = [f"| {' | '.join(header[i] for i in keep)} |", "|---" * len(keep) + "|",
+                *(f"| {' | '.join(row[i].strip() for i in keep)} |" for row in table[2:])]
+    return [f"From [docs/results/{name}](results/{name}/report.md), its section “{heading}”:", "", *body]
 
 
 def _final(run_dir: Path, rounds: int | None = None) -> list[float]:
@@ -292,18 +263,21 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "fmnist-dirichlet05": lambda: headline_block("fmnist-dirichlet05"),
     "fmnist-study": lambda: headline_block("fmnist-study"),
     "fmnist-study-verdicts": lambda: verdicts_block("fmnist-study"),
-    "fmnist-study-ablations": lambda: ablations_block("fmnist-study"),
+    "fmnist-study-ablations": lambda: report_section("fmnist-study", "Each variant against the main run of its method"),
     "fmnist-study-iid": lambda: headline_block("fmnist-study-iid"),
-    "privacy-digits": lambda: privacy_block("privacy-digits"),
+    "privacy-digits": lambda: report_section("privacy-digits", "Privacy"),
     "quick-cpu": lambda: baselines_block("quick-cpu"),
     "quick-warmup": lambda: baselines_block("quick-warmup"),
-    "quick-hetero": lambda: allocation_block("quick-hetero"),
+    "quick-hetero": lambda: [*baselines_block("quick-hetero"), "", *report_section(
+        "quick-hetero", "Projected time at link speeds (10, 100, 1000 Mbit/s)"), "",
+        *report_section("quick-hetero", "Any-depth accuracy (final round)")],
     "block-type": lambda: block_type_block((("torchvision, post-activation", "quick-torchvision"),
                                             ("pre-activation", "quick-preact64"))),
     "round-line": lambda: round_line_block("quick-warmup", "no-warmup-resist-seed0", 3),
     "performance-summary": benchmark_figures.summary_block,
     "federation-speed": benchmark_figures.federation_speed_block,
-    "transport-digits": noniid_figures.transport_block,
+    "transport-digits": lambda: report_section("transport-digits", "Results",
+                                               ("variant", "strategy", "final accuracy", "MB / round")),
     "noniid-digits": lambda: noniid_figures.grid_block("noniid-digits"),
     "noniid-synthetic": lambda: noniid_figures.grid_block("noniid-synthetic"),
     "probe-l50": lambda: noniid_figures.seeds_table("noniid-digits-l50", noniid_figures.strategy_norm,

@@ -185,23 +185,6 @@ def grid_block(name: str) -> list[str]:
             f"({target_text}); ResIST needed {reached}."]
 
 
-def transport_block(name: str = "transport-digits") -> list[str]:
-    """Final accuracy and MB per round per strategy and ``transport-dtype`` (the cell and its ablations)."""
-    runs_dir, _, lines = grid_lines(name)
-    cell = _groups(lines, lambda line: f"{line['strategy']} {line['config'].get('transport-dtype', 'float32')}")
-    dtypes = [d for d in ("float32", "float16", "uint8") if f"resist {d}" in cell]
-    rows = ["| strategy | " + " | ".join(dtypes) + " | MB / round " + " / ".join(dtypes) + " |",
-            "|---" * (len(dtypes) + 2) + "|"]
-    for strategy in ("resist", "fedavg"):
-        groups = [cell[f"{strategy} {d}"] for d in dtypes]
-        rows.append(f"| {label(strategy)} | " + " | ".join(_mean_std([line["final-accuracy"] for line in group])
-                                                         for group in groups) + " | "
-                    + " / ".join(f"{statistics.mean(line['run'].curve.bytes_per_round for line in group) / 1e6:.2f}"
-                                 for group in groups) + " |")
-    seeds = len({line["seed"] for line in lines})
-    return [f"From the runs in `{_rel(runs_dir)}/` ({seeds} seeds; final accuracy, mean ± sample std).", "", *rows]
-
-
 def trace_table(path: Path, rounds: int = 8) -> list[str]:
     """Per round of a committed trace (``docs/results/noniid/trace_divergence.py``'s lines as JSON): each node's
     loss and its update to the shared layers (relative to their norm), and the largest BatchNorm weight any node

@@ -418,11 +418,13 @@ def ablation_lines(rows: Sequence[dict[str, Any]], base: str = MAIN_VARIANT) -> 
         return ["## Each variant against the main run of its method", "",
                 *paired_markdown(rows, "variant - main", "variant vs main"), "",
                 "Per seed, the variant's late accuracy minus the same method's main run on that seed; interval and "
-                "words by the rule of the paired comparison above (simulations/paired_stats.py).", ""]
+                "words by the report's paired rule (paired-t 95 % interval, then Holm over the table; "
+                "simulations/paired_stats.py).", ""]
     return [f"## Each ablation against the grid's first cell ({base}) of its method", "",
             *paired_markdown(rows, f"variant - {base}", f"variant vs {base}"), "",
             f"Per seed, the ablation's late accuracy minus the same method's {base} run on that seed (the cell it "
-            "changes); interval and words by the rule of the paired comparison above (simulations/paired_stats.py).",
+            "changes); interval and words by the report's paired rule (paired-t 95 % interval, then Holm over the "
+            "table; simulations/paired_stats.py).",
             ""]
 
 

@@ -117,14 +117,16 @@ def test_the_committed_studys_verdicts_block_matches_its_report():
         assert entry in next(line for line in lines if line.startswith(f"- **{figures.WORDS[row['holm']]}**"))
 
 
-def test_the_ablations_block_is_the_reports_ablation_table():
+def test_a_report_section_block_is_that_section_of_the_committed_report():
     from simulations import report
 
-    lines = figures.ablations_block("fmnist-study")
+    lines = figures.report_section("fmnist-study", "Each variant against the main run of its method")
     committed = (figures.RESULTS / "fmnist-study" / report.REPORT_FILE).read_text()
     table = [line for line in lines if line.startswith("|")]
-    assert len(table) >= 3 and all(line in committed for line in table)  # the same rows, words and Holm column
-    assert "Holm over" in table[0] and all("| amp |" in line for line in table[2:])
+    assert len(table) >= 3 and "\n".join(table) in committed  # the same rows, words and Holm column, in order
+    assert "Holm over" in table[0] and sum("| amp |" in line for line in table) == 2
+    cut = figures.report_section("fmnist-study", "Results", ("strategy", "late accuracy"))
+    assert cut[2:4] == ["| strategy | late accuracy |", "|---|---|"] and all(row.count("|") == 3 for row in cut[2:])
 
 
 # A measured-looking number: an accuracy or ratio with 3+ decimals, a size, a rate, a time, a percentage

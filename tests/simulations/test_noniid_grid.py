@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from simulations import compare, noniid_figures, report
+from simulations import compare, figures, noniid_figures, report
 from simulations.presets import PresetError, load_preset, validate_preset
 
 TINY = ["num-server-rounds=2", "local-steps=2", "stage-depths=1,1,5,1", "base-width=4", "eval-batch-size=500",
@@ -101,10 +101,16 @@ def test_a_tiny_grid_runs_resumes_reports_and_gives_the_docs_tables(tmp_path, mo
     assert all(row.endswith("| 0/1 | 1.0 | 0.05 |") for row in table[4:])  # none diverged; the clip norm and lr
     curves = noniid_figures.curves_table("tiny-grid")
     assert len(curves) == 2 + 2 + 6 and all(row.count(" / ") == 1 for row in curves[4:])  # 2 rounds of loss each
-    transport = noniid_figures.transport_block("tiny-grid")
-    assert transport[2] == "| strategy | float32 | uint8 | MB / round float32 / uint8 |"
-    mb = [float(v) for v in transport[4].rsplit("|", 2)[1].split(" / ")]
-    assert mb[1] < mb[0] / 3  # ResIST: a byte per element instead of four (plus the headers)
+    monkeypatch.setattr(figures, "RESULTS", tmp_path / "results")
+    transport = figures.report_section("tiny-grid", "Results", ("variant", "strategy", "MB / round"))
+    assert transport[2:4] == ["| variant | strategy | MB / round |", "|---|---|---|"]
+    mb = {tuple(c.strip() for c in row.strip("|").split("|")[:2]): float(row.rsplit("|", 2)[1])
+          for row in transport[4:]}
+    assert mb["transport-dtype=uint8", "ResIST"] < mb["batchnorm-0.3", "ResIST"] / 3  # a byte per element, not four
+    with pytest.raises(ValueError, match="'accuracy' is not in list"):
+        figures.report_section("tiny-grid", "Results", ("accuracy",))
+    with pytest.raises(KeyError, match="no section '## Nope'"):
+        figures.report_section("tiny-grid", "Nope")
     remedies = noniid_figures.remedies_table("tiny-grid", "change")
     changes = [row.split(" | ")[0] for row in remedies[4:]]
     assert changes[0] == "| none (the first cell)" and changes[-1] == "| `transport-dtype=uint8`"
