@@ -57,51 +57,20 @@ ERROR_LINE = re.compile(r"^\s*(?:[\w.]*(?:Error|Exception|Exit)\b[^:]*): (.+)$")
 
 @dataclass(frozen=True)
 class LaunchResult:
-    """What one ``flwr run`` did.
+    """What one ``flwr run`` did."""
 
-    Attributes
-    ----------
-    success : bool
-        The ServerApp finished: ``summary.json`` exists and Flower does not
-        report the run as failed.
-    reason : str
-        Why the launch failed ("" on success).
-    run_dir : Path
-        The run directory (``output-dir/run-name``).
-    log_path : Path
-        stdout and stderr of ``flwr run`` (the streamed ServerApp log).
-    wall_seconds : float
-        From starting ``flwr run`` until it exited (or was killed).
-    seconds_to_round1 : float or None
-        From starting ``flwr run`` until round 1's metrics row was written
-        (start-up of the SuperLink, FAB install, Ray, and one round).
-    run_id : str or None
-        Flower's run id, parsed from the output.
-    status : str or None
-        ``flwr ls`` status, e.g. ``finished:completed``.
-    command : list of str
-        The exact ``flwr run`` command line.
-    launch_id : str
-        The value of ``RESIST_FL_LAUNCH_ID`` in the environment of every process of this launch.
-    stopped_pids : list of int
-        Processes of this launch found alive after ``flwr run`` exited (the
-        detached SuperLink, SuperExec, ...) and stopped.
-    leftover_pids : list of int
-        Processes of this launch still alive after clean-up (should be empty).
-    """
-
-    success: bool
-    reason: str
-    run_dir: Path
-    log_path: Path
-    wall_seconds: float
-    seconds_to_round1: float | None
-    run_id: str | None = None
-    status: str | None = None
-    command: list[str] = field(default_factory=list)
-    launch_id: str = ""
-    stopped_pids: list[int] = field(default_factory=list)
-    leftover_pids: list[int] = field(default_factory=list)
+    success: bool  # the ServerApp finished: summary.json exists and Flower does not report the run failed
+    reason: str  # why the launch failed ("" on success)
+    run_dir: Path  # output-dir/run-name
+    log_path: Path  # stdout and stderr of flwr run (the streamed ServerApp log)
+    wall_seconds: float  # from starting flwr run until it exited (or was killed)
+    seconds_to_round1: float | None  # until round 1's metrics row: SuperLink, FAB install, Ray and one round
+    run_id: str | None = None  # Flower's run id, from the output
+    status: str | None = None  # flwr ls's status, e.g. finished:completed
+    command: list[str] = field(default_factory=list)  # the exact flwr run command line
+    launch_id: str = ""  # RESIST_FL_LAUNCH_ID in the environment of every process of this launch
+    stopped_pids: list[int] = field(default_factory=list)  # alive after flwr run exited (SuperLink, ...), stopped
+    leftover_pids: list[int] = field(default_factory=list)  # still alive after clean-up (should be empty)
 
 
 # --------------------------------------------------------------------------- config rendering
