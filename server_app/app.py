@@ -246,7 +246,7 @@ def main(grid: Grid, context: Context) -> None:
                                  if settings.client_eval else None,
                                  strategy if settings.client_eval else None),
                              eval_every=settings.eval_every, inference_scaling=settings.inference_scaling,
-                             resume=settings.resume, label=settings.strategy,
+                             resume=settings.resume,
                              target_accuracy=settings.target_accuracy, dp=settings.dp,
                              secret_sample=settings.dp == "central" and settings.dp_sampling == "secret")
     torch.manual_seed(settings.seed)

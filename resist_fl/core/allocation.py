@@ -1,8 +1,8 @@
 """Capacity-aware decomposition: how many blocks each node gets, and which.
 
 A node may train only part of the partitionable blocks in a round: its *capacity* c in (0, 1]
-allows at most ``max(1, floor(c * P))`` of the P blocks (:func:`max_depth`). Given every sampled
-node's maximum, :func:`allocate_depths` chooses each node's depth under an allocation policy
+allows at most ``max(1, floor(c * P))`` of the P blocks (:func:`resist_fl.core.model_cost.max_depth`).
+Given every sampled node's maximum, :func:`allocate_depths` chooses each node's depth under an allocation policy
 (:data:`ALLOCATIONS`) and :func:`deal_blocks` deals the blocks into groups of those depths:
 
 - no group exceeds its node's maximum, and no group holds a block twice;
@@ -43,6 +43,8 @@ class Decomposition:
     groups: list[tuple[str, ...]]
     untrained: tuple[str, ...]
     num_blocks: int
+    whole: bool = False
+    """Every node the whole model, sent as FedAvg sends it (a warm-up round: :class:`resist_fl.core.dealing.Warmup`)."""
 
     @property
     def held_fraction(self) -> float:
@@ -56,11 +58,6 @@ def check_capacity(capacity: float, what: str = "capacity") -> float:
         raise ValueError(f"{what} = {capacity!r}: expected a number in (0, 1] (the fraction of the "
                          "partitionable blocks a node can train in a round)")
     return float(capacity)
-
-
-def max_depth(capacity: float, num_blocks: int) -> int:
-    """Most blocks a node of ``capacity`` trains: ``floor(capacity * P)``, at least 1."""
-    return max(1, math.floor(check_capacity(capacity) * num_blocks + 1e-9))
 
 
 def allocate_depths(num_blocks: int, maxima: Sequence[int], weights: Sequence[float] | None = None,

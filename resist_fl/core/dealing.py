@@ -7,7 +7,9 @@ trains this round (:class:`~resist_fl.core.allocation.Decomposition`):
   block dealt to ``copies`` nodes where the maxima allow, the dealing drawn from the round's
   generator);
 - :class:`PrefixDealing`: the static depth prefix (``depth-prefix``): a node always
-  trains the first blocks that fit its budget.
+  trains the first blocks that fit its budget;
+- :class:`Warmup`: the first rounds every node trains the whole model (full-model FedAvg, the
+  paper's large-scale recipe), then another dealing deals.
 
 Pure; nothing imports Flower.
 """
@@ -27,7 +29,7 @@ class Dealing(Protocol):
     """Blocks per node from the nodes' maximum depths."""
 
     def deal(self, blocks: Sequence[str], maxima: Sequence[int], weights: Sequence[float] | None,
-             rng: np.random.Generator) -> Decomposition:
+             rng: np.random.Generator, run_round: int) -> Decomposition:
         """One group of blocks per node (in the order of ``maxima``), and the blocks nobody holds."""
 
 
@@ -40,7 +42,7 @@ class RandomDealing:
     copies: int = 1
 
     def deal(self, blocks: Sequence[str], maxima: Sequence[int], weights: Sequence[float] | None,
-             rng: np.random.Generator) -> Decomposition:
+             rng: np.random.Generator, run_round: int) -> Decomposition:
         depths = allocate_depths(len(blocks), maxima, weights, self.min_blocks, copies=self.copies)
         return deal_blocks(blocks, depths, rng)
 
@@ -50,5 +52,20 @@ class PrefixDealing:
     """Depth tiers: every node the first blocks within its maximum (no draw, no weights)."""
 
     def deal(self, blocks: Sequence[str], maxima: Sequence[int], weights: Sequence[float] | None,
-             rng: np.random.Generator) -> Decomposition:
+             rng: np.random.Generator, run_round: int) -> Decomposition:
         return prefix_blocks(blocks, maxima)
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """Rounds up to ``rounds``: every node the whole model, whatever its maximum (nothing drawn); then
+    ``then`` deals."""
+
+    rounds: int
+    then: Dealing
+
+    def deal(self, blocks: Sequence[str], maxima: Sequence[int], weights: Sequence[float] | None,
+             rng: np.random.Generator, run_round: int) -> Decomposition:
+        if run_round > self.rounds:
+            return self.then.deal(blocks, maxima, weights, rng, run_round)
+        return Decomposition([tuple(blocks)] * len(maxima), (), len(blocks), whole=True)

@@ -21,14 +21,13 @@ Pure PyTorch; nothing imports Flower.
 from __future__ import annotations
 
 import functools
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from resist_fl.core.allocation import max_depth
+from resist_fl.core.allocation import check_capacity
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.model import ModelSpec, build_model
 from resist_fl.core.residual_nets import skip_blocks
@@ -84,6 +83,16 @@ def budget_used(capacity: float, measure_name: str, share: float, cost: Cost | N
     return cost.of(measure_name) / (capacity * full.of(measure_name))
 
 
+def max_depth(capacity: float, num_blocks: int, measure_name: str = "blocks",
+              worst: Callable[[int], Cost] | None = None, full: Cost | None = None) -> int:
+    """Most of ``num_blocks`` partitionable blocks a node of ``capacity`` trains (at least one), by
+    :func:`fits`: under ``blocks`` the share ``d / num_blocks``; under ``flops`` / ``params``
+    ``worst(d)``, the most ``d`` blocks and the shared layers can cost, against the ``full`` model's."""
+    check_capacity(capacity)
+    return max((d for d in range(1, num_blocks + 1)
+                if fits(capacity, measure_name, d / num_blocks, worst(d) if worst else None, full)), default=1)
+
+
 def measure(model: torch.nn.Module, image_size: int | tuple[int, int], in_channels: int) -> Cost:
     """FLOPs (forward + backward, per sample, in training mode) and parameters of ``model``,
     counted on the meta device (``model`` should live there: nothing is computed)."""
@@ -136,14 +145,13 @@ class CostModel:
         return (self.shared.of(measure_name) + heaviest.of(measure_name)) / self.full.of(measure_name)
 
     def max_depth(self, capacity: float, measure_name: str) -> int:
-        """Most blocks a node of ``capacity`` trains (at least one)."""
-        if measure_name == "blocks":
-            return max_depth(capacity, len(self.layout.partitionable))
-        budget = capacity * self.full.of(measure_name)
-        heaviest = max(c.of(measure_name) for c in self.block.values())
-        room = budget - self.shared.of(measure_name)
-        fits = math.floor(room / heaviest + 1e-9) if heaviest > 0 else len(self.layout.partitionable)
-        return max(1, min(len(self.layout.partitionable), fits))
+        """Most blocks a node of ``capacity`` trains (at least one): any that many of them fit its budget
+        (:func:`max_depth`, each counted as the heaviest)."""
+        heaviest = Cost(max(c.flops for c in self.block.values()), max(c.params for c in self.block.values()))
+
+        def worst(d: int) -> Cost:
+            return Cost(self.shared.flops + d * heaviest.flops, self.shared.params + d * heaviest.params)
+        return max_depth(capacity, len(self.layout.partitionable), measure_name, worst, self.full)
 
     # -- width methods ----------------------------------------------------------------------------
     def width_cost(self, rate: float) -> Cost:

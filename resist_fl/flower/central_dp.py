@@ -64,6 +64,7 @@ from flwr.supercore.differential_privacy import clip_inputs_inplace, compute_std
 from resist_fl.core.secure_random import secure_numpy_generator
 from resist_fl.core.validation import ReplyError
 from resist_fl.flower.round_report import RunStops
+from resist_fl.run.settings import RunSettings, settings_of
 
 NORM_TOLERANCE = 1e-4
 """A reply's update may exceed ``C`` by this relative amount (float32 rounding of the clipping);
@@ -128,52 +129,27 @@ class CentralDP:
     """The server's side of ``dp='central'``: the norm check, the holder-calibrated noisy merge,
     adaptive clipping and the accountant.
 
-    Parameters
-    ----------
-    clip : float
-        ``C``, the L2 bound of every node's update (the initial one under adaptive clipping).
-    noise_multiplier : float
-        ``z``: the sum of the clipped updates gets Gaussian noise of standard deviation ``z * C``.
-    delta : float
-        The delta epsilon is reported at.
-    target_epsilon : float, optional
-        Stop before the round whose release would take the planning bound past it (a node in
-        every round under ``public`` sampling; the amplified epsilon under ``secret``).
-    sampling : str
-        ``public`` (participants follow from the run seed and are written out: no amplification)
-        or ``secret`` (drawn from OS entropy and never written: amplified accountant).
-    clip_quantile : float
-        0: fixed clipping; in (0, 1): adaptive clipping towards this quantile of the update norms.
-    clip_lr : float
-        The geometric learning rate ``eta`` of adaptive clipping.
-    count_noise : float
-        ``sigma_b``, the standard deviation of the noise on the count of nodes below the clip
-        (0: the round's sample size / 20, fixed at the first round, as Andrew et al. recommend).
+    Built from the run's ``dp-*`` settings (:class:`~resist_fl.run.settings.RunSettings`, where their
+    defaults and bounds live): ``dp-clip`` ``C`` bounds every node's update (the initial bound under
+    adaptive clipping); the sum of the clipped updates gets Gaussian noise of standard deviation
+    ``dp-noise-multiplier x C``; epsilon is reported at ``dp-delta``; ``dp-target-epsilon`` stops the run
+    before a release would pass it; ``dp-sampling`` is ``public`` (participants follow from the seed and
+    are written out: no amplification) or ``secret`` (OS entropy, never written: the amplified
+    accountant); ``dp-clip-quantile`` > 0 clips adaptively at rate ``dp-clip-lr`` with noise
+    ``dp-clip-count-noise`` on the count (0: the round's sample size / 20, fixed at the first round).
+    ``overrides`` (field names) change a setting, validated like any run config.
     """
 
-    def __init__(self, clip: float, noise_multiplier: float, delta: float = 1e-5,
-                 target_epsilon: float | None = None, *, sampling: str = "public", clip_quantile: float = 0.0,
-                 clip_lr: float = 0.2, count_noise: float = 0.0) -> None:
-        for name, value in (("dp-clip", clip), ("dp-noise-multiplier", noise_multiplier)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise ValueError(f"{name} = {value!r}: expected a positive finite number")
-        if not 0 < delta < 1:
-            raise ValueError(f"dp-delta = {delta!r}: expected a number in (0, 1)")
-        if target_epsilon is not None and not 0 < target_epsilon < math.inf:
-            raise ValueError(f"dp-target-epsilon = {target_epsilon!r}: expected a positive number (or none)")
-        if sampling not in DP_SAMPLING:
-            raise ValueError(f"dp-sampling = {sampling!r}: expected one of {', '.join(DP_SAMPLING)}")
-        if not 0 <= clip_quantile < 1:
-            raise ValueError(f"dp-clip-quantile = {clip_quantile!r}: expected 0 (fixed clipping) or a quantile "
-                             "in (0, 1)")
-        if not 0 < clip_lr < math.inf or not 0 <= count_noise < math.inf:
-            raise ValueError(f"dp-clip-lr = {clip_lr!r}, dp-clip-count-noise = {count_noise!r}: expected a "
-                             "positive learning rate and a non-negative noise (0: sample size / 20)")
-        self.clip, self.noise_multiplier, self.delta = float(clip), float(noise_multiplier), float(delta)
-        self.target_epsilon = target_epsilon
-        self.sampling = sampling
-        self.clip_quantile, self.clip_lr = float(clip_quantile), float(clip_lr)
-        self.count_noise = float(count_noise) or None  # resolved at the first round when 0
+    def __init__(self, settings: RunSettings | None = None, **overrides: Any) -> None:
+        central = {"dp": "central", "weighting": "uniform"}  # without settings: a central-DP run's defaults
+        settings = settings_of(settings, {**central, **overrides} if settings is None else overrides)
+        if settings.dp != "central":
+            raise ValueError(f"dp = {settings.dp!r}: CentralDP is the mechanism of dp='central'")
+        self.clip, self.noise_multiplier, self.delta = settings.dp_clip, settings.dp_noise_multiplier, settings.dp_delta
+        self.target_epsilon = settings.dp_target_epsilon or None
+        self.sampling = settings.dp_sampling
+        self.clip_quantile, self.clip_lr = settings.dp_clip_quantile, settings.dp_clip_lr
+        self.count_noise = settings.dp_clip_count_noise or None  # resolved at the first round when 0
         self.rng = secure_numpy_generator()  # the noise: OS entropy, never the run seed
         self.releases = 0
         self.participations: dict[str, int] = {}  # node key -> rounds it was sent a model in (public)

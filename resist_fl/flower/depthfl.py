@@ -41,9 +41,9 @@ from resist_fl.core.model import build_model
 from resist_fl.core.model_cost import CostModel
 from resist_fl.flower.message_keys import DEPTH_EXITS, DISTILL_WEIGHT, FEDDYN_ALPHA
 from resist_fl.flower.method_factory import Built, ModelParts
-from resist_fl.flower.round_skeleton import Plan, SubModelStrategy, Update, settings_of
+from resist_fl.flower.round_skeleton import Plan, SubModelStrategy, Update
 from resist_fl.node.mutual_distillation import distillation_weight
-from resist_fl.run.settings import RunSettings
+from resist_fl.run.settings import RunSettings, settings_of
 
 
 class DepthFL(SubModelStrategy):

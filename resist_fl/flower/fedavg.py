@@ -28,8 +28,8 @@ from resist_fl.core.model_cost import CostModel, fits
 from resist_fl.core.width_slicing import sliced_spec
 from resist_fl.flower.message_keys import WIDTH_RATE
 from resist_fl.flower.method_factory import Built, ModelParts
-from resist_fl.flower.round_skeleton import Plan, SubModelStrategy, settings_of
-from resist_fl.run.settings import RunSettings
+from resist_fl.flower.round_skeleton import Plan, SubModelStrategy
+from resist_fl.run.settings import RunSettings, settings_of
 
 
 class ScreenedFedAvg(SubModelStrategy):
@@ -80,9 +80,10 @@ class FedAvgSmall(ScreenedFedAvg):
 
     def fit_to(self, capacities: Mapping[int, float], model: ModelParts,
                started: Mapping[str, Any] | None = None) -> ModelParts:
-        """Set the width to the largest that fits the weakest capacity among ``capacity-profile`` (a simulated
-        node's, or every one's under ``capacity-mode='dynamic'``) and the connected nodes' ``capacities``
-        (what each declared); the global model is that narrower model. Resuming (``started``: the model spec
+        """Set the width to the largest that fits the weakest capacity a node may train at, as the sampler
+        knows them: the connected nodes' ``capacities`` (what each declared; a simulated node declares its
+        ``capacity-profile`` entry) and, under ``capacity-mode='dynamic'``, every value the sampler draws
+        from; the global model is that narrower model. Resuming (``started``: the model spec
         the run started with), the width is the one of ``width-rates`` that gives that spec, whoever
         connects now."""
         if started is not None:
@@ -95,9 +96,9 @@ class FedAvgSmall(ScreenedFedAvg):
             self.width_rate = rates[0]
             log(INFO, "fedavg-small: resuming with the width-%g model the run started with", self.width_rate)
         else:
-            weakest = min((*self.settings.capacities(), *capacities.values()), default=1.0)
+            weakest = min((*(self.sampler.dynamic_profile or ()), *capacities.values()), default=1.0)
             self.width_rate = self.costs.max_rate(weakest, self.settings.capacity_measure, self.settings.rates())
-            log(INFO, "fedavg-small: the weakest capacity is %g (capacity-profile and the %d nodes connected): "
+            log(INFO, "fedavg-small: the weakest capacity is %g (of the %d nodes connected and a dynamic profile): "
                 "every node trains the width-%g model", weakest, len(capacities), self.width_rate)
         spec = sliced_spec(model.spec, self.width_rate)
         return ModelParts(spec, BlockLayout.from_spec(spec, self.settings.stages()), model.costs)

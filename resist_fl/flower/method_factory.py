@@ -66,7 +66,4 @@ def central_dp(settings: RunSettings) -> CentralDP | None:
     """The server's central-DP mechanism and accountant (``dp='central'``), else None."""
     if settings.dp != "central":
         return None
-    return CentralDP(settings.dp_clip, settings.dp_noise_multiplier, settings.dp_delta,
-                     settings.dp_target_epsilon or None, sampling=settings.dp_sampling,
-                     clip_quantile=settings.dp_clip_quantile, clip_lr=settings.dp_clip_lr,
-                     count_noise=settings.dp_clip_count_noise)
+    return CentralDP(settings)

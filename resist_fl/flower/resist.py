@@ -17,15 +17,15 @@ import numpy as np
 import torch
 from flwr.common import log
 
-from resist_fl.core.allocation import SPEED_WEIGHT_BOUND, bounded_weights, max_depth
-from resist_fl.core.dealing import Dealing, PrefixDealing, RandomDealing
+from resist_fl.core.allocation import SPEED_WEIGHT_BOUND, bounded_weights
+from resist_fl.core.dealing import Dealing, PrefixDealing, RandomDealing, Warmup
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.holders import whole
-from resist_fl.core.model_cost import CostModel
+from resist_fl.core.model_cost import CostModel, max_depth
 from resist_fl.flower.message_keys import BLOCKS
 from resist_fl.flower.method_factory import Built, ModelParts
-from resist_fl.flower.round_skeleton import Plan, SubModelStrategy, settings_of
-from resist_fl.run.settings import RunSettings
+from resist_fl.flower.round_skeleton import Plan, SubModelStrategy
+from resist_fl.run.settings import RunSettings, settings_of
 
 PHASE_WARMUP = "warmup"
 PHASE_RESIST = "resist"
@@ -63,7 +63,8 @@ class ResIST(SubModelStrategy):
                              f"{len(layout.partitionable)} partitionable blocks")
         super().__init__(layout.payload_keys(), settings, costs)
         self.layout = layout
-        self.dealing = self.make_dealing()
+        dealing = self.make_dealing()
+        self.dealing = Warmup(settings.warmup_rounds, dealing) if settings.warmup_rounds else dealing
         self.num_subnetworks = max(1, settings.min_train_nodes)
         self.last_phase = PHASE_WARMUP if settings.warmup_rounds else PHASE_RESIST
         self._held_fraction: float | None = None
@@ -76,29 +77,23 @@ class ResIST(SubModelStrategy):
     # -- the plan ------------------------------------------------------------------------------
     def plan(self, sampled: list[int], run_round: int, rng: np.random.Generator, server_round: int) -> dict[int, Plan]:
         blocks = self.layout.partitionable
-        self.last_phase = self.phase_of(run_round)
         self.num_subnetworks = len(sampled)
-        if self.last_phase == PHASE_WARMUP:  # the full model to every sampled node (no `blocks`: as FedAvg sends it)
-            self._held_fraction, self.last_untrained = 1.0, ()
-            return {n: self.plan_of(blocks, warmup=True) for n in sampled}
         decomposition = self.dealing.deal(blocks, [self.max_depth_of(n) for n in sampled],
-                                          self.depth_weights(sampled), rng)
+                                          self.depth_weights(sampled), rng, run_round)
+        self.last_phase = PHASE_WARMUP if decomposition.whole else PHASE_RESIST
         self._held_fraction, self.last_untrained = decomposition.held_fraction, decomposition.untrained
         if decomposition.untrained:
             log(WARNING, "round %d: the sampled nodes' capacities cover %d of %d blocks; untrained this round: %s",
                 server_round, len(blocks) - len(decomposition.untrained), len(blocks),
                 ", ".join(decomposition.untrained))
-        if self.min_holders > 1 and not self.min_holders_met(server_round, sampled, decomposition.groups):
+        if not decomposition.whole and self.min_holders > 1 and \
+                not self.min_holders_met(server_round, sampled, decomposition.groups):
             return {}
-        return {n: self.plan_of(held) for n, held in zip(sampled, decomposition.groups)}
+        return {n: self.plan_of(held, decomposition.whole) for n, held in zip(sampled, decomposition.groups)}
 
-    def phase_of(self, run_round: int) -> str:
-        """``warmup`` (full model, FedAvg) for rounds up to ``warmup-rounds``, then ``resist``."""
-        return PHASE_WARMUP if run_round <= self.settings.warmup_rounds else PHASE_RESIST
-
-    def plan_of(self, held: tuple[str, ...], warmup: bool = False) -> Plan:
-        """The plan of a node holding the blocks ``held``."""
-        return Plan(whole(self.layout.payload_keys(held)), {} if warmup else {BLOCKS: list(held)},
+    def plan_of(self, held: tuple[str, ...], whole_model: bool = False) -> Plan:
+        """The plan of a node holding the blocks ``held`` (``whole_model``: sent without them, as FedAvg sends it)."""
+        return Plan(whole(self.layout.payload_keys(held)), {} if whole_model else {BLOCKS: list(held)},
                     share=len(held) / len(self.layout.partitionable),
                     cost=self.costs.depth_cost(held) if self.costs is not None else None,
                     blocks=len(held), group=held)

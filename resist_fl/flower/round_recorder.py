@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from resist_fl.core.allocation import max_depth
+from resist_fl.core.model_cost import max_depth
 from resist_fl.core.decomposition import BlockLayout, scale_key
 from resist_fl.flower.metering import MeteredGrid, RoundTraffic
 from resist_fl.flower.round_report import NodeReport, RecordedStrategy, RoundReport, RunStops
@@ -99,8 +99,6 @@ class RoundRecorder:
         Evaluate ResIST's global model with its inference scales (the paper); False: scale 1.0.
     resume : bool
         Continue the run in ``run_dir`` from its checkpoint; otherwise ``run_dir`` must hold no run.
-    label : str, optional
-        The ``strategy`` column (default: ``strategy.label``).
     target_accuracy : float, optional
         Stop the run after the first evaluated round whose ``accuracy`` reaches it (its round is
         recorded in ``summary.json`` as ``target-reached-round``); None or 0: run every round.
@@ -119,7 +117,7 @@ class RoundRecorder:
     def __init__(self, strategy: RecordedStrategy, layout: BlockLayout, run_dir: Path, *,
                  run_config: Mapping[str, Any], num_rounds: int, evaluation: Evaluation | None = None,
                  eval_every: int = 1, inference_scaling: bool = True, resume: bool = False,
-                 label: str | None = None, tracker: SafeTracker | None = None,
+                 tracker: SafeTracker | None = None,
                  target_accuracy: float | None = None, dp: str = "none", secret_sample: bool = False) -> None:
         if not isinstance(strategy, RecordedStrategy):
             raise TypeError(f"strategy: expected one of the project's strategies (a RecordedStrategy: round_report, "
@@ -129,7 +127,7 @@ class RoundRecorder:
         self.strategy, self.layout, self.run_dir = strategy, layout, Path(run_dir)
         self.run_config, self.num_rounds = dict(run_config), num_rounds
         self.evaluation, self.eval_every, self.inference_scaling = evaluation, eval_every, inference_scaling
-        self.label = label or strategy.label
+        self.label = strategy.label
         self.tracker = tracker
         self.target_accuracy = target_accuracy or None
         self.private, self.secret_sample = dp != "none", bool(secret_sample)

@@ -63,16 +63,6 @@ EVALUATION_STREAM = 7_919
 training draw's)."""
 
 
-def settings_of(settings: RunSettings | None, overrides: Mapping[str, Any]) -> RunSettings:
-    """``settings`` (default: :class:`RunSettings`'s defaults) with ``overrides`` (field names)
-    applied and validated like any run config (a bad value is a SettingsError naming its key)."""
-    base = settings if settings is not None else RunSettings()
-    if not overrides:
-        return base
-    changed = {key.replace("_", "-"): value for key, value in overrides.items()}
-    return RunSettings.from_run_config({**base.to_run_config(), **changed})
-
-
 @dataclass(frozen=True)
 class Plan:
     """What one sampled node is sent this round."""

@@ -58,8 +58,8 @@ from resist_fl.core.width_slicing import (
 )
 from resist_fl.flower.message_keys import FJORD_DISTILL, FJORD_RATES, LABEL_SPLIT, WIDTH_RATE, WIDTH_SCALER
 from resist_fl.flower.method_factory import Built, ModelParts
-from resist_fl.flower.round_skeleton import Plan, SubModelStrategy, Update, settings_of
-from resist_fl.run.settings import RunSettings
+from resist_fl.flower.round_skeleton import Plan, SubModelStrategy, Update
+from resist_fl.run.settings import RunSettings, settings_of
 
 
 ROLEX_STREAM = 0x0_5011E
@@ -99,8 +99,8 @@ class WidthSliced(SubModelStrategy):
         RunSettings fields to change.
     """
 
-    mode = "prefix"
-    """The ``strategy`` name (a subclass's); ``label`` of what a recorder writes."""
+    label = "width-sliced"
+    """The ``strategy`` name (each subclass's own): what a recorder writes."""
 
     @classmethod
     def from_settings(cls, settings: RunSettings, model: ModelParts) -> Built:
@@ -113,7 +113,6 @@ class WidthSliced(SubModelStrategy):
         super().__init__(tuple(keys), settings, costs)
         self.rates = tuple(sorted({actual_rate(spec, r) for r in self.candidate_rates(settings)}, reverse=True))
         self.spec = spec
-        self.label = self.mode
         self.groups = key_groups(spec, self.keys)
         self.blocks = len(costs.layout.partitionable)
 
@@ -185,14 +184,14 @@ class WidthSliced(SubModelStrategy):
         return self.blocks
 
     def summary(self) -> None:
-        log(INFO, "\t├──> %s: width rates %s", self.mode, self.rates)
+        log(INFO, "\t├──> %s: width rates %s", self.label, self.rates)
         super().summary()
 
 
 class HeteroFL(WidthSliced):
     """HeteroFL: static width tiers (the first ``r x C`` channels); its nodes apply the scaler."""
 
-    mode = "heterofl"
+    label = "heterofl"
     label_split = True
 
     def node_config(self, rate: float) -> dict[str, Any]:
@@ -202,7 +201,7 @@ class HeteroFL(WidthSliced):
 class FedRolex(WidthSliced):
     """FedRolex: the kept channels are a window whose start advances one channel per round."""
 
-    mode = "fedrolex"
+    label = "fedrolex"
     label_split = True
 
     def node_config(self, rate: float) -> dict[str, Any]:
@@ -224,7 +223,7 @@ class FedRolex(WidthSliced):
 class FjORD(WidthSliced):
     """FjORD: the largest nested level that fits; per local batch a level at or below the node's own."""
 
-    mode = "fjord"
+    label = "fjord"
     distill = False
 
     @staticmethod
@@ -239,7 +238,7 @@ class FjORD(WidthSliced):
 class FjORDDistilled(FjORD):
     """FjORD with self-distillation (``fjord-kd``): the node's largest level teaches the sampled one."""
 
-    mode = "fjord-kd"
+    label = "fjord-kd"
     distill = True
 
 

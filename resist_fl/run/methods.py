@@ -45,6 +45,8 @@ class Method:
     reads : tuple of str
         Run-config keys that only some methods read and this one does: set to a non-default value
         for a method that does not read it, a key is an error, never silently dropped.
+    summary : str
+        What it is, in a phrase (the run-config reference's ``strategy`` entry is built from these).
     """
 
     name: str
@@ -55,6 +57,7 @@ class Method:
     preact_only: bool = False
     node_hook: str = "resist_fl.node.method_hooks:SubNetwork"
     reads: tuple[str, ...] = ()
+    summary: str = ""
 
 
 SERVER_STEP = ("server-lr",)
@@ -72,25 +75,36 @@ WIDTHS = ("width-rates",)
 """The widths a node may get (HeteroFL, FedRolex, fedavg-small; FjORD has its own levels)."""
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("resist", "ResIST", "resist_fl.flower.resist:from_settings", reads=(*SERVER_STEP, *RESIST_ONLY, *WARMUP)),
+    Method("resist", "ResIST", "resist_fl.flower.resist:from_settings", reads=(*SERVER_STEP, *RESIST_ONLY, *WARMUP),
+           summary="the random layer-wise decomposition into shallow sub-ResNets, one per node"),
     Method("fedavg", "FedAvg", "resist_fl.flower.fedavg:from_settings", federated_evaluation=True,
-           reads=SERVER_STEP),
+           reads=SERVER_STEP, summary="Flower's FedAvg; the paper's local-SGD baseline when all clients train"),
     Method("heterofl", "HeteroFL", "resist_fl.flower.width_sliced:HeteroFL.from_settings", preact_only=True,
-           node_hook=WIDTH_SLICE, reads=(*LABEL_SPLIT, *WIDTHS)),
+           node_hook=WIDTH_SLICE, reads=(*LABEL_SPLIT, *WIDTHS),
+           summary="width-sliced: static width tiers, the first r x C channels, scaler"),
     Method("fedrolex", "FedRolex", "resist_fl.flower.width_sliced:FedRolex.from_settings", preact_only=True,
-           node_hook=WIDTH_SLICE, reads=(*LABEL_SPLIT, *WIDTHS, "fedrolex-overlap")),
+           node_hook=WIDTH_SLICE, reads=(*LABEL_SPLIT, *WIDTHS, "fedrolex-overlap"),
+           summary="width-sliced: a rolling window of r x C channels"),
     Method("fjord", "FjORD", "resist_fl.flower.width_sliced:FjORD.from_settings", preact_only=True,
            node_hook=ORDERED_DROPOUT, reads=FJORD_LEVELS,
-           dp=CENTRAL_ONLY),  # ordered dropout per batch is not what Opacus' DP-SGD trains
+           dp=CENTRAL_ONLY,  # ordered dropout per batch is not what Opacus' DP-SGD trains
+           summary="width-sliced, ordered dropout: per batch a nested width at or below the node's"),
     Method("fjord-kd", "FjORD (KD)", "resist_fl.flower.width_sliced:FjORDDistilled.from_settings",
-           preact_only=True, node_hook=ORDERED_DROPOUT, reads=FJORD_LEVELS, dp=CENTRAL_ONLY),
+           preact_only=True, node_hook=ORDERED_DROPOUT, reads=FJORD_LEVELS, dp=CENTRAL_ONLY,
+           summary="`fjord` with its self-distillation"),
     Method("depth-prefix", "depth prefix", "resist_fl.flower.resist:depth_prefix_from_settings",
-           reads=(*SERVER_STEP, *WARMUP)),
+           reads=(*SERVER_STEP, *WARMUP),
+           summary="depth: a node always trains the first partitionable blocks its budget allows, the static "
+                   "counterpart of ResIST's random decomposition; formerly `depth-tiers`"),
     Method("depthfl", "DepthFL", "resist_fl.flower.depthfl:from_settings", preact_only=True,
            node_hook="resist_fl.node.method_hooks:DepthExits", reads=(*SERVER_STEP, "depthfl-distill", "feddyn-alpha"),
-           dp=CENTRAL_ONLY),  # its loss is several exits' and their distillation, not one model's cross-entropy
+           dp=CENTRAL_ONLY,  # its loss is several exits' and their distillation, not one model's cross-entropy
+           summary="depth: the first stages that fit, an exit after each, mutual self-distillation, the ensemble "
+                   "of exits at test"),
     Method("fedavg-small", "FedAvg-small", "resist_fl.flower.fedavg:small_from_settings", federated_evaluation=True,
-           preact_only=True, node_hook=WIDTH_SLICE, reads=(*SERVER_STEP, *WIDTHS)),
+           preact_only=True, node_hook=WIDTH_SLICE, reads=(*SERVER_STEP, *WIDTHS),
+           summary="FedAvg of the one width that fits the weakest capacity the nodes connected at the start "
+                   "declare, or a dynamic `capacity-profile` may draw"),
 )}
 
 FORMER_NAMES = {"depth-tiers": "depth-prefix"}
@@ -99,6 +113,8 @@ the method's current name; a new run config naming one is refused with the new n
 
 STRATEGIES = tuple(METHODS)
 """The ``strategy`` values, in the order the docs list them."""
+LOCAL_DP = tuple(name for name, m in METHODS.items() if "local" in m.dp)
+"""The methods that run under ``dp='local'`` (the settings' reference says so from this table)."""
 LABELS = {name: m.label for name, m in METHODS.items()}
 """How reports and figures name each method."""
 

@@ -32,7 +32,7 @@ from resist_fl.core.torchvision_resnets import TORCHVISION_DEPTHS
 from resist_fl.core.transport import TRANSPORT_DTYPES
 from resist_fl.data import AUGMENTATIONS, DATASETS, PARTITIONERS, dataset_info, resolve_augment
 from resist_fl.data.imagefolder import IMAGE_SIZES
-from resist_fl.run.methods import METHODS, STRATEGIES, keys_read_by_some, readers
+from resist_fl.run.methods import LOCAL_DP, METHODS, STRATEGIES, keys_read_by_some, readers
 from resist_fl.run.settings_error import SettingsError
 from resist_fl.run.tracking import TRACKERS, TrackerUnavailable, require_tracker
 
@@ -83,7 +83,8 @@ class RunSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, alias_generator=kebab, populate_by_name=True)
 
     strategy: Literal[STRATEGIES] = Field('resist',
-        description="`resist`, `fedavg` (Flower's FedAvg; the paper's local-SGD baseline when all clients train), a width-sliced sub-model baseline: `heterofl` (static width tiers, the first r x C channels, scaler), `fedrolex` (a rolling window of r x C channels), `fjord` / `fjord-kd` (ordered dropout: per batch a nested width at or below the node's; `-kd` with self-distillation), `fedavg-small` (FedAvg of the one width that fits the weakest capacity, of `capacity-profile` and of the nodes connected at the start), or a depth baseline: `depthfl` (the first stages that fit, an exit after each, mutual self-distillation, the ensemble of exits at test) or `depth-prefix` (a node always trains the first partitionable blocks its budget allows: the static counterpart of ResIST's random decomposition; formerly `depth-tiers`) ([Heterogeneous clients](heterogeneous.md#heterogeneous-clients-capacities-stragglers-link-speeds))")
+        description="; ".join(f"`{m.name}` ({m.summary})" for m in METHODS.values())
+        + " ([Heterogeneous clients](heterogeneous.md#heterogeneous-clients-capacities-stragglers-link-speeds))")
     num_server_rounds: Int = Field(5, ge=1,
         description="rounds")
     model: Literal[MODELS] = Field('preact_resnet34',
@@ -209,7 +210,8 @@ class RunSettings(BaseModel):
     device: Literal[DEVICES] = Field('auto',
         description="`auto` (CUDA when visible), `cpu`, `cuda`")
     dp: Literal[DP_MODES] = Field('none',
-        description="differential privacy ([Privacy](privacy.md)): `central` (client-level: nodes clip their update to `dp-clip`, the server adds noise `dp-noise-multiplier x dp-clip / h` to each parameter merged over h holders and accounts epsilon), `local` (DP-SGD on every node with Opacus; needs `norm='groupnorm'`; every strategy but `fjord`), `none`; `central` wraps any strategy")
+        description=f"differential privacy ([Privacy](privacy.md)): `central` (client-level: nodes clip their update to `dp-clip`, the server adds noise `dp-noise-multiplier x dp-clip / h` to each parameter merged over h holders and accounts epsilon), `local` (DP-SGD on every node with Opacus; needs `norm='groupnorm'`; the strategies whose nodes train one model "
+        f"by plain SGD: {', '.join(f'`{m}`' for m in LOCAL_DP)}), `none`; `central` wraps any strategy")
     dp_clip: Float = Field(1.0, gt=0,
         description="`central`: the L2 bound of a node's update (trained minus received arrays); `local`: Opacus' per-sample gradient bound")
     dp_noise_multiplier: Float = Field(1.0, gt=0,
@@ -389,7 +391,7 @@ class RunSettings(BaseModel):
 
     def capacities(self) -> tuple[float, ...]:
         """``capacity-profile`` as numbers in [0, 1] in its order (empty: every node says its own, else 1.0):
-        the one reading of it (a simulated node's capacity, the dynamic draws, FedAvg-small's width)."""
+        the one reading of it (a simulated node's capacity, the dynamic draws)."""
         return parse_profile("capacity-profile", self.capacity_profile, low=0.0, high=1.0)
 
     def rates(self) -> tuple[float, ...]:
@@ -451,6 +453,16 @@ class RunSettings(BaseModel):
             raise SettingsError(f"partitioned-stages = {self.partitioned_stages!r}: expected stage "
                                 "numbers 1-4 separated by commas, e.g. '3' or '2,3,4'")
         return stages
+
+
+def settings_of(settings: RunSettings | None, overrides: Mapping[str, Any]) -> RunSettings:
+    """``settings`` (default: :class:`RunSettings`'s defaults) with ``overrides`` (field names)
+    applied and validated like any run config (a bad value is a SettingsError naming its key)."""
+    base = settings if settings is not None else RunSettings()
+    if not overrides:
+        return base
+    changed = {key.replace("_", "-"): value for key, value in overrides.items()}
+    return RunSettings.from_run_config({**base.to_run_config(), **changed})
 
 
 def parse_profile(key: str, text: str, *, low: float, high: float | None = None) -> tuple[float, ...]:

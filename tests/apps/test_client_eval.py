@@ -117,7 +117,7 @@ def test_per_client_accuracy_of_the_depth_methods_tiers(tiny_config, strategy):
     those exits); the depth prefix: the first blocks it allows, as trained (residual scale 1)."""
     from dataclasses import replace
 
-    from resist_fl.core.allocation import max_depth
+    from resist_fl.core.model_cost import max_depth
     from resist_fl.core.decomposition import BlockLayout
 
     profile = (1.0, 0.5, 0.25)

@@ -109,4 +109,7 @@ def test_warmup_strategy_arguments_are_checked():  # the warmup-rounds setting: 
     with pytest.raises(ValueError, match="warmup-rounds = 1.5"):
         ResIST(layout, warmup_rounds=1.5, capacity_measure="blocks")
     strategy = ResIST(layout, warmup_rounds=2, capacity_measure="blocks")
-    assert [strategy.phase_of(r) for r in (1, 2, 3)] == ["warmup", "warmup", "resist"]
+    rng = np.random.default_rng(0)
+    dealt = [strategy.dealing.deal(layout.partitionable, [1, 1], None, rng, r) for r in (1, 2, 3)]
+    assert [d.whole for d in dealt] == [True, True, False]  # the whole model twice, then ResIST's dealing
+    assert dealt[0].groups == [tuple(layout.partitionable)] * 2 and [len(g) for g in dealt[2].groups] == [1, 1]

@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resist_fl.core.allocation import allocate_depths, check_capacity, deal_blocks, max_depth
+from resist_fl.core.allocation import allocate_depths, check_capacity, deal_blocks
+from resist_fl.core.model_cost import max_depth
 from resist_fl.core.decomposition import BlockLayout, round_rng, sample_subnetworks
 from resist_fl.core.model import ModelSpec, build_model
 from resist_fl.core.residual_nets import set_residual_scales

@@ -102,7 +102,7 @@ def test_clipping_bounds_the_update_and_the_server_rejects_an_unclipped_one():
     clipped = clip_update(trained, received, 1.0)
     norm = get_norm([clipped["w"].astype(np.float64) - received["w"]])
     assert norm == pytest.approx(1.0, rel=1e-5) and clipped["n"] == 7
-    dp = CentralDP(1.0, 1.0)
+    dp = CentralDP(dp_clip=1.0, dp_noise_multiplier=1.0)
     assert dp.check(clipped, received) <= 1.0 + 1e-4
     with pytest.raises(ReplyError, match="above dp-clip = 1"):
         dp.check(trained, received)
@@ -110,7 +110,7 @@ def test_clipping_bounds_the_update_and_the_server_rejects_an_unclipped_one():
 
 @pytest.mark.parametrize("holders", [1, 2, 4])
 def test_noise_per_parameter_is_z_c_over_h(holders):
-    dp = CentralDP(clip=0.5, noise_multiplier=2.0)
+    dp = CentralDP(dp_clip=0.5, dp_noise_multiplier=2.0)
     current = {"w": np.zeros(20_000, dtype=np.float32)}
     value = 0.5 / math.sqrt(20_000) * 0.999  # an update of norm just under C: merged as sent
     update = {"w": np.full(20_000, value, dtype=np.float32)}
@@ -123,7 +123,7 @@ def test_noise_per_parameter_is_z_c_over_h(holders):
 def test_the_server_clips_an_update_within_the_tolerance_to_exactly_c():
     """A reply up to C(1 + 1e-4) passes the check (float32 rounding), but the sum the noise covers
     holds it at exactly C: the sensitivity the accountant assumes."""
-    dp = CentralDP(clip=1.0, noise_multiplier=1e-12)
+    dp = CentralDP(dp_clip=1.0, dp_noise_multiplier=1e-12)
     current = {"w": np.zeros(100, dtype=np.float64)}
     update = {"w": np.full(100, 1.00005 / 10, dtype=np.float64)}  # norm 1.00005
     dp.check(update, current)
@@ -145,7 +145,7 @@ def test_flowers_server_side_dp_wrapper_raises_on_a_resist_round_and_ours_does_n
     with pytest.raises(ValueError, match="broadcast|shorter|longer"):
         wrapped.start(grid=grid, initial_arrays=initial, num_rounds=1, train_config=ConfigRecord(config))
     inner = ResIST(layout, settings, capacity_measure="blocks", dp="central")
-    ours = CentrallyPrivate(inner, CentralDP(1.0, 1.0))
+    ours = CentrallyPrivate(inner, CentralDP(dp_clip=1.0, dp_noise_multiplier=1.0))
     result = ours.start(grid=grid, initial_arrays=initial, num_rounds=1, train_config=ConfigRecord(config))
     assert inner.last_round_metrics["replies-accepted"] == 2 and result.arrays is not None
 

@@ -130,19 +130,19 @@ def _central_noise(dp: CentralDP) -> np.ndarray:
 
 def test_the_server_side_noise_cannot_be_replayed_from_the_seed_or_round():
     np.random.seed(0)
-    noise = _central_noise(CentralDP(clip=1.0, noise_multiplier=1.0))
+    noise = _central_noise(CentralDP(dp_clip=1.0, dp_noise_multiplier=1.0))
     for seed in (0, 1):
         for replay in (np.random.default_rng([seed, 1]).normal(0, 1.0, 5000),
                        np.random.RandomState(seed).normal(0, 1.0, 5000),
                        np.random.default_rng(seed).normal(0, 1.0, 5000)):
             assert np.linalg.norm(noise - replay) > 0.5 * np.linalg.norm(noise)
-    other = _central_noise(CentralDP(clip=1.0, noise_multiplier=1.0))
+    other = _central_noise(CentralDP(dp_clip=1.0, dp_noise_multiplier=1.0))
     assert np.linalg.norm(noise - other) > 0.5 * np.linalg.norm(noise)  # a second run draws other noise
 
 
 def test_a_seeded_central_generator_would_be_replayed(monkeypatch):
     monkeypatch.setattr(central_dp_module, "secure_numpy_generator", lambda: np.random.default_rng(7))
-    noise = _central_noise(CentralDP(clip=1.0, noise_multiplier=1.0))
+    noise = _central_noise(CentralDP(dp_clip=1.0, dp_noise_multiplier=1.0))
     assert np.allclose(noise, np.random.default_rng(7).normal(0, 1.0, 5000))
 
 
@@ -332,7 +332,8 @@ def test_a_block_whose_co_holder_is_rejected_keeps_its_value(tiny_config):
 @pytest.mark.parametrize("quantile", [0.3, 0.7])
 def test_adaptive_clipping_tracks_the_target_quantile(quantile):
     rng = np.random.default_rng(1)
-    dp = CentralDP(clip=0.05, noise_multiplier=1.0, clip_quantile=quantile, clip_lr=0.2, count_noise=0.5)
+    dp = CentralDP(dp_clip=0.05, dp_noise_multiplier=1.0, dp_clip_quantile=quantile, dp_clip_lr=0.2,
+                   dp_clip_count_noise=0.5)
     for _ in range(300):
         norms = rng.lognormal(mean=0.0, sigma=0.5, size=100)
         dp.release_row([f"node-{i}" for i in range(100)], 100, [int(n <= dp.clip) for n in norms])

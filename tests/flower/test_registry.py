@@ -136,3 +136,23 @@ def test_no_strategy_module_branches_on_dp_or_a_method_name():
         text = (root / module).read_text()
         assert "self.dp" not in text and "CentralDP" not in text, module
         assert "settings.strategy ==" not in text and "self.mode ==" not in text, module
+
+
+def test_the_run_config_reference_reads_the_method_table():
+    """The `strategy` and `dp` entries of docs/run-config.md are written from the table, so which methods
+    exist and which run under local DP cannot drift from what the settings enforce."""
+    from resist_fl.run.methods import LOCAL_DP
+
+    fields = RunSettings.model_fields
+    strategy, dp = fields["strategy"].description, fields["dp"].description
+    for name, method in METHODS.items():
+        assert method.summary and f"`{name}` ({method.summary})" in strategy
+    listed = re.search(r"by plain SGD: ([^)]*)\)", dp)[1]
+    assert listed == ", ".join(f"`{m}`" for m in LOCAL_DP) and set(LOCAL_DP) == {
+        name for name, m in METHODS.items() if "local" in m.dp}
+    assert "`fjord`" not in listed and "`depthfl`" not in listed and "`resist`" in listed
+    for name in METHODS:  # what the reference says is what the settings do
+        config = {"strategy": name, "dp": "local", "norm": "groupnorm"}
+        if name not in LOCAL_DP:
+            with pytest.raises(SettingsError, match="dp = 'local'"):
+                RunSettings.from_run_config(config)

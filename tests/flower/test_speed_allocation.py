@@ -20,9 +20,9 @@ from resist_fl.core.allocation import (
     SPEED_WEIGHT_BOUND,
     allocate_depths,
     bounded_weights,
-    max_depth,
     sane_weights,
 )
+from resist_fl.core.model_cost import max_depth
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.model import ModelSpec, build_model
 from resist_fl.core.validation import MAX_METRIC

@@ -185,8 +185,8 @@ def test_fedavg_small_trains_the_one_width_the_weakest_node_fits(tiny_config):
 
 @pytest.mark.parametrize("profile", ["", "1.0,0.5,0.25"])
 def test_fedavg_small_fits_the_weakest_capacity_the_connected_nodes_declare(tiny_config, caplog, profile):
-    """The width comes from the sampler once the nodes are there: the weakest of capacity-profile and the
-    capacities the connected nodes declare (a deployment's node config; no profile needed), so a node that
+    """The width comes from the sampler once the nodes are there: the weakest capacity the connected nodes
+    declare (a deployment's node config over their profile entry; no profile needed), so a node that
     says less than the profile narrows the model instead of training over its budget."""
     tiny_config.update(HETERO, strategy="fedavg-small", **widths("fedavg-small"),
                        **{"num-server-rounds": 1, "capacity-profile": profile})
@@ -201,6 +201,19 @@ def test_fedavg_small_fits_the_weakest_capacity_the_connected_nodes_declare(tiny
     assert "the weakest capacity is 0.05" in caplog.text
     saved = torch.load(run_dir(tiny_config) / "model.pt", weights_only=True)
     assert saved["model_spec"]["base_width"] == max(1, round(SPEC.base_width * width))
+
+
+def test_fedavg_small_under_dynamic_capacities_fits_the_weakest_draw(tiny_config, caplog):
+    """Under capacity-mode='dynamic' any node may be drawn the profile's weakest capacity in any round, so the
+    one width fits that draw even though every connected node declares 1.0: no node-round is over its budget."""
+    tiny_config.update(HETERO, strategy="fedavg-small", **widths("fedavg-small"),
+                       **{"num-server-rounds": 2, "capacity-mode": "dynamic"})
+    nodes = [{"partition-id": i, "num-partitions": 3, "capacity": 1.0} for i in range(3)]
+    run_inprocess(tiny_config, num_nodes=3, node_configs=nodes)
+    rows = read_metrics(run_dir(tiny_config), "nodes.jsonl")
+    assert {r["width-rate"] for r in rows} == {0.25} and all(r["over-capacity"] == 0 for r in rows)
+    assert {r["capacity"] for r in rows} <= {1.0, 0.5, 0.25}  # the draws
+    assert "the weakest capacity is 0.25" in caplog.text
 
 
 def test_a_resumed_fedavg_small_keeps_its_width_whoever_connects(tiny_config, crash_at_round, caplog):

@@ -47,7 +47,7 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = Path(str(config["output-dir"])).expanduser() / str(config["run-name"])
     recorder = RoundRecorder(strategy, layout, run_dir, run_config=dict(config),
                              num_rounds=int(config["num-server-rounds"]), evaluation=evaluation,
-                             resume=bool(config["resume"]), label=str(config["strategy"]))
+                             resume=bool(config["resume"]))  # the strategy column is strategy.label
     # only the app's own hyper-parameters: the strategy stamps blocks, transport and run round itself
     train_config = ConfigRecord({"local-steps": int(config["local-steps"]), "batch-size": int(config["batch-size"]),
                                  "lr": float(config["lr"]), "seed": seed})
