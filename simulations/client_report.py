@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from resist_fl.run.outputs import read_metrics
+from simulations.markdown import mean_std, pm, table
 
 FIGURES = ("mean", "worst10", "min", "std")
 HEADERS = {"mean": "client mean", "worst10": "worst 10 % of clients", "min": "worst client",
@@ -34,7 +35,7 @@ def last_client_row(rows: Sequence[Mapping[str, Any]], prefix: str = "client-acc
 def client_lines(runs_dir: Path, groups: Mapping[tuple[str, str], Sequence[Any]],
                  label: Callable[[str, str], str]) -> tuple[list[str], dict[str, Any]]:
     """Markdown lines of the section and its ``report.json`` entry ({} when no run has client figures)."""
-    table: dict[str, dict[str, list[float]]] = {}
+    found: dict[str, dict[str, list[float]]] = {}
     for (variant, strategy), runs in groups.items():
         for run in runs:
             rows = read_metrics(Path(runs_dir) / run.name)
@@ -42,20 +43,13 @@ def client_lines(runs_dir: Path, groups: Mapping[tuple[str, str], Sequence[Any]]
                 figures = last_client_row(rows, prefix)
                 if figures is not None:
                     for f in FIGURES:
-                        table.setdefault(label(variant, strategy) + suffix, {}).setdefault(f, []).append(figures[f])
-    if not table:
+                        found.setdefault(label(variant, strategy) + suffix, {}).setdefault(f, []).append(figures[f])
+    if not found:
         return [], {}
 
-    def cell(values: list[float]) -> str:
-        spread = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-        return f"{np.mean(values):.4f} ± {spread:.4f}"
-
-    lines = ["## Per-client accuracy", "",
-             "| group | seeds | " + " | ".join(HEADERS[f] for f in FIGURES) + " |",
-             "|---|---|" + "---|" * len(FIGURES)]
-    for name, by_figure in table.items():
-        lines.append(f"| {name} | {len(by_figure['mean'])} | " + " | ".join(cell(by_figure[f]) for f in FIGURES)
-                     + " |")
+    rows = [[name, str(len(by_figure["mean"])), *(pm(mean_std(by_figure[f])) for f in FIGURES)]
+            for name, by_figure in found.items()]
+    lines = ["## Per-client accuracy", "", *table(["group", "seeds", *(HEADERS[f] for f in FIGURES)], rows)]
     lines += ["", "The global model's accuracy on each client's label distribution's share of the test set "
               "(`client-eval`: the client's label mix weighting the per-label test accuracy), every client of "
               "the split, at the last round evaluated on the whole test set "
@@ -63,5 +57,5 @@ def client_lines(runs_dir: Path, groups: Mapping[tuple[str, str], Sequence[Any]]
               "method's prefix at the node's width, DepthFL's first stages that fit with their exits, the depth "
               "prefix's first blocks that fit); worst 10 %: mean over the "
               "lowest-scoring tenth of the clients (at least one). Mean ± sample std over seeds.", ""]
-    summary = {name: {f: float(np.mean(v)) for f, v in by_figure.items()} for name, by_figure in table.items()}
+    summary = {name: {f: float(np.mean(v)) for f, v in by_figure.items()} for name, by_figure in found.items()}
     return lines, {"clients": summary}

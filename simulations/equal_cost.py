@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from resist_fl.run.outputs import CONFIG_FILE, NODES_FILE, read_json, read_metrics
+from simulations.markdown import mean_std, pm, table
 from simulations.paired_stats import LATE_FRACTION
 
 BUDGET_FRACTIONS = (0.25, 0.5, 1.0)
@@ -115,10 +116,8 @@ def _cell(runs: Sequence[CostCurve], kind: str, budget: float) -> str:
     finite = [v for v in values if not math.isnan(v)]
     if not finite:
         return "-"
-    mean = float(np.mean(finite))
-    spread = float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
     spent = all(getattr(c, kind)[-1] <= budget * (1 + 1e-12) for c in runs)
-    return f"{mean:.4f} ± {spread:.4f}" + ("" if len(finite) == len(values) else f" ({len(finite)}/{len(values)})") \
+    return pm(mean_std(finite)) + ("" if len(finite) == len(values) else f" ({len(finite)}/{len(values)})") \
         + (SPENT_MARK if spent else "")
 
 
@@ -131,13 +130,13 @@ def equal_cost_lines(curves: Mapping[str, Sequence[CostCurve]], reference: str |
     flop_budgets, byte_budgets = budgets(curves, "flops"), budgets(curves, "bytes")
     head = ([f"{b / 1e12:.3g} TFLOP" for b in flop_budgets] + [f"{b / 1e9:.3g} GB" for b in byte_budgets])
     rows = []
-    table: dict[str, Any] = {}
+    found: dict[str, Any] = {}
     for name, runs in curves.items():
         at_flops = [_cell(runs, "flops", b) for b in flop_budgets]
         at_bytes = [_cell(runs, "bytes", b) for b in byte_budgets]
         total = float(np.mean([c.flops[-1] for c in runs]))
-        rows.append(f"| {name} | {total / 1e12:.3g} | " + " | ".join(at_flops + at_bytes) + " |")
-        table[name] = {"total-tflop": total / 1e12, "at-tflop": dict(zip([b / 1e12 for b in flop_budgets], at_flops)),
+        rows.append([name, f"{total / 1e12:.3g}", *at_flops, *at_bytes])
+        found[name] = {"total-tflop": total / 1e12, "at-tflop": dict(zip([b / 1e12 for b in flop_budgets], at_flops)),
                        "at-gb": dict(zip([b / 1e9 for b in byte_budgets], at_bytes))}
     lines = ["## Accuracy at equal cost", "",
              "Accuracy (mean ± std over seeds) of the last evaluated round within each budget of cumulative training "
@@ -146,16 +145,16 @@ def equal_cost_lines(curves: Mapping[str, Sequence[CostCurve]], reference: str |
              "methods' totals. \"(all)\": the method spent less than the budget in the whole run, and its cell is "
              "its final accuracy. FjORD's FLOPs are its largest level's (its batches train that level or a smaller "
              "one, so it spends less), and FjORD with distillation's second pass per batch is not counted.", "",
-             "| method | total TFLOP | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head), *rows, ""]
+             *table(["method", "total TFLOP", *head], rows), ""]
     if reference in curves and num_rounds:
-        found = plateau(curves[reference], num_rounds)
-        if found is not None:
-            gain, flat = found
+        checked = plateau(curves[reference], num_rounds)
+        if checked is not None:
+            gain, flat = checked
             lines += [f"Convergence ({reference}, the reference): its mean accuracy over the last "
                       f"{PLATEAU_WINDOW:.0%} of the {num_rounds} rounds is {gain:+.4f} above the {PLATEAU_WINDOW:.0%} "
                       f"before; the rule (a gain below {PLATEAU_GAIN}) says it has "
                       f"{'**plateaued**' if flat else '**not plateaued**: longer runs would change the comparison'}.",
                       ""]
-            table["plateau"] = {"method": reference, "gain": gain, "plateaued": flat}
-    return lines, table
+            found["plateau"] = {"method": reference, "gain": gain, "plateaued": flat}
+    return lines, found
 

@@ -59,10 +59,6 @@ LATE_NOTE = ("the mean of each run's evaluations in the last fifth of its rounds
              "mean ± sample std over seeds.")
 
 
-def _pm(mean: float, std: float) -> str:
-    return f"{mean:.4f} ± {std:.4f}"
-
-
 def baselines_block(name: str) -> list[str]:
     """Final accuracy, traffic, time to the preset's target and node-rounds over capacity per method."""
     runs_dir, manifest, groups = _groups(name)
@@ -72,7 +68,7 @@ def baselines_block(name: str) -> list[str]:
     for (variant, strategy), runs in groups.items():
         stats = report.group_stats(variant, strategy, runs, target)
         costs = node_summary([runs_dir / r.name for r in runs]) or {}
-        rows.append([report.group_label(variant, strategy), _pm(*stats.final), _pm(*stats.late),
+        rows.append([report.group_label(variant, strategy), report.pm(stats.final), report.pm(stats.late),
                      f"{stats.reached}/{stats.seeds}", report.num(stats.rounds[0], 1),
                      report.num(stats.bytes_per_round / 1e6, 2),
                      f"{costs.get('over-capacity', 0)} / {costs.get('node-rounds', 0)}"])
@@ -180,7 +176,7 @@ def headline_block(name: str) -> list[str]:
         verdict = ("reference" if strategy == report.REFERENCE else "-" if found is None else
                    f"**{found['verdict']}** ({found['mean']:+.4f}, [{found['low']:+.4f}, {found['high']:+.4f}]); "
                    f"Holm: **{found['holm']}**")
-        rows.append([report.group_label(variant, strategy), _pm(*stats.final), _pm(*stats.late), verdict,
+        rows.append([report.group_label(variant, strategy), report.pm(stats.final), report.pm(stats.late), verdict,
                      report.num(float(np.mean([c["mean"] for c in clients])), 4) if clients else "-",
                      report.num(float(np.mean([c["worst10"] for c in clients])), 4) if clients else "-",
                      ", ".join(f"{c:g}: {b:.2f}" for c, b in budgets.items()) or "-",

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from resist_fl.run.outputs import NODES_FILE, read_metrics
+from simulations.markdown import table
 
 DEFAULT_BANDWIDTHS = (10.0, 100.0, 1000.0)
 """Link speeds (Mbit/s) the report projects round times at."""
@@ -123,8 +124,7 @@ def node_cost_lines(groups: Mapping[str, dict[str, Any]]) -> list[str]:
         rows.append([name, str(s["node-rounds"]), _fmt(s["train-seconds"]), _fmt(s["simulated-seconds"]),
                      _fmt(s["peak-memory-mb"], 1), s["memory-measure"], _fmt(s["mb-per-node-round"], 3), blocks,
                      *(used if budgets else []), str(s["over-capacity"])])
-    return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|",
-            *["| " + " | ".join(r) + " |" for r in rows]]
+    return table(head, rows)
 
 
 def link_time_lines(groups: Mapping[str, list[dict[str, Any]]], bandwidths: Sequence[float],
@@ -142,8 +142,7 @@ def link_time_lines(groups: Mapping[str, list[dict[str, Any]]], bandwidths: Sequ
             cells.append(f"{np.mean(hits):.1f} ({len(hits)}/{len(runs)})" if hits and target is not None else
                          f"- (0/{len(runs)})")
         rows.append(cells)
-    return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|",
-            *["| " + " | ".join(r) + " |" for r in rows]]
+    return table(head, rows)
 
 
 def plot_link_times(groups: Mapping[str, list[dict[str, Any]]], bandwidths: Sequence[float], path: Path,

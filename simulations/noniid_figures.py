@@ -32,7 +32,7 @@ def _rel(path: Path) -> str:
 
 
 def _mean_std(values: Sequence[float]) -> str:
-    return "{:.3f} ± {:.3f}".format(*report.mean_std(values))
+    return report.pm(report.mean_std(values), 3)
 
 
 def alpha_of(config: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from resist_fl.run.outputs import CONFIG_FILE, NODES_FILE, read_json, read_metrics
+from simulations.markdown import table
 
 PRIVACY_PLOT = "accuracy_vs_epsilon.png"
 
@@ -80,8 +81,7 @@ def privacy_lines(runs_dir: Path, groups: dict[tuple[str, str], list[Any]],
                      _cell(_mean([f["node-epsilon"] for f in runs]), 2), str(min(holders)) if holders else "-",
                      _cell(_mean([f["exposed-fraction"] for f in runs]), 3),
                      _cell(_mean([f["mb-per-round"] for f in runs]), 3)])
-    lines = ["## Privacy", "", "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
-             *("| " + " | ".join(r) + " |" for r in rows), "",
+    lines = ["## Privacy", "", *table(header, rows), "",
              "epsilon (central): the worst node's after the last round (public sampling: each node composes "
              "the rounds it was sent a model in, no amplification, add/remove one node; secret sampling: the "
              "amplified accountant, n of N without replacement, replace-one), delta from the run config, mean "

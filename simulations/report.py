@@ -51,6 +51,7 @@ import numpy as np
 from resist_fl.run.outputs import CONFIG_FILE, read_json, read_metrics, write_json
 from resist_fl.run.methods import label  # the method table's labels (former names read too)
 from simulations.equal_cost import CostCurve, cost_curve, equal_cost_lines
+from simulations.markdown import mean_std, num, pm, table
 from simulations.tuning import is_tuning, tuning_lines
 from simulations.machine import describe_machine, machine_line
 from simulations.privacy_report import privacy_lines
@@ -168,14 +169,6 @@ def group_runs(runs: Sequence[Run]) -> dict[tuple[str, str], list[Run]]:
 
 
 # --------------------------------------------------------------------------- statistics
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value; NaN for none)."""
-    array = np.asarray(values, dtype=float)
-    if not len(array):
-        return math.nan, math.nan
-    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
 
 
 def target_accuracy(groups: dict[tuple[str, str], list[Run]], accuracy: float | None,
@@ -308,23 +301,6 @@ def plot(groups: dict[tuple[str, str], list[Run]], x: str, path: Path, title: st
 
 
 # --------------------------------------------------------------------------- Markdown
-
-
-def pm(values: tuple[float, float], digits: int = 4, scale: float = 1.0) -> str:
-    """``mean ± std``, or ``-`` when missing."""
-    mean, std = values
-    if math.isnan(mean):
-        return "-"
-    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
-
-
-def num(value: float, digits: int = 3) -> str:
-    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def setup_lines(manifest: dict[str, Any]) -> list[str]:
