@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from logging import ERROR, INFO, WARNING
 from typing import Protocol
 
@@ -14,7 +14,6 @@ from flwr.serverapp import Grid, ServerApp
 
 from resist_fl.core.client_accuracy import client_accuracies, fairness_summary
 from resist_fl.core.decomposition import BlockLayout, scale_key
-from resist_fl.core.early_exits import MultiExitResNet, SingleExit
 from resist_fl.core.model import ModelSpec, build_model
 from resist_fl.core.residual_nets import set_residual_scales
 from resist_fl.data import DataError, EvalBatches, load_partition, load_test_set, normalization
@@ -56,19 +55,20 @@ class CentralEvaluation:
     (the recorder's: the shares of the global model nodes have held so far, from the round reports),
     each the global model's first ``r x C`` channels, as HeteroFL evaluates its tiers. With
     ``client_labels`` (``client-eval``), rounds on the whole test set also give the per-client
-    figures ``client-accuracy-{mean,worst10,min,std}`` (:mod:`resist_fl.core.client_accuracy`). A
-    multi-exit model (DepthFL's) also gives ``accuracy-exit-<k>``: each exit alone (``accuracy`` is the
-    mean of the exits).
+    figures ``client-accuracy-{mean,worst10,min,std}`` (:mod:`resist_fl.core.client_accuracy`). ``views``
+    (the strategy's :meth:`~resist_fl.flower.round_skeleton.SubModelStrategy.evaluation_views`) names parts of
+    the global model also scored alone, as ``accuracy-<name>`` (DepthFL: each exit, ``accuracy-exit-<k>``).
     With ``bn-statistics='training-data'`` the global model is evaluated with BatchNorm statistics
     re-estimated over the whole training set first (HeteroFL's static BatchNorm,
     :mod:`resist_fl.node.batchnorm_statistics`; the tiers keep batch statistics)."""
 
     def __init__(self, settings: RunSettings, spec: ModelSpec, layout: BlockLayout, test_loader: EvalBatches,
                  subset_loader: EvalBatches | None = None,
-                 client_labels: ClientLabels | None = None, tiers: ClientTiers | None = None) -> None:
+                 client_labels: ClientLabels | None = None, tiers: ClientTiers | None = None,
+                 views: Callable[[torch.nn.Module], Mapping[str, torch.nn.Module]] | None = None) -> None:
         self.settings, self.spec, self.layout, self.test_loader = settings, spec, layout, test_loader
         self.subset_loader = subset_loader  # eval-subset: intermediate rounds (None: the whole test set)
-        self.client_labels, self.tiers = client_labels, tiers
+        self.client_labels, self.tiers, self.views = client_labels, tiers, views
         self.sliced: dict[float, torch.nn.Module] = {}  # width-tier evaluation models, by rate
         self.device = resolve_device(settings.device)
         self.bf16 = uses_bf16(settings.amp_wanted(), self.device)  # amp, decided for the server's own device
@@ -82,10 +82,8 @@ class CentralEvaluation:
         model = self.global_model(state)
         result = evaluate_by_class(model, loader, self.device, self.bf16)
         metrics = {"loss": result.loss, "accuracy": result.accuracy, "eval-images": len(loader.data)}
-        if isinstance(model, MultiExitResNet):  # DepthFL: each exit alone, beside the ensemble (`accuracy`)
-            for i in range(len(model.exits)):
-                metrics[f"accuracy-exit-{i + 1}"] = evaluate(SingleExit(model, i), loader, self.device,
-                                                             self.bf16)[1]
+        for name, view in (self.views(model) if self.views else {}).items():
+            metrics[f"accuracy-{name}"] = evaluate(view, loader, self.device, self.bf16)[1]
         counts = self.client_labels() if self.client_labels is not None and loader is self.test_loader else None
         if counts is not None:
             summary = fairness_summary(client_accuracies(counts, result.correct, result.count))
@@ -244,7 +242,7 @@ def main(grid: Grid, context: Context) -> None:
                                  settings, spec, layout, test_loader, subset_loader,
                                  ClientLabels(settings, spec.num_classes, strategy.sampler.num_partitions)
                                  if settings.client_eval else None,
-                                 strategy if settings.client_eval else None),
+                                 strategy if settings.client_eval else None, strategy.evaluation_views),
                              eval_every=settings.eval_every, inference_scaling=settings.inference_scaling,
                              resume=settings.resume,
                              target_accuracy=settings.target_accuracy, dp=settings.dp,

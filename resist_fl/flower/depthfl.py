@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from resist_fl.core.decomposition import BlockLayout
+from resist_fl.core.early_exits import MultiExitResNet, SingleExit
 from resist_fl.core.feddyn import FedDynServer
 from resist_fl.core.holders import whole
 from resist_fl.core.model import build_model
@@ -111,6 +112,10 @@ class DepthFL(SubModelStrategy):
         model = build_model(replace(self.costs.spec, exits=tier))
         model.load_state_dict({k: state[k] for k in self._keys_of[tier]}, strict=False)
         return model
+
+    def evaluation_views(self, model: MultiExitResNet) -> dict[str, torch.nn.Module]:
+        """Each exit alone (``accuracy-exit-<k>``), beside the mean of the exits that ``accuracy`` scores."""
+        return {f"exit-{i + 1}": SingleExit(model, i) for i in range(len(model.exits))}
 
     def describe(self, sampled: list[int]) -> str:
         return f"stages (exits) {[self.plans[n].config[DEPTH_EXITS] for n in sampled if n in self.plans]}"
