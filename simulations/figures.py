@@ -59,6 +59,20 @@ LATE_NOTE = ("the mean of each run's evaluations in the last fifth of its rounds
              "mean ± sample std over seeds.")
 
 
+def _rule(pairs: str) -> str:
+    return (f"the report's paired rule on it (method minus ResIST{pairs} per seed, paired-t 95 % interval: wins above "
+            "0, loses below, ties across; then Holm's correction over the table's comparisons, which can only turn a "
+            "win or a loss into a tie; simulations/paired_stats.py)")
+
+
+def _verdict(found: dict | None, strategy: str, reference: str) -> str:
+    """A method's paired-rule cell: its word, difference and interval, and its word after Holm's correction."""
+    if strategy == report.REFERENCE:
+        return reference
+    return "-" if found is None else (f"**{found['verdict']}** ({found['mean']:+.4f}, [{found['low']:+.4f}, "
+                                      f"{found['high']:+.4f}]); Holm: **{found['holm']}**")
+
+
 def baselines_block(name: str) -> list[str]:
     """Final accuracy, traffic, time to the preset's target and node-rounds over capacity per method."""
     runs_dir, manifest, groups = _groups(name)
@@ -73,10 +87,7 @@ def baselines_block(name: str) -> list[str]:
                      report.num(stats.bytes_per_round / 1e6, 2),
                      f"{costs.get('over-capacity', 0)} / {costs.get('node-rounds', 0)}"])
         if paired:
-            found = paired.get((variant, strategy))
-            interval = "" if found is None else f"[{found['low']:+.4f}, {found['high']:+.4f}]"
-            rows[-1].append("reference (its variant)" if strategy == report.REFERENCE else "-" if found is None else
-                            f"**{found['verdict']}** ({found['mean']:+.4f}, {interval}); Holm: **{found['holm']}**")
+            rows[-1].append(_verdict(paired.get((variant, strategy)), strategy, "reference (its variant)"))
     rows.sort(key=lambda r: -float(r[2].split(" ")[0]))
     first = report.read_json(runs_dir / next(iter(groups.values()))[0].name / CONFIG_FILE)
     seeds = len(next(iter(groups.values())))
@@ -93,10 +104,7 @@ def baselines_block(name: str) -> list[str]:
                   f"training FLOPs (the smallest budget is {100 * min(capacities):g} %). " + source)
     head = ["method", "final accuracy", "late accuracy", "reached target", "rounds to target", "MB / round",
             "node-rounds over capacity", *([PAIRED_HEAD] if paired else [])]
-    note = ["", f"Late accuracy: {LATE_NOTE} The last column is the report's paired rule on it (method minus ResIST "
-            "of the same variant per seed, paired-t 95 % interval: wins above 0, loses below, ties across; then "
-            "Holm's correction over the table's comparisons, which can only turn a win or a loss into a tie; "
-            "simulations/paired_stats.py)."] if paired else []
+    note = ["", f"Late accuracy: {LATE_NOTE} The last column is {_rule(' of the same variant')}."] if paired else []
     return [source, "", *report.table(head, rows), *note]
 
 
@@ -172,10 +180,7 @@ def headline_block(name: str) -> list[str]:
         dirs = [runs_dir / r.name for r in runs]
         clients = [c for c in (last_client_row(read_metrics(d)) for d in dirs) if c is not None]
         budgets = (node_summary(dirs) or {}).get("budget-by-capacity", {})
-        found = paired.get((variant, strategy))
-        verdict = ("reference" if strategy == report.REFERENCE else "-" if found is None else
-                   f"**{found['verdict']}** ({found['mean']:+.4f}, [{found['low']:+.4f}, {found['high']:+.4f}]); "
-                   f"Holm: **{found['holm']}**")
+        verdict = _verdict(paired.get((variant, strategy)), strategy, "reference")
         rows.append([report.group_label(variant, strategy), report.pm(stats.final), report.pm(stats.late), verdict,
                      report.num(float(np.mean([c["mean"] for c in clients])), 4) if clients else "-",
                      report.num(float(np.mean([c["worst10"] for c in clients])), 4) if clients else "-",
@@ -189,9 +194,7 @@ def headline_block(name: str) -> list[str]:
     return [f"{'/'.join(map(str, seeds))} seeds per method; from [docs/results/{name}](results/{name}/report.md).",
             "", *report.table(head, rows), "",
             "Final accuracy: mean ± sample std over seeds on the 10,000 test images after the last round. Late "
-            f"accuracy: {LATE_NOTE} The verdict is the report's paired rule on it (method minus ResIST per seed, "
-            "paired-t 95 % interval: wins above 0, loses below, ties across; then Holm's correction over the "
-            "table's comparisons, which can only turn a win or a loss into a tie; simulations/paired_stats.py). "
+            f"accuracy: {LATE_NOTE} The verdict is {_rule('')}. "
             "Client mean and worst 10 %: the global model on every client's "
             "label mix (client-eval), mean over seeds. Budget used: mean training FLOPs sent over the node's "
             "budget, per capacity class (1.00: all of it). GB: bytes sent and received by the server; training "
