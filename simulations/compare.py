@@ -327,7 +327,7 @@ def write_run_file(config: DictConfig, plan: Sequence[PlannedRun], path: Path, n
     for plain ``flwr run``; return the command that runs it with the preset's federation."""
     runs = [run for run in plan if not is_tuning(run.variant)]
     run = next((r for r in runs if r.name == name), None) if name else \
-        next((r for r in runs if r.strategy == "resist"), runs[0])
+        next((r for r in runs if r.strategy == "resist"), runs[0] if runs else None)
     if run is None:
         raise PresetError(f"--run {name!r}: expected one of {', '.join(r.name for r in runs)}")
     federation = config.federation

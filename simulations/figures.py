@@ -212,8 +212,10 @@ def report_section(name: str, heading: str, columns: Sequence[str] = ()) -> list
     start = lines.index(f"## {heading}") + 1
     end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
     body = "\n".join(lines[start:end]).strip().splitlines()
-    if columns:  # the table alone: the section's notes may speak of the columns left out
-        table = [line.strip("|").split("|") for line in body if line.startswith("|")]
+    if columns:  # its first table alone: the section's notes may speak of the columns left out
+        start = next(i for i, line in enumerate(body) if line.startswith("|"))
+        end = next((i for i in range(start, len(body)) if not body[i].startswith("|")), len(body))
+        table = [line.strip("|").split("|") for line in body[start:end]]
         header = [cell.strip() for cell in table[0]]
         keep = [header.index(c) for c in columns]  # (a missing column is an error naming it)
         body = [f"| {' | '.join(header[i] for i in keep)} |", "|---" * len(keep) + "|",

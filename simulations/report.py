@@ -5,9 +5,8 @@ Usage::
     python -m simulations.report RUNS_DIR [--target-accuracy A | --target-fraction F]
 
 ``RUNS_DIR`` is a ``simulations.compare`` output directory: run directories
-named ``<variant>-<strategy>-seed<N>`` plus ``compare.json``. Without
-``compare.json`` the finished run directories found there are used, grouped by
-their names.
+named ``<variant>-<strategy>-seed<N>`` plus ``compare.json``, the manifest that says
+which ran and as which variant, strategy and seed (without it: an error, exit 2).
 
 Definitions (also printed in the report):
 
@@ -666,11 +665,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if any(not b > 0 for b in args.bandwidth_mbps):
         parser.error(f"--bandwidth-mbps must be > 0, got {args.bandwidth_mbps}")
-    try:
-        path = build_report(args.runs_dir, args.target_accuracy, args.target_fraction, args.bandwidth_mbps)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
+    if not (args.runs_dir / MANIFEST_FILE).exists():
+        print(f"error: {args.runs_dir / MANIFEST_FILE}: not found (a report reads the manifest that "
+              "python -m simulations.compare writes beside its runs)", file=sys.stderr)
         return 2
+    path = build_report(args.runs_dir, args.target_accuracy, args.target_fraction, args.bandwidth_mbps)
     print(path.read_text(encoding="utf-8"))
     print(f"report: {path}")
     return 0

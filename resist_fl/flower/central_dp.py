@@ -74,7 +74,6 @@ REPLACE_ONE_SENSITIVITY = 2.0
 BELOW_CLIP = "dp-below-clip"
 """Reply metric under central DP: 1 if the node's unclipped update norm was at most ``dp-clip``, else 0
 (the bit adaptive clipping counts; used only through the noised count)."""
-DP_SAMPLING = ("public", "secret")
 DEFAULT_COUNT_NOISE_PER_NODE = 1 / 20
 """Andrew et al.'s recommendation for the count noise: ``sigma_b = (expected nodes per round) / 20``."""
 
@@ -141,7 +140,11 @@ class CentralDP:
     """
 
     def __init__(self, settings: RunSettings | None = None, **overrides: Any) -> None:
-        central = {"dp": "central", "weighting": "uniform"}  # without settings: a central-DP run's defaults
+        if settings is not None and not isinstance(settings, RunSettings):
+            raise TypeError(f"CentralDP({settings!r}): expected CentralDP(settings) or field overrides such as "
+                            "CentralDP(dp_clip=1.0, dp_noise_multiplier=1.0)")
+        # without settings: a valid central-DP run's (RunSettings refuses dp='central' with example weights)
+        central = {"dp": "central", "weighting": "uniform"}
         settings = settings_of(settings, {**central, **overrides} if settings is None else overrides)
         if settings.dp != "central":
             raise ValueError(f"dp = {settings.dp!r}: CentralDP is the mechanism of dp='central'")

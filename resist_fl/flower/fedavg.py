@@ -120,8 +120,8 @@ class FedAvgSmall(ScreenedFedAvg):
                     not fits(capacity, measure, self.width_rate, cost, full):
                 self.warned.add(node)
                 log(WARNING, "fedavg-small: node %d has capacity %g, below what its width %g costs (the width was "
-                    "chosen for the weakest capacity of capacity-profile and the nodes connected at the start); "
-                    "it trains over its budget", node, capacity, self.width_rate)
+                    "chosen for the weakest capacity the nodes connected at the start declared); it trains over "
+                    "its budget", node, capacity, self.width_rate)
         return plans
 
     def model_cost(self):
@@ -134,8 +134,8 @@ def from_settings(settings: RunSettings, model: ModelParts) -> Built:
 
 
 def small_from_settings(settings: RunSettings, model: ModelParts) -> Built:
-    """``strategy='fedavg-small'``: FedAvg of the one width that fits the weakest capacity, from
-    ``capacity-profile`` and the capacities the nodes connected at the start declared
-    (:meth:`FedAvgSmall.fit_to`, once they are there); that narrower model becomes the global model."""
+    """``strategy='fedavg-small'``: FedAvg of the one width that fits the weakest capacity the nodes connected at
+    the start declared, or a dynamic profile may draw (:meth:`FedAvgSmall.fit_to`, once they are there); that
+    narrower model becomes the global model."""
     strategy = FedAvgSmall(1.0, settings, costs=model.costs)
     return Built(strategy, model, for_nodes=lambda capacities, started: strategy.fit_to(capacities, model, started))

@@ -110,6 +110,9 @@ def test_warmup_strategy_arguments_are_checked():  # the warmup-rounds setting: 
         ResIST(layout, warmup_rounds=1.5, capacity_measure="blocks")
     strategy = ResIST(layout, warmup_rounds=2, capacity_measure="blocks")
     rng = np.random.default_rng(0)
-    dealt = [strategy.dealing.deal(layout.partitionable, [1, 1], None, rng, r) for r in (1, 2, 3)]
+    before = rng.bit_generator.state
+    dealt = [strategy.dealing.deal(layout.partitionable, [1, 1], None, rng, r) for r in (1, 2)]
+    assert rng.bit_generator.state == before  # a warm-up round draws nothing: the dealing after it is unchanged
+    dealt.append(strategy.dealing.deal(layout.partitionable, [1, 1], None, rng, 3))
     assert [d.whole for d in dealt] == [True, True, False]  # the whole model twice, then ResIST's dealing
     assert dealt[0].groups == [tuple(layout.partitionable)] * 2 and [len(g) for g in dealt[2].groups] == [1, 1]

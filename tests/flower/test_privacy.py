@@ -106,6 +106,10 @@ def test_clipping_bounds_the_update_and_the_server_rejects_an_unclipped_one():
     assert dp.check(clipped, received) <= 1.0 + 1e-4
     with pytest.raises(ReplyError, match="above dp-clip = 1"):
         dp.check(trained, received)
+    with pytest.raises(TypeError, match=r"CentralDP\(1.0\): expected CentralDP\(settings\)"):
+        CentralDP(1.0)  # the former positional (clip, noise multiplier) call
+    with pytest.raises(SettingsError, match="dp-clip = -1"):
+        CentralDP(dp_clip=-1)  # bounds are RunSettings'
 
 
 @pytest.mark.parametrize("holders", [1, 2, 4])

@@ -132,10 +132,10 @@ def test_no_strategy_module_branches_on_dp_or_a_method_name():
     """DP is the wrapper's; a method's name is the table's (the strategy modules read neither)."""
     from pathlib import Path
     root = Path(__file__).resolve().parents[2] / "resist_fl" / "flower"
-    for module in ("resist.py", "fedavg.py", "width_sliced.py", "round_skeleton.py"):
+    for module in ("resist.py", "fedavg.py", "width_sliced.py", "depthfl.py", "round_skeleton.py"):
         text = (root / module).read_text()
         assert "self.dp" not in text and "CentralDP" not in text, module
-        assert "settings.strategy ==" not in text and "self.mode ==" not in text, module
+        assert not re.search(r"(settings\.strategy|\.label|\bstrategy) *(==|!=|in )", text), module
 
 
 def test_the_run_config_reference_reads_the_method_table():
@@ -156,3 +156,20 @@ def test_the_run_config_reference_reads_the_method_table():
         if name not in LOCAL_DP:
             with pytest.raises(SettingsError, match="dp = 'local'"):
                 RunSettings.from_run_config(config)
+
+
+def test_depthfl_names_its_exits_for_the_central_evaluation_through_the_dp_wrapper():
+    """The ServerApp scores what the strategy names (no model-type check): DepthFL's exits, the others none."""
+    import torch
+
+    from resist_fl.core.early_exits import SingleExit
+
+    for name, expected in (("depthfl", ["exit-1", "exit-2", "exit-3", "exit-4"]), ("resist", []), ("fjord", [])):
+        built = built_for(private_settings(name))
+        assert isinstance(built.strategy, CentrallyPrivate)
+        model = build_model(built.model.spec)
+        views = built.strategy.evaluation_views(model)
+        assert list(views) == expected and all(isinstance(v, SingleExit) for v in views.values())
+        if views:
+            with torch.no_grad():
+                assert views["exit-1"].eval()(torch.zeros(2, 3, 32, 32)).shape == (2, 10)

@@ -177,7 +177,7 @@ def test_report_computes_time_to_target_and_ratios(fixture_runs):
     assert all((fixture_runs / name).stat().st_size > 0 for name in PLOT_FILES)
 
 
-def test_report_with_a_fixed_target_and_without_a_manifest(fixture_runs, capsys):
+def test_report_with_a_fixed_target_and_refused_without_a_manifest(fixture_runs, capsys):
     assert report.main([str(fixture_runs), "--target-accuracy", "0.5"]) == 0
     result = json.loads((fixture_runs / report.REPORT_JSON).read_text())
     assert result["target"] == 0.5
