@@ -266,6 +266,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "fmnist-study-verdicts": lambda: verdicts_block("fmnist-study"),
     "fmnist-study-ablations": lambda: report_section("fmnist-study", "Each variant against the main run of its method"),
     "fmnist-study-iid": lambda: headline_block("fmnist-study-iid"),
+    "fmnist-study-dynamic": lambda: headline_block("fmnist-study-dynamic"),
     "privacy-digits": lambda: report_section("privacy-digits", "Privacy"),
     "quick-cpu": lambda: baselines_block("quick-cpu"),
     "quick-warmup": lambda: baselines_block("quick-warmup"),
