@@ -218,8 +218,7 @@ def report_section(name: str, heading: str, columns: Sequence[str] = ()) -> list
         table = [line.strip("|").split("|") for line in body[start:end]]
         header = [cell.strip() for cell in table[0]]
         keep = [header.index(c) for c in columns]  # (a missing column is an error naming it)
-        body = [f"| {' | '.join(header[i] for i in keep)} |", "|---" * len(keep) + "|",
-                *(f"| {' | '.join(row[i].strip() for i in keep)} |" for row in table[2:])]
+        body = report.table([header[i] for i in keep], [[row[i].strip() for i in keep] for row in table[2:]])
     return [f"From [docs/results/{name}](results/{name}/report.md), its section “{heading}”:", "", *body]
 
 

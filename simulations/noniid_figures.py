@@ -18,6 +18,7 @@ from typing import Any
 from resist_fl.run.methods import label  # the method table's labels (former names read too)
 from resist_fl.run.outputs import CONFIG_FILE, read_metrics
 from simulations import report
+from simulations.markdown import mean_std, pm, table
 from simulations.presets import alpha_label, cell_names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ def _rel(path: Path) -> str:
 
 
 def _mean_std(values: Sequence[float]) -> str:
-    return report.pm(report.mean_std(values), 3)
+    return pm(mean_std(values), 3)
 
 
 def alpha_of(config: dict[str, Any]) -> str:
@@ -79,17 +80,17 @@ def seeds_table(name: str, key: Callable[[dict[str, Any]], str], what: str,
 def _seeds_rows(runs_dir: Path, lines: Sequence[dict[str, Any]], key: Callable[[dict[str, Any]], str], what: str,
                 keep: Callable[[dict[str, Any]], bool]) -> list[str]:
     """:func:`seeds_table` of lines already read."""
-    rows = [f"| {what} | final accuracy by seed | mean ± std | min | runs diverging | clip-grad-norm | lr |",
-            "|---|---|---|---|---|---|---|"]
+    rows = []
     for group_name, group in _groups([line for line in lines if keep(line)], key).items():
         group = sorted(group, key=lambda line: line["seed"])
         accuracy = [line["final-accuracy"] for line in group]
         seeds = ", ".join(f"{line['seed']}: {line['final-accuracy']:.3f}" for line in group)
         diverging = sum(bool(line["diverging-rounds"]) for line in group)
         clip, lr = (" / ".join(sorted({str(line["config"][k]) for line in group})) for k in ("clip-grad-norm", "lr"))
-        rows.append(f"| {group_name} | {seeds} | {_mean_std(accuracy)} | {min(accuracy):.3f} "
-                    f"| {diverging}/{len(group)} | {clip} | {lr} |")
-    return [f"From the runs in `{_rel(runs_dir)}/`.", "", *rows]
+        rows.append([group_name, seeds, _mean_std(accuracy), f"{min(accuracy):.3f}", f"{diverging}/{len(group)}",
+                     clip, lr])
+    head = [what, "final accuracy by seed", "mean ± std", "min", "runs diverging", "clip-grad-norm", "lr"]
+    return [f"From the runs in `{_rel(runs_dir)}/`.", "", *table(head, rows)]
 
 
 def strategy_norm(line: dict[str, Any]) -> str:
@@ -127,12 +128,11 @@ def curves_table(name: str) -> list[str]:
     """One row per run: its strategy, norm and clip norm, its train loss per round, the rounds flagged, the
     final accuracy."""
     runs_dir, _, lines = grid_lines(name)
-    rows = ["| run | train loss per round | rounds flagged | final accuracy |", "|---|---|---|---|"]
-    for line in lines:
-        losses = " / ".join(f"{v:.2f}" for v in line["train-loss"])
-        rows.append(f"| {strategy_norm(line)}, clip-grad-norm {line['config']['clip-grad-norm']} | {losses} "
-                    f"| {', '.join(map(str, line['diverging-rounds'])) or '-'} | {line['final-accuracy']:.3f} |")
-    return [f"From the runs in `{_rel(runs_dir)}/`.", "", *rows]
+    rows = [[f"{strategy_norm(line)}, clip-grad-norm {line['config']['clip-grad-norm']}",
+             " / ".join(f"{v:.2f}" for v in line["train-loss"]), ", ".join(map(str, line["diverging-rounds"])) or "-",
+             f"{line['final-accuracy']:.3f}"] for line in lines]
+    head = ["run", "train loss per round", "rounds flagged", "final accuracy"]
+    return [f"From the runs in `{_rel(runs_dir)}/`.", "", *table(head, rows)]
 
 
 def grid_block(name: str) -> list[str]:
@@ -150,10 +150,9 @@ def grid_block(name: str) -> list[str]:
     verdicts = (", ".join(f"{word} in {words.count(word)}" for word in dict.fromkeys(words)) + f" of {len(words)} "
                 "cells") if words else "no cell with two paired seeds"
     columns = [(s, n) for n in norms for s in strategies]
-    rows = ["| alpha | " + " | ".join(f"{label(s)} {n}" for s, n in columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for alpha in alphas:
-        rows.append(f"| {alpha} | " + " | ".join(
-            _mean_std([line["final-accuracy"] for line in cell[f"{s} {n} {alpha}"]]) for s, n in columns) + " |")
+    rows = table(["alpha", *(f"{label(s)} {n}" for s, n in columns)],
+                 [[alpha, *(_mean_std([line["final-accuracy"] for line in cell[f"{s} {n} {alpha}"]])
+                            for s, n in columns)] for alpha in alphas])
 
     def mean(strategy: str, norm: str, alpha: str, value: Callable[[dict[str, Any]], float]) -> float:
         return statistics.mean(value(line) for line in cell[f"{strategy} {norm} {alpha}"])
@@ -195,13 +194,13 @@ def trace_table(path: Path, rounds: int = 8) -> list[str]:
         by_round.setdefault(row["round"], []).append(row)
     if not by_round:
         raise ValueError(f"{path}: no trace rows")
-    rows = ["| round | loss per node 0 / 1 / 2 / 3 | update to the shared layers / their norm, per node "
-            "| largest BatchNorm weight returned |", "|---|---|---|---|"]
+    rows = []
     for number in sorted(by_round)[:rounds]:
         nodes = by_round[number]
-        per_node = {key: " / ".join(f"{r[key]:.2f}" for r in nodes) for key in ("loss", "update-shared")}
-        rows.append(f"| {number} | {per_node['loss']} | {per_node['update-shared']} "
-                    f"| {max(r['max-bn-weight-own'] for r in nodes):.2f} |")
+        per_node = [" / ".join(f"{r[key]:.2f}" for r in nodes) for key in ("loss", "update-shared")]
+        rows.append([str(number), *per_node, f"{max(r['max-bn-weight-own'] for r in nodes):.2f}"])
+    rows = table(["round", "loss per node 0 / 1 / 2 / 3", "update to the shared layers / their norm, per node",
+                  "largest BatchNorm weight returned"], rows)
     first = by_round[min(by_round)]
     holds = "; ".join(f"node {r['node']}: classes {r['classes']}, {r['blocks']} blocks" for r in first)
     return [f"From `{_rel(path)}`, recorded {trace['recorded']} (round 1: {holds}).", "", *rows]
