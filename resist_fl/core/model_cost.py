@@ -131,6 +131,8 @@ class CostModel:
                 alone = _cost(spec, self.image_size, tuple(b for b in blocks if b != block))
                 per_stage[stage] = Cost(alone.flops - without_all.flops, alone.params - without_all.params)
         self.block = {b: per_stage[b.rsplit(".", 1)[0]] for b in blocks}
+        self.heaviest = Cost(max(c.flops for c in per_stage.values()), max(c.params for c in per_stage.values()))
+        """The most one partitionable block costs (each measure apart): what a dealt block may cost."""
 
     # -- ResIST and depth prefix --------------------------------------------------------------
     def depth_cost(self, blocks: Sequence[str]) -> Cost:
@@ -141,16 +143,13 @@ class CostModel:
     def floor_fraction(self, measure_name: str = "flops") -> float:
         """The smallest ResIST sub-network (shared layers and one block) as a fraction of the full
         model: a capacity below it cannot be met by ResIST."""
-        heaviest = max(self.block.values(), key=lambda c: c.of(measure_name))
-        return (self.shared.of(measure_name) + heaviest.of(measure_name)) / self.full.of(measure_name)
+        return (self.shared.of(measure_name) + self.heaviest.of(measure_name)) / self.full.of(measure_name)
 
     def max_depth(self, capacity: float, measure_name: str) -> int:
         """Most blocks a node of ``capacity`` trains (at least one): any that many of them fit its budget
         (:func:`max_depth`, each counted as the heaviest)."""
-        heaviest = Cost(max(c.flops for c in self.block.values()), max(c.params for c in self.block.values()))
-
         def worst(d: int) -> Cost:
-            return Cost(self.shared.flops + d * heaviest.flops, self.shared.params + d * heaviest.params)
+            return Cost(self.shared.flops + d * self.heaviest.flops, self.shared.params + d * self.heaviest.params)
         return max_depth(capacity, len(self.layout.partitionable), measure_name, worst, self.full)
 
     # -- width methods ----------------------------------------------------------------------------
