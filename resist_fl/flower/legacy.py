@@ -19,6 +19,7 @@ on the client). The global parameters are ordered by ``layout.payload_keys()``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ from resist_fl.core.validation import ReplyError
 from resist_fl.flower.array_codec import array_of, array_view
 from resist_fl.flower.reply_screening import (
     Accepted,
+    Instructions,
     ScreenedReplies,
     check_reply_arrays,
     check_reply_metrics,
@@ -91,8 +93,9 @@ def screen_fit_results(server_round: int, results: Sequence[object], failures: S
                        node_of: Callable[[str], object] = str) -> ScreenedReplies:
     """Screen the legacy replies of a round with the Message API's rules, counts and log lines.
 
-    One reply per client and the first one counts (a second ``(proxy, FitRes)`` of the same
-    ``cid`` is rejected); a reply must come from a client sent a sub-network this round, be a
+    The first-reply rule is the Message API's (:class:`Instructions`, with the client's ``cid`` as
+    the id of the one ``FitIns`` it was sent): a reply must answer a client sent a sub-network this
+    round, be its first (a second ``(proxy, FitRes)`` of the same ``cid`` is rejected), be a
     ``FitRes`` with status OK, carry exactly the arrays it was sent (decoded strictly) and pass
     :func:`check_reply_metrics` / :func:`check_reply_arrays` with ``num_examples`` as
     ``num-examples``. ``failures`` are counted as failed. Total: whatever ``results`` and
@@ -100,17 +103,13 @@ def screen_fit_results(server_round: int, results: Sequence[object], failures: S
     replies are in client order (:func:`cid_rank`), each under ``node_of(cid)`` (the adapter's node id).
     """
     out = ScreenedReplies()
-    answered: set[str] = set()
+    instructions = Instructions({cid: cid for cid in sent}, "fit")  # one FitIns per client: its id is the cid
     for entry in results if isinstance(results, (list, tuple)) else ():
         cid = "?"
         try:
             proxy, res = entry
             cid = str(proxy.cid)
-            if cid not in sent:
-                raise ReplyError("this client was not sent a sub-network this round")
-            if cid in answered:
-                raise ReplyError("a second reply from the same client (the first one counts)")
-            answered.add(cid)
+            instructions.claim(cid, cid)
             if not isinstance(res, FitRes):
                 raise ReplyError(f"the reply is a {type(res).__name__}, expected a FitRes")
             status = getattr(res, "status", None)
@@ -126,16 +125,13 @@ def screen_fit_results(server_round: int, results: Sequence[object], failures: S
         except Exception as err:  # noqa: BLE001 - screening is total
             out.reject(server_round, cid, err)
     for failure in failures if isinstance(failures, (list, tuple)) else ():
-        if isinstance(failure, tuple) and len(failure) == 2:
-            proxy, res = failure
-            cid = str(getattr(proxy, "cid", "?"))
-            status = getattr(res, "status", None)
-            if cid in sent and cid not in answered:
-                answered.add(cid)
-            out.fail(server_round, cid, getattr(status, "code", "?"), getattr(status, "message", res))
-        else:
-            out.fail(server_round, "?", type(failure).__name__, failure)
-    out.missing = len(set(sent) - answered)
+        proxy, res = failure if isinstance(failure, tuple) and len(failure) == 2 else (None, failure)
+        cid = str(getattr(proxy, "cid", "?"))
+        status = getattr(res, "status", None)
+        with suppress(ReplyError):  # a failure of a client sent a FitIns answers it; any other is counted only
+            instructions.claim(cid, cid)
+        out.fail(server_round, cid, getattr(status, "code", type(res).__name__), getattr(status, "message", res))
+    out.missing = instructions.missing
     out.accepted.sort(key=lambda a: cid_rank(a.node_id))
     return out
 

@@ -110,33 +110,45 @@ class ScreenedReplies:
 
 
 class Instructions:
-    """The messages a round pushed, by message id, and the rule every reply path applies to a
-    reply: it answers one of them, comes from that message's node (an error may come from the
-    SuperLink), and is the first reply to it; the first one counts, whatever its fate."""
+    """The instructions a round sent, each by its id with the node it went to, and the rule every
+    reply path applies to a reply: it answers one of them, comes from that instruction's node (an
+    error may come from the SuperLink), and is the first reply to it; the first one counts,
+    whatever its fate. Message API: an instruction is a pushed message (:meth:`of_messages`); the
+    legacy API: one ``FitIns`` per client, so its id is the client's ``cid``."""
 
-    def __init__(self, messages: Iterable[Message], kind: str) -> None:
+    def __init__(self, addressees: Mapping[str, object], kind: str) -> None:
         self.kind = kind
-        self.by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+        self.by_id = dict(addressees)
         self.answered: set[str] = set()
 
-    def addressee(self, reply: Message) -> int:
-        """The node the reply answers for; :class:`ReplyError` when the rule is broken."""
-        instruction = reply.metadata.reply_to_message_id
+    @classmethod
+    def of_messages(cls, messages: Iterable[Message], kind: str) -> Instructions:
+        """The pushed ``messages`` (those with a message id), by message id."""
+        return cls({m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}, kind)
+
+    def claim(self, instruction: str, source: object, *, from_link: bool = False) -> object:
+        """The node a reply to ``instruction`` from ``source`` answers for (``from_link``: an error
+        the SuperLink made for it); :class:`ReplyError` when the rule is broken."""
         if instruction not in self.by_id:
             raise ReplyError(f"it answers no {self.kind} message of this round (stale or forged)")
         addressee = self.by_id[instruction]
-        # Error replies may come from the SuperLink (node offline, message expired).
-        if reply.metadata.src_node_id != addressee and not (
-                reply.has_error() and reply.metadata.src_node_id == SUPERLINK_NODE_ID):
+        if source != addressee and not from_link:
             raise ReplyError(f"it answers the {self.kind} message sent to node {addressee}")
         if instruction in self.answered:
             raise ReplyError(f"a second reply to the same {self.kind} message (the first one counts)")
         self.answered.add(instruction)
         return addressee
 
+    def addressee(self, reply: Message) -> int:
+        """:meth:`claim` for a Message reply (error replies may come from the SuperLink: node
+        offline, message expired)."""
+        md = reply.metadata
+        return self.claim(md.reply_to_message_id, md.src_node_id,
+                          from_link=reply.has_error() and md.src_node_id == SUPERLINK_NODE_ID)
+
     @property
     def missing(self) -> int:
-        """Messages without a reply (yet)."""
+        """Instructions without a reply (yet)."""
         return len(self.by_id) - len(self.answered)
 
 
@@ -145,7 +157,7 @@ def screen_evaluate_replies(server_round: int, replies: Iterable[Message], messa
     """The valid federated-evaluation replies' metrics (:func:`check_evaluate_metrics`), under the
     same rule as training replies (:class:`Instructions`: one reply per message, from its node,
     the first one counts); the others are dropped with a WARNING naming the node and the reason."""
-    instructions = Instructions(messages, "evaluate")
+    instructions = Instructions.of_messages(messages, "evaluate")
     valid = []
     for reply in replies:
         try:
@@ -212,7 +224,7 @@ def screen_replies(server_round: int, replies: Iterable[Message], sent: Mapping[
     """
     out = ScreenedReplies(private=private)
     required = PRIVATE_REQUIRED if private else TRAIN_METRICS[1:]
-    instructions = Instructions(messages, "train")
+    instructions = Instructions.of_messages(messages, "train")
     for reply in replies:
         node_id = "?"
         try:

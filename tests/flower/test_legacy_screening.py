@@ -223,7 +223,7 @@ def test_only_the_first_reply_of_a_client_counts(caplog):
     assert (metrics["replies-accepted"], metrics["replies-rejected"]) == (2, 2)
     metrics = play(["zero-examples", "valid"], [0], 0, 0)  # a malformed first reply is not rescued
     assert (metrics["replies-accepted"], metrics["replies-rejected"]) == (1, 2)
-    assert "a second reply from the same client (the first one counts)" in caplog.text
+    assert "a second reply to the same fit message (the first one counts)" in caplog.text
 
 
 def test_foreign_and_non_numeric_clients_and_failures_are_counted():
