@@ -33,6 +33,7 @@ from resist_fl.core.model import ModelSpec
 from resist_fl.core.model_cost import BUDGET_TOLERANCE, CostModel
 from resist_fl.run.outputs import CONFIG_FILE, read_metrics
 from simulations import benchmark_figures, noniid_figures, report
+from simulations.equal_cost import PLATEAU_GAIN, plateau
 from simulations.client_report import last_client_row
 from simulations.node_costs import node_summary
 from simulations.presets import load_preset
@@ -88,6 +89,7 @@ def baselines_block(name: str) -> list[str]:
                      f"{costs.get('over-capacity', 0)} / {costs.get('node-rounds', 0)}"])
         if paired:
             rows[-1].append(_verdict(paired.get((variant, strategy)), strategy, "reference (its variant)"))
+    rising = [r[0] for r in rows if r[4].endswith("(**no**)")]
     rows.sort(key=lambda r: -float(r[2].split(" ")[0]))
     first = report.read_json(runs_dir / next(iter(groups.values()))[0].name / CONFIG_FILE)
     seeds = len(next(iter(groups.values())))
@@ -181,25 +183,35 @@ def headline_block(name: str) -> list[str]:
         clients = [c for c in (last_client_row(read_metrics(d)) for d in dirs) if c is not None]
         budgets = (node_summary(dirs) or {}).get("budget-by-capacity", {})
         verdict = _verdict(paired.get((variant, strategy)), strategy, "reference")
+        checked = plateau([r.curve for r in runs], max(int(r.curve.round[-1]) for r in runs))
+        converged = "-" if checked is None else f"{checked[0]:+.4f} ({'yes' if checked[1] else '**no**'})"
         rows.append([report.group_label(variant, strategy), report.pm(stats.final), report.pm(stats.late), verdict,
+                     converged,
                      report.num(float(np.mean([c["mean"] for c in clients])), 4) if clients else "-",
                      report.num(float(np.mean([c["worst10"] for c in clients])), 4) if clients else "-",
                      ", ".join(f"{c:g}: {b:.2f}" for c, b in budgets.items()) or "-",
                      report.num(float(np.mean([r.curve.gb[-1] for r in runs])), 3),
                      report.num(float(np.mean([training_flops(d) for d in dirs])) / 1e12, 2)])
+    rising = [r[0] for r in rows if r[4].endswith("(**no**)")]
     rows.sort(key=lambda r: -float(r[2].split(" ")[0]))
     seeds = sorted({len(runs) for runs in groups.values()})
-    head = ["method", "final accuracy", "late accuracy", PAIRED_HEAD, "client mean",
+    rounds = max(int(r.curve.round[-1]) for runs in groups.values() for r in runs)
+    head = ["method", "final accuracy", "late accuracy", PAIRED_HEAD, "last-fifth gain (plateaued)", "client mean",
             "worst 10 % of clients", "budget used by capacity", "GB", "training TFLOPs"]
     return [f"{'/'.join(map(str, seeds))} seeds per method; from [docs/results/{name}](results/{name}/report.md).",
             "", *report.table(head, rows), "",
             "Final accuracy: mean ± sample std over seeds on the 10,000 test images after the last round. Late "
-            f"accuracy: {LATE_NOTE} The verdict is {_rule('')}. "
+            f"accuracy: {LATE_NOTE} The verdict is {_rule('')}. Last-fifth gain: the mean accuracy over the "
+            "last fifth of the rounds minus the fifth before, averaged over seeds; plateaued when below "
+            f"{PLATEAU_GAIN} (simulations/equal_cost.py): a method that has not would gain from longer runs, so "
+            "the table understates it. "
             "Client mean and worst 10 %: the global model on every client's "
             "label mix (client-eval), mean over seeds. Budget used: mean training FLOPs sent over the node's "
             "budget, per capacity class (1.00: all of it). GB: bytes sent and received by the server; training "
             "TFLOPs: the nodes' measured FLOPs per sample of what they were sent x the samples trained, summed over "
-            "the run (for FjORD an upper bound: its batches at a smaller drawn width cost less)."]
+            "the run (for FjORD an upper bound: its batches at a smaller drawn width cost less).", "",
+            f"Not plateaued by round {rounds}: **{', '.join(rising)}**." if rising else
+            f"Every method has plateaued by round {rounds}."]
 
 
 def report_section(name: str, heading: str, columns: Sequence[str] = ()) -> list[str]:

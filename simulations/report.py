@@ -303,12 +303,15 @@ def plot(groups: dict[tuple[str, str], list[Run]], x: str, path: Path, title: st
 
 
 def setup_lines(manifest: dict[str, Any]) -> list[str]:
-    """The main run config and federation, from the first run of the manifest."""
-    runs = manifest.get("runs", [])
+    """The main run config and federation, from the first reported run of the manifest (a tuning run's
+    rounds and rate are the grid's, not the comparison's; with a learning-rate grid, ``lr`` is each
+    method's pick, given in the grid's table)."""
+    runs = [r for r in manifest.get("runs", []) if not is_tuning(r.get("variant", ""))]
     if not runs:
         return []
     config = {k: v for k, v in runs[0].get("run-config", {}).items()
               if k not in ("strategy", "seed", "run-name", "output-dir")}
+    picked = bool(manifest.get("tuning")) and config.pop("lr", None) is not None
     federation = manifest.get("federation", {})
     pairs = [f"{k}={v}" for k, v in federation.items()] + [f"{k}={v}" for k, v in config.items()]
     grid = manifest.get("grid")
@@ -316,7 +319,8 @@ def setup_lines(manifest: dict[str, Any]) -> list[str]:
              f"{', '.join(map(str, grid['alphas']))}; norms {', '.join(grid['norms'])}; alpha iid: "
              "`partitioner=iid`). The line above is the first cell's; an ablation changes that cell.", ""] \
         if grid else []
-    return ["## Setup", "", "`" + " ".join(pairs) + "`", "", *cells] if pairs else []
+    lr = ["`lr`: each method's pick in the learning-rate grid (below).", ""] if picked else []
+    return ["## Setup", "", "`" + " ".join(pairs) + "`", "", *lr, *cells] if pairs else []
 
 
 def results_lines(stats: Sequence[GroupStats], target: float | None) -> list[str]:
@@ -597,16 +601,15 @@ def with_training_flops(runs_dir: Path, runs: Sequence[Run]) -> list[Run]:
 
 
 def equal_cost_section(groups: dict[tuple[str, str], list[Run]]) -> tuple[list[str], dict[str, Any]]:
-    """The methods of the main comparison at equal training FLOPs and bytes, and FedAvg's plateau check
+    """The methods of the main comparison at equal training FLOPs and bytes, and each method's plateau check
     (:mod:`simulations.equal_cost`; nothing when no run recorded its nodes' costs)."""
     curves = {group_label(v, s): [r.costs for r in runs if r.costs is not None]
               for (v, s), runs in groups.items() if v == MAIN_VARIANT}
     curves = {name: runs for name, runs in curves.items() if runs}
     if not curves:
         return [], {}
-    reference = group_label(MAIN_VARIANT, "fedavg")
     rounds = max(int(c.round[-1]) for runs in curves.values() for c in runs if len(c.round))
-    return equal_cost_lines(curves, reference, rounds)
+    return equal_cost_lines(curves, rounds)
 
 
 def build_report(runs_dir: Path, target_accuracy_value: float | None = None,

@@ -299,7 +299,7 @@ class RoundRecorder:
         }
         row.update({k: v for k, v in trained.items()
                     if k.startswith("replies-") or k in ("num-subnetworks", "merge-refused", "withheld-keys",
-                                                           "withheld-blocks")})
+                                                           "withheld-blocks", "skipped-over-budget")})
         if report.client_evaluation:
             row["client-eval-loss"] = report.client_evaluation["eval-loss"]
             row["client-eval-acc"] = report.client_evaluation["eval-acc"]

@@ -161,6 +161,7 @@ class SubModelStrategy(Strategy):
         self.last_evaluate_metrics: dict[str, float | int] = {}
         self.last_replies: dict[int, dict[str, float | int]] = {}
         self.last_privacy: dict[str, Any] = {}
+        self.last_skipped = 0
         self.last_exposure: dict[int, tuple[int, float]] = {}
         self._global: ArrayRecord | None = None
         self._grid: Grid | None = None
@@ -226,7 +227,7 @@ class SubModelStrategy(Strategy):
         self.sampled = sampled
         self._global, self._grid = arrays, grid
         self.last_privacy, self.last_exposure, self.last_evaluate_metrics = {}, {}, {}
-        self.plans = self.plan(sampled, run_round, rng, server_round)
+        self.plans = self.plans_for(sampled, run_round, rng, server_round)
         stamp = {**config, SERVER_ROUND: server_round, RUN_ROUND: run_round, TRANSPORT: self.transport}
         views = {k: array_view(v) for k, v in arrays.items()}
         encoded: dict[tuple[str, Hashable], Any] = {}  # each array (or cut) encoded once, whatever its holders
@@ -249,6 +250,32 @@ class SubModelStrategy(Strategy):
                 len(sampled), self.connected, self.describe(sampled))
         self._messages = messages  # the Grid gives them their message ids when it pushes them
         return messages
+
+    def plans_for(self, sampled: list[int], run_round: int, rng: np.random.Generator,
+                  server_round: int) -> dict[int, Plan]:
+        """The method's plans; under ``over-budget='skip'`` a node whose plan is over its budget is
+        sent nothing, and the method plans the round again over the others (so a depth method deals
+        its blocks among the nodes that train)."""
+        plans = self.plan(sampled, run_round, rng, server_round)
+        if self.settings.over_budget != "skip":
+            return plans
+        skipped = [n for n, plan in plans.items() if self.fits_budget(n, plan) is False]
+        self.last_skipped = len(skipped)
+        if not skipped:
+            return plans
+        log(INFO, "round %d: over-budget='skip': %d sampled node(s) cannot afford %s's smallest sub-model and are "
+            "sent nothing: %s", server_round, len(skipped), self.label, skipped)
+        kept = [n for n in sampled if n not in skipped]
+        return self.plan(kept, run_round, rng, server_round) if kept else {}
+
+    def fits_budget(self, node: int, plan: Plan) -> bool | None:
+        """Whether ``plan`` is within ``node``'s budget (:func:`~resist_fl.core.model_cost.fits`; None
+        when its cost is not measured)."""
+        measure = self.settings.capacity_measure
+        if measure != "blocks" and plan.cost is None:
+            return None
+        return fits(self.sampler.capacity(node), measure, plan.share, plan.cost,
+                    self.costs.full if self.costs is not None else None)
 
     def describe(self, sampled: list[int]) -> str:
         """What the round's log line says of the plans."""
@@ -297,6 +324,8 @@ class SubModelStrategy(Strategy):
                                    {a.node_id: tuple(a.update) for a in accepted}, self.min_holders)
         metrics = {**screened.round_metrics(), "num-subnetworks": len(self.plans), "merge-refused": 0,
                    **self.plan_metrics()}
+        if self.settings.over_budget == "skip":
+            metrics["skipped-over-budget"] = self.last_skipped
         if self.min_holders > 1:
             metrics["withheld-keys"] = len(withheld)
             metrics["withheld-blocks"] = self.withheld_blocks(withheld)
@@ -375,12 +404,12 @@ class SubModelStrategy(Strategy):
         plan = self.plans[node]
         capacity, measure = self.sampler.capacity(node), self.settings.capacity_measure
         full = self.costs.full if self.costs is not None else None
-        over = None if measure != "blocks" and plan.cost is None else \
-            not fits(capacity, measure, plan.share, plan.cost, full)
+        fit = self.fits_budget(node, plan)
         low, share = self.last_exposure.get(node, (None, None))
         return NodeReport(plan.blocks, self.last_replies.get(node, {}), self.speeds.get(node), self.max_blocks(node),
-                          over, plan.cost.flops if plan.cost else None, plan.cost.params if plan.cost else None,
-                          plan.width_rate, min_holders=low, exposed_fraction=share, global_width=plan.global_width,
+                          None if fit is None else not fit, plan.cost.flops if plan.cost else None,
+                          plan.cost.params if plan.cost else None, plan.width_rate, min_holders=low,
+                          exposed_fraction=share, global_width=plan.global_width,
                           budget_used=budget_used(capacity, measure, plan.share, plan.cost, full))
 
     # -- federated evaluation ---------------------------------------------------------------------

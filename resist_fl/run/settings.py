@@ -42,6 +42,7 @@ DP_MODES = ("none", "central", "local")
 DP_SAMPLING = ("public", "secret")
 DEVICES = ("auto", "cpu", "cuda")
 CAPACITY_MODES = ("fixed", "dynamic")
+OVER_BUDGET = ("train", "skip")
 CHANNELS = "channels"
 """``width-rates``: every channel count (each node's largest width within its budget)."""
 MODELS = (*PRESET_DEPTHS, *TORCHVISION_DEPTHS)
@@ -159,6 +160,8 @@ class RunSettings(BaseModel):
         description="simulation: node capacities in (0, 1] by partition id, cycled, e.g. `\"1.0,0.5,0.25,0.25\"` (a node's own `capacity` node config wins; none: 1.0)")
     capacity_mode: Literal[CAPACITY_MODES] = Field('fixed',
         description="`fixed`: a node keeps its capacity (node config, else its `capacity-profile` entry); `dynamic`: the server draws every sampled node's capacity anew each round from `capacity-profile` (each entry equally likely; reproducible from `seed`, round and partition), HeteroFL's and FedRolex's dynamic setting")
+    over_budget: Literal[OVER_BUDGET] = Field('train',
+        description="a sampled node whose budget is below even the smallest sub-model the strategy gives: `train` (it trains that sub-model over its budget; `nodes.jsonl`'s `over-capacity` and the report's budget table count it) or `skip` (it is sent nothing that round and the strategy plans the round over the others: every method stays within every budget, and a node it can never serve never trains; round metric `skipped-over-budget`)")
     slowdown_profile: Str = Field('',
         description="simulation: training slowdown factors >= 1 by partition id, cycled (a simulated straggler sleeps the extra time, reported as `simulated-seconds`)")
     eval_depths: Str = Field('',

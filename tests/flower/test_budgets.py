@@ -109,3 +109,20 @@ def test_eval_subset_evaluates_intermediate_rounds_on_a_fixed_subset_and_the_las
     rows = read_metrics(run_dir)
     test_size = json.loads((run_dir / "run_config.json").read_text())["data"]["test-size"]
     assert [r["eval-images"] for r in rows] == [100, 100, test_size] and test_size > 100
+
+
+@pytest.mark.parametrize("strategy", ["resist", "fedavg"])
+def test_over_budget_skip_sends_nothing_to_a_node_below_the_smallest_sub_model(tiny_config, strategy):
+    """Under ``over-budget='train'`` the weakest node trains the smallest sub-model over its budget;
+    under ``'skip'`` it is sent nothing, the others train within their budgets, and every round says
+    how many were skipped."""
+    tiny_config.update({"strategy": strategy, "model": "preact_resnet18", "capacity-profile": "1.0,1.0,0.05",
+                        "capacity-measure": "flops", "num-server-rounds": 2, "local-steps": 1, "eval-every": 2})
+    trained = _nodes(dict(tiny_config), 3)
+    assert {(r["capacity"], r["over-capacity"]) for r in trained} == {(1.0, 0), (0.05, 1)}
+    skipped = _nodes({**tiny_config, "run-name": "skip", "over-budget": "skip"}, 3)
+    assert len(skipped) == 4 and {(r["capacity"], r["over-capacity"]) for r in skipped} == {(1.0, 0)}
+    rows = read_metrics(Path(tiny_config["output-dir"]) / "skip")
+    assert [r["skipped-over-budget"] for r in rows if "skipped-over-budget" in r] == [1, 1]
+    assert all("skipped-over-budget" not in r for r in read_metrics(Path(tiny_config["output-dir"]) /
+                                                                    tiny_config["run-name"]))

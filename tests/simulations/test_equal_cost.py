@@ -1,5 +1,5 @@
 """Accuracy at equal cost: training FLOPs per round from nodes.jsonl, accuracy within a budget, the
-budgets, and the reference's plateau rule."""
+budgets, and every method's plateau rule."""
 
 from __future__ import annotations
 
@@ -47,6 +47,20 @@ def test_the_plateau_rule_compares_the_last_fifth_of_the_rounds_with_the_fifth_b
     assert gain == pytest.approx(0.0025) and plateaued
 
 
+def test_the_report_checks_every_method_and_names_the_ones_still_rising():
+    rounds = np.arange(1, 11)
+    rising = CostCurve(rounds, np.linspace(0.1, 1.0, 10), rounds * 1.0, rounds * 1.0)
+    flat = CostCurve(rounds, np.array([0.1, 0.5, 0.6, 0.7, 0.8, 0.8, 0.8, 0.8, 0.805, 0.8]), rounds * 1.0,
+                     rounds * 1.0)
+    lines, found = equal_cost_lines({"FedAvg": [flat], "HeteroFL": [rising, rising]}, 10)
+    text = "\n".join(lines)
+    assert "Not plateaued: HeteroFL;" in text
+    assert "| FedAvg | +0.0025 | yes |" in text and "| HeteroFL | +0.2000 | **no** |" in text
+    assert found["plateaus"]["HeteroFL"] == {"gain": pytest.approx(0.2), "plateaued": False}
+    text = "\n".join(equal_cost_lines({"FedAvg": [flat]}, 10)[0])
+    assert "Every method has plateaued." in text
+
+
 def test_a_run_directory_gives_its_cost_curve_and_the_report_section(tmp_path):
     run = tmp_path / "main-fedavg-seed0"
     for r, acc in ((1, 0.2), (2, None), (3, 0.6)):
@@ -55,11 +69,11 @@ def test_a_run_directory_gives_its_cost_curve_and_the_report_section(tmp_path):
     write_json(run / CONFIG_FILE, {"run_config": CONFIG})
     curve = cost_curve(run)
     assert curve.round.tolist() == [1, 3] and curve.flops.tolist() == [320e9, 960e9]
-    lines, table = equal_cost_lines({"FedAvg": [curve]}, "FedAvg", 3)
+    lines, table = equal_cost_lines({"FedAvg": [curve]}, 3)
     text = "\n".join(lines)
     cells = "- | 0.2000 ± 0.0000 | 0.6000 ± 0.0000 (all)"
     assert f"| FedAvg | 0.96 | {cells} | {cells} |" in text
     cheap = CostCurve(np.array([3]), np.array([0.5]), np.array([100e9]), np.array([300.0]))
-    text = "\n".join(equal_cost_lines({"FedAvg": [curve], "small": [cheap]}, "FedAvg", 3)[0])
+    text = "\n".join(equal_cost_lines({"FedAvg": [curve], "small": [cheap]}, 3)[0])
     assert "| small | 0.1 | 0.5000 ± 0.0000 (all) |" in text  # spent less than every budget: its final accuracy
     assert "Convergence" not in text and "plateau" not in table  # round 2 was not evaluated: no window before
