@@ -71,6 +71,7 @@ class DepthFL(SubModelStrategy):
         super().__init__(layout.payload_keys(), settings_of(settings, overrides), costs)
         self.layout, self.stages = layout, stages
         self._keys_of = {d: tuple(k for k in layout.payload_keys() if held_by(k, d)) for d in range(1, stages + 1)}
+        self._blocks_of = {d: sum(held_by(b, d) for b in layout.partitionable) for d in range(1, stages + 1)}
         alpha = self.settings.feddyn_alpha
         self.feddyn = FedDynServer(alpha, [k for k, _ in build_model(costs.spec).named_parameters()]) \
             if alpha > 0 else None
@@ -91,7 +92,7 @@ class DepthFL(SubModelStrategy):
             d = self.exits_of(node)
             plans[node] = Plan(whole(self._keys_of[d]), {DEPTH_EXITS: d, DISTILL_WEIGHT: weight, **feddyn},
                                share=d / self.stages, cost=self.costs.exit_cost(d),
-                               group=d)
+                               blocks=self._blocks_of[d], group=d)
         return plans
 
     def merge(self, current: Mapping[str, np.ndarray], updates: Sequence[Update]) -> dict[str, np.ndarray]:

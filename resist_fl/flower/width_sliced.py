@@ -6,8 +6,9 @@ the same node sampling, reply screening, metering, transport, central-DP wrapper
 
 - ``heterofl`` (Diao, Ding, Tarokh, ICLR 2021): a node of capacity c trains the first ``r * C``
   channels of every layer, r the largest rate of ``rates`` whose sub-model fits its budget
-  (:meth:`~resist_fl.core.model_cost.CostModel.max_rate`) — static tiers; its ClientApp divides
-  every convolution's output by r while training (HeteroFL's *scaler*);
+  (:meth:`~resist_fl.core.model_cost.CostModel.max_rate`) — static tiers; while training, its
+  ClientApp divides the input of every normalisation layer by r (HeteroFL's *scaler*, where its code
+  puts it: :mod:`resist_fl.node.width_scaler`), which a norm with batch statistics cancels;
 - ``fedrolex`` (Alam et al., NeurIPS 2022): the same rates, but the kept channels are a window
   whose start advances by one channel every round (wrapping around; its code rolls the other way,
   ``resnet_server.py`` lines 98-110 of AIoT-MLSys-Lab/FedRolex, the same windows in another order);

@@ -144,6 +144,9 @@ def test_a_round_sends_each_node_its_depths_keys_and_merges_each_tensor_over_its
     nodes = strategy.round_report().nodes.values()
     assert sorted(n.flops_per_sample for n in nodes) == sorted(costs.exit_cost(d).flops for d in depths)
     assert all(n.over_capacity is False for n in nodes if n.flops_per_sample == costs.full.flops)
+    partitioned = {d: sum(held_by(b, d) for b in layout.partitionable) for d in depths}
+    assert partitioned[4] == len(layout.partitionable)  # nodes.jsonl's blocks: the partitionable blocks held
+    assert sorted(n.blocks for n in nodes) == sorted(partitioned[d] for d in depths)
 
 
 @pytest.mark.slow  # eight rounds of 20 steps on three nodes

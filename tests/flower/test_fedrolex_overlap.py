@@ -50,3 +50,25 @@ def test_the_strategy_uses_the_option_and_keeps_the_rolling_window_without_it():
         RunSettings.from_run_config({"strategy": "fedrolex", "fedrolex-overlap": "2"})
     with pytest.raises(SettingsError, match="does not use it"):
         RunSettings.from_run_config({"strategy": "heterofl", "fedrolex-overlap": "0.5"})
+
+
+def test_fedrolex_with_overlap_under_dynamic_capacities_runs_end_to_end(tiny_config):
+    """The option and HeteroFL's / FedRolex's dynamic setting together, through the real apps: every
+    node-round within its (redrawn) budget, the rates the budgets allow, the model still finite."""
+    from pathlib import Path
+
+    from resist_fl.run.outputs import read_metrics
+    from simulations.inprocess import run_inprocess
+
+    tiny_config.update({"strategy": "fedrolex", "fedrolex-overlap": "0.5", "capacity-mode": "dynamic",
+                        "capacity-profile": "1.0,0.5,0.25", "model": "preact_resnet18", "num-server-rounds": 3,
+                        "local-steps": 2, "eval-every": 3, "min-train-nodes": 3, "min-available-nodes": 3})
+    run_inprocess(tiny_config, num_nodes=3)
+    run_dir = Path(tiny_config["output-dir"]) / tiny_config["run-name"]
+    nodes, rows = read_metrics(run_dir, "nodes.jsonl"), read_metrics(run_dir)
+    assert len(nodes) == 9 and {n["capacity"] for n in nodes} <= {1.0, 0.5, 0.25}
+    assert len({n["capacity"] for n in nodes}) > 1  # redrawn
+    assert all(n["over-capacity"] == 0 and n["budget-used"] <= 1 + 1e-9 for n in nodes)
+    assert all(n["width-rate"] == 1.0 for n in nodes if n["capacity"] == 1.0)
+    assert all(n["width-rate"] < 1.0 for n in nodes if n["capacity"] < 1.0)
+    assert rows[-1]["replies-accepted"] == 3 and 0 <= rows[-1]["accuracy"] <= 1

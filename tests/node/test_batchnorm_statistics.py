@@ -56,3 +56,8 @@ def test_a_run_evaluates_with_the_re_estimated_statistics(tiny_config):
     run_inprocess(tiny_config, num_nodes=2)
     rows = read_metrics(Path(tiny_config["output-dir"]) / tiny_config["run-name"])
     assert [r["round"] for r in rows] == [1, 2] and rows[-1]["accuracy"] > 0.3
+    run_inprocess({**tiny_config, "bn-statistics": "batch", "run-name": "batch"}, num_nodes=2)
+    batch = read_metrics(Path(tiny_config["output-dir"]) / "batch")
+    # the option changes the evaluation only: the same training, another test loss
+    assert [r["train-loss"] for r in rows] == [r["train-loss"] for r in batch]
+    assert all(r["loss"] != b["loss"] for r, b in zip(rows, batch))
