@@ -89,7 +89,6 @@ def baselines_block(name: str) -> list[str]:
                      f"{costs.get('over-capacity', 0)} / {costs.get('node-rounds', 0)}"])
         if paired:
             rows[-1].append(_verdict(paired.get((variant, strategy)), strategy, "reference (its variant)"))
-    rising = [r[0] for r in rows if r[4].endswith("(**no**)")]
     rows.sort(key=lambda r: -float(r[2].split(" ")[0]))
     first = report.read_json(runs_dir / next(iter(groups.values()))[0].name / CONFIG_FILE)
     seeds = len(next(iter(groups.values())))
