@@ -49,6 +49,7 @@ import numpy as np
 
 from resist_fl.run.outputs import CONFIG_FILE, read_json, read_metrics, write_json
 from resist_fl.run.methods import label  # the method table's labels (former names read too)
+from resist_fl.run.settings import RunSettings
 from simulations.equal_cost import CostCurve, cost_curve, equal_cost_lines
 from simulations.markdown import mean_std, num, pm, table
 from simulations.tuning import is_tuning, tuning_lines
@@ -312,6 +313,9 @@ def setup_lines(manifest: dict[str, Any]) -> list[str]:
     config = {k: v for k, v in runs[0].get("run-config", {}).items()
               if k not in ("strategy", "seed", "run-name", "output-dir")}
     picked = bool(manifest.get("tuning")) and config.pop("lr", None) is not None
+    defaults = RunSettings.model_fields
+    if config.get("norm", defaults["norm"].default) == "batchnorm":  # how the central evaluation normalises
+        config.setdefault("bn-statistics", defaults["bn_statistics"].default)
     federation = manifest.get("federation", {})
     pairs = [f"{k}={v}" for k, v in federation.items()] + [f"{k}={v}" for k, v in config.items()]
     grid = manifest.get("grid")

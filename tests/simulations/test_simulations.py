@@ -434,23 +434,26 @@ def test_a_malformed_grid_is_refused_before_anything_runs(tmp_path, capsys):
     assert "tuning.lr = [0.1, -1]: expected distinct positive learning rates" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("preset, methods, seeds, own_grid", [
-    ("fmnist-study", 9, 5, True), ("fmnist-study-resnet18", 6, 3, True), ("fmnist-study-iid", 7, 3, False),
-    ("fmnist-study-dynamic", 7, 3, False)])
+GRID = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
+
+
+@pytest.mark.parametrize("preset, methods, seeds, grid", [
+    ("fmnist-study", 9, 5, GRID), ("fmnist-study-resnet18", 6, 3, (0.01, *GRID)), ("fmnist-study-iid", 7, 3, ()),
+    ("fmnist-study-dynamic", 7, 3, ()), ("fmnist-study-within-budget", 5, 3, ())])
 def test_the_study_presets_plan_one_lr_grid_then_every_method_at_every_seed(tmp_path, preset, methods, seeds,
-                                                                            own_grid):
-    """Issue 34's study: the lr grid (6 rates on seed 100, 30 rounds) for every method, then each method's
-    seeds at 80 rounds; 100 nodes, 10 per round, capacities 1 .. 1/16; every run config is valid. The IID
-    and dynamic variants (same model) run each method at its pick in the committed study's grid."""
+                                                                            grid):
+    """Issue 34's study: the lr grid (on seed 100, 30 rounds) for every method, then each method's seeds at
+    80 rounds; 100 nodes, 10 per round, capacities 1 .. 1/16; every run config is valid. The IID, dynamic
+    and within-budget variants (same model) run each method at its pick in the committed study's grid."""
     from simulations.tuning import reference_picks
 
     _, plan, _ = compare.resolve(compare.parse_args([preset, "--out", str(tmp_path)]))
     tuning = [r for r in plan if r.variant.startswith("tune-lr")]
     main = [r for r in plan if r.variant == "main"]
-    assert len(tuning) == 6 * methods * own_grid and {r.seed for r in tuning} <= {100}
+    assert len(tuning) == len(grid) * methods and {r.seed for r in tuning} <= {100}
     assert len(main) == methods * seeds and len(plan) == len(tuning) + len(main)
-    if own_grid:
-        assert {r.run_config["lr"] for r in tuning} == {0.02, 0.05, 0.1, 0.2, 0.4, 0.8}
+    if grid:
+        assert {r.run_config["lr"] for r in tuning} == set(grid)
         assert {r.run_config["num-server-rounds"] for r in tuning} == {30}
     else:
         study = reference_picks(ROOT / "docs" / "results" / "fmnist-study", [r.strategy for r in main])
