@@ -439,7 +439,7 @@ GRID = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
 
 @pytest.mark.parametrize("preset, methods, seeds, grid", [
     ("fmnist-study", 9, 5, GRID), ("fmnist-study-resnet18", 6, 3, (0.01, *GRID)), ("fmnist-study-iid", 7, 3, ()),
-    ("fmnist-study-dynamic", 7, 3, ()), ("fmnist-study-within-budget", 5, 3, ())])
+    ("fmnist-study-dynamic", 7, 3, ()), ("fmnist-study-within-budget", 5, 3, ()), ("fmnist-study-long", 7, 3, ())])
 def test_the_study_presets_plan_one_lr_grid_then_every_method_at_every_seed(tmp_path, preset, methods, seeds,
                                                                             grid):
     """Issue 34's study: the lr grid (on seed 100, 30 rounds) for every method, then each method's seeds at
@@ -458,7 +458,7 @@ def test_the_study_presets_plan_one_lr_grid_then_every_method_at_every_seed(tmp_
     else:
         study = reference_picks(ROOT / "docs" / "results" / "fmnist-study", [r.strategy for r in main])
         assert {r.strategy: r.run_config["lr"] for r in main} == study
-    assert {r.run_config["num-server-rounds"] for r in main} == {80}
+    assert {r.run_config["num-server-rounds"] for r in main} == {160 if preset == "fmnist-study-long" else 80}
     for run in plan:
         config = run.run_config
         assert (config["fraction-train"], config["min-train-nodes"], config["min-available-nodes"]) == (0.1, 10, 100)
