@@ -147,6 +147,9 @@ def verdicts_block(name: str) -> list[str]:
     budgets = {strategy: (node_summary([runs_dir / r.name for r in runs]) or {}).get("budget-by-capacity", {})
                for (_, strategy), runs in groups.items()}
     rows = report.paired_rows(groups)
+    rounds = max((int(r.curve.round[-1]) for runs in groups.values() for r in runs), default=0)
+    rising = {strategy for (_, strategy), runs in groups.items()
+              if (checked := plateau([r.curve for r in runs], rounds)) is not None and not checked[1]}
     lines = [f"{status} ([docs/results/{name}](docs/results/{name}/report.md)). Each method's late accuracy "
              "minus ResIST's on the same seed: the mean over n paired seeds and its 95 % paired-t interval "
              f"(per comparison); the words hold for the table's {sum(r['verdict'] != 'n/a' for r in rows)} "
@@ -164,6 +167,7 @@ def verdicts_block(name: str) -> list[str]:
             alone = f"; {row['verdict']} without the correction" if row["verdict"] != row["holm"] else ""
             entries.append(f"{report.group_label(report.MAIN_VARIANT, row['strategy'])} ({row['mean']:+.4f}"
                            f"{interval}, n = {row['seeds']}{alone}" + (f"; over budget at {over}" if over else "")
+                           + (f"; still rising at round {rounds}" if row["strategy"] in rising else "")
                            + ")")
         if entries or word != "n/a":
             lines.append(f"- **{WORDS[word]}**: " + ("; ".join(entries) if entries else "none"))
