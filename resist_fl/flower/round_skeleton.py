@@ -263,8 +263,9 @@ class SubModelStrategy(Strategy):
         self.last_skipped = len(skipped)
         if not skipped:
             return plans
-        log(INFO, "round %d: over-budget='skip': %d sampled node(s) cannot afford %s's smallest sub-model and are "
-            "sent nothing: %s", server_round, len(skipped), self.label, skipped)
+        log(INFO, "round %d: over-budget='skip': %d sampled node(s) of capacity %s cannot afford %s's smallest "
+            "sub-model and are sent nothing", server_round, len(skipped),  # no ids: a secret sample stays secret
+            sorted({self.sampler.capacity(n) for n in skipped}), self.label)
         kept = [n for n in sampled if n not in skipped]
         return self.plan(kept, run_round, rng, server_round) if kept else {}
 
