@@ -40,6 +40,9 @@ CASES["fjord-kd"].update({"dp": "central", "weighting": "uniform", "dp-clip": 0.
                           "dp-sampling": "secret",  # a width method under the central-DP wrapper, secret sample
                           "capacity-profile": "0.5"})  # (a secret sample needs one capacity for every node)
 CASES["fedavg-small"].update({"dp": "local", "norm": "groupnorm", "local-steps": 4})  # Opacus DP-SGD
+CASES["depth-prefix"].update({"over-budget": "skip",  # the node of capacity 0.05 cannot afford one block:
+                              "capacity-profile": "1.0,1.0,0.05"})  # it is sent nothing, every round
+TRAINED = {"depth-prefix": 2}  # nodes sent a training message per round (else all 3)
 FMNIST = Path(IDX_DATASETS["fashion-mnist"].debian_dir).is_dir()  # .ci/run installs it (as root)
 if FMNIST:  # the Fashion-MNIST preset's federation (100 SuperNodes, 10 per round), a few small rounds
     CASES["fmnist-preset-100"] = {**to_dict(load_preset("fmnist-dirichlet05"))["run-config"], "strategy": "resist",
@@ -73,7 +76,8 @@ def test_run_finishes_with_every_round(launches, strategy):
     assert result.run_dir.name == RUN_NAMES.get(strategy, strategy) and result.run_dir.parent.name == "runs dir"
     rows = read_metrics(result.run_dir)
     assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
-    assert all(r["strategy"] == strategy and r["nodes"] == 3 for r in rows)
+    assert all(r["strategy"] == strategy and r["nodes"] == TRAINED.get(strategy, 3) for r in rows)
+    assert all(r.get("skipped-over-budget") == (3 - TRAINED[strategy] if strategy in TRAINED else None) for r in rows)
 
 
 # (not fedavg-small: on this tiny setting it trains a width-2 model, near chance by design)
