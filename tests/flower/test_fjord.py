@@ -89,6 +89,20 @@ def test_each_node_gets_fjords_largest_level_within_its_budget():
     assert actual_rate(spec, 0.2) == 0.2
 
 
+def test_at_base_width_8_a_level_keeps_round_p_x_8_channels_and_the_stage_ratios():
+    """The stated deviation from FjORD's code (ceil(p x C) per layer: 2/4/5/7/8 first-stage channels
+    at base width 8): here round(p x 8) in the first stage, the later stages in the model's ratios."""
+    from resist_fl.core.width_slicing import actual_rate, channel_groups
+
+    spec = ModelSpec(depths=(1, 1, 3, 1), base_width=8, num_classes=10)
+    kept = {p: sliced_spec(spec, p).base_width for p in (0.2, 0.4, 0.6, 0.8, 1.0)}
+    assert kept == {0.2: 2, 0.4: 3, 0.6: 5, 0.8: 6, 1.0: 8}
+    for p, width in kept.items():
+        assert actual_rate(spec, p) == width / 8
+        groups, full = channel_groups(sliced_spec(spec, p)), channel_groups(spec)
+        assert set(groups) == set(full) and all(groups[g] * 8 == full[g] * width for g in full)
+
+
 @pytest.mark.slow  # six rounds of 20 steps on three nodes
 @pytest.mark.parametrize("strategy", ["fjord", "fjord-kd"])
 def test_fjord_end_to_end_on_real_digits(tiny_config, strategy):
