@@ -24,6 +24,7 @@ import math
 import re
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -96,9 +97,8 @@ def baselines_block(name: str) -> list[str]:
               f"from [docs/results/{name}](results/{name}/report.md).")
     profile = str(first["run_config"].get("capacity-profile") or "")
     if profile:  # a budget per node: say what ResIST's smallest sub-network costs
-        spec = ModelSpec.from_dict({**first["model_spec"], "depths": tuple(first["model_spec"]["depths"])})
-        stages = tuple(int(s) for s in str(first["run_config"]["partitioned-stages"]).split(","))
-        costs = CostModel(spec, BlockLayout.from_spec(spec, stages), tuple(first["data"]["image-shape"][1:]))
+        spec, stages, image = _model_of(first)
+        costs = CostModel(spec, BlockLayout.from_spec(spec, stages), image)
         capacities = [float(c) for c in profile.split(",")]
         source = (f"Stage depths {'-'.join(map(str, spec.depths))}, partitioned stage(s) {','.join(map(str, stages))}: "
                   f"ResIST's smallest sub-network costs {100 * costs.floor_fraction():.1f} % of the full model's "
@@ -107,6 +107,39 @@ def baselines_block(name: str) -> list[str]:
             "node-rounds over capacity", *([PAIRED_HEAD] if paired else [])]
     note = ["", f"Late accuracy: {LATE_NOTE} The last column is {_rule(' of the same variant')}."] if paired else []
     return [source, "", *report.table(head, rows), *note]
+
+
+def _model_of(recorded: dict) -> tuple[ModelSpec, tuple[int, ...], tuple[int, ...]]:
+    """The model spec, partitioned stages and image size of a run's recorded ``run_config.json``."""
+    spec = ModelSpec.from_dict({**recorded["model_spec"], "depths": tuple(recorded["model_spec"]["depths"])})
+    stages = tuple(int(s) for s in str(recorded["run_config"]["partitioned-stages"]).split(","))
+    return spec, stages, tuple(recorded["data"]["image-shape"][1:])
+
+
+def floors_block(name: str, third_stage: Sequence[int]) -> list[str]:
+    """ResIST's floor (the shared layers and one block, as a fraction of the full model's training FLOPs)
+    on the committed study's model and on the same model with a deeper third stage, and the blocks a
+    node of each capacity of its profile gets (computed from the model, no run)."""
+    runs_dir, _, groups = _main_groups(name)
+    recorded = report.read_json(runs_dir / groups[(report.MAIN_VARIANT, "resist")][0].name / CONFIG_FILE)
+    spec, stages, image = _model_of(recorded)
+    capacities = [float(c) for c in str(recorded["run_config"]["capacity-profile"]).split(",")]
+    studied = CostModel(spec, BlockLayout.from_spec(spec, stages), image)
+    rows = []
+    for depth in sorted({spec.depths[2], *third_stage}):
+        deeper = replace(spec, depths=(*spec.depths[:2], depth, *spec.depths[3:]))
+        costs = CostModel(deeper, BlockLayout.from_spec(deeper, stages), image)
+        floor = costs.floor_fraction()
+        rows.append(["-".join(map(str, deeper.depths)) + (" (the study's)" if deeper == spec else ""),
+                     f"{100 * floor:.1f} %", f"{costs.full.flops / studied.full.flops:.2f}",
+                     *(str(costs.max_depth(c, "flops")) if floor <= c * (1 + BUDGET_TOLERANCE) else "over"
+                       for c in capacities)])
+    return [f"Computed from the model of [docs/results/{name}](results/{name}/report.md) (base width "
+            f"{spec.base_width}, partitioned stage(s) {','.join(map(str, stages))}); FLOPs: the full model's "
+            "training FLOPs per sample against the study's. A capacity cell is the most blocks ResIST gives a node "
+            "of that capacity, \"over\" where even one block and the shared layers exceed its budget.", "",
+            *report.table(["stage depths", "ResIST's floor", "FLOPs vs the study's",
+                           *(f"capacity {c:g}" for c in capacities)], rows)]
 
 
 def training_flops(run_dir: Path) -> float:
@@ -280,6 +313,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "fmnist-study-verdicts": lambda: verdicts_block("fmnist-study"),
     "fmnist-study-ablations": lambda: report_section("fmnist-study", "Each variant against the main run of its method"),
     "fmnist-study-iid": lambda: headline_block("fmnist-study-iid"),
+    "fmnist-study-floors": lambda: floors_block("fmnist-study", (40, 72)),
     "fmnist-study-dynamic": lambda: headline_block("fmnist-study-dynamic"),
     "privacy-digits": lambda: report_section("privacy-digits", "Privacy"),
     "quick-cpu": lambda: baselines_block("quick-cpu"),

@@ -224,3 +224,24 @@ def test_portable_makes_paths_relative_to_the_output_directory(tmp_path):
                                          "run-config": {"output-dir": ".", "data-path": "digits.npz", "lr": 0.1}}
     inprocess = f"{sys.executable} -m simulations.inprocess {tmp_path}/logs/a.run-config.toml 100"
     assert portable(inprocess, tmp_path) == "python -m simulations.inprocess logs/a.run-config.toml 100"
+
+
+def test_the_floors_block_marks_over_exactly_where_resists_floor_exceeds_the_budget():
+    """Against the cost model built here from the committed study's recorded model."""
+    from resist_fl.core.decomposition import BlockLayout
+    from resist_fl.core.model_cost import CostModel
+
+    lines = figures.floors_block("fmnist-study", (40, 72))
+    rows = [line.strip("|").split("|") for line in lines if line.startswith("| 1-1-")]
+    assert [r[0].strip() for r in rows] == ["1-1-17-1 (the study's)", "1-1-40-1", "1-1-72-1"]
+    recorded = json.loads((figures.RESULTS / "fmnist-study" / "main-resist-seed0" / "run_config.json").read_text())
+    spec, stages, image = figures._model_of(recorded)
+    for row in rows:
+        depths = tuple(int(d) for d in row[0].split()[0].split("-"))
+        costs = CostModel(figures.replace(spec, depths=depths), BlockLayout.from_spec(
+            figures.replace(spec, depths=depths), stages), image)
+        assert row[1].strip() == f"{100 * costs.floor_fraction():.1f} %"
+        for capacity, cell in zip((1, 0.5, 0.25, 0.125, 0.0625), row[3:]):
+            fits = costs.floor_fraction() <= capacity * (1 + 1e-9)
+            assert cell.strip() == (str(costs.max_depth(capacity, "flops")) if fits else "over")
+    assert rows[0][6].strip() == rows[0][7].strip() == "over" and rows[2][7].strip() != "over"
