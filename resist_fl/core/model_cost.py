@@ -140,10 +140,14 @@ class CostModel:
         return Cost(self.shared.flops + sum(self.block[b].flops for b in blocks),
                     self.shared.params + sum(self.block[b].params for b in blocks))
 
+    def floor(self) -> Cost:
+        """ResIST's floor: the shared layers and one block, counted as the heaviest (as :meth:`max_depth`
+        counts it): the least a node's budget must hold for any one-block sub-network to fit."""
+        return Cost(self.shared.flops + self.heaviest.flops, self.shared.params + self.heaviest.params)
+
     def floor_fraction(self, measure_name: str = "flops") -> float:
-        """The smallest ResIST sub-network (shared layers and one block) as a fraction of the full
-        model: a capacity below it cannot be met by ResIST."""
-        return (self.shared.of(measure_name) + self.heaviest.of(measure_name)) / self.full.of(measure_name)
+        """:meth:`floor` as a fraction of the full model: a capacity below it cannot be met by ResIST."""
+        return self.floor().of(measure_name) / self.full.of(measure_name)
 
     def max_depth(self, capacity: float, measure_name: str) -> int:
         """Most blocks a node of ``capacity`` trains (at least one): any that many of them fit its budget

@@ -39,7 +39,7 @@ from resist_fl.core.early_exits import MultiExitResNet, SingleExit
 from resist_fl.core.feddyn import FedDynServer
 from resist_fl.core.holders import whole
 from resist_fl.core.model import build_model
-from resist_fl.core.model_cost import CostModel
+from resist_fl.core.model_cost import Cost, CostModel
 from resist_fl.flower.message_keys import DEPTH_EXITS, DISTILL_WEIGHT, FEDDYN_ALPHA
 from resist_fl.flower.method_factory import Built, ModelParts
 from resist_fl.flower.round_skeleton import Plan, SubModelStrategy, Update
@@ -79,6 +79,10 @@ class DepthFL(SubModelStrategy):
     def exits_of(self, node: int) -> int:
         """The most stages (with their exits) within ``node``'s budget, at least one."""
         return self.exits_for(self.sampler.capacity(node))
+
+    def smallest_sub_model(self) -> tuple[float, Cost | None]:
+        """The first stage and its exit."""
+        return 1 / self.stages, self.costs.exit_cost(1)
 
     def exits_for(self, capacity: float) -> int:
         """The most stages (with their exits) within ``capacity``, at least one."""

@@ -24,7 +24,7 @@ from flwr.common import log
 
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.holders import whole
-from resist_fl.core.model_cost import CostModel, fits
+from resist_fl.core.model_cost import Cost, CostModel, fits
 from resist_fl.core.width_slicing import sliced_spec
 from resist_fl.flower.message_keys import WIDTH_RATE
 from resist_fl.flower.method_factory import Built, ModelParts
@@ -58,6 +58,10 @@ class ScreenedFedAvg(SubModelStrategy):
 
     width_rate: float | None = None
     """The global model's width relative to the run's model (None: the run's model)."""
+
+    def smallest_sub_model(self) -> tuple[float, Cost | None]:
+        """The global model (FedAvg sends nothing smaller)."""
+        return self.width_rate or 1.0, self.model_cost()
 
     def model_cost(self):
         """What the global model costs a node per sample (when measured)."""

@@ -21,7 +21,7 @@ from resist_fl.core.allocation import SPEED_WEIGHT_BOUND, bounded_weights
 from resist_fl.core.dealing import Dealing, PrefixDealing, RandomDealing, Warmup
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.holders import whole
-from resist_fl.core.model_cost import CostModel, max_depth
+from resist_fl.core.model_cost import Cost, CostModel, max_depth
 from resist_fl.flower.message_keys import BLOCKS
 from resist_fl.flower.method_factory import Built, ModelParts
 from resist_fl.flower.round_skeleton import Plan, SubModelStrategy
@@ -90,6 +90,10 @@ class ResIST(SubModelStrategy):
                 not self.min_holders_met(server_round, sampled, decomposition.groups):
             return {}
         return {n: self.plan_of(held, decomposition.whole) for n, held in zip(sampled, decomposition.groups)}
+
+    def smallest_sub_model(self) -> tuple[float, Cost | None]:
+        """The shared layers and one block, counted as the heaviest (:meth:`CostModel.floor`)."""
+        return 1 / len(self.layout.partitionable), self.costs.floor() if self.costs is not None else None
 
     def plan_of(self, held: tuple[str, ...], whole_model: bool = False) -> Plan:
         """The plan of a node holding the blocks ``held`` (``whole_model``: sent without them, as FedAvg sends it)."""

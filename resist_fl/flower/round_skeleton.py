@@ -172,7 +172,8 @@ class SubModelStrategy(Strategy):
     # -- what a method supplies ----------------------------------------------------------------
     def plan(self, sampled: list[int], run_round: int, rng: np.random.Generator,
              server_round: int) -> dict[int, Plan]:
-        """Each sampled node's sub-model this round ({}: the round is not sent)."""
+        """Each of ``sampled``'s sub-model this round ({}: the round is not sent). ``sampled`` is never
+        empty; under ``over-budget='skip'`` it holds only the nodes that afford :meth:`smallest_sub_model`."""
         raise NotImplementedError
 
     def merge(self, current: Mapping[str, np.ndarray], updates: Sequence[Update]) -> dict[str, np.ndarray]:
@@ -245,38 +246,44 @@ class SubModelStrategy(Strategy):
             self._sent_arrays[node] = cut
             content = RecordDict({"arrays": payload, "config": ConfigRecord({**stamp, **plan.config})})
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
-        if sampled:
+        if self.plans:
             log(INFO, "configure_train: round %d (%s), %d of %d nodes, %s", server_round, self.phase() or self.label,
-                len(sampled), self.connected, self.describe(sampled))
+                len(self.plans), self.connected, self.describe(sampled))
         self._messages = messages  # the Grid gives them their message ids when it pushes them
         return messages
 
     def plans_for(self, sampled: list[int], run_round: int, rng: np.random.Generator,
                   server_round: int) -> dict[int, Plan]:
-        """The method's plans; under ``over-budget='skip'`` a node whose plan is over its budget is
-        sent nothing, and the method plans the round again over the others (so a depth method deals
-        its blocks among the nodes that train)."""
-        plans = self.plan(sampled, run_round, rng, server_round)
-        if self.settings.over_budget != "skip":
-            return plans
-        skipped = [n for n, plan in plans.items() if self.fits_budget(n, plan) is False]
-        self.last_skipped = len(skipped)
-        if not skipped:
-            return plans
-        log(INFO, "round %d: over-budget='skip': %d sampled node(s) of capacity %s cannot afford %s's smallest "
-            "sub-model and are sent nothing", server_round, len(skipped),  # no ids: a secret sample stays secret
-            sorted({self.sampler.capacity(n) for n in skipped}), self.label)
-        kept = [n for n in sampled if n not in skipped]
-        return self.plan(kept, run_round, rng, server_round) if kept else {}
+        """The method's plans; under ``over-budget='skip'`` over the sampled nodes whose budget holds the
+        method's smallest sub-model (:meth:`smallest_sub_model`), decided by capacity alone before the
+        method plans; the others are sent nothing."""
+        if self.settings.over_budget == "skip":
+            kept = [n for n in sampled if self.affords(n, *self.smallest_sub_model()) is not False]
+            self.last_skipped = len(sampled) - len(kept)
+            if self.last_skipped:
+                skipped = sorted({self.sampler.capacity(n) for n in sampled if n not in kept})
+                log(INFO, "round %d: over-budget='skip': %d sampled node(s) of capacity %s cannot afford %s's "
+                    "smallest sub-model and are sent nothing", server_round, self.last_skipped, skipped,
+                    self.label)  # no ids: a secret sample stays secret
+            sampled = kept
+        return self.plan(sampled, run_round, rng, server_round) if sampled else {}
+
+    def smallest_sub_model(self) -> tuple[float, Cost | None]:
+        """``(share, cost)`` of the smallest sub-model the method can give a node (what ``over-budget='skip'``
+        checks a budget against): here the full model; each method with smaller ones says which."""
+        return 1.0, self.costs.full if self.costs is not None else None
+
+    def affords(self, node: int, share: float, cost: Cost | None) -> bool | None:
+        """Whether ``node``'s budget holds a sub-model of ``share`` and ``cost`` (:func:`~resist_fl.core.
+        model_cost.fits`; None when the cost is not measured)."""
+        measure = self.settings.capacity_measure
+        if measure != "blocks" and cost is None:
+            return None
+        return fits(self.sampler.capacity(node), measure, share, cost, self.costs.full if self.costs else None)
 
     def fits_budget(self, node: int, plan: Plan) -> bool | None:
-        """Whether ``plan`` is within ``node``'s budget (:func:`~resist_fl.core.model_cost.fits`; None
-        when its cost is not measured)."""
-        measure = self.settings.capacity_measure
-        if measure != "blocks" and plan.cost is None:
-            return None
-        return fits(self.sampler.capacity(node), measure, plan.share, plan.cost,
-                    self.costs.full if self.costs is not None else None)
+        """Whether ``plan`` is within ``node``'s budget (None when its cost is not measured)."""
+        return self.affords(node, plan.share, plan.cost)
 
     def describe(self, sampled: list[int]) -> str:
         """What the round's log line says of the plans."""

@@ -45,7 +45,7 @@ from flwr.common import log
 
 from resist_fl.core.aggregation import update_weights
 from resist_fl.core.model import ModelSpec, build_model
-from resist_fl.core.model_cost import CostModel
+from resist_fl.core.model_cost import Cost, CostModel
 from resist_fl.core.width_slicing import (
     actual_rate,
     element_index,
@@ -126,6 +126,10 @@ class WidthSliced(SubModelStrategy):
         model = build_model(sliced_spec(self.spec, tier))
         model.load_state_dict(prefix_state(self.spec, state, tier))
         return model
+
+    def smallest_sub_model(self) -> tuple[float, Cost | None]:
+        """The smallest of the method's widths."""
+        return min(self.rates), self.costs.width_cost(min(self.rates))
 
     def rate_of(self, node: int) -> float:
         """The width rate of ``node``: the largest of the rates its capacity allows."""

@@ -161,7 +161,7 @@ class RunSettings(BaseModel):
     capacity_mode: Literal[CAPACITY_MODES] = Field('fixed',
         description="`fixed`: a node keeps its capacity (node config, else its `capacity-profile` entry); `dynamic`: the server draws every sampled node's capacity anew each round from `capacity-profile` (each entry equally likely; reproducible from `seed`, round and partition), HeteroFL's and FedRolex's dynamic setting")
     over_budget: Literal[OVER_BUDGET] = Field('train',
-        description="a sampled node whose budget is below even the smallest sub-model the strategy gives: `train` (it trains that sub-model over its budget; `nodes.jsonl`'s `over-capacity` and the report's budget table count it) or `skip` (it is sent nothing that round and the strategy plans the round over the others: every method stays within every budget, and a node it can never serve never trains; round metric `skipped-over-budget`)")
+        description="a sampled node whose budget is below the smallest sub-model the strategy can give (ResIST: the shared layers and its heaviest block; a width method: its smallest width; DepthFL: the first stage and its exit; FedAvg: its model): `train` (it trains that sub-model over its budget; `nodes.jsonl`'s `over-capacity` and the report's budget table count it) or `skip` (it is sent nothing that round and the strategy plans the round over the others: every method stays within every budget, and a node it can never serve never trains; round metric `skipped-over-budget`; not with `warmup-rounds`)")
     slowdown_profile: Str = Field('',
         description="simulation: training slowdown factors >= 1 by partition id, cycled (a simulated straggler sleeps the extra time, reported as `simulated-seconds`)")
     eval_depths: Str = Field('',
@@ -298,6 +298,10 @@ class RunSettings(BaseModel):
             raise SettingsError(f"{bad} = {self.value(bad)!r} with feddyn-alpha = {self.feddyn_alpha}: FedDyn keeps "
                                 "state in the nodes' and the server's memory (not in a checkpoint) and is its own server "
                                 "step; expected dp='none', resume=false and server-lr=1.0, or feddyn-alpha=0")
+        if self.over_budget == "skip" and self.warmup_rounds:
+            raise SettingsError(f"over-budget = 'skip' with warmup-rounds = {self.warmup_rounds}: a warm-up round "
+                                "sends the full model, so it would skip every node below capacity 1; expected "
+                                "warmup-rounds = 0 or over-budget = 'train'")
         if self.resume and not self.run_name:
             raise SettingsError("resume = True: needs run-name, the name of the run directory to continue")
         if METHODS[self.strategy].preact_only and self.model in TORCHVISION_DEPTHS:

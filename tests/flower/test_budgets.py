@@ -126,3 +126,61 @@ def test_over_budget_skip_sends_nothing_to_a_node_below_the_smallest_sub_model(t
     assert [r["skipped-over-budget"] for r in rows if "skipped-over-budget" in r] == [1, 1]
     assert all("skipped-over-budget" not in r for r in read_metrics(Path(tiny_config["output-dir"]) /
                                                                     tiny_config["run-name"]))
+
+
+def test_over_budget_skip_is_decided_by_capacity_before_the_method_plans():
+    """A round whose sampled nodes all fall below the floor sends nothing and leaves ResIST's round state
+    (inference scale, untrained blocks) as it was; the nodes kept are exactly those whose capacity holds
+    the shared layers and the heaviest block; warm-up (the full model) is refused with skip."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from client_app.app import app
+    from resist_fl.core.model import build_model
+    from resist_fl.flower.resist import ResIST
+    from simulations.inprocess_grid import InProcessGrid
+
+    layout = BlockLayout.from_spec(SPEC)
+    floor = COSTS.floor_fraction()
+    state = build_model(SPEC).state_dict()
+    record = ArrayRecord({k: state[k] for k in layout.payload_keys()})
+    for profile, kept in ((f"{floor / 2},{floor / 3}", 0), (f"1.0,{floor},{floor * 0.999}", 2)):
+        nodes = len(profile.split(","))
+        strategy = ResIST(layout, RunSettings(over_budget="skip", capacity_measure="flops", capacity_profile=profile,
+                                              min_train_nodes=nodes, min_available_nodes=nodes), costs=COSTS)
+        before = strategy.inference_scales()
+        grid = InProcessGrid(app, num_nodes=nodes, run_config={"capacity-profile": profile})
+        messages = list(strategy.configure_train(1, record, ConfigRecord({}), grid))
+        assert len(messages) == kept and strategy.last_skipped == nodes - kept
+        assert all(strategy.fits_budget(n, p) for n, p in strategy.plans.items())
+        if not kept:
+            assert strategy.inference_scales() == before and strategy.last_untrained == ()
+    with pytest.raises(SettingsError, match="over-budget = 'skip' with warmup-rounds = 2"):
+        RunSettings.from_run_config({"over-budget": "skip", "warmup-rounds": 2})
+
+
+def test_a_node_between_the_cheapest_and_the_heaviest_blocks_floor_is_skipped_every_round():
+    """With blocks of unequal cost (ResNet-18, stages 2-4 partitioned) skipping does not depend on the
+    block a node would be dealt: its capacity against the heaviest block's floor decides, every round."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from client_app.app import app
+    from resist_fl.core.model import build_model
+    from resist_fl.flower.resist import ResIST
+    from simulations.inprocess_grid import InProcessGrid
+
+    spec = ModelSpec(depths=(2, 2, 2, 2), base_width=8, num_classes=10, in_channels=1)
+    layout = BlockLayout.from_spec(spec, (2, 3, 4))
+    costs = CostModel(spec, layout, 28)
+    cheapest = min(costs.block.values(), key=lambda c: c.flops)
+    low = (costs.shared.flops + cheapest.flops) / costs.full.flops
+    assert low < costs.floor_fraction() - 0.01
+    between = (low + costs.floor_fraction()) / 2
+    profile = f"1.0,{between}"
+    strategy = ResIST(layout, RunSettings(over_budget="skip", capacity_measure="flops", capacity_profile=profile,
+                                          min_train_nodes=2, min_available_nodes=2), costs=costs)
+    state = build_model(spec).state_dict()
+    record = ArrayRecord({k: state[k] for k in layout.payload_keys()})
+    grid = InProcessGrid(app, num_nodes=2, run_config={"capacity-profile": profile})
+    for server_round in range(1, 7):
+        assert len(list(strategy.configure_train(server_round, record, ConfigRecord({}), grid))) == 1
+        assert strategy.last_skipped == 1
