@@ -314,6 +314,8 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "fmnist-study-ablations": lambda: report_section("fmnist-study", "Each variant against the main run of its method"),
     "fmnist-study-iid": lambda: headline_block("fmnist-study-iid"),
     "fmnist-study-floors": lambda: floors_block("fmnist-study", (40, 72)),
+    "fmnist-study-within-budget": lambda: headline_block("fmnist-study-within-budget"),
+    "fmnist-study-within-budget-verdicts": lambda: verdicts_block("fmnist-study-within-budget"),
     "fmnist-study-dynamic": lambda: headline_block("fmnist-study-dynamic"),
     "privacy-digits": lambda: report_section("privacy-digits", "Privacy"),
     "quick-cpu": lambda: baselines_block("quick-cpu"),
