@@ -142,6 +142,14 @@ def floors_block(name: str, third_stage: Sequence[int]) -> list[str]:
                            *(f"capacity {c:g}" for c in capacities)], rows)]
 
 
+def plateaus(groups: dict[tuple[str, str], list]) -> tuple[int, dict[tuple[str, str], tuple[float, bool]]]:
+    """The groups' last round and each group's plateau check (:func:`simulations.equal_cost.plateau`: its
+    last-fifth gain and whether it is below the rule's bound; groups with no window before left out)."""
+    rounds = max((int(r.curve.round[-1]) for runs in groups.values() for r in runs), default=0)
+    checked = {key: plateau([r.curve for r in runs], rounds) for key, runs in groups.items()}
+    return rounds, {key: c for key, c in checked.items() if c is not None}
+
+
 def training_flops(run_dir: Path) -> float:
     """The run's training FLOPs: every node-round's measured FLOPs per sample x the samples it was sent to
     train (local steps x batch size), from ``nodes.jsonl`` and the run config."""
@@ -180,9 +188,8 @@ def verdicts_block(name: str) -> list[str]:
     budgets = {strategy: (node_summary([runs_dir / r.name for r in runs]) or {}).get("budget-by-capacity", {})
                for (_, strategy), runs in groups.items()}
     rows = report.paired_rows(groups)
-    rounds = max((int(r.curve.round[-1]) for runs in groups.values() for r in runs), default=0)
-    rising = {strategy for (_, strategy), runs in groups.items()
-              if (checked := plateau([r.curve for r in runs], rounds)) is not None and not checked[1]}
+    rounds, checked = plateaus(groups)
+    rising = {strategy for (_, strategy), (_, flat) in checked.items() if not flat}
     lines = [f"{status} ([docs/results/{name}](docs/results/{name}/report.md)). Each method's late accuracy "
              "minus ResIST's on the same seed: the mean over n paired seeds and its 95 % paired-t interval "
              f"(per comparison); the words hold for the table's {sum(r['verdict'] != 'n/a' for r in rows)} "
@@ -212,6 +219,7 @@ def headline_block(name: str) -> list[str]:
     figures, the budget each capacity class used, and the bytes and training FLOPs spent."""
     runs_dir, _, groups = _main_groups(name)
     paired = {(r["variant"], r["strategy"]): r for r in report.paired_rows(groups)}
+    rounds, checked = plateaus(groups)
     rows = []
     for (variant, strategy), runs in groups.items():
         stats = report.group_stats(variant, strategy, runs, None)
@@ -219,8 +227,8 @@ def headline_block(name: str) -> list[str]:
         clients = [c for c in (last_client_row(read_metrics(d)) for d in dirs) if c is not None]
         budgets = (node_summary(dirs) or {}).get("budget-by-capacity", {})
         verdict = _verdict(paired.get((variant, strategy)), strategy, "reference")
-        checked = plateau([r.curve for r in runs], max(int(r.curve.round[-1]) for r in runs))
-        converged = "-" if checked is None else f"{checked[0]:+.4f} ({'yes' if checked[1] else '**no**'})"
+        gain, flat = checked.get((variant, strategy), (None, True))
+        converged = "-" if gain is None else f"{gain:+.4f} ({'yes' if flat else '**no**'})"
         rows.append([report.group_label(variant, strategy), report.pm(stats.final), report.pm(stats.late), verdict,
                      converged,
                      report.num(float(np.mean([c["mean"] for c in clients])), 4) if clients else "-",
@@ -228,10 +236,9 @@ def headline_block(name: str) -> list[str]:
                      ", ".join(f"{c:g}: {b:.2f}" for c, b in budgets.items()) or "-",
                      report.num(float(np.mean([r.curve.gb[-1] for r in runs])), 3),
                      report.num(float(np.mean([training_flops(d) for d in dirs])) / 1e12, 2)])
-    rising = [r[0] for r in rows if r[4].endswith("(**no**)")]
+    rising = [report.group_label(*key) for key, (_, flat) in checked.items() if not flat]
     rows.sort(key=lambda r: -float(r[2].split(" ")[0]))
     seeds = sorted({len(runs) for runs in groups.values()})
-    rounds = max(int(r.curve.round[-1]) for runs in groups.values() for r in runs)
     head = ["method", "final accuracy", "late accuracy", PAIRED_HEAD, "last-fifth gain (plateaued)", "client mean",
             "worst 10 % of clients", "budget used by capacity", "GB", "training TFLOPs"]
     return [f"{'/'.join(map(str, seeds))} seeds per method; from [docs/results/{name}](results/{name}/report.md).",

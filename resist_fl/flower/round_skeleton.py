@@ -258,7 +258,8 @@ class SubModelStrategy(Strategy):
         method's smallest sub-model (:meth:`smallest_sub_model`), decided by capacity alone before the
         method plans; the others are sent nothing."""
         if self.settings.over_budget == "skip":
-            kept = [n for n in sampled if self.affords(n, *self.smallest_sub_model()) is not False]
+            smallest = self.smallest_sub_model()
+            kept = [n for n in sampled if self.affords(n, *smallest) is not False]
             self.last_skipped = len(sampled) - len(kept)
             if self.last_skipped:
                 skipped = sorted({self.sampler.capacity(n) for n in sampled if n not in kept})
