@@ -561,7 +561,12 @@ def render(manifest: dict[str, Any], stats: Sequence[GroupStats], ratio_rows: Se
                      "process per run, no SuperLink or Ray, the sampled nodes one after another; s to round 1 and run "
                      "wall s below are that process's")
     if manifest.get("started"):
-        lines.append(f"- Ran: {manifest['started']} to {manifest.get('finished', '?')} (UTC)")
+        runs = manifest.get("runs", [])
+        reused = sum(r.get("status") == "reused" for r in runs)
+        earlier = f"; {reused} of its {len(runs)} runs had finished in earlier invocations and were reused" \
+            if reused else ""
+        lines.append(f"- Ran: {manifest['started']} to {manifest.get('finished', '?')} (UTC), its last "
+                     f"invocation{earlier}")
     lines.append("")
     lines += setup_lines(manifest)
     target_line = (f"Target accuracy: **{target:.4f}** ({target_text})." if target is not None

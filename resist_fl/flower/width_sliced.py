@@ -28,7 +28,12 @@ the same node sampling, reply screening, metering, transport, central-DP wrapper
   ``od/layers/conv.py`` lines 28-36: at base width 8 its levels keep 2/4/5/7/8 channels, these 2/3/5/6/8).
 
 Every element of every global tensor becomes the weighted mean over the nodes whose sub-model held
-it (:func:`~resist_fl.core.width_slicing.merge_sliced`); elements nobody held stay. The message
+it (:func:`~resist_fl.core.width_slicing.merge_sliced`); elements nobody held stay. The weights are
+the run's ``weighting`` (default ``examples``, as for every method here); both official codes take the
+plain mean over the clients that held the element (HeteroFL: ``count[k] += 1`` then ``div_(count)``,
+``src/fed.py`` lines 180-218 of diaoenmao/HeteroFL-...; FedRolex: ``--weighting avg`` by default,
+``main_resnet.py`` line 37, so ``K = 1`` in ``resnet_server.py`` lines 180-194): ``weighting='uniform'``
+reproduces theirs. The message
 carries the width rate (``width-rate``) and whether to scale (``width-scaler``); a node builds the
 sliced model directly from its spec (:func:`~resist_fl.core.width_slicing.sliced_spec`).
 """

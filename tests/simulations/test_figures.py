@@ -245,3 +245,18 @@ def test_the_floors_block_marks_over_exactly_where_resists_floor_exceeds_the_bud
             fits = costs.floor_fraction() <= capacity * (1 + 1e-9)
             assert cell.strip() == (str(costs.max_depth(capacity, "flops")) if fits else "over")
     assert rows[0][6].strip() == rows[0][7].strip() == "over" and rows[2][7].strip() != "over"
+
+
+def test_a_method_across_two_comparisons_is_paired_on_the_seeds_both_ran():
+    line = figures.across_block("fmnist-study", "fmnist-study-within-budget")[0]
+    seeds, first, second, difference, low, high = re.search(
+        r"\(([\d, ]+)\): (\d\.\d{4}) in `fmnist-study`, (\d\.\d{4}) in `fmnist-study-within-budget`; paired "
+        r"difference ([+-]\d\.\d{4}), 95 % interval \[([+-]\d\.\d{4}), ([+-]\d\.\d{4})\]", line).groups()
+    assert seeds == "0, 1, 2"  # the within-budget rerun's seeds, not the study's five
+    late = {(g["variant"], g["strategy"]): g["late"][0] for g in json.loads(
+        (figures.RESULTS / "fmnist-study-within-budget" / "report.json").read_text(encoding="utf-8"))["groups"]}
+    assert float(second) == pytest.approx(late["main", "resist"], abs=5e-5)  # all three of its seeds
+    study = json.loads((figures.RESULTS / "fmnist-study" / "report.json").read_text(encoding="utf-8"))["groups"]
+    assert float(first) != pytest.approx(next(g["late"][0] for g in study if g["strategy"] == "resist"), abs=5e-4)
+    assert float(difference) == pytest.approx(float(second) - float(first), abs=2e-4)
+    assert float(low) < float(difference) < float(high)
