@@ -53,11 +53,10 @@ def bytes_row(path: Path) -> str:
     deviation = max(abs(float(r["deviation"].rstrip(" %"))) for r in rows)
     compressed = {t: sorted({r["ResIST bytes / float32's"] for r in rows if r["transport"] == t})
                   for t in ("float16", "uint8")}
-    figure = (f"S = {' / '.join(map(str, sites))}: {' / '.join(depth0[s]['ResIST / FedAvg'] for s in sites)}"
-              f" (min depth {deepest['min depth']} at S = {deepest['S']}: {deepest['ResIST / FedAvg']}); largest "
-              f"deviation from the analytic sub-network fraction {deviation:.2f} %; `float16` "
-              f"{' - '.join(compressed['float16'])}x and `uint8` {' - '.join(compressed['uint8'])}x the float32 bytes")
-    return figure
+    return (f"S = {' / '.join(map(str, sites))}: {' / '.join(depth0[s]['ResIST / FedAvg'] for s in sites)}"
+            f" (min depth {deepest['min depth']} at S = {deepest['S']}: {deepest['ResIST / FedAvg']}); largest "
+            f"deviation from the analytic sub-network fraction {deviation:.2f} %; `float16` "
+            f"{' - '.join(compressed['float16'])}x and `uint8` {' - '.join(compressed['uint8'])}x the float32 bytes")
 
 
 def step_row(path: Path) -> str:
@@ -66,10 +65,9 @@ def step_row(path: Path) -> str:
     subs = rows[1:]
     ratios = [_agree(float(r["step time / full"]), float(r["step ms"]) / full, 0.002, f"step_benchmark {r['model']}")
               for r in subs]
-    figure = (f"{' / '.join(r['model'] for r in subs)} ({' / '.join(r['partitioned blocks kept'] for r in subs)} "
-              f"blocks): **{' / '.join(f'{v:.3f}' for v in ratios)}** of the full model's {full:.1f} ms; "
-              f"FLOP share {' / '.join(r['FLOP share'] for r in subs)}")
-    return figure
+    return (f"{' / '.join(r['model'] for r in subs)} ({' / '.join(r['partitioned blocks kept'] for r in subs)} "
+            f"blocks): **{' / '.join(f'{v:.3f}' for v in ratios)}** of the full model's {full:.1f} ms; "
+            f"FLOP share {' / '.join(r['FLOP share'] for r in subs)}")
 
 
 def precision_row(path: Path) -> str:
@@ -86,9 +84,8 @@ def loader_row(path: Path) -> str:
     figures = _figures(path)
     old, new = figures["rates"]["per-sample (old)"], figures["rates"]["batched (new)"]
     ratio = _agree(figures["ratio"], new[0] / old[0], 0.06, "loader_benchmark")
-    figure = (f"per-sample torchvision `DataLoader` {old[0]:,.0f} vs device-resident batched path {new[0]:,.0f} "
-              f"images/s: **{ratio:.1f}x** ({new[1]:.2f} vs {old[1]:.2f} ms per batch)")
-    return figure
+    return (f"per-sample torchvision `DataLoader` {old[0]:,.0f} vs device-resident batched path {new[0]:,.0f} "
+            f"images/s: **{ratio:.1f}x** ({new[1]:.2f} vs {old[1]:.2f} ms per batch)")
 
 
 def server_row(path: Path) -> str:
@@ -108,9 +105,8 @@ def round_time_row(path: Path) -> str:
     for strategy, value in median.items():
         _agree(figures["median"][strategy], value, 0.005, f"round_time_benchmark {strategy} median")
     ratio = _agree(figures["ratio"], median["resist"] / median["fedavg"], 0.002, "round_time_benchmark")
-    figure = (f"median of rounds 2-{len(figures['seconds']['resist'])}: ResIST {median['resist']:.2f} s, FedAvg "
-              f"{median['fedavg']:.2f} s: **{ratio:.3f}**")
-    return figure
+    return (f"median of rounds 2-{len(figures['seconds']['resist'])}: ResIST {median['resist']:.2f} s, FedAvg "
+            f"{median['fedavg']:.2f} s: **{ratio:.3f}**")
 
 
 def deploy_row(path: Path) -> str:
@@ -118,18 +114,16 @@ def deploy_row(path: Path) -> str:
     before, after = figures["before"], figures["after"]
     ratio = _agree(figures["ratio"], after["median"] / before["median"], 0.002, "deploy_overhead_benchmark")
     saved = _agree(figures["saved"], before["median"] - after["median"], 0.01, "deploy_overhead_benchmark saving")
-    figure = (f"seconds per round outside training, before / after (median of rounds 2-{len(after['later']) + 1}): "
-              f"{before['median']:.2f} / {after['median']:.2f}: **{ratio:.3f}** ({saved:.2f} s per round saved); "
-              f"round 1: {before['round1']:.2f} / {after['round1']:.2f} s")
-    return figure
+    return (f"seconds per round outside training, before / after (median of rounds 2-{len(after['later']) + 1}): "
+            f"{before['median']:.2f} / {after['median']:.2f}: **{ratio:.3f}** ({saved:.2f} s per round saved); "
+            f"round 1: {before['round1']:.2f} / {after['round1']:.2f} s")
 
 
 def merge_row(path: Path) -> str:
     figures = _figures(path)
     ratio = _agree(figures["ratio"], figures["merge_ms"] / figures["copy_ms"], 0.002, "merge_benchmark")
-    figure = (f"merging {figures['mib']:.1f} MiB of updates: {figures['merge_ms']:.1f} ms against "
-              f"{figures['copy_ms']:.1f} ms for a NumPy copy of the same bytes: **{ratio:.2f}x**")
-    return figure
+    return (f"merging {figures['mib']:.1f} MiB of updates: {figures['merge_ms']:.1f} ms against "
+            f"{figures['copy_ms']:.1f} ms for a NumPy copy of the same bytes: **{ratio:.2f}x**")
 
 
 def load_row(path: Path) -> str:

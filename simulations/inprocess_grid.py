@@ -232,10 +232,6 @@ class InProcessGrid(Grid):  # pylint: disable=too-many-instance-attributes
         """
         return self.contexts[node_id]
 
-    def node_id_of(self, partition_id: int) -> int:
-        """Return the node id of the ``partition_id``-th node."""
-        return self.node_ids[partition_id]
-
     # ------------------------------------------------------------------ #
     # Grid API
     # ------------------------------------------------------------------ #

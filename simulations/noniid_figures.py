@@ -32,10 +32,6 @@ def _rel(path: Path) -> str:
     return path.relative_to(ROOT).as_posix()
 
 
-def _mean_std(values: Sequence[float]) -> str:
-    return pm(mean_std(values), 3)
-
-
 def alpha_of(config: dict[str, Any]) -> str:
     """A run's label skew as its grid cell names it (:func:`simulations.presets.alpha_label`)."""
     return alpha_label("iid" if config["partitioner"] == "iid" else config["dirichlet-alpha"])
@@ -87,7 +83,7 @@ def _seeds_rows(runs_dir: Path, lines: Sequence[dict[str, Any]], key: Callable[[
         seeds = ", ".join(f"{line['seed']}: {line['final-accuracy']:.3f}" for line in group)
         diverging = sum(bool(line["diverging-rounds"]) for line in group)
         clip, lr = (" / ".join(sorted({str(line["config"][k]) for line in group})) for k in ("clip-grad-norm", "lr"))
-        rows.append([group_name, seeds, _mean_std(accuracy), f"{min(accuracy):.3f}", f"{diverging}/{len(group)}",
+        rows.append([group_name, seeds, pm(mean_std(accuracy), 3), f"{min(accuracy):.3f}", f"{diverging}/{len(group)}",
                      clip, lr])
     head = [what, "final accuracy by seed", "mean ± std", "min", "runs diverging", "clip-grad-norm", "lr"]
     return [f"From the runs in `{_rel(runs_dir)}/`.", "", *table(head, rows)]
@@ -151,7 +147,7 @@ def grid_block(name: str) -> list[str]:
                 "cells") if words else "no cell with two paired seeds"
     columns = [(s, n) for n in norms for s in strategies]
     rows = table(["alpha", *(f"{label(s)} {n}" for s, n in columns)],
-                 [[alpha, *(_mean_std([line["final-accuracy"] for line in cell[f"{s} {n} {alpha}"]])
+                 [[alpha, *(pm(mean_std([line["final-accuracy"] for line in cell[f"{s} {n} {alpha}"]]), 3)
                             for s, n in columns)] for alpha in alphas])
 
     def mean(strategy: str, norm: str, alpha: str, value: Callable[[dict[str, Any]], float]) -> float:

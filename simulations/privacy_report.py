@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from resist_fl.run.outputs import CONFIG_FILE, NODES_FILE, read_json, read_metrics
-from simulations.markdown import table
+from simulations.markdown import num, table
 
 PRIVACY_PLOT = "accuracy_vs_epsilon.png"
 
@@ -54,10 +54,6 @@ def _mean(values: Sequence[float | None]) -> float:
     return float(np.mean(kept)) if kept else math.nan
 
 
-def _cell(value: float, digits: int) -> str:
-    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
-
-
 def privacy_lines(runs_dir: Path, groups: dict[tuple[str, str], list[Any]],
                   label: Any) -> tuple[list[str], list[Path], dict[str, Any]]:
     """The "Privacy" section (a table and the accuracy-vs-epsilon plot), or nothing when no run
@@ -76,11 +72,11 @@ def privacy_lines(runs_dir: Path, groups: dict[tuple[str, str], list[Any]],
         z = runs[0]["noise-multiplier"] if runs[0]["dp"] != "none" else None
         holders = [f["min-holders"] for f in runs if f["min-holders"] is not None]
         rows.append([name, str(len(runs)), runs[0]["dp"], "-" if z is None else f"{z:g}",
-                     f"{_mean(accuracy):.4f} ± {spread:.4f}", _cell(_mean([f["epsilon"] for f in runs]), 2),
-                     _cell(_mean([f["epsilon-every-round"] for f in runs]), 2),
-                     _cell(_mean([f["node-epsilon"] for f in runs]), 2), str(min(holders)) if holders else "-",
-                     _cell(_mean([f["exposed-fraction"] for f in runs]), 3),
-                     _cell(_mean([f["mb-per-round"] for f in runs]), 3)])
+                     f"{_mean(accuracy):.4f} ± {spread:.4f}", num(_mean([f["epsilon"] for f in runs]), 2),
+                     num(_mean([f["epsilon-every-round"] for f in runs]), 2),
+                     num(_mean([f["node-epsilon"] for f in runs]), 2), str(min(holders)) if holders else "-",
+                     num(_mean([f["exposed-fraction"] for f in runs]), 3),
+                     num(_mean([f["mb-per-round"] for f in runs]), 3)])
     lines = ["## Privacy", "", *table(header, rows), "",
              "epsilon (central): the worst node's after the last round (public sampling: each node composes "
              "the rounds it was sent a model in, no amplification, add/remove one node; secret sampling: the "

@@ -171,9 +171,13 @@ def group_runs(runs: Sequence[Run]) -> dict[tuple[str, str], list[Run]]:
 # --------------------------------------------------------------------------- statistics
 
 
-def target_accuracy(groups: dict[tuple[str, str], list[Run]], accuracy: float | None,
-                    fraction: float) -> tuple[float | None, str]:
-    """The target accuracy and how it was chosen."""
+def preset_target(groups: dict[tuple[str, str], list[Run]], manifest: dict[str, Any], accuracy: float | None = None,
+                  fraction: float | None = None) -> tuple[float | None, str]:
+    """The target of a comparison and how it was chosen: ``accuracy`` / ``fraction`` when given, else its
+    preset's (``compare.json``); with no accuracy, ``fraction`` x the best mean final FedAvg accuracy."""
+    preset = manifest.get("target") or {}
+    accuracy = accuracy if accuracy is not None else preset.get("accuracy")
+    fraction = fraction or preset.get("fraction-of-fedavg") or DEFAULT_TARGET_FRACTION
     if accuracy is not None:
         return float(accuracy), f"fixed target {accuracy:.4f}"
     finals = {variant: mean_std([r.curve.final_accuracy for r in runs])[0]
@@ -183,14 +187,6 @@ def target_accuracy(groups: dict[tuple[str, str], list[Run]], accuracy: float | 
     variant, best = max(finals.items(), key=lambda item: item[1])
     return fraction * best, (f"{fraction:g} x the best mean final FedAvg accuracy "
                              f"({best:.4f}, variant {variant})")
-
-
-def preset_target(groups: dict[tuple[str, str], list[Run]], manifest: dict[str, Any], accuracy: float | None = None,
-                  fraction: float | None = None) -> tuple[float | None, str]:
-    """The target of a comparison: ``accuracy`` / ``fraction`` when given, else its preset's (``compare.json``)."""
-    preset = manifest.get("target") or {}
-    accuracy = accuracy if accuracy is not None else preset.get("accuracy")
-    return target_accuracy(groups, accuracy, fraction or preset.get("fraction-of-fedavg") or DEFAULT_TARGET_FRACTION)
 
 
 @dataclass(frozen=True)
