@@ -55,7 +55,7 @@ from simulations import report
 from simulations.inprocess_launcher import run_inprocess_launch
 from simulations.label_plot import LABEL_PLOT, write_label_distribution
 from simulations.launcher import LaunchResult, federation_config, run_flwr
-from simulations.machine import describe_machine
+from simulations.machine import code_version, describe_machine
 from simulations.tuning import (grid_of, is_tuning, picks, reference_of, reference_picks, tuning_results,
                                 tuning_variant)
 from simulations.presets import (
@@ -297,6 +297,7 @@ def execute(plan: Sequence[PlannedRun], config: DictConfig, project_dir: Path, o
     federation = to_dict(config.federation)
 
     reuse = {run.name: reusable(run, out_dir) for run in plan}  # errors surface before any launch
+    code = code_version(project_dir)  # a reused run keeps the commit it was recorded with
 
     def one(run: PlannedRun) -> None:
         if reuse[run.name]:
@@ -308,7 +309,7 @@ def execute(plan: Sequence[PlannedRun], config: DictConfig, project_dir: Path, o
                             num_cpus_per_client=federation["num-cpus-per-client"],
                             num_gpus_per_client=federation["num-gpus-per-client"],
                             timeout_s=float(config["timeout-s"]), workdir=out_dir / "logs")
-            outcome = outcome_of(run, result, None)
+            outcome = {**outcome_of(run, result, None), "code": code}
         progress.finish(run, outcome)
         outcome = portable(outcome, out_dir)  # what is committed holds no developer's paths
         with lock:

@@ -1,12 +1,26 @@
-"""A short description of the machine and software a comparison ran on."""
+"""A short description of the machine, software and code a comparison ran on."""
 
 from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
+
+
+def code_version(project_dir: Path) -> str | None:
+    """The git commit of the Flower app at ``project_dir`` (with " and uncommitted changes" when a tracked
+    file differs from it); ``None`` outside a git checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(project_dir), *args], capture_output=True, text=True, check=True,
+                              timeout=60).stdout.strip()
+    try:
+        head, changed = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + (" and uncommitted changes" if changed else "")
 
 
 def _cpu_model() -> str:

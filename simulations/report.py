@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -563,6 +564,11 @@ def render(manifest: dict[str, Any], stats: Sequence[GroupStats], ratio_rows: Se
             if reused else ""
         lines.append(f"- Ran: {manifest['started']} to {manifest.get('finished', '?')} (UTC), its last "
                      f"invocation{earlier}")
+    codes = Counter(r.get("code") for r in manifest.get("runs", []) if r.get("status") in ("ok", "reused"))
+    if set(codes) - {None}:  # recorded since the runner notes the app's commit of every run it launches
+        lines.append("- Code, the app's git commit per run: " + "; ".join(
+            f"`{code}` ({count} runs)" if code else f"not recorded ({count} runs, launched before it was)"
+            for code, count in codes.items()))
     lines.append("")
     lines += setup_lines(manifest)
     target_line = (f"Target accuracy: **{target:.4f}** ({target_text})." if target is not None

@@ -493,3 +493,37 @@ def test_a_learning_rate_is_picked_by_its_late_accuracy_not_its_last_evaluation(
         for r in (17, 18, 19):
             append_metrics(tmp_path / run["name"], {"round": r, "accuracy": 0.66 if rate == 0.1 else 0.60})
     assert picks(tuning_results(runs, tmp_path)) == {"resist": 0.1}
+
+
+def test_each_run_records_the_commit_of_the_app_that_ran_it(tmp_path, monkeypatch):
+    import subprocess
+
+    from simulations.machine import code_version
+
+    app = tmp_path / "app"
+    app.mkdir()
+    git = lambda *args: subprocess.run(["git", "-C", str(app), *args], check=True, capture_output=True,  # noqa: E731
+                                       text=True).stdout.strip()
+    git("init", "-q")
+    (app / "a.txt").write_text("one\n")
+    git("add", "a.txt")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    first = git("rev-parse", "HEAD")
+    assert code_version(app) == first
+    (app / "untracked.txt").write_text("ignored\n")  # outputs beside the app do not count
+    assert code_version(app) == first
+    (app / "a.txt").write_text("two\n")
+    assert code_version(app) == f"{first} and uncommitted changes"
+    assert code_version(tmp_path / "no-git") is None
+
+    versions = iter([f"{first} and uncommitted changes", "c0ffee"])
+    monkeypatch.setattr(compare, "code_version", lambda project_dir: next(versions))
+    argv = ["quick-cpu", "--seeds", "0", "--out", str(tmp_path / "out")]
+    assert compare.main(argv, launch=tuned_launch) == 0
+    assert compare.main([*argv[:-2], "1", "--out", str(tmp_path / "out")], launch=tuned_launch) == 0  # seeds 0, 1
+    runs = {r["name"]: r for r in json.loads((tmp_path / "out" / compare.MANIFEST_FILE).read_text())["runs"]}
+    assert runs["main-resist-seed0"]["code"] == f"{first} and uncommitted changes"  # reused: its own commit
+    assert runs["main-resist-seed1"]["code"] == "c0ffee"
+    text = (tmp_path / "out" / report.REPORT_FILE).read_text()
+    assert (f"- Code, the app's git commit per run: `{first} and uncommitted changes` (2 runs); `c0ffee` (2 runs)"
+            in text)
