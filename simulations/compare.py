@@ -39,7 +39,7 @@ import shlex
 import shutil
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -288,19 +288,24 @@ def outcome_of(run: PlannedRun, result: LaunchResult | None, previous: dict[str,
 
 
 def execute(plan: Sequence[PlannedRun], config: DictConfig, project_dir: Path, out_dir: Path, jobs: int,
-            manifest: dict[str, Any], launch: Launcher = run_flwr) -> list[dict[str, Any]]:
-    """Run (or reuse) every planned run; the manifest is rewritten after each one."""
+            manifest: dict[str, Any], launch: Launcher = run_flwr,
+            done: Mapping[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Run (or reuse) every planned run; the manifest is rewritten after each one. ``done``: outcomes of
+    this invocation's earlier call (its grid), kept as they are rather than counted as reused."""
+    done = dict(done or {})
     previous = {entry["name"]: entry for entry in manifest.get("runs", [])}
     outcomes: dict[str, dict[str, Any]] = {}
     progress = Progress(len(plan), jobs)
     lock = threading.Lock()
     federation = to_dict(config.federation)
 
-    reuse = {run.name: reusable(run, out_dir) for run in plan}  # errors surface before any launch
-    code = code_version(project_dir)  # a reused run keeps the commit it was recorded with
+    reuse = {run.name: reusable(run, out_dir) for run in plan if run.name not in done}  # errors before any launch
+    code = code_version(project_dir, out_dir)  # a reused run keeps the commit it was recorded with
 
     def one(run: PlannedRun) -> None:
-        if reuse[run.name]:
+        if run.name in done:
+            outcome = done[run.name]
+        elif reuse[run.name]:
             outcome = outcome_of(run, None, previous.get(run.name))
         else:
             progress.start(run)
@@ -463,7 +468,8 @@ def main(argv: Sequence[str] | None = None, launch: Launcher | None = None) -> i
             rates = picks(tuning_results(tuned, out_dir))
             print(f"learning rates picked on the tuning seed: {rates}", flush=True)
             plan = with_picked_rates(plan, rates) if rates else plan
-        outcomes = execute(plan, config, args.project.resolve(), out_dir, jobs, manifest, launch)
+        outcomes = execute(plan, config, args.project.resolve(), out_dir, jobs, manifest, launch,
+                           done={o["name"]: o for o in tuned} if tuning else None)
     except (PresetError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -10,14 +10,21 @@ from importlib import metadata
 from pathlib import Path
 
 
-def code_version(project_dir: Path) -> str | None:
+def code_version(project_dir: Path, outputs: Path | None = None) -> str | None:
     """The git commit of the Flower app at ``project_dir`` (with " and uncommitted changes" when a tracked
-    file differs from it); ``None`` outside a git checkout."""
+    file under it differs from that commit; the ``outputs`` directory, where the runs are written, does not
+    count); ``None`` where it is no git checkout."""
+    project_dir = Path(project_dir).resolve()
+
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(project_dir), *args], capture_output=True, text=True, check=True,
                               timeout=60).stdout.strip()
+    scope = ["--", "."]
+    if outputs is not None and Path(outputs).resolve().is_relative_to(project_dir):
+        scope.append(f":(exclude){Path(outputs).resolve().relative_to(project_dir).as_posix()}")
     try:
-        head, changed = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+        head = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", *scope)
     except (OSError, subprocess.SubprocessError):
         return None
     return head + (" and uncommitted changes" if changed else "")

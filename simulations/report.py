@@ -567,7 +567,7 @@ def render(manifest: dict[str, Any], stats: Sequence[GroupStats], ratio_rows: Se
     codes = Counter(r.get("code") for r in manifest.get("runs", []) if r.get("status") in ("ok", "reused"))
     if set(codes) - {None}:  # recorded since the runner notes the app's commit of every run it launches
         lines.append("- Code, the app's git commit per run: " + "; ".join(
-            f"`{code}` ({count} runs)" if code else f"not recorded ({count} runs, launched before it was)"
+            f"`{code}` ({count} runs)" if code else f"not recorded ({count} runs)"
             for code, count in codes.items()))
     lines.append("")
     lines += setup_lines(manifest)

@@ -30,10 +30,13 @@ the same node sampling, reply screening, metering, transport, central-DP wrapper
 Every element of every global tensor becomes the weighted mean over the nodes whose sub-model held
 it (:func:`~resist_fl.core.width_slicing.merge_sliced`); elements nobody held stay. The weights are
 the run's ``weighting`` (default ``examples``, as for every method here); both official codes take the
-plain mean over the clients that held the element (HeteroFL: ``count[k] += 1`` then ``div_(count)``,
-``src/fed.py`` lines 180-218 of diaoenmao/HeteroFL-...; FedRolex: ``--weighting avg`` by default,
-``main_resnet.py`` line 37, so ``K = 1`` in ``resnet_server.py`` lines 180-194): ``weighting='uniform'``
-reproduces theirs. The message
+plain mean over the clients that held the element: HeteroFL's ``Federation.combine`` adds 1 to a count
+per holder and divides by it (``src/fed.py`` lines 180-253, the ResNet branch from 219, of
+diaoenmao/HeteroFL-Computation-and-Communication-Efficient-Federated-Learning-for-Heterogeneous-Clients
+at cc40f3e); FedRolex (AIoT-MLSys-Lab/FedRolex at 8135109) weights a convolution by ``K = 1`` under its
+default ``--weighting avg`` (``main_resnet.py`` line 37, ``resnet_server.py`` lines 180-194) and every
+other tensor by its update count so far, the same for every holder in a round, so that cancels too
+(lines 170-177, 196-215). ``weighting='uniform'`` reproduces theirs. The message
 carries the width rate (``width-rate``) and whether to scale (``width-scaler``); a node builds the
 sliced model directly from its spec (:func:`~resist_fl.core.width_slicing.sliced_spec`).
 """

@@ -387,6 +387,8 @@ def test_every_method_runs_its_seeds_at_its_best_rate_of_one_grid(tmp_path):
     assert compare.main(argv, launch=launch) == 0
     assert sorted(calls[:4]) == sorted(f"tune-lr{r:g}-{s}-seed100" for r in (0.01, 0.1) for s in ("resist", "fedavg"))
     manifest = json.loads((tmp_path / compare.MANIFEST_FILE).read_text())
+    assert {r["status"] for r in manifest["runs"]} == {"ok"}  # the grid ran in this invocation: none reused
+    assert "earlier invocations" not in (tmp_path / report.REPORT_FILE).read_text()
     lr = {r["name"]: r["run-config"]["lr"] for r in manifest["runs"]}
     assert lr["main-resist-seed0"] == lr["main-resist-seed1"] == 0.1  # its best
     assert lr["main-fedavg-seed0"] == 0.01  # a tie: the smaller rate
@@ -398,6 +400,7 @@ def test_every_method_runs_its_seeds_at_its_best_rate_of_one_grid(tmp_path):
     assert "tune-" not in results
     calls.clear()
     assert compare.main(argv, launch=launch) == 0 and calls == []  # a rerun reuses the grid and the seeds
+    assert "8 of its 8 runs had finished in earlier invocations" in (tmp_path / report.REPORT_FILE).read_text()
 
 
 def test_a_comparison_can_run_at_another_comparisons_picks(tmp_path, capsys):
@@ -512,12 +515,19 @@ def test_each_run_records_the_commit_of_the_app_that_ran_it(tmp_path, monkeypatc
     assert code_version(app) == first
     (app / "untracked.txt").write_text("ignored\n")  # outputs beside the app do not count
     assert code_version(app) == first
+    (app / "out").mkdir()
+    (app / "out" / "compare.json").write_text("{}\n")
+    git("add", "out/compare.json")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "results committed inside the app")
+    first = git("rev-parse", "HEAD")
+    (app / "out" / "compare.json").write_text('{"runs": []}\n')  # the runner rewrites its manifest
+    assert code_version(app, app / "out") == first  # the outputs are not the app's code
     (app / "a.txt").write_text("two\n")
-    assert code_version(app) == f"{first} and uncommitted changes"
+    assert code_version(app, app / "out") == f"{first} and uncommitted changes"
     assert code_version(tmp_path / "no-git") is None
 
     versions = iter([f"{first} and uncommitted changes", "c0ffee"])
-    monkeypatch.setattr(compare, "code_version", lambda project_dir: next(versions))
+    monkeypatch.setattr(compare, "code_version", lambda project_dir, outputs: next(versions))
     argv = ["quick-cpu", "--seeds", "0", "--out", str(tmp_path / "out")]
     assert compare.main(argv, launch=tuned_launch) == 0
     assert compare.main([*argv[:-2], "1", "--out", str(tmp_path / "out")], launch=tuned_launch) == 0  # seeds 0, 1
