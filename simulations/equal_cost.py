@@ -154,8 +154,8 @@ def equal_cost_lines(curves: Mapping[str, Sequence[CostCurve]],
         lines += [f"Convergence: each method's mean accuracy over the last {PLATEAU_WINDOW:.0%} of the {num_rounds} "
                   f"rounds minus its mean over the {PLATEAU_WINDOW:.0%} before (averaged over its seeds); the rule "
                   f"says it has plateaued when the gain is below {PLATEAU_GAIN}. "
-                  + (f"Not plateaued: {', '.join(rising)}; longer runs would raise them, so at this length the "
-                     "comparison understates them." if rising else "Every method has plateaued."), "",
+                  + (f"Not plateaued: {', '.join(rising)}; longer runs may raise them, so at this length "
+                     "the comparison may understate them." if rising else "Every method has plateaued."), "",
                   *table(["method", "gain", "plateaued"],
                          [[name, f"{gain:+.4f}", "yes" if flat else "**no**"]
                           for name, (gain, flat) in checked.items()]),

@@ -176,11 +176,11 @@ def _budget_ratios(budgets: dict[float, float], over_only: bool) -> str:
                      if used > 1 + BUDGET_TOLERANCE or not over_only)
 
 
-def verdicts_block(name: str) -> list[str]:
+def verdicts_block(name: str, results: str = "docs/results") -> list[str]:
     """The study's answer in a few lines (README): how many of its planned main runs have finished, the
     budget ResIST itself used, and each method under the word Holm's correction over the table gives it
     against ResIST, with its paired difference, interval and seeds, and the capacity classes whose budget
-    it exceeded (from ``nodes.jsonl``)."""
+    it exceeded (from ``nodes.jsonl``); ``results``: the results folder as the page's links reach it."""
     runs_dir, _, groups = _main_groups(name)
     preset = load_preset(name)
     planned, finished = len(preset.strategies) * len(preset.seeds), sum(len(runs) for runs in groups.values())
@@ -191,7 +191,7 @@ def verdicts_block(name: str) -> list[str]:
     rows = report.paired_rows(groups)
     rounds, checked = plateaus(groups)
     rising = {strategy for (_, strategy), (_, flat) in checked.items() if not flat}
-    lines = [f"{status} ([docs/results/{name}](docs/results/{name}/report.md)). Each method's late accuracy "
+    lines = [f"{status} ([docs/results/{name}]({results}/{name}/report.md)). Each method's late accuracy "
              "minus ResIST's on the same seed: the mean over n paired seeds and its 95 % paired-t interval "
              f"(per comparison); the words hold for the table's {sum(r['verdict'] != 'n/a' for r in rows)} "
              "comparisons together (Holm's correction). Budget used is the training FLOPs sent over the node's "
@@ -273,9 +273,11 @@ def across_block(first: str, second: str, strategy: str = report.REFERENCE) -> l
             f"[docs/results/{second}](results/{second}/report.md))."]
 
 
-def report_section(name: str, heading: str, columns: Sequence[str] = ()) -> list[str]:
+def report_section(name: str, heading: str, columns: Sequence[str] = (),
+                   through_first_table: bool = False) -> list[str]:
     """The section ``## heading`` of the committed report ``docs/results/<name>/report.md`` (a test rebuilds each
-    such report byte for byte from its runs), its table cut to ``columns`` when given, under its source."""
+    such report byte for byte from its runs), its table cut to ``columns`` when given (or the section up to the end
+    of its first table, ``through_first_table``), under its source."""
     path = RESULTS / name / report.REPORT_FILE
     lines = path.read_text(encoding="utf-8").splitlines()
     if f"## {heading}" not in lines:
@@ -283,6 +285,9 @@ def report_section(name: str, heading: str, columns: Sequence[str] = ()) -> list
     start = lines.index(f"## {heading}") + 1
     end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
     body = "\n".join(lines[start:end]).strip().splitlines()
+    if through_first_table:
+        start = next(i for i, line in enumerate(body) if line.startswith("|"))
+        body = body[:next((i for i in range(start, len(body)) if not body[i].startswith("|")), len(body))]
     if columns:  # its first table alone: the section's notes may speak of the columns left out
         start = next(i for i, line in enumerate(body) if line.startswith("|"))
         end = next((i for i in range(start, len(body)) if not body[i].startswith("|")), len(body))
@@ -340,6 +345,10 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "fmnist-study-within-budget": lambda: headline_block("fmnist-study-within-budget"),
     "fmnist-study-within-budget-verdicts": lambda: verdicts_block("fmnist-study-within-budget"),
     "within-budget-resist": lambda: across_block("fmnist-study", "fmnist-study-within-budget"),
+    "fmnist-study-resnet18": lambda: headline_block("fmnist-study-resnet18"),
+    "fmnist-study-resnet18-verdicts": lambda: verdicts_block("fmnist-study-resnet18", "results"),
+    "fmnist-study-resnet18-equal-cost": lambda: report_section("fmnist-study-resnet18", "Accuracy at equal cost",
+                                                               through_first_table=True),
     "fmnist-study-dynamic": lambda: headline_block("fmnist-study-dynamic"),
     "privacy-digits": lambda: report_section("privacy-digits", "Privacy"),
     "quick-cpu": lambda: baselines_block("quick-cpu"),
