@@ -289,11 +289,13 @@ def outcome_of(run: PlannedRun, result: LaunchResult | None, previous: dict[str,
 
 def execute(plan: Sequence[PlannedRun], config: DictConfig, project_dir: Path, out_dir: Path, jobs: int,
             manifest: dict[str, Any], launch: Launcher = run_flwr,
-            done: Mapping[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+            done: Mapping[str, dict[str, Any]] | None = None,
+            earlier: Mapping[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Run (or reuse) every planned run; the manifest is rewritten after each one. ``done``: outcomes of
-    this invocation's earlier call (its grid), kept as they are rather than counted as reused."""
+    this invocation's earlier call (its grid), kept as they are rather than counted as reused; ``earlier``:
+    the entries of earlier invocations, which a reused run keeps (default: the manifest's runs)."""
     done = dict(done or {})
-    previous = {entry["name"]: entry for entry in manifest.get("runs", [])}
+    previous = dict(earlier if earlier is not None else {entry["name"]: entry for entry in manifest.get("runs", [])})
     outcomes: dict[str, dict[str, Any]] = {}
     progress = Progress(len(plan), jobs)
     lock = threading.Lock()
@@ -461,15 +463,16 @@ def main(argv: Sequence[str] | None = None, launch: Launcher | None = None) -> i
         return 0
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = new_manifest(config, argv, out_dir, backend)
+    earlier = {entry["name"]: entry for entry in manifest["runs"]}  # execute rewrites manifest["runs"]
     try:
         tuning = [r for r in plan if is_tuning(r.variant)]
         if tuning:  # the grid first: each strategy's reported seeds run at its pick
-            tuned = execute(tuning, config, args.project.resolve(), out_dir, jobs, manifest, launch)
+            tuned = execute(tuning, config, args.project.resolve(), out_dir, jobs, manifest, launch, earlier=earlier)
             rates = picks(tuning_results(tuned, out_dir))
             print(f"learning rates picked on the tuning seed: {rates}", flush=True)
             plan = with_picked_rates(plan, rates) if rates else plan
         outcomes = execute(plan, config, args.project.resolve(), out_dir, jobs, manifest, launch,
-                           done={o["name"]: o for o in tuned} if tuning else None)
+                           done={o["name"]: o for o in tuned} if tuning else None, earlier=earlier)
     except (PresetError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -401,6 +401,8 @@ def test_every_method_runs_its_seeds_at_its_best_rate_of_one_grid(tmp_path):
     calls.clear()
     assert compare.main(argv, launch=launch) == 0 and calls == []  # a rerun reuses the grid and the seeds
     assert "8 of its 8 runs had finished in earlier invocations" in (tmp_path / report.REPORT_FILE).read_text()
+    rerun = json.loads((tmp_path / compare.MANIFEST_FILE).read_text())["runs"]
+    assert all(r["wall-seconds"] == 1.0 for r in rerun)  # a reused seed keeps what its launch recorded
 
 
 def test_a_comparison_can_run_at_another_comparisons_picks(tmp_path, capsys):
