@@ -197,7 +197,7 @@ def verdicts_block(name: str, results: str = "docs/results") -> list[str]:
              "comparisons together (Holm's correction). Budget used is the training FLOPs sent over the node's "
              "budget, per capacity class (above 1.00x: over it).", "",
              f"- ResIST, the reference, used {_budget_ratios(budgets.get(report.REFERENCE, {}), False) or '-'} of "
-             "its budget."]
+             "its budget" + (f"; still rising at round {rounds}" if report.REFERENCE in rising else "") + "."]
     if not rows:
         return [*lines, "- No method has two seeds paired with ResIST's yet: no words."]
     for word in ("wins", "ties", "loses", "n/a"):
@@ -350,8 +350,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "fmnist-study-resnet18-equal-cost": lambda: report_section("fmnist-study-resnet18", "Accuracy at equal cost",
                                                                through_first_table=True),
     "fmnist-study-resnet18-within-budget": lambda: headline_block("fmnist-study-resnet18-within-budget"),
-    "fmnist-study-resnet18-within-budget-verdicts": lambda: verdicts_block("fmnist-study-resnet18-within-budget",
-                                                                           "results"),
+    "fmnist-study-resnet18-within-budget-verdicts": lambda: verdicts_block("fmnist-study-resnet18-within-budget"),
     "within-budget-resist-resnet18": lambda: across_block("fmnist-study-resnet18",
                                                           "fmnist-study-resnet18-within-budget"),
     "fmnist-study-dynamic": lambda: headline_block("fmnist-study-dynamic"),

@@ -117,6 +117,13 @@ def test_the_committed_studys_verdicts_block_matches_its_report():
         assert entry in next(line for line in lines if line.startswith(f"- **{figures.WORDS[row['holm']]}**"))
 
 
+def test_the_verdicts_block_says_when_resist_itself_is_still_rising():
+    """ResIST within budget on ResNet-18 trains a fifth of the nodes and fails the plateau rule; the study does not."""
+    held = figures.verdicts_block("fmnist-study-resnet18-within-budget")[2]
+    assert held.startswith("- ResIST, the reference, used 1: ") and held.endswith("; still rising at round 80.")
+    assert figures.verdicts_block("fmnist-study")[2].endswith("of its budget.")
+
+
 def test_a_report_section_block_is_that_section_of_the_committed_report():
     from simulations import report
 
