@@ -171,7 +171,7 @@ def train_handler(msg: Message, context: Context) -> Message:
         metrics = {"blocks": blocks_trained, "bf16": int(bf16), "peak-memory-mb": peak.megabytes,
                    "memory-measure": peak.measure, "device-cache-mb": cache.device_bytes / 2**20,
                    **local.reply_metrics}
-    return train_reply(msg, model, num_examples=num_examples, train_loss=result.loss,
+    return train_reply(msg, model, num_examples=num_examples, train_loss=result.loss / local.loss_terms,
                        train_seconds=result.seconds, local_steps=result.steps, metrics=metrics,
                        private=private)
 

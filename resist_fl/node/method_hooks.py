@@ -60,6 +60,10 @@ class LocalTraining:
     """What the training reply says besides the training figures (``labels-held``)."""
     after_training: Callable[[], object] | None = None
     """Called once the round's local steps are done (FedDyn keeps its state there)."""
+    loss_terms: int = 1
+    """How many outputs' losses the step loss sums (DepthFL: one per exit the node holds). The reply's
+    ``train-loss`` is the mean step loss over this count, so that rounds whose nodes hold different numbers
+    of exits compare (the ServerApp's divergence rule compares a round with the best earlier one)."""
 
 
 def masked_cross_entropy(present: torch.Tensor) -> Loss:
@@ -140,12 +144,12 @@ class DepthExits(SubNetwork):
 
     def local_training(self, model: torch.nn.Module, spec: ModelSpec, config: Mapping[str, Any],
                        seed: int, labels: torch.Tensor, memory: NodeMemory | None = None) -> LocalTraining:
-        loss = mutual_distillation(float(config[DISTILL_WEIGHT]))
+        loss, exits = mutual_distillation(float(config[DISTILL_WEIGHT])), int(config[DEPTH_EXITS])
         alpha = float(config.get(FEDDYN_ALPHA, 0.0))
         if alpha <= 0:
-            return LocalTraining(loss=loss)
+            return LocalTraining(loss=loss, loss_terms=exits)
         if memory is None:
             raise ValueError(f"{FEDDYN_ALPHA} = {alpha}: FedDyn needs the node's memory across rounds")
         regularizer = FedDynRegularizer(model, alpha, memory.load(STATE_KEY))
-        return LocalTraining(loss=regularizer.loss(loss),
+        return LocalTraining(loss=regularizer.loss(loss), loss_terms=exits,
                              after_training=lambda: memory.save(STATE_KEY, regularizer.updated_state()))
