@@ -62,8 +62,9 @@ class LocalTraining:
     """Called once the round's local steps are done (FedDyn keeps its state there)."""
     loss_terms: int = 1
     """How many outputs' losses the step loss sums (DepthFL: one per exit the node holds). The reply's
-    ``train-loss`` is the mean step loss over this count, so that rounds whose nodes hold different numbers
-    of exits compare (the ServerApp's divergence rule compares a round with the best earlier one)."""
+    ``train-loss`` is the mean step loss (a regulariser such as FedDyn's included) over this count, so
+    that rounds whose nodes hold different numbers of exits compare (the ServerApp's divergence rule
+    compares a round with the best earlier one)."""
 
 
 def masked_cross_entropy(present: torch.Tensor) -> Loss:

@@ -104,6 +104,7 @@ def test_the_hook_adds_the_regulariser_only_when_the_message_names_alpha():
     assert DepthExits().local_training(model, SPEC, config, 0, torch.zeros(3)).after_training is None
     memory = ContextMemory(RecordDict())
     local = DepthExits().local_training(model, SPEC, {**config, FEDDYN_ALPHA: 0.1}, 0, torch.zeros(3), memory)
+    assert local.loss_terms == 4  # the reply's train-loss is per exit, as without FedDyn
     local.after_training()
     params = dict(model.named_parameters())
     assert set(memory.load(STATE_KEY)) == set(params)  # untrained: h stays 0
