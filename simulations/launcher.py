@@ -52,6 +52,12 @@ STOP_GRACE_SECONDS = 5.0
 LS_TIMEOUT_SECONDS = 30.0
 RUN_ID_PATTERN = re.compile(r"Successfully started run (\d+)")
 LOCAL_SUPERLINK_STARTED = "Starting local SuperLink"
+SUPERLINK_START_TIMED_OUT = "Failed to start local SuperLink within"
+"""What ``flwr run`` prints when its local SuperLink did not answer within Flower's fixed startup timeout
+(``LOCAL_SUPERLINK_STARTUP_TIMEOUT``, 15 s, ``flwr/cli/local_superlink.py`` lines 151-172 in flwr 1.42): on a
+loaded machine (several launches at once beside other work) it can happen before anything ran."""
+SUPERLINK_START_ATTEMPTS = 3
+"""Launches of one run when the local SuperLink did not start in time (each with a fresh FLWR_HOME and ports)."""
 ERROR_LINE = re.compile(r"^\s*(?:[\w.]*(?:Error|Exception|Exit)\b[^:]*): (.+)$")
 
 
@@ -306,6 +312,9 @@ def run_flwr(project_dir: str | os.PathLike, run_config: Mapping[str, Any], *, n
     Returns
     -------
     LaunchResult
+        Of the last attempt: when the local SuperLink did not start within Flower's startup timeout
+        (:data:`SUPERLINK_START_TIMED_OUT`, nothing ran), the run is launched again, up to
+        :data:`SUPERLINK_START_ATTEMPTS` times; the log says which attempt it is.
     """
     project_dir = Path(project_dir).resolve()
     run_dir, workdir, log_path = prepare_launch(run_config, workdir)
@@ -313,6 +322,20 @@ def run_flwr(project_dir: str | os.PathLike, run_config: Mapping[str, Any], *, n
                                    header=f"run config of {run_config['run-name']}, written by the launcher")
     command = [flwr_executable(), "run", ".", "--stream", "--run-config", str(config_path),
                "--federation-config", federation_config(num_supernodes, num_cpus_per_client, num_gpus_per_client)]
+    attempt = 1
+    result = _launch_once(command, project_dir, run_dir, log_path, timeout_s, attempt,
+                          runtime_dependency_installation=runtime_dependency_installation, ray_address=ray_address)
+    while (result.run_id is None and attempt < SUPERLINK_START_ATTEMPTS
+           and SUPERLINK_START_TIMED_OUT in log_path.read_text(encoding="utf-8", errors="replace")):
+        attempt += 1  # nothing ran: launch again, with a fresh FLWR_HOME and ports
+        result = _launch_once(command, project_dir, run_dir, log_path, timeout_s, attempt,
+                              runtime_dependency_installation=runtime_dependency_installation, ray_address=ray_address)
+    return result
+
+
+def _launch_once(command: list[str], project_dir: Path, run_dir: Path, log_path: Path, timeout_s: float,
+                 attempt: int, *, runtime_dependency_installation: bool, ray_address: str | None) -> LaunchResult:
+    """One ``flwr run`` of :func:`run_flwr` with its own FLWR_HOME, ports and marker, cleaned up after."""
     marker = uuid.uuid4().hex
     flwr_home = Path(tempfile.mkdtemp(prefix="flwr-home-"))
     env = launch_environment(flwr_home, marker, runtime_dependency_installation=runtime_dependency_installation,
@@ -322,7 +345,9 @@ def run_flwr(project_dir: str | os.PathLike, run_config: Mapping[str, Any], *, n
     try:
         isolation = {k: env[k] for k in ("FLWR_HOME", "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT",
                                           "FLWR_LOCAL_CONTROL_API_PORT", MARKER_ENV)}
-        _, timed_out, round1 = run_logged(command, project_dir, env, log_path, f"# launcher: {isolation}\n",
+        again = (f"# launcher: attempt {attempt} of {SUPERLINK_START_ATTEMPTS}: the local SuperLink of the attempt "
+                 "before did not start in time\n") if attempt > 1 else ""
+        _, timed_out, round1 = run_logged(command, project_dir, env, log_path, f"{again}# launcher: {isolation}\n",
                                           run_dir, started_epoch, timeout_s)
         wall = time.monotonic() - started
         log_text = log_path.read_text(encoding="utf-8", errors="replace")

@@ -228,6 +228,48 @@ def test_runner_on_a_tiny_preset_produces_runs_plots_and_report(tmp_path, capsys
     assert all(r["seconds-to-round1"] > 0 for r in manifest["runs"])  # kept from the first call
 
 
+FAKE_FLWR = """#!/usr/bin/env python3
+import json, os, pathlib, sys
+if sys.argv[1] == "ls":
+    print(json.dumps({"runs": [{"run-id": 7, "status": "finished:completed"}]}))
+    sys.exit(0)
+count = pathlib.Path(os.environ["FAKE_FLWR_COUNT"])
+attempt = int(count.read_text()) + 1 if count.exists() else 1
+count.write_text(str(attempt))
+print("Starting local SuperLink on 127.0.0.1:1234...")
+if attempt < int(os.environ["FAKE_FLWR_STARTS_ON"]):
+    print("Failed to start local SuperLink within 15s. See logs at x.")
+    sys.exit(1)
+print("Successfully started run 7")
+run_dir = pathlib.Path(os.environ["FAKE_FLWR_RUN_DIR"])
+run_dir.mkdir(parents=True, exist_ok=True)
+(run_dir / "summary.json").write_text("{}")
+"""
+
+
+@pytest.mark.parametrize("starts_on, attempts, success", [(2, 2, True), (3, 3, True), (9, 3, False)])
+def test_a_launch_whose_local_superlink_missed_flowers_startup_timeout_is_launched_again(
+        tmp_path, monkeypatch, starts_on, attempts, success):
+    """Flower gives its local SuperLink 15 s; under load it can miss them before anything ran (seen in CI
+    beside a study). The launcher starts again, up to three times, and the log says which attempt it is."""
+    from simulations import launcher
+
+    fake = tmp_path / "flwr"
+    fake.write_text(FAKE_FLWR)
+    fake.chmod(0o755)
+    monkeypatch.setattr(launcher, "flwr_executable", lambda: str(fake))
+    out = tmp_path / "out"
+    monkeypatch.setenv("FAKE_FLWR_COUNT", str(tmp_path / "count"))
+    monkeypatch.setenv("FAKE_FLWR_STARTS_ON", str(starts_on))
+    monkeypatch.setenv("FAKE_FLWR_RUN_DIR", str(out / "r"))
+    result = launcher.run_flwr(tmp_path, {"output-dir": str(out), "run-name": "r"}, num_supernodes=1,
+                               timeout_s=60, workdir=tmp_path / "logs")
+    assert int((tmp_path / "count").read_text()) == attempts
+    assert result.success is success and (result.run_id == "7") is success
+    log = result.log_path.read_text()
+    assert (f"# launcher: attempt {attempts} of 3" in log) and ("Failed to start" in log) is not success
+
+
 def test_the_inprocess_backend_runs_a_preset_as_flwr_run_would_and_reports_it(tmp_path, capsys):
     argv = ["quick-cpu", "num-server-rounds=2", "stage-depths=1,1,4,1", "local-steps=2", "--seeds", "0",
             "--backend", "inprocess", "--jobs", "2", "--out", str(tmp_path)]
