@@ -288,14 +288,14 @@ def outcome_of(run: PlannedRun, result: LaunchResult | None, previous: dict[str,
 
 
 def execute(plan: Sequence[PlannedRun], config: DictConfig, project_dir: Path, out_dir: Path, jobs: int,
-            manifest: dict[str, Any], launch: Launcher = run_flwr,
-            done: Mapping[str, dict[str, Any]] | None = None,
-            earlier: Mapping[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+            manifest: dict[str, Any], launch: Launcher = run_flwr, *, earlier: Mapping[str, dict[str, Any]],
+            done: Mapping[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Run (or reuse) every planned run; the manifest is rewritten after each one. ``done``: outcomes of
     this invocation's earlier call (its grid), kept as they are rather than counted as reused; ``earlier``:
-    the entries of earlier invocations, which a reused run keeps (default: the manifest's runs)."""
+    the entries of earlier invocations (read before the first call rewrites the manifest), which a reused
+    run keeps."""
     done = dict(done or {})
-    previous = dict(earlier if earlier is not None else {entry["name"]: entry for entry in manifest.get("runs", [])})
+    previous = dict(earlier)
     outcomes: dict[str, dict[str, Any]] = {}
     progress = Progress(len(plan), jobs)
     lock = threading.Lock()
