@@ -60,17 +60,18 @@ def _device_cache(device: torch.device, max_mb: int) -> DeviceCache:
 
 def _partition(dataset: str, data_path: str, partitioner: str, alpha: float, seed: int,
                partition_id: int, num_partitions: int, cache_dir: str, cache: DeviceCache,
-               image_size: int = 224, shards_per_partition: int = 2) -> DeviceImages:
+               image_size: int = 224, shards_per_partition: int = 2, validation_size: int = 0) -> DeviceImages:
     """A node's training partition as uint8 tensors, kept for as long as the process lives (on
     the training device within ``device-cache-mb``, else in pinned host memory); decoded once
     per node (``partition-cache``), not once per process."""
     key = partition_key(dataset, data_path, partitioner=partitioner, alpha=float(alpha), seed=seed,
                         partition_id=partition_id, num_partitions=num_partitions,
                         **({"image-size": image_size} if dataset == "imagefolder" else {}),
-                        **({"shards-per-partition": shards_per_partition} if partitioner == "shard" else {}))
+                        **({"shards-per-partition": shards_per_partition} if partitioner == "shard" else {}),
+                        **({"validation-size": validation_size} if validation_size else {}))
     return cache.get(key, lambda: cached_partition(cache_dir, key, lambda: load_partition(
         dataset, partition_id, num_partitions, partitioner=partitioner, alpha=alpha, seed=seed, data_path=data_path,
-        image_size=image_size, shards_per_partition=shards_per_partition)))
+        image_size=image_size, shards_per_partition=shards_per_partition, validation_size=validation_size)))
 
 
 @lru_cache(maxsize=8)
@@ -127,7 +128,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     partition = _partition(settings.dataset, data_path, settings.partitioner, settings.dirichlet_alpha,
                            settings.seed, partition_id, int(node["num-partitions"]),
                            _partition_cache(context, settings), cache, settings.image_size,
-                           settings.shards_per_partition)
+                           settings.shards_per_partition, settings.validation_size)
     if (top := int(partition.labels.max())) >= spec.num_classes:
         raise DataError(f"data-path {data_path!r}: partition {partition_id} has label {top}, but the run's "
                         f"model has {spec.num_classes} classes; expected labels in [0, {spec.num_classes})")
@@ -136,7 +137,8 @@ def train_handler(msg: Message, context: Context) -> Message:
     run_round = message_run_round(msg)
     round_seed = settings.seed * 100_003 + run_round * 1_009 + partition_id  # order, crops, flips, dropout
     loader = TrainBatches(partition, settings.batch_size,
-                               normalization=normalization(settings.dataset, data_path, settings.image_size),
+                               normalization=normalization(settings.dataset, data_path, settings.image_size,
+                                                           settings.validation_size),
                                augment=settings.augmentation(), seed=round_seed, crop_size=settings.crop_size(),
                                drop_last=device.type == "cuda")  # one batch shape on a GPU
     num_examples = len(partition)
@@ -198,11 +200,11 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     model = build_local_model(settings, spec, layout, msg)  # fedavg-small: at the width the message names
     node = context.node_config
     data_path = _data_path(context, settings)
-    test = load_test_set(settings.dataset, data_path, settings.image_size)
+    test = load_test_set(settings.dataset, data_path, settings.image_size, settings.validation_size)
     if "data-path" not in node:
         test = test.subset(np.arange(int(node["partition-id"]), len(test), int(node["num-partitions"])))
     device = resolve_device(settings.device)
-    stats = normalization(settings.dataset, data_path, settings.image_size)
+    stats = normalization(settings.dataset, data_path, settings.image_size, settings.validation_size)
     loader = EvalBatches(test, settings.eval_batch_size, normalization=stats, device=device)
     loss, accuracy = evaluate(model, loader, device, uses_bf16(settings.amp_wanted(), device))
     metrics = MetricRecord(dict(zip(EVALUATE_METRICS, (len(test), loss, accuracy))))

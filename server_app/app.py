@@ -116,9 +116,9 @@ class CentralEvaluation:
             s = self.settings
             if self.training_set is None:  # loaded and batched once, re-used at every evaluation
                 whole = load_partition(s.dataset, 0, 1, partitioner="iid", seed=s.seed, data_path=s.data_path,
-                                       image_size=s.image_size)
-                self.training_set = EvalBatches(whole, s.batch_size, device=self.device,
-                                                normalization=normalization(s.dataset, s.data_path, s.image_size))
+                                       image_size=s.image_size, validation_size=s.validation_size)
+                self.training_set = EvalBatches(whole, s.batch_size, device=self.device, normalization=normalization(
+                    s.dataset, s.data_path, s.image_size, s.validation_size))
             return with_training_statistics(self.spec, state, self.training_set, self.device)
         self.model.load_state_dict(state)
         return self.model
@@ -168,7 +168,8 @@ class ClientLabels:
             s = self.settings
             self.counts = partition_label_counts(
                 s.dataset, parts, self.num_classes, partitioner=s.partitioner, alpha=s.dirichlet_alpha, seed=s.seed,
-                data_path=s.data_path, image_size=s.image_size, shards_per_partition=s.shards_per_partition)
+                data_path=s.data_path, image_size=s.image_size, shards_per_partition=s.shards_per_partition,
+                validation_size=s.validation_size)
             log(INFO, "resist-fl: client-eval over the %d partitions of the split", parts)
         return self.counts
 
@@ -183,8 +184,8 @@ def prepare_data(settings: RunSettings) -> tuple[ModelSpec, BlockLayout, EvalBat
     """
     try:
         spec, layout = resolve_model(settings)
-        test = load_test_set(settings.dataset, settings.data_path, settings.image_size)
-        stats = normalization(settings.dataset, settings.data_path, settings.image_size)
+        test = load_test_set(settings.dataset, settings.data_path, settings.image_size, settings.validation_size)
+        stats = normalization(settings.dataset, settings.data_path, settings.image_size, settings.validation_size)
     except DataError as err:
         log(ERROR, "resist-fl: the data set cannot be used:\n    %s", err)
         raise DataError(str(err)) from None
@@ -194,6 +195,10 @@ def prepare_data(settings: RunSettings) -> tuple[ModelSpec, BlockLayout, EvalBat
     log(INFO, "resist-fl: data %s, images %s, augment=%s (%s), normalisation mean %s std %s",
         settings.dataset, "x".join(map(str, data["image-shape"])), data["augment"], settings.augment,
         [round(m, 4) for m in stats.mean], [round(s, 4) for s in stats.std])
+    if settings.validation_size:
+        data["validation-size"] = settings.validation_size
+        log(INFO, "resist-fl: every evaluation uses the %d training images held out as the validation set "
+            "(validation-size); the nodes train on the rest, and the test set is not read", len(test))
     loader = EvalBatches(test, settings.eval_batch_size, normalization=stats,
                               device=resolve_device(settings.device))
     subset = None

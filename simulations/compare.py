@@ -156,14 +156,15 @@ def plan_tuning(config: DictConfig, out_dir: Path, defaults: dict[str, Any]) -> 
         raise PresetError(str(err)) from None
     if grid is None:
         return []
-    rates, seed, rounds = grid
     plan = []
-    for rate in rates:
+    held = {"validation-size": grid.validation_size} if grid.validation_size else {}
+    for rate in grid.rates:
         for strategy in config.strategies:
-            name = run_name(tuning_variant(rate), strategy, seed)
-            run_config = {**strategy_run_config(config, strategy, defaults), "lr": rate, "num-server-rounds": rounds,
-                          "strategy": strategy, "seed": seed, "run-name": name, "output-dir": str(out_dir)}
-            plan.append(PlannedRun(name, tuning_variant(rate), strategy, seed, run_config))
+            name = run_name(tuning_variant(rate), strategy, grid.seed)
+            run_config = {**strategy_run_config(config, strategy, defaults), "lr": rate, **held,
+                          "num-server-rounds": grid.rounds, "strategy": strategy, "seed": grid.seed, "run-name": name,
+                          "output-dir": str(out_dir)}
+            plan.append(PlannedRun(name, tuning_variant(rate), strategy, grid.seed, run_config))
     return plan
 
 

@@ -20,19 +20,22 @@ LABEL_PLOT = "label_distribution.png"
 def partitioner_of(run_config: Mapping[str, Any], num_partitions: int):
     """The run's flwr-datasets partitioner with its data assigned, and its label column."""
     from resist_fl.data.hub import HUB_DATASETS, _federated_dataset
-    from resist_fl.data.partitioning import index_partitioner, make_partitioner
+    from resist_fl.data.partitioning import hub_kept_split, index_partitioner, make_partitioner
     from resist_fl.data.sources import local_train_set
 
     dataset, seed = str(run_config["dataset"]), int(run_config.get("seed", 0))
     name, alpha = str(run_config.get("partitioner", "iid")), float(run_config.get("dirichlet-alpha", 0.5))
     shards = int(run_config.get("shards-per-partition", 2))
+    validation = int(run_config.get("validation-size", 0))
+    if dataset in HUB_DATASETS and validation:
+        return hub_kept_split(dataset, validation, num_partitions, name, alpha, seed, shards)[0], "label"
     if dataset in HUB_DATASETS:
         spec = HUB_DATASETS[dataset]
         split = make_partitioner(name, num_partitions, spec.label_column, alpha, seed, shards)
         fds = _federated_dataset(dataset, split, (name, num_partitions, alpha, shards), seed)
         return fds.partitioners["train"], spec.label_column
     train, source = local_train_set(dataset, str(run_config.get("data-path", "")),
-                                    int(run_config.get("image-size", 224)))
+                                    int(run_config.get("image-size", 224)), validation)
     return index_partitioner(source, train.labels, num_partitions, name, alpha, seed, shards), "label"
 
 

@@ -573,14 +573,17 @@ def render(manifest: dict[str, Any], stats: Sequence[GroupStats], ratio_rows: Se
     lines += setup_lines(manifest)
     target_line = (f"Target accuracy: **{target:.4f}** ({target_text})." if target is not None
                    else f"Target accuracy: none ({target_text}).")
-    lines += ["## Results", "", target_line, "", *results_lines(stats, target), "",
-              "Mean ± sample std over seeds; time to target averages the seeds that reached it. "
-              "Seconds are the ServerApp's round times (no server-side evaluation); round 1 includes "
-              "starting the ClientApps (Ray actors, imports, data). s to round 1 is the launcher's time "
-              "from `flwr run` to round 1's metrics (SuperLink, FAB install, Ray, round 1); run wall s "
-              "the whole `flwr run`. Runs diverging: seeds with a round where a node's training went "
-              "non-finite or the mean train loss rose above 5x (and 0.5 nats above) the best earlier round's "
-              "(the ServerApp warns in that round).", ""]
+    if not stats:
+        lines += ["## Results", "", "No reported seeds: this comparison ran its learning-rate grid alone (below).", ""]
+    else:
+        lines += ["## Results", "", target_line, "", *results_lines(stats, target), "",
+                  "Mean ± sample std over seeds; time to target averages the seeds that reached it. "
+                  "Seconds are the ServerApp's round times (no server-side evaluation); round 1 includes "
+                  "starting the ClientApps (Ray actors, imports, data). s to round 1 is the launcher's time "
+                  "from `flwr run` to round 1's metrics (SuperLink, FAB install, Ray, round 1); run wall s "
+                  "the whole `flwr run`. Runs diverging: seeds with a round where a node's training went "
+                  "non-finite or the mean train loss rose above 5x (and 0.5 nats above) the best earlier round's "
+                  "(the ServerApp warns in that round).", ""]
     if ratio_rows:
         lines += ["## ResIST / FedAvg", "", *ratio_lines(ratio_rows), "",
                   "Below 1 means ResIST needs less (or, for accuracy, reaches less).", ""]
@@ -590,7 +593,8 @@ def render(manifest: dict[str, Any], stats: Sequence[GroupStats], ratio_rows: Se
         lines += paper_lines(manifest["paper"], stats)
     lines += list(extra)
     lines += failed_lines(manifest)
-    lines += ["## Plots", "", *[f"![{p.stem}]({p.name})" for p in plots], ""]
+    if stats or plots:
+        lines += ["## Plots", "", *[f"![{p.stem}]({p.name})" for p in plots], ""]
     if label_plots:
         lines += ["## Label distribution", "", "Examples of each label per partition (one partition per node), as "
                   "flwr-datasets' `plot_label_distributions` draws the run's partitioner:", "",

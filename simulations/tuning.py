@@ -9,9 +9,11 @@ paired rule compares; ties: the smaller rate). The tuning runs are variants ``tu
 same output directory; the report gives the grid, every tuning run's late accuracy and each pick, and
 keeps them out of its main tables.
 
-The accuracy is the central test set's (the project's data sets have no validation split): the
-pick is made on other partitions, node samples and initialisations than the reported seeds', but on
-the same test images, which the report states.
+The accuracy is the central test set's unless the section names ``validation-size: N``: the tuning
+runs then hold N training images out (:func:`resist_fl.data.sources.held_out`, the same images for
+every method and rate), train on the rest and evaluate on them, so the pick never reads the test
+set. Either way the pick is made on other partitions, node samples and initialisations than the
+reported seeds'; the report says which images it was measured on.
 
 ``tuning: {picks-from: DIR}`` instead runs no tuning runs: every strategy runs at its pick in the
 finished comparison ``DIR`` (relative paths: to the repository), whose grid must hold every rate of
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from resist_fl.run.methods import label
 from resist_fl.run.outputs import METRICS_FILE, SUMMARY_FILE, read_json, read_metrics
@@ -32,7 +34,18 @@ from simulations.paired_stats import late_accuracy
 TUNING_PREFIX = "tune-lr"
 """Variant names of the tuning runs: ``tune-lr0.05``."""
 PICKS_FROM = "picks-from"
+VALIDATION = "validation-size"
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class Grid(NamedTuple):
+    """A preset's learning-rate grid: the rates, the tuning seed and rounds, and the training images held out
+    to pick on (0: the picks are measured on the test set)."""
+
+    rates: list[float]
+    seed: int
+    rounds: int
+    validation_size: int
 
 
 def is_tuning(variant: str) -> bool:
@@ -44,18 +57,21 @@ def tuning_variant(lr: float) -> str:
     return f"{TUNING_PREFIX}{lr:g}"
 
 
-def grid_of(tuning: Mapping[str, Any] | None) -> tuple[list[float], int, int] | None:
-    """``(rates, seed, rounds)`` of a preset's ``tuning`` section (None without one); ValueError when
-    it is malformed."""
+def grid_of(tuning: Mapping[str, Any] | None) -> Grid | None:
+    """The :class:`Grid` of a preset's ``tuning`` section (None without one); ValueError when it is malformed."""
     if not tuning or reference_of(tuning) is not None:
         return None
-    if set(tuning) != {"lr", "seed", "num-server-rounds"}:
+    if not {"lr", "seed", "num-server-rounds"} <= set(tuning) <= {"lr", "seed", "num-server-rounds", VALIDATION}:
         raise ValueError(f"tuning = {dict(tuning)!r}: expected the keys lr (a list of rates), seed and "
-                         "num-server-rounds")
+                         f"num-server-rounds, and optionally {VALIDATION}")
     rates = [float(r) for r in tuning["lr"]]
     if not rates or any(not r > 0 for r in rates) or len(set(rates)) != len(rates):
         raise ValueError(f"tuning.lr = {tuning['lr']!r}: expected distinct positive learning rates")
-    return sorted(rates), int(tuning["seed"]), int(tuning["num-server-rounds"])
+    validation = tuning.get(VALIDATION, 0)
+    if isinstance(validation, bool) or not isinstance(validation, int) or validation < 0:
+        raise ValueError(f"tuning.{VALIDATION} = {validation!r}: expected a whole number of training images "
+                         "to hold out (0: pick on the test set)")
+    return Grid(sorted(rates), int(tuning["seed"]), int(tuning["num-server-rounds"]), validation)
 
 
 def reference_of(tuning: Mapping[str, Any] | None) -> Path | None:
@@ -87,7 +103,7 @@ def reference_picks(directory: Path, strategies: Sequence[str]) -> dict[str, flo
     grid = grid_of(manifest.get("tuning"))
     results = tuning_results(manifest.get("runs", []), directory)
     for strategy in strategies:
-        missing = [r for r in (grid[0] if grid else []) if results.get(strategy, {}).get(r) is None]
+        missing = [r for r in (grid.rates if grid else []) if results.get(strategy, {}).get(r) is None]
         if grid is None or strategy not in results or missing:
             raise ValueError(f"tuning.{PICKS_FROM} = {directory}: its learning-rate grid has no finished run of "
                              f"{strategy!r}" + (f" at lr {missing}" if missing and strategy in results else ""))
@@ -139,6 +155,10 @@ def tuning_lines(manifest: Mapping[str, Any], out_dir: Path) -> list[str]:
     if not results:
         return []
     tuning = manifest.get("tuning") or {}
+    held = tuning.get(VALIDATION, 0)
+    measured_on = (f"and its accuracy is measured on {held:,} training images held out of the tuning runs' partitions "
+                   f"(`{VALIDATION}`), never on the test set" if held else
+                   "but its accuracy is measured on the same test set (no validation split)")
     rates = sorted({r for by_rate in results.values() for r in by_rate})
     chosen = picks(results)
     rows = []
@@ -151,7 +171,6 @@ def tuning_lines(manifest: Mapping[str, Any], out_dir: Path) -> list[str]:
             f"({tuning.get('num-server-rounds', '?')} rounds), and runs its reported seeds at the rate with the "
             "highest late accuracy (shown; the mean of its evaluations in the last fifth of its rounds, bold: the "
             "pick; ties: the smaller rate). The tuning seed's partitions, node samples "
-            "and initialisation are not the reported seeds', but its accuracy is measured on the same test set "
-            "(no validation split).", "",
+            f"and initialisation are not the reported seeds', {measured_on}.", "",
             "| method | " + " | ".join(f"lr {r:g}" for r in rates) + " | picked |",
             "|---|" + "---|" * (len(rates) + 1), *rows, ""]

@@ -6,13 +6,17 @@ either, a :class:`~resist_fl.data.arrays.DataError` says what to use instead.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from resist_fl.data.arrays import DataError, ImageArrays, arrays_from_hf
 from resist_fl.data.npz import NPZ_KEYS
 
 if TYPE_CHECKING:  # flwr-datasets (and the Hugging Face stack) is imported only when a hub set is used
+    import datasets
     from flwr_datasets import FederatedDataset
     from flwr_datasets.partitioner import Partitioner
 
@@ -56,6 +60,26 @@ def hub_test_set(dataset: str) -> ImageArrays:
         fds = _federated_dataset(dataset, IidPartitioner(1), ("iid", 1), 0)  # test is not split
         _TEST_SETS[dataset] = arrays_from_hf(fds.load_split("test"), spec.image_column, spec.label_column)
     return _TEST_SETS[dataset]
+
+
+def hub_train_split(dataset: str) -> datasets.Dataset:
+    """The whole ``'train'`` split of a hub dataset, in a fixed order (flwr-datasets' shuffle with seed 0),
+    images not yet decoded."""
+    from flwr_datasets.partitioner import IidPartitioner
+
+    return _federated_dataset(dataset, IidPartitioner(1), ("iid", 1), 0).load_split("train")
+
+
+def hub_train_labels(dataset: str) -> np.ndarray:
+    """The labels of :func:`hub_train_split`, in its order (no image decoded)."""
+    return np.asarray(hub_train_split(dataset)[HUB_DATASETS[dataset].label_column], dtype=np.int64)
+
+
+def hub_train_images(dataset: str, choose: Callable[[int], np.ndarray]) -> ImageArrays:
+    """The images of :func:`hub_train_split` at the indices ``choose(length of the split)``, decoded."""
+    spec = HUB_DATASETS[dataset]
+    split = hub_train_split(dataset)
+    return arrays_from_hf(split.select(choose(len(split))), spec.image_column, spec.label_column)
 
 
 def _federated_dataset(dataset: str, partitioner: Partitioner, key: tuple, seed: int) -> FederatedDataset:

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from resist_fl.data.arrays import ImageArrays
-from resist_fl.data.hub import HUB_DATASETS, hub_partition
-from resist_fl.data.sources import DATASETS, check_choice, local_train_set
+from resist_fl.data.hub import HUB_DATASETS, hub_partition, hub_train_images, hub_train_labels
+from resist_fl.data.sources import DATASETS, check_choice, kept, local_train_set
 
 if TYPE_CHECKING:  # flwr-datasets and the Hugging Face stack are imported when a partition is split
     from flwr_datasets.partitioner import Partitioner
@@ -37,6 +37,7 @@ def load_partition(
     data_path: str = "",
     image_size: int = 224,
     shards_per_partition: int = 2,
+    validation_size: int = 0,
 ) -> ImageArrays:
     """Load one federated partition of a training set.
 
@@ -60,6 +61,9 @@ def load_partition(
         The crop size of ``imagefolder`` images.
     shards_per_partition : int
         Shards (of one label each, mostly) per partition. Only for ``'shard'``.
+    validation_size : int
+        Training images held out of every partition as the validation set
+        (:func:`~resist_fl.data.sources.held_out`); 0: none.
 
     Returns
     -------
@@ -76,22 +80,38 @@ def load_partition(
     check_choice("dataset", dataset, DATASETS)
     check_choice("partitioner", partitioner, PARTITIONERS)
     _check_partition_id(partition_id, num_partitions)
+    if dataset in HUB_DATASETS and validation_size:  # the split of the kept images, by index
+        split, rest = hub_kept_split(dataset, validation_size, num_partitions, partitioner, alpha, seed,
+                                     shards_per_partition)
+        chosen = rest[split.load_partition(partition_id).with_format("numpy")[:]["idx"]]
+        return hub_train_images(dataset, lambda _: chosen)
     if dataset in HUB_DATASETS:
         spec = HUB_DATASETS[dataset]
         split = make_partitioner(partitioner, num_partitions, spec.label_column, alpha, seed, shards_per_partition)
         key = (partitioner, num_partitions, float(alpha), shards_per_partition)
         return hub_partition(dataset, partition_id, split, key, seed)
     train, split = local_split(dataset, num_partitions, partitioner, alpha, seed, data_path, image_size,
-                               shards_per_partition)
+                               shards_per_partition, validation_size)
     return train.subset(split.load_partition(partition_id).with_format("numpy")[:]["idx"])
 
 
 def local_split(dataset: str, num_partitions: int, partitioner: str, alpha: float, seed: int, data_path: str,
-                image_size: int, shards_per_partition: int) -> tuple[ImageArrays, Partitioner]:
+                image_size: int, shards_per_partition: int,
+                validation_size: int = 0) -> tuple[ImageArrays, Partitioner]:
     """A local training set and its (cached) split over sample indices: what :func:`load_partition` cuts."""
-    train, source = local_train_set(dataset, data_path, image_size)
+    train, source = local_train_set(dataset, data_path, image_size, validation_size)
     return train, index_partitioner(source, train.labels, num_partitions, partitioner, alpha, seed,
                                     shards_per_partition)
+
+
+def hub_kept_split(dataset: str, validation_size: int, num_partitions: int, partitioner: str, alpha: float,
+                   seed: int, shards_per_partition: int) -> tuple[Partitioner, np.ndarray]:
+    """A hub training split less its held-out images: the (cached) split over the kept images' positions, and
+    those positions in the hub's split (:func:`~resist_fl.data.hub.hub_train_split`)."""
+    labels = hub_train_labels(dataset)
+    rest = kept(len(labels), validation_size)
+    return index_partitioner((dataset, "validation", validation_size), labels[rest], num_partitions, partitioner,
+                             alpha, seed, shards_per_partition), rest
 
 
 def partition_label_counts(dataset: str, num_partitions: int, num_classes: int, **partitioning: object) -> np.ndarray:
@@ -104,7 +124,7 @@ def partition_label_counts(dataset: str, num_partitions: int, num_classes: int, 
     split = None
     if dataset in DATASETS and dataset not in HUB_DATASETS:  # a local set: its labels by index, no image copied
         options = {"partitioner": "iid", "alpha": 0.5, "seed": 0, "data_path": "", "image_size": 224,
-                   "shards_per_partition": 2, **partitioning}
+                   "shards_per_partition": 2, "validation_size": 0, **partitioning}
         check_choice("partitioner", str(options["partitioner"]), PARTITIONERS)
         train, split = local_split(dataset, num_partitions, **options)
         all_labels = np.asarray(train.labels, dtype=np.int64)

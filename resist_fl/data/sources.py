@@ -14,6 +14,10 @@
 ``imagefolder``
     A local ImageFolder-style directory, ImageNet's layout (:mod:`.imagefolder`); images of
     ``image_size`` (224 by default).
+
+A run with ``validation_size > 0`` holds that many training images out (:func:`held_out`): its
+training set is the rest and its "test set" the held-out images, so tuning a run never reads the
+test images.
 """
 
 from __future__ import annotations
@@ -22,10 +26,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from resist_fl.data.arrays import DatasetInfo, ImageArrays
+from resist_fl.data.arrays import DataError, DatasetInfo, ImageArrays
 from resist_fl.data.digits import DIGITS_CHANNELS, DIGITS_IMAGE_SIZE, DIGITS_NUM_CLASSES, digits_splits
 from resist_fl.data.idx import IDX_CHANNELS, IDX_DATASETS, IDX_IMAGE_SIZE, IDX_NUM_CLASSES, idx_source_key, idx_splits
-from resist_fl.data.hub import CIFAR_CHANNELS, CIFAR_IMAGE_SIZE, HUB_DATASETS, hub_test_set
+from resist_fl.data.hub import CIFAR_CHANNELS, CIFAR_IMAGE_SIZE, HUB_DATASETS, hub_test_set, hub_train_images
 from resist_fl.data.imagefolder import imagefolder_source_key, imagefolder_splits
 from resist_fl.data.npz import npz_source_key, npz_splits
 from resist_fl.data.synthetic import (
@@ -39,6 +43,32 @@ from resist_fl.data.transforms import CIFAR_NORMALIZATION, Normalization, image_
 DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "synthetic", "npz", "imagefolder")
 
 _STATISTICS: dict[object, Normalization] = {}  # per data source, computed once per process
+
+VALIDATION_DRAW = 34
+"""Seed of the draw of the held-out validation images: a constant, so every run seed (and every
+node) holds out the same images of the same training set."""
+
+
+def held_out(num_images: int, validation_size: int) -> np.ndarray:
+    """Sorted indices of the ``validation_size`` training images held out of ``num_images`` (a fixed
+    uniform draw without replacement).
+
+    Raises
+    ------
+    DataError
+        ``validation_size`` leaves fewer than half of the training set to train on.
+    """
+    if not 0 < validation_size <= num_images // 2:
+        raise DataError(f"validation-size = {validation_size}: expected 1 .. {num_images // 2} (at most half of the "
+                         f"{num_images} training images, so that the nodes keep the larger part)")
+    return np.sort(np.random.default_rng(VALIDATION_DRAW).choice(num_images, validation_size, replace=False))
+
+
+def kept(num_images: int, validation_size: int) -> np.ndarray:
+    """Sorted indices of the training images the nodes train on: all of them, or all but :func:`held_out`."""
+    if not validation_size:
+        return np.arange(num_images)
+    return np.setdiff1d(np.arange(num_images), held_out(num_images, validation_size))
 
 
 def check_choice(kind: str, value: str, allowed: Sequence[str]) -> None:
@@ -80,9 +110,15 @@ def local_splits(dataset: str, data_path: str, image_size: int = 224) -> tuple[I
     return npz_splits(data_path)
 
 
-def load_test_set(dataset: str, data_path: str = "", image_size: int = 224) -> ImageArrays:
-    """A fresh copy of the centralised test set of ``dataset`` (the hub's ``'test'`` split for CIFAR)."""
+def load_test_set(dataset: str, data_path: str = "", image_size: int = 224, validation_size: int = 0) -> ImageArrays:
+    """A fresh copy of the centralised test set of ``dataset`` (the hub's ``'test'`` split for CIFAR),
+    or with ``validation_size > 0`` of the training images held out as the validation set."""
     check_choice("dataset", dataset, DATASETS)
+    if validation_size:
+        if dataset in HUB_DATASETS:
+            return hub_train_images(dataset, lambda n: held_out(n, validation_size))
+        train = local_train_set(dataset, data_path, image_size)[0]
+        return train.subset(held_out(len(train), validation_size))
     if dataset in HUB_DATASETS:
         test = hub_test_set(dataset)
     elif dataset == "synthetic":
@@ -96,8 +132,17 @@ def load_test_set(dataset: str, data_path: str = "", image_size: int = 224) -> I
     return test.subset(np.arange(len(test)))
 
 
-def local_train_set(dataset: str, data_path: str, image_size: int = 224) -> tuple[ImageArrays, object]:
-    """The training set of a data set held in memory (every one but the hub's CIFAR) and a key naming its contents."""
+def local_train_set(dataset: str, data_path: str, image_size: int = 224,
+                    validation_size: int = 0) -> tuple[ImageArrays, object]:
+    """The training set of a data set held in memory (every one but the hub's CIFAR), without the
+    images :func:`held_out` of it when ``validation_size > 0``, and a key naming its contents."""
+    train, key = _whole_train_set(dataset, data_path, image_size)
+    if not validation_size:
+        return train, key
+    return train.subset(kept(len(train), validation_size)), (key, "validation", validation_size)
+
+
+def _whole_train_set(dataset: str, data_path: str, image_size: int) -> tuple[ImageArrays, object]:
     if dataset == "synthetic":
         return synthetic_splits()[0], "synthetic"
     if dataset == "digits":
@@ -109,14 +154,14 @@ def local_train_set(dataset: str, data_path: str, image_size: int = 224) -> tupl
     return npz_splits(data_path)[0], npz_source_key(data_path)
 
 
-def normalization(dataset: str, data_path: str = "", image_size: int = 224) -> Normalization:
+def normalization(dataset: str, data_path: str = "", image_size: int = 224, validation_size: int = 0) -> Normalization:
     """The normalisation of ``dataset``: CIFAR's constants for CIFAR, otherwise the per-channel
     mean and standard deviation of the whole training set (the npz file's ``x_train``: the
-    same on every node that reads the same file)."""
+    same on every node that reads the same file; without the held-out validation images)."""
     check_choice("dataset", dataset, DATASETS)
     if dataset in CIFAR_NORMALIZATION:
         return CIFAR_NORMALIZATION[dataset]
-    train, key = local_train_set(dataset, data_path, image_size)
+    train, key = local_train_set(dataset, data_path, image_size, validation_size)
     if key not in _STATISTICS:
         _STATISTICS[key] = image_statistics(train.images)
     return _STATISTICS[key]

@@ -36,6 +36,7 @@ CASES = {**{name: {"strategy": name, **({} if name in ("resist", "fedavg") else 
                                "dp-clip-count-noise": 5.0}}
 # features ride on a method's own launch (each launch costs about 45 CPU-seconds of start-up)
 CASES["depthfl"]["feddyn-alpha"] = 0.1  # FedDyn, DepthFL's server optimiser
+CASES["heterofl"]["validation-size"] = 200  # evaluated on 200 held-out training images, not the test set
 CASES["fjord-kd"].update({"dp": "central", "weighting": "uniform", "dp-clip": 0.5, "dp-noise-multiplier": 0.5,
                           "dp-sampling": "secret",  # a width method under the central-DP wrapper, secret sample
                           "capacity-profile": "0.5"})  # (a secret sample needs one capacity for every node)
@@ -105,6 +106,12 @@ def test_the_fashion_mnist_preset_runs_100_supernodes_with_per_client_accuracy(l
     nodes = read_metrics(result.run_dir, "nodes.jsonl")
     assert all(sum(n["round"] == r for n in nodes) == 10 for r in range(1, ROUNDS + 1))  # 10 % per round
     assert all(n["budget-used"] <= 1 and n["over-capacity"] == 0 for n in nodes)  # the floor fits 0.25
+
+
+def test_a_hold_out_is_what_the_run_evaluates_on(launches):
+    rows = read_metrics(launches["heterofl"].run_dir)
+    assert [r["eval-images"] for r in rows] == [200] * ROUNDS  # the held-out images (the test set has 500)
+    assert [r["eval-images"] for r in read_metrics(launches["fedrolex"].run_dir)] == [500] * ROUNDS
 
 
 @pytest.mark.parametrize("strategy", ["resist", "fedavg"])

@@ -481,12 +481,35 @@ def test_a_malformed_grid_is_refused_before_anything_runs(tmp_path, capsys):
     assert "tuning.lr = [0.1, -1]: expected distinct positive learning rates" in capsys.readouterr().err
 
 
+def test_a_grid_picked_on_held_out_images_holds_them_out_of_its_tuning_runs_only(tmp_path, capsys):
+    """``tuning.validation-size``: the tuning runs hold that many training images out and are evaluated on them
+    (the report says so); the reported seeds train on the whole training set and are evaluated on the test set."""
+    argv = ["quick-cpu", "tuning.lr=[0.1,0.01]", "tuning.seed=100", "tuning.num-server-rounds=1",
+            "tuning.validation-size=200", "--seeds", "0", "--out", str(tmp_path)]
+    assert compare.main(argv, launch=tuned_launch) == 0
+    runs = json.loads((tmp_path / compare.MANIFEST_FILE).read_text())["runs"]
+    held = {r["name"]: r["run-config"].get("validation-size") for r in runs}
+    assert {v for n, v in held.items() if n.startswith("tune-")} == {200}
+    assert {v for n, v in held.items() if n.startswith("main-")} == {None}
+    grid = (tmp_path / report.REPORT_FILE).read_text().split("## Learning-rate grid")[1]
+    assert ("its accuracy is measured on 200 training images held out of the tuning runs' partitions "
+            "(`validation-size`), never on the test set") in grid
+    alone = tmp_path / "grid-alone"  # seeds: [] runs the grid alone, and the report says so
+    assert compare.main([*argv[:5], "seeds=[]", "--out", str(alone)], launch=tuned_launch) == 0
+    text = (alone / report.REPORT_FILE).read_text()
+    assert "No reported seeds: this comparison ran its learning-rate grid alone" in text and "## Plots" not in text
+    assert "| FedAvg | **0.9000** | 0.9000 | 0.01 |" in text
+    assert compare.main([*argv[:4], "tuning.validation-size=-5", "--dry-run"]) == 2
+    assert "tuning.validation-size = -5: expected a whole number of training images" in capsys.readouterr().err
+
+
 GRID = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
 
 
 @pytest.mark.parametrize("preset, methods, seeds, grid", [
     ("fmnist-study", 9, 5, GRID), ("fmnist-study-resnet18", 6, 3, (0.01, *GRID)), ("fmnist-study-iid", 7, 3, ()),
-    ("fmnist-study-dynamic", 7, 3, ()), ("fmnist-study-within-budget", 5, 3, ()), ("fmnist-study-long", 7, 3, ())])
+    ("fmnist-study-dynamic", 7, 3, ()), ("fmnist-study-within-budget", 5, 3, ()), ("fmnist-study-long", 7, 3, ()),
+    ("fmnist-study-validation", 9, 0, GRID)])
 def test_the_study_presets_plan_one_lr_grid_then_every_method_at_every_seed(tmp_path, preset, methods, seeds,
                                                                             grid):
     """Issue 34's study: the lr grid (on seed 100, 30 rounds) for every method, then each method's seeds at
@@ -502,10 +525,12 @@ def test_the_study_presets_plan_one_lr_grid_then_every_method_at_every_seed(tmp_
     if grid:
         assert {r.run_config["lr"] for r in tuning} == set(grid)
         assert {r.run_config["num-server-rounds"] for r in tuning} == {30}
+        held = 5000 if preset == "fmnist-study-validation" else None  # picks made on held-out training images
+        assert {r.run_config.get("validation-size") for r in tuning} == {held}
     else:
         study = reference_picks(ROOT / "docs" / "results" / "fmnist-study", [r.strategy for r in main])
         assert {r.strategy: r.run_config["lr"] for r in main} == study
-    assert {r.run_config["num-server-rounds"] for r in main} == {160 if preset == "fmnist-study-long" else 80}
+    assert {r.run_config["num-server-rounds"] for r in main} <= {160 if preset == "fmnist-study-long" else 80}
     for run in plan:
         config = run.run_config
         assert (config["fraction-train"], config["min-train-nodes"], config["min-available-nodes"]) == (0.1, 10, 100)
