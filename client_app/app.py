@@ -88,7 +88,19 @@ def _run_of(context: Context, config: ConfigRecord) -> tuple[RunSettings, ModelS
 
 
 def _data_path(context: Context, settings: RunSettings) -> str:
-    """A node's own ``data-path`` (node config) wins over the run config's."""
+    """A node's own ``data-path`` (node config) wins over the run config's.
+
+    Raises
+    ------
+    DataError
+        A node's own file under ``validation-size``: the hold-out is drawn from the run's data set, which the
+        server evaluates on; a node's own file has other images, so its held-out positions mean nothing there.
+    """
+    own = context.node_config.get("data-path")
+    if own is not None and settings.validation_size:
+        raise DataError(f"validation-size = {settings.validation_size} with this node's own data-path {own!r}: the "
+                        "held-out images are drawn from the run's data set, which every node must then read; "
+                        "expected validation-size = 0 (the default) or no data-path in the node config")
     return str(context.node_config.get("data-path", settings.data_path))
 
 
@@ -193,7 +205,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
 
     On the node's own test split when its node config names a ``data-path``,
     else on its share of the central test set (every ``num-partitions``-th
-    image from ``partition-id``).
+    image from ``partition-id``); under ``validation-size``, of the held-out training images.
     """
     config = msg.content["config"]
     settings, spec, layout = _run_of(context, config)

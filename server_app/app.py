@@ -198,7 +198,7 @@ def prepare_data(settings: RunSettings) -> tuple[ModelSpec, BlockLayout, EvalBat
     if settings.validation_size:
         data["validation-size"] = settings.validation_size
         log(INFO, "resist-fl: every evaluation uses the %d training images held out as the validation set "
-            "(validation-size); the nodes train on the rest, and the test set is not read", len(test))
+            "(validation-size); the nodes train on the rest, and nothing is evaluated on the test set", len(test))
     loader = EvalBatches(test, settings.eval_batch_size, normalization=stats,
                               device=resolve_device(settings.device))
     subset = None

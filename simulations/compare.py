@@ -201,6 +201,9 @@ def finished_config(run_dir: Path) -> dict[str, Any] | None:
     return report.read_json(run_dir / CONFIG_FILE).get("run_config", {})
 
 
+HOLD_OUT = "validation-size"
+
+
 def reusable(run: PlannedRun, out_dir: Path) -> bool:
     """Whether ``run`` already finished with this configuration (then it is not rerun).
 
@@ -216,6 +219,8 @@ def reusable(run: PlannedRun, out_dir: Path) -> bool:
         shutil.rmtree(run_dir)
         return False
     differs = {k: (saved.get(k), v) for k, v in run.run_config.items() if k != "output-dir" and saved.get(k) != v}
+    if saved.get(HOLD_OUT, 0) != run.run_config.get(HOLD_OUT, 0):  # planned only when set: its absence is 0
+        differs[HOLD_OUT] = (saved.get(HOLD_OUT, 0), run.run_config.get(HOLD_OUT, 0))
     if differs:
         raise PresetError(f"{run_dir} holds a finished run with another configuration "
                           f"(key: (saved, wanted) {differs}); use another --out or delete it")
@@ -334,7 +339,7 @@ def execute(plan: Sequence[PlannedRun], config: DictConfig, project_dir: Path, o
 def write_run_file(config: DictConfig, plan: Sequence[PlannedRun], path: Path, name: str | None = None) -> str:
     """Write the planned run ``name`` (default: the first ResIST run, else the first run) as a run-config file
     for plain ``flwr run``; return the command that runs it with the preset's federation."""
-    runs = [run for run in plan if not is_tuning(run.variant)]
+    runs = [run for run in plan if not is_tuning(run.variant)] or list(plan)  # a grid alone: its tuning runs
     run = next((r for r in runs if r.name == name), None) if name else \
         next((r for r in runs if r.strategy == "resist"), runs[0] if runs else None)
     if run is None:
@@ -391,6 +396,9 @@ def resolve(args: argparse.Namespace) -> tuple[DictConfig, list[PlannedRun], Pat
     seeds = args.seeds if args.seeds is not None else list(config.seeds)
     ablations = args.ablations if args.ablations is not None else list(config.ablations)
     plan = plan_tuning(config, out_dir, defaults) + plan_runs(config, seeds, ablations, out_dir, defaults)
+    if not plan:
+        raise PresetError(f"{config.name}: no runs planned (seeds {list(seeds)} and no learning-rate grid); expected "
+                          "at least one seed, or a tuning grid to run alone")
     try:
         reference = reference_of(to_dict(config.tuning) if config.get("tuning") is not None else None)
         if reference is not None:  # another comparison's picks: no tuning runs here

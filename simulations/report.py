@@ -304,8 +304,8 @@ def setup_lines(manifest: dict[str, Any]) -> list[str]:
     """The main run config and federation, from the first reported run of the manifest (a tuning run's
     rounds and rate are the grid's, not the comparison's; with a learning-rate grid, ``lr`` is each
     method's pick, given in the grid's table)."""
-    runs = [r for r in manifest.get("runs", []) if not is_tuning(r.get("variant", ""))]
-    if not runs:
+    runs = [r for r in manifest.get("runs", []) if not is_tuning(r.get("variant", ""))] or manifest.get("runs", [])
+    if not runs:  # (a grid alone: its first tuning run, whose lr the grid's table gives)
         return []
     config = {k: v for k, v in runs[0].get("run-config", {}).items()
               if k not in ("strategy", "seed", "run-name", "output-dir")}

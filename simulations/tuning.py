@@ -68,10 +68,11 @@ def grid_of(tuning: Mapping[str, Any] | None) -> Grid | None:
     if not rates or any(not r > 0 for r in rates) or len(set(rates)) != len(rates):
         raise ValueError(f"tuning.lr = {tuning['lr']!r}: expected distinct positive learning rates")
     validation = tuning.get(VALIDATION, 0)
-    if isinstance(validation, bool) or not isinstance(validation, int) or validation < 0:
+    if isinstance(validation, bool) or not isinstance(validation, int | float) or validation < 0 \
+            or validation != int(validation):
         raise ValueError(f"tuning.{VALIDATION} = {validation!r}: expected a whole number of training images "
                          "to hold out (0: pick on the test set)")
-    return Grid(sorted(rates), int(tuning["seed"]), int(tuning["num-server-rounds"]), validation)
+    return Grid(sorted(rates), int(tuning["seed"]), int(tuning["num-server-rounds"]), int(validation))
 
 
 def reference_of(tuning: Mapping[str, Any] | None) -> Path | None:
@@ -155,10 +156,19 @@ def tuning_lines(manifest: Mapping[str, Any], out_dir: Path) -> list[str]:
     if not results:
         return []
     tuning = manifest.get("tuning") or {}
-    held = tuning.get(VALIDATION, 0)
-    measured_on = (f"and its accuracy is measured on {held:,} training images held out of the tuning runs' partitions "
-                   f"(`{VALIDATION}`), never on the test set" if held else
-                   "but its accuracy is measured on the same test set (no validation split)")
+    runs = manifest.get("runs", [])
+    held = {int(r.get("run-config", {}).get(VALIDATION, 0)) for r in runs if is_tuning(r.get("variant", ""))}
+    if len(held) > 1:
+        measured_on = (f"and its runs were measured on different images (`{VALIDATION}` "
+                       f"{', '.join(map(str, sorted(held)))}; 0: the test set)")
+    elif held != {0}:
+        measured_on = (f"and its accuracy is measured on {held.pop():,} training images held out of the tuning runs' "
+                       f"partitions (`{VALIDATION}`), never on the test set")
+    else:
+        measured_on = "but its accuracy is measured on the same test set (no validation split)"
+    reported = any(not is_tuning(r.get("variant", "")) for r in runs)
+    then = ("runs its reported seeds at the rate with the highest late accuracy" if reported else
+            "its pick is the rate with the highest late accuracy")
     rates = sorted({r for by_rate in results.values() for r in by_rate})
     chosen = picks(results)
     rows = []
@@ -168,9 +178,8 @@ def tuning_lines(manifest: Mapping[str, Any], out_dir: Path) -> list[str]:
         rows.append(f"| {label(strategy)} | " + " | ".join(cells) + f" | {chosen[strategy]:g} |")
     return ["## Learning-rate grid", "",
             f"Every method trained at every rate of the same grid on tuning seed {tuning.get('seed', '?')} "
-            f"({tuning.get('num-server-rounds', '?')} rounds), and runs its reported seeds at the rate with the "
-            "highest late accuracy (shown; the mean of its evaluations in the last fifth of its rounds, bold: the "
-            "pick; ties: the smaller rate). The tuning seed's partitions, node samples "
-            f"and initialisation are not the reported seeds', {measured_on}.", "",
+            f"({tuning.get('num-server-rounds', '?')} rounds), and {then} (shown; the mean of its evaluations in "
+            "the last fifth of its rounds, bold: the pick; ties: the smaller rate). The tuning seed's partitions, "
+            f"node samples and initialisation are not the reported seeds', {measured_on}.", "",
             "| method | " + " | ".join(f"lr {r:g}" for r in rates) + " | picked |",
             "|---|" + "---|" * (len(rates) + 1), *rows, ""]

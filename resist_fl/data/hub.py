@@ -6,7 +6,6 @@ either, a :class:`~resist_fl.data.arrays.DataError` says what to use instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -42,6 +41,7 @@ HUB_DATASETS = {
 # Per-process caches, keyed by everything that determines their contents.
 _FEDERATED_DATASETS: dict[tuple[object, ...], FederatedDataset] = {}
 _TEST_SETS: dict[str, ImageArrays] = {}
+_TRAIN_LABELS: dict[str, np.ndarray] = {}
 
 
 def hub_partition(dataset: str, partition_id: int, partitioner: Partitioner, key: tuple, seed: int) -> ImageArrays:
@@ -71,15 +71,18 @@ def hub_train_split(dataset: str) -> datasets.Dataset:
 
 
 def hub_train_labels(dataset: str) -> np.ndarray:
-    """The labels of :func:`hub_train_split`, in its order (no image decoded)."""
-    return np.asarray(hub_train_split(dataset)[HUB_DATASETS[dataset].label_column], dtype=np.int64)
+    """The labels of :func:`hub_train_split`, in its order (no image decoded; read once per process)."""
+    if dataset not in _TRAIN_LABELS:
+        labels = np.asarray(hub_train_split(dataset)[HUB_DATASETS[dataset].label_column], dtype=np.int64)
+        labels.setflags(write=False)
+        _TRAIN_LABELS[dataset] = labels
+    return _TRAIN_LABELS[dataset]
 
 
-def hub_train_images(dataset: str, choose: Callable[[int], np.ndarray]) -> ImageArrays:
-    """The images of :func:`hub_train_split` at the indices ``choose(length of the split)``, decoded."""
+def hub_train_images(dataset: str, indices: np.ndarray) -> ImageArrays:
+    """The images of :func:`hub_train_split` at ``indices``, decoded."""
     spec = HUB_DATASETS[dataset]
-    split = hub_train_split(dataset)
-    return arrays_from_hf(split.select(choose(len(split))), spec.image_column, spec.label_column)
+    return arrays_from_hf(hub_train_split(dataset).select(indices), spec.image_column, spec.label_column)
 
 
 def _federated_dataset(dataset: str, partitioner: Partitioner, key: tuple, seed: int) -> FederatedDataset:

@@ -54,6 +54,16 @@ def resize_size(image_size: int) -> int:
     return int(round(image_size * 256 / 224))
 
 
+def evaluation_crop(arrays: ImageArrays, image_size: int) -> ImageArrays:
+    """Training images (stored at :func:`resize_size`, square) centre-cropped to ``image_size``, as the
+    evaluation split is: training images held out for validation are evaluated like test images."""
+    import torch
+    from torchvision.transforms.v2 import functional
+
+    cropped = functional.center_crop(torch.from_numpy(np.ascontiguousarray(arrays.images)), [image_size] * 2)
+    return ImageArrays(cropped.numpy(), arrays.labels)
+
+
 def imagefolder_root(data_path: str) -> Path:
     """The checked root directory: absolute, with a ``train`` and a ``val`` (or ``test``) folder."""
     root = Path(data_path).expanduser()

@@ -84,7 +84,7 @@ def load_partition(
         split, rest = hub_kept_split(dataset, validation_size, num_partitions, partitioner, alpha, seed,
                                      shards_per_partition)
         chosen = rest[split.load_partition(partition_id).with_format("numpy")[:]["idx"]]
-        return hub_train_images(dataset, lambda _: chosen)
+        return hub_train_images(dataset, chosen)
     if dataset in HUB_DATASETS:
         spec = HUB_DATASETS[dataset]
         split = make_partitioner(partitioner, num_partitions, spec.label_column, alpha, seed, shards_per_partition)
@@ -109,7 +109,7 @@ def hub_kept_split(dataset: str, validation_size: int, num_partitions: int, part
     """A hub training split less its held-out images: the (cached) split over the kept images' positions, and
     those positions in the hub's split (:func:`~resist_fl.data.hub.hub_train_split`)."""
     labels = hub_train_labels(dataset)
-    rest = kept(len(labels), validation_size)
+    rest = kept(labels, validation_size)
     return index_partitioner((dataset, "validation", validation_size), labels[rest], num_partitions, partitioner,
                              alpha, seed, shards_per_partition), rest
 
@@ -128,6 +128,13 @@ def partition_label_counts(dataset: str, num_partitions: int, num_classes: int, 
         check_choice("partitioner", str(options["partitioner"]), PARTITIONERS)
         train, split = local_split(dataset, num_partitions, **options)
         all_labels = np.asarray(train.labels, dtype=np.int64)
+    elif dataset in HUB_DATASETS and partitioning.get("validation_size"):  # the kept images' labels by index
+        options = {"partitioner": "iid", "alpha": 0.5, "seed": 0, "shards_per_partition": 2, **partitioning}
+        check_choice("partitioner", str(options["partitioner"]), PARTITIONERS)
+        split, rest = hub_kept_split(dataset, int(options["validation_size"]), num_partitions,
+                                     str(options["partitioner"]), float(options["alpha"]), int(options["seed"]),
+                                     int(options["shards_per_partition"]))
+        all_labels = hub_train_labels(dataset)[rest]
     for pid in range(num_partitions):
         if split is not None:
             labels = all_labels[split.load_partition(pid).with_format("numpy")[:]["idx"]]

@@ -16,8 +16,8 @@
     ``image_size`` (224 by default).
 
 A run with ``validation_size > 0`` holds that many training images out (:func:`held_out`): its
-training set is the rest and its "test set" the held-out images, so tuning a run never reads the
-test images.
+training set is the rest and its "test set" the held-out images, so a tuned run is never evaluated
+on the test images.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ import numpy as np
 from resist_fl.data.arrays import DataError, DatasetInfo, ImageArrays
 from resist_fl.data.digits import DIGITS_CHANNELS, DIGITS_IMAGE_SIZE, DIGITS_NUM_CLASSES, digits_splits
 from resist_fl.data.idx import IDX_CHANNELS, IDX_DATASETS, IDX_IMAGE_SIZE, IDX_NUM_CLASSES, idx_source_key, idx_splits
-from resist_fl.data.hub import CIFAR_CHANNELS, CIFAR_IMAGE_SIZE, HUB_DATASETS, hub_test_set, hub_train_images
-from resist_fl.data.imagefolder import imagefolder_source_key, imagefolder_splits
+from resist_fl.data.hub import (CIFAR_CHANNELS, CIFAR_IMAGE_SIZE, HUB_DATASETS, hub_test_set, hub_train_images,
+                                hub_train_labels)
+from resist_fl.data.imagefolder import evaluation_crop, imagefolder_source_key, imagefolder_splits
 from resist_fl.data.npz import npz_source_key, npz_splits
 from resist_fl.data.synthetic import (
     SYNTHETIC_CHANNELS,
@@ -43,32 +44,49 @@ from resist_fl.data.transforms import CIFAR_NORMALIZATION, Normalization, image_
 DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "synthetic", "npz", "imagefolder")
 
 _STATISTICS: dict[object, Normalization] = {}  # per data source, computed once per process
+_HUB_HELD_OUT: dict[tuple[str, int], ImageArrays] = {}
 
 VALIDATION_DRAW = 34
 """Seed of the draw of the held-out validation images: a constant, so every run seed (and every
 node) holds out the same images of the same training set."""
 
 
-def held_out(num_images: int, validation_size: int) -> np.ndarray:
-    """Sorted indices of the ``validation_size`` training images held out of ``num_images`` (a fixed
-    uniform draw without replacement).
+def held_out(labels: np.ndarray, validation_size: int) -> np.ndarray:
+    """Sorted indices of the ``validation_size`` training images (of labels ``labels``) held out: a fixed
+    draw stratified by label (the images in a fixed random order, grouped by label, taken at evenly spaced
+    positions), so every label keeps its share of the set, to within one image.
 
     Raises
     ------
     DataError
-        ``validation_size`` leaves fewer than half of the training set to train on.
+        ``validation_size`` is fewer than the labels present or more than half of the training set.
     """
-    if not 0 < validation_size <= num_images // 2:
-        raise DataError(f"validation-size = {validation_size}: expected 1 .. {num_images // 2} (at most half of the "
-                         f"{num_images} training images, so that the nodes keep the larger part)")
-    return np.sort(np.random.default_rng(VALIDATION_DRAW).choice(num_images, validation_size, replace=False))
+    labels = np.asarray(labels)
+    classes = len(np.unique(labels))
+    if not classes <= validation_size <= len(labels) // 2:
+        raise DataError(f"validation-size = {validation_size}: expected {classes} .. {len(labels) // 2} (at least one "
+                        f"image per label present, at most half of the {len(labels)} training images, so that the "
+                        "nodes keep the larger part)")
+    order = np.random.default_rng(VALIDATION_DRAW).permutation(len(labels))
+    by_label = order[np.argsort(labels[order], kind="stable")]
+    positions = ((np.arange(validation_size) + 0.5) * len(labels) / validation_size).astype(np.int64)
+    return np.sort(by_label[positions])
 
 
-def kept(num_images: int, validation_size: int) -> np.ndarray:
+def hub_held_out(dataset: str, validation_size: int) -> ImageArrays:
+    """The held-out images of a hub dataset's training split (decoded once per process)."""
+    if (dataset, validation_size) not in _HUB_HELD_OUT:
+        chosen = held_out(hub_train_labels(dataset), validation_size)
+        _HUB_HELD_OUT[dataset, validation_size] = hub_train_images(dataset, chosen)
+    held = _HUB_HELD_OUT[dataset, validation_size]
+    return held.subset(np.arange(len(held)))
+
+
+def kept(labels: np.ndarray, validation_size: int) -> np.ndarray:
     """Sorted indices of the training images the nodes train on: all of them, or all but :func:`held_out`."""
     if not validation_size:
-        return np.arange(num_images)
-    return np.setdiff1d(np.arange(num_images), held_out(num_images, validation_size))
+        return np.arange(len(labels))
+    return np.setdiff1d(np.arange(len(labels)), held_out(labels, validation_size))
 
 
 def check_choice(kind: str, value: str, allowed: Sequence[str]) -> None:
@@ -116,9 +134,10 @@ def load_test_set(dataset: str, data_path: str = "", image_size: int = 224, vali
     check_choice("dataset", dataset, DATASETS)
     if validation_size:
         if dataset in HUB_DATASETS:
-            return hub_train_images(dataset, lambda n: held_out(n, validation_size))
+            return hub_held_out(dataset, validation_size)
         train = local_train_set(dataset, data_path, image_size)[0]
-        return train.subset(held_out(len(train), validation_size))
+        held = train.subset(held_out(train.labels, validation_size))
+        return evaluation_crop(held, image_size) if dataset == "imagefolder" else held
     if dataset in HUB_DATASETS:
         test = hub_test_set(dataset)
     elif dataset == "synthetic":
@@ -139,7 +158,7 @@ def local_train_set(dataset: str, data_path: str, image_size: int = 224,
     train, key = _whole_train_set(dataset, data_path, image_size)
     if not validation_size:
         return train, key
-    return train.subset(kept(len(train), validation_size)), (key, "validation", validation_size)
+    return train.subset(kept(train.labels, validation_size)), (key, "validation", validation_size)
 
 
 def _whole_train_set(dataset: str, data_path: str, image_size: int) -> tuple[ImageArrays, object]:

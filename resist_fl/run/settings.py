@@ -193,7 +193,7 @@ class RunSettings(BaseModel):
     eval_subset: Int = Field(0, ge=0,
         description="if > 0, every evaluated round but the last evaluates the global model on this many test images (a fixed random subset drawn from `seed`), the last on the whole test set; each row's `eval-images` says which; `0`: the whole test set every time")
     validation_size: Int = Field(0, ge=0,
-        description="if > 0, hold this many training images out (a fixed draw, the same for every seed and node, at most half of the set): the nodes train on the rest, and every evaluation (central, per client, per tier, a node's own) uses the held-out images where it would use the test set, which the run then never reads; how a learning-rate grid picks without the test set (`tuning: {validation-size: N}`); `0`: no hold-out")
+        description="if > 0, hold this many training images out (a fixed draw, the same for every seed and node, at most half of the set): the nodes train on the rest, and every evaluation (central, per client, per tier, a node's own) uses the held-out images where it would use the test set, which the run then never evaluates on; how a learning-rate grid picks without the test set (`tuning: {validation-size: N}`); `0`: no hold-out")
     bn_statistics: Literal[BN_STATISTICS] = Field('batch',
         description="central evaluation with `norm='batchnorm'`: `batch` (each test batch's own statistics, the paper's model) or `training-data` (HeteroFL's static BatchNorm: before each evaluation the global model's statistics are re-estimated over the whole training set, a cumulative average; the report says which)")
     client_eval: Bool = Field(False,

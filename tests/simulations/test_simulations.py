@@ -498,9 +498,18 @@ def test_a_grid_picked_on_held_out_images_holds_them_out_of_its_tuning_runs_only
     assert compare.main([*argv[:5], "seeds=[]", "--out", str(alone)], launch=tuned_launch) == 0
     text = (alone / report.REPORT_FILE).read_text()
     assert "No reported seeds: this comparison ran its learning-rate grid alone" in text and "## Plots" not in text
-    assert "| FedAvg | **0.9000** | 0.9000 | 0.01 |" in text
-    assert compare.main([*argv[:4], "tuning.validation-size=-5", "--dry-run"]) == 2
-    assert "tuning.validation-size = -5: expected a whole number of training images" in capsys.readouterr().err
+    assert "| FedAvg | **0.9000** | 0.9000 | 0.01 |" in text and "its pick is the rate with the highest" in text
+    assert "## Setup" in text and "validation-size=200" in text  # a tuning run's config (its lr: the grid's)
+    assert compare.main([*argv[:5], "seeds=[]", "--write-run-config", str(tmp_path / "grid.toml")]) == 0
+    assert 'run-name = "tune-lr0.01-resist-seed100"' in (tmp_path / "grid.toml").read_text()
+    capsys.readouterr()
+    # a finished tuning run held out other images than the grid wants: refused, not reused
+    assert compare.main([*argv[:4], "--seeds", "0", "--out", str(tmp_path)], launch=tuned_launch) == 2
+    assert "'validation-size': (200, 0)" in capsys.readouterr().err
+    for bad, message in ((["tuning.validation-size=-5"], "tuning.validation-size = -5: expected a whole number"),
+                         (["seeds=[]"], "quick-cpu: no runs planned (seeds [] and no learning-rate grid)")):
+        assert compare.main([*(argv[:4] if "tuning" in bad[0] else ["quick-cpu"]), *bad, "--dry-run"]) == 2
+        assert message in capsys.readouterr().err
 
 
 GRID = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
