@@ -258,11 +258,37 @@ def headline_block(name: str) -> list[str]:
             f"Every method has plateaued by round {rounds}."]
 
 
+def _late(name: str) -> dict[str, dict[int, float]]:
+    """Each method's late accuracy per seed in the committed comparison ``name`` (its main variant)."""
+    return {strategy: {r.seed: r.curve.late_accuracy for r in runs}
+            for (_, strategy), runs in _main_groups(name)[2].items()}
+
+
+def gains_block(first: str, second: str) -> list[str]:
+    """Every method's late accuracy in the committed comparison ``second`` minus in ``first`` (main variants,
+    the methods both ran), paired by seed over the seeds both ran: what the other schedule changed per method."""
+    before, after = _late(first), _late(second)
+    rounds = {name: plateaus(_main_groups(name)[2])[0] for name in (first, second)}
+    rows = []
+    for strategy in (s for s in after if s in before):
+        seeds = sorted(set(before[strategy]) & set(after[strategy]))
+        found = paired(after[strategy], before[strategy])
+        rows.append([report.group_label(report.MAIN_VARIANT, strategy),
+                     f"{np.mean([before[strategy][s] for s in seeds]):.4f}",
+                     f"{np.mean([after[strategy][s] for s in seeds]):.4f}", f"{found.mean:+.4f}",
+                     "-" if math.isnan(found.low) else f"[{found.low:+.4f}, {found.high:+.4f}]",
+                     ", ".join(map(str, seeds))])
+    head = ["method", f"late accuracy, {rounds[first]} rounds", f"late accuracy, {rounds[second]} rounds",
+            "paired difference", "95 % interval (per method)", "seeds"]
+    return [f"Each method's late accuracy in `{second}` minus in `{first}` on the seeds both ran (from "
+            f"[docs/results/{first}](results/{first}/report.md) and [docs/results/{second}]"
+            f"(results/{second}/report.md); an interval needs two seeds).", "", *report.table(head, rows)]
+
+
 def across_block(first: str, second: str, strategy: str = report.REFERENCE) -> list[str]:
     """One method's late accuracy in the committed comparison ``second`` minus in ``first`` (main variants),
     paired by seed over the seeds both ran, by the report's paired rule."""
-    late = {name: {r.seed: r.curve.late_accuracy for r in _main_groups(name)[2][report.MAIN_VARIANT, strategy]}
-            for name in (first, second)}
+    late = {name: _late(name)[strategy] for name in (first, second)}
     seeds = sorted(set(late[first]) & set(late[second]))
     found = paired(late[second], late[first])
     means = [float(np.mean([late[name][s] for s in seeds])) for name in (first, second)]

@@ -267,3 +267,17 @@ def test_a_method_across_two_comparisons_is_paired_on_the_seeds_both_ran():
     assert float(first) != pytest.approx(next(g["late"][0] for g in study if g["strategy"] == "resist"), abs=5e-4)
     assert float(difference) == pytest.approx(float(second) - float(first), abs=2e-4)
     assert float(low) < float(difference) < float(high)
+
+
+def test_every_methods_gain_across_two_comparisons_is_the_one_method_pairing_row_by_row():
+    """The gains table pairs each method both comparisons ran on the seeds both ran: its ResIST row is the
+    across block's figures; a method the second did not run is left out."""
+    lines = figures.gains_block("fmnist-study", "fmnist-study-within-budget")
+    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                              for line in lines if line.startswith("| ") and "---" not in line)}
+    assert "FedAvg" not in rows and {"ResIST", "HeteroFL", "depth prefix"} <= set(rows)
+    assert rows["method"][:2] == ["late accuracy, 80 rounds", "late accuracy, 80 rounds"]
+    single = figures.across_block("fmnist-study", "fmnist-study-within-budget")[0]
+    first, second, difference, interval, seeds = rows["ResIST"]
+    assert (f"({seeds}): {first} in `fmnist-study`, {second} in `fmnist-study-within-budget`; paired difference "
+            f"{difference}, 95 % interval {interval}") in single and seeds == "0, 1, 2"
