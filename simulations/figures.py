@@ -72,8 +72,10 @@ def _verdict(found: dict | None, strategy: str, reference: str) -> str:
     """A method's paired-rule cell: its word, difference and interval, and its word after Holm's correction."""
     if strategy == report.REFERENCE:
         return reference
-    return "-" if found is None else (f"**{found['verdict']}** ({found['mean']:+.4f}, [{found['low']:+.4f}, "
-                                      f"{found['high']:+.4f}]); Holm: **{found['holm']}**")
+    if found is None:
+        return "-"
+    interval = "one seed" if math.isnan(found["low"]) else f"[{found['low']:+.4f}, {found['high']:+.4f}]"
+    return f"**{found['verdict']}** ({found['mean']:+.4f}, {interval}); Holm: **{found['holm']}**"
 
 
 def baselines_block(name: str) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -281,3 +282,10 @@ def test_every_methods_gain_across_two_comparisons_is_the_one_method_pairing_row
     first, second, difference, interval, seeds = rows["ResIST"]
     assert (f"({seeds}): {first} in `fmnist-study`, {second} in `fmnist-study-within-budget`; paired difference "
             f"{difference}, 95 % interval {interval}") in single and seeds == "0, 1, 2"
+
+
+def test_a_headline_cell_with_one_paired_seed_says_so_instead_of_an_interval_of_nans():
+    one = {"verdict": "n/a", "mean": 0.01, "low": math.nan, "high": math.nan, "holm": "n/a"}
+    assert figures._verdict(one, "heterofl", "reference") == "**n/a** (+0.0100, one seed); Holm: **n/a**"
+    two = {**one, "low": -0.2, "high": 0.22}
+    assert figures._verdict(two, "heterofl", "reference") == "**n/a** (+0.0100, [-0.2000, +0.2200]); Holm: **n/a**"
