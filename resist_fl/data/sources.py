@@ -158,7 +158,12 @@ def local_train_set(dataset: str, data_path: str, image_size: int = 224,
     train, key = _whole_train_set(dataset, data_path, image_size)
     if not validation_size:
         return train, key
-    return train.subset(kept(train.labels, validation_size)), (key, "validation", validation_size)
+    return train.subset(kept(train.labels, validation_size)), kept_key(key, validation_size)
+
+
+def kept_key(key: object, validation_size: int) -> object:
+    """The key naming a training set's kept images (``key``: the whole set's)."""
+    return (key, "validation", validation_size) if validation_size else key
 
 
 def _whole_train_set(dataset: str, data_path: str, image_size: int) -> tuple[ImageArrays, object]:
@@ -180,8 +185,10 @@ def normalization(dataset: str, data_path: str = "", image_size: int = 224, vali
     check_choice("dataset", dataset, DATASETS)
     if dataset in CIFAR_NORMALIZATION:
         return CIFAR_NORMALIZATION[dataset]
-    train, key = local_train_set(dataset, data_path, image_size, validation_size)
-    if key not in _STATISTICS:
-        _STATISTICS[key] = image_statistics(train.images)
+    train, whole = _whole_train_set(dataset, data_path, image_size)
+    key = kept_key(whole, validation_size)
+    if key not in _STATISTICS:  # (the kept images are drawn and copied once, not at every call)
+        kept_images = train.images[kept(train.labels, validation_size)] if validation_size else train.images
+        _STATISTICS[key] = image_statistics(kept_images)
     return _STATISTICS[key]
 
