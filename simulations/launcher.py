@@ -2,26 +2,22 @@
 
 Each launch gets
 
-- its own ``FLWR_HOME`` (a temporary directory, deleted afterwards), so the
-  connection config, the installed FAB and the local SuperLink's database and
-  log never touch ``~/.flwr`` or another launch;
-- its own free ports through ``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT`` and
-  ``FLWR_LOCAL_CONTROL_API_PORT`` (flwr 1.42 serves the Control, Runtime
-  (ServerAppIo / SimulationIo) and Fleet APIs on the one HTTP port; the
-  control-API address is only bound when ``FLWR_INTERNAL_GRPC_CONTROL_API=1``,
-  and the Fleet API is not started in simulation mode, so no other port needs
-  setting; Ray picks its own free ports);
-- ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` in the environment of
-  ``flwr run``, which starts the SuperLink, so the app runs in this Python
-  environment instead of a fresh ``uv sync`` of torch;
-- a unique marker variable in that environment. ``flwr run`` starts the local
-  SuperLink detached (new session), the SuperLink starts ``flower-superexec``
-  in another session, and so on; every one of them inherits the marker, which
-  is how they are all found and stopped afterwards (:mod:`resist_fl.run.processes`, psutil).
+- its own ``FLWR_HOME`` (a temporary directory, deleted afterwards), so the connection config, the
+  installed FAB and the local SuperLink's database and log never touch ``~/.flwr`` or another launch;
+- its own free ports through ``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT`` and ``FLWR_LOCAL_CONTROL_API_PORT``
+  (flwr 1.42 serves the Control, Runtime (ServerAppIo / SimulationIo) and Fleet APIs on the one HTTP
+  port; the control-API address is only bound when ``FLWR_INTERNAL_GRPC_CONTROL_API=1``, and the Fleet
+  API is not started in simulation mode, so no other port needs setting; Ray picks its own free ports);
+- ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` in the environment of ``flwr run``, which starts the
+  SuperLink, so the app runs in this Python environment instead of a fresh ``uv sync`` of torch;
+- a unique marker variable in that environment. ``flwr run`` starts the local SuperLink detached (new
+  session), the SuperLink starts ``flower-superexec`` in another session, and so on; every one of them
+  inherits the marker, which is how they are all found and stopped afterwards
+  (:mod:`resist_fl.run.processes`, psutil).
 
-``flwr run --stream`` exits 0 even when the ServerApp fails, so success means
-``summary.json`` (written last by the ServerApp) exists in the run directory
-and ``flwr ls --run-id ID --format json`` does not report ``finished:failed``.
+``flwr run --stream`` exits 0 even when the ServerApp fails, so success means ``summary.json`` (written
+last by the ServerApp) exists in the run directory and ``flwr ls --run-id ID --format json`` does not
+report ``finished:failed``.
 """
 
 from __future__ import annotations
@@ -92,14 +88,6 @@ def federation_config(num_supernodes: int, num_cpus_per_client: int, num_gpus_pe
                           "client-resources-num-gpus": float(num_gpus_per_client)})
 
 
-def run_dir_of(run_config: Mapping[str, Any]) -> Path:
-    """The run directory a run config names; ``output-dir`` and ``run-name`` must be given."""
-    if not run_config.get("output-dir") or not run_config.get("run-name"):
-        raise ValueError("run_config needs 'output-dir' (absolute) and 'run-name' so that the launcher "
-                         "knows where the ServerApp writes its results")
-    return run_directory(str(run_config["output-dir"]), str(run_config["run-name"]), "")
-
-
 # --------------------------------------------------------------------------- environment
 
 
@@ -145,11 +133,6 @@ def marked_pids(marker: str) -> list[int]:
     return [p.pid for p in find_processes(has_environment(MARKER_ENV, marker))]
 
 
-def stop_marked(marker: str, grace_s: float = STOP_GRACE_SECONDS) -> tuple[list[int], list[int]]:
-    """Stop every process of a launch (found by its marker), SIGKILL after ``grace_s``."""
-    return stop(find_processes(has_environment(MARKER_ENV, marker)), grace_s)
-
-
 def _stop_process_group(proc: subprocess.Popen) -> None:
     """Stop ``flwr run`` (started in its own session) and its direct children."""
     if proc.poll() is not None:
@@ -186,13 +169,8 @@ def _round1_seconds(run_dir: Path, started_epoch: float) -> float | None:
 
 def wait_for_exit(proc: subprocess.Popen, run_dir: Path, started_epoch: float,
                   timeout_s: float) -> tuple[bool, float | None]:
-    """Wait until ``flwr run`` exits or ``timeout_s`` passes, watching for round 1.
-
-    Returns
-    -------
-    (bool, float or None)
-        Whether it timed out, and the seconds to round 1 if seen.
-    """
+    """Wait until ``flwr run`` exits or ``timeout_s`` passes, watching for round 1: whether it timed out, and
+    the seconds to round 1 if seen."""
     deadline = time.monotonic() + timeout_s
     round1 = None
     while proc.poll() is None:
@@ -205,9 +183,12 @@ def wait_for_exit(proc: subprocess.Popen, run_dir: Path, started_epoch: float,
 
 
 def prepare_launch(run_config: Mapping[str, Any], workdir: str | os.PathLike) -> tuple[Path, Path, Path]:
-    """The run directory (refused when it already holds a run and ``resume`` is off), the created
-    ``workdir`` and the log path of one launch."""
-    run_dir = run_dir_of(run_config)
+    """The run directory ``output-dir/run-name`` of ``run_config`` (refused when it already holds a run and
+    ``resume`` is off), the created ``workdir`` and the log path of one launch."""
+    if not run_config.get("output-dir") or not run_config.get("run-name"):
+        raise ValueError("run_config needs 'output-dir' (absolute) and 'run-name' so that the launcher "
+                         "knows where the ServerApp writes its results")
+    run_dir = run_directory(str(run_config["output-dir"]), str(run_config["run-name"]), "")
     if (run_dir / METRICS_FILE).exists() and not run_config.get("resume"):
         raise FileExistsError(f"{run_dir} already holds a run (the ServerApp would refuse it); "
                               "choose another run-name or remove it")
@@ -231,12 +212,6 @@ def run_logged(command: list[str], cwd: Path, env: Mapping[str, str], log_path: 
         finally:
             _stop_process_group(proc)
     return proc, timed_out, round1
-
-
-def parse_run_id(log_text: str) -> str | None:
-    """The run id ``flwr run`` printed ("Successfully started run <id>")."""
-    match = RUN_ID_PATTERN.search(log_text)
-    return match.group(1) if match else None
 
 
 def error_lines(log_text: str, limit: int = 3) -> list[str]:
@@ -286,35 +261,20 @@ def run_flwr(project_dir: str | os.PathLike, run_config: Mapping[str, Any], *, n
              ray_address: str | None = None) -> LaunchResult:
     """Run one Flower simulation with ``flwr run --stream``, isolated, and clean up after it.
 
-    Parameters
-    ----------
-    project_dir : path
-        The Flower app (the directory holding ``pyproject.toml``).
-    run_config : mapping
-        Run-config overrides (kebab-case keys). Must hold ``output-dir`` (absolute)
-        and ``run-name``: the results land in ``output-dir/run-name``.
-    num_supernodes : int
-        Simulated SuperNodes.
-    num_gpus_per_client, num_cpus_per_client : float, int
-        Ray resources per ClientApp.
-    timeout_s : float
-        The run is stopped and reported failed after this many seconds.
-    workdir : path
-        Where the log (``<run-name>.log``) and the run config (``<run-name>.run-config.toml``,
-        a TOML file, so any string survives) are written.
-    runtime_dependency_installation : bool
-        Let the SuperLink ``uv sync`` the app's dependencies (Flower's default);
-        off by default, so the run uses this environment.
-    ray_address : str, optional
-        An existing Ray cluster for the simulation to join (``RAY_ADDRESS`` of the SuperLink it
-        starts; :class:`deploy.ray_cluster.LocalRayCluster`); None: Ray starts its own.
+    ``project_dir``: the Flower app (holding ``pyproject.toml``); ``run_config``: run-config overrides
+    (kebab-case keys) that must hold ``output-dir`` (absolute) and ``run-name``: the results land in
+    ``output-dir/run-name``; ``num_supernodes`` simulated SuperNodes with Ray resources
+    ``num_gpus_per_client`` and ``num_cpus_per_client`` per ClientApp; the run is stopped and reported
+    failed after ``timeout_s``; ``workdir``: where the log (``<run-name>.log``) and the run config
+    (``<run-name>.run-config.toml``, a TOML file, so any string survives) are written;
+    ``runtime_dependency_installation``: let the SuperLink ``uv sync`` the app's dependencies (Flower's
+    default; off, so the run uses this environment); ``ray_address``: an existing Ray cluster for the
+    simulation to join (``RAY_ADDRESS`` of the SuperLink it starts; :class:`deploy.ray_cluster.LocalRayCluster`;
+    None: Ray starts its own).
 
-    Returns
-    -------
-    LaunchResult
-        Of the last attempt: when the local SuperLink did not start within Flower's startup timeout
-        (:data:`SUPERLINK_START_TIMED_OUT`, nothing ran), the run is launched again, up to
-        :data:`SUPERLINK_START_ATTEMPTS` times; the log says which attempt it is.
+    Returns the :class:`LaunchResult` of the last attempt: when the local SuperLink did not start within
+    Flower's startup timeout (:data:`SUPERLINK_START_TIMED_OUT`, nothing ran), the run is launched again,
+    up to :data:`SUPERLINK_START_ATTEMPTS` times; the log says which attempt it is.
     """
     project_dir = Path(project_dir).resolve()
     run_dir, workdir, log_path = prepare_launch(run_config, workdir)
@@ -322,14 +282,12 @@ def run_flwr(project_dir: str | os.PathLike, run_config: Mapping[str, Any], *, n
                                    header=f"run config of {run_config['run-name']}, written by the launcher")
     command = [flwr_executable(), "run", ".", "--stream", "--run-config", str(config_path),
                "--federation-config", federation_config(num_supernodes, num_cpus_per_client, num_gpus_per_client)]
-    attempt = 1
-    result = _launch_once(command, project_dir, run_dir, log_path, timeout_s, attempt,
-                          runtime_dependency_installation=runtime_dependency_installation, ray_address=ray_address)
-    while (result.run_id is None and attempt < SUPERLINK_START_ATTEMPTS
-           and SUPERLINK_START_TIMED_OUT in log_path.read_text(encoding="utf-8", errors="replace")):
-        attempt += 1  # nothing ran: launch again, with a fresh FLWR_HOME and ports
+    for attempt in range(1, SUPERLINK_START_ATTEMPTS + 1):  # a fresh FLWR_HOME and ports each
         result = _launch_once(command, project_dir, run_dir, log_path, timeout_s, attempt,
                               runtime_dependency_installation=runtime_dependency_installation, ray_address=ray_address)
+        if result.run_id is not None or SUPERLINK_START_TIMED_OUT not in log_path.read_text(encoding="utf-8",
+                                                                                             errors="replace"):
+            break  # it ran (or failed for another reason): no second launch
     return result
 
 
@@ -351,11 +309,11 @@ def _launch_once(command: list[str], project_dir: Path, run_dir: Path, log_path:
                                           run_dir, started_epoch, timeout_s)
         wall = time.monotonic() - started
         log_text = log_path.read_text(encoding="utf-8", errors="replace")
-        run_id = parse_run_id(log_text)
+        run_id = match.group(1) if (match := RUN_ID_PATTERN.search(log_text)) else None  # "Successfully started run"
         if run_id is not None and not timed_out:
             status, details = query_status(run_id, project_dir, env)
     finally:
-        stopped, leftovers = stop_marked(marker)
+        stopped, leftovers = stop(find_processes(has_environment(MARKER_ENV, marker)), STOP_GRACE_SECONDS)
         shutil.rmtree(flwr_home, ignore_errors=True)
     reason = judge(run_dir, log_text, status, details, timed_out, timeout_s)
     if leftovers and not reason:
