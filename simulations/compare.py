@@ -147,6 +147,15 @@ def strategy_run_config(config: DictConfig, strategy: str, defaults: dict[str, A
     return coerce_run_config({**to_dict(config["run-config"]), **own}, defaults)
 
 
+def planned(config: DictConfig, variant: str, strategy: str, seed: int, changes: dict[str, Any], out_dir: Path,
+            defaults: dict[str, Any]) -> PlannedRun:
+    """One run: the strategy's run config (:func:`strategy_run_config`) with ``changes`` and the runner's keys."""
+    name = run_name(variant, strategy, seed)
+    return PlannedRun(name, variant, strategy, seed, {**strategy_run_config(config, strategy, defaults), **changes,
+                                                      "strategy": strategy, "seed": seed, "run-name": name,
+                                                      "output-dir": str(out_dir)})
+
+
 def plan_tuning(config: DictConfig, out_dir: Path, defaults: dict[str, Any]) -> list[PlannedRun]:
     """The tuning runs of the preset's ``tuning`` grid (:mod:`simulations.tuning`): every strategy at every
     rate, on the tuning seed, for the tuning rounds ([] without a grid)."""
@@ -154,18 +163,10 @@ def plan_tuning(config: DictConfig, out_dir: Path, defaults: dict[str, Any]) -> 
         grid = grid_of(to_dict(config.tuning) if config.get("tuning") is not None else None)
     except ValueError as err:
         raise PresetError(str(err)) from None
-    if grid is None:
-        return []
-    plan = []
-    held = {"validation-size": grid.validation_size} if grid.validation_size else {}
-    for rate in grid.rates:
-        for strategy in config.strategies:
-            name = run_name(tuning_variant(rate), strategy, grid.seed)
-            run_config = {**strategy_run_config(config, strategy, defaults), "lr": rate, **held,
-                          "num-server-rounds": grid.rounds, "strategy": strategy, "seed": grid.seed, "run-name": name,
-                          "output-dir": str(out_dir)}
-            plan.append(PlannedRun(name, tuning_variant(rate), strategy, grid.seed, run_config))
-    return plan
+    held = {"validation-size": grid.validation_size} if grid and grid.validation_size else {}
+    return [planned(config, tuning_variant(rate), strategy, grid.seed,
+                    {"lr": rate, **held, "num-server-rounds": grid.rounds}, out_dir, defaults)
+            for rate in (grid.rates if grid else []) for strategy in config.strategies]
 
 
 def with_picked_rates(plan: Sequence[PlannedRun], rates: dict[str, float]) -> list[PlannedRun]:
@@ -177,28 +178,15 @@ def with_picked_rates(plan: Sequence[PlannedRun], rates: dict[str, float]) -> li
 def plan_runs(config: DictConfig, seeds: Sequence[int], ablations: Sequence[str], out_dir: Path,
               defaults: dict[str, Any]) -> list[PlannedRun]:
     """Every run of the comparison, seeds outermost so early results cover all variants."""
-    plan = []
-    for seed in seeds:
-        for variant, strategies, changes in variants(config, ablations, defaults):
-            for strategy in strategies:
-                name = run_name(variant, strategy, seed)
-                run_config = {**strategy_run_config(config, strategy, defaults),
-                              **coerce_run_config(changes, defaults), "strategy": strategy,
-                              "seed": int(seed), "run-name": name, "output-dir": str(out_dir)}
-                plan.append(PlannedRun(name, variant, strategy, int(seed), run_config))
+    plan = [planned(config, variant, strategy, int(seed), coerce_run_config(changes, defaults), out_dir, defaults)
+            for seed in seeds for variant, strategies, changes in variants(config, ablations, defaults)
+            for strategy in strategies]
     if len({run.name for run in plan}) != len(plan):
         raise PresetError("two runs of the plan share a directory name; check --seeds and --ablations")
     return plan
 
 
 # --------------------------------------------------------------------------- existing results
-
-
-def finished_config(run_dir: Path) -> dict[str, Any] | None:
-    """The run config of a finished run directory, ``None`` if it did not finish."""
-    if not (run_dir / SUMMARY_FILE).exists() or not (run_dir / CONFIG_FILE).exists():
-        return None
-    return report.read_json(run_dir / CONFIG_FILE).get("run_config", {})
 
 
 HOLD_OUT = "validation-size"
@@ -213,11 +201,11 @@ def reusable(run: PlannedRun, out_dir: Path) -> bool:
     run_dir = out_dir / run.name
     if not run_dir.exists():
         return False
-    saved = finished_config(run_dir)
-    if saved is None:
+    if not (run_dir / SUMMARY_FILE).exists() or not (run_dir / CONFIG_FILE).exists():
         print(f"removing unfinished run directory {run_dir}", flush=True)
         shutil.rmtree(run_dir)
         return False
+    saved = report.read_json(run_dir / CONFIG_FILE).get("run_config", {})
     differs = {k: (saved.get(k), v) for k, v in run.run_config.items() if k != "output-dir" and saved.get(k) != v}
     if saved.get(HOLD_OUT, 0) != run.run_config.get(HOLD_OUT, 0):  # planned only when set: its absence is 0
         differs[HOLD_OUT] = (saved.get(HOLD_OUT, 0), run.run_config.get(HOLD_OUT, 0))
@@ -447,16 +435,12 @@ def main(argv: Sequence[str] | None = None, launch: Launcher | None = None) -> i
         if backend == "inprocess" and float(config.federation["num-gpus-per-client"]):
             raise PresetError(f"federation.num-gpus-per-client = {config.federation['num-gpus-per-client']}: the "
                               "in-process backend does not reserve GPUs; use --backend flwr")
+        if args.write_run_config:
+            print(write_run_file(config, plan, args.write_run_config, args.run))
+            return 0
     except (PresetError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.write_run_config:
-        try:
-            print(write_run_file(config, plan, args.write_run_config, args.run))
-        except PresetError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        return 0
     if args.report_only:
         if not (out_dir / MANIFEST_FILE).exists():
             print(f"error: {out_dir / MANIFEST_FILE} does not exist: nothing to report", file=sys.stderr)
