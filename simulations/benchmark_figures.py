@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from simulations.markdown import table
+
 ROOT = Path(__file__).resolve().parents[1]
 PERFORMANCE = ROOT / "docs" / "performance"
 BYTES_OUTPUT = ROOT / "docs" / "results" / "transport" / "bytes_benchmark.json"
@@ -202,14 +204,11 @@ def federation_speed_block(path: Path = FEDERATION_SPEED) -> list[str]:
     setting = (f"`flwr run`, {args['model']} width {args['width']}, {args['dataset']}, {args['supernodes']} "
                f"SuperNodes, {args['fraction']:g} of them per round, {args['local_steps']} local steps of "
                f"{args['batch_size']}, {args['rounds']} rounds; {_link(path)}")
-    return [setting, "", "| figure | value |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)]
+    return [setting, "", *table(["figure", "value"], rows)]
 
 
 def summary_block() -> list[str]:
     """The summary table: what, the benchmark's setting line, the figure, the target, command and output."""
-    lines = ["| what | setting (the benchmark's first line) | figure | target | command |",
-             "|---|---|---|---|---|"]
-    for what, row, path, target, command in ROWS.values():
-        setting = _figures(path)["setting"].replace("|", "/")
-        lines.append(f"| {what} | {setting} | {row(path)} | {target} | `{command}` ({_link(path)}) |")
-    return lines
+    return table(["what", "setting (the benchmark's first line)", "figure", "target", "command"],
+                 [[what, _figures(path)["setting"].replace("|", "/"), row(path), target, f"`{command}` ({_link(path)})"]
+                  for what, row, path, target, command in ROWS.values()])

@@ -25,6 +25,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -313,12 +314,11 @@ def report_section(name: str, heading: str, columns: Sequence[str] = (),
     start = lines.index(f"## {heading}") + 1
     end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
     body = "\n".join(lines[start:end]).strip().splitlines()
-    if through_first_table:
-        start = next(i for i, line in enumerate(body) if line.startswith("|"))
-        body = body[:next((i for i in range(start, len(body)) if not body[i].startswith("|")), len(body))]
-    if columns:  # its first table alone: the section's notes may speak of the columns left out
+    if through_first_table or columns:
         start = next(i for i, line in enumerate(body) if line.startswith("|"))
         end = next((i for i in range(start, len(body)) if not body[i].startswith("|")), len(body))
+        body = body[:end]
+    if columns:  # its first table alone: the section's notes may speak of the columns left out
         table = [line.strip("|").split("|") for line in body[start:end]]
         header = [cell.strip() for cell in table[0]]
         keep = [header.index(c) for c in columns]  # (a missing column is an error naming it)
@@ -326,20 +326,15 @@ def report_section(name: str, heading: str, columns: Sequence[str] = (),
     return [f"From [docs/results/{name}](results/{name}/report.md), its section “{heading}”:", "", *body]
 
 
-def _final(run_dir: Path, rounds: int | None = None) -> list[float]:
-    rows = [r for r in read_metrics(run_dir) if r.get("accuracy") is not None]
-    return [r["accuracy"] for r in rows][:rounds]
-
-
 def block_type_block(pairs: Sequence[tuple[str, str]]) -> list[str]:
     """ResIST and FedAvg on each (label, committed comparison) pair: final accuracy, their ratio, ResIST's
     first three rounds and its bytes per round against FedAvg's."""
     rows, finals = [], {}
     for label, name in pairs:
-        runs_dir, _, groups = _groups(name)
+        groups = _groups(name)[2]
         resist, fedavg = groups["main", "resist"], groups["main", "fedavg"]
-        a, b = (report.mean_std([_final(runs_dir / r.name)[-1] for r in g])[0] for g in (resist, fedavg))
-        early = " / ".join(f"{v:.3f}" for v in _final(runs_dir / resist[0].name, 3))
+        a, b = (report.mean_std([r.curve.final_accuracy for r in g])[0] for g in (resist, fedavg))
+        early = " / ".join(f"{v:.3f}" for v in resist[0].curve.accuracy[:3])
         mb = [report.group_stats("main", s, g, None).bytes_per_round
               for s, g in (("resist", resist), ("fedavg", fedavg))]
         rows.append([label, f"{a:.3f}", f"{b:.3f}", f"{a / b:.3f}", early, f"{mb[0] / mb[1]:.3f}"])
@@ -362,32 +357,26 @@ def round_line_block(name: str, run: str, number: int) -> list[str]:
 
 
 BLOCKS: dict[str, Callable[[], list[str]]] = {
-    "hetero-baselines": lambda: baselines_block("hetero-baselines"),
-    "hetero-baselines-synthetic": lambda: baselines_block("hetero-baselines-synthetic"),
-    "fmnist-dirichlet05": lambda: headline_block("fmnist-dirichlet05"),
-    "fmnist-study": lambda: headline_block("fmnist-study"),
+    **{name: partial(baselines_block, name)
+       for name in ("hetero-baselines", "hetero-baselines-synthetic", "quick-cpu", "quick-warmup")},
+    **{name: partial(headline_block, name)  # the studies' headline tables
+       for name in ("fmnist-dirichlet05", "fmnist-study", "fmnist-study-iid", "fmnist-study-within-budget",
+                    "fmnist-study-resnet18", "fmnist-study-resnet18-within-budget", "fmnist-study-dynamic",
+                    "fmnist-study-long")},
     "fmnist-study-verdicts": lambda: verdicts_block("fmnist-study"),
     "fmnist-study-ablations": lambda: report_section("fmnist-study", "Each variant against the main run of its method"),
-    "fmnist-study-iid": lambda: headline_block("fmnist-study-iid"),
     "fmnist-study-floors": lambda: floors_block("fmnist-study", (40, 72)),
-    "fmnist-study-within-budget": lambda: headline_block("fmnist-study-within-budget"),
     "fmnist-study-within-budget-verdicts": lambda: verdicts_block("fmnist-study-within-budget"),
     "within-budget-resist": lambda: across_block("fmnist-study", "fmnist-study-within-budget"),
-    "fmnist-study-resnet18": lambda: headline_block("fmnist-study-resnet18"),
     "fmnist-study-resnet18-verdicts": lambda: verdicts_block("fmnist-study-resnet18", "results"),
     "fmnist-study-resnet18-equal-cost": lambda: report_section("fmnist-study-resnet18", "Accuracy at equal cost",
                                                                through_first_table=True),
-    "fmnist-study-resnet18-within-budget": lambda: headline_block("fmnist-study-resnet18-within-budget"),
     "fmnist-study-resnet18-within-budget-verdicts": lambda: verdicts_block("fmnist-study-resnet18-within-budget"),
     "within-budget-resist-resnet18": lambda: across_block("fmnist-study-resnet18",
                                                           "fmnist-study-resnet18-within-budget"),
-    "fmnist-study-dynamic": lambda: headline_block("fmnist-study-dynamic"),
-    "fmnist-study-long": lambda: headline_block("fmnist-study-long"),
     "fmnist-study-long-verdicts": lambda: verdicts_block("fmnist-study-long", "results"),
     "fmnist-study-long-gains": lambda: gains_block("fmnist-study", "fmnist-study-long"),
     "privacy-digits": lambda: report_section("privacy-digits", "Privacy"),
-    "quick-cpu": lambda: baselines_block("quick-cpu"),
-    "quick-warmup": lambda: baselines_block("quick-warmup"),
     "quick-hetero": lambda: [*baselines_block("quick-hetero"), "", *report_section(
         "quick-hetero", "Projected time at link speeds (10, 100, 1000 Mbit/s)"), "",
         *report_section("quick-hetero", "Any-depth accuracy (final round)")],

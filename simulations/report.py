@@ -394,18 +394,13 @@ def paired_markdown(rows: Sequence[dict[str, Any]], difference: str, verdict: st
 def ablation_lines(rows: Sequence[dict[str, Any]], base: str = MAIN_VARIANT) -> list[str]:
     if not rows:
         return []
-    if base == MAIN_VARIANT:
-        return ["## Each variant against the main run of its method", "",
-                *paired_markdown(rows, "variant - main", "variant vs main"), "",
-                "Per seed, the variant's late accuracy minus the same method's main run on that seed; interval and "
-                "words by the report's paired rule (paired-t 95 % interval, then Holm over the table; "
-                "simulations/paired_stats.py).", ""]
-    return [f"## Each ablation against the grid's first cell ({base}) of its method", "",
+    main = base == MAIN_VARIANT
+    return ["## Each variant against the main run of its method" if main else
+            f"## Each ablation against the grid's first cell ({base}) of its method", "",
             *paired_markdown(rows, f"variant - {base}", f"variant vs {base}"), "",
-            f"Per seed, the ablation's late accuracy minus the same method's {base} run on that seed (the cell it "
-            "changes); interval and words by the report's paired rule (paired-t 95 % interval, then Holm over the "
-            "table; simulations/paired_stats.py).",
-            ""]
+            f"Per seed, the {'variant' if main else 'ablation'}'s late accuracy minus the same method's {base} run on "
+            f"that seed{'' if main else ' (the cell it changes)'}; interval and words by the report's paired rule "
+            "(paired-t 95 % interval, then Holm over the table; simulations/paired_stats.py).", ""]
 
 
 def paired_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -443,24 +438,17 @@ def group_label(variant: str, strategy: str) -> str:
     return label(strategy) + ("" if variant == MAIN_VARIANT else f" ({variant})")
 
 
-def group_projections(runs_dir: Path, groups: dict[tuple[str, str], list[Run]], bandwidths: Sequence[float],
-                      target: float | None) -> dict[str, list[dict[float, Any]]]:
-    """Per group label, each run's projected round time and time to ``target`` at ``bandwidths`` (groups
-    without ``nodes.jsonl`` left out)."""
-    projections = {group_label(v, s): [p for p in (run_projection(runs_dir / r.name, bandwidths, target)
-                                                   for r in runs) if p is not None]
-                   for (v, s), runs in groups.items()}
-    return {k: v for k, v in projections.items() if v}
-
-
 def node_lines(runs_dir: Path, groups: dict[tuple[str, str], list[Run]], bandwidths: Sequence[float],
                target: float | None) -> tuple[list[str], list[Path], dict[str, Any]]:
     """The per-node cost and projected link-time sections (empty when no run wrote ``nodes.jsonl``)."""
     costs = {group_label(v, s): node_summary([runs_dir / r.name for r in runs]) for (v, s), runs in groups.items()}
     costs = {k: v for k, v in costs.items() if v is not None}
-    projections = group_projections(runs_dir, groups, bandwidths, target)
     if not costs:
         return [], [], {}
+    projections = {group_label(v, s): [p for p in (run_projection(runs_dir / r.name, bandwidths, target)
+                                                   for r in runs) if p is not None]
+                   for (v, s), runs in groups.items()}  # each run's projected round time and time to target
+    projections = {k: v for k, v in projections.items() if v}  # (groups without nodes.jsonl left out)
     lines = ["## Client costs (nodes.jsonl)", "", *node_cost_lines(costs), "",
              "Per node and round: training seconds as the node reported them (a simulated slowdown included, "
              "and shown apart), the step loop's peak memory (the measure is named: `cuda-max-allocated` on a "
@@ -495,18 +483,9 @@ TIERS = {
 
 
 def tier_lines(runs_dir: Path, groups: dict[tuple[str, str], list[Run]], kind: str) -> list[str]:
-    """The report's section on the tiers of ``kind`` (see :func:`tier_table`); empty when there are none."""
-    rows = tier_table(runs_dir, groups, kind)
-    if not rows:
-        return []
-    heading, _, text = TIERS[kind]
-    return [heading, "", *rows, "", text, ""]
-
-
-def tier_table(runs_dir: Path, groups: dict[tuple[str, str], list[Run]], kind: str) -> list[str]:
-    """Final-round accuracy of the global model at each depth (``accuracy-depth-<pct>``), width tier
-    (``accuracy-width-<pct>``) or exit (``accuracy-exit-<k>``), mean over seeds; empty when no run
-    evaluated such tiers."""
+    """The report's section on the tiers of ``kind``: final-round accuracy of the global model at each depth
+    (``accuracy-depth-<pct>``), width tier (``accuracy-width-<pct>``) or exit (``accuracy-exit-<k>``), mean over
+    seeds; empty when no run evaluated such tiers."""
     prefix = f"accuracy-{kind}-"
     finals: dict[str, dict[float, list[float]]] = {}
     for (variant, strategy), runs in groups.items():
@@ -519,10 +498,10 @@ def tier_table(runs_dir: Path, groups: dict[tuple[str, str], list[Run]], kind: s
     percents = sorted({p for by_percent in finals.values() for p in by_percent})
     if not percents:
         return []
-    unit = TIERS[kind][1]
+    heading, unit, text = TIERS[kind]
     rows = [[name, *(num(float(np.mean(by_percent[p])), 4) if p in by_percent else "-" for p in percents)]
             for name, by_percent in finals.items()]
-    return table(["group", *(f"{p:g} {unit}" for p in percents)], rows)
+    return [heading, "", *table(["group", *(f"{p:g} {unit}" for p in percents)], rows), "", text, ""]
 
 
 def distinct_label_plots(runs_dir: Path) -> list[Path]:

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 from resist_fl.run.methods import label
 from resist_fl.run.outputs import METRICS_FILE, SUMMARY_FILE, read_json, read_metrics
+from simulations.markdown import table
 from simulations.paired_stats import late_accuracy
 
 TUNING_PREFIX = "tune-lr"
@@ -88,13 +89,8 @@ def reference_of(tuning: Mapping[str, Any] | None) -> Path | None:
 
 
 def reference_picks(directory: Path, strategies: Sequence[str]) -> dict[str, float]:
-    """Each of ``strategies``' pick in the finished comparison ``directory``'s learning-rate grid.
-
-    Raises
-    ------
-    ValueError
-        ``directory`` holds no comparison, or its grid lacks a strategy or a finished run at one of its rates.
-    """
+    """Each of ``strategies``' pick in the finished comparison ``directory``'s learning-rate grid; ValueError
+    when ``directory`` holds no comparison, or its grid lacks a strategy or a finished run at one of its rates."""
     from simulations.report import MANIFEST_FILE  # (the report reads this module)
 
     if not (directory / MANIFEST_FILE).exists():
@@ -171,15 +167,12 @@ def tuning_lines(manifest: Mapping[str, Any], out_dir: Path) -> list[str]:
             "its pick is the rate with the highest late accuracy")
     rates = sorted({r for by_rate in results.values() for r in by_rate})
     chosen = picks(results)
-    rows = []
-    for strategy, by_rate in results.items():
-        cells = [("-" if by_rate.get(r) is None else
-                  (f"**{by_rate[r]:.4f}**" if r == chosen[strategy] else f"{by_rate[r]:.4f}")) for r in rates]
-        rows.append(f"| {label(strategy)} | " + " | ".join(cells) + f" | {chosen[strategy]:g} |")
+    rows = [[label(strategy), *("-" if by_rate.get(r) is None else
+                                (f"**{by_rate[r]:.4f}**" if r == chosen[strategy] else f"{by_rate[r]:.4f}")
+                                for r in rates), f"{chosen[strategy]:g}"] for strategy, by_rate in results.items()]
     return ["## Learning-rate grid", "",
             f"Every method trained at every rate of the same grid on tuning seed {tuning.get('seed', '?')} "
             f"({tuning.get('num-server-rounds', '?')} rounds), and {then} (shown; the mean of its evaluations in "
             "the last fifth of its rounds, bold: the pick; ties: the smaller rate). The tuning seed's partitions, "
             f"node samples and initialisation are not the reported seeds', {measured_on}.", "",
-            "| method | " + " | ".join(f"lr {r:g}" for r in rates) + " | picked |",
-            "|---|" + "---|" * (len(rates) + 1), *rows, ""]
+            *table(["method", *(f"lr {r:g}" for r in rates), "picked"], rows), ""]
