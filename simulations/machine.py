@@ -30,24 +30,20 @@ def code_version(project_dir: Path, outputs: Path | None = None) -> str | None:
     return head + (" and uncommitted changes" if changed else "")
 
 
-def _cpu_model() -> str:
+def _proc_field(path: str, key: str) -> str | None:
+    """The value of the first ``key: value`` line of a ``/proc`` file (None: no such line or file)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        return next((line.split(":", 1)[1].strip() for line in Path(path).read_text().splitlines()
+                     if line.startswith(key)), None)
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return None
 
 
 def _memory_gib() -> float | None:
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) / 2**20
-    except (OSError, ValueError):
-        pass
-    return None
+        return int(_proc_field("/proc/meminfo", "MemTotal:").split()[0]) / 2**20
+    except (AttributeError, ValueError, IndexError):  # no such line, or not "<kB> kB"
+        return None
 
 
 def _gpus() -> list[str]:
@@ -70,7 +66,8 @@ def describe_machine() -> dict[str, object]:
     """CPU, cores, memory, GPUs, OS and the versions that matter for the numbers."""
     memory = _memory_gib()
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu if (cpu := _proc_field("/proc/cpuinfo", "model name")) is not None else
+        platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "memory-gib": None if memory is None else round(memory, 1),
         "gpus": _gpus(),

@@ -67,20 +67,8 @@ def app_config_keys(project_dir: Path) -> dict[str, Any]:
 
 
 def load_preset(name: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """Load a preset, apply dotlist overrides, resolve interpolations.
-
-    Parameters
-    ----------
-    name : str
-        Preset name (``quick-cpu``) or path to a YAML file.
-    overrides : sequence of str
-        ``key.sub=value`` items, e.g. ``run-config.num-server-rounds=3``.
-
-    Returns
-    -------
-    DictConfig
-        The resolved preset, with ``name`` set.
-    """
+    """The preset ``name`` (``quick-cpu``, or a path to a YAML file) with the dotlist ``overrides`` applied
+    (``key.sub=value`` items, e.g. ``run-config.num-server-rounds=3``), resolved, with ``name`` set."""
     config = _load_chain(name)
     try:
         config = OmegaConf.merge(config, OmegaConf.from_dotlist(list(overrides)))
@@ -92,14 +80,9 @@ def load_preset(name: str, overrides: Sequence[str] = ()) -> DictConfig:
 
 
 def validate_preset(config: DictConfig, project_dir: Path) -> None:
-    """Check a preset against the app before anything runs.
-
-    Raises
-    ------
-    PresetError
-        Unknown preset or run-config keys (typos would otherwise be ignored or
-        only fail inside the ServerApp), keys the runner owns, unknown strategies.
-    """
+    """Check a preset against the app before anything runs: :class:`PresetError` for unknown preset or
+    run-config keys (typos would otherwise be ignored or only fail inside the ServerApp), keys the runner
+    owns, unknown strategies."""
     allowed = set(_load_chain(BASE_PRESET)) | {"name"}
     if unknown_top := sorted(set(config) - allowed):
         raise PresetError(f"unknown preset key(s) {unknown_top}; expected some of {', '.join(sorted(allowed))} "
@@ -129,15 +112,10 @@ def grid_cells(config: DictConfig) -> list[tuple[str, dict[str, Any]]]:
     """A ``grid`` preset's cells, ``(variant, run-config changes)`` for every alpha x norm, alphas outermost;
     [] without a grid. An alpha ``"iid"`` is ``partitioner='iid'``, a number the Dirichlet partitioner with
     that ``dirichlet-alpha``. The variant is ``<norm>-<alpha>`` (:func:`cell_name`: ``batchnorm-0.3``,
-    ``groupnorm-iid``).
-
-    Raises
-    ------
-    PresetError
-        A grid without non-empty ``alphas`` and ``norms`` lists, an unknown norm, an alpha that is neither
-        ``"iid"`` nor a positive number, a cell twice, a run-config or strategy-config that sets a key the
-        grid sets per cell, or a grid with a ``tuning`` section (its tuning runs would belong to no cell).
-    """
+    ``groupnorm-iid``). :class:`PresetError` for a grid without non-empty ``alphas`` and ``norms`` lists, an
+    unknown norm, an alpha that is neither ``"iid"`` nor a positive number, a cell twice, a run-config or
+    strategy-config that sets a key the grid sets per cell, or a grid with a ``tuning`` section (its tuning
+    runs would belong to no cell)."""
     grid = config.get("grid")
     if grid is None:
         return []
@@ -171,13 +149,7 @@ def grid_cells(config: DictConfig) -> list[tuple[str, dict[str, Any]]]:
 
 def alpha_label(alpha: Any) -> str:
     """A grid alpha as cells and tables name it: ``"iid"``, or the Dirichlet alpha as a float (``1`` ->
-    ``"1.0"``).
-
-    Raises
-    ------
-    PresetError
-        Neither ``"iid"`` nor a positive finite number.
-    """
+    ``"1.0"``); :class:`PresetError` for neither ``"iid"`` nor a positive finite number."""
     if str(alpha) == "iid":
         return "iid"
     try:
@@ -200,12 +172,9 @@ def cell_names(grid: Mapping[str, Any] | None) -> list[str]:
 
 
 def coerce_run_config(run_config: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """Give dotlist-parsed values the type of the app's default.
-
-    ``run-config.partitioned-stages=3`` parses as the integer 3, but the key is
-    a string; ``lr=1`` parses as an integer for a float key. Bools are never
-    converted (``true``/``false`` parse as bools already).
-    """
+    """Give dotlist-parsed values the type of the app's default: ``run-config.partitioned-stages=3`` parses as
+    the integer 3, but the key is a string; ``lr=1`` parses as an integer for a float key. Bools are never
+    converted (``true``/``false`` parse as bools already)."""
     coerced = {}
     for key, value in run_config.items():
         default = defaults.get(key)
