@@ -8,27 +8,11 @@ Usage::
     python -m simulations.compare PRESET --write-run-config FILE.toml [--run NAME]
     python -m simulations.compare --list
 
-``KEY=VALUE`` items are omegaconf dotlist overrides of the preset
-(``federation.num-supernodes=4``, ``run-config.lr=0.1``); a bare app key such as
-``num-server-rounds=3`` means ``run-config.num-server-rounds=3``. Put them
-before the options. Ablations are names from the preset's ``ablation-variants``
-(``no-scaling``, ``no-min-depth``, ``min-depth``, ``stage-3``, ``stages-2-3-4``,
-``local-steps-10``, ...) or ``KEY=VALUE`` run-config changes run for both
-strategies (``--ablations local-steps=25``).
-
-Every run goes through the preset's backend (``--backend`` overrides it): ``flwr``,
-:func:`simulations.launcher.run_flwr` (the real ``flwr run``, isolated, cleaned up), or
-``inprocess``, :func:`simulations.inprocess_launcher.run_inprocess_launch` (the same ServerApp and
-ClientApp on the in-process grid in a child process: no SuperLink or Ray start-up, nodes one after
-another). A preset with a ``grid`` section (Dirichlet alphas x norms) runs each cell as a variant
-(``<norm>-<alpha>``) in place of ``main``; its ablations change the first cell.
-Results: ``DIR/<variant>-<strategy>-seed<N>/`` per run, ``DIR/logs/``,
-``DIR/compare.json`` (what ran, how long, why a run failed), and the report
-(``DIR/report.md`` and PNGs, see :mod:`simulations.report`). A failed run is
-listed with its reason and makes the command exit 1. Run directories that
-already hold a finished run with the same configuration are reused. ``--write-run-config`` writes one
-planned run (default: the first ResIST run) as a Flower run-config file and prints the plain ``flwr run``
-command that runs it with the preset's federation.
+``KEY=VALUE`` items are omegaconf dotlist overrides of the preset (a bare app key such as ``lr=0.1`` means
+``run-config.lr=0.1``); ablations are names from the preset's ``ablation-variants`` or ``KEY=VALUE``
+changes. Every run goes through the preset's backend: :func:`simulations.launcher.run_flwr` (``flwr``) or
+:func:`simulations.inprocess_launcher.run_inprocess_launch` (``inprocess``). Grids, tuning, reuse, the
+output directory and the exit codes: simulations/README.md ("Presets", "Label-skew grids", "Runner").
 """
 
 from __future__ import annotations

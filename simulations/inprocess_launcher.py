@@ -1,18 +1,12 @@
 """The runner's second backend: one run of the real ServerApp and ClientApp on the in-process grid.
 
-:func:`run_inprocess_launch` has the signature and the :class:`~simulations.launcher.LaunchResult`
-of :func:`simulations.launcher.run_flwr`, so ``python -m simulations.compare PRESET --backend
-inprocess`` plans, reuses, reports and resumes exactly as through ``flwr run``. The run happens in
-a child process (``python -m simulations.inprocess CONFIG N``: its own memory, a timeout that
-holds, ``--jobs`` in parallel) on :class:`simulations.inprocess_grid.InProcessGrid`: the same
-ServerApp ``main`` and ClientApp code as ``flwr run``, every node's reply serialised as on the
-wire, but no SuperLink, SuperExec or Ray, and the sampled nodes train one after another in that
-one process. What it does not exercise: Flower's transport, Ray's actors and their start-up, and
-nodes running at the same time (a round's wall time is the sum of its nodes' times, not the
-slowest node's). The run config is the app's ``[tool.flwr.app.config]`` defaults with the run's
-keys over them, as Flower merges them. One torch thread per run (``num-cpus-per-client=1``) and
-``--jobs`` for the cores: with 2 threads a Fashion-MNIST run here aborted in oneDNN's backward pass
-("double free or corruption") when the partition was decoded in the same process (see the README).
+:func:`run_inprocess_launch` has the signature and the :class:`~simulations.launcher.LaunchResult` of
+:func:`simulations.launcher.run_flwr`, so ``python -m simulations.compare PRESET --backend inprocess`` plans,
+reuses, reports and resumes exactly as through ``flwr run``. The run happens in a child process (``python -m
+simulations.inprocess CONFIG N``: its own memory, a timeout that holds, ``--jobs`` in parallel) on
+:class:`simulations.inprocess_grid.InProcessGrid`, with the app's ``[tool.flwr.app.config]`` defaults under the
+run's keys, as Flower merges them. What it does not exercise, and why one torch thread per run:
+simulations/README.md, "Runner".
 """
 
 from __future__ import annotations

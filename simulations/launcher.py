@@ -1,23 +1,13 @@
 """Run one ``flwr run . --stream`` in isolation and report how it went.
 
-Each launch gets
-
-- its own ``FLWR_HOME`` (a temporary directory, deleted afterwards), so the connection config, the
-  installed FAB and the local SuperLink's database and log never touch ``~/.flwr`` or another launch;
-- its own free ports through ``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT`` and ``FLWR_LOCAL_CONTROL_API_PORT``
-  (flwr 1.42 serves the Control, Runtime (ServerAppIo / SimulationIo) and Fleet APIs on the one HTTP
-  port; the control-API address is only bound when ``FLWR_INTERNAL_GRPC_CONTROL_API=1``, and the Fleet
-  API is not started in simulation mode, so no other port needs setting; Ray picks its own free ports);
-- ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` in the environment of ``flwr run``, which starts the
-  SuperLink, so the app runs in this Python environment instead of a fresh ``uv sync`` of torch;
-- a unique marker variable in that environment. ``flwr run`` starts the local SuperLink detached (new
-  session), the SuperLink starts ``flower-superexec`` in another session, and so on; every one of them
-  inherits the marker, which is how they are all found and stopped afterwards
-  (:mod:`resist_fl.run.processes`, psutil).
-
-``flwr run --stream`` exits 0 even when the ServerApp fails, so success means ``summary.json`` (written
-last by the ServerApp) exists in the run directory and ``flwr ls --run-id ID --format json`` does not
-report ``finished:failed``.
+Each launch gets its own ``FLWR_HOME`` (a temporary directory, deleted afterwards) and free ports, runs the
+app in this Python environment (``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``, no ``uv sync`` of
+torch), and marks every process it starts (the SuperLink and ``flower-superexec`` run in sessions of their
+own) with a unique environment variable, by which they are found and stopped afterwards
+(:mod:`resist_fl.run.processes`, psutil). ``flwr run --stream`` exits 0 even when the ServerApp fails, so
+success means ``summary.json`` (written last by the ServerApp) exists in the run directory and ``flwr ls
+--run-id ID --format json`` does not report ``finished:failed``. Which ports and why: simulations/README.md,
+"Launcher".
 """
 
 from __future__ import annotations

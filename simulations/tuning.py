@@ -1,24 +1,13 @@
 """One learning-rate grid for every method: tuning runs, each method's pick, and the report's table.
 
-A preset's ``tuning`` section (``{lr: [0.02, 0.05, 0.1], seed: 100, num-server-rounds: 30}``) makes
-the runner first train every strategy at every learning rate of the grid on the tuning seed (a seed
-the comparison does not report), for ``num-server-rounds`` rounds; each strategy then runs its
-reported seeds at the rate whose tuning run has the highest late accuracy (the mean of its evaluations
-in the last fifth of its rounds, :func:`simulations.paired_stats.late_accuracy`, the quantity the
-paired rule compares; ties: the smaller rate). The tuning runs are variants ``tune-lr<rate>`` in the
-same output directory; the report gives the grid, every tuning run's late accuracy and each pick, and
-keeps them out of its main tables.
-
-The accuracy is the central test set's unless the section names ``validation-size: N``: the tuning
-runs then hold N training images out (:func:`resist_fl.data.sources.held_out`, the same images for
-every method and rate), train on the rest and evaluate on them, so the pick never reads the test
-set. Either way the pick is made on other partitions, node samples and initialisations than the
-reported seeds'; the report says which images it was measured on.
-
-``tuning: {picks-from: DIR}`` instead runs no tuning runs: every strategy runs at its pick in the
-finished comparison ``DIR`` (relative paths: to the repository), whose grid must hold every rate of
-every strategy; the report shows that grid. A variant of a study (other data skew, other capacities)
-so shares the study's tuning.
+A preset's ``tuning`` section (``{lr: [0.02, 0.05, 0.1], seed: 100, num-server-rounds: 30}``) makes the runner
+first train every strategy at every rate on the tuning seed (one the comparison does not report) for those
+rounds (variants ``tune-lr<rate>``, kept out of the report's main tables); each strategy then runs its reported
+seeds at the rate of the highest late accuracy (:func:`simulations.paired_stats.late_accuracy`, what the paired
+rule compares; ties: the smaller rate). With ``validation-size: N`` the tuning runs hold N training images out
+(:func:`resist_fl.data.sources.held_out`) and are evaluated on them, so no pick reads the test set; ``tuning:
+{picks-from: DIR}`` runs no tuning runs and takes every pick from the finished comparison ``DIR``
+(simulations/README.md, "Runner").
 """
 
 from __future__ import annotations
