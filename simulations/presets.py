@@ -1,10 +1,9 @@
 """Experiment presets: omegaconf YAML files composed from a base plus overrides.
 
-A preset file names its parent with ``extends:`` (default ``_base``); the
-parent chain is merged root first, then the command line's dotlist overrides
-(``run-config.num-server-rounds=3 federation.num-supernodes=4``). Files whose
-name starts with ``_`` are building blocks, not runnable presets. A path to a
-YAML file outside ``presets/`` works as well.
+A preset file names its parent with ``extends:`` (default ``_base``); the parent chain is merged root first,
+then the command line's dotlist overrides (``run-config.num-server-rounds=3 federation.num-supernodes=4``).
+Files whose name starts with ``_`` are building blocks, not runnable presets. A path to a YAML file outside
+``presets/`` works as well.
 """
 
 from __future__ import annotations

@@ -4,35 +4,31 @@ Usage::
 
     python -m simulations.report RUNS_DIR [--target-accuracy A | --target-fraction F]
 
-``RUNS_DIR`` is a ``simulations.compare`` output directory: run directories
-named ``<variant>-<strategy>-seed<N>`` plus ``compare.json``, the manifest that says
-which ran and as which variant, strategy and seed (without it: an error, exit 2).
+``RUNS_DIR`` is a ``simulations.compare`` output directory: run directories named
+``<variant>-<strategy>-seed<N>`` plus ``compare.json``, the manifest that says which ran and as which
+variant, strategy and seed (without it: an error, exit 2).
 
 Definitions (also printed in the report):
 
-- final accuracy: test accuracy of the global model after the last round;
-  mean ± sample standard deviation (ddof 1) over seeds.
-- late accuracy: the mean of a run's evaluations in the last fifth of its
-  rounds (rounds above 0.8 x the last; the last round alone when no other
-  falls there), each evaluation weighted alike (with ``eval-subset`` the
-  intermediate ones are on its fixed subset, the last on the whole test
-  set). Under a constant learning rate the global model's accuracy
-  moves by several points between neighbouring evaluations; the paired rule
-  compares this mean, not one round's draw.
-- target accuracy: ``--target-accuracy`` / the preset's ``target.accuracy`` if
-  set; otherwise ``fraction`` (default 0.9) x the best mean final accuracy of a
-  FedAvg group (the highest over variants of the mean over seeds).
-- rounds / GB / seconds to target: at the first evaluated round whose accuracy
-  reaches the target: that round, the cumulative bytes sent and received by
-  the server (``cumulative-bytes``, 1 GB = 1e9 B) and the cumulative
-  ``round-seconds`` (the ServerApp's time per round: sampling, sending,
-  training, merging; without server-side evaluation; in simulation round 1
-  includes the ClientApps' start-up). Averaged over the seeds that reached it.
-- ratios: ResIST / FedAvg of those means, against FedAvg of the same variant
-  when it ran, otherwise against FedAvg of the main comparison.
-- runs diverging: seeds with at least one round flagged ``diverging`` (a node's
-  training went non-finite, or the mean train loss was above 5x (and 0.5 nats above) the best
-  earlier round's).
+- final accuracy: test accuracy of the global model after the last round; mean ± sample standard deviation
+  (ddof 1) over seeds.
+- late accuracy: the mean of a run's evaluations in the last fifth of its rounds (rounds above 0.8 x the
+  last; the last round alone when no other falls there), each evaluation weighted alike (with
+  ``eval-subset`` the intermediate ones are on its fixed subset, the last on the whole test set). Under a
+  constant learning rate the global model's accuracy moves by several points between neighbouring
+  evaluations; the paired rule compares this mean, not one round's draw.
+- target accuracy: ``--target-accuracy`` / the preset's ``target.accuracy`` if set; otherwise ``fraction``
+  (default 0.9) x the best mean final accuracy of a FedAvg group (the highest over variants of the mean
+  over seeds).
+- rounds / GB / seconds to target: at the first evaluated round whose accuracy reaches the target: that
+  round, the cumulative bytes sent and received by the server (``cumulative-bytes``, 1 GB = 1e9 B) and the
+  cumulative ``round-seconds`` (the ServerApp's time per round: sampling, sending, training, merging;
+  without server-side evaluation; in simulation round 1 includes the ClientApps' start-up). Averaged over
+  the seeds that reached it.
+- ratios: ResIST / FedAvg of those means, against FedAvg of the same variant when it ran, otherwise against
+  FedAvg of the main comparison.
+- runs diverging: seeds with at least one round flagged ``diverging`` (a node's training went non-finite,
+  or the mean train loss was above 5x (and 0.5 nats above) the best earlier round's).
 """
 
 from __future__ import annotations
@@ -59,14 +55,8 @@ from simulations.privacy_report import privacy_lines
 from simulations.paired_stats import LEVEL, holm, late_accuracy, paired
 from simulations.presets import cell_names
 from simulations.client_report import client_lines
-from simulations.node_costs import (
-    DEFAULT_BANDWIDTHS,
-    link_time_lines,
-    node_cost_lines,
-    node_summary,
-    plot_link_times,
-    run_projection,
-)
+from simulations.node_costs import (DEFAULT_BANDWIDTHS, link_time_lines, node_cost_lines, node_summary,
+                                    plot_link_times, run_projection)
 
 MANIFEST_FILE = "compare.json"
 REPORT_FILE = "report.md"
@@ -228,9 +218,7 @@ def group_stats(variant: str, strategy: str, runs: Sequence[Run], target: float 
 
 def ratio(numerator: float, denominator: float) -> float:
     """``numerator / denominator``, NaN when either is missing or the denominator is 0."""
-    if math.isnan(numerator) or math.isnan(denominator) or denominator == 0:
-        return math.nan
-    return numerator / denominator
+    return math.nan if math.isnan(numerator) or math.isnan(denominator) or denominator == 0 else numerator / denominator
 
 
 def ratios(stats: Sequence[GroupStats], base: str = MAIN_VARIANT) -> list[dict[str, Any]]:
@@ -599,11 +587,8 @@ def equal_cost_section(groups: dict[tuple[str, str], list[Run]]) -> tuple[list[s
     (:mod:`simulations.equal_cost`; nothing when no run recorded its nodes' costs)."""
     curves = {group_label(v, s): [r.costs for r in runs if r.costs is not None]
               for (v, s), runs in groups.items() if v == MAIN_VARIANT}
-    curves = {name: runs for name, runs in curves.items() if runs}
-    if not curves:
-        return [], {}
-    rounds = max(int(c.round[-1]) for runs in curves.values() for c in runs if len(c.round))
-    return equal_cost_lines(curves, rounds)
+    return equal_cost_lines(curves, max((int(c.round[-1]) for runs in curves.values() for c in runs if len(c.round)),
+                                        default=0))
 
 
 def build_report(runs_dir: Path, target_accuracy_value: float | None = None,
