@@ -42,16 +42,8 @@ from simulations.launcher import LaunchResult, federation_config, run_flwr
 from simulations.machine import code_version, describe_machine
 from simulations.tuning import (grid_of, is_tuning, picks, reference_of, reference_picks, tuning_results,
                                 tuning_variant)
-from simulations.presets import (
-    PresetError,
-    app_config_keys,
-    coerce_run_config,
-    grid_cells,
-    list_presets,
-    load_preset,
-    to_dict,
-    validate_preset,
-)
+from simulations.presets import (PresetError, app_config_keys, coerce_run_config, grid_cells, list_presets,
+                                 load_preset, to_dict, validate_preset)
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 MANIFEST_FILE = report.MANIFEST_FILE
@@ -272,8 +264,7 @@ def execute(plan: Sequence[PlannedRun], config: DictConfig, project_dir: Path, o
     this invocation's earlier call (its grid), kept as they are rather than counted as reused; ``earlier``:
     the entries of earlier invocations (read before the first call rewrites the manifest), which a reused
     run keeps."""
-    done = dict(done or {})
-    previous = dict(earlier)
+    done = done or {}
     outcomes: dict[str, dict[str, Any]] = {}
     progress = Progress(len(plan), jobs)
     lock = threading.Lock()
@@ -286,7 +277,7 @@ def execute(plan: Sequence[PlannedRun], config: DictConfig, project_dir: Path, o
         if run.name in done:
             outcome = done[run.name]
         elif reuse[run.name]:
-            outcome = outcome_of(run, None, previous.get(run.name))
+            outcome = outcome_of(run, None, earlier.get(run.name))
         else:
             progress.start(run)
             write_label_distribution(run.run_config, federation["num-supernodes"], out_dir / run.name / LABEL_PLOT)
@@ -303,8 +294,7 @@ def execute(plan: Sequence[PlannedRun], config: DictConfig, project_dir: Path, o
             write_json(out_dir / MANIFEST_FILE, manifest)
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for future in [pool.submit(one, run) for run in plan]:
-            future.result()
+        list(pool.map(one, plan))  # (re-raises a run's error)
     return [outcomes[run.name] for run in plan]
 
 

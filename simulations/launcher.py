@@ -96,14 +96,10 @@ def launch_environment(flwr_home: Path, marker: str, *, runtime_dependency_insta
                        ray_address: str | None = None) -> dict[str, str]:
     """The environment of ``flwr run`` (and so of the SuperLink it starts); ``ray_address``: the
     Ray cluster its simulation joins (``RAY_ADDRESS``), else Ray starts its own."""
-    env = os.environ.copy()
     bin_dir = str(Path(flwr_executable()).parent)  # flower-superlink / -superexec are found on PATH
-    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
-    env["FLWR_HOME"] = str(flwr_home)
-    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
-    env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
-    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
-    env[MARKER_ENV] = marker
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "FLWR_HOME": str(flwr_home),
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+           "FLWR_DISABLE_UPDATE_CHECK": "1", MARKER_ENV: marker}
     env.pop("RAY_ADDRESS", None)  # Ray starts its own cluster, unless told which to join
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
