@@ -26,10 +26,8 @@ HEADERS = {"mean": "client mean", "worst10": "worst 10 % of clients", "min": "wo
 def last_client_row(rows: Sequence[Mapping[str, Any]], prefix: str = "client-accuracy-") -> dict[str, float] | None:
     """The client figures (``prefix``: the global model's; ``client-tier-accuracy-``: each node's own
     tier) of the last row that has them (None: the run did not record any)."""
-    for row in reversed(rows):
-        if row.get(f"{prefix}mean") is not None:
-            return {f: float(row[f"{prefix}{f}"]) for f in FIGURES}
-    return None
+    return next(({f: float(row[f"{prefix}{f}"]) for f in FIGURES} for row in reversed(rows)
+                 if row.get(f"{prefix}mean") is not None), None)
 
 
 def client_lines(runs_dir: Path, groups: Mapping[tuple[str, str], Sequence[Any]],

@@ -150,12 +150,10 @@ def grid_block(name: str) -> list[str]:
                  [[alpha, *(pm(mean_std([line["final-accuracy"] for line in cell[f"{s} {n} {alpha}"]]), 3)
                             for s, n in columns)] for alpha in alphas])
 
-    def mean(strategy: str, norm: str, alpha: str, value: Callable[[dict[str, Any]], float]) -> float:
-        return statistics.mean(value(line) for line in cell[f"{strategy} {norm} {alpha}"])
+    def final(strategy: str, alpha: str) -> float:  # mean final accuracy of a cell of the first norm
+        return statistics.mean(line["final-accuracy"] for line in cell[f"{strategy} {norms[0]} {alpha}"])
 
-    final = lambda line: line["final-accuracy"]  # noqa: E731
-    gaps = " / ".join(f"{mean('resist', norms[0], a, final) - mean('fedavg', norms[0], a, final):+.3f}"
-                      for a in alphas)
+    gaps = " / ".join(f"{final('resist', a) - final('fedavg', a):+.3f}" for a in alphas)
     mb = {s: statistics.mean(line["run"].curve.bytes_per_round / 1e6 for line in lines if line["strategy"] == s)
           for s in ("resist", "fedavg")}
     to_target = []

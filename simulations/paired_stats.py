@@ -73,12 +73,10 @@ def paired(method: Mapping[int, float], reference: Mapping[int, float]) -> Paire
     if len(differences) < 2:
         mean = float(differences.mean()) if len(differences) else math.nan
         return Paired(len(differences), mean, math.nan, math.nan, "n/a")
-    mean = float(differences.mean())
-    half = float(stats.t.ppf(0.5 + LEVEL / 2, len(differences) - 1) * differences.std(ddof=1)
-                 / math.sqrt(len(differences)))
+    mean, sd = float(differences.mean()), float(differences.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + LEVEL / 2, len(differences) - 1) * sd / math.sqrt(len(differences)))
     low, high = mean - half, mean + half
     verdict = "n/a" if len(differences) < MIN_SEEDS else "wins" if low > 0 else "loses" if high < 0 else "ties"
-    sd = float(differences.std(ddof=1))
     if sd > 0:
         p = float(2 * stats.t.sf(abs(mean) / (sd / math.sqrt(len(differences))), len(differences) - 1))
     else:  # every seed gave the same difference: certain unless that difference is 0

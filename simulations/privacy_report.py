@@ -28,10 +28,8 @@ def run_privacy(run_dir: Path) -> dict[str, Any]:
     config = read_json(run_dir / CONFIG_FILE).get("run_config", {}) if (run_dir / CONFIG_FILE).exists() else {}
     nodes = read_metrics(run_dir, NODES_FILE) if (run_dir / NODES_FILE).exists() else []
     evaluated = [r for r in rows if r.get("accuracy") is not None]
-    node_eps: dict[Any, float] = {}
-    for row in nodes:  # a node's epsilon is cumulative: its last reported value counts
-        if row.get("dp-epsilon") is not None:
-            node_eps[row["node"]] = float(row["dp-epsilon"])
+    node_eps = {row["node"]: float(row["dp-epsilon"]) for row in nodes  # cumulative: a node's last value counts
+                if row.get("dp-epsilon") is not None}
     holders = [r["min-holders"] for r in rows if r.get("min-holders")]
     exposed = [r["exposed-fraction"] for r in rows if r.get("exposed-fraction") is not None]
     return {
