@@ -263,35 +263,40 @@ def execute(plan: Sequence[PlannedRun], config: DictConfig, project_dir: Path, o
     """Run (or reuse) every planned run; the manifest is rewritten after each one. ``done``: outcomes of
     this invocation's earlier call (its grid), kept as they are rather than counted as reused; ``earlier``:
     the entries of earlier invocations (read before the first call rewrites the manifest), which a reused
-    run keeps."""
+    run keeps. The manifest lists every finished run before the first launch, so that it is whole while
+    the new runs train (a snapshot of the output directory then loses none of them)."""
     done = done or {}
     outcomes: dict[str, dict[str, Any]] = {}
     progress = Progress(len(plan), jobs)
     lock = threading.Lock()
     federation = to_dict(config.federation)
 
-    reuse = {run.name: reusable(run, out_dir) for run in plan if run.name not in done}  # errors before any launch
+    def record(new: Mapping[str, dict[str, Any]]) -> None:
+        with lock:
+            outcomes.update(new)
+            manifest["runs"] = [outcomes[r.name] for r in plan if r.name in outcomes]
+            write_json(out_dir / MANIFEST_FILE, manifest)
+
+    settled = {run.name: done[run.name] if run.name in done else
+               portable(outcome_of(run, None, earlier.get(run.name)), out_dir)
+               for run in plan if run.name in done or reusable(run, out_dir)}  # errors before any launch
+    if settled:
+        record(settled)
     code = code_version(project_dir, out_dir)  # a reused run keeps the commit it was recorded with
 
     def one(run: PlannedRun) -> None:
-        if run.name in done:
-            outcome = done[run.name]
-        elif reuse[run.name]:
-            outcome = outcome_of(run, None, earlier.get(run.name))
-        else:
-            progress.start(run)
-            write_label_distribution(run.run_config, federation["num-supernodes"], out_dir / run.name / LABEL_PLOT)
-            result = launch(project_dir, run.run_config, num_supernodes=federation["num-supernodes"],
-                            num_cpus_per_client=federation["num-cpus-per-client"],
-                            num_gpus_per_client=federation["num-gpus-per-client"],
-                            timeout_s=float(config["timeout-s"]), workdir=out_dir / "logs")
-            outcome = {**outcome_of(run, result, None), "code": code}
+        if run.name in settled:
+            progress.finish(run, settled[run.name])
+            return
+        progress.start(run)
+        write_label_distribution(run.run_config, federation["num-supernodes"], out_dir / run.name / LABEL_PLOT)
+        result = launch(project_dir, run.run_config, num_supernodes=federation["num-supernodes"],
+                        num_cpus_per_client=federation["num-cpus-per-client"],
+                        num_gpus_per_client=federation["num-gpus-per-client"],
+                        timeout_s=float(config["timeout-s"]), workdir=out_dir / "logs")
+        outcome = {**outcome_of(run, result, None), "code": code}
         progress.finish(run, outcome)
-        outcome = portable(outcome, out_dir)  # what is committed holds no developer's paths
-        with lock:
-            outcomes[run.name] = outcome
-            manifest["runs"] = [outcomes[r.name] for r in plan if r.name in outcomes]
-            write_json(out_dir / MANIFEST_FILE, manifest)
+        record({run.name: portable(outcome, out_dir)})  # what is committed holds no developer's paths
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(one, plan))  # (re-raises a run's error)

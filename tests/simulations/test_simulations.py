@@ -446,6 +446,17 @@ def test_every_method_runs_its_seeds_at_its_best_rate_of_one_grid(tmp_path):
     rerun = json.loads((tmp_path / compare.MANIFEST_FILE).read_text())["runs"]
     assert all(r["wall-seconds"] == 1.0 for r in rerun)  # a reused seed keeps what its launch recorded
 
+    # an ablation, planned before seed 1's finished runs: while it trains, the manifest already lists every
+    # finished run (a snapshot of the directory taken then loses none)
+    listed = []
+
+    def snapshot_launch(project_dir, run_config, **kwargs):
+        listed.append({r["name"] for r in json.loads((tmp_path / compare.MANIFEST_FILE).read_text())["runs"]})
+        return tuned_launch(project_dir, run_config, **kwargs)
+
+    assert compare.main([*argv, "--ablations", "local-steps=2"], launch=snapshot_launch) == 0
+    assert len(listed) == 4 and listed[0] == {r["name"] for r in rerun}
+
 
 def test_a_comparison_can_run_at_another_comparisons_picks(tmp_path, capsys):
     reference = tmp_path / "reference"
