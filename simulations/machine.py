@@ -40,10 +40,8 @@ def _proc_field(path: str, key: str) -> str | None:
 
 
 def _memory_gib() -> float | None:
-    try:
-        return int(_proc_field("/proc/meminfo", "MemTotal:").split()[0]) / 2**20
-    except (AttributeError, ValueError, IndexError):  # no such line, or not "<kB> kB"
-        return None
+    total = (_proc_field("/proc/meminfo", "MemTotal:") or "").split()  # "<kB> kB"
+    return int(total[0]) / 2**20 if total and total[0].isdigit() else None
 
 
 def _gpus() -> list[str]:
@@ -66,8 +64,7 @@ def describe_machine() -> dict[str, object]:
     """CPU, cores, memory, GPUs, OS and the versions that matter for the numbers."""
     memory = _memory_gib()
     return {
-        "cpu": cpu if (cpu := _proc_field("/proc/cpuinfo", "model name")) is not None else
-        platform.processor() or platform.machine(),
+        "cpu": _proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "memory-gib": None if memory is None else round(memory, 1),
         "gpus": _gpus(),
