@@ -382,13 +382,16 @@ def paired_markdown(rows: Sequence[dict[str, Any]], difference: str, verdict: st
 def ablation_lines(rows: Sequence[dict[str, Any]], base: str = MAIN_VARIANT) -> list[str]:
     if not rows:
         return []
-    main = base == MAIN_VARIANT
-    return ["## Each variant against the main run of its method" if main else
-            f"## Each ablation against the grid's first cell ({base}) of its method", "",
-            *paired_markdown(rows, f"variant - {base}", f"variant vs {base}"), "",
-            f"Per seed, the {'variant' if main else 'ablation'}'s late accuracy minus the same method's {base} run on "
-            f"that seed{'' if main else ' (the cell it changes)'}; interval and words by the report's paired rule "
-            "(paired-t 95 % interval, then Holm over the table; simulations/paired_stats.py).", ""]
+    if base == MAIN_VARIANT:
+        heading, subject = "## Each variant against the main run of its method", "the variant's late accuracy"
+        against = "the same method's main run on that seed"
+    else:  # a grid: each ablation changes the grid's first cell
+        heading, subject = f"## Each ablation against the grid's first cell ({base}) of its method", \
+            "the ablation's late accuracy"
+        against = f"the same method's {base} run on that seed (the cell it changes)"
+    return [heading, "", *paired_markdown(rows, f"variant - {base}", f"variant vs {base}"), "",
+            f"Per seed, {subject} minus {against}; interval and words by the report's paired rule (paired-t 95 % "
+            "interval, then Holm over the table; simulations/paired_stats.py).", ""]
 
 
 def paired_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
