@@ -353,9 +353,15 @@ def paired_against(groups: dict[tuple[str, str], list[Run]],
     return rows if any(r["seeds"] >= 2 for r in rows) else []
 
 
-def paired_rows(groups: dict[tuple[str, str], list[Run]]) -> list[dict[str, Any]]:
-    """Each method of each variant against ResIST of that variant."""
-    return paired_against(groups, lambda variant, strategy: None if strategy == REFERENCE else (variant, REFERENCE))
+def paired_rows(groups: dict[tuple[str, str], list[Run]], base: str = MAIN_VARIANT) -> list[dict[str, Any]]:
+    """Each method of each variant against ResIST of that variant, or of ``base`` (main, or a grid's first
+    cell) when the variant did not run ResIST (an ablation of one method, e.g. DepthFL with FedDyn), as
+    :func:`ratios` falls back to FedAvg."""
+    def against(variant: str, strategy: str) -> tuple[str, str] | None:
+        if strategy == REFERENCE:
+            return None
+        return (variant, REFERENCE) if (variant, REFERENCE) in groups else (base, REFERENCE)
+    return paired_against(groups, against)
 
 
 def ablation_rows(groups: dict[tuple[str, str], list[Run]], cells: Sequence[str] = ()) -> list[dict[str, Any]]:
@@ -394,12 +400,16 @@ def ablation_lines(rows: Sequence[dict[str, Any]], base: str = MAIN_VARIANT) -> 
             "interval, then Holm over the table; simulations/paired_stats.py).", ""]
 
 
-def paired_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+def paired_lines(rows: Sequence[dict[str, Any]], without_reference: Sequence[str] = ()) -> list[str]:
+    """The paired table and its rule (``without_reference``: variants that did not run ResIST, paired with the
+    main comparison's)."""
+    fallback = (f" (the variant{'s' if len(without_reference) > 1 else ''} {', '.join(without_reference)} did not "
+                "run ResIST: against ResIST of the main comparison)") if without_reference else ""
     return ["## Paired comparison with ResIST", "", *paired_markdown(rows, "method - ResIST", "method vs ResIST"), "",
             "Per seed, the method's late accuracy minus ResIST's on the same seed (same partition, initial "
-            "model and node sampling); the interval is mean ± t(0.975, n - 1) x sd / sqrt(n). The word follows "
-            "from it alone: **wins** when the whole interval is above 0, **loses** when below, **ties** when it "
-            "contains 0, **n/a** with fewer than three paired seeds. The last column corrects for the table's "
+            f"model and node sampling){fallback}; the interval is mean ± t(0.975, n - 1) x sd / sqrt(n). The word "
+            "follows from it alone: **wins** when the whole interval is above 0, **loses** when below, **ties** when "
+            "it contains 0, **n/a** with fewer than three paired seeds. The last column corrects for the table's "
             "several comparisons (Holm's step-down on the paired-t p-values, 5 % for the whole table): a win or "
             "a loss that does not survive it is a tie there (simulations/paired_stats.py).", ""]
 
@@ -558,7 +568,8 @@ def render(manifest: dict[str, Any], stats: Sequence[GroupStats], ratio_rows: Se
         lines += ["## ResIST / FedAvg", "", *ratio_lines(ratio_rows), "",
                   "Below 1 means ResIST needs less (or, for accuracy, reaches less).", ""]
     if paired_table:
-        lines += paired_lines(paired_table)
+        lines += paired_lines(paired_table, sorted({s.variant for s in stats} - {s.variant for s in stats
+                                                                               if s.strategy == REFERENCE}))
     if manifest.get("paper"):
         lines += paper_lines(manifest["paper"], stats)
     lines += list(extra)
@@ -610,7 +621,7 @@ def build_report(runs_dir: Path, target_accuracy_value: float | None = None,
                                         manifest, target_accuracy_value, target_fraction)
     stats = [group_stats(v, s, runs, target) for (v, s), runs in groups.items()]
     ratio_rows = ratios(stats, base)
-    paired_table = paired_rows(groups)
+    paired_table = paired_rows(groups, base)
     title = f"{manifest.get('preset', runs_dir.name)}: mean ± std over seeds"
     plots = [plot(groups, x, runs_dir / name, title, target) for x, (name, _) in PLOTS.items()
              if any(r.curve.tflops is not None for runs in groups.values() for r in runs) or x != "tflops"] \

@@ -109,6 +109,37 @@ def test_each_variant_is_compared_with_its_methods_main_run_seed_by_seed():
     assert "| amp | ResIST | 3 | -0.1100 |" in text
 
 
+def test_a_variant_without_resist_is_paired_with_the_main_comparisons_resist():
+    """An ablation of one method (DepthFL with FedDyn) has no ResIST of its own: its paired row is against the main
+    comparison's ResIST on the same seeds (a grid: its first cell's), and the report says so."""
+    from simulations import report
+
+    def runs(variant, strategy, finals):
+        return [report.Run(f"{variant}-{strategy}-seed{s}", variant, strategy, s,
+                           report.Curve.from_rows([{"round": 1, "accuracy": a, "bytes-down": 1, "bytes-up": 1,
+                                                    "cumulative-bytes": 2}]))
+                for s, a in enumerate(finals)]
+
+    groups = {("main", "resist"): runs("main", "resist", [0.80, 0.82, 0.81]),
+              ("main", "depthfl"): runs("main", "depthfl", [0.75, 0.76, 0.77]),
+              ("amp", "resist"): runs("amp", "resist", [0.60, 0.60, 0.60]),
+              ("amp", "fedavg"): runs("amp", "fedavg", [0.70, 0.71, 0.69]),
+              ("feddyn", "depthfl"): runs("feddyn", "depthfl", [0.83, 0.86, 0.84])}
+    rows = {(r["variant"], r["strategy"]): r for r in report.paired_rows(groups)}
+    assert rows[("feddyn", "depthfl")]["mean"] == pytest.approx(0.0333, abs=1e-4)  # minus main's ResIST
+    assert rows[("amp", "fedavg")]["mean"] == pytest.approx(0.10)  # its own variant's ResIST when it ran one
+    cells = {("bn-iid", "resist"): groups[("main", "resist")], ("bn-iid", "depthfl"): groups[("main", "depthfl")],
+             ("feddyn", "depthfl"): groups[("feddyn", "depthfl")]}
+    (grid_row,) = [r for r in report.paired_rows(cells, "bn-iid") if r["variant"] == "feddyn"]
+    assert grid_row["mean"] == pytest.approx(0.0333, abs=1e-4)
+    stats = [report.group_stats(v, s, g, None) for (v, s), g in groups.items()]
+    text = "\n".join(report.paired_lines(list(rows.values()), ["feddyn"]))
+    assert "the variant feddyn did not run ResIST: against ResIST of the main comparison" in text
+    assert "did not run ResIST" not in "\n".join(report.paired_lines(list(rows.values())))
+    rendered = report.render({"preset": "x"}, stats, [], None, "none", [], paired_table=list(rows.values()))
+    assert "the variant feddyn did not run ResIST" in rendered
+
+
 def test_the_rule_compares_the_late_accuracy_not_the_last_rounds_draw():
     """Under a constant learning rate the last evaluation is one draw of a noisy curve: the rule compares the mean
     of the evaluations in the last fifth of the rounds (rounds 68-80 of 80 here), and the report shows both."""
