@@ -302,11 +302,12 @@ def across_block(first: str, second: str, strategy: str = report.REFERENCE) -> l
             f"[docs/results/{second}](results/{second}/report.md))."]
 
 
-def report_section(name: str, heading: str, columns: Sequence[str] = (),
-                   through_first_table: bool = False) -> list[str]:
+def report_section(name: str, heading: str, columns: Sequence[str] = (), through_first_table: bool = False,
+                   rows: Sequence[str] = ()) -> list[str]:
     """The section ``## heading`` of the committed report ``docs/results/<name>/report.md`` (a test rebuilds each
-    such report byte for byte from its runs), its table cut to ``columns`` when given (or the section up to the end
-    of its first table, ``through_first_table``), under its source."""
+    such report byte for byte from its runs), its table cut to ``columns`` and to the ``rows`` whose first cell is
+    one of them when given (or the section up to the end of its first table, ``through_first_table``), under its
+    source."""
     path = RESULTS / name / report.REPORT_FILE
     lines = path.read_text(encoding="utf-8").splitlines()
     if f"## {heading}" not in lines:
@@ -314,15 +315,17 @@ def report_section(name: str, heading: str, columns: Sequence[str] = (),
     start = lines.index(f"## {heading}") + 1
     end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
     body = "\n".join(lines[start:end]).strip().splitlines()
-    if through_first_table or columns:
+    if through_first_table or columns or rows:
         start = next(i for i, line in enumerate(body) if line.startswith("|"))
         end = next((i for i in range(start, len(body)) if not body[i].startswith("|")), len(body))
         body = body[:end]
-    if columns:  # its first table alone: the section's notes may speak of the columns left out
-        table = [line.strip("|").split("|") for line in body[start:end]]
-        header = [cell.strip() for cell in table[0]]
-        keep = [header.index(c) for c in columns]  # (a missing column is an error naming it)
-        body = report.table([header[i] for i in keep], [[row[i].strip() for i in keep] for row in table[2:]])
+    if columns or rows:  # its first table alone: the section's notes may speak of what is left out
+        table = [[cell.strip() for cell in line.strip("|").split("|")] for line in body[start:end]]
+        keep = [table[0].index(c) for c in columns] if columns else range(len(table[0]))  # (a missing one: error)
+        kept = [row for row in table[2:] if not rows or row[0] in rows]
+        if not kept:
+            raise KeyError(f"{path}: section '## {heading}' has no row {', '.join(rows)}")
+        body = report.table([table[0][i] for i in keep], [[row[i] for i in keep] for row in kept])
     return [f"From [docs/results/{name}](results/{name}/report.md), its section “{heading}”:", "", *body]
 
 

@@ -135,6 +135,11 @@ def test_a_report_section_block_is_that_section_of_the_committed_report():
     assert "Holm over" in table[0] and sum("| amp |" in line for line in table) == 2
     cut = figures.report_section("fmnist-study", "Results", ("strategy", "late accuracy"))
     assert cut[2:4] == ["| strategy | late accuracy |", "|---|---|"] and all(row.count("|") == 3 for row in cut[2:])
+    amp = figures.report_section("fmnist-study", "Paired comparison with ResIST", rows=("amp",))
+    assert amp[2].startswith("| variant | method |") and len(amp) == 5 and amp[4].startswith("| amp | FedAvg | 5 |")
+    assert amp[4] in committed
+    with pytest.raises(KeyError, match="no row nope"):
+        figures.report_section("fmnist-study", "Paired comparison with ResIST", rows=("nope",))
 
 
 # A measured-looking number: an accuracy or ratio with 3+ decimals, a size, a rate, a time, a percentage
