@@ -367,7 +367,11 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
                     "fmnist-study-resnet18", "fmnist-study-resnet18-within-budget", "fmnist-study-dynamic",
                     "fmnist-study-long")},
     "fmnist-study-verdicts": lambda: verdicts_block("fmnist-study"),
-    "fmnist-study-ablations": lambda: report_section("fmnist-study", "Each variant against the main run of its method"),
+    "fmnist-study-ablations": lambda: report_section("fmnist-study", "Each variant against the main run of its method",
+                                                     rows=("amp",)),
+    "fmnist-study-feddyn": lambda: [
+        *report_section("fmnist-study", "Paired comparison with ResIST", rows=("feddyn",)), "",
+        *report_section("fmnist-study", "Each variant against the main run of its method", rows=("feddyn",))],
     "fmnist-study-floors": lambda: floors_block("fmnist-study", (40, 72)),
     "fmnist-study-within-budget-verdicts": lambda: verdicts_block("fmnist-study-within-budget"),
     "within-budget-resist": lambda: across_block("fmnist-study", "fmnist-study-within-budget"),
