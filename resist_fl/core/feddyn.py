@@ -26,7 +26,7 @@ class FedDynServer:
     Parameters
     ----------
     alpha : float
-        FedDyn's coefficient (> 0; the authors' default 0.1, ``conf/config.yaml`` line 37).
+        FedDyn's coefficient (> 0; the authors' default 0.1, ``conf/config.yaml`` line 27).
     trainable : collection of str
         The keys of the trainable tensors (the model's parameters; the authors' ``is_weight``: keys
         naming a weight or a bias, ``strategy.py`` lines 33-38): only these are corrected.

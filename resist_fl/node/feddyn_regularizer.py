@@ -45,12 +45,21 @@ class FedDynRegularizer:
                 raise ValueError(f"{STATE_KEY}[{key!r}] has shape {tuple(self.h[key].shape)}; the parameter has "
                                  f"{tuple(p.shape)}")
 
+    def _beside(self, key: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h`` and ``w0`` of ``key`` on ``w``'s device: the regulariser is built before training moves the
+        model to its device (a GPU), so they follow the parameter there once (the authors move theirs too,
+        ``models.py`` lines 72-73)."""
+        if self.h[key].device != w.device:
+            self.h[key], self.received[key] = self.h[key].to(w.device), self.received[key].to(w.device)
+        return self.h[key], self.received[key]
+
     def penalty(self) -> torch.Tensor:
         """``sum over parameters of -<w, h> + alpha / 2 ||w - w0||^2`` (in fp32)."""
-        total = torch.zeros((), device=next(iter(self.received.values())).device)
+        total = torch.zeros((), device=next(iter(self.params.values())).device)
         for key, w in self.params.items():
+            h, received = self._beside(key, w)
             w = w.float()
-            total = total - (w * self.h[key]).sum() + self.alpha / 2 * (w - self.received[key]).square().sum()
+            total = total - (w * h).sum() + self.alpha / 2 * (w - received).square().sum()
         return total
 
     def loss(self, inner: Loss) -> Loss:
@@ -66,5 +75,6 @@ class FedDynRegularizer:
         kept = dict(self.stored)
         with torch.no_grad():
             for key, w in self.params.items():
-                kept[key] = (self.h[key] - self.alpha * (w.detach().float() - self.received[key])).cpu().numpy()
+                h, received = self._beside(key, w)
+                kept[key] = (h - self.alpha * (w.detach().float() - received)).cpu().numpy()
         return kept

@@ -89,6 +89,23 @@ def test_the_node_regulariser_and_its_state_are_the_authors_terms():
     np.testing.assert_array_equal(state["other.layer"], 1.0)  # a parameter it did not hold this round is kept
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the model moves there after the regulariser")
+def test_the_regulariser_follows_the_model_to_the_gpu():
+    """The ClientApp builds the regulariser on the received (CPU) model; training then moves the model to the
+    GPU in place: the penalty and the state are computed there, with the same values as on the CPU."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    stored = {"weight": np.full((2, 3), 0.5, np.float32)}
+    on_cpu, reg = FedDynRegularizer(model, 0.3, stored), FedDynRegularizer(model, 0.3, stored)
+    with torch.no_grad():
+        model.weight.add_(0.2)
+    expected, expected_state = on_cpu.penalty().item(), on_cpu.updated_state()
+    model.to("cuda")
+    assert reg.penalty().device.type == "cuda" and reg.penalty().item() == pytest.approx(expected, rel=1e-6)
+    for key, value in reg.updated_state().items():
+        np.testing.assert_allclose(value, expected_state[key], rtol=1e-6)
+
+
 def test_context_memory_keeps_arrays_across_rounds_in_flowers_state():
     state = RecordDict()
     memory = ContextMemory(state)
