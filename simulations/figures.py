@@ -329,6 +329,12 @@ def report_section(name: str, heading: str, columns: Sequence[str] = (), through
     return [f"From [docs/results/{name}](results/{name}/report.md), its section “{heading}”:", "", *body]
 
 
+def variant_rows_block(name: str, variant: str) -> list[str]:
+    """One variant's rows of the committed report ``name``: against ResIST, and against its method's main run."""
+    return [*report_section(name, "Paired comparison with ResIST", rows=(variant,)), "",
+            *report_section(name, "Each variant against the main run of its method", rows=(variant,))]
+
+
 def block_type_block(pairs: Sequence[tuple[str, str]]) -> list[str]:
     """ResIST and FedAvg on each (label, committed comparison) pair: final accuracy, their ratio, ResIST's
     first three rounds and its bytes per round against FedAvg's."""
@@ -369,9 +375,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "fmnist-study-verdicts": lambda: verdicts_block("fmnist-study"),
     "fmnist-study-ablations": lambda: report_section("fmnist-study", "Each variant against the main run of its method",
                                                      rows=("amp",)),
-    "fmnist-study-feddyn": lambda: [
-        *report_section("fmnist-study", "Paired comparison with ResIST", rows=("feddyn",)), "",
-        *report_section("fmnist-study", "Each variant against the main run of its method", rows=("feddyn",))],
+    **{f"{name}-feddyn": partial(variant_rows_block, name, "feddyn") for name in ("fmnist-study", "fmnist-study-long")},
     "fmnist-study-floors": lambda: floors_block("fmnist-study", (40, 72)),
     "fmnist-study-within-budget-verdicts": lambda: verdicts_block("fmnist-study-within-budget"),
     "within-budget-resist": lambda: across_block("fmnist-study", "fmnist-study-within-budget"),
