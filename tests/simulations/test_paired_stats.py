@@ -86,21 +86,25 @@ def test_holm_never_turns_a_tie_into_a_win_or_a_loss():
             assert word == comparison.verdict or word == "ties"
 
 
+def _runs(variant, strategy, finals):
+    """One run per seed of a group, each with a single evaluation (its final and late accuracy)."""
+    from simulations import report
+
+    return [report.Run(f"{variant}-{strategy}-seed{s}", variant, strategy, s,
+                       report.Curve.from_rows([{"round": 1, "accuracy": a, "bytes-down": 1, "bytes-up": 1,
+                                                "cumulative-bytes": 2}]))
+            for s, a in enumerate(finals)]
+
+
 def test_each_variant_is_compared_with_its_methods_main_run_seed_by_seed():
     """The report's ablation table (e.g. amp's bf16 against fp32): variant minus main per seed, the same rule."""
     from simulations import report
 
-    def runs(variant, strategy, finals):
-        return [report.Run(f"{variant}-{strategy}-seed{s}", variant, strategy, s,
-                           report.Curve.from_rows([{"round": 1, "accuracy": a, "bytes-down": 1, "bytes-up": 1,
-                                                    "cumulative-bytes": 2}]))
-                for s, a in enumerate(finals)]
-
-    groups = {("main", "resist"): runs("main", "resist", [0.80, 0.82, 0.81]),
-              ("main", "fedavg"): runs("main", "fedavg", [0.85, 0.86, 0.84]),
-              ("amp", "resist"): runs("amp", "resist", [0.70, 0.71, 0.69]),
-              ("amp", "fedavg"): runs("amp", "fedavg", [0.851, 0.858, 0.842]),
-              ("amp", "heterofl"): runs("amp", "heterofl", [0.5, 0.5, 0.5])}  # no main run: not compared
+    groups = {("main", "resist"): _runs("main", "resist", [0.80, 0.82, 0.81]),
+              ("main", "fedavg"): _runs("main", "fedavg", [0.85, 0.86, 0.84]),
+              ("amp", "resist"): _runs("amp", "resist", [0.70, 0.71, 0.69]),
+              ("amp", "fedavg"): _runs("amp", "fedavg", [0.851, 0.858, 0.842]),
+              ("amp", "heterofl"): _runs("amp", "heterofl", [0.5, 0.5, 0.5])}  # no main run: not compared
     rows = {(r["variant"], r["strategy"]): r for r in report.ablation_rows(groups)}
     assert set(rows) == {("amp", "resist"), ("amp", "fedavg")}
     assert rows[("amp", "resist")]["mean"] == pytest.approx(-0.11) and rows[("amp", "resist")]["verdict"] == "loses"
@@ -114,17 +118,11 @@ def test_a_variant_without_resist_is_paired_with_the_main_comparisons_resist():
     comparison's ResIST on the same seeds (a grid: its first cell's), and the report says so."""
     from simulations import report
 
-    def runs(variant, strategy, finals):
-        return [report.Run(f"{variant}-{strategy}-seed{s}", variant, strategy, s,
-                           report.Curve.from_rows([{"round": 1, "accuracy": a, "bytes-down": 1, "bytes-up": 1,
-                                                    "cumulative-bytes": 2}]))
-                for s, a in enumerate(finals)]
-
-    groups = {("main", "resist"): runs("main", "resist", [0.80, 0.82, 0.81]),
-              ("main", "depthfl"): runs("main", "depthfl", [0.75, 0.76, 0.77]),
-              ("amp", "resist"): runs("amp", "resist", [0.60, 0.60, 0.60]),
-              ("amp", "fedavg"): runs("amp", "fedavg", [0.70, 0.71, 0.69]),
-              ("feddyn", "depthfl"): runs("feddyn", "depthfl", [0.83, 0.86, 0.84])}
+    groups = {("main", "resist"): _runs("main", "resist", [0.80, 0.82, 0.81]),
+              ("main", "depthfl"): _runs("main", "depthfl", [0.75, 0.76, 0.77]),
+              ("amp", "resist"): _runs("amp", "resist", [0.60, 0.60, 0.60]),
+              ("amp", "fedavg"): _runs("amp", "fedavg", [0.70, 0.71, 0.69]),
+              ("feddyn", "depthfl"): _runs("feddyn", "depthfl", [0.83, 0.86, 0.84])}
     rows = {(r["variant"], r["strategy"]): r for r in report.paired_rows(groups)}
     assert rows[("feddyn", "depthfl")]["mean"] == pytest.approx(0.0333, abs=1e-4)  # minus main's ResIST
     assert rows[("amp", "fedavg")]["mean"] == pytest.approx(0.10)  # its own variant's ResIST when it ran one
