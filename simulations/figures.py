@@ -40,7 +40,7 @@ from simulations.client_report import last_client_row
 from simulations.node_costs import node_summary
 from simulations.paired_stats import paired
 from simulations.presets import load_preset
-from simulations.tuning import is_tuning
+from simulations.tuning import is_tuning, picks, tuning_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
@@ -327,6 +327,37 @@ def report_section(name: str, heading: str, columns: Sequence[str] = (), through
             raise KeyError(f"{path}: section '## {heading}' has no row {', '.join(rows)}")
         body = report.table([table[0][i] for i in keep], [[row[i] for i in keep] for row in kept])
     return [f"From [docs/results/{name}](results/{name}/report.md), its section “{heading}”:", "", *body]
+
+
+def _tuning(name: str) -> dict[str, dict[float, float | None]]:
+    """Per method, each rate's late accuracy in the learning-rate grid of the committed comparison ``name``."""
+    runs_dir = RESULTS / name
+    return tuning_results(report.read_json(runs_dir / report.MANIFEST_FILE).get("runs", []), runs_dir)
+
+
+def picks_block(test_set: str, held_out: str) -> list[str]:
+    """Each method's learning-rate pick in the grid of the committed comparison ``test_set`` (measured on the
+    test set) beside its pick in ``held_out`` (the same grid measured on training images held out), and, where
+    they differ, the test-set late accuracy the held-out pick had in the first grid."""
+    first, second = _tuning(test_set), _tuning(held_out)
+    common = [s for s in first if s in second]
+    if not common:
+        raise ValueError(f"{test_set} and {held_out}: no method in both learning-rate grids")
+    chosen = {name: picks({s: grid[s] for s in common}) for name, grid in ((test_set, first), (held_out, second))}
+    rows, same = [], 0
+    for strategy in common:
+        a, b = chosen[test_set][strategy], chosen[held_out][strategy]
+        same += a == b
+        at_b = first[strategy].get(b)
+        rows.append([report.group_label(report.MAIN_VARIANT, strategy), f"{a:g}", f"{first[strategy][a]:.4f}",
+                     f"{b:g}", f"{second[strategy][b]:.4f}", "yes" if a == b else "**no**",
+                     "-" if a == b or at_b is None else f"{at_b - first[strategy][a]:+.4f}"])
+    head = ["method", "pick on the test set", "its late accuracy", "pick on held-out images", "its late accuracy there",
+            "same pick", "test-set late accuracy at the held-out pick, minus at the test-set pick"]
+    return [f"From the learning-rate grids of [docs/results/{test_set}](results/{test_set}/report.md) (measured on "
+            f"the test set) and [docs/results/{held_out}](results/{held_out}/report.md) (measured on training images "
+            f"held out of the tuning runs): {same} of {len(common)} methods pick the same rate.", "",
+            *report.table(head, rows)]
 
 
 def variant_rows_block(name: str, variant: str) -> list[str]:

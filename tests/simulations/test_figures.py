@@ -294,3 +294,18 @@ def test_a_headline_cell_with_one_paired_seed_says_so_instead_of_an_interval_of_
     assert figures._verdict(one, "heterofl", "reference") == "**n/a** (+0.0100, one seed); Holm: **n/a**"
     two = {**one, "low": -0.2, "high": 0.22}
     assert figures._verdict(two, "heterofl", "reference") == "**n/a** (+0.0100, [-0.2000, +0.2200]); Holm: **n/a**"
+
+
+def test_the_picks_block_sets_each_methods_pick_on_held_out_images_beside_its_pick_on_the_test_set(monkeypatch):
+    grids = {"on-test": {"resist": {0.1: 0.80, 0.2: 0.82}, "fedavg": {0.1: 0.70, 0.2: 0.75, 0.4: 0.74}},
+             "on-held-out": {"resist": {0.1: 0.86, 0.2: 0.84}, "fedavg": {0.1: 0.71, 0.2: 0.79, 0.4: None},
+                             "heterofl": {0.1: 0.5}}}
+    monkeypatch.setattr(figures, "_tuning", grids.__getitem__)
+    lines = figures.picks_block("on-test", "on-held-out")
+    assert "1 of 2 methods pick the same rate" in lines[0]
+    rows = [line for line in lines if line.startswith("| ") and "method" not in line]
+    assert rows == ["| ResIST | 0.2 | 0.8200 | 0.1 | 0.8600 | **no** | -0.0200 |",
+                    "| FedAvg | 0.2 | 0.7500 | 0.2 | 0.7900 | yes | - |"]
+    with pytest.raises(ValueError, match="no method in both"):
+        monkeypatch.setattr(figures, "_tuning", {"a": {"resist": {0.1: 0.5}}, "b": {"fedavg": {0.1: 0.5}}}.__getitem__)
+        figures.picks_block("a", "b")
