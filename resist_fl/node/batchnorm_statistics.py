@@ -1,12 +1,20 @@
 """Static BatchNorm's test-time statistics, re-estimated on training data (HeteroFL's ``stats`` pass).
 
 HeteroFL trains every BatchNorm on batch statistics and keeps no running buffers
-(``track_running_stats=False``, ``src/models/resnet.py`` lines 16-17 of diaoenmao's code); before testing,
-it builds the global model with running statistics (``momentum=None``: a cumulative average), loads
-the trained weights, and passes the whole training set through it in training mode without gradients
-(``train_classifier_fed.py`` lines 127-138). :func:`with_training_statistics` does the same for any
-model of the project built with ``norm='batchnorm'``: evaluation then uses those statistics instead
-of each test batch's own.
+(``track_running_stats=False``, ``src/models/resnet.py`` lines 16-17 and 161 of dem123456789's code at
+ea528c3); before every test, it builds the global model with running statistics (``momentum=None``: a
+cumulative average), loads the trained weights, and passes the whole training set through it in
+training mode without gradients (``src/train_classifier_fed.py`` lines 79 and 129-140).
+:func:`with_training_statistics` does the same for any model of the project built with
+``norm='batchnorm'``: evaluation then uses those statistics instead of each test batch's own.
+
+Where this differs from HeteroFL's pass: the images are not augmented (HeteroFL's loader applies the
+training transform, a crop and flip on CIFAR, none on MNIST), they come in one fixed seeded order in
+batches of ``batch-size`` (HeteroFL reshuffles each pass, batches of 10 in its federated settings), and
+only the full global model (and DepthFL's exits) get these statistics: the width, depth and client-tier
+accuracies keep each batch's own. FedRolex's federated code (AIoT-MLSys-Lab/FedRolex at 8135109) has
+no such pass: ``main_resnet.py`` line 154 tests the merged model as it is (built with
+``track_running_stats=False``, ``models/resnet.py`` line 164), on each test batch's own statistics.
 """
 
 from __future__ import annotations
