@@ -1,4 +1,4 @@
-"""ResIST vs FedAvg (and ablations) through the real ``flwr run``, then plots and a report.
+"""A preset's methods, seeds and ablations through the real ``flwr run`` (or in-process), then plots and a report.
 
 Usage::
 
