@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from resist_fl.core.norms import make_norm
-from resist_fl.core.preact_resnet import ResNetShape, add_trunk, pooled, stage_widths
+from resist_fl.core.preact_resnet import ResNetShape, add_trunk, pooled, widths_of
 
 
 class SepConv(nn.Module):
@@ -100,7 +100,7 @@ class MultiExitResNet(nn.Module):
     def __init__(self, spec: ResNetShape) -> None:
         super().__init__()
         self.spec = spec
-        widths = stage_widths(spec.base_width)
+        widths = widths_of(spec)
         add_trunk(self, spec, spec.exits)
         self.exits = nn.ModuleList(
             EarlyExit(s, widths, spec.num_classes, spec.norm) if s < 3

@@ -65,6 +65,11 @@ class ModelSpec:
         0: one classifier after the last stage. 1-4: DepthFL's multi-exit model cut after that many
         stages, one classifier (exit) after each (:mod:`resist_fl.core.early_exits`); the ``preact``
         family only.
+    stage_widths : tuple of int
+        ``()``: the stages have 1x, 2x, 4x, 8x ``base_width`` channels. Else the four stages' own channel
+        counts (a width-sliced sub-model by HeteroFL's per-layer rule, ``ceil(r x C)`` in every layer,
+        :func:`~resist_fl.core.width_slicing.sliced_spec`; ``base_width`` is then the first stage's);
+        the ``preact`` family only.
     """
 
     depths: tuple[int, ...] = PRESET_DEPTHS["preact_resnet18"]
@@ -76,9 +81,15 @@ class ModelSpec:
     stem: str = "cifar"
     head_norm: bool = False
     exits: int = 0
+    stage_widths: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
+        object.__setattr__(self, "stage_widths", tuple(int(w) for w in self.stage_widths))
+        if self.stage_widths and (len(self.stage_widths) != 4 or min(self.stage_widths) < 1
+                                  or self.stage_widths[0] != int(self.base_width) or self.arch != "preact"):
+            raise ValueError(f"stage_widths must be () or four positive channel counts of the preact family, the "
+                             f"first equal to base_width ({self.base_width}), got {self.stage_widths} ({self.arch})")
         if len(self.depths) != 4 or any(d < 1 for d in self.depths):
             raise ValueError(f"depths must be four positive stage depths, got {self.depths}")
         for name in ("num_classes", "in_channels", "base_width"):
@@ -109,6 +120,10 @@ class ModelSpec:
         """Plain-dict form (JSON- and torch.save-friendly)."""
         d = asdict(self)
         d["depths"] = list(self.depths)
+        if self.stage_widths:  # (absent otherwise: the form every earlier run recorded)
+            d["stage_widths"] = list(self.stage_widths)
+        else:
+            del d["stage_widths"]
         return d
 
     @classmethod

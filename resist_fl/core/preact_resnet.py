@@ -37,6 +37,7 @@ class ResNetShape(Protocol):
     stem: str
     head_norm: bool
     exits: int
+    stage_widths: tuple[int, ...]
 
 
 class PreActBlock(nn.Module):
@@ -93,7 +94,7 @@ class PreActResNet(nn.Module):
     def __init__(self, spec: ResNetShape) -> None:
         super().__init__()
         self.spec = spec
-        self.widths = stage_widths(spec.base_width)
+        self.widths = widths_of(spec)
         add_trunk(self, spec, 4)
         self.head_norm = make_norm(spec.norm, self.widths[3]) if spec.head_norm else None
         self.linear = nn.Linear(self.widths[3], spec.num_classes)
@@ -106,7 +107,7 @@ class PreActResNet(nn.Module):
 
 def add_trunk(model: nn.Module, spec: ResNetShape, stages: int) -> None:
     """Give ``model`` the stem and the first ``stages`` stages (``conv1``, ``stem``, ``layer1`` ...)."""
-    width = stage_widths(spec.base_width)
+    width = widths_of(spec)
     if spec.stem == "imagenet":  # 224x224 -> 56x56 before the first stage
         model.conv1 = nn.Conv2d(spec.in_channels, width[0], 7, stride=2, padding=3, bias=False)
         model.stem = nn.Sequential(make_norm(spec.norm, width[0]), nn.ReLU(inplace=True),
@@ -123,6 +124,12 @@ def add_trunk(model: nn.Module, spec: ResNetShape, stages: int) -> None:
 def stage_widths(base_width: int) -> tuple[int, ...]:
     """Channels of the four stages for a first-stage width ``base_width``."""
     return tuple(base_width * c // 64 for c in STAGE_CHANNELS)
+
+
+def widths_of(spec: ResNetShape) -> tuple[int, ...]:
+    """Channels of ``spec``'s four stages: its own ``stage_widths`` when it names them (a width-sliced
+    sub-model of HeteroFL's per-layer rule), else those of its ``base_width``."""
+    return tuple(spec.stage_widths) or stage_widths(spec.base_width)
 
 
 def pooled(out: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:

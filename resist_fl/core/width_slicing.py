@@ -19,6 +19,7 @@ Pure NumPy on name -> array mappings; nothing imports Flower.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -27,7 +28,7 @@ import numpy as np
 
 from resist_fl.core.aggregation import cast_mean
 from resist_fl.core.model import ModelSpec
-from resist_fl.core.preact_resnet import STAGE_CHANNELS
+from resist_fl.core.preact_resnet import stage_widths, widths_of
 
 IndexSets = Mapping[str, np.ndarray]
 """Channel group -> sorted kept channel indices."""
@@ -43,20 +44,42 @@ def check_rate(rate: float) -> float:
 
 
 def sliced_spec(spec: ModelSpec, rate: float) -> ModelSpec:
-    """The spec of the width-``rate`` sub-model: ``base_width`` scaled (rounded, at least 1)."""
+    """The spec of the width-``rate`` sub-model, by HeteroFL's per-layer rule: every stage keeps
+    ``ceil(rate x C)`` of its ``C`` channels (``src/models/resnet.py`` line 161 of dem123456789's HeteroFL code
+    at ea528c3, ``int(np.ceil(model_rate * x))`` for each stage's hidden size). Where those counts keep the
+    stages' ratios (every rate :func:`actual_rate` gives) it is the model of the same spec at a smaller
+    ``base_width``; otherwise the spec names its ``stage_widths``."""
     if spec.arch != "preact":
         raise ValueError(f"width slicing is defined for the pre-activation family, not {spec.arch!r}")
-    return replace(spec, base_width=max(1, round(check_rate(rate) * spec.base_width)))
+    rate = check_rate(rate)
+    kept = tuple(max(1, math.ceil(rate * c - 1e-9)) for c in widths(spec))  # (a rate k / C gives k exactly)
+    if kept == stage_widths(kept[0]):
+        return replace(spec, base_width=kept[0], stage_widths=())
+    return replace(spec, base_width=kept[0], stage_widths=kept)
+
+
+def whole_channels(rate: float, base_width: int) -> float:
+    """``rate`` rounded to a whole number of first-stage channels (at least 1), the later stages in the
+    model's ratios: what a rate of a ``width-rates`` list and FjORD's levels give."""
+    return max(1, round(check_rate(rate) * base_width)) / base_width
 
 
 def actual_rate(spec: ModelSpec, rate: float) -> float:
-    """The width rate the sub-model really has (``base_width`` is an integer)."""
-    return sliced_spec(spec, rate).base_width / spec.base_width
+    """:func:`whole_channels` of ``spec``'s first stage."""
+    return whole_channels(rate, spec.base_width)
+
+
+def layer_rates(base_width: int) -> tuple[float, ...]:
+    """``width-rates='layers'``: every width of HeteroFL's per-layer rule (:func:`sliced_spec`) for a model
+    of ``base_width``, largest first: ``k / C`` for each channel count ``k`` of the widest stage (``C``
+    channels), which steps every narrower stage through all of its counts too."""
+    widest = max(stage_widths(base_width))
+    return tuple(k / widest for k in range(widest, 0, -1))
 
 
 def widths(spec: ModelSpec) -> tuple[int, ...]:
     """Channels of the four stages."""
-    return tuple(spec.base_width * c // 64 for c in STAGE_CHANNELS)
+    return widths_of(spec)
 
 
 def channel_groups(spec: ModelSpec) -> dict[str, int]:

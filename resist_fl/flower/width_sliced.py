@@ -55,7 +55,7 @@ from resist_fl.core.aggregation import update_weights
 from resist_fl.core.model import ModelSpec, build_model
 from resist_fl.core.model_cost import Cost, CostModel
 from resist_fl.core.width_slicing import (
-    actual_rate,
+    whole_channels,
     element_index,
     key_groups,
     merge_sliced,
@@ -120,7 +120,7 @@ class WidthSliced(SubModelStrategy):
                  **overrides: Any) -> None:
         settings = settings_of(settings, overrides)
         super().__init__(tuple(keys), settings, costs)
-        self.rates = tuple(sorted({actual_rate(spec, r) for r in self.candidate_rates(settings)}, reverse=True))
+        self.rates = tuple(sorted(set(self.candidate_rates(settings)), reverse=True))
         self.spec = spec
         self.groups = key_groups(spec, self.keys)
         self.blocks = len(costs.layout.partitionable)
@@ -241,7 +241,7 @@ class FjORD(WidthSliced):
 
     @staticmethod
     def candidate_rates(settings: RunSettings) -> tuple[float, ...]:
-        return settings.fjord_rates()
+        return tuple(whole_channels(p, settings.base_width) for p in settings.fjord_rates())
 
     def node_config(self, rate: float) -> dict[str, Any]:
         return {WIDTH_SCALER: False, FJORD_RATES: sorted(r for r in self.rates if r <= rate),

@@ -30,6 +30,7 @@ from resist_fl.core.model_cost import CAPACITY_MEASURES
 from resist_fl.core.norms import NORMS
 from resist_fl.core.torchvision_resnets import TORCHVISION_DEPTHS
 from resist_fl.core.transport import TRANSPORT_DTYPES
+from resist_fl.core.width_slicing import layer_rates, whole_channels
 from resist_fl.data import AUGMENTATIONS, DATASETS, PARTITIONERS, dataset_info, resolve_augment
 from resist_fl.data.imagefolder import IMAGE_SIZES
 from resist_fl.run.methods import LOCAL_DP, METHODS, STRATEGIES, keys_read_by_some, readers
@@ -44,6 +45,7 @@ DEVICES = ("auto", "cpu", "cuda")
 CAPACITY_MODES = ("fixed", "dynamic")
 OVER_BUDGET = ("train", "skip")
 CHANNELS = "channels"
+LAYERS = "layers"
 """``width-rates``: every channel count (each node's largest width within its budget)."""
 MODELS = (*PRESET_DEPTHS, *TORCHVISION_DEPTHS)
 
@@ -145,7 +147,7 @@ class RunSettings(BaseModel):
     capacity_measure: Literal[CAPACITY_MEASURES] = Field('flops',
         description="what a node's capacity is a fraction of: `flops` (forward + backward FLOPs per sample of what it is sent, measured), `params`, or `blocks` (ResIST's partitionable blocks); every method gives a node the largest sub-model of its kind within it")
     width_rates: Str = Field('channels',
-        description="`heterofl` / `fedrolex` / `fedavg-small`: the widths a node may get, the largest whose measured cost fits its capacity: `channels` (every channel count of the first stage, 1 .. `base-width`: each node's full budget, within a relative tolerance of 1e-9) or rates in (0, 1] separated by commas (HeteroFL's grid: `1,0.5,0.25,0.125,0.0625`)")
+        description="`heterofl` / `fedrolex` / `fedavg-small`: the widths a node may get, the largest whose measured cost fits its capacity (within a relative tolerance of 1e-9): `channels` (every channel count of the first stage, 1 .. `base-width`, the later stages in the model's ratios), `layers` (HeteroFL's code's per-layer rule: a rate r keeps ceil(r x C) of every stage's C channels, and every r = k / (the widest stage's channels) is a width, so a node uses nearly all of its budget) or rates in (0, 1] separated by commas, each rounded to whole first-stage channels (HeteroFL's grid: `1,0.5,0.25,0.125,0.0625`)")
     label_split: Bool = Field(True,
         description="`heterofl` / `fedrolex`: their codes' label split (on in both by default): a node masks the logits of the labels its data lacks (set to 0, as their code does, before the cross-entropy) and says which labels it holds, and each classifier row is merged over the nodes holding that label only; refused under `dp` (the label sets would be released and steer the merge)")
     fedrolex_overlap: Str = Field('',
@@ -404,11 +406,16 @@ class RunSettings(BaseModel):
         return parse_profile("capacity-profile", self.capacity_profile, low=0.0, high=1.0)
 
     def rates(self) -> tuple[float, ...]:
-        """``width-rates`` as numbers in (0, 1], largest first (``channels``: every ``w / base-width``)."""
+        """``width-rates`` as the widths a node may get, numbers in (0, 1], largest first (``channels``: every
+        ``w / base-width``; ``layers``: every width of HeteroFL's per-layer rule; a list: each rate rounded to
+        whole first-stage channels)."""
         if self.width_rates == CHANNELS:
             return tuple(width / self.base_width for width in range(self.base_width, 0, -1))
-        return parse_rates("width-rates", self.width_rates, f"{CHANNELS!r} or numbers in (0, 1] separated by "
-                           "commas, e.g. '1,0.5,0.25'")
+        if self.width_rates == LAYERS:
+            return layer_rates(self.base_width)
+        listed = parse_rates("width-rates", self.width_rates, f"{CHANNELS!r}, {LAYERS!r} or numbers in (0, 1] "
+                             "separated by commas, e.g. '1,0.5,0.25'")
+        return tuple(sorted({whole_channels(r, self.base_width) for r in listed}, reverse=True))
 
     def rolex_overlap(self) -> float | None:
         """``fedrolex-overlap`` as a number in [0, 1], None when unset."""

@@ -1,4 +1,4 @@
-"""End to end through the real ``flwr run .``: the launcher, ResIST vs FedAvg, failures, clean-up.
+"""End to end through the real ``flwr run .``: the launcher, every registered method, failures, clean-up.
 
 The three launches (ResIST, FedAvg, a bad run config) run at the same time, which
 also checks that launches are isolated from each other (FLWR_HOME, ports).
@@ -6,6 +6,7 @@ also checks that launches are isolated from each other (FLWR_HOME, ports).
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,7 +41,8 @@ CASES["heterofl"]["validation-size"] = 200  # evaluated on 200 held-out training
 CASES["fjord-kd"].update({"dp": "central", "weighting": "uniform", "dp-clip": 0.5, "dp-noise-multiplier": 0.5,
                           "dp-sampling": "secret",  # a width method under the central-DP wrapper, secret sample
                           "capacity-profile": "0.5"})  # (a secret sample needs one capacity for every node)
-CASES["fedavg-small"].update({"dp": "local", "norm": "groupnorm", "local-steps": 4})  # Opacus DP-SGD
+CASES["fedavg-small"].update({"dp": "local", "norm": "groupnorm", "local-steps": 4,  # Opacus DP-SGD
+                              "width-rates": "layers"})  # HeteroFL's per-layer widths (ceil(r x C) per stage)
 CASES["depth-prefix"].update({"over-budget": "skip",  # the node of capacity 0.05 cannot afford one block:
                               "capacity-profile": "1.0,1.0,0.05"})  # it is sent nothing, every round
 TRAINED = {"depth-prefix": 2}  # nodes sent a training message per round (else all 3)
@@ -172,7 +174,11 @@ def test_the_sub_model_baselines_respect_every_nodes_budget(launches):
     flops = {n["partition"]: n["flops-per-sample"] for n in depthfl}
     assert flops[0] > flops[1] >= flops[2] > 0 and all(n["budget-used"] <= 1 for n in depthfl if n["partition"] < 2)
     small = read_metrics(launches["fedavg-small"].run_dir, "nodes.jsonl")  # the weakest node's width, for all
-    assert {n["width-rate"] for n in small} == {widths[2][1]} and all(n["over-capacity"] == 0 for n in small)
+    (rate,) = {n["width-rate"] for n in small}  # per-layer widths: more of the weakest budget than whole channels
+    assert rate > widths[2][1] and all(n["over-capacity"] == 0 for n in small)
+    assert max(n["budget-used"] for n in small) <= 1
+    spec = json.loads((launches["fedavg-small"].run_dir / "run_config.json").read_text())["model_spec"]
+    assert len(spec["stage_widths"]) == 4 and spec["stage_widths"][-1] == round(rate * 64)  # off the 1:2:4:8 ratios
 
 
 def test_central_and_local_dp_through_the_real_engine(launches):

@@ -38,8 +38,57 @@ def test_the_width_chosen_for_a_budget_is_the_largest_channel_count_that_fits(ca
 
 def test_width_rates_channels_and_its_errors():
     assert RunSettings(strategy="heterofl", width_rates="1,0.5").rates() == (1.0, 0.5)
-    with pytest.raises(SettingsError, match="width-rates = 'all': expected 'channels' or numbers"):
+    # a listed rate is rounded to whole first-stage channels (base width 8: 0.0625 keeps one, 0.3 two)
+    assert RunSettings(strategy="heterofl", width_rates="1,0.3,0.0625", base_width=8).rates() == (1.0, 0.25, 0.125)
+    with pytest.raises(SettingsError, match="width-rates = 'all': expected 'channels', 'layers' or numbers"):
         RunSettings.from_run_config({"strategy": "heterofl", "width-rates": "all"})
+
+
+LAYERS = RunSettings(strategy="heterofl", width_rates="layers", base_width=8).rates()
+
+
+def test_the_per_layer_rule_keeps_ceil_r_c_of_every_stage_as_heterofls_code_does():
+    """HeteroFL's code: every stage keeps int(np.ceil(model_rate * C)) of its C channels."""
+    import math
+
+    from resist_fl.core.width_slicing import sliced_spec, widths
+
+    assert LAYERS == tuple(k / 64 for k in range(64, 0, -1))  # the widest stage has 8 x 8 channels
+    for rate in (*LAYERS, 0.3, 0.0625):
+        small = sliced_spec(SPEC, rate)
+        assert widths(small) == tuple(math.ceil(rate * c - 1e-9) for c in widths(SPEC))
+        assert ModelSpec.from_dict(small.to_dict()) == small
+    assert sliced_spec(SPEC, 31 / 64).stage_widths == (4, 8, 16, 31)
+    assert sliced_spec(SPEC, 0.5) == ModelSpec(depths=(1, 1, 2, 1), base_width=4, num_classes=10, in_channels=1)
+    assert "stage_widths" not in sliced_spec(SPEC, 0.5).to_dict()  # the form every earlier run recorded
+    with pytest.raises(ValueError, match="stage_widths must be"):
+        ModelSpec(base_width=4, stage_widths=(5, 8, 16, 32))
+
+
+@settings(max_examples=30, deadline=None)
+@given(capacity=st.floats(0.01, 1.0))
+def test_per_layer_widths_use_at_least_the_budget_whole_channels_do(capacity):
+    """Every width of ``channels`` is one of ``layers``, so the largest that fits is never smaller (where no
+    whole-channel width fits, ``channels`` falls back to its smallest, over budget); the one chosen fits
+    and the next wider does not."""
+    by_layers, by_channels = (COSTS.max_rate(capacity, "flops", rates) for rates in (LAYERS, CHANNELS))
+    budget = capacity * COSTS.full.flops * (1 + 1e-9)
+    assert set(CHANNELS) <= set(LAYERS)
+    assert by_layers >= by_channels or COSTS.width_cost(by_channels).flops > budget
+    if by_layers > min(LAYERS):
+        assert COSTS.width_cost(by_layers).flops <= budget
+    wider = [r for r in LAYERS if r > by_layers]
+    if wider:
+        assert COSTS.width_cost(min(wider)).flops > budget
+
+
+def test_at_a_quarter_of_the_flops_per_layer_widths_fill_the_budget_whole_channels_leave_half():
+    """The study's case: the half-width model costs a little over 1/4 of the FLOPs (the stem and the
+    classifier shrink linearly), so whole first-stage channels drop to 3/8 of the width."""
+    by_channels, by_layers = (COSTS.max_rate(0.25, "flops", rates) for rates in (CHANNELS, LAYERS))
+    used = {r: COSTS.width_cost(r).flops / (0.25 * COSTS.full.flops) for r in (by_channels, by_layers)}
+    assert COSTS.width_cost(0.5).flops > 0.25 * COSTS.full.flops and by_channels == 3 / 8
+    assert used[by_layers] > 0.9 > 0.6 > used[by_channels]
 
 
 def _nodes(config: dict, num_nodes: int) -> list[dict]:

@@ -95,11 +95,11 @@ def test_at_base_width_8_a_level_keeps_round_p_x_8_channels_and_the_stage_ratios
     from resist_fl.core.width_slicing import actual_rate, channel_groups
 
     spec = ModelSpec(depths=(1, 1, 3, 1), base_width=8, num_classes=10)
-    kept = {p: sliced_spec(spec, p).base_width for p in (0.2, 0.4, 0.6, 0.8, 1.0)}
+    kept = {p: sliced_spec(spec, actual_rate(spec, p)).base_width for p in (0.2, 0.4, 0.6, 0.8, 1.0)}
     assert kept == {0.2: 2, 0.4: 3, 0.6: 5, 0.8: 6, 1.0: 8}
     for p, width in kept.items():
         assert actual_rate(spec, p) == width / 8
-        groups, full = channel_groups(sliced_spec(spec, p)), channel_groups(spec)
+        groups, full = channel_groups(sliced_spec(spec, actual_rate(spec, p))), channel_groups(spec)
         assert set(groups) == set(full) and all(groups[g] * 8 == full[g] * width for g in full)
 
 

@@ -249,3 +249,33 @@ def test_a_resume_onto_a_model_of_other_shapes_is_refused_before_anything_is_rew
         recorder.check_resumable(narrower)
     recorder.check_resumable(build_model(SPEC).state_dict())  # the same model: nothing to say
     assert (directory / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("strategy", ["heterofl", "fedrolex", "fedavg-small"])
+def test_per_layer_widths_fill_each_budget_and_travel_as_their_rate(tiny_config, strategy):
+    """``width-rates='layers'`` (HeteroFL's ceil(r x C) per layer): each node gets the largest such width
+    within its FLOPs, a model whose stages need not keep the 1:2:4:8 ratios, built by the node from the
+    rate in its message (training and evaluation)."""
+    from resist_fl.run.settings import RunSettings
+
+    tiny_config.update(HETERO, strategy=strategy, **{"width-rates": "layers", "capacity-measure": "flops",
+                                                     "capacity-profile": "1.0,0.5,0.3", "num-server-rounds": 2})
+    if strategy == "fedavg-small":  # the one width method whose nodes evaluate (the others: centrally only)
+        tiny_config["fraction-evaluate"] = 1.0
+    grid = run_inprocess(tiny_config, num_nodes=3)
+    costs = CostModel(SPEC, BlockLayout.from_spec(SPEC), 32)
+    layers = RunSettings(strategy=strategy, width_rates="layers", base_width=8).rates()
+    nodes = read_metrics(run_dir(tiny_config), "nodes.jsonl")
+    weakest = min(n["capacity"] for n in nodes)
+    for n in nodes:
+        budget = (weakest if strategy == "fedavg-small" else n["capacity"]) * costs.full.flops
+        assert n["width-rate"] == costs.max_rate(budget / costs.full.flops, "flops", layers)
+        assert costs.width_cost(n["width-rate"]).flops <= budget * (1 + 1e-9) and n["status"] == "accepted"
+    if strategy != "fedavg-small":
+        assert any(sliced_spec(SPEC, n["width-rate"]).stage_widths for n in nodes)  # off the model's ratios
+    for message in (m for m in grid.sent if m.metadata.message_type in ("train", "evaluate")):
+        small = build_model(sliced_spec(SPEC, message.content["config"][WIDTH_RATE])).state_dict()
+        assert {k: tuple(a.shape) for k, a in message.content["arrays"].items()} == \
+            {k: tuple(v.shape) for k, v in small.items() if not k.endswith("residual_scale")}
+    rows = read_metrics(run_dir(tiny_config))
+    assert all(r["replies-accepted"] == 3 for r in rows) and rows[-1]["accuracy"] is not None
