@@ -407,7 +407,8 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "fmnist-study-ablations": lambda: report_section("fmnist-study", "Each variant against the main run of its method",
                                                      rows=("amp",)),
     **{f"{name}-feddyn": partial(variant_rows_block, name, "feddyn") for name in ("fmnist-study", "fmnist-study-long")},
-    "fmnist-study-sbn": partial(variant_rows_block, "fmnist-study", "sbn"),
+    **{f"fmnist-study-{variant}": partial(variant_rows_block, "fmnist-study", variant)
+       for variant in ("sbn", "layers")},
     "fmnist-study-floors": lambda: floors_block("fmnist-study", (40, 72)),
     "fmnist-study-within-budget-verdicts": lambda: verdicts_block("fmnist-study-within-budget"),
     "within-budget-resist": lambda: across_block("fmnist-study", "fmnist-study-within-budget"),
