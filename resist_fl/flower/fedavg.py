@@ -25,7 +25,8 @@ from flwr.common import log
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.holders import whole
 from resist_fl.core.model_cost import Cost, CostModel, fits
-from resist_fl.core.width_slicing import sliced_spec
+from resist_fl.core.model import ModelSpec
+from resist_fl.core.width_slicing import sliced_spec, widths
 from resist_fl.flower.message_keys import WIDTH_RATE
 from resist_fl.flower.method_factory import Built, ModelParts
 from resist_fl.flower.round_skeleton import Plan, SubModelStrategy
@@ -92,7 +93,7 @@ class FedAvgSmall(ScreenedFedAvg):
         connects now."""
         if started is not None:
             rates = [r for r in (*self.settings.rates(), 1.0)  # the run config is the same (checked): only the width
-                     if sliced_spec(model.spec, r).base_width == started.get("base_width")]
+                     if widths(sliced_spec(model.spec, r)) == widths(ModelSpec.from_dict(started))]
             if not rates:
                 raise ValueError(f"resume: the run started with a model of base width {started.get('base_width')!r} "
                                  f"that no width of width-rates = {self.settings.width_rates!r} gives; the run "
