@@ -40,8 +40,8 @@ from simulations.inprocess_launcher import run_inprocess_launch
 from simulations.label_plot import LABEL_PLOT, write_label_distribution
 from simulations.launcher import LaunchResult, federation_config, run_flwr
 from simulations.machine import code_version, describe_machine
-from simulations.tuning import (grid_of, is_tuning, picks, reference_of, reference_picks, tuning_results,
-                                tuning_variant)
+from simulations.tuning import (VALIDATION, grid_of, is_tuning, picks, reference_of, reference_picks,
+                                tuning_results, tuning_variant)
 from simulations.presets import (PresetError, app_config_keys, coerce_run_config, grid_cells, list_presets,
                                  load_preset, to_dict, validate_preset)
 
@@ -165,9 +165,6 @@ def plan_runs(config: DictConfig, seeds: Sequence[int], ablations: Sequence[str]
 # --------------------------------------------------------------------------- existing results
 
 
-HOLD_OUT = "validation-size"
-
-
 def reusable(run: PlannedRun, out_dir: Path) -> bool:
     """Whether ``run`` already finished with this configuration (then it is not rerun).
 
@@ -183,8 +180,8 @@ def reusable(run: PlannedRun, out_dir: Path) -> bool:
         return False
     saved = report.read_json(run_dir / CONFIG_FILE).get("run_config", {})
     differs = {k: (saved.get(k), v) for k, v in run.run_config.items() if k != "output-dir" and saved.get(k) != v}
-    if saved.get(HOLD_OUT, 0) != run.run_config.get(HOLD_OUT, 0):  # planned only when set: its absence is 0
-        differs[HOLD_OUT] = (saved.get(HOLD_OUT, 0), run.run_config.get(HOLD_OUT, 0))
+    if saved.get(VALIDATION, 0) != run.run_config.get(VALIDATION, 0):  # planned only when set: its absence is 0
+        differs[VALIDATION] = (saved.get(VALIDATION, 0), run.run_config.get(VALIDATION, 0))
     if differs:
         raise PresetError(f"{run_dir} holds a finished run with another configuration "
                           f"(key: (saved, wanted) {differs}); use another --out or delete it")

@@ -35,7 +35,7 @@ from resist_fl.core.model import ModelSpec
 from resist_fl.core.model_cost import BUDGET_TOLERANCE, CostModel
 from resist_fl.run.outputs import CONFIG_FILE, read_metrics
 from simulations import benchmark_figures, noniid_figures, report
-from simulations.equal_cost import PLATEAU_GAIN, plateau
+from simulations.equal_cost import PLATEAU_GAIN, cost_curve, plateau
 from simulations.client_report import last_client_row
 from simulations.node_costs import node_summary
 from simulations.paired_stats import paired
@@ -154,15 +154,6 @@ def plateaus(groups: dict[tuple[str, str], list]) -> tuple[int, dict[tuple[str, 
     return rounds, {key: c for key, c in checked.items() if c is not None}
 
 
-def training_flops(run_dir: Path) -> float:
-    """The run's training FLOPs: every node-round's measured FLOPs per sample x the samples it was sent to
-    train (local steps x batch size), from ``nodes.jsonl`` and the run config."""
-    config = report.read_json(run_dir / CONFIG_FILE)["run_config"]
-    samples = int(config["local-steps"]) * int(config["batch-size"])
-    return float(sum(n["flops-per-sample"] * samples for n in read_metrics(run_dir, "nodes.jsonl")
-                     if n.get("flops-per-sample") is not None))
-
-
 def _main_groups(name: str) -> tuple[Path, dict, dict]:
     """The comparison's main variant only (its ablations have their own table in the report)."""
     runs_dir, manifest, groups = _groups(name)
@@ -239,7 +230,7 @@ def headline_block(name: str) -> list[str]:
                      report.num(float(np.mean([c["worst10"] for c in clients])), 4) if clients else "-",
                      ", ".join(f"{c:g}: {b:.2f}" for c, b in budgets.items()) or "-",
                      report.num(float(np.mean([r.curve.gb[-1] for r in runs])), 3),
-                     report.num(float(np.mean([training_flops(d) for d in dirs])) / 1e12, 2)])
+                     report.num(float(np.mean([cost_curve(d).flops[-1] for d in dirs])) / 1e12, 2)])
     rising = [report.group_label(*key) for key, (_, flat) in checked.items() if not flat]
     rows.sort(key=lambda r: -float(r[2].split(" ")[0]))
     seeds = sorted({len(runs) for runs in groups.values()})

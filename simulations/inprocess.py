@@ -27,16 +27,9 @@ def run_inprocess(run_config: dict, num_nodes: int = 3, client: ClientApp = clie
     return grid
 
 
-def read_config(path: str) -> dict:
-    """A run config from a ``.json`` file or a TOML run-config file (what the launchers write)."""
-    import json
-    import tomllib
-
-    with open(path, "rb") as f:
-        return json.load(f) if path.endswith(".json") else tomllib.load(f)
-
-
-if __name__ == "__main__":  # python -m simulations.inprocess CONFIG.{json,toml} NUM_NODES
+if __name__ == "__main__":  # python -m simulations.inprocess RUN-CONFIG.toml NUM_NODES (what the launcher writes)
     import sys
+    import tomllib
+    from pathlib import Path
 
-    run_inprocess(read_config(sys.argv[1]), num_nodes=int(sys.argv[2]))
+    run_inprocess(tomllib.loads(Path(sys.argv[1]).read_text(encoding="utf-8")), num_nodes=int(sys.argv[2]))

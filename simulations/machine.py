@@ -9,6 +9,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+import psutil
+
 
 def code_version(project_dir: Path, outputs: Path | None = None) -> str | None:
     """The git commit of the Flower app at ``project_dir`` (with " and uncommitted changes" when a tracked
@@ -39,11 +41,6 @@ def _proc_field(path: str, key: str) -> str | None:
         return None
 
 
-def _memory_gib() -> float | None:
-    total = (_proc_field("/proc/meminfo", "MemTotal:") or "").split()  # "<kB> kB"
-    return int(total[0]) / 2**20 if total and total[0].isdigit() else None
-
-
 def _gpus() -> list[str]:
     try:
         import torch
@@ -62,11 +59,10 @@ def _version(package: str) -> str:
 
 def describe_machine() -> dict[str, object]:
     """CPU, cores, memory, GPUs, OS and the versions that matter for the numbers."""
-    memory = _memory_gib()
     return {
         "cpu": _proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
-        "memory-gib": None if memory is None else round(memory, 1),
+        "memory-gib": round(psutil.virtual_memory().total / 2**30, 1),
         "gpus": _gpus(),
         "os": platform.platform(),
         "python": sys.version.split()[0],

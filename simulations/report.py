@@ -53,7 +53,7 @@ from simulations.tuning import is_tuning, tuning_lines
 from simulations.machine import describe_machine, machine_line
 from simulations.privacy_report import privacy_lines
 from simulations.paired_stats import LEVEL, holm, late_accuracy, paired
-from simulations.presets import cell_names
+from simulations.presets import RUNNER_KEYS, cell_names
 from simulations.client_report import client_lines
 from simulations.node_costs import (DEFAULT_BANDWIDTHS, link_time_lines, node_cost_lines, node_summary,
                                     plot_link_times, run_projection)
@@ -296,7 +296,7 @@ def setup_lines(manifest: dict[str, Any]) -> list[str]:
     if not runs:  # (a grid alone: its first tuning run, whose lr the grid's table gives)
         return []
     config = {k: v for k, v in runs[0].get("run-config", {}).items()
-              if k not in ("strategy", "seed", "run-name", "output-dir")}
+              if k not in RUNNER_KEYS}
     picked = bool(manifest.get("tuning")) and config.pop("lr", None) is not None
     defaults = RunSettings.model_fields
     if config.get("norm", defaults["norm"].default) == "batchnorm":  # how the central evaluation normalises
@@ -661,11 +661,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if any(not b > 0 for b in args.bandwidth_mbps):
         parser.error(f"--bandwidth-mbps must be > 0, got {args.bandwidth_mbps}")
-    if not (args.runs_dir / MANIFEST_FILE).exists():
-        print(f"error: {args.runs_dir / MANIFEST_FILE}: not found (a report reads the manifest that "
-              "python -m simulations.compare writes beside its runs)", file=sys.stderr)
+    try:
+        path = build_report(args.runs_dir, args.target_accuracy, args.target_fraction, args.bandwidth_mbps)
+    except FileNotFoundError as error:  # no manifest: not an output directory of simulations.compare
+        print(f"error: {error}", file=sys.stderr)
         return 2
-    path = build_report(args.runs_dir, args.target_accuracy, args.target_fraction, args.bandwidth_mbps)
     print(path.read_text(encoding="utf-8"))
     print(f"report: {path}")
     return 0
