@@ -483,26 +483,48 @@ TIERS = {
 }
 
 
+LATE_EXITS = ("### Late accuracy per exit", "The mean over the evaluations in the last fifth of the rounds, as the "
+              "comparisons above use, per exit and for the ensemble (`accuracy`, the method's figure). Reading one "
+              "exit off this table would pick it on the test set: DepthFL's test is the ensemble.")
+
+
 def tier_lines(runs_dir: Path, groups: dict[tuple[str, str], list[Run]], kind: str) -> list[str]:
     """The report's section on the tiers of ``kind``: final-round accuracy of the global model at each depth
     (``accuracy-depth-<pct>``), width tier (``accuracy-width-<pct>``) or exit (``accuracy-exit-<k>``), mean over
-    seeds; empty when no run evaluated such tiers."""
+    seeds; for exits also each one's late accuracy beside the ensemble's; empty when no run evaluated such
+    tiers."""
     prefix = f"accuracy-{kind}-"
     finals: dict[str, dict[float, list[float]]] = {}
+    lates: dict[str, dict[float, list[float]]] = {}
     for (variant, strategy), runs in groups.items():
+        name = group_label(variant, strategy)
         for run in runs:
             evaluated = [r for r in read_metrics(runs_dir / run.name) if r.get("accuracy") is not None]
-            for key, value in (evaluated[-1].items() if evaluated else ()):
-                if key.startswith(prefix) and value is not None:
-                    percent = float(key[len(prefix):])
-                    finals.setdefault(group_label(variant, strategy), {}).setdefault(percent, []).append(value)
+            tiers = {key: value for key, value in (evaluated[-1].items() if evaluated else ())
+                     if key.startswith(prefix) and value is not None}
+            for key, value in tiers.items():
+                percent = float(key[len(prefix):])
+                finals.setdefault(name, {}).setdefault(percent, []).append(value)
+                kept = [r for r in evaluated if r.get(key) is not None]
+                lates.setdefault(name, {}).setdefault(percent, []).append(
+                    late_accuracy([r["round"] for r in kept], [r[key] for r in kept]))
+            if tiers:  # the method's own figure beside its tiers
+                lates[name].setdefault(math.inf, []).append(run.curve.late_accuracy)
     percents = sorted({p for by_percent in finals.values() for p in by_percent})
     if not percents:
         return []
     heading, unit, text = TIERS[kind]
-    rows = [[name, *(num(float(np.mean(by_percent[p])), 4) if p in by_percent else "-" for p in percents)]
-            for name, by_percent in finals.items()]
-    return [heading, "", *table(["group", *(f"{p:g} {unit}" for p in percents)], rows), "", text, ""]
+
+    def rows(values: dict[str, dict[float, list[float]]], columns: Sequence[float]) -> list[list[str]]:
+        return [[name, *(num(float(np.mean(by[p])), 4) if p in by else "-" for p in columns)]
+                for name, by in values.items()]
+    lines = [heading, "", *table(["group", *(f"{p:g} {unit}" for p in percents)], rows(finals, percents)), "",
+             text, ""]
+    if kind == "exit":
+        late_heading, late_text = LATE_EXITS
+        lines += [late_heading, "", *table(["group", *(f"{p:g} {unit}" for p in percents), "ensemble"],
+                                           rows(lates, [*percents, math.inf])), "", late_text, ""]
+    return lines
 
 
 def distinct_label_plots(runs_dir: Path) -> list[Path]:
