@@ -5,7 +5,6 @@ Malformed and hostile replies are tested in ``test_reply_screening.py``.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import tomli_w
 import torch
 
 from resist_fl.core.decomposition import BlockLayout
@@ -69,7 +69,7 @@ def test_too_few_replies_leave_the_model_unchanged(tiny_config):
 # -- checkpoint and resume ---------------------------------------------------------------------------
 
 def _start_driver(config: dict, path: Path) -> subprocess.Popen:
-    path.write_text(json.dumps(config))
+    path.write_text(tomli_w.dumps(config))  # what the launchers write
     # the driver computes with this process's torch threads (a thread count changes a conv's sums: the
     # resumed half runs here, and must continue the killed half's numbers bit for bit)
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
@@ -90,7 +90,7 @@ def test_killed_and_resumed_run_ends_bit_identical(tiny_config, tmp_path):
     run_inprocess(whole, num_nodes=2)
 
     killed = dict(tiny_config, **{"run-name": "killed"})
-    proc = _start_driver(killed, tmp_path / "killed.json")
+    proc = _start_driver(killed, tmp_path / "killed.run-config.toml")
     run_dir = Path(killed["output-dir"]) / "killed"
     deadline = time.time() + 300
     while _checkpoint_round(run_dir) < 2 and proc.poll() is None and time.time() < deadline:
