@@ -483,9 +483,12 @@ TIERS = {
 }
 
 
-LATE_EXITS = ("### Late accuracy per exit", "The mean over the evaluations in the last fifth of the rounds, as the "
-              "comparisons above use, per exit and for the ensemble (`accuracy`, the method's figure). Reading one "
-              "exit off this table would pick it on the test set: DepthFL's test is the ensemble.")
+LATE_TIERS = {
+    "exit": ("### Late accuracy per exit", "The mean over the evaluations in the last fifth of the rounds, as the "
+             "comparisons above use, per exit and for the ensemble (`accuracy`, the method's figure). Reading one "
+             "exit off this table would pick it on the test set: DepthFL's test is the ensemble."),
+}
+"""The tier kinds whose section also gives each tier's late accuracy beside the method's: heading and text."""
 
 
 def tier_lines(runs_dir: Path, groups: dict[tuple[str, str], list[Run]], kind: str) -> list[str]:
@@ -505,10 +508,11 @@ def tier_lines(runs_dir: Path, groups: dict[tuple[str, str], list[Run]], kind: s
             for key, value in tiers.items():
                 percent = float(key[len(prefix):])
                 finals.setdefault(name, {}).setdefault(percent, []).append(value)
-                kept = [r for r in evaluated if r.get(key) is not None]
-                lates.setdefault(name, {}).setdefault(percent, []).append(
-                    late_accuracy([r["round"] for r in kept], [r[key] for r in kept]))
-            if tiers:  # the method's own figure beside its tiers
+                if kind in LATE_TIERS:
+                    kept = [r for r in evaluated if r.get(key) is not None]
+                    lates.setdefault(name, {}).setdefault(percent, []).append(
+                        late_accuracy([r["round"] for r in kept], [r[key] for r in kept]))
+            if tiers and kind in LATE_TIERS:  # the method's own figure beside its tiers
                 lates[name].setdefault(math.inf, []).append(run.curve.late_accuracy)
     percents = sorted({p for by_percent in finals.values() for p in by_percent})
     if not percents:
@@ -520,8 +524,8 @@ def tier_lines(runs_dir: Path, groups: dict[tuple[str, str], list[Run]], kind: s
                 for name, by in values.items()]
     lines = [heading, "", *table(["group", *(f"{p:g} {unit}" for p in percents)], rows(finals, percents)), "",
              text, ""]
-    if kind == "exit":
-        late_heading, late_text = LATE_EXITS
+    if kind in LATE_TIERS:
+        late_heading, late_text = LATE_TIERS[kind]
         lines += [late_heading, "", *table(["group", *(f"{p:g} {unit}" for p in percents), "ensemble"],
                                            rows(lates, [*percents, math.inf])), "", late_text, ""]
     return lines

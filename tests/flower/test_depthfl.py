@@ -168,7 +168,7 @@ def test_depthfl_end_to_end_on_real_digits(tiny_config):
     lines = report.tier_lines(Path(tiny_config["output-dir"]), {("main", "depthfl"): [
         report.Run("depthfl", "main", "depthfl", 0, report.Curve.from_rows(rows))]}, "exit")
     assert lines[0] == "## Accuracy per exit (final round)" and "| 1 (exit) | 2 (exit) |" in "\n".join(lines)
-    late = lines[lines.index(report.LATE_EXITS[0]) + 4].split(" | ")  # each exit's late accuracy, the ensemble's
+    late = lines[lines.index(report.LATE_TIERS["exit"][0]) + 4].split(" | ")  # late accuracy per exit, ensemble
     last_fifth = [r for r in rows if r.get("accuracy") is not None and r["round"] > 0.8 * rows[-1]["round"]]
     for k in (1, 4):
         assert float(late[k]) == pytest.approx(np.mean([r[f"accuracy-exit-{k}"] for r in last_fifth]), abs=5e-5)
