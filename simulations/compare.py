@@ -33,6 +33,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from resist_fl.run.cli_config import write_run_config
+from resist_fl.run.methods import METHODS, method
 from resist_fl.run.outputs import CONFIG_FILE, SUMMARY_FILE, write_json
 from resist_fl.run.timing import format_seconds
 from simulations import report
@@ -40,7 +41,7 @@ from simulations.inprocess_launcher import run_inprocess_launch
 from simulations.label_plot import LABEL_PLOT, write_label_distribution
 from simulations.launcher import LaunchResult, federation_config, run_flwr
 from simulations.machine import code_version, describe_machine
-from simulations.tuning import (VALIDATION, grid_of, is_tuning, picks, reference_of, reference_picks,
+from simulations.tuning import (grid_of, is_tuning, picks, reference_of, reference_picks,
                                 tuning_results, tuning_variant)
 from simulations.presets import (PresetError, app_config_keys, coerce_run_config, grid_cells, list_presets,
                                  load_preset, to_dict, validate_preset)
@@ -165,8 +166,18 @@ def plan_runs(config: DictConfig, seeds: Sequence[int], ablations: Sequence[str]
 # --------------------------------------------------------------------------- existing results
 
 
-def reusable(run: PlannedRun, out_dir: Path) -> bool:
-    """Whether ``run`` already finished with this configuration (then it is not rerun).
+def differences(run: PlannedRun, saved: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, tuple]:
+    """Where a finished run's recorded run config ``saved`` is not what ``run`` would run now, as ``key:
+    (saved, wanted)``: every planned key, and every other key ``run``'s method reads at today's default (so a
+    changed default is a change; a key the run predates, or one only other methods read, is not compared)."""
+    others = set().union(*(m.reads for m in METHODS.values())) - set(method(run.strategy).reads)
+    wanted = {**{k: v for k, v in defaults.items() if k in saved and k not in others}, **run.run_config}
+    return {k: (saved.get(k), v) for k, v in wanted.items() if k != "output-dir" and saved.get(k) != v}
+
+
+def reusable(run: PlannedRun, out_dir: Path, defaults: Mapping[str, Any]) -> bool:
+    """Whether ``run`` already finished with this configuration (then it is not rerun; ``defaults``: the
+    app's run-config defaults, :func:`differences`).
 
     An unfinished directory is removed (the ServerApp refuses to overwrite a
     run); a finished one with another configuration is an error.
@@ -178,10 +189,7 @@ def reusable(run: PlannedRun, out_dir: Path) -> bool:
         print(f"removing unfinished run directory {run_dir}", flush=True)
         shutil.rmtree(run_dir)
         return False
-    saved = report.read_json(run_dir / CONFIG_FILE).get("run_config", {})
-    differs = {k: (saved.get(k), v) for k, v in run.run_config.items() if k != "output-dir" and saved.get(k) != v}
-    if saved.get(VALIDATION, 0) != run.run_config.get(VALIDATION, 0):  # planned only when set: its absence is 0
-        differs[VALIDATION] = (saved.get(VALIDATION, 0), run.run_config.get(VALIDATION, 0))
+    differs = differences(run, report.read_json(run_dir / CONFIG_FILE).get("run_config", {}), defaults)
     if differs:
         raise PresetError(f"{run_dir} holds a finished run with another configuration "
                           f"(key: (saved, wanted) {differs}); use another --out or delete it")
@@ -267,6 +275,7 @@ def execute(plan: Sequence[PlannedRun], config: DictConfig, project_dir: Path, o
     progress = Progress(len(plan), jobs)
     lock = threading.Lock()
     federation = to_dict(config.federation)
+    defaults = app_config_keys(project_dir)
 
     def record(new: Mapping[str, dict[str, Any]]) -> None:
         with lock:
@@ -276,7 +285,7 @@ def execute(plan: Sequence[PlannedRun], config: DictConfig, project_dir: Path, o
 
     settled = {run.name: done[run.name] if run.name in done else
                portable(outcome_of(run, None, earlier.get(run.name)), out_dir)
-               for run in plan if run.name in done or reusable(run, out_dir)}  # errors before any launch
+               for run in plan if run.name in done or reusable(run, out_dir, defaults)}  # errors before any launch
     if settled:
         record(settled)
     code = code_version(project_dir, out_dir)  # a reused run keeps the commit it was recorded with

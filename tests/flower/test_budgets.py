@@ -19,7 +19,7 @@ from simulations.inprocess import run_inprocess
 
 SPEC = ModelSpec(depths=(1, 1, 2, 1), base_width=8, num_classes=10, in_channels=1)
 COSTS = CostModel(SPEC, BlockLayout.from_spec(SPEC), 8)
-CHANNELS = RunSettings(width_rates="channels", base_width=8).rates()
+CHANNELS = RunSettings(strategy="heterofl", width_rates="channels", base_width=8).rates()
 
 
 @settings(max_examples=40, deadline=None)

@@ -106,7 +106,7 @@ def test_a_stopped_sub_model_run_resumes_bit_identically(tiny_config, monkeypatc
 @pytest.mark.slow  # six rounds of 20 steps on three nodes, per method
 @pytest.mark.parametrize("strategy, rates", [("heterofl", GRID), ("fedrolex", GRID), ("heterofl", "channels")])
 def test_width_methods_learn_the_real_digits(tiny_config, digits_npz, strategy, rates):
-    """Also at the full-budget default (``channels``: every node its largest width), on real images."""
+    """Also at ``channels`` (every node its largest whole-channel width), on real images."""
     tiny_config.update(HETERO, strategy=strategy, dataset="npz", **{
         "data-path": digits_npz, "local-steps": 20, "batch-size": 32, "num-server-rounds": 6,
         "eval-batch-size": 360, "run-name": strategy, "width-rates": rates})

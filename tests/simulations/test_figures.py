@@ -224,6 +224,49 @@ def test_a_committed_comparison_holds_no_machine_local_path(name):
     assert not re.findall(r'[^" ]+/bin/flwr', text)
 
 
+MADE_WITH_THE_FORMER_DIGITS_FILE = {"hetero-baselines", "privacy-digits"}
+"""Made from a digits .npz the runner wrote, before ``dataset='digits'`` replaced it: their command now
+reruns them (the runner refuses the directory) instead of reusing them."""
+
+
+@pytest.mark.parametrize("name", COMPARISONS)
+def test_a_committed_comparisons_runs_are_what_its_command_plans_today(name):
+    """Its command, run on these runs, would reuse every one: a changed default (``width-rates`` became
+    ``layers``) or preset shows here, not as a silent mismatch between the report and the code."""
+    import shlex
+
+    from simulations import compare
+
+    manifest = json.loads((figures.RESULTS / name / "compare.json").read_text(encoding="utf-8"))
+    command = re.sub(r"<a git worktree of commit \w+>", str(figures.ROOT), manifest["command"])
+    command = command.replace("<this directory>", "out")
+    _, plan, _ = compare.resolve(compare.parse_args(shlex.split(command)[3:]))
+    defaults = compare.app_config_keys(figures.ROOT)
+    changed = {}
+    for run in plan:
+        saved = figures.RESULTS / name / run.name / "run_config.json"
+        if saved.exists():
+            found = compare.differences(run, json.loads(saved.read_text())["run_config"], defaults)
+            if run.strategy and not compare.is_tuning(run.variant):
+                found.pop("lr", None)  # a picked rate is set at launch, from the grid's runs
+            changed.update({f"{run.name}: {k}": v for k, v in found.items()})
+    assert bool(changed) == (name in MADE_WITH_THE_FORMER_DIGITS_FILE), changed
+
+
+def test_differences_compare_the_keys_a_method_reads_at_todays_defaults():
+    from simulations.compare import PlannedRun, differences
+
+    run = PlannedRun("main-heterofl-seed0", "main", "heterofl", 0, {"lr": 0.1, "output-dir": "/a"})
+    defaults = {"lr": 0.05, "width-rates": "layers", "allocation": "uniform", "validation-size": 0}
+    assert differences(run, {"lr": 0.1, "output-dir": "/b", "width-rates": "layers"}, defaults) == {}
+    assert differences(run, {"lr": 0.1, "width-rates": "channels"}, defaults) == {
+        "width-rates": ("channels", "layers")}  # a default changed since the run
+    assert differences(run, {"lr": 0.1, "allocation": "capacity"}, defaults) == {}  # only ResIST reads it
+    assert differences(run, {"lr": 0.2, "validation-size": 5000}, defaults) == {
+        "lr": (0.2, 0.1), "validation-size": (5000, 0)}
+    assert differences(run, {}, defaults) == {"lr": (None, 0.1)}  # a planned key the run lacks
+
+
 def test_portable_makes_paths_relative_to_the_output_directory(tmp_path):
     import sys
     from pathlib import Path
