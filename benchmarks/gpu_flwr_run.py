@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the root holds the tooling
 from resist_fl.run.outputs import read_metrics
 from benchmarks.figures_json import write_figures
-from simulations.inprocess_launcher import run_inprocess_launch
+from simulations.inprocess import run_inprocess_launch
 from simulations.launcher import run_flwr
 
 ROOT = Path(__file__).resolve().parents[1]

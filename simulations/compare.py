@@ -11,7 +11,7 @@ Usage::
 ``KEY=VALUE`` items are omegaconf dotlist overrides of the preset (a bare app key such as ``lr=0.1`` means
 ``run-config.lr=0.1``); ablations are names from the preset's ``ablation-variants`` or ``KEY=VALUE``
 changes. Every run goes through the preset's backend: :func:`simulations.launcher.run_flwr` (``flwr``) or
-:func:`simulations.inprocess_launcher.run_inprocess_launch` (``inprocess``). Grids, tuning, reuse, the
+:func:`simulations.inprocess.run_inprocess_launch` (``inprocess``). Grids, tuning, reuse, the
 output directory and the exit codes: simulations/README.md ("Presets", "Label-skew grids", "Runner").
 """
 
@@ -37,7 +37,7 @@ from resist_fl.run.methods import METHODS, method
 from resist_fl.run.outputs import CONFIG_FILE, SUMMARY_FILE, write_json
 from resist_fl.run.timing import format_seconds
 from simulations import report
-from simulations.inprocess_launcher import run_inprocess_launch
+from simulations.inprocess import run_inprocess_launch
 from simulations.label_plot import LABEL_PLOT, write_label_distribution
 from simulations.launcher import LaunchResult, federation_config, run_flwr
 from simulations.machine import code_version, describe_machine

@@ -297,7 +297,7 @@ def test_the_inprocess_backend_runs_a_preset_as_flwr_run_would_and_reports_it(tm
 
 def test_the_inprocess_child_keeps_the_callers_pythonpath_behind_the_project(tmp_path, monkeypatch):
     """A machine whose extra packages sit on PYTHONPATH (e.g. wheels installed with --target) keeps them."""
-    from simulations import inprocess_launcher
+    from simulations import inprocess
 
     seen = {}
 
@@ -306,10 +306,10 @@ def test_the_inprocess_child_keeps_the_callers_pythonpath_behind_the_project(tmp
         Path(log_path).write_text("no child\n")
         return type("Done", (), {"returncode": 1})(), False, None
 
-    monkeypatch.setattr(inprocess_launcher, "run_logged", no_child)
+    monkeypatch.setattr(inprocess, "run_logged", no_child)
     monkeypatch.setenv("PYTHONPATH", "/opt/extra-site")
-    app = Path(inprocess_launcher.__file__).resolve().parents[1]
-    result = inprocess_launcher.run_inprocess_launch(
+    app = Path(inprocess.__file__).resolve().parents[1]
+    result = inprocess.run_inprocess_launch(
         app, {"output-dir": str(tmp_path / "runs"), "run-name": "r"}, num_supernodes=2, timeout_s=5,
         workdir=tmp_path / "work")
     assert seen["PYTHONPATH"].split(":") == [str(app), "/opt/extra-site"]
