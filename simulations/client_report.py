@@ -1,10 +1,7 @@
 """The report's per-client section: the fairness figures ``client-eval`` records, over seeds.
 
-Each run's last fully evaluated round gives the clients' mean accuracy, the mean of the worst
-10 % of clients, the worst client and the spread across clients (population std), computed by the
-ServerApp over every client of the run's split (:mod:`resist_fl.core.client_accuracy`); the
-section gives each figure's mean ± sample std over the group's seeds. Runs without ``client-eval``
-add nothing.
+The ServerApp computes them over every client of the run's split (:mod:`resist_fl.core.client_accuracy`);
+each run gives those of its last fully evaluated round (runs without ``client-eval`` add nothing).
 """
 
 from __future__ import annotations

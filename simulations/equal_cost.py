@@ -1,22 +1,11 @@
 """Accuracy at equal cost: each method against the training FLOPs and the bytes it has spent, and
-whether each method has converged.
+whether each method has converged (what each figure is: the notes :func:`equal_cost_lines` writes under
+its tables; simulations/README.md, "Report").
 
-A round's training FLOPs are, over the nodes that replied, ``flops-per-sample`` (what the sub-model it
-was sent costs per sample, forward + backward, ``nodes.jsonl``) x its local steps x the batch size. For
-FjORD that is its largest level (each batch trains a level at or below it, so it spends less), and
-FjORD with distillation spends a second pass per batch that is not counted; both are stated in the
-report. The bytes are the arrays sent and received (``cumulative-bytes``).
-
-At a budget B, a run's accuracy is that of its last evaluated round whose cumulative cost is at most B
-(none: it had not evaluated within B); a run that spent less than B in all is at its final accuracy
-there, which the table marks. The budgets are fractions of the median of the methods' mean totals:
-the smallest total would put the budgets below the first evaluation of every method but the cheapest
-(a width-1/16 FedAvg-small spends 2 % of FedAvg's FLOPs).
-
-Convergence, per method: its mean accuracy over the evaluated rounds of the last
-:data:`PLATEAU_WINDOW` of the rounds, against the same span before it; it has plateaued when the gain
-is below :data:`PLATEAU_GAIN`. A method that has not is named in the text: at this length the
-comparison understates it.
+At a budget B, a run's accuracy is that of its last evaluated round whose cumulative cost is at most B. The
+budgets are fractions of the median of the methods' mean totals: the smallest total would put the budgets
+below the first evaluation of every method but the cheapest (a width-1/16 FedAvg-small spends 2 % of
+FedAvg's FLOPs).
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
 """Run one ``flwr run . --stream`` in isolation and report how it went.
 
-Each launch gets its own ``FLWR_HOME`` (a temporary directory, deleted afterwards) and free ports, runs the
-app in this Python environment (``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``, no ``uv sync`` of
-torch), and marks every process it starts (the SuperLink and ``flower-superexec`` run in sessions of their
-own) with a unique environment variable, by which they are found and stopped afterwards
-(:mod:`resist_fl.run.processes`, psutil). ``flwr run --stream`` exits 0 even when the ServerApp fails, so
-success means ``summary.json`` (written last by the ServerApp) exists in the run directory and ``flwr ls
---run-id ID --format json`` does not report ``finished:failed``. Which ports and why: simulations/README.md,
-"Launcher".
+Each launch gets its own ``FLWR_HOME`` and free ports, runs the app in this Python environment and marks every
+process it starts with an environment variable, by which they are found and stopped afterwards
+(:mod:`resist_fl.run.processes`). ``flwr run --stream`` exits 0 even when the ServerApp fails, so success means
+``summary.json`` exists and ``flwr ls`` does not report ``finished:failed``. Which ports, why, and the clean-up:
+simulations/README.md, "Launcher".
 """
 
 from __future__ import annotations
@@ -247,20 +244,17 @@ def run_flwr(project_dir: str | os.PathLike, run_config: Mapping[str, Any], *, n
              ray_address: str | None = None) -> LaunchResult:
     """Run one Flower simulation with ``flwr run --stream``, isolated, and clean up after it.
 
-    ``project_dir``: the Flower app (holding ``pyproject.toml``); ``run_config``: run-config overrides
-    (kebab-case keys) that must hold ``output-dir`` (absolute) and ``run-name``: the results land in
-    ``output-dir/run-name``; ``num_supernodes`` simulated SuperNodes with Ray resources
-    ``num_gpus_per_client`` and ``num_cpus_per_client`` per ClientApp; the run is stopped and reported
-    failed after ``timeout_s``; ``workdir``: where the log (``<run-name>.log``) and the run config
-    (``<run-name>.run-config.toml``, a TOML file, so any string survives) are written;
-    ``runtime_dependency_installation``: let the SuperLink ``uv sync`` the app's dependencies (Flower's
-    default; off, so the run uses this environment); ``ray_address``: an existing Ray cluster for the
-    simulation to join (``RAY_ADDRESS`` of the SuperLink it starts; :class:`deploy.ray_cluster.LocalRayCluster`;
-    None: Ray starts its own).
+    ``run_config``: run-config overrides (kebab-case keys) that must hold ``output-dir`` (absolute) and
+    ``run-name``: the results land in ``output-dir/run-name``; ``num_supernodes`` SuperNodes with Ray resources
+    ``num_gpus_per_client`` and ``num_cpus_per_client`` per ClientApp; stopped and reported failed after
+    ``timeout_s``; ``workdir``: where the log and the run config (TOML) are written;
+    ``runtime_dependency_installation``: let the SuperLink ``uv sync`` the app's dependencies (Flower's default;
+    off: this environment); ``ray_address``: an existing Ray cluster to join (``RAY_ADDRESS``;
+    :class:`deploy.ray_cluster.LocalRayCluster`; None: Ray starts its own).
 
-    Returns the :class:`LaunchResult` of the last attempt: when the local SuperLink did not start within
-    Flower's startup timeout (:data:`SUPERLINK_START_TIMED_OUT`, nothing ran), the run is launched again,
-    up to :data:`SUPERLINK_START_ATTEMPTS` times; the log says which attempt it is.
+    Returns the :class:`LaunchResult` of the last attempt: a run whose local SuperLink did not start in time
+    (:data:`SUPERLINK_START_TIMED_OUT`, nothing ran) is launched again, up to :data:`SUPERLINK_START_ATTEMPTS`
+    times; the log says which attempt it is.
     """
     project_dir = Path(project_dir).resolve()
     run_dir, workdir, log_path = prepare_launch(run_config, workdir)

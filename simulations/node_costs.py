@@ -1,16 +1,12 @@
 """Per-node costs and projected time at real link speeds, from ``nodes.jsonl`` (no re-running).
 
-A simulated round on one host moves bytes through memory; a federated round moves them over
-links. The report therefore projects each round's wall-clock time from what was measured —
-each node's array bytes down and up (``nodes.jsonl``) and its training seconds (the reply's
-``train-seconds``, simulated slowdown included) — at given link speeds:
+A simulated round on one host moves bytes through memory; a federated round moves them over links. So the
+report projects each round's time from what was measured, at given link speeds::
 
     round time = max over the round's nodes with a valid reply of
-                 (bytes down + bytes up) x 8 / (link Mbit/s x 1e6) + training seconds
+                 (bytes down + bytes up) x 8 / (link Mbit/s x 1e6) + training seconds (simulated slowdown included)
 
-(every node has its own link of that speed; server compute, latency and evaluation are not
-included). Time to target is the sum of the projected round times up to the first evaluated
-round whose accuracy reaches the target.
+(every node has its own link; server compute, latency and evaluation are left out).
 """
 
 from __future__ import annotations

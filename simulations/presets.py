@@ -110,11 +110,9 @@ def validate_preset(config: DictConfig, project_dir: Path) -> None:
 def grid_cells(config: DictConfig) -> list[tuple[str, dict[str, Any]]]:
     """A ``grid`` preset's cells, ``(variant, run-config changes)`` for every alpha x norm, alphas outermost;
     [] without a grid. An alpha ``"iid"`` is ``partitioner='iid'``, a number the Dirichlet partitioner with
-    that ``dirichlet-alpha``. The variant is ``<norm>-<alpha>`` (:func:`cell_name`: ``batchnorm-0.3``,
-    ``groupnorm-iid``). :class:`PresetError` for a grid without non-empty ``alphas`` and ``norms`` lists, an
-    unknown norm, an alpha that is neither ``"iid"`` nor a positive number, a cell twice, a run-config or
-    strategy-config that sets a key the grid sets per cell, or a grid with a ``tuning`` section (its tuning
-    runs would belong to no cell)."""
+    that ``dirichlet-alpha``; the variant is :func:`cell_name`'s (``batchnorm-0.3``, ``groupnorm-iid``).
+    :class:`PresetError` for a malformed grid, one whose keys the preset sets too, or one with a ``tuning``
+    section (its tuning runs would belong to no cell)."""
     grid = config.get("grid")
     if grid is None:
         return []

@@ -6,29 +6,9 @@ Usage::
 
 ``RUNS_DIR`` is a ``simulations.compare`` output directory: run directories named
 ``<variant>-<strategy>-seed<N>`` plus ``compare.json``, the manifest that says which ran and as which
-variant, strategy and seed (without it: an error, exit 2).
-
-Definitions (also printed in the report):
-
-- final accuracy: test accuracy of the global model after the last round; mean ± sample standard deviation
-  (ddof 1) over seeds.
-- late accuracy: the mean of a run's evaluations in the last fifth of its rounds (rounds above 0.8 x the
-  last; the last round alone when no other falls there), each evaluation weighted alike (with
-  ``eval-subset`` the intermediate ones are on its fixed subset, the last on the whole test set). Under a
-  constant learning rate the global model's accuracy moves by several points between neighbouring
-  evaluations; the paired rule compares this mean, not one round's draw.
-- target accuracy: ``--target-accuracy`` / the preset's ``target.accuracy`` if set; otherwise ``fraction``
-  (default 0.9) x the best mean final accuracy of a FedAvg group (the highest over variants of the mean
-  over seeds).
-- rounds / GB / seconds to target: at the first evaluated round whose accuracy reaches the target: that
-  round, the cumulative bytes sent and received by the server (``cumulative-bytes``, 1 GB = 1e9 B) and the
-  cumulative ``round-seconds`` (the ServerApp's time per round: sampling, sending, training, merging;
-  without server-side evaluation; in simulation round 1 includes the ClientApps' start-up). Averaged over
-  the seeds that reached it.
-- ratios: ResIST / FedAvg of those means, against FedAvg of the same variant when it ran, otherwise against
-  FedAvg of the main comparison.
-- runs diverging: seeds with at least one round flagged ``diverging`` (a node's training went non-finite,
-  or the mean train loss was above 5x (and 0.5 nats above) the best earlier round's).
+variant, strategy and seed (without it: an error, exit 2). What the report gives and how each figure is
+defined (final and late accuracy, the target, time to target, ratios): simulations/README.md, "Report",
+and the notes the report prints under its tables.
 """
 
 from __future__ import annotations
@@ -116,7 +96,7 @@ class Curve:
 
     @property
     def late_accuracy(self) -> float:
-        """The mean accuracy of the evaluations in the last fifth of the rounds (module docstring)."""
+        """The mean accuracy of the evaluations in the last fifth of the rounds (:func:`late_accuracy`)."""
         return late_accuracy(self.round, self.accuracy)
 
     def to_target(self, target: float) -> dict[str, float] | None:

@@ -1,13 +1,9 @@
 """One learning-rate grid for every method: tuning runs, each method's pick, and the report's table.
 
-A preset's ``tuning`` section (``{lr: [0.02, 0.05, 0.1], seed: 100, num-server-rounds: 30}``) makes the runner
-first train every strategy at every rate on the tuning seed (one the comparison does not report) for those
-rounds (variants ``tune-lr<rate>``, kept out of the report's main tables); each strategy then runs its reported
-seeds at the rate of the highest late accuracy (:func:`simulations.paired_stats.late_accuracy`, what the paired
-rule compares; ties: the smaller rate). With ``validation-size: N`` the tuning runs hold N training images out
-(:func:`resist_fl.data.sources.held_out`) and are evaluated on them, so no pick reads the test set; ``tuning:
-{picks-from: DIR}`` runs no tuning runs and takes every pick from the finished comparison ``DIR``
-(simulations/README.md, "Runner").
+A preset's ``tuning`` section trains every strategy at every rate on a tuning seed the comparison does not
+report (variants ``tune-lr<rate>``); each strategy then runs its reported seeds at the rate of its highest late
+accuracy (:func:`simulations.paired_stats.late_accuracy`; ties: the smaller rate). Held-out images
+(``validation-size``), another comparison's picks (``picks-from``): simulations/README.md, "Runner".
 """
 
 from __future__ import annotations
