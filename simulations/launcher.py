@@ -62,9 +62,6 @@ class LaunchResult:
     leftover_pids: list[int] = field(default_factory=list)  # still alive after clean-up (should be empty)
 
 
-# --------------------------------------------------------------------------- config rendering
-
-
 def federation_config(num_supernodes: int, num_cpus_per_client: int, num_gpus_per_client: float) -> str:
     """The ``--federation-config`` string of a simulation with these resources."""
     if num_supernodes < 1 or num_cpus_per_client < 1 or num_gpus_per_client < 0:
@@ -73,9 +70,6 @@ def federation_config(num_supernodes: int, num_cpus_per_client: int, num_gpus_pe
     return render_config({"num-supernodes": int(num_supernodes),
                           "client-resources-num-cpus": int(num_cpus_per_client),
                           "client-resources-num-gpus": float(num_gpus_per_client)})
-
-
-# --------------------------------------------------------------------------- environment
 
 
 def flwr_executable() -> str:
@@ -108,9 +102,6 @@ def launch_environment(flwr_home: Path, marker: str, *, runtime_dependency_insta
     return env
 
 
-# --------------------------------------------------------------------------- processes
-
-
 def marked_pids(marker: str) -> list[int]:
     """PIDs of live processes whose environment holds ``MARKER_ENV=marker``."""
     return [p.pid for p in find_processes(has_environment(MARKER_ENV, marker))]
@@ -130,9 +121,6 @@ def _stop_process_group(proc: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
-
-
-# --------------------------------------------------------------------------- outcome
 
 
 def _round1_seconds(run_dir: Path, started_epoch: float) -> float | None:
@@ -233,9 +221,6 @@ def judge(run_dir: Path, log_text: str, status: str | None, details: str, timed_
     if not (run_dir / SUMMARY_FILE).exists():
         return f"no {SUMMARY_FILE} in {run_dir} (status {status}): " + (errors or "see the log")
     return ""
-
-
-# --------------------------------------------------------------------------- the launcher
 
 
 def run_flwr(project_dir: str | os.PathLike, run_config: Mapping[str, Any], *, num_supernodes: int,

@@ -60,9 +60,6 @@ def finite(obj: Any) -> Any:
     return obj
 
 
-# --------------------------------------------------------------------------- runs and curves
-
-
 @dataclass(frozen=True)
 class Curve:
     """One run's evaluated rounds and where it stood at each (x values for the three plots)."""
@@ -137,9 +134,6 @@ def group_runs(runs: Sequence[Run]) -> dict[tuple[str, str], list[Run]]:
     for run in sorted(runs, key=lambda r: (order[r.variant], r.strategy != "resist", r.seed)):
         groups.setdefault((run.variant, run.strategy), []).append(run)
     return groups
-
-
-# --------------------------------------------------------------------------- statistics
 
 
 def preset_target(groups: dict[tuple[str, str], list[Run]], manifest: dict[str, Any], accuracy: float | None = None,
@@ -218,9 +212,6 @@ def ratios(stats: Sequence[GroupStats], base: str = MAIN_VARIANT) -> list[dict[s
     return rows
 
 
-# --------------------------------------------------------------------------- plots
-
-
 def mean_curve(runs: Sequence[Run], x: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean x, mean and std of accuracy over seeds, on the evaluated rounds all seeds share."""
     common = sorted(set.intersection(*(set(r.curve.round.tolist()) for r in runs)))
@@ -263,9 +254,6 @@ def plot(groups: dict[tuple[str, str], list[Run]], x: str, path: Path, title: st
     fig.savefig(path)
     plt.close(fig)
     return path
-
-
-# --------------------------------------------------------------------------- Markdown
 
 
 def setup_lines(manifest: dict[str, Any]) -> list[str]:
@@ -587,9 +575,6 @@ def render(manifest: dict[str, Any], stats: Sequence[GroupStats], ratio_rows: Se
                   "flwr-datasets' `plot_label_distributions` draws the run's partitioner:", "",
                   *[f"![{p.parent.name}]({p.parent.name}/{p.name})" for p in label_plots], ""]
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- entry points
 
 
 def with_training_flops(runs_dir: Path, runs: Sequence[Run]) -> list[Run]:
