@@ -36,7 +36,6 @@ from resist_fl.core.model_cost import BUDGET_TOLERANCE, CostModel
 from resist_fl.run.outputs import CONFIG_FILE, read_metrics
 from simulations import benchmark_figures, noniid_figures, report
 from simulations.equal_cost import PLATEAU_GAIN, cost_curve, plateau
-from simulations.client_report import last_client_row
 from simulations.node_costs import node_summary
 from simulations.paired_stats import paired
 from simulations.presets import load_preset
@@ -219,7 +218,7 @@ def headline_block(name: str) -> list[str]:
     for (variant, strategy), runs in groups.items():
         stats = report.group_stats(variant, strategy, runs, None)
         dirs = [runs_dir / r.name for r in runs]
-        clients = [c for c in (last_client_row(read_metrics(d)) for d in dirs) if c is not None]
+        clients = [c for c in (report.last_client_row(read_metrics(d)) for d in dirs) if c is not None]
         budgets = (node_summary(dirs) or {}).get("budget-by-capacity", {})
         verdict = _verdict(paired.get((variant, strategy)), strategy, "reference")
         gain, flat = checked.get((variant, strategy), (None, True))

@@ -17,7 +17,7 @@ import argparse
 import math
 import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,6 @@ from simulations.machine import describe_machine, machine_line
 from simulations.privacy_report import privacy_lines
 from simulations.paired_stats import LEVEL, holm, late_accuracy, paired
 from simulations.presets import RUNNER_KEYS, cell_names
-from simulations.client_report import client_lines
 from simulations.node_costs import (DEFAULT_BANDWIDTHS, link_time_lines, node_cost_lines, node_summary,
                                     plot_link_times, run_projection)
 
@@ -497,6 +496,48 @@ def tier_lines(runs_dir: Path, groups: dict[tuple[str, str], list[Run]], kind: s
         lines += [late_heading, "", *table(["group", *(f"{p:g} {unit}" for p in percents), "ensemble"],
                                            rows(lates, [*percents, math.inf])), "", late_text, ""]
     return lines
+
+
+CLIENT_FIGURES = {"mean": "client mean", "worst10": "worst 10 % of clients", "min": "worst client",
+                  "std": "spread (std across clients)"}
+"""The fairness figures ``client-eval`` records (:mod:`resist_fl.core.client_accuracy`) and their headers."""
+
+
+def last_client_row(rows: Sequence[Mapping[str, Any]], prefix: str = "client-accuracy-") -> dict[str, float] | None:
+    """The client figures (``prefix``: the global model's; ``client-tier-accuracy-``: each node's own
+    tier) of the last row that has them (None: the run did not record any)."""
+    return next(({f: float(row[f"{prefix}{f}"]) for f in CLIENT_FIGURES} for row in reversed(rows)
+                 if row.get(f"{prefix}mean") is not None), None)
+
+
+def client_lines(runs_dir: Path, groups: Mapping[tuple[str, str], Sequence[Any]],
+                 label: Callable[[str, str], str]) -> tuple[list[str], dict[str, Any]]:
+    """The per-client section, each figure's mean ± sample std over a group's seeds from each run's last fully
+    evaluated round, and its ``report.json`` entry ({} when no run has client figures)."""
+    found: dict[str, dict[str, list[float]]] = {}
+    for (variant, strategy), runs in groups.items():
+        for run in runs:
+            rows = read_metrics(Path(runs_dir) / run.name)
+            for prefix, suffix in (("client-accuracy-", ""), ("client-tier-accuracy-", ", each node's own tier")):
+                figures = last_client_row(rows, prefix)
+                if figures is not None:
+                    for f in CLIENT_FIGURES:
+                        found.setdefault(label(variant, strategy) + suffix, {}).setdefault(f, []).append(figures[f])
+    if not found:
+        return [], {}
+
+    rows = [[name, str(len(by_figure["mean"])), *(pm(mean_std(by_figure[f])) for f in CLIENT_FIGURES)]
+            for name, by_figure in found.items()]
+    lines = ["## Per-client accuracy", "", *table(["group", "seeds", *CLIENT_FIGURES.values()], rows)]
+    lines += ["", "The global model's accuracy on each client's label distribution's share of the test set "
+              "(`client-eval`: the client's label mix weighting the per-label test accuracy), every client of "
+              "the split, at the last round evaluated on the whole test set "
+              "(\"each node's own tier\": the sub-model the client's node would run at its capacity: a width "
+              "method's prefix at the node's width, DepthFL's first stages that fit with their exits, the depth "
+              "prefix's first blocks that fit); worst 10 %: mean over the "
+              "lowest-scoring tenth of the clients (at least one). Mean ± sample std over seeds.", ""]
+    summary = {name: {f: float(np.mean(v)) for f, v in by_figure.items()} for name, by_figure in found.items()}
+    return lines, {"clients": summary}
 
 
 def distinct_label_plots(runs_dir: Path) -> list[Path]:

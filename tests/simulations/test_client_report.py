@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from resist_fl.run.outputs import append_metrics
-from simulations.client_report import client_lines
+from simulations.report import client_lines
 
 
 def test_the_section_averages_each_runs_last_client_figures_over_seeds(tmp_path):
