@@ -65,9 +65,6 @@ class PlannedRun:
     run_config: dict[str, Any]
 
 
-# --------------------------------------------------------------------------- planning
-
-
 def expand_overrides(items: Sequence[str], top_level: Sequence[str], app_keys: Sequence[str]) -> list[str]:
     """Prefix bare app keys with ``run-config.`` (``lr=0.1`` -> ``run-config.lr=0.1``)."""
     expanded = []
@@ -163,9 +160,6 @@ def plan_runs(config: DictConfig, seeds: Sequence[int], ablations: Sequence[str]
     return plan
 
 
-# --------------------------------------------------------------------------- existing results
-
-
 def differences(run: PlannedRun, saved: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, tuple]:
     """Where a finished run's recorded run config ``saved`` is not what ``run`` would run now, as ``key:
     (saved, wanted)``: every planned key, and every other key ``run``'s method reads at today's default (so a
@@ -194,9 +188,6 @@ def reusable(run: PlannedRun, out_dir: Path, defaults: Mapping[str, Any]) -> boo
         raise PresetError(f"{run_dir} holds a finished run with another configuration "
                           f"(key: (saved, wanted) {differs}); use another --out or delete it")
     return True
-
-
-# --------------------------------------------------------------------------- execution
 
 
 class Progress:
@@ -329,9 +320,6 @@ def write_run_file(config: DictConfig, plan: Sequence[PlannedRun], path: Path, n
     path.parent.mkdir(parents=True, exist_ok=True)
     write_run_config(run.run_config, path, header="\n".join(header))
     return command
-
-
-# --------------------------------------------------------------------------- command line
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

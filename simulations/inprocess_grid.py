@@ -197,8 +197,6 @@ class InProcessGrid(Grid):
         del timeout  # everything happens synchronously
         return self.pull_messages(self.push_messages(messages))
 
-    # ------------------------------------------------------------------ internals
-
     def _check_message(self, msg: Message) -> None:
         """Validate an instruction message as the SuperLink would."""
         md = msg.metadata
