@@ -1,11 +1,9 @@
 """Tables of the comparisons with a ``grid`` (label skew, transport dtypes; :func:`simulations.presets.grid_cells`)
 and of the divergence traces, for :mod:`simulations.figures`.
 
-A grid comparison is an ordinary ``python -m simulations.compare`` output directory: one run directory
-per cell, strategy and seed (``<norm>-<alpha>-<strategy>-seed<N>``) and per ablation of the first cell.
-Each run is read here as a *line*: its cell (norm, alpha), its seed, its final accuracy, the rounds its
-``metrics.jsonl`` flags ``diverging``, its train loss per round, and the effective run config (``clip-grad-norm``,
-``lr``, ...) from its ``run_config.json``.
+Each run of a grid comparison (simulations/README.md, "Label-skew grids") is read here as a *line*: its cell
+(norm, alpha), its seed, its final accuracy, the rounds its ``metrics.jsonl`` flags ``diverging``, its train loss
+per round, and the effective run config (``clip-grad-norm``, ``lr``, ...) from its ``run_config.json``.
 """
 
 from __future__ import annotations
