@@ -140,10 +140,8 @@ def load_row(path: Path) -> str:
 
 
 def startup_row(path: Path) -> str:
-    ways = {name: w for name, w in _figures(path).items() if name != "setting"}
-    parts = [f"{name}: {w['round1']:.1f} s to round 1, {w['whole']:.1f} s in all ({w['status']})"
-             for name, w in ways.items()]
-    return "; ".join(parts)
+    return "; ".join(f"{name}: {w['round1']:.1f} s to round 1, {w['whole']:.1f} s in all ({w['status']})"
+                     for name, w in _figures(path).items() if name != "setting")
 
 
 ROWS: dict[str, tuple[str, Callable[[Path], str], Path, str, str]] = {

@@ -20,8 +20,7 @@ LABEL_PLOT = "label_distribution.png"
 def partitioner_of(run_config: Mapping[str, Any], num_partitions: int):
     """The run's flwr-datasets partitioner with its data assigned, and its label column."""
     from resist_fl.data.hub import HUB_DATASETS, _federated_dataset
-    from resist_fl.data.partitioning import hub_kept_split, index_partitioner, make_partitioner
-    from resist_fl.data.sources import local_train_set
+    from resist_fl.data.partitioning import hub_kept_split, local_split, make_partitioner
 
     dataset, seed = str(run_config["dataset"]), int(run_config.get("seed", 0))
     name, alpha = str(run_config.get("partitioner", "iid")), float(run_config.get("dirichlet-alpha", 0.5))
@@ -34,9 +33,8 @@ def partitioner_of(run_config: Mapping[str, Any], num_partitions: int):
         split = make_partitioner(name, num_partitions, spec.label_column, alpha, seed, shards)
         fds = _federated_dataset(dataset, split, (name, num_partitions, alpha, shards), seed)
         return fds.partitioners["train"], spec.label_column
-    train, source = local_train_set(dataset, str(run_config.get("data-path", "")),
-                                    int(run_config.get("image-size", 224)), validation)
-    return index_partitioner(source, train.labels, num_partitions, name, alpha, seed, shards), "label"
+    return local_split(dataset, num_partitions, name, alpha, seed, str(run_config.get("data-path", "")),
+                       int(run_config.get("image-size", 224)), shards, validation)[1], "label"
 
 
 def write_label_distribution(run_config: Mapping[str, Any], num_partitions: int, path: Path) -> Path | None:

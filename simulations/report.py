@@ -261,8 +261,7 @@ def setup_lines(manifest: dict[str, Any]) -> list[str]:
     runs = [r for r in manifest.get("runs", []) if not is_tuning(r.get("variant", ""))] or manifest.get("runs", [])
     if not runs:  # (a grid alone: its first tuning run, whose lr the grid's table gives)
         return []
-    config = {k: v for k, v in runs[0].get("run-config", {}).items()
-              if k not in RUNNER_KEYS}
+    config = {k: v for k, v in runs[0].get("run-config", {}).items() if k not in RUNNER_KEYS}
     picked = bool(manifest.get("tuning")) and config.pop("lr", None) is not None
     defaults = RunSettings.model_fields
     if config.get("norm", defaults["norm"].default) == "batchnorm":  # how the central evaluation normalises
