@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from resist_fl.data.arrays import DataError
+from simulations.markdown import pyplot
 
 LABEL_PLOT = "label_distribution.png"
 
@@ -40,10 +41,7 @@ def partitioner_of(run_config: Mapping[str, Any], num_partitions: int):
 def write_label_distribution(run_config: Mapping[str, Any], num_partitions: int, path: Path) -> Path | None:
     """Draw the partitions' label counts to ``path``; None (with the reason printed) when the
     data cannot be read here (e.g. the hub offline): the run itself is not affected."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()  # before flwr-datasets imports it
     from flwr_datasets.visualization import plot_label_distributions
 
     try:

@@ -1,9 +1,10 @@
-"""The Markdown every report section and docs block is written in: tables and ``mean ± std`` cells."""
+"""What every report section and docs block is written with: Markdown tables, ``mean ± std`` cells, figures."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -31,3 +32,21 @@ def num(value: float, digits: int = 3) -> str:
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def pyplot():
+    """``matplotlib.pyplot`` drawing to files only (the Agg backend), imported where a figure is drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig, path: Path, **savefig) -> Path:
+    """``fig`` laid out, written to ``path`` (``savefig``: its options) and closed."""
+    fig.tight_layout()
+    fig.savefig(path, **savefig)
+    pyplot().close(fig)
+    return path

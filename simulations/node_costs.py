@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from resist_fl.run.outputs import NODES_FILE, read_metrics
-from simulations.markdown import table
+from simulations.markdown import pyplot, save, table
 
 DEFAULT_BANDWIDTHS = (10.0, 100.0, 1000.0)
 """Link speeds (Mbit/s) the report projects round times at."""
@@ -144,12 +144,7 @@ def link_time_lines(groups: Mapping[str, list[dict[str, Any]]], bandwidths: Sequ
 def plot_link_times(groups: Mapping[str, list[dict[str, Any]]], bandwidths: Sequence[float], path: Path,
                     target: float | None) -> Path:
     """Accuracy against projected time, one panel per link speed (first seed of each group)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(bandwidths), figsize=(4.2 * len(bandwidths), 3.8), dpi=110, squeeze=False)
+    fig, axes = pyplot().subplots(1, len(bandwidths), figsize=(4.2 * len(bandwidths), 3.8), dpi=110, squeeze=False)
     for ax, mbps in zip(axes[0], bandwidths):
         for name, runs in groups.items():
             run = runs[0][mbps]
@@ -163,7 +158,4 @@ def plot_link_times(groups: Mapping[str, list[dict[str, Any]]], bandwidths: Sequ
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save(fig, path)

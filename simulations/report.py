@@ -28,7 +28,7 @@ from resist_fl.run.outputs import CONFIG_FILE, NODES_FILE, read_json, read_metri
 from resist_fl.run.methods import label  # the method table's labels (former names read too)
 from resist_fl.run.settings import RunSettings
 from simulations.equal_cost import CostCurve, cost_curve, equal_cost_lines
-from simulations.markdown import mean_std, num, pm, table
+from simulations.markdown import mean_std, num, pm, pyplot, save, table
 from simulations.tuning import is_tuning, tuning_lines
 from simulations.machine import describe_machine, machine_line
 from simulations.paired_stats import LEVEL, holm, late_accuracy, paired
@@ -227,12 +227,7 @@ def plot(groups: dict[tuple[str, str], list[Run]], x: str, path: Path, title: st
          target: float | None) -> Path:
     """Accuracy against ``x`` (round, gb, seconds, tflops): mean line and ± std band per group (a group
     whose runs did not all record ``x`` is left out)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig, ax = pyplot().subplots(figsize=(6.4, 4.2), dpi=120)
     for (variant, strategy), runs in groups.items():
         if any(getattr(r.curve, x) is None for r in runs):  # a cost some run did not record
             continue
@@ -248,10 +243,7 @@ def plot(groups: dict[tuple[str, str], list[Run]], x: str, path: Path, title: st
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def setup_lines(manifest: dict[str, Any]) -> list[str]:
@@ -610,12 +602,7 @@ def privacy_lines(runs_dir: Path,
 def plot_accuracy_vs_epsilon(figures: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     """Accuracy after each round against the epsilon spent by then (central-DP groups, mean over
     seeds per round)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for name, runs in figures.items():
         curves = [f["curve"] for f in runs if f["dp"] == "central" and f["curve"]]
         if not curves:
@@ -630,10 +617,7 @@ def plot_accuracy_vs_epsilon(figures: dict[str, list[dict[str, Any]]], path: Pat
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=110)
 
 
 def distinct_label_plots(runs_dir: Path) -> list[Path]:
