@@ -41,8 +41,7 @@ CASES["heterofl"]["validation-size"] = 200  # evaluated on 200 held-out training
 CASES["fjord-kd"].update({"dp": "central", "weighting": "uniform", "dp-clip": 0.5, "dp-noise-multiplier": 0.5,
                           "dp-sampling": "secret",  # a width method under the central-DP wrapper, secret sample
                           "capacity-profile": "0.5"})  # (a secret sample needs one capacity for every node)
-CASES["fedavg-small"].update({"dp": "local", "norm": "groupnorm", "local-steps": 4,  # Opacus DP-SGD
-                              "width-rates": "layers"})  # HeteroFL's per-layer widths (ceil(r x C) per stage)
+CASES["fedavg-small"].update({"dp": "local", "norm": "groupnorm", "local-steps": 4})  # Opacus DP-SGD
 CASES["depth-prefix"].update({"over-budget": "skip",  # the node of capacity 0.05 cannot afford one block:
                               "capacity-profile": "1.0,1.0,0.05"})  # it is sent nothing, every round
 TRAINED = {"depth-prefix": 2}  # nodes sent a training message per round (else all 3)
@@ -159,23 +158,26 @@ def test_unrenderable_values_are_refused():
 
 
 def test_the_sub_model_baselines_respect_every_nodes_budget(launches):
-    """Through the real engine: HeteroFL's widths (the largest channel count within each budget) and
-    the depth prefix follows the capacities."""
+    """Through the real engine: HeteroFL's widths (by default its per-layer rule, the largest width within
+    each budget), FedRolex's the same, FjORD's levels at or below them, and the depth prefix follows the
+    capacities."""
     heterofl = read_metrics(launches["heterofl"].run_dir, "nodes.jsonl")
     widths = sorted({(n["partition"], n["width-rate"]) for n in heterofl})
     assert [p for p, _ in widths] == [0, 1, 2] and widths[0][1] == 1.0 > widths[1][1] > widths[2][1]
     assert all(n["over-capacity"] == 0 and n["flops-per-sample"] > 0 and n["budget-used"] <= 1 for n in heterofl)
     tiers = read_metrics(launches["depth-prefix"].run_dir, "nodes.jsonl")
     assert {n["strategy"] for n in tiers} == {"depth-prefix"} and all(n["status"] == "accepted" for n in tiers)
-    for strategy in ("fedrolex", "fjord"):
-        rows = read_metrics(launches[strategy].run_dir, "nodes.jsonl")
-        assert sorted({(n["partition"], n["width-rate"]) for n in rows}) == widths
+    rolex = read_metrics(launches["fedrolex"].run_dir, "nodes.jsonl")
+    assert sorted({(n["partition"], n["width-rate"]) for n in rolex}) == widths
+    levels = sorted({(n["partition"], n["width-rate"]) for n in read_metrics(launches["fjord"].run_dir, "nodes.jsonl")})
+    assert [p for p, _ in levels] == [0, 1, 2] and levels[0][1] == 1.0 > levels[1][1] > levels[2][1]
+    assert all(level <= width for (_, level), (_, width) in zip(levels, widths))  # whole channels: never wider
     depthfl = read_metrics(launches["depthfl"].run_dir, "nodes.jsonl")  # the most stages (with exits) that fit
     flops = {n["partition"]: n["flops-per-sample"] for n in depthfl}
     assert flops[0] > flops[1] >= flops[2] > 0 and all(n["budget-used"] <= 1 for n in depthfl if n["partition"] < 2)
     small = read_metrics(launches["fedavg-small"].run_dir, "nodes.jsonl")  # the weakest node's width, for all
-    (rate,) = {n["width-rate"] for n in small}  # per-layer widths: more of the weakest budget than whole channels
-    assert rate > widths[2][1] and all(n["over-capacity"] == 0 for n in small)
+    (rate,) = {n["width-rate"] for n in small}  # HeteroFL's width for the weakest budget, on every node
+    assert rate == widths[2][1] and all(n["over-capacity"] == 0 for n in small)
     assert max(n["budget-used"] for n in small) <= 1
     spec = json.loads((launches["fedavg-small"].run_dir / "run_config.json").read_text())["model_spec"]
     assert len(spec["stage_widths"]) == 4 and spec["stage_widths"][-1] == round(rate * 64)  # off the 1:2:4:8 ratios
