@@ -236,19 +236,20 @@ def test_a_committed_comparisons_runs_are_what_its_command_plans_today(name):
     import shlex
 
     from simulations import compare
+    from simulations.tuning import picks, tuning_results
 
     manifest = json.loads((figures.RESULTS / name / "compare.json").read_text(encoding="utf-8"))
     command = re.sub(r"<a git worktree of commit \w+>", str(figures.ROOT), manifest["command"])
     command = command.replace("<this directory>", "out")
     _, plan, _ = compare.resolve(compare.parse_args(shlex.split(command)[3:]))
+    if any(compare.is_tuning(run.variant) for run in plan):  # the rates the runner picks from the grid's runs
+        plan = compare.with_picked_rates(plan, picks(tuning_results(manifest["runs"], figures.RESULTS / name)))
     defaults = compare.app_config_keys(figures.ROOT)
     changed = {}
     for run in plan:
         saved = figures.RESULTS / name / run.name / "run_config.json"
         if saved.exists():
             found = compare.differences(run, json.loads(saved.read_text())["run_config"], defaults)
-            if run.strategy and not compare.is_tuning(run.variant):
-                found.pop("lr", None)  # a picked rate is set at launch, from the grid's runs
             changed.update({f"{run.name}: {k}": v for k, v in found.items()})
     assert bool(changed) == (name in MADE_WITH_THE_FORMER_DIGITS_FILE), changed
 
