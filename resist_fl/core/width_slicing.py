@@ -45,7 +45,7 @@ def check_rate(rate: float) -> float:
 
 def sliced_spec(spec: ModelSpec, rate: float) -> ModelSpec:
     """The spec of the width-``rate`` sub-model, by HeteroFL's per-layer rule: every stage keeps
-    ``ceil(rate x C)`` of its ``C`` channels (``src/models/resnet.py`` line 161 of dem123456789's HeteroFL code
+    ``ceil(rate x C)`` of its ``C`` channels (``src/models/resnet.py`` line 164 of dem123456789's HeteroFL code
     at ea528c3, ``int(np.ceil(model_rate * x))`` for each stage's hidden size). Where those counts keep the
     stages' ratios (every rate :func:`actual_rate` gives) it is the model of the same spec at a smaller
     ``base_width``; otherwise the spec names its ``stage_widths``."""

@@ -10,7 +10,7 @@ fdef7af) averages every parameter over the clients that returned it; the global 
 with the mean of its four exits.
 
 Deviations from the authors' code, each stated: nodes get their depth from their capacity (theirs:
-from the client id, 25 clients per depth, ``client.py`` line 158 onwards); the merge weighs by the
+from the client id, 25 clients per depth, ``main.py`` lines 47-48); the merge weighs by the
 run's ``weighting`` (theirs: an unweighted mean, ``strategy.py`` lines 106-115; ``weighting='uniform'``
 reproduces it). FedDyn's dynamic regularisation, their default (``conf/config.yaml`` line 25), is the
 option ``feddyn-alpha`` (their ``alpha`` 0.1, line 27; off by default): the node side is

@@ -33,10 +33,15 @@ the run's ``weighting`` (default ``examples``, as for every method here); both o
 plain mean over the clients that held the element: HeteroFL's ``Federation.combine`` adds 1 to a count
 per holder and divides by it (``src/fed.py`` lines 180-253, the ResNet branch from 219, of
 diaoenmao/HeteroFL-Computation-and-Communication-Efficient-Federated-Learning-for-Heterogeneous-Clients
-at cc40f3e); FedRolex (AIoT-MLSys-Lab/FedRolex at 8135109) weights a convolution by ``K = 1`` under its
+at ea528c3); FedRolex (AIoT-MLSys-Lab/FedRolex at 8135109) weights a convolution by ``K = 1`` under its
 default ``--weighting avg`` (``main_resnet.py`` line 37, ``resnet_server.py`` lines 180-194) and every
-other tensor by its update count so far, the same for every holder in a round, so that cancels too
-(lines 170-177, 196-215). ``weighting='uniform'`` reproduces theirs. The message
+other tensor (norms, classifier) by its element's update count (lines 170-177, 196-215). Those counts were
+meant to be fixed within a round, but ``self.tmp_counts = tmp_counts_cpy`` (line 218) sits inside the loop
+over tensors, so from the second tensor on each holder's ``+= 1`` reaches the next holder's weight: a
+norm or classifier element held by m nodes in a round is weighted c, c+1, ..., c+m-1 in the order of the
+sampled nodes, c its count before the round. ``weighting='uniform'`` gives the plain mean this was meant to
+be; the difference is a weight spread of about (m-1)/c that shrinks as counts grow (deviation, stated in
+docs/heterogeneous.md). The message
 carries the width rate (``width-rate``) and whether to scale (``width-scaler``); a node builds the
 sliced model directly from its spec (:func:`~resist_fl.core.width_slicing.sliced_spec`).
 """

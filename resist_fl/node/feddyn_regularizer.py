@@ -4,7 +4,7 @@ The authors' code (Flower's ``baselines/depthfl/depthfl/models.py``, adap/flower
 local step adds, for each trainable parameter ``w`` of the node's model with ``w0`` its value as
 received and ``h`` the node's own state,
 
-    - <w, h> + alpha / 2 * ||w - w0||^2                       (lines 165-176)
+    - <w, h> + alpha / 2 * ||w - w0||^2                       (lines 165-178)
 
 to the loss, and after the round's training the node updates ``h <- h - alpha (w - w0)`` (lines
 94-101). ``h`` starts at zero (their ``strategy.py`` lines 40-43) and is kept by the node across
