@@ -386,7 +386,20 @@ def round_line_block(name: str, run: str, number: int) -> list[str]:
             f"({row['round-seconds']:.1f} s, ETA ... s)", "```"]
 
 
+def paper_presets_block() -> list[str]:
+    """The paper's settings as presets: data, clients, rounds, and the paper's accuracies the report prints beside
+    a run's (the presets' ``paper`` key)."""
+    rows = []
+    for path in sorted((ROOT / "simulations" / "presets").glob("paper-*.yaml")):
+        config = load_preset(path.stem)
+        rows.append([f"`{path.stem}`", str(config["run-config"]["dataset"]), str(config.federation["num-supernodes"]),
+                     str(config["run-config"]["num-server-rounds"]), f"{config.paper.resist:.2f}",
+                     f"{config.paper.fedavg:.2f}"])
+    return report.table(["preset", "data set", "clients", "rounds", "paper: ResIST %", "paper: local SGD %"], rows)
+
+
 BLOCKS: dict[str, Callable[[], list[str]]] = {
+    "paper-presets": paper_presets_block,
     **{name: partial(baselines_block, name)
        for name in ("hetero-baselines", "hetero-baselines-synthetic", "quick-cpu", "quick-warmup")},
     **{name: partial(headline_block, name)  # the studies' headline tables

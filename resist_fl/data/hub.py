@@ -109,6 +109,7 @@ def offline_message(dataset: str, error: BaseException) -> str:
         f"could not load dataset {dataset!r} ({spec.hub_id}) from the Hugging Face hub "
         f"({type(error).__name__}: {reason[:200]}). It needs network access or a populated "
         "Hugging Face cache. To run offline: dataset='digits' (scikit-learn's real 8x8 digits, the "
-        "default job), dataset='npz' with data-path='/abs/path/file.npz' (a NumPy archive with keys "
-        f"{', '.join(NPZ_KEYS)}), or dataset='synthetic'."
+        "default job), dataset='fashion-mnist' or 'mnist' with the original IDX files (data-path, or Debian's "
+        "dataset-fashion-mnist package), dataset='npz' with data-path='/abs/path/file.npz' (a NumPy archive with "
+        f"keys {', '.join(NPZ_KEYS)}), or dataset='synthetic'."
     )

@@ -157,7 +157,7 @@ class RunSettings(BaseModel):
     depthfl_distill: Bool = Field(True,
         description="`depthfl`: mutual self-distillation between the exits a node holds (its code's `kd`, on by default; the weight ramps up over the first 30 % of the rounds, as its code over 300 of 1000); `false`: cross-entropy on every exit only")
     feddyn_alpha: float = Field(0.0, ge=0,
-        description="`depthfl`: FedDyn's coefficient alpha, the server optimiser DepthFL's code runs by default (its `feddyn=true`, `alpha=0.1`): each node adds FedDyn's dynamic regulariser to its loss and keeps its state across rounds, and the server corrects the merge with its own; `0` (the default): the FedAvg merge every method here uses (their \"DepthFL (FedAvg)\"). Not with `dp`, `resume` or a `server-lr` other than 1 (its state is in the nodes' and the server's memory, not in the checkpoint)")
+        description="`depthfl`: FedDyn's coefficient alpha, the server optimiser DepthFL's code runs by default (its `feddyn=true`, `alpha=0.1`): each node adds FedDyn's dynamic regulariser to its loss and keeps its state across rounds, and the server corrects the merge with its own; `0` (the default): the FedAvg merge every method here uses (their \"DepthFL (FedAvg)\" row, which also turns distillation off: `depthfl-distill=false`). Not with `dp`, `resume` or a `server-lr` other than 1 (its state is in the nodes' and the server's memory, not in the checkpoint)")
     capacity_profile: Str = Field('',
         description="simulation: node capacities in (0, 1] by partition id, cycled, e.g. `\"1.0,0.5,0.25,0.25\"` (a node's own `capacity` node config wins; none: 1.0)")
     capacity_mode: Literal[CAPACITY_MODES] = Field('fixed',
