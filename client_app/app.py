@@ -37,6 +37,7 @@ from resist_fl.flower.client_side import (
 from resist_fl.flower.straggler_mod import simulated_straggler
 from resist_fl.node.device_cache import DeviceCache
 from resist_fl.node.dp_ledger import ledger_path, read_history, write_history
+from resist_fl.node.dp_budget import NodeBudget, spent_history
 from resist_fl.node.local_dp import train_private
 from resist_fl.node.method_hooks import SubNetwork
 from resist_fl.node.peak_memory import PeakMemory
@@ -155,6 +156,9 @@ def train_handler(msg: Message, context: Context) -> Message:
                                drop_last=device.type == "cuda")  # one batch shape on a GPU
     num_examples = len(partition)
     steps = steps_for(num_examples, settings.batch_size, settings.local_steps, settings.local_epochs)
+    if (budget := NodeBudget.of(node)) is not None:  # the node's own budget, which no run config loosens
+        budget.check_train(settings.dp, spent_history(node), (settings.dp_noise_multiplier,
+                                                              min(1.0, settings.batch_size / num_examples), steps))
     lr = scheduled_lr(settings.lr, settings.lr_schedule, run_round, settings.num_server_rounds)
     torch.manual_seed(round_seed)
     local = node_hook(settings.strategy).local_training(model, spec, config, round_seed, partition.labels,
@@ -207,10 +211,12 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     else on its share of the central test set (every ``num-partitions``-th
     image from ``partition-id``); under ``validation-size``, of the held-out training images.
     """
+    node = context.node_config
+    if (budget := NodeBudget.of(node)) is not None:
+        budget.refuse_evaluate()
     config = msg.content["config"]
     settings, spec, layout = _run_of(context, config)
     model = build_local_model(settings, spec, layout, msg)  # fedavg-small: at the width the message names
-    node = context.node_config
     data_path = _data_path(context, settings)
     test = load_test_set(settings.dataset, data_path, settings.image_size, settings.validation_size)
     if "data-path" not in node:

@@ -10,7 +10,8 @@ norm check, the holder-calibrated noisy merge and the accountant; the node clips
   message carries ``dp-clip``;
 - the screening rejects a reply whose update exceeds ``dp-clip`` (on top of every other rule);
 - the holders of each element are the nodes it was *sent* to (a missing or rejected reply is a zero
-  update: ``h`` is a fact of the server's dealing, never of client data), the merge is the noised
+  update: ``h`` is a fact of the server's dealing, never of client data), and so are the keys
+  ``privacy-min-holders`` withholds (fewer nodes *sent* them, not fewer valid replies), the merge is the noised
   sum over them divided by ``h``, and every round is released (whether the model moves must not
   depend on how many replies were valid);
 - each round's release is charged to the nodes it was sent to, and every node's report and the
@@ -106,7 +107,7 @@ class CentrallyPrivate(Strategy):
         """Screen (with the norm check), merge with noise over the holders sent each element, release."""
         inner = self.strategy
         screened = inner.screen(server_round, replies, check=self.check)
-        settled = inner.settle(server_round, screened, inner.plans)  # the holders: every node sent the element
+        settled = inner.settle(server_round, screened, inner.plans, holders_by_dealing=True)  # sent, not accepted
         sent = {n: {k: i for k, i in p.holding.items() if k not in settled.withheld} for n, p in inner.plans.items()}
         shapes = {k: tuple(v.shape) for k, v in inner.global_record.items()}
         counts = holder_counts(shapes, sent)

@@ -119,12 +119,12 @@ def train_reply(message: Message, model: torch.nn.Module, *, num_examples: int, 
     reply as non-finite and keeps its global model. When the message carries ``dp-clip``
     (central DP), the update (trained minus received arrays) is clipped to that L2 norm first, and
     ``dp-below-clip`` says whether its norm was within it before (adaptive clipping counts it).
-    Under DP (``private``) the reply carries no loss, times or costs of the node's training:
-    ``num-examples``, ``local-steps`` and ``metrics`` (the caller's privacy figures) only.
+    Under DP (``private``) the reply carries no figure of the node's data or training (no loss,
+    times, costs, example count or step count: the last two reveal the partition's size), only
+    ``metrics``, the caller's privacy figures.
     """
     if private:
-        record = MetricRecord({"num-examples": int(num_examples), "local-steps": int(local_steps),
-                               **dict(metrics or {})})
+        record = MetricRecord(dict(metrics or {}))
     else:
         record = MetricRecord({**dict(zip(TRAIN_METRICS, (int(num_examples), float(train_loss),
                                                           float(train_seconds), int(local_steps)))),

@@ -182,9 +182,10 @@ def check_evaluate_metrics(reply: Message, max_num_examples: int) -> MetricRecor
     return MetricRecord(metrics)
 
 
-PRIVATE_REQUIRED = ("local-steps",)
-"""The training metrics a reply must carry under DP (besides ``num-examples``): a node sends no
-loss or times there (:func:`resist_fl.flower.client_side.train_reply` with ``private``)."""
+PRIVATE_REQUIRED: tuple[str, ...] = ()
+"""The training metrics a reply must carry under DP: none (a node sends no loss, times, example or step
+counts there, :func:`resist_fl.flower.client_side.train_reply` with ``private``; the merge weighs replies
+alike)."""
 
 
 def screen_replies(server_round: int, replies: Iterable[Message], sent: Mapping[int, Sequence[str]],
@@ -219,8 +220,8 @@ def screen_replies(server_round: int, replies: Iterable[Message], sent: Mapping[
         A further check of a reply that passed the others (central DP: its update's norm); a
         ReplyError it raises rejects the reply like any other.
     private : bool
-        Under DP: nodes send no training loss or times (only ``num-examples`` and ``local-steps``
-        are required) and :meth:`ScreenedReplies.round_metrics` passes on counts only.
+        Under DP: nodes send no training figures (none is required; ``num-examples`` is taken as 1,
+        the merge weighing replies alike) and :meth:`ScreenedReplies.round_metrics` passes on counts only.
     """
     out = ScreenedReplies(private=private)
     required = PRIVATE_REQUIRED if private else TRAIN_METRICS[1:]
@@ -257,7 +258,8 @@ def _check_reply(node_id: int, reply: Message, expected: Mapping[str, tuple[tupl
         raise ReplyError("expected exactly one ArrayRecord and one MetricRecord")
     record = next(iter(content.array_records.values()))
     reported = next(iter(content.metric_records.values()))
-    metrics = check_reply_metrics(reported, max_num_examples, required=required)  # before the arrays: a diverged node
+    metrics = check_reply_metrics(reported, max_num_examples, required=required,  # before the arrays: a diverged node
+                                  examples=required is not PRIVATE_REQUIRED)
     try:                                                       # reports a non-finite loss
         decoded = {k: array_view(v) for k, v in record.items()}
     except Exception as err:  # undecodable bytes from a client
@@ -272,16 +274,17 @@ def global_specs(global_record: ArrayRecord, keys: Sequence[str]) -> dict[str, t
 
 
 def check_reply_metrics(reported: Mapping[str, object], max_num_examples: int, *,
-                        required: Sequence[str] = TRAIN_METRICS[1:]) -> dict[str, float | int]:
+                        required: Sequence[str] = TRAIN_METRICS[1:], examples: bool = True) -> dict[str, float | int]:
     """The reply's known metrics, checked (the rule of every reply path), else :class:`ReplyError`.
 
     ``num-examples`` is always required (an integer in [1, cap]); the other training metrics are
     required when named in ``required`` (the project's ClientApp sends them all; a legacy
     ``NumPyClient`` may send none) and checked whenever present, as are the optional client
     costs (:data:`~resist_fl.core.validation.CLIENT_COST_METRICS`). Unknown keys are ignored.
+    Without ``examples`` (under DP) ``num-examples`` is neither required nor read: it is 1.
     """
     metrics: dict[str, float | int] = {
-        "num-examples": check_num_examples(reported.get("num-examples"), max_num_examples)}
+        "num-examples": check_num_examples(reported.get("num-examples"), max_num_examples) if examples else 1}
     for name in (*TRAIN_METRICS[1:], *CLIENT_COST_METRICS):
         if name in required or name in reported:
             metrics[name] = check_metric(name, reported.get(name))

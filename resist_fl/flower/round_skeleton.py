@@ -325,11 +325,16 @@ class SubModelStrategy(Strategy):
         """The arrays ``node`` was sent this round (decoded, as the server holds them)."""
         return self._sent_arrays.get(node, {})
 
-    def settle(self, server_round: int, screened: ScreenedReplies, holding: Mapping[int, Plan]) -> Settled:
+    def settle(self, server_round: int, screened: ScreenedReplies, holding: Mapping[int, Plan],
+               holders_by_dealing: bool = False) -> Settled:
         """The round's metrics, the keys withheld under ``privacy-min-holders``, exposure over
-        ``holding`` (the plans whose updates the merge aggregates), measured speeds and the updates."""
+        ``holding`` (the plans whose updates the merge aggregates), measured speeds and the updates.
+        A key is withheld when fewer than ``privacy-min-holders`` accepted replies hold it, or, with
+        ``holders_by_dealing`` (central DP), fewer than that many nodes were sent it: then which keys
+        move never depends on which replies were valid."""
         accepted = screened.accepted
-        withheld = too_few_holders({n: p.keys for n, p in self.plans.items()},
+        dealt = {n: p.keys for n, p in self.plans.items()}
+        withheld = too_few_holders(dealt, dealt if holders_by_dealing else
                                    {a.node_id: tuple(a.update) for a in accepted}, self.min_holders)
         metrics = {**screened.round_metrics(), "num-subnetworks": len(self.plans), "merge-refused": 0,
                    **self.plan_metrics()}
@@ -339,9 +344,9 @@ class SubModelStrategy(Strategy):
             metrics["withheld-keys"] = len(withheld)
             metrics["withheld-blocks"] = self.withheld_blocks(withheld)
             if withheld:
-                log(WARNING, "round %d: %d keys (%d blocks) have fewer than privacy-min-holders = %d accepted "
+                log(WARNING, "round %d: %d keys (%d blocks) have fewer than privacy-min-holders = %d %s "
                     "holders: they keep their previous values", server_round, len(withheld),
-                    metrics["withheld-blocks"], self.min_holders)
+                    metrics["withheld-blocks"], self.min_holders, "dealt" if holders_by_dealing else "accepted")
         shapes = {k: tuple(self._global[k].shape) for k in self._global}
         found = exposure(shapes, {n: {k: i for k, i in p.holding.items() if k not in withheld}
                                   for n, p in holding.items()}, self.exposure_threshold)

@@ -10,7 +10,9 @@ server could replay the noise and subtract it); Opacus' ``secure_mode`` noise (t
 draws, against floating-point attacks) is used on top. The accountant's history lives in the
 node's ledger on its own disk (:mod:`resist_fl.node.dp_ledger`), so the ``dp-epsilon`` a node
 reports is its cumulative epsilon over every round it trained (at ``dp-delta``), across SuperNode
-restarts and resumed runs, a guarantee for its own examples that holds whatever the server does.
+restarts and resumed runs: a guarantee for its own examples at the run config's noise, whatever the
+server does with the update. The node's own ceiling, which no run config can raise, is the node config's
+``dp-max-epsilon`` (:mod:`resist_fl.node.dp_budget`).
 Per-sample gradients need a model without BatchNorm (the settings refuse it: ``norm='groupnorm'``).
 """
 

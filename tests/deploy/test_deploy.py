@@ -141,6 +141,22 @@ def test_two_resist_rounds_over_tls_with_authenticated_supernodes(cluster, tmp_p
 
 
 @needs_flower_binaries
+def test_a_supernodes_own_privacy_budget_refuses_what_the_run_config_asks(cluster, tmp_path):
+    """A third SuperNode whose node config caps its epsilon far below one round's: under the run's local DP it
+    trains nothing, the other two train, and its refusal reaches the server as a failed reply."""
+    key = cluster.new_unregistered_key("budgeted")
+    cluster.register(public_key_path(key))
+    cluster.start_supernode(key, {"partition-id": 2, "num-partitions": 3, "dp-max-epsilon": 0.001,
+                                  "dp-ledger-dir": str(tmp_path / "ledger")}, name="supernode-budgeted")
+    cluster.wait_until_online(3)
+    result = cluster.run({**TINY_RESIST, "output-dir": str(tmp_path), "run-name": "budget", "num-server-rounds": 1,
+                          "dp": "local", "norm": "groupnorm", "weighting": "uniform", "min-available-nodes": 3,
+                          "min-train-nodes": 3, "fraction-train": 1.0}, timeout=240)
+    assert [(r["replies-accepted"], r["replies-failed"]) for r in result.metrics] == [(2, 1)], result.log
+    assert not (tmp_path / "ledger").exists()  # nothing trained, nothing charged
+
+
+@needs_flower_binaries
 def test_every_process_is_stopped(cluster):
     running = cluster.supervisor.alive()
     assert len(running) >= 5  # superlink + its superexec, 2 supernodes + their superexecs
