@@ -48,17 +48,23 @@ def test_paper_presets(name):
     assert rc["num-server-rounds"] == math.ceil(160 * math.ceil(50_000 / clients / 128) / 50)
 
 
-def test_the_documented_paper_command_agrees_with_the_paper_preset():
-    import re
+def test_the_documented_paper_commands_write_and_run_the_paper_preset(tmp_path, capsys, monkeypatch):
+    """run-config.md's two lines, run as written: the first writes the preset's run config, the second is
+    the flwr run line the runner prints for it."""
+    import shlex
+    import tomllib
 
-    readme = (ROOT / "docs" / "run-config.md").read_text()
-    command = readme.split("The paper's CIFAR-10 setting with 4 clients", 1)[1].split("```", 2)[1]
-    given = dict(re.findall(r"([a-z-]+)=('[^']*'|[^\s\"]+)", command))
-    rc = load_preset("paper-cifar10-4")["run-config"]
-    for key in ("model", "base-width", "batch-size", "lr", "local-steps", "num-server-rounds", "weighting",
-                "eval-batch-size", "min-train-nodes"):
-        assert given[key].strip("'") == str(rc[key]), key
-    assert given["num-supernodes"] == "4"
+    text = (ROOT / "docs" / "run-config.md").read_text()
+    block = text.split("The paper's CIFAR-10 setting with 4 clients", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    write, run = [" ".join(shlex.split(line)) for line in block.replace("\\\n", " ").strip().splitlines()]
+    monkeypatch.chdir(tmp_path)
+    assert compare.main(shlex.split(write)[3:]) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("flwr run")]
+    written = tomllib.loads((tmp_path / "paper-cifar10-4.toml").read_text())
+    assert [" ".join(shlex.split(printed[0].replace(str(tmp_path / "paper-cifar10-4.toml"), "paper-cifar10-4.toml")))] \
+        == [run]
+    preset = load_preset("paper-cifar10-4")["run-config"]
+    assert {k: written[k] for k in preset} == dict(preset) and written["strategy"] == "resist"
 
 
 def test_every_preset_is_valid():
