@@ -15,7 +15,6 @@ import torch
 from dp_accounting import NeighboringRelation, dp_event, rdp
 
 from client_app.app import app as client_app
-from flwr.app import Array
 from resist_fl import data
 from resist_fl.core.decomposition import BlockLayout
 from resist_fl.core.model import ModelSpec, build_model
@@ -218,34 +217,14 @@ def test_the_target_plans_against_a_node_in_every_round(tiny_config, caplog):
     assert "would be exceeded by round 2" in caplog.text
 
 
-def _diverging_node_zero(message, context):
-    """The ClientApp, except that partition 0's training replies carry a NaN, as a diverged node's would."""
-    reply = client_app(message=message, context=context)
-    if message.metadata.message_type == "train" and int(context.node_config["partition-id"]) == 0:
-        arrays = next(iter(reply.content.array_records.values()))
-        key = next(k for k in arrays.keys() if arrays[k].numpy().dtype.kind == "f")
-        values = arrays[key].numpy().copy()
-        values.flat[0] = np.nan
-        arrays[key] = Array(values)
-    return reply
-
-
 def test_under_central_dp_a_rejected_reply_does_not_show_in_which_blocks_move(tiny_config):
     """With privacy-min-holders = 2, a co-holder's rejected reply must not leave its blocks exactly as they
     were: which parameters the release moves is a fact of the dealing, whatever the replies were."""
     tiny_config.update(SIX_BLOCKS, **{"num-server-rounds": 1, "local-steps": 2, "privacy-min-holders": 2,
                                       "dp": "central", "weighting": "uniform", "dp-noise-multiplier": 1.0})
-    run_dir, rows, _ = _run(tiny_config, num_nodes=3, client=_diverging_node_zero)
+    run_dir, rows, _ = _run(tiny_config, num_nodes=3, client=_RejectedNode())
     assert rows[0]["replies-rejected"] == 1 and rows[0]["withheld-blocks"] == 0
-    spec = ModelSpec(depths=(1, 1, 7, 1), base_width=8, num_classes=10)
-    torch.manual_seed(0)
-    initial = build_model(spec).state_dict()
-    final = torch.load(run_dir / "model.pt", weights_only=False)
-    final = final.get("state_dict", final)
-    layout = BlockLayout.from_spec(spec)
-    unmoved = [b for b in layout.partitionable
-               if all(torch.equal(final[k], initial[k]) for k in layout.block_keys(b) if "scale" not in k)]
-    assert unmoved == []
+    assert _unmoved_blocks(run_dir) == []
 
 
 def test_a_round_not_sent_under_privacy_strict_is_not_charged(tiny_config):
@@ -347,15 +326,20 @@ def test_a_block_whose_co_holder_is_rejected_keeps_its_value(tiny_config):
     run_dir, rows, nodes = _run(tiny_config, num_nodes=3, client=_RejectedNode())
     assert rows[0]["replies-rejected"] == 1 and rows[0]["withheld-blocks"] >= 1
     assert rows[0]["min-holders"] >= 2  # the exposure follows what was merged
+    assert len(_unmoved_blocks(run_dir)) == rows[0]["withheld-blocks"]
+
+
+def _unmoved_blocks(run_dir: Path) -> list[int]:
+    """The partitionable blocks of a one-round SIX_BLOCKS run whose every parameter is bit-identical to the
+    initial model's."""
     spec = ModelSpec(depths=(1, 1, 7, 1), base_width=8, num_classes=10)
     torch.manual_seed(0)
     initial = build_model(spec).state_dict()
     final = torch.load(run_dir / "model.pt", weights_only=False)
     final = final.get("state_dict", final)
     layout = BlockLayout.from_spec(spec)
-    kept = [b for b in layout.partitionable
+    return [b for b in layout.partitionable
             if all(torch.equal(final[k], initial[k]) for k in layout.block_keys(b) if "scale" not in k)]
-    assert len(kept) == rows[0]["withheld-blocks"]
 
 
 # --------------------------------------------------------------------------- adaptive clipping
