@@ -238,7 +238,7 @@ def screen_replies(server_round: int, replies: Iterable[Message], sent: Mapping[
             if node_id not in sent:
                 raise ReplyError("this node was not sent a sub-network this round")
             expected = shapes[node_id] if shapes is not None else global_specs(global_record, sent[node_id])
-            accepted = _check_reply(node_id, reply, expected, max_num_examples, transport, required)
+            accepted = _check_reply(node_id, reply, expected, max_num_examples, transport, required, not private)
             if check is not None:
                 check(accepted)
             out.accepted.append(accepted)
@@ -252,14 +252,14 @@ def screen_replies(server_round: int, replies: Iterable[Message], sent: Mapping[
 
 def _check_reply(node_id: int, reply: Message, expected: Mapping[str, tuple[tuple[int, ...], np.dtype]],
                  max_num_examples: int, transport: str = "float32",
-                 required: Sequence[str] = TRAIN_METRICS[1:]) -> Accepted:
+                 required: Sequence[str] = TRAIN_METRICS[1:], examples: bool = True) -> Accepted:
     content = reply.content
     if len(content.array_records) != 1 or len(content.metric_records) != 1:
         raise ReplyError("expected exactly one ArrayRecord and one MetricRecord")
     record = next(iter(content.array_records.values()))
     reported = next(iter(content.metric_records.values()))
     metrics = check_reply_metrics(reported, max_num_examples, required=required,  # before the arrays: a diverged node
-                                  examples=required is not PRIVATE_REQUIRED)
+                                  examples=examples)
     try:                                                       # reports a non-finite loss
         decoded = {k: array_view(v) for k, v in record.items()}
     except Exception as err:  # undecodable bytes from a client
