@@ -407,6 +407,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
                     "fmnist-study-resnet18", "fmnist-study-resnet18-within-budget", "fmnist-study-dynamic",
                     "fmnist-study-long")},
     "fmnist-study-verdicts": lambda: verdicts_block("fmnist-study"),
+    "picks-validation": lambda: picks_block("fmnist-study", "fmnist-study-validation"),
     "fmnist-study-ablations": lambda: report_section("fmnist-study", "Each variant against the main run of its method",
                                                      rows=("amp",)),
     **{f"{name}-feddyn": partial(variant_rows_block, name, "feddyn") for name in ("fmnist-study", "fmnist-study-long")},
