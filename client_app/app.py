@@ -38,7 +38,7 @@ from resist_fl.flower.straggler_mod import simulated_straggler
 from resist_fl.node.device_cache import DeviceCache
 from resist_fl.node.dp_ledger import ledger_path, read_history, write_history
 from resist_fl.node.dp_budget import NodeBudget, spent_history
-from resist_fl.node.local_dp import train_private
+from resist_fl.node.local_dp import sample_rate, train_private
 from resist_fl.node.method_hooks import SubNetwork
 from resist_fl.node.peak_memory import PeakMemory
 from resist_fl.node.precision import explain, uses_bf16
@@ -158,7 +158,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     steps = steps_for(num_examples, settings.batch_size, settings.local_steps, settings.local_epochs)
     if (budget := NodeBudget.of(node)) is not None:  # the node's own budget, which no run config loosens
         budget.check_train(settings.dp, spent_history(node), (settings.dp_noise_multiplier,
-                                                              min(1.0, settings.batch_size / num_examples), steps))
+                                                              sample_rate(settings.batch_size, num_examples), steps))
     lr = scheduled_lr(settings.lr, settings.lr_schedule, run_round, settings.num_server_rounds)
     torch.manual_seed(round_seed)
     local = node_hook(settings.strategy).local_training(model, spec, config, round_seed, partition.labels,

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
-from resist_fl.node.dp_ledger import History, ledger_dir, read_history
+from resist_fl.node.dp_ledger import History, partition_ledgers, read_history
 
 MAX_EPSILON_KEY = "dp-max-epsilon"
 DELTA_KEY = "dp-max-epsilon-delta"
@@ -76,10 +75,7 @@ class NodeBudget:
 
 def spent_history(node_config: Mapping[str, object]) -> History:
     """Every composition in every ledger of this node's partition under its ledger directory (every run)."""
-    suffix = f"--partition-{int(node_config['partition-id'])}.json"  # type: ignore[call-overload]
-    directory = ledger_dir(node_config)
-    files = sorted(directory.glob(f"*{suffix}")) if directory.is_dir() else []
-    return [entry for path in files for entry in read_history(Path(path))]
+    return [entry for path in partition_ledgers(node_config) for entry in read_history(path)]
 
 
 def epsilon_of(history: History, delta: float) -> float:

@@ -29,6 +29,7 @@ History = list[tuple[float, float, int]]
 """Opacus' accountant history: (noise multiplier, sample rate, steps) per composition."""
 
 LEDGER_DIR_KEY = "dp-ledger-dir"
+_FILE_NAME = "{run}--{node}.json"
 
 
 def ledger_dir(node_config: Mapping[str, object]) -> Path:
@@ -45,7 +46,14 @@ def ledger_path(node_config: Mapping[str, object], run_name: str, run_id: int, n
     partition = node_config.get("partition-id")
     node = f"partition-{int(partition)}" if isinstance(partition, int) and not isinstance(partition, bool) \
         else f"node-{int(node_id)}"
-    return ledger_dir(node_config) / f"{run}--{node}.json"
+    return ledger_dir(node_config) / _FILE_NAME.format(run=run, node=node)
+
+
+def partition_ledgers(node_config: Mapping[str, object]) -> list[Path]:
+    """Every ledger of this node's ``partition-id`` in its ledger directory, one per run (any run name)."""
+    directory = ledger_dir(node_config)
+    pattern = _FILE_NAME.format(run="*", node=f"partition-{int(node_config['partition-id'])}")  # type: ignore[call-overload]
+    return sorted(directory.glob(pattern)) if directory.is_dir() else []
 
 
 def _safe(name: str) -> str:

@@ -52,6 +52,12 @@ def check_private_model(model: nn.Module) -> None:
                          f"({'; '.join(str(e) for e in errors[:3])}); set norm='groupnorm'")
 
 
+def sample_rate(batch_size: int, examples: int) -> float:
+    """The Poisson sampling rate of DP-SGD on ``examples`` with expected batch ``batch_size``: what the
+    accountant charges and what the sampler draws with (the node's budget check charges the same)."""
+    return min(1.0, batch_size / examples)
+
+
 def train_private(model: nn.Module, loader: TrainBatches, *, steps: int, lr: float, momentum: float,
                   weight_decay: float, noise_multiplier: float, clip: float, delta: float,
                   history: Sequence[tuple[float, float, int]] = ()) -> PrivateTraining:
@@ -69,7 +75,7 @@ def train_private(model: nn.Module, loader: TrainBatches, *, steps: int, lr: flo
     check_private_model(model)
     start = time.perf_counter()
     count = len(loader.data)
-    rate = min(1.0, loader.batch_size / count)
+    rate = sample_rate(loader.batch_size, count)
     device = loader.data.device
     model.to(device).train()
     private = GradSampleModule(model)

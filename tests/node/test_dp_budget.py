@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from resist_fl.node.dp_budget import BudgetRefused, NodeBudget, epsilon_of, spent_history
+from resist_fl.node.dp_ledger import ledger_path, partition_ledgers, write_history
 from resist_fl.run.outputs import NODES_FILE, read_metrics
 from simulations.inprocess import run_inprocess
 
@@ -81,3 +82,15 @@ def test_a_node_with_a_budget_sends_nothing_to_a_run_without_local_dp(tiny_confi
     rows, _ = _run({**config, "run-name": "budgeted"}, 8.0, tmp_path / "ledgers")
     assert rows[0]["replies-accepted"] == 0 and rows[0]["replies-failed"] == 2
     assert "client-eval-loss" not in rows[0]  # the evaluate messages were refused as well
+
+
+def test_a_partitions_ledgers_are_every_run_of_that_partition_and_no_other(tmp_path):
+    node = {"partition-id": 1, "dp-ledger-dir": str(tmp_path)}
+    mine = [ledger_path(node, "a", 5, 7), ledger_path(node, "", 6, 7)]  # a named run and an unnamed one
+    others = [ledger_path({**node, "partition-id": 10}, "a", 5, 7),  # partition 10, and a node without a partition
+              ledger_path({"dp-ledger-dir": str(tmp_path)}, "a", 5, 1)]
+    for i, path in enumerate(mine + others):
+        write_history(path, [(1.0, 0.1, i + 1)])
+    assert partition_ledgers(node) == sorted(mine)
+    assert sorted(steps for _, _, steps in spent_history(node)) == [1, 2]
+    assert partition_ledgers({**node, "dp-ledger-dir": str(tmp_path / "absent")}) == []
