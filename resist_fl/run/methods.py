@@ -61,7 +61,7 @@ class Method:
 
 
 SERVER_STEP = ("server-lr",)
-RESIST_ONLY = ("allocation", "min-blocks-per-site", "inference-scaling", "privacy-min-holders")
+RESIST_ONLY = ("allocation", "min-blocks-per-site", "inference-scaling", "privacy-min-holders", "privacy-strict")
 """ResIST's random decomposition: how depths are allocated, its minimum depth, its inference scale, and
 how many nodes each block is dealt to (the only method that deals a block to several nodes)."""
 WARMUP = ("warmup-rounds",)
@@ -78,7 +78,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("resist", "ResIST", "resist_fl.flower.resist:from_settings", reads=(*SERVER_STEP, *RESIST_ONLY, *WARMUP),
            summary="the random layer-wise decomposition into shallow sub-ResNets, one per node"),
     Method("fedavg", "FedAvg", "resist_fl.flower.fedavg:from_settings", federated_evaluation=True,
-           reads=SERVER_STEP, summary="Flower's FedAvg; the paper's local-SGD baseline when all clients train"),
+           reads=SERVER_STEP, summary="FedAvg: the mean of the sampled nodes' whole models, over the same screening "
+                                      "as every method; the paper's local-SGD baseline when all clients train"),
     Method("heterofl", "HeteroFL", "resist_fl.flower.width_sliced:HeteroFL.from_settings", preact_only=True,
            node_hook=WIDTH_SLICE, reads=(*LABEL_SPLIT, *WIDTHS),
            summary="width-sliced: static width tiers, the first r x C channels, scaler"),

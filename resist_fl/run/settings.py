@@ -20,7 +20,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
+from pydantic import (AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError,
+                      model_validator)
 
 from resist_fl.core.aggregation import WEIGHTINGS
 from resist_fl.core.allocation import ALLOCATIONS
@@ -32,6 +33,7 @@ from resist_fl.core.torchvision_resnets import TORCHVISION_DEPTHS
 from resist_fl.core.transport import TRANSPORT_DTYPES
 from resist_fl.core.width_slicing import layer_rates, whole_channels
 from resist_fl.data import AUGMENTATIONS, DATASETS, PARTITIONERS, dataset_info, resolve_augment
+from resist_fl.data.idx import IDX_DATASETS
 from resist_fl.data.imagefolder import IMAGE_SIZES
 from resist_fl.run.methods import LOCAL_DP, METHODS, STRATEGIES, keys_read_by_some, readers
 from resist_fl.run.settings_error import SettingsError
@@ -61,7 +63,7 @@ def _number(value: Any) -> Any:
 
 
 Int = Annotated[int, BeforeValidator(_whole_number), Strict()]
-Float = Annotated[float, BeforeValidator(_number), Strict()]
+Float = Annotated[float, BeforeValidator(_number), Strict(), AllowInfNan(False)]
 Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict()]
 
@@ -156,7 +158,7 @@ class RunSettings(BaseModel):
         description="`fjord` / `fjord-kd`: FjORD's width levels p in (0, 1] (its paper's and code's 0.2 .. 1.0); a node's maximum level is the largest whose measured cost fits its capacity, and every local batch trains a level drawn uniformly from those at or below it")
     depthfl_distill: Bool = Field(True,
         description="`depthfl`: mutual self-distillation between the exits a node holds (its code's `kd`, on by default; the weight ramps up over the first 30 % of the rounds, as its code over 300 of 1000); `false`: cross-entropy on every exit only")
-    feddyn_alpha: float = Field(0.0, ge=0,
+    feddyn_alpha: Float = Field(0.0, ge=0,
         description="`depthfl`: FedDyn's coefficient alpha, the server optimiser DepthFL's code runs by default (its `feddyn=true`, `alpha=0.1`): each node adds FedDyn's dynamic regulariser to its loss and keeps its state across rounds, and the server corrects the merge with its own; `0` (the default): the FedAvg merge every method here uses (their \"DepthFL (FedAvg)\" row, which also turns distillation off: `depthfl-distill=false`). Not with `dp`, `resume` or a `server-lr` other than 1 (its state is in the nodes' and the server's memory, not in the checkpoint)")
     capacity_profile: Str = Field('',
         description="simulation: node capacities in (0, 1] by partition id, cycled, e.g. `\"1.0,0.5,0.25,0.25\"` (a node's own `capacity` node config wins; none: 1.0)")
@@ -202,7 +204,7 @@ class RunSettings(BaseModel):
         description="simulation: at every round evaluated on the whole test set, also each client's accuracy on its label distribution's share of the test set (its partition's label mix weighting the global model's per-label test accuracy), every client of the run's split, sampled or not; rows gain `client-accuracy-mean`, `-worst10` (mean of the lowest 10 %), `-min`, `-std` ([Heterogeneous clients](heterogeneous.md#per-client-accuracy))")
     target_accuracy: Float = Field(0.0, ge=0, le=1,
         description="if > 0, stop after the first evaluated round whose accuracy reaches it (`target-reached-round` in `summary.json`): time-to-target studies stop paying for rounds after the answer")
-    seed: Int = Field(0, ge=0,
+    seed: Int = Field(0, ge=0, lt=2**32,
         description="model init, node sampling, decomposition, data order")
     output_dir: Str = Field('~/resist-fl-runs',
         description="absolute (or `~`) directory for run directories")
@@ -313,8 +315,44 @@ class RunSettings(BaseModel):
                                 "(slices its channels or adds exits); expected a preact_resnet* model")
         self.model_spec(num_classes=10, in_channels=3)
         self.stages()
+        self._unused_keys()
         self._privacy_rules()
         return self
+
+    def _unused_keys(self) -> None:
+        """A key set (to other than its default) where the run's other settings leave it unread is an error."""
+        preact = self.model not in TORCHVISION_DEPTHS
+        central, adaptive = self.dp == "central", self.dp == "central" and self.dp_clip_quantile > 0
+        data_path_read = self.dataset in ("npz", "imagefolder", *IDX_DATASETS)
+        read_when = {  # key: (read by this run, when it is read, what this run has instead)
+            "data-path": (data_path_read, "dataset 'npz', 'imagefolder', " + ", ".join(map(repr, IDX_DATASETS)),
+                          f"dataset = {self.dataset!r}"),
+            "image-size": (self.dataset == "imagefolder", "dataset='imagefolder'", f"dataset = {self.dataset!r}"),
+            "dirichlet-alpha": (self.partitioner == "dirichlet", "partitioner='dirichlet'",
+                                f"partitioner = {self.partitioner!r}"),
+            "shards-per-partition": (self.partitioner == "shard", "partitioner='shard'",
+                                     f"partitioner = {self.partitioner!r}"),
+            "tracking-uri": (self.tracker == "mlflow", "tracker='mlflow'", f"tracker = {self.tracker!r}"),
+            "local-steps": (self.local_epochs == 0, "local-epochs = 0 (whole epochs replace the steps)",
+                            f"local-epochs = {self.local_epochs}"),
+            **{key: (preact, "a preact_resnet* model (torchvision's have their own width and no head norm)",
+                     f"model = {self.model!r}") for key in ("base-width", "head-norm")},
+            **{key: (self.dp != "none", "dp='central' or 'local'", f"dp = {self.dp!r}")
+               for key in ("dp-clip", "dp-noise-multiplier", "dp-delta")},
+            **{key: (central, "dp='central'", f"dp = {self.dp!r}")
+               for key in ("dp-sampling", "dp-clip-quantile", "dp-target-epsilon")},
+            **{key: (adaptive, "dp='central' with dp-clip-quantile > 0 (adaptive clipping)",
+                     f"dp = {self.dp!r}, dp-clip-quantile = {self.dp_clip_quantile}")
+               for key in ("dp-clip-lr", "dp-clip-count-noise")},
+            "privacy-strict": (self.privacy_min_holders > 1, "privacy-min-holders > 1",
+                               f"privacy-min-holders = {self.privacy_min_holders}"),
+            "clip-grad-norm": (self.dp != "local" or self.clip_grad_norm == 0, "dp other than 'local' (DP-SGD clips "
+                               "per-sample gradients at dp-clip instead; 0, off, is accepted)", "dp = 'local'"),
+        }
+        for key, (read, when, instead) in read_when.items():
+            if not read and self.value(key) != type(self).model_fields[key.replace("-", "_")].default:
+                raise SettingsError(f"{key} = {self.value(key)!r}: read only with {when}, and this run has {instead}; "
+                                    "remove it from the run config")
 
     def _privacy_rules(self) -> None:
         if self.dp != "none" and self.dp not in METHODS[self.strategy].dp:
@@ -348,10 +386,6 @@ class RunSettings(BaseModel):
         if self.dp == "local" and self.amp is True:
             raise SettingsError("amp = true: dp='local' trains with Opacus' per-sample gradients in fp32 (no bf16 "
                                 "autocast there), so amp would change the evaluation only; expected amp = false")
-        central_only = {"dp-sampling": self.dp_sampling != "public", "dp-clip-quantile": self.dp_clip_quantile > 0}
-        for key, used in central_only.items():
-            if used and self.dp != "central":
-                raise SettingsError(f"{key} = {self.value(key)!r}: needs dp='central' (got dp = {self.dp!r})")
         if self.dp != "none" and self.fraction_evaluate > 0:
             raise SettingsError(f"fraction-evaluate = {self.fraction_evaluate!r}: federated evaluation releases node "
                                 "data (losses and accuracies on node-held examples) that no DP noise covers; under "
@@ -368,8 +402,6 @@ class RunSettings(BaseModel):
                                 "tell which capacities were sampled and the sample would not stay secret (the "
                                 "amplified accountant assumes it does); expected one capacity for every node, or "
                                 "dp-sampling = 'public'")
-        if self.dp_target_epsilon > 0 and self.dp != "central":
-            raise SettingsError(f"dp-target-epsilon = {self.dp_target_epsilon!r}: needs dp='central' (got dp = {self.dp!r})")
 
     def check_tracker_installed(self) -> None:
         """SettingsError naming the extra to install when the tracker's library is missing (a
@@ -521,6 +553,12 @@ def _explain(error: Mapping[str, Any], run_config: Mapping[str, Any]) -> str:
         expected = f"{what} >= {ctx['ge']}"
     elif kind == "greater_than":
         expected = "a positive number" if ctx["gt"] == 0 else f"a number > {ctx['gt']}"
+    elif kind == "less_than":
+        low = next((getattr(m, a) for m in field.metadata for a in ("gt", "ge") if hasattr(m, a)), None)
+        expected = f"a value in ({low}, {ctx['lt']})" if any(hasattr(m, "gt") for m in field.metadata) \
+            else f"a value in [{low}, {ctx['lt']})"
+    elif kind == "finite_number":
+        expected = "a finite number"
     elif kind == "less_than_equal":
         low = next((getattr(m, a) for m in field.metadata for a in ("gt", "ge") if hasattr(m, a)), None)
         expected = f"a value in ({low}, {ctx['le']}]" if any(hasattr(m, "gt") for m in field.metadata) \

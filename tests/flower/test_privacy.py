@@ -216,7 +216,7 @@ def test_a_node_that_does_not_clip_is_rejected_and_counts_as_a_zero_update(tiny_
      "dp = 'local': supported with strategy"),
     ({"dp": "central", "weighting": "uniform", "transport-dtype": "uint8"}, "transport-dtype = 'uint8'"),
     ({"dp": "central", "weighting": "uniform", "allocation": "speed"}, "allocation = 'speed'"),
-    ({"dp-target-epsilon": 4.0}, "dp-target-epsilon = 4.0: needs dp='central'"),
+    ({"dp-target-epsilon": 4.0}, "dp-target-epsilon = 4.0: read only with dp='central'"),
     ({"privacy-min-holders": 2, "strategy": "fedavg"},
      "privacy-min-holders = 2: strategy 'fedavg' does not use it (only resist do)"),
 ])

@@ -110,11 +110,12 @@ def test_width_methods_hold_elements_by_capacity_and_noise_follows_the_element_h
 def test_a_setting_a_method_does_not_read_is_refused_for_every_such_method(key):
     value = {"server-lr": 0.5, "fjord-levels": "0.5,1.0", "label-split": False, "fedrolex-overlap": "0.5",
              "depthfl-distill": False, "allocation": "capacity", "min-blocks-per-site": 1, "inference-scaling": False,
-             "warmup-rounds": 1, "width-rates": "1,0.5", "feddyn-alpha": 0.1, "privacy-min-holders": 2}[key]
+             "warmup-rounds": 1, "width-rates": "1,0.5", "feddyn-alpha": 0.1, "privacy-min-holders": 2,
+             "privacy-strict": True}[key]
     for name in METHODS:
         config = {"strategy": name, key: value, **({"model": "preact_resnet18"} if METHODS[name].preact_only else {})}
         if name in readers(key):
-            RunSettings.from_run_config(config)
+            RunSettings.from_run_config({**config, **({"privacy-min-holders": 2} if key == "privacy-strict" else {})})
         else:
             with pytest.raises(SettingsError, match=re.escape(f"{key} = {value!r}: strategy '{name}' does not use it")):
                 RunSettings.from_run_config(config)

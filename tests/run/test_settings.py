@@ -63,6 +63,27 @@ SETTINGS_ERRORS = [
     ({"server-lr": -0.5}, "server-lr = -0.5: expected a positive number"),
     ({"capacity-profile": "a,b"}, "capacity-profile = 'a,b': expected numbers in \\(0, 1\\]"),
     ({"partitioner": "shard", "shards-per-partition": 0}, "shards-per-partition = 0: expected an integer >= 1"),
+    ({"lr": float("inf")}, "lr = inf: expected a finite number"),
+    ({"weight-decay": float("inf")}, "weight-decay = inf: expected a finite number"),
+    ({"seed": 2**60}, f"seed = {2**60}: expected a value in \\[0, 4294967296\\)"),
+    ({"dp-delta": 1.0}, "dp-delta = 1.0: expected a value in \\(0, 1.0\\)"),
+    ({"strategy": "depthfl", "feddyn-alpha": "0.1"}, "feddyn-alpha = '0.1': expected a value of type float"),
+    # a key the run's other settings leave unread (as a key the strategy does not read: test_registry)
+    ({"dp-clip": 2.0}, "dp-clip = 2.0: read only with dp='central' or 'local', and this run has dp = 'none'"),
+    ({"dp": "central", "weighting": "uniform", "dp-clip-lr": 0.5},
+     "dp-clip-lr = 0.5: read only with dp='central' with dp-clip-quantile > 0"),
+    ({"dirichlet-alpha": 0.3}, "dirichlet-alpha = 0.3: read only with partitioner='dirichlet', and this run has "
+     "partitioner = 'iid'"),
+    ({"shards-per-partition": 3}, "shards-per-partition = 3: read only with partitioner='shard'"),
+    ({"data-path": "/data/x.npz"}, "data-path = '/data/x.npz': read only with dataset 'npz'"),
+    ({"image-size": 64}, "image-size = 64: read only with dataset='imagefolder'"),
+    ({"tracking-uri": "http://x"}, "tracking-uri = 'http://x': read only with tracker='mlflow'"),
+    ({"local-epochs": 1, "local-steps": 3}, "local-steps = 3: read only with local-epochs = 0"),
+    ({"model": "torchvision_resnet18", "base-width": 32}, "base-width = 32: read only with a preact_resnet"),
+    ({"model": "torchvision_resnet18", "head-norm": True}, "head-norm = True: read only with a preact_resnet"),
+    ({"privacy-strict": True}, "privacy-strict = True: read only with privacy-min-holders > 1"),
+    ({"dp": "local", "norm": "groupnorm", "clip-grad-norm": 0.5},
+     "clip-grad-norm = 0.5: read only with dp other than 'local'"),
 ]
 
 
