@@ -236,6 +236,8 @@ class CentralDP:
     # -- accounting ------------------------------------------------------------------------------
     def epsilon_after(self, releases: int) -> float:
         """Epsilon of a node sent a model in ``releases`` rounds (public sampling: no amplification)."""
+        if not releases:  # (under adaptive clipping the count's noise is set by the first release)
+            return 0.0
         return unamplified_epsilon(int(releases), self.accounted_multiplier(), self.delta)
 
     def node_epsilon(self, key: str) -> float:
@@ -298,9 +300,9 @@ class CentralDP:
         """Charge this round's release to the nodes it was sent to (``participants``: their stable
         keys), move an adaptive clip by the noised count of ``below`` (the accepted replies' bits;
         every other participant counts as below: a zero update); the row's privacy figures. A round
-        sent to nobody releases nothing and is charged nothing."""
+        sent to nobody releases nothing and is charged nothing: its figures are the standing ones."""
         if not participants:
-            return {}
+            return self.figures()
         self._resolve_count_noise(len(participants))
         used_clip = self.clip
         self.releases += 1
@@ -312,12 +314,17 @@ class CentralDP:
                 self.participations[key] = self.participations.get(key, 0) + 1
         if self.adaptive:
             self.clip = self.next_clip(len(participants), below)
-        epsilon = self.epsilon()
         log(INFO, "round released under central DP: epsilon %.4f (worst node), %.4f for a node in every round, "
-            "at delta %g (z = %g, C = %g, %d nodes, %s sampling)", epsilon, self.every_round_epsilon(), self.delta,
-            self.noise_multiplier, used_clip, len(participants), self.sampling)
-        return {"epsilon": epsilon, "epsilon-every-round": self.every_round_epsilon(), "dp-delta": self.delta,
-                "dp-clip": used_clip, "dp-state": self.state()}
+            "at delta %g (z = %g, C = %g, %d nodes, %s sampling)", self.epsilon(), self.every_round_epsilon(),
+            self.delta, self.noise_multiplier, used_clip, len(participants), self.sampling)
+        return self.figures(used_clip)
+
+    def figures(self, used_clip: float | None = None) -> dict:
+        """A row's privacy figures: epsilon so far, the clip the round used (the current one when none was
+        used) and the accountant's state, which every row carries so that a run resumed after any round
+        (one sent to nobody included) continues its epsilon from it."""
+        return {"epsilon": self.epsilon(), "epsilon-every-round": self.every_round_epsilon(), "dp-delta": self.delta,
+                "dp-clip": self.clip if used_clip is None else used_clip, "dp-state": self.state()}
 
     def next_clip(self, sent: int, below: Sequence[int]) -> float:
         """Andrew et al.'s geometric step: ``C * exp(-eta * (b - gamma))`` with ``b`` the noised

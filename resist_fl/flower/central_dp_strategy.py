@@ -35,7 +35,7 @@ from flwr.serverapp.strategy import Strategy
 from resist_fl.core.holders import holder_counts
 from resist_fl.flower.array_codec import array_view
 from resist_fl.flower.central_dp import BELOW_CLIP, CentralDP
-from resist_fl.flower.message_keys import DP_CLIP
+from resist_fl.flower.message_keys import DP_CLIP, DP_COUNT_BELOW
 from resist_fl.flower.round_report import RoundReport
 from resist_fl.flower.round_skeleton import SubModelStrategy
 
@@ -94,12 +94,14 @@ class CentrallyPrivate(Strategy):
                         grid: Grid) -> Iterable[Message]:
         """The wrapped strategy's messages, each with ``dp-clip``; none when the next release would
         exceed ``dp-target-epsilon`` (:class:`~resist_fl.flower.round_report.RunStops`)."""
-        self.last_release = {}
+        self.last_release = self.dp.figures()  # a round sent to nobody: the standing figures, nothing charged
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         inner = self.strategy
         self.dp.stop_if_exceeded(len(inner.sampled), inner.connected, inner.round_offset + server_round)
         for message in messages:
             message.content["config"][DP_CLIP] = self.dp.clip
+            if self.dp.adaptive:
+                message.content["config"][DP_COUNT_BELOW] = True
         return messages
 
     def aggregate_train(self, server_round: int,

@@ -30,7 +30,7 @@ from resist_fl.core.transport import decode_state, encode_array
 from resist_fl.core.validation import TRAIN_METRICS
 from resist_fl.flower.array_codec import array_of, array_view
 from resist_fl.flower.central_dp import BELOW_CLIP, below_clip, clip_update
-from resist_fl.flower.message_keys import BLOCKS, DP_CLIP, RUN_ROUND, SERVER_ROUND, TRANSPORT
+from resist_fl.flower.message_keys import BLOCKS, DP_CLIP, DP_COUNT_BELOW, RUN_ROUND, SERVER_ROUND, TRANSPORT
 from resist_fl.flower.node_sampling import IDENTITY_RECORD
 
 
@@ -118,32 +118,43 @@ def train_reply(message: Message, model: torch.nn.Module, *, num_examples: int, 
     A non-finite ``train_loss`` (training diverged) sends no arrays: the server counts the
     reply as non-finite and keeps its global model. When the message carries ``dp-clip``
     (central DP), the update (trained minus received arrays) is clipped to that L2 norm first, and
-    ``dp-below-clip`` says whether its norm was within it before (adaptive clipping counts it).
-    Under DP (``private``) the reply carries no figure of the node's data or training (no loss,
-    times, costs, example count or step count: the last two reveal the partition's size), only
-    ``metrics``, the caller's privacy figures.
+    under adaptive clipping (``dp-count-below`` in the message) ``dp-below-clip`` says whether its norm
+    was within it before.
+
+    Under DP (``private``, and always when the message carries ``dp-clip``) the reply carries no figure
+    of the node's data or training (no loss, times, costs, example count or step count: the last two
+    reveal the partition's size), only ``metrics``, the caller's privacy figures; and a node whose
+    trained arrays are not finite sends the arrays it received (a zero update) instead of none, so that
+    no reply shows that its training diverged (a function of the released arrays alone under local DP;
+    under central DP one more update within the clip).
     """
+    config = message.content["config"]
+    private = private or DP_CLIP in config
     if private:
         record = MetricRecord(dict(metrics or {}))
     else:
         record = MetricRecord({**dict(zip(TRAIN_METRICS, (int(num_examples), float(train_loss),
                                                           float(train_seconds), int(local_steps)))),
                                **dict(metrics or {})})
-    if not math.isfinite(train_loss):
+    if not private and not math.isfinite(train_loss):
         return Message(RecordDict({"arrays": ArrayRecord(), "metrics": record}), reply_to=message)
     transport = message_transport(message)
     state = model.state_dict()
     if missing := [k for k in message.content["arrays"] if k not in state]:
         raise KeyError(f"the trained model lacks {len(missing)} of the received keys, e.g. {missing[:3]}")
     trained = {k: state[k].detach().cpu().numpy() for k in message.content["arrays"]}
-    config = message.content["config"]
+    if private and not all(np.isfinite(v).all() for v in trained.values() if v.dtype.kind == "f"):
+        shapes = {k: (v.shape, v.dtype) for k, v in trained.items()}  # a zero update: the arrays received
+        trained = {k: np.array(v) for k, v in decode_state({k: a.numpy() for k, a in message.content["arrays"].items()},
+                                                           shapes, transport).items()}
     if DP_CLIP in config:  # central DP: the server rejects an update above this norm
         if transport != "float32":
             raise ValueError(f"transport-dtype = {transport!r}: central DP needs 'float32' (a quantised update "
                              "would not keep the clipped norm)")
         received = {k: array_view(v) for k, v in message.content["arrays"].items()}
         clip = float(config[DP_CLIP])
-        record[BELOW_CLIP] = below_clip(trained, received, clip)
+        if config.get(DP_COUNT_BELOW):
+            record[BELOW_CLIP] = below_clip(trained, received, clip)
         trained = clip_update(trained, received, clip)
     arrays = ArrayRecord({k: array_of(encode_array(v, transport)) for k, v in trained.items()})
     return Message(RecordDict({"arrays": arrays, "metrics": record}), reply_to=message)

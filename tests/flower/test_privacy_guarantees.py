@@ -231,7 +231,23 @@ def test_a_round_not_sent_under_privacy_strict_is_not_charged(tiny_config):
     _central(tiny_config, **{"num-server-rounds": 1, "privacy-min-holders": 3, "capacity-profile": "0.5,0.5",
                              "privacy-strict": True})
     _, rows, nodes = _run(tiny_config, num_nodes=2)
-    assert rows[0]["privacy-unmet"] == 1 and nodes == [] and "epsilon" not in rows[0]
+    assert rows[0]["privacy-unmet"] == 1 and nodes == []
+    assert rows[0]["epsilon"] == 0.0 and rows[0]["dp-state"]["releases"] == 0  # the standing figures, uncharged
+
+
+def test_a_run_resumed_after_a_round_sent_to_nobody_continues_its_epsilon():
+    """The accountant's state is in every row, a round sent to nobody's too, so a resume from it does not restart
+    epsilon at zero."""
+    from resist_fl.flower.central_dp import CentralDP
+
+    dp = CentralDP(dp_clip=1.0, dp_noise_multiplier=1.0)
+    dp.release_row(["a", "b"], connected=4)
+    dp.release_row(["a", "c"], connected=4)
+    unsent = dp.release_row([], connected=4)
+    assert unsent["epsilon"] == dp.epsilon() > 0 and unsent["dp-state"]["releases"] == 2
+    resumed = CentralDP(dp_clip=1.0, dp_noise_multiplier=1.0)
+    resumed.restore(unsent["dp-state"])
+    assert resumed.epsilon() == dp.epsilon() and resumed.every_round_epsilon() == dp.every_round_epsilon()
 
 
 # --------------------------------------------------------------------------- nothing around the mechanism
@@ -255,11 +271,51 @@ def test_under_dp_no_unnoised_figure_leaves_a_node_or_the_server(tiny_config, mo
     tiny_config.update(SIX_BLOCKS, **changes)
     client = _Recording()
     run_dir, rows, nodes = _run(tiny_config, num_nodes=2, client=client)
-    allowed = {"blocks", "dp-epsilon" if mode == "local" else "dp-below-clip"}
+    allowed = {"blocks", *(["dp-epsilon"] if mode == "local" else [])}  # fixed clipping: no below-clip bit either
     assert client.keys and all(keys <= allowed for keys in client.keys), client.keys  # no loss, times, memory, size
     for row in rows + nodes:
         assert not set(PRIVATE_DROPPED) & set(row), set(PRIVATE_DROPPED) & set(row)
     assert all(r["accuracy"] is not None for r in rows)  # the released model is still evaluated centrally
+
+
+def test_under_adaptive_clipping_a_node_sends_its_below_clip_bit(tiny_config):
+    tiny_config.update(SIX_BLOCKS, **{"num-server-rounds": 1, "local-steps": 1, "dp": "central", "weighting": "uniform",
+                                      "dp-clip-quantile": 0.5})
+    client = _Recording()
+    _run(tiny_config, num_nodes=2, client=client)
+    assert client.keys == [{"blocks", "dp-below-clip"}] * 2
+
+
+@pytest.mark.parametrize("mode", ["central", "local"])
+def test_under_dp_a_node_whose_training_diverges_is_not_told_apart(tiny_config, mode, monkeypatch):
+    """Node 0's training ends with a NaN weight: under DP it replies with the arrays it received (a zero update),
+    so no count, status or byte figure shows whose training diverged."""
+    import client_app.app as node_app
+
+    training, read_partition = {}, node_app._partition  # the in-process grid runs one node at a time
+
+    def partition(*args, **kwargs):  # (dataset, data path, partitioner, alpha, seed, partition id, ...)
+        training["partition"] = int(args[5])
+        return read_partition(*args, **kwargs)
+
+    def diverging(trainer):
+        def run(model, *args, **kwargs):
+            result = trainer(model, *args, **kwargs)
+            if training["partition"] == 0:
+                with torch.no_grad():
+                    next(model.parameters()).view(-1)[0] = math.nan
+            return result
+        return run
+
+    monkeypatch.setattr(node_app, "_partition", partition)
+    monkeypatch.setattr(node_app, "train", diverging(node_app.train))
+    monkeypatch.setattr(node_app, "train_private", diverging(node_app.train_private))
+    tiny_config.update(SIX_BLOCKS, **{"num-server-rounds": 1, "local-steps": 2, "dp": mode, "weighting": "uniform",
+                                      "norm": "groupnorm"})
+    run_dir, rows, nodes = _run(tiny_config, num_nodes=2)
+    assert (rows[0]["replies-accepted"], rows[0]["replies-rejected"], rows[0]["replies-non-finite"]) == (2, 0, 0)
+    assert {n["status"] for n in nodes} == {"accepted"} and not rows[0]["merge-refused"]
+    assert rows[0]["accuracy"] is not None
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -267,8 +323,9 @@ def test_under_dp_no_unnoised_figure_leaves_a_node_or_the_server(tiny_config, mo
      "fraction-evaluate = 0.5: federated evaluation releases node data"),
     ({"dp": "local", "norm": "groupnorm", "strategy": "fedavg", "fraction-evaluate": 1.0}, "set fraction-evaluate = 0"),
     ({"dp": "central", "weighting": "uniform", "norm": "batchnorm-running"}, "norm = 'batchnorm-running'"),
-    ({"dp-sampling": "secret"}, "dp-sampling = 'secret': needs dp='central'"),
-    ({"dp-clip-quantile": 0.5, "dp": "local", "norm": "groupnorm"}, "dp-clip-quantile = 0.5: needs dp='central'"),
+    ({"dp-sampling": "secret"}, "dp-sampling = 'secret': read only with dp='central'"),
+    ({"dp-clip-quantile": 0.5, "dp": "local", "norm": "groupnorm"},
+     "dp-clip-quantile = 0.5: read only with dp='central'"),
     ({"dp": "central", "weighting": "uniform", "dp-sampling": "secret", "capacity-profile": "1.0,0.5"},
      "the sample would not stay secret"),
     ({"dp": "central", "weighting": "uniform", "dp-sampling": "secret", "capacity-profile": "0.5",
