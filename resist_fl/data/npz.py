@@ -143,8 +143,10 @@ def _split(path: str, split: str, images: np.ndarray, labels: np.ndarray) -> Ima
     if len(labels) != len(images):
         raise DataError(f"npz file {path!r}: {x} has {len(images)} images but {y} has {len(labels)} labels; "
                         "expected one label per image")
-    if (low := int(labels.min())) < 0:
-        raise DataError(f"npz file {path!r}: {y} has label {low}; expected labels in [0, classes)")
+    low, high = int(labels.min()), int(labels.max())  # Python ints: a uint64 label must not wrap when cast
+    if low < 0 or high >= 2**31:
+        raise DataError(f"npz file {path!r}: {y} has label {low if low < 0 else high}; expected labels in "
+                        "[0, classes)")
     return ImageArrays(to_nchw(images), labels.astype(np.int64))
 
 

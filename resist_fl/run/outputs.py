@@ -125,10 +125,11 @@ def save_model(path: Path, state_dict: Mapping[str, torch.Tensor], spec: Mapping
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def load_model(path: Path):
+def load_model(path: Path | str):
     """Rebuild the model saved by :func:`save_model` (scales included), in eval mode."""
     from resist_fl.core.model import ModelSpec, build_model
 
+    path = Path(path).expanduser()  # the docs' "~/resist-fl-runs/RUN/model.pt"
     saved = torch.load(path, map_location="cpu", weights_only=True)
     if "model_spec" not in saved:
         raise ValueError(f"{path} holds a model saved without a model spec (a user's own model): build "

@@ -492,6 +492,8 @@ MALFORMED = {
     "nan pixels": ("x_train", lambda a: {**a, "x_train": np.full((10, 8, 8), np.nan)}, "NaN"),
     "string images": ("x_train", lambda a: {**a, "x_train": np.full((10, 8, 8), "a")}, "dtype <U1"),
     "negative labels": ("y_train", lambda a: {**a, "y_train": a["y_train"] - 1}, "label -1"),
+    "uint64 labels that wrap": ("y_train", lambda a: {**a, "y_train": np.array([2**64 - 1] + [1] * 9, np.uint64)},
+                                f"label {2**64 - 1}"),
     "float labels": ("y_test", lambda a: {**a, "y_test": a["y_test"] + 0.5}, "integer labels"),
     "mismatched lengths": ("y_train", lambda a: {**a, "y_train": a["y_train"][:7]}, "10 images but y_train has 7"),
     "no images": ("x_test", lambda a: {**a, "x_test": a["x_test"][:0], "y_test": a["y_test"][:0]}, "no images"),

@@ -186,3 +186,15 @@ def _torch_bytes(obj) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
+
+
+def test_a_saved_model_loads_from_a_path_under_home(tmp_path, monkeypatch):
+    """The docs load ``~/resist-fl-runs/RUN/model.pt``: the ``~`` is the user's home."""
+    from resist_fl.run.outputs import load_model, save_model
+
+    spec = ModelSpec(depths=(1, 1, 2, 1), base_width=4)
+    model = build_model(spec)
+    save_model(tmp_path / "model.pt", model.state_dict(), spec.to_dict())
+    monkeypatch.setenv("HOME", str(tmp_path))
+    loaded = load_model("~/model.pt")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
