@@ -9,6 +9,7 @@ knows (blocks, transport, run round) and the data shape the server's data set gi
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from functools import lru_cache
 from logging import INFO
 
@@ -119,6 +120,21 @@ def build_local_model(settings: RunSettings, spec: ModelSpec, layout: BlockLayou
     return load_received(model, msg.content["arrays"], message_blocks(msg), message_transport(msg))
 
 
+def partition_of(node: Mapping[str, object]) -> tuple[int, int]:
+    """The node config's ``partition-id`` and ``num-partitions``, checked: ValueError naming a missing or bad
+    value (a SuperNode started without them, or with an id outside ``[0, num-partitions)``)."""
+    found = {key: node.get(key) for key in ("partition-id", "num-partitions")}
+    for key, value in found.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"node config {key} = {value!r}: expected an integer (flower-supernode --node-config "
+                             "\"partition-id=0 num-partitions=4\")")
+    partition_id, partitions = found["partition-id"], found["num-partitions"]
+    if partitions < 1 or not 0 <= partition_id < partitions:
+        raise ValueError(f"node config partition-id = {partition_id}, num-partitions = {partitions}: expected "
+                         "num-partitions >= 1 and 0 <= partition-id < num-partitions")
+    return partition_id, partitions
+
+
 @lru_cache(maxsize=16)
 def node_hook(strategy: str) -> SubNetwork:
     """What a node of the method ``strategy`` does differently (:mod:`resist_fl.node.method_hooks`)."""
@@ -134,12 +150,12 @@ def train_handler(msg: Message, context: Context) -> Message:
     model = build_local_model(settings, spec, layout, msg)
 
     node = context.node_config
-    partition_id = int(node["partition-id"])
+    partition_id, num_partitions = partition_of(node)
     data_path = _data_path(context, settings)
     device = resolve_device(settings.device)
     cache = _device_cache(device, settings.device_cache_mb)
     partition = _partition(settings.dataset, data_path, settings.partitioner, settings.dirichlet_alpha,
-                           settings.seed, partition_id, int(node["num-partitions"]),
+                           settings.seed, partition_id, num_partitions,
                            _partition_cache(context, settings), cache, settings.image_size,
                            settings.shards_per_partition, settings.validation_size)
     if (top := int(partition.labels.max())) >= spec.num_classes:
@@ -220,7 +236,12 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     data_path = _data_path(context, settings)
     test = load_test_set(settings.dataset, data_path, settings.image_size, settings.validation_size)
     if "data-path" not in node:
-        test = test.subset(np.arange(int(node["partition-id"]), len(test), int(node["num-partitions"])))
+        partition_id, num_partitions = partition_of(node)
+        if partition_id >= len(test):
+            raise DataError(f"node config partition-id = {partition_id}: its share of the {len(test)} evaluation "
+                            f"images (every {num_partitions}-th from it) is empty; expected at most "
+                            f"{len(test)} partitions")
+        test = test.subset(np.arange(partition_id, len(test), num_partitions))
     device = resolve_device(settings.device)
     stats = normalization(settings.dataset, data_path, settings.image_size, settings.validation_size)
     loader = EvalBatches(test, settings.eval_batch_size, normalization=stats, device=device)

@@ -173,8 +173,11 @@ def check_evaluate_metrics(reply: Message, max_num_examples: int) -> MetricRecor
     """The evaluate reply's metrics (:data:`EVALUATE_METRICS`, finite scalars in range), else ReplyError."""
     if reply.has_error():
         raise ReplyError(f"error (code {reply.error.code}): {reply.error.reason}")
-    if len(reply.content.metric_records) != 1:
-        raise ReplyError("expected exactly one MetricRecord")
+    content = reply.content
+    if len(content.metric_records) != 1 or content.array_records or content.config_records:
+        raise ReplyError(f"expected exactly one MetricRecord and nothing else (got {len(content.metric_records)} "
+                         f"MetricRecord(s), {len(content.array_records)} ArrayRecord(s), "
+                         f"{len(content.config_records)} ConfigRecord(s))")
     reported = next(iter(reply.content.metric_records.values()))
     metrics = {"num-examples": check_num_examples(reported.get("num-examples"), max_num_examples)}
     for name in EVALUATE_METRICS[1:]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -185,3 +186,19 @@ def test_resume_without_rounds_left_keeps_the_inference_scale(tiny_config):
     run_inprocess(dict(tiny_config, resume=True), num_nodes=3)
     scale = load_model(run_dir(tiny_config) / "model.pt").layer3[1].residual_scale.item()
     assert scale == before == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("node, message", [
+    ({"num-partitions": 4}, "partition-id = None: expected an integer"),
+    ({"partition-id": "0", "num-partitions": 4}, "partition-id = '0': expected an integer"),
+    ({"partition-id": 0, "num-partitions": True}, "num-partitions = True: expected an integer"),
+    ({"partition-id": -1, "num-partitions": 4}, "partition-id = -1, num-partitions = 4: expected"),
+    ({"partition-id": 4, "num-partitions": 4}, "partition-id = 4, num-partitions = 4: expected"),
+    ({"partition-id": 0, "num-partitions": 0}, "num-partitions = 0: expected num-partitions >= 1"),
+])
+def test_a_bad_partition_in_the_node_config_is_named(node, message):
+    from client_app.app import partition_of
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        partition_of(node)
+    assert partition_of({"partition-id": 3, "num-partitions": 4}) == (3, 4)

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from flwr.app import Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from client_app.app import app as client_app
 from resist_fl.run.outputs import read_metrics
@@ -52,6 +53,24 @@ def test_a_second_reply_to_an_evaluate_message_is_not_counted(tiny_config, caplo
     attacked = _run({**base, "run-name": "attacked"}, _TwiceAnsweringGrid)
     assert attacked[0]["client-eval-loss"] == pytest.approx(honest[0]["client-eval-loss"], rel=1e-6)
     assert "a second reply to the same evaluate message" in caplog.text
+
+
+class _PaddedReplyGrid(InProcessGrid):
+    """One node's evaluate replies carry an ArrayRecord beside their metrics."""
+
+    def pull_messages(self, message_ids):
+        replies = list(super().pull_messages(list(message_ids)))
+        for reply in replies:
+            if reply.metadata.message_type == "evaluate" and reply.metadata.src_node_id == self.node_ids[0]:
+                reply.content["padding"] = ArrayRecord({"x": Array(np.zeros(1000, np.float32))})
+        return replies
+
+
+def test_an_evaluate_reply_carrying_more_than_its_metrics_is_dropped(tiny_config, caplog):
+    config = {**tiny_config, "strategy": "fedavg", "fraction-evaluate": 1.0, "num-server-rounds": 1, "local-steps": 2,
+              "min-train-nodes": 3, "min-available-nodes": 3, "run-name": "padded"}
+    _run(config, _PaddedReplyGrid)
+    assert "expected exactly one MetricRecord and nothing else (got 1 MetricRecord(s), 1 ArrayRecord(s)" in caplog.text
 
 
 def test_fedavg_small_evaluates_at_its_width(tiny_config):
