@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from resist_fl.data.arrays import ImageArrays
+from resist_fl.data.arrays import DataError, ImageArrays
 from resist_fl.data.hub import HUB_DATASETS, hub_partition, hub_train_images, hub_train_labels
 from resist_fl.data.sources import DATASETS, check_choice, kept, local_train_set
 
@@ -83,7 +83,7 @@ def load_partition(
     if dataset in HUB_DATASETS and validation_size:  # the split of the kept images, by index
         split, rest = hub_kept_split(dataset, validation_size, num_partitions, partitioner, alpha, seed,
                                      shards_per_partition)
-        chosen = rest[split.load_partition(partition_id).with_format("numpy")[:]["idx"]]
+        chosen = rest[split_indices(split, partition_id, num_partitions)]
         return hub_train_images(dataset, chosen)
     if dataset in HUB_DATASETS:
         spec = HUB_DATASETS[dataset]
@@ -92,7 +92,7 @@ def load_partition(
         return hub_partition(dataset, partition_id, split, key, seed)
     train, split = local_split(dataset, num_partitions, partitioner, alpha, seed, data_path, image_size,
                                shards_per_partition, validation_size)
-    return train.subset(split.load_partition(partition_id).with_format("numpy")[:]["idx"])
+    return train.subset(split_indices(split, partition_id, num_partitions))
 
 
 def local_split(dataset: str, num_partitions: int, partitioner: str, alpha: float, seed: int, data_path: str,
@@ -137,7 +137,7 @@ def partition_label_counts(dataset: str, num_partitions: int, num_classes: int, 
         all_labels = hub_train_labels(dataset)[rest]
     for pid in range(num_partitions):
         if split is not None:
-            labels = all_labels[split.load_partition(pid).with_format("numpy")[:]["idx"]]
+            labels = all_labels[split_indices(split, pid, num_partitions)]
         else:
             labels = np.asarray(load_partition(dataset, pid, num_partitions, **partitioning).labels, dtype=np.int64)
         if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
@@ -179,6 +179,18 @@ def _check_partition_id(partition_id: int, num_partitions: int) -> None:
         )
 
 
+def split_indices(split: Partitioner, partition_id: int, num_partitions: int) -> np.ndarray:
+    """The sample indices of partition ``partition_id`` of an index partitioner over ``num_partitions``; a
+    partitioner that cannot cut its data so (too many partitions for a size-weighted or Dirichlet split) is a
+    DataError naming it."""
+    try:
+        return split.load_partition(partition_id).with_format("numpy")[:]["idx"]
+    except (IndexError, ZeroDivisionError, ValueError) as err:
+        raise DataError(f"num-partitions = {num_partitions}: the {type(split).__name__} cannot cut that many "
+                        f"partitions from the {split.dataset.num_rows} training images ({err}); expected fewer "
+                        "partitions") from err
+
+
 def index_partitioner(
     source: object,
     labels: np.ndarray,
@@ -195,6 +207,13 @@ def index_partitioner(
     ``source`` identifies the data the labels belong to.
     """
     key = (source, num_partitions, partitioner, float(alpha), seed, shards_per_partition)
+    if num_partitions > len(labels):
+        raise DataError(f"num-partitions = {num_partitions}: more partitions than the {len(labels)} training images; "
+                        f"expected at most {len(labels)}")
+    if partitioner == "shard" and num_partitions * shards_per_partition > len(labels):
+        raise DataError(f"shards-per-partition = {shards_per_partition} with num-partitions = {num_partitions}: more "
+                        f"shards than the {len(labels)} training images; expected at most "
+                        f"{len(labels) // num_partitions} shards per partition")
     if key not in _INDEX_PARTITIONERS:
         import datasets
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import numpy as np
 import pytest
 
-from resist_fl.data import load_partition
+from resist_fl.data import DataError, load_partition
 from resist_fl.data.synthetic import SYNTHETIC_TRAIN_SIZE
 from simulations.label_plot import write_label_distribution
 
@@ -69,3 +72,17 @@ def test_label_counts_equal_the_labels_of_every_loaded_partition(partitioner):
     counts = partition_label_counts("digits", 7, 10, **options)
     expected = [np.bincount(load_partition("digits", p, 7, **options).labels, minlength=10) for p in range(7)]
     assert counts.tolist() == np.array(expected).tolist()
+
+
+@pytest.mark.parametrize("partitioner, partitions, extra, message", [
+    ("iid", 1500, {}, "num-partitions = 1500: more partitions than the 1437 training images"),
+    ("shard", 2, {"shards_per_partition": 1000}, "shards-per-partition = 1000 with num-partitions = 2: more shards"),
+    ("exponential", 30, {}, "num-partitions = 30: the ExponentialPartitioner cannot cut that many partitions"),
+    ("dirichlet", 300, {}, "num-partitions = 300: the DirichletPartitioner cannot cut that many partitions"),
+])
+def test_a_split_the_data_cannot_give_is_a_data_error_naming_the_setting(partitioner, partitions, extra, message):
+    """(Were an IndexError, a ZeroDivisionError and flwr-datasets' own errors naming no setting.)"""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flwr-datasets warns at each Dirichlet attempt
+        with pytest.raises(DataError, match=re.escape(message)):
+            load_partition("digits", 0, partitions, partitioner=partitioner, **extra)
