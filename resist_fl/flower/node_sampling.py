@@ -29,6 +29,8 @@ from flwr.serverapp import Grid
 from resist_fl.core.allocation import check_capacity
 from resist_fl.core.decomposition import round_rng
 from resist_fl.core.secure_random import secure_numpy_generator
+from resist_fl.core.validation import ReplyError
+from resist_fl.flower.reply_screening import Instructions
 
 MAX_PARTITIONS = 100_000
 """A node reporting more partitions than this is not believed (the server would split the data that often)."""
@@ -162,8 +164,14 @@ class NodeSampler:
         unknown = [n for n in node_ids if n not in self._rank_key]
         if unknown:
             queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
-            for reply in grid.send_and_receive(queries, timeout=self.query_timeout):
-                node = reply.metadata.src_node_id
+            replies = list(grid.send_and_receive(queries, timeout=self.query_timeout))
+            instructions = Instructions.of_messages(queries, "identity query")
+            for reply in replies:
+                try:  # the rule of every reply path: one reply per query, from the node it was sent to
+                    node = instructions.addressee(reply)
+                except ReplyError as err:
+                    log(WARNING, "identity reply of node %s dropped: %s", reply.metadata.src_node_id, err)
+                    continue
                 if reply.has_error():
                     reason = (reply.error.reason or "").strip().splitlines()
                     log(WARNING, "node %s did not answer the identity query (%s): ordered by node id, capacity 1.0",
@@ -173,7 +181,7 @@ class NodeSampler:
                     continue
                 identity = reply.content.config_records[IDENTITY_RECORD]
                 pid = identity.get("partition-id")
-                if isinstance(pid, int) and not isinstance(pid, bool):
+                if isinstance(pid, int) and not isinstance(pid, bool) and pid >= 0:
                     self._rank_key[node] = (0, pid, node)
                     parts = identity.get("num-partitions")
                     if isinstance(parts, int) and not isinstance(parts, bool) and 0 <= pid < parts <= MAX_PARTITIONS:

@@ -235,3 +235,25 @@ def test_duplicate_partition_ids_are_ordered_by_node_id(caplog):
         assert [strategy.sampler.rank(n) for n in nodes] == sorted(strategy.sampler.rank(n) for n in nodes)
     assert sent[False] == sent[True]  # the seed reproduces the run whatever order the Grid lists nodes in
     assert f"nodes {nodes[1]}, {nodes[2]} all report partition-id 1" in caplog.text
+
+
+class _SecondIdentityGrid(InProcessGrid):
+    """Every node's identity reply is followed by a forged second one claiming capacity 0.1 and partition 7."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        return replies + [identity_reply(m, 7, 0.1) for m in messages if m.metadata.message_type == "query"]
+
+
+def test_only_the_first_identity_reply_of_a_node_counts(caplog):
+    """The identity query goes through every reply path's rule: a second reply to it is dropped."""
+    from resist_fl.flower.node_sampling import NodeSampler
+
+    nodes = make_node_ids(3)
+    grid = _SecondIdentityGrid(speed_app, num_nodes=3, node_configs=[{"partition-id": p} for p in range(3)])
+    sampler = NodeSampler(fraction=1.0, min_nodes=3, min_available_nodes=3, seed=0)
+    order = sampler.stable_order(grid, list(nodes))
+    assert [sampler.partition(n) for n in order] == [0, 1, 2]
+    assert [sampler.capacity(n) for n in order] == CAPACITIES[:3]
+    assert caplog.text.count("a second reply to the same identity query message") == 3
