@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from contextlib import nullcontext
 from functools import lru_cache
 from logging import INFO
 
@@ -37,7 +38,7 @@ from resist_fl.flower.client_side import (
 )
 from resist_fl.flower.straggler_mod import simulated_straggler
 from resist_fl.node.device_cache import DeviceCache
-from resist_fl.node.dp_ledger import ledger_path, read_history, write_history
+from resist_fl.node.dp_ledger import ledger_path, partition_lock, read_history, write_history
 from resist_fl.node.dp_budget import NodeBudget, spent_history
 from resist_fl.node.local_dp import sample_rate, train_private
 from resist_fl.node.method_hooks import SubNetwork
@@ -172,15 +173,18 @@ def train_handler(msg: Message, context: Context) -> Message:
                                drop_last=device.type == "cuda")  # one batch shape on a GPU
     num_examples = len(partition)
     steps = steps_for(num_examples, settings.batch_size, settings.local_steps, settings.local_epochs)
-    if (budget := NodeBudget.of(node)) is not None:  # the node's own budget, which no run config loosens
-        budget.check_train(settings.dp, spent_history(node), (settings.dp_noise_multiplier,
-                                                              sample_rate(settings.batch_size, num_examples), steps))
+    budget = NodeBudget.of(node)  # the node's own budget, which no run config loosens
     lr = scheduled_lr(settings.lr, settings.lr_schedule, run_round, settings.num_server_rounds)
     torch.manual_seed(round_seed)
     local = node_hook(settings.strategy).local_training(model, spec, config, round_seed, partition.labels,
                                                         ContextMemory(context.state))
     private = settings.dp != "none"
-    with PeakMemory(device) as peak:
+    # with a budget, the check, the training and the ledger's write hold the partition's lock: two runs cannot
+    # both pass the check before either has written what it spent
+    with PeakMemory(device) as peak, partition_lock(node) if budget is not None else nullcontext():
+        if budget is not None:
+            budget.check_train(settings.dp, spent_history(node),
+                               (settings.dp_noise_multiplier, sample_rate(settings.batch_size, num_examples), steps))
         if settings.dp == "local":  # DP-SGD (Opacus); the accountant's history is the node's ledger on disk
             ledger = ledger_path(node, settings.run_name, context.run_id, context.node_id)
             trained = train_private(model, loader, steps=steps, lr=lr, momentum=settings.momentum,

@@ -19,10 +19,12 @@ charged twice: both updates left the node.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 History = list[tuple[float, float, int]]
@@ -54,6 +56,20 @@ def partition_ledgers(node_config: Mapping[str, object]) -> list[Path]:
     directory = ledger_dir(node_config)
     pattern = _FILE_NAME.format(run="*", node=f"partition-{int(node_config['partition-id'])}")  # type: ignore[call-overload]
     return sorted(directory.glob(pattern)) if directory.is_dir() else []
+
+
+@contextmanager
+def partition_lock(node_config: Mapping[str, object]) -> Iterator[None]:
+    """Hold an exclusive lock on this node's ``partition-id`` in its ledger directory (``fcntl.flock``, released
+    when the process dies): what runs inside sees every ledger another run of the partition wrote before it."""
+    directory = ledger_dir(node_config)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / f".lock--partition-{int(node_config['partition-id'])}", "a") as handle:  # type: ignore[call-overload]
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _safe(name: str) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from resist_fl.node.dp_budget import BudgetRefused, NodeBudget, epsilon_of, spent_history
-from resist_fl.node.dp_ledger import ledger_path, partition_ledgers, write_history
+from resist_fl.node.dp_ledger import ledger_path, partition_ledgers, partition_lock, write_history
 from resist_fl.run.outputs import NODES_FILE, read_metrics
 from simulations.inprocess import run_inprocess
 
@@ -94,3 +94,25 @@ def test_a_partitions_ledgers_are_every_run_of_that_partition_and_no_other(tmp_p
     assert partition_ledgers(node) == sorted(mine)
     assert sorted(steps for _, _, steps in spent_history(node)) == [1, 2]
     assert partition_ledgers({**node, "dp-ledger-dir": str(tmp_path / "absent")}) == []
+
+
+def test_a_partitions_lock_keeps_a_second_holder_waiting(tmp_path):
+    """Two runs training the same partition: the second passes the budget check only after the first wrote."""
+    import threading
+
+    node = {"partition-id": 2, "dp-ledger-dir": str(tmp_path)}
+    second_in = []
+
+    def second():
+        with partition_lock(node):
+            second_in.append(len(spent_history(node)))
+    with partition_lock(node):
+        waiting = threading.Thread(target=second)
+        waiting.start()
+        waiting.join(timeout=0.5)
+        assert waiting.is_alive() and second_in == []  # still waiting for the lock
+        write_history(ledger_path(node, "first", 1, 1), [(1.0, 0.1, 3)])
+    waiting.join(timeout=10)
+    assert second_in == [1]  # it saw the first holder's ledger
+    with partition_lock({**node, "partition-id": 3}):  # another partition's lock is another lock
+        pass
