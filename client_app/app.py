@@ -162,6 +162,10 @@ def train_handler(msg: Message, context: Context) -> Message:
     if (top := int(partition.labels.max())) >= spec.num_classes:
         raise DataError(f"data-path {data_path!r}: partition {partition_id} has label {top}, but the run's "
                         f"model has {spec.num_classes} classes; expected labels in [0, {spec.num_classes})")
+    if (channels := int(partition.images.shape[1])) != spec.in_channels:  # a node's own files, unlike the server's
+        raise DataError(f"data-path {data_path!r}: partition {partition_id} has {channels}-channel images, but the "
+                        f"run's model takes {spec.in_channels}; expected images with as many channels as the "
+                        "server's data set")
     bf16 = uses_bf16(settings.amp_wanted(), device)  # amp='auto': this node's own device decides
     _announce_precision(device, settings.amp, settings.dp == "local")
     run_round = message_run_round(msg)

@@ -172,6 +172,20 @@ def test_nodes_train_on_their_own_npz_files(tiny_config, tmp_path):
     assert read_metrics(run_dir(tiny_config))[0]["accuracy"] is not None
 
 
+def test_a_nodes_own_files_with_other_channels_than_the_servers_are_named(tiny_config, tmp_path):
+    from resist_fl.data import DataError, load_partition
+
+    full, test = load_partition("synthetic", 0, 1), load_test_set("synthetic")
+    server, node = tmp_path / "server.npz", tmp_path / "gray.npz"
+    np.savez(server, x_train=full.images[:10], y_train=full.labels[:10], x_test=test.images, y_test=test.labels)
+    np.savez(node, x_train=full.images[:20, 0], y_train=full.labels[:20], x_test=test.images[:, 0],
+             y_test=test.labels)  # N x H x W: one channel
+    tiny_config.update({"dataset": "npz", "data-path": str(server), "num-server-rounds": 1})
+    nodes = [{"partition-id": 0, "num-partitions": 1, "data-path": str(node)}] * 2
+    with pytest.raises(DataError, match="has 1-channel images, but the run's model takes 3"):
+        run_inprocess(tiny_config, num_nodes=2, node_configs=nodes)
+
+
 def test_fedavg_federated_evaluation_is_recorded(tiny_config):
     tiny_config.update({"strategy": "fedavg", "fraction-evaluate": 1.0, "num-server-rounds": 1})
     run_inprocess(tiny_config, num_nodes=2)
