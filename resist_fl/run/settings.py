@@ -50,6 +50,8 @@ CHANNELS = "channels"
 LAYERS = "layers"
 """``width-rates``: every channel count (each node's largest width within its budget)."""
 MODELS = (*PRESET_DEPTHS, *TORCHVISION_DEPTHS)
+TORCHVISION_WIDTH = 64
+"""torchvision's ResNets' first-stage width (``base-width`` does not change it)."""
 
 
 def _whole_number(value: Any) -> Any:
@@ -335,8 +337,9 @@ class RunSettings(BaseModel):
             "tracking-uri": (self.tracker == "mlflow", "tracker='mlflow'", f"tracker = {self.tracker!r}"),
             "local-steps": (self.local_epochs == 0, "local-epochs = 0 (whole epochs replace the steps)",
                             f"local-epochs = {self.local_epochs}"),
-            **{key: (preact, "a preact_resnet* model (torchvision's have their own width and no head norm)",
-                     f"model = {self.model!r}") for key in ("base-width", "head-norm")},
+            "base-width": (preact or self.base_width == TORCHVISION_WIDTH, "a preact_resnet* model (torchvision's "
+                           f"width is {TORCHVISION_WIDTH}, which is accepted)", f"model = {self.model!r}"),
+            "head-norm": (preact, "a preact_resnet* model (torchvision's have no head norm)", f"model = {self.model!r}"),
             **{key: (self.dp != "none", "dp='central' or 'local'", f"dp = {self.dp!r}")
                for key in ("dp-clip", "dp-noise-multiplier", "dp-delta")},
             **{key: (central, "dp='central'", f"dp = {self.dp!r}")
@@ -419,7 +422,7 @@ class RunSettings(BaseModel):
                 raise SettingsError(f"stage-depths = {self.stage_depths!r}: {self.model} has torchvision's "
                                     f"depths {TORCHVISION_DEPTHS[self.model]}; expected ''")
             return ModelSpec(depths=TORCHVISION_DEPTHS[self.model], num_classes=num_classes, in_channels=in_channels,
-                             base_width=64, norm=self.norm, arch=self.model, stem=self.stem)
+                             base_width=TORCHVISION_WIDTH, norm=self.norm, arch=self.model, stem=self.stem)
         depths = PRESET_DEPTHS[self.model]
         if self.stage_depths:
             try:

@@ -80,6 +80,7 @@ SETTINGS_ERRORS = [
     ({"tracking-uri": "http://x"}, "tracking-uri = 'http://x': read only with tracker='mlflow'"),
     ({"local-epochs": 1, "local-steps": 3}, "local-steps = 3: read only with local-epochs = 0"),
     ({"model": "torchvision_resnet18", "base-width": 32}, "base-width = 32: read only with a preact_resnet"),
+    ({"model": "torchvision_resnet18", "base-width": 16, "head-norm": True}, "head-norm = True: read only with"),
     ({"model": "torchvision_resnet18", "head-norm": True}, "head-norm = True: read only with a preact_resnet"),
     ({"privacy-strict": True}, "privacy-strict = True: read only with privacy-min-holders > 1"),
     ({"dp": "local", "norm": "groupnorm", "clip-grad-norm": 0.5},
