@@ -46,15 +46,15 @@ def ledger_path(node_config: Mapping[str, object], run_name: str, run_id: int, n
     """The ledger file of this (run, node)."""
     run = f"run-{_safe(run_name)}" if run_name else f"flower-run-{int(run_id)}"
     partition = node_config.get("partition-id")
-    node = f"partition-{int(partition)}" if isinstance(partition, int) and not isinstance(partition, bool) \
-        else f"node-{int(node_id)}"
+    has_partition = isinstance(partition, int) and not isinstance(partition, bool)
+    node = _partition_node(node_config) if has_partition else f"node-{int(node_id)}"
     return ledger_dir(node_config) / _FILE_NAME.format(run=run, node=node)
 
 
 def partition_ledgers(node_config: Mapping[str, object]) -> list[Path]:
     """Every ledger of this node's ``partition-id`` in its ledger directory, one per run (any run name)."""
     directory = ledger_dir(node_config)
-    pattern = _FILE_NAME.format(run="*", node=f"partition-{int(node_config['partition-id'])}")  # type: ignore[call-overload]
+    pattern = _FILE_NAME.format(run="*", node=_partition_node(node_config))
     return sorted(directory.glob(pattern)) if directory.is_dir() else []
 
 
@@ -64,12 +64,17 @@ def partition_lock(node_config: Mapping[str, object]) -> Iterator[None]:
     when the process dies): what runs inside sees every ledger another run of the partition wrote before it."""
     directory = ledger_dir(node_config)
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / f".lock--partition-{int(node_config['partition-id'])}", "a") as handle:  # type: ignore[call-overload]
+    with open(directory / f".lock--{_partition_node(node_config)}", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _partition_node(node_config: Mapping[str, object]) -> str:
+    """The node's name in its ledger and lock files: its ``partition-id``, which a restarted SuperNode keeps."""
+    return f"partition-{int(node_config['partition-id'])}"  # type: ignore[call-overload]
 
 
 def _safe(name: str) -> str:
