@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable
 from logging import ERROR, INFO, WARNING
 from typing import Protocol
 
@@ -28,7 +28,8 @@ from resist_fl.run.settings import RunSettings, resolve_model
 from resist_fl.run.tracking import open_tracker
 from resist_fl.node.batchnorm_statistics import with_training_statistics
 from resist_fl.node.precision import explain, precision, uses_bf16
-from resist_fl.node.training import ClassEvaluation, evaluate, evaluate_by_class, resolve_device
+from resist_fl.node.training import (ClassEvaluation, Outputs, evaluate, evaluate_by_class, evaluate_outputs,
+                                     resolve_device)
 
 app = ServerApp()
 
@@ -55,9 +56,10 @@ class CentralEvaluation:
     (the recorder's: the shares of the global model nodes have held so far, from the round reports),
     each the global model's first ``r x C`` channels, as HeteroFL evaluates its tiers. With
     ``client_labels`` (``client-eval``), rounds on the whole test set also give the per-client
-    figures ``client-accuracy-{mean,worst10,min,std}`` (:mod:`resist_fl.core.client_accuracy`). ``views``
-    (the strategy's :meth:`~resist_fl.flower.round_skeleton.SubModelStrategy.evaluation_views`) names parts of
-    the global model also scored alone, as ``accuracy-<name>`` (DepthFL: each exit, ``accuracy-exit-<k>``).
+    figures ``client-accuracy-{mean,worst10,min,std}`` (:mod:`resist_fl.core.client_accuracy`). ``outputs``
+    (the strategy's :meth:`~resist_fl.flower.round_skeleton.SubModelStrategy.evaluation_outputs`) names parts of
+    the global model also scored alone, in the same pass, as ``accuracy-<name>`` (DepthFL: each exit,
+    ``accuracy-exit-<k>``).
     With ``bn-statistics='training-data'`` the global model is evaluated with BatchNorm statistics
     re-estimated over the whole training set first (HeteroFL's static BatchNorm,
     :mod:`resist_fl.node.batchnorm_statistics`; the tiers keep batch statistics)."""
@@ -65,10 +67,10 @@ class CentralEvaluation:
     def __init__(self, settings: RunSettings, spec: ModelSpec, layout: BlockLayout, test_loader: EvalBatches,
                  subset_loader: EvalBatches | None = None,
                  client_labels: ClientLabels | None = None, tiers: ClientTiers | None = None,
-                 views: Callable[[torch.nn.Module], Mapping[str, torch.nn.Module]] | None = None) -> None:
+                 outputs: Callable[[torch.nn.Module], Outputs] | None = None) -> None:
         self.settings, self.spec, self.layout, self.test_loader = settings, spec, layout, test_loader
         self.subset_loader = subset_loader  # eval-subset: intermediate rounds (None: the whole test set)
-        self.client_labels, self.tiers, self.views = client_labels, tiers, views
+        self.client_labels, self.tiers, self.outputs = client_labels, tiers, outputs
         self.sliced: dict[float, torch.nn.Module] = {}  # width-tier evaluation models, by rate
         self.device = resolve_device(settings.device)
         self.bf16 = uses_bf16(settings.amp_wanted(), self.device)  # amp, decided for the server's own device
@@ -80,10 +82,10 @@ class CentralEvaluation:
         final = run_round >= self.settings.num_server_rounds or self.subset_loader is None
         loader = self.test_loader if final else self.subset_loader
         model = self.global_model(state)
-        result = evaluate_by_class(model, loader, self.device, self.bf16)
+        results = evaluate_outputs(model, loader, self.device, self.bf16, self.outputs(model) if self.outputs else None)
+        result = results.pop("")
         metrics = {"loss": result.loss, "accuracy": result.accuracy, "eval-images": len(loader.data)}
-        for name, view in (self.views(model) if self.views else {}).items():
-            metrics[f"accuracy-{name}"] = evaluate(view, loader, self.device, self.bf16)[1]
+        metrics.update({f"accuracy-{name}": part.accuracy for name, part in results.items()})
         counts = self.client_labels() if self.client_labels is not None and loader is self.test_loader else None
         if counts is not None:
             summary = fairness_summary(client_accuracies(counts, result.correct, result.count))
@@ -247,7 +249,7 @@ def main(grid: Grid, context: Context) -> None:
                                  settings, spec, layout, test_loader, subset_loader,
                                  ClientLabels(settings, spec.num_classes, strategy.sampler.num_partitions)
                                  if settings.client_eval else None,
-                                 strategy if settings.client_eval else None, strategy.evaluation_views),
+                                 strategy if settings.client_eval else None, strategy.evaluation_outputs),
                              eval_every=settings.eval_every, inference_scaling=settings.inference_scaling,
                              resume=settings.resume,
                              target_accuracy=settings.target_accuracy, dp=settings.dp,

@@ -116,16 +116,9 @@ class MultiExitResNet(nn.Module):
         return logits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack(self.exit_logits(x)).mean(0)
+        return ensemble(self.exit_logits(x))
 
 
-class SingleExit(nn.Module):
-    """``model`` predicting with its exit ``index`` alone (0-based): what the authors' ``test`` reports per
-    classifier beside the ensemble (``models.py`` lines 222-224)."""
-
-    def __init__(self, model: MultiExitResNet, index: int) -> None:
-        super().__init__()
-        self.model, self.index = model, index
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.exit_logits(x)[self.index]
+def ensemble(logits: list[torch.Tensor]) -> torch.Tensor:
+    """DepthFL's prediction from its exits' logits: their mean."""
+    return torch.stack(logits).mean(0)

@@ -69,8 +69,8 @@ class CentrallyPrivate(Strategy):
     def inference_scales(self) -> dict[str, float]:
         return self.strategy.inference_scales()
 
-    def evaluation_views(self, model: Any) -> dict[str, Any]:
-        return self.strategy.evaluation_views(model)
+    def evaluation_outputs(self, model: Any) -> Any:
+        return self.strategy.evaluation_outputs(model)
 
     def resume_after(self, completed_rounds: int, last_row: Mapping[str, Any] | None) -> None:
         """The wrapped strategy continues; the accountant continues from the last row's ``dp-state``."""

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from resist_fl.core.decomposition import BlockLayout
-from resist_fl.core.early_exits import MultiExitResNet, SingleExit
+from resist_fl.core.early_exits import MultiExitResNet, ensemble
 from resist_fl.core.feddyn import FedDynServer
 from resist_fl.core.holders import whole
 from resist_fl.core.model import build_model
@@ -44,6 +44,7 @@ from resist_fl.flower.message_keys import DEPTH_EXITS, DISTILL_WEIGHT, FEDDYN_AL
 from resist_fl.flower.method_factory import Built, ModelParts
 from resist_fl.flower.round_skeleton import Plan, SubModelStrategy, Update
 from resist_fl.node.mutual_distillation import distillation_weight
+from resist_fl.node.training import Outputs
 from resist_fl.run.settings import RunSettings, settings_of
 
 
@@ -118,9 +119,13 @@ class DepthFL(SubModelStrategy):
         model.load_state_dict({k: state[k] for k in self._keys_of[tier]}, strict=False)
         return model
 
-    def evaluation_views(self, model: MultiExitResNet) -> dict[str, torch.nn.Module]:
-        """Each exit alone (``accuracy-exit-<k>``), beside the mean of the exits that ``accuracy`` scores."""
-        return {f"exit-{i + 1}": SingleExit(model, i) for i in range(len(model.exits))}
+    def evaluation_outputs(self, model: MultiExitResNet) -> Outputs:
+        """The mean of the exits (``accuracy``) and each exit alone (``accuracy-exit-<k>``, what the authors'
+        ``test`` reports per classifier, ``models.py`` lines 222-224), from one pass through the trunk."""
+        def outputs(images: torch.Tensor) -> dict[str, torch.Tensor]:
+            logits = model.exit_logits(images)
+            return {"": ensemble(logits), **{f"exit-{i + 1}": exit_logits for i, exit_logits in enumerate(logits)}}
+        return outputs
 
     def describe(self, sampled: list[int]) -> str:
         return f"stages (exits) {[self.plans[n].config[DEPTH_EXITS] for n in sampled if n in self.plans]}"

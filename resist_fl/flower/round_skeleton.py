@@ -198,10 +198,11 @@ class SubModelStrategy(Strategy):
         """Mean fraction of the partitionable blocks the last round's sub-models held (depth methods)."""
         return None
 
-    def evaluation_views(self, model: Any) -> dict[str, Any]:
-        """Parts of the global ``model`` the central evaluation also scores alone, by name (its
-        ``accuracy-<name>``): none here; DepthFL's exits."""
-        return {}
+    def evaluation_outputs(self, model: Any) -> Any:
+        """What the central evaluation scores on each batch of images, by name: ``""`` the global ``model``'s
+        prediction (``loss``, ``accuracy``), any other name a part of it scored alone (``accuracy-<name>``;
+        DepthFL's exits). Here: the prediction alone."""
+        return lambda images: {"": model(images)}
 
     def inference_scales(self) -> dict[str, float]:
         """Residual scale of each partitioned block for evaluating the global model ({}: none)."""

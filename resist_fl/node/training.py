@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,29 +146,46 @@ class ClassEvaluation:
         return float(self.correct.sum() / self.count.sum())
 
 
+Outputs = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
+"""Named logits of one batch: ``""`` the model's prediction, other names parts of it scored alone."""
+
+
 @torch.no_grad()
 def evaluate_by_class(model: nn.Module, loader: Batches, device: torch.device, amp: bool = False) -> ClassEvaluation:
     """Loss of ``model`` on ``loader`` and its correct / total predictions per label (the label
     count is the model's number of outputs)."""
+    return evaluate_outputs(model, loader, device, amp)[""]
+
+
+@torch.no_grad()
+def evaluate_outputs(model: nn.Module, loader: Batches, device: torch.device, amp: bool = False,
+                     outputs: Outputs | None = None) -> dict[str, ClassEvaluation]:
+    """:func:`evaluate_by_class` of every logits ``outputs(images)`` names, in one pass over ``loader``
+    (``model`` in eval mode on ``device``; default: ``{"": model(images)}``)."""
     on_device(model, device).eval()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = count = None
+    forward = outputs or (lambda images: {"": model(images)})
+    loss_sum: dict[str, torch.Tensor] = {}
+    correct: dict[str, torch.Tensor] = {}
+    count: torch.Tensor | None = None
     for images, labels in loader:
         images, labels = _to_device(images, labels, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(images)
-        logits = logits.float()  # loss and argmax in fp32: bf16 logits tie and round
-        classes = logits.shape[1]
-        if correct is None:
-            correct = torch.zeros(classes, device=device, dtype=torch.int64)
-            count = torch.zeros(classes, device=device, dtype=torch.int64)
-        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
-        count += torch.bincount(labels, minlength=classes)[:classes]
-        correct += torch.bincount(labels[logits.argmax(1) == labels], minlength=classes)[:classes]
+            named = forward(images)
+        for name, logits in named.items():
+            logits = logits.float()  # loss and argmax in fp32: bf16 logits tie and round
+            classes = logits.shape[1]
+            if name not in correct:
+                correct[name] = torch.zeros(classes, device=device, dtype=torch.int64)
+                loss_sum[name] = torch.zeros((), device=device, dtype=torch.float64)
+            loss_sum[name] += nn.functional.cross_entropy(logits, labels, reduction="sum")
+            correct[name] += torch.bincount(labels[logits.argmax(1) == labels], minlength=classes)[:classes]
+        classes = named[""].shape[1]
+        count = (0 if count is None else count) + torch.bincount(labels, minlength=classes)[:classes]
     if count is None or int(count.sum()) == 0:
         raise ValueError("the evaluation set is empty")
-    total = int(count.sum())
-    return ClassEvaluation(loss_sum.item() / total, correct.cpu().numpy(), count.cpu().numpy())
+    total, counts = int(count.sum()), count.cpu().numpy()
+    return {name: ClassEvaluation(loss_sum[name].item() / total, correct[name].cpu().numpy(), counts)
+            for name in correct}
 
 
 def evaluate(model: nn.Module, loader: Batches, device: torch.device,

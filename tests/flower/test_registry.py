@@ -160,17 +160,18 @@ def test_the_run_config_reference_reads_the_method_table():
 
 
 def test_depthfl_names_its_exits_for_the_central_evaluation_through_the_dp_wrapper():
-    """The ServerApp scores what the strategy names (no model-type check): DepthFL's exits, the others none."""
+    """The ServerApp scores what the strategy names (no model-type check): DepthFL's exits, the others none;
+    the prediction ``""`` is the model's own output (for DepthFL the mean of its exits)."""
     import torch
 
-    from resist_fl.core.early_exits import SingleExit
-
-    for name, expected in (("depthfl", ["exit-1", "exit-2", "exit-3", "exit-4"]), ("resist", []), ("fjord", [])):
+    for name, expected in (("depthfl", ["", "exit-1", "exit-2", "exit-3", "exit-4"]), ("resist", [""]),
+                           ("fjord", [""])):
         built = built_for(private_settings(name))
         assert isinstance(built.strategy, CentrallyPrivate)
-        model = build_model(built.model.spec)
-        views = built.strategy.evaluation_views(model)
-        assert list(views) == expected and all(isinstance(v, SingleExit) for v in views.values())
-        if views:
-            with torch.no_grad():
-                assert views["exit-1"].eval()(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+        model = build_model(built.model.spec).eval()
+        images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            outputs = built.strategy.evaluation_outputs(model)(images)
+            assert list(outputs) == expected and torch.equal(outputs[""], model(images))
+            for k in range(1, len(expected)):
+                assert torch.equal(outputs[f"exit-{k}"], model.exit_logits(images)[k - 1])

@@ -138,13 +138,13 @@ def test_auto_run_trains_and_evaluates_in_what_each_device_supports_and_records_
 
     monkeypatch.setattr(client, "train", spy)
     evaluated = []
-    real_evaluate = server.evaluate_by_class
+    real_evaluate = server.evaluate_outputs
 
-    def evaluate_spy(model, loader, device, amp=False):
+    def evaluate_spy(model, loader, device, amp=False, outputs=None):
         evaluated.append(amp)
-        return real_evaluate(model, loader, device, amp)
+        return real_evaluate(model, loader, device, amp, outputs)
 
-    monkeypatch.setattr(server, "evaluate_by_class", evaluate_spy)
+    monkeypatch.setattr(server, "evaluate_outputs", evaluate_spy)
     tiny_config.update({"num-server-rounds": 1, "local-steps": 2})
     assert tiny_config["amp"] == "auto"  # the app's own default, from pyproject.toml
     run_inprocess(tiny_config, num_nodes=2)
