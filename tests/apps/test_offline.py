@@ -42,6 +42,7 @@ def test_a_hub_data_set_offline_ends_with_the_reason_and_the_alternatives(offlin
     config = {"dataset": "cifar10", "output-dir": str(offline / "runs"), "run-name": "cifar-offline"}
     result = run_flwr(ROOT, config, num_supernodes=2, timeout_s=300, workdir=offline / "logs")
     assert not result.success and not (result.run_dir / "metrics.jsonl").exists()
+    assert result.status == "finished:failed" and "could not load dataset 'cifar10'" in result.reason
     lines = [line for line in result.log_path.read_text().splitlines() if line.strip()]
     last_ours = max(i for i, line in enumerate(lines) if "could not load dataset 'cifar10'" in line)
     assert "To run offline: dataset='digits'" in lines[last_ours] and "dataset='synthetic'" in lines[last_ours]
