@@ -101,7 +101,8 @@ def test_run_config_selects_a_torchvision_resnet_end_to_end(tiny_config):
 
     tiny_config.update({"model": "torchvision_resnet18", "stage-depths": "", "num-server-rounds": 1,
                         "local-steps": 2, "batch-size": 16})
-    tiny_config.pop("base-width")  # torchvision's width is its own: a base-width would be refused
+    # torchvision fixes its own width: the tiny config's base-width 8 would be refused (64, torchvision's, is accepted)
+    tiny_config.pop("base-width")
     run_inprocess(tiny_config, num_nodes=2)
     run_dir = Path(tiny_config["output-dir"]) / tiny_config["run-name"]
     row = read_metrics(run_dir)[0]
