@@ -536,7 +536,7 @@ GRID = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
 
 @pytest.mark.parametrize("preset, methods, seeds, grid", [
     ("fmnist-study", 9, 5, GRID), ("fmnist-study-resnet18", 6, 3, (0.01, *GRID)), ("fmnist-study-iid", 7, 3, ()),
-    ("fmnist-study-dynamic", 7, 3, ()), ("fmnist-study-within-budget", 5, 5, ()), ("fmnist-study-long", 7, 3, ()),
+    ("fmnist-study-dynamic", 7, 3, ()), ("fmnist-study-within-budget", 5, 5, ()), ("fmnist-study-long", 7, 5, ()),
     ("fmnist-study-validation", 9, 0, GRID)])
 def test_the_study_presets_plan_one_lr_grid_then_every_method_at_every_seed(tmp_path, preset, methods, seeds,
                                                                             grid):
