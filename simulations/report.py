@@ -645,16 +645,17 @@ def render(manifest: dict[str, Any], stats: Sequence[GroupStats], ratio_rows: Se
     lines = [f"# {title}: {manifest.get('preset', 'runs')}", ""]
     if manifest.get("description"):
         lines += [manifest["description"], ""]
+    reused = sum(r.get("status") == "reused" for r in manifest.get("runs", []))
+    where = " of its last invocation (the runs it reused may have run on another)" if reused else ""
     lines += [f"- Data: {manifest.get('data-label') or 'see the run configs'}",
               f"- Command: `{manifest.get('command', 'unknown (no compare.json)')}`",
-              f"- Machine: {machine_line(machine)}"]
+              f"- Machine{where}: {machine_line(machine)}"]
     if manifest.get("backend") == "inprocess":
         lines.append("- Backend: the in-process grid (`--backend inprocess`): the real ServerApp and ClientApp in one "
                      "process per run, no SuperLink or Ray, the sampled nodes one after another; s to round 1 and run "
                      "wall s below are that process's")
     if manifest.get("started"):
         runs = manifest.get("runs", [])
-        reused = sum(r.get("status") == "reused" for r in runs)
         earlier = f"; {reused} of its {len(runs)} runs had finished in earlier invocations and were reused" \
             if reused else ""
         lines.append(f"- Ran: {manifest['started']} to {manifest.get('finished', '?')} (UTC), its last "

@@ -439,6 +439,7 @@ def test_every_method_runs_its_seeds_at_its_best_rate_of_one_grid(tmp_path):
     manifest = json.loads((tmp_path / compare.MANIFEST_FILE).read_text())
     assert {r["status"] for r in manifest["runs"]} == {"ok"}  # the grid ran in this invocation: none reused
     assert "earlier invocations" not in (tmp_path / report.REPORT_FILE).read_text()
+    assert "\n- Machine: " in (tmp_path / report.REPORT_FILE).read_text()  # every run on this machine
     lr = {r["name"]: r["run-config"]["lr"] for r in manifest["runs"]}
     assert lr["main-resist-seed0"] == lr["main-resist-seed1"] == 0.1  # its best
     assert lr["main-fedavg-seed0"] == 0.01  # a tie: the smaller rate
@@ -451,6 +452,8 @@ def test_every_method_runs_its_seeds_at_its_best_rate_of_one_grid(tmp_path):
     calls.clear()
     assert compare.main(argv, launch=launch) == 0 and calls == []  # a rerun reuses the grid and the seeds
     assert "8 of its 8 runs had finished in earlier invocations" in (tmp_path / report.REPORT_FILE).read_text()
+    assert "\n- Machine of its last invocation (the runs it reused may have run on another): " in \
+        (tmp_path / report.REPORT_FILE).read_text()  # a reused run's machine is not recorded: not claimed
     rerun = json.loads((tmp_path / compare.MANIFEST_FILE).read_text())["runs"]
     assert all(r["wall-seconds"] == 1.0 for r in rerun)  # a reused seed keeps what its launch recorded
 
