@@ -40,7 +40,7 @@ from simulations import report
 from simulations.inprocess import run_inprocess_launch
 from simulations.label_plot import LABEL_PLOT, write_label_distribution
 from simulations.launcher import LaunchResult, federation_config, run_flwr
-from simulations.machine import code_version, describe_machine
+from simulations.machine import code_version, describe_machine, machine_line
 from simulations.tuning import (grid_of, is_tuning, picks, reference_of, reference_picks,
                                 tuning_results, tuning_variant)
 from simulations.presets import (PresetError, app_config_keys, coerce_run_config, grid_cells, list_presets,
@@ -280,6 +280,7 @@ def execute(plan: Sequence[PlannedRun], config: DictConfig, project_dir: Path, o
     if settled:
         record(settled)
     code = code_version(project_dir, out_dir)  # a reused run keeps the commit it was recorded with
+    host = machine_line(describe_machine())  # and the machine it ran on
 
     def one(run: PlannedRun) -> None:
         if run.name in settled:
@@ -291,7 +292,7 @@ def execute(plan: Sequence[PlannedRun], config: DictConfig, project_dir: Path, o
                         num_cpus_per_client=federation["num-cpus-per-client"],
                         num_gpus_per_client=federation["num-gpus-per-client"],
                         timeout_s=float(config["timeout-s"]), workdir=out_dir / "logs")
-        outcome = {**outcome_of(run, result, None), "code": code}
+        outcome = {**outcome_of(run, result, None), "code": code, "machine": host}
         progress.finish(run, outcome)
         record({run.name: portable(outcome, out_dir)})  # what is committed holds no developer's paths
 

@@ -665,6 +665,10 @@ def render(manifest: dict[str, Any], stats: Sequence[GroupStats], ratio_rows: Se
         lines.append("- Code, the app's git commit per run: " + "; ".join(
             f"`{code}` ({count} runs)" if code else f"not recorded ({count} runs)"
             for code, count in codes.items()))
+    hosts = Counter(r.get("machine") for r in manifest.get("runs", []) if r.get("status") in ("ok", "reused"))
+    if reused and set(hosts) - {None}:  # recorded since the runner notes the machine of every run it launches
+        lines.append("- Machine per run: " + "; ".join(
+            f"{host} ({count} runs)" if host else f"not recorded ({count} runs)" for host, count in hosts.items()))
     lines.append("")
     lines += setup_lines(manifest)
     target_line = (f"Target accuracy: **{target:.4f}** ({target_text})." if target is not None

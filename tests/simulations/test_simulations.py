@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import shlex
 import math
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -628,12 +629,20 @@ def test_each_run_records_the_commit_of_the_app_that_ran_it(tmp_path, monkeypatc
 
     versions = iter([f"{first} and uncommitted changes", "c0ffee"])
     monkeypatch.setattr(compare, "code_version", lambda project_dir, outputs: next(versions))
+    host = {"cores": 2, "cpu": "AMD EPYC"}
+    monkeypatch.setattr(compare, "describe_machine", lambda: dict(host))
     argv = ["quick-cpu", "--seeds", "0", "--out", str(tmp_path / "out")]
     assert compare.main(argv, launch=tuned_launch) == 0
+    assert "Machine per run" not in (tmp_path / "out" / report.REPORT_FILE).read_text()  # nothing reused
+    host["cpu"] = "Intel Xeon"  # the next session's machine
     assert compare.main([*argv[:-2], "1", "--out", str(tmp_path / "out")], launch=tuned_launch) == 0  # seeds 0, 1
     runs = {r["name"]: r for r in json.loads((tmp_path / "out" / compare.MANIFEST_FILE).read_text())["runs"]}
     assert runs["main-resist-seed0"]["code"] == f"{first} and uncommitted changes"  # reused: its own commit
     assert runs["main-resist-seed1"]["code"] == "c0ffee"
+    assert runs["main-resist-seed0"]["machine"].startswith("2 x AMD EPYC, ")  # reused: its own machine
+    assert runs["main-resist-seed1"]["machine"].startswith("2 x Intel Xeon, ")
     text = (tmp_path / "out" / report.REPORT_FILE).read_text()
     assert (f"- Code, the app's git commit per run: `{first} and uncommitted changes` (2 runs); `c0ffee` (2 runs)"
             in text)
+    assert "\n- Machine of its last invocation (the runs it reused may have run on another): 2 x Intel Xeon, " in text
+    assert re.search(r"\n- Machine per run: 2 x AMD EPYC, [^\n]* \(2 runs\); 2 x Intel Xeon, [^\n]* \(2 runs\)\n", text)
