@@ -280,7 +280,7 @@ def execute(plan: Sequence[PlannedRun], config: DictConfig, project_dir: Path, o
     if settled:
         record(settled)
     code = code_version(project_dir, out_dir)  # a reused run keeps the commit it was recorded with
-    host = machine_line(describe_machine())  # and the machine it ran on
+    host = machine_line(manifest["machine"])  # and the machine it ran on (this invocation's, described once)
 
     def one(run: PlannedRun) -> None:
         if run.name in settled:

@@ -634,6 +634,16 @@ def distinct_label_plots(runs_dir: Path) -> list[Path]:
     return plots
 
 
+def per_run(manifest: dict[str, Any], key: str, shown: str) -> str:
+    """How many of the manifest's finished runs recorded each value of ``key`` (``shown``: its format), as
+    ``value (n runs); ...`` with ``not recorded`` for runs without it; empty when no run recorded one."""
+    counts = Counter(r.get(key) for r in manifest.get("runs", []) if r.get("status") in ("ok", "reused"))
+    if not set(counts) - {None}:
+        return ""
+    return "; ".join(f"{shown.format(value) if value else 'not recorded'} ({count} runs)"
+                     for value, count in counts.items())
+
+
 def render(manifest: dict[str, Any], stats: Sequence[GroupStats], ratio_rows: Sequence[dict[str, Any]],
            target: float | None, target_text: str, plots: Sequence[Path], extra: Sequence[str] = (),
            label_plots: Sequence[Path] = (), paired_table: Sequence[dict[str, Any]] = ()) -> str:
@@ -660,15 +670,12 @@ def render(manifest: dict[str, Any], stats: Sequence[GroupStats], ratio_rows: Se
             if reused else ""
         lines.append(f"- Ran: {manifest['started']} to {manifest.get('finished', '?')} (UTC), its last "
                      f"invocation{earlier}")
-    codes = Counter(r.get("code") for r in manifest.get("runs", []) if r.get("status") in ("ok", "reused"))
-    if set(codes) - {None}:  # recorded since the runner notes the app's commit of every run it launches
-        lines.append("- Code, the app's git commit per run: " + "; ".join(
-            f"`{code}` ({count} runs)" if code else f"not recorded ({count} runs)"
-            for code, count in codes.items()))
-    hosts = Counter(r.get("machine") for r in manifest.get("runs", []) if r.get("status") in ("ok", "reused"))
-    if reused and set(hosts) - {None}:  # recorded since the runner notes the machine of every run it launches
-        lines.append("- Machine per run: " + "; ".join(
-            f"{host} ({count} runs)" if host else f"not recorded ({count} runs)" for host, count in hosts.items()))
+    codes = per_run(manifest, "code", "`{}`")  # recorded since the runner notes the app's commit of every run
+    if codes:
+        lines.append(f"- Code, the app's git commit per run: {codes}")
+    hosts = per_run(manifest, "machine", "{}")  # and, since later, the machine of every run it launches
+    if reused and hosts:
+        lines.append(f"- Machine per run: {hosts}")
     lines.append("")
     lines += setup_lines(manifest)
     target_line = (f"Target accuracy: **{target:.4f}** ({target_text})." if target is not None

@@ -454,7 +454,7 @@ def test_every_method_runs_its_seeds_at_its_best_rate_of_one_grid(tmp_path):
     assert compare.main(argv, launch=launch) == 0 and calls == []  # a rerun reuses the grid and the seeds
     assert "8 of its 8 runs had finished in earlier invocations" in (tmp_path / report.REPORT_FILE).read_text()
     assert "\n- Machine of its last invocation (the runs it reused may have run on another): " in \
-        (tmp_path / report.REPORT_FILE).read_text()  # a reused run's machine is not recorded: not claimed
+        (tmp_path / report.REPORT_FILE).read_text()  # runs were reused: the header's machine is the last invocation's
     rerun = json.loads((tmp_path / compare.MANIFEST_FILE).read_text())["runs"]
     assert all(r["wall-seconds"] == 1.0 for r in rerun)  # a reused seed keeps what its launch recorded
 
